@@ -1,0 +1,307 @@
+"""Read and write Qwen2.5-Omni checkpoints as transformers stores them (config.json + safetensors shards).
+
+Our module attribute names mirror the on-disk key names (spec §12), so the mapping is a small table:
+  * STACKED: module paths whose children are a stack of layers; on disk each layer has an index.
+  * LEAF_RULES: how a leaf of ours becomes a tensor on disk (kernel -> weight transposed, scale -> weight, ...).
+  * SPECIAL: per-path exceptions (regex on our dotted path -> on-disk name and transform), which the vision,
+    audio, talker and token2wav towers extend.
+  * TOWERS: on-disk prefixes of each tower, so a checkpoint with towers the config does not build reports
+    what it leaves out instead of failing on "unknown" keys.
+"""
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+from typing import Callable, Iterable, Optional
+
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors import numpy as st_numpy
+from safetensors import safe_open
+
+from omni_jax import defaults
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x):
+  return x
+
+
+def _transpose(x):
+  return np.ascontiguousarray(x.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """ours (regex over our dotted path) <-> disk (template with \\1 groups); to_disk/from_disk transforms."""
+  ours: str
+  disk: str
+  to_disk: Transform = _identity
+  from_disk: Transform = _identity
+
+
+# Paths (ours) whose next level is a stack of layers: "a.layers" + "x.y" <-> "a.layers.{i}.x.y" on disk.
+STACKED = [
+    "thinker.model.layers",
+]
+
+# Leaf renames that hold everywhere unless SPECIAL says otherwise.
+LEAF_RULES = [
+    Rule(r"(.*)\.kernel", r"\1.weight", _transpose, _transpose),  # 2-D dense kernels are [in, out]
+    Rule(r"(.*)\.embedding", r"\1.weight"),
+    Rule(r"(.*)\.scale", r"\1.weight"),
+    Rule(r"(.*)\.bias", r"\1.bias"),
+]
+
+# Exceptions, tried before LEAF_RULES (towers add theirs here).
+SPECIAL: list[Rule] = []
+
+# On-disk prefixes of each tower of the full checkpoint.
+TOWERS = {
+    "thinker.visual.": "vision encoder",
+    "thinker.audio_tower.": "audio encoder",
+    "talker.": "talker",
+    "token2wav.": "token2wav",
+}
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint's tensors do not match the model the config describes; the message lists them."""
+
+
+# --------------------------------------------------------------------------------------- config.json
+
+
+def _rope(text: dict) -> tuple[float, tuple[int, ...]]:
+  rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+  theta = rope.get("rope_theta", text.get("rope_theta", 1e6))
+  section = rope.get("mrope_section", [16, 24, 24])
+  return float(theta), tuple(int(s) for s in section)
+
+
+def _thinker_json(hf: dict) -> dict:
+  if hf.get("model_type") == "qwen2_5_omni_thinker":
+    return hf
+  if "thinker_config" not in hf:
+    raise CheckpointMismatch(f"config.json has model_type={hf.get('model_type')!r} and no thinker_config; "
+                             "expected a Qwen2.5-Omni (qwen2_5_omni or qwen2_5_omni_thinker) checkpoint")
+  return hf["thinker_config"]
+
+
+def config_from_hf(hf: dict, base: Optional[ml_collections.ConfigDict] = None) -> ml_collections.ConfigDict:
+  """Our config for a transformers config.json dict (model part; runtime/mesh from `base`)."""
+  c = ml_collections.ConfigDict(base.to_dict()) if base is not None else defaults.base_config()
+  th = _thinker_json(hf)
+  text = th["text_config"]
+  theta, section = _rope(text)
+  t = ml_collections.ConfigDict()
+  defaults.thinker_token_ids(t)
+  for key in ("audio_token_index", "image_token_index", "video_token_index"):
+    if key in th:
+      t[key.replace("_index", "_id")] = int(th[key])
+  for key in ("audio_start_token_id", "audio_end_token_id", "vision_start_token_id", "vision_end_token_id",
+              "position_id_per_seconds", "seconds_per_chunk"):
+    if key in th:
+      t[key] = int(th[key])
+  if "vision_config" in th:
+    t.spatial_merge_size = int(th["vision_config"].get("spatial_merge_size", 2))
+  t.text = ml_collections.ConfigDict(dict(
+      vocab_size=int(text["vocab_size"]), hidden_size=int(text["hidden_size"]),
+      intermediate_size=int(text["intermediate_size"]), num_hidden_layers=int(text["num_hidden_layers"]),
+      num_attention_heads=int(text["num_attention_heads"]), num_key_value_heads=int(text["num_key_value_heads"]),
+      head_dim=int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]),
+      hidden_act=text.get("hidden_act", "silu"), rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+      rope_theta=theta, mrope_section=section,
+      max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
+      # The thinker-level flag decides tying (pitfall 10); the text_config flag is ignored by transformers.
+      tie_word_embeddings=bool(th.get("tie_word_embeddings", False))))
+  c.model.thinker = t
+  return c
+
+
+def config_to_hf(config: ml_collections.ConfigDict, torch_dtype: str = "float32") -> dict:
+  """A thinker config.json (model_type qwen2_5_omni_thinker) for our config; inverse of config_from_hf."""
+  t = config.model.thinker
+  x = t.text
+  return {
+      "model_type": "qwen2_5_omni_thinker",
+      "architectures": ["Qwen2_5OmniThinkerForConditionalGeneration"],
+      "dtype": torch_dtype,
+      "tie_word_embeddings": bool(x.tie_word_embeddings),
+      "audio_token_index": t.audio_token_id, "image_token_index": t.image_token_id,
+      "video_token_index": t.video_token_id, "audio_start_token_id": t.audio_start_token_id,
+      "audio_end_token_id": t.audio_end_token_id, "vision_start_token_id": t.vision_start_token_id,
+      "vision_end_token_id": t.vision_end_token_id, "position_id_per_seconds": t.position_id_per_seconds,
+      "seconds_per_chunk": t.seconds_per_chunk,
+      "text_config": {
+          "model_type": "qwen2_5_omni_text", "vocab_size": x.vocab_size, "hidden_size": x.hidden_size,
+          "intermediate_size": x.intermediate_size, "num_hidden_layers": x.num_hidden_layers,
+          "num_attention_heads": x.num_attention_heads, "num_key_value_heads": x.num_key_value_heads,
+          "head_dim": x.head_dim, "hidden_act": x.hidden_act, "rms_norm_eps": x.rms_norm_eps,
+          "max_position_embeddings": x.max_position_embeddings, "tie_word_embeddings": bool(x.tie_word_embeddings),
+          "rope_parameters": {"rope_type": "default", "rope_theta": x.rope_theta,
+                              "mrope_section": list(x.mrope_section)},
+      },
+  }
+
+
+# --------------------------------------------------------------------------------------- key mapping
+
+
+def _split_stacked(path: str) -> tuple[Optional[str], str]:
+  for prefix in STACKED:
+    if path.startswith(prefix + "."):
+      return prefix, path[len(prefix) + 1:]
+  return None, path
+
+
+def _leaf_rule(path: str) -> tuple[str, Rule]:
+  for rule in SPECIAL + LEAF_RULES:
+    if re.fullmatch(rule.ours, path):
+      return re.sub(rule.ours, rule.disk, path), rule
+  raise CheckpointMismatch(f"no mapping rule for parameter {path!r}")
+
+
+def disk_keys(path: str, num_layers: int) -> tuple[list[str], Rule]:
+  """On-disk key(s) of one of our leaves (one per layer for stacked leaves) and its rule."""
+  prefix, rest = _split_stacked(path)
+  if prefix is None:
+    key, rule = _leaf_rule(path)
+    return [key], rule
+  key, rule = _leaf_rule(prefix + "." + rest)
+  tail = key[len(prefix) + 1:]
+  return [f"{prefix}.{i}.{tail}" for i in range(num_layers)], rule
+
+
+def _flat(state) -> Iterable[tuple[str, nnx.Variable]]:
+  for path, var in nnx.to_flat_state(state):
+    yield ".".join(str(p) for p in path), var
+
+
+# --------------------------------------------------------------------------------------- tensors
+
+
+class _Shards:
+  """Lazy access to the tensors of a safetensors checkpoint directory (single file or index + shards)."""
+
+  def __init__(self, hf_dir: str):
+    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    if not files:
+      raise FileNotFoundError(f"{hf_dir}: no *.safetensors files (expected a transformers checkpoint directory)")
+    self.where = {}
+    for f in files:
+      with safe_open(f, framework="numpy") as h:
+        for k in h.keys():
+          self.where[k] = f
+
+  def get(self, key: str) -> np.ndarray:
+    with safe_open(self.where[key], framework="numpy") as h:
+      return h.get_tensor(key)
+
+
+def read_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing (expected a transformers checkpoint directory)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_state(hf_dir: str, abstract_state, *, hf_config: Optional[dict] = None):
+  """Fill `abstract_state` (nnx.State of ShapeDtypeStructs) with the checkpoint's tensors, as numpy arrays.
+
+  Raises CheckpointMismatch listing missing keys, unknown keys and shape mismatches. Tensors of towers the
+  model does not build (e.g. the talker for a thinker-only config) are left out with one warning per tower.
+  """
+  hf_config = read_config(hf_dir) if hf_config is None else hf_config
+  shards = _Shards(hf_dir)
+  # A thinker-only checkpoint stores keys without the "thinker." prefix.
+  prefix = "thinker." if hf_config.get("model_type") == "qwen2_5_omni_thinker" else ""
+  available = {prefix + k: k for k in shards.where}
+  used, missing, bad_shape = set(), [], []
+  state = nnx.to_flat_state(abstract_state)
+  out = []
+  for path, var in _flat(abstract_state):
+    shape, dtype = var.get_value().shape, var.get_value().dtype
+    stacked = _split_stacked(path)[0] is not None
+    keys, rule = disk_keys(path, shape[0] if stacked else 0)
+    absent = [k for k in keys if k not in available]
+    if absent:
+      missing.extend(absent)
+      out.append(None)
+      continue
+    tensors = [rule.from_disk(shards.get(available[k])) for k in keys]
+    used.update(keys)
+    value = np.stack(tensors) if stacked else tensors[0]
+    if value.shape != tuple(shape):
+      bad_shape.append(f"{keys[0]}{'...' if stacked else ''}: checkpoint {value.shape} vs model {tuple(shape)}")
+    out.append(value.astype(dtype))
+  unused = sorted(set(available) - used)
+  dropped = {}
+  unknown = []
+  for k in unused:
+    tower = next((name for p, name in TOWERS.items() if k.startswith(p)), None)
+    if tower:
+      dropped[tower] = dropped.get(tower, 0) + 1
+    else:
+      unknown.append(k)
+  problems = []
+  if missing:
+    problems.append(f"{len(missing)} missing: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+  if unknown:
+    problems.append(f"{len(unknown)} unknown: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}")
+  if bad_shape:
+    problems.append(f"{len(bad_shape)} with other shapes: {bad_shape[:20]}")
+  if problems:
+    raise CheckpointMismatch(f"{hf_dir}: checkpoint does not match the model config; " + "; ".join(problems))
+  for tower, n in dropped.items():
+    log.warning("%s: %d tensors of the %s are not converted (the config does not build it)", hf_dir, n, tower)
+  return nnx.from_flat_state([(p, var.replace(value)) for (p, var), value in zip(state, out)])
+
+
+def state_to_tensors(state, dtype=None) -> dict[str, np.ndarray]:
+  """Our state -> {on-disk key: array} (numpy; `dtype` converts, e.g. ml_dtypes.bfloat16)."""
+  tensors = {}
+  for path, var in _flat(state):
+    value = np.asarray(var.get_value())
+    stacked = _split_stacked(path)[0] is not None
+    keys, rule = disk_keys(path, value.shape[0] if stacked else 0)
+    for i, key in enumerate(keys):
+      t = rule.to_disk(value[i] if stacked else value)
+      tensors[key] = np.ascontiguousarray(t.astype(dtype) if dtype is not None else t)
+  return tensors
+
+
+def save(out_dir: str, config: ml_collections.ConfigDict, state, *, dtype=None, torch_dtype: str = "float32",
+         max_shard_bytes: int = 5 << 30) -> None:
+  """Write a thinker checkpoint (config.json + sharded safetensors with an index) that transformers loads."""
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = state_to_tensors(state, dtype)
+  tensors = {k[len("thinker."):]: v for k, v in tensors.items()}  # thinker-only layout
+  shards, current, size = [], {}, 0
+  for k in sorted(tensors):
+    if current and size + tensors[k].nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[k] = tensors[k]
+    size += tensors[k].nbytes
+  shards.append(current)
+  weight_map = {}
+  for i, shard in enumerate(shards):
+    name = ("model.safetensors" if len(shards) == 1 else
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+    st_numpy.save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+    weight_map.update({k: name for k in shard})
+  if len(shards) > 1:
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map},
+                f, indent=2)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config_to_hf(config, torch_dtype), f, indent=2)

@@ -1,0 +1,74 @@
+"""Multi-head attention with grouped KV heads, rotary embeddings and segment/causal masks.
+
+One module serves every tower: the Thinker and Talker decoders (causal + segment masks), the vision tower
+(window / per-image block-diagonal masks) and the audio tower (per-chunk block-diagonal masks).
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omni_jax.layers.linear import Linear
+from omni_jax.layers.rotary import apply_rotary
+from omni_jax import sharding
+
+
+def attention_mask(q_segments: jax.Array, kv_segments: Optional[jax.Array] = None, *,
+                   causal: bool) -> jax.Array:
+  """Boolean mask [B, 1, Lq, Lk]: True where query i may attend to key j.
+
+  Segment ids > 0 name the sample (packed rows), window or chunk a token belongs to; 0 marks padding,
+  which attends to and is attended by nothing. Padding query rows are all False; dot_product_attention
+  keeps them finite and callers ignore them.
+  """
+  kv_segments = q_segments if kv_segments is None else kv_segments
+  mask = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] > 0)
+  if causal:
+    lq, lk = q_segments.shape[1], kv_segments.shape[1]
+    mask &= jnp.tril(jnp.ones((lq, lk), dtype=bool), k=lk - lq)[None]
+  return mask[:, None]
+
+
+def dot_product_attention(q, k, v, mask, *, implementation: Optional[str] = None):
+  """softmax(q k^T / sqrt(d) + mask) v with [B, L, heads, head_dim] inputs; kv heads may be fewer (GQA).
+
+  Query head n uses kv head n // (heads / kv_heads), as transformers' repeat_kv does. The softmax runs in
+  float32 whatever the input dtype.
+  """
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+class Attention(nnx.Module):
+  """q/k/v/o projections around dot_product_attention.
+
+  bias: which of (q, k, v, o) carry a bias (Qwen text: q,k,v; vision: all; Whisper audio: q,v,o).
+  """
+
+  def __init__(self, features: int, *, num_heads: int, num_kv_heads: int, head_dim: int,
+               bias: tuple[bool, bool, bool, bool], rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               implementation: Optional[str] = None, rotary_dtype=None):
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.q_proj = Linear(features, num_heads * head_dim, use_bias=bias[0], names=("embed", "heads"), **kw)
+    self.k_proj = Linear(features, num_kv_heads * head_dim, use_bias=bias[1], names=("embed", "kv_heads"), **kw)
+    self.v_proj = Linear(features, num_kv_heads * head_dim, use_bias=bias[2], names=("embed", "kv_heads"), **kw)
+    self.o_proj = Linear(num_heads * head_dim, features, use_bias=bias[3], names=("heads", "embed"), **kw)
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.implementation = implementation
+    self.rotary_dtype = rotary_dtype
+
+  def __call__(self, x: jax.Array, mask: jax.Array, rotary: Optional[tuple[jax.Array, jax.Array]] = None):
+    b, l, _ = x.shape
+    q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+    if rotary is not None:
+      q = apply_rotary(q, *rotary, compute_dtype=self.rotary_dtype)
+      k = apply_rotary(k, *rotary, compute_dtype=self.rotary_dtype)
+    q = sharding.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+    k = sharding.constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    out = dot_product_attention(q, k, v, mask, implementation=self.implementation)
+    return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))

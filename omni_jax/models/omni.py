@@ -1,0 +1,45 @@
+"""The whole model (Thinker now; Talker and Token2Wav join in their issues) and its sharded creation."""
+
+from typing import Optional
+
+import jax
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh
+
+from omni_jax import config as config_lib
+from omni_jax import sharding
+from omni_jax.models.thinker import Thinker
+
+
+class OmniModel(nnx.Module):
+  """Top-level container; attribute names match the checkpoint's top-level prefixes (thinker., talker.)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    rt = config_lib.Runtime.from_config(config.model)
+    self.thinker = Thinker(config_lib.thinker_text(config), rt, rngs=rngs)
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
+  """graphdef + abstract state (shapes/dtypes, no memory), e.g. to build shardings or restore targets."""
+  return nnx.split(nnx.eval_shape(lambda: OmniModel(config, rngs=nnx.Rngs(0))))
+
+
+def create_sharded(config: ml_collections.ConfigDict, mesh: Mesh, seed: Optional[int] = None):
+  """(graphdef, state, shardings): parameters initialised directly in their sharded layout on `mesh`.
+
+  The initialiser runs under jit with out_shardings, so no host or device ever holds a full copy of a
+  sharded parameter.
+  """
+  seed = config.get("seed", 0) if seed is None else seed
+  graphdef, abstract = abstract_model(config)
+  shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
+
+  @jax.jit
+  def init():
+    return nnx.split(OmniModel(config, rngs=nnx.Rngs(seed)))[1]
+
+  init = jax.jit(init, out_shardings=shardings)
+  with sharding.activate(mesh, config.sharding_rules):
+    state = init()
+  return graphdef, state, shardings

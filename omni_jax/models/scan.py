@@ -1,0 +1,45 @@
+"""Run a stack of identical layers: one lax.scan (or an unrolled loop) with a rematerialisation policy.
+
+The layers are created stacked (nnx.vmap, leading `layers` axis), so checkpoints have the same layout
+whether the forward pass scans or unrolls.
+"""
+
+from typing import Callable
+
+import jax
+from flax import nnx
+
+_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+def create_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+  """num_layers independently initialised copies of a layer, stacked along a leading `layers` axis."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(r):
+    return make_layer(r)
+
+  return make(rngs)
+
+
+def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_policy: str):
+  """x -> layer_{L-1}(... layer_0(x, *args) ..., *args) over the stacked `layers`."""
+  graphdef, state = nnx.split(layers)
+
+  def body(carry, layer_state):
+    return nnx.merge(graphdef, layer_state)(carry, *args), None
+
+  if remat_policy != "none":
+    body = jax.checkpoint(body, policy=_POLICIES[remat_policy], prevent_cse=not scan)
+  if scan:
+    return jax.lax.scan(body, x, state)[0]
+  num_layers = jax.tree.leaves(state)[0].shape[0]
+  for i in range(num_layers):
+    x, _ = body(x, jax.tree.map(lambda a: a[i], state))
+  return x

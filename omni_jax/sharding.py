@@ -1,0 +1,144 @@
+"""Device meshes, the logical-axis rule table, and the one helper that constrains activations.
+
+Every parameter carries logical axis names (see layers.linear.param). A rule table from the config maps each
+logical name to mesh axes; this module turns names into PartitionSpecs and NamedShardings. Mesh axes that
+do not divide a dimension are dropped for that dimension (so tiny configs run on any mesh), as are axes of
+size 1 and axes already used by an earlier dimension.
+"""
+
+import contextlib
+import contextvars
+import logging
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+Rules = Sequence[tuple[str, Any]]
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("omni_jax_sharding", default=None)
+
+
+def mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Mesh sizes in MESH_AXES order; one axis may be -1 (takes the remaining devices)."""
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; known: {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if -1 in sizes:
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if num_devices % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible "
+                       f"by the fixed axes ({known})")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                     f"{num_devices} are present")
+  return tuple(sizes)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A mesh over `devices` (default: all devices of all processes) with axes MESH_AXES."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(shape, len(devices))
+  if len(devices) == len(jax.devices()) and jax.process_count() > 1:
+    return jax.make_mesh(sizes, MESH_AXES, devices=devices)
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
+  table = {}
+  for name, axes in rules:
+    if axes is None:
+      axes = ()
+    elif isinstance(axes, str):
+      axes = (axes,)
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+      raise ValueError(f"config.sharding_rules: rule for {name!r} names unknown mesh axes {bad}")
+    table[name] = tuple(axes)
+  return table
+
+
+def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules: Rules,
+                    strict: bool = True) -> PartitionSpec:
+  """PartitionSpec for an array of `shape` whose dimensions carry logical `names`."""
+  table = _rule_table(rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(names, shape):
+    if name is not None and name not in table and strict:
+      raise KeyError(f"logical axis {name!r} has no rule in config.sharding_rules")
+    chosen = []
+    size = 1
+    for axis in table.get(name, ()) if name is not None else ():
+      n = mesh.shape[axis]
+      if n == 1 or axis in used or dim % (size * n):
+        continue
+      chosen.append(axis)
+      size *= n
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  return PartitionSpec(*spec)
+
+
+def _names_of(variable: nnx.Variable) -> Optional[tuple]:
+  names = variable.get_metadata().get("out_sharding")
+  return tuple(names) if names is not None else None
+
+
+def state_specs(state: Any, mesh: Mesh, rules: Rules) -> Any:
+  """PartitionSpecs for an nnx State (or abstract state) from each variable's logical names."""
+
+  def spec(variable):
+    names = _names_of(variable)
+    shape = variable.get_value().shape
+    if names is None:
+      return variable.replace(PartitionSpec())
+    return variable.replace(logical_to_spec(names, shape, mesh, rules))
+
+  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for an nnx State (or abstract state)."""
+  specs = state_specs(state, mesh, rules)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+@contextlib.contextmanager
+def activate(mesh: Optional[Mesh], rules: Rules):
+  """Within this context (at trace time), constrain() pins activations to the mesh by the rules."""
+  token = _ACTIVE.set((mesh, tuple(rules)) if mesh is not None else None)
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+  """with_sharding_constraint by logical names; a no-op outside activate() or on a 1-device mesh."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  if mesh.size == 1:
+    return x
+  spec = logical_to_spec(names, x.shape, mesh, rules, strict=False)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def describe(state: Any, mesh: Mesh, rules: Rules) -> Iterable[str]:
+  """Lines 'path shape -> spec' for logging how parameters are laid out."""
+  specs = state_specs(state, mesh, rules)
+  for (path, var), (_, spec) in zip(nnx.to_flat_state(state), nnx.to_flat_state(specs)):
+    yield f"{'.'.join(map(str, path))} {tuple(var.get_value().shape)} -> {spec.get_value()}"
+
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
