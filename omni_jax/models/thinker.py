@@ -12,6 +12,18 @@ from omni_jax.layers import Linear
 from omni_jax.models.text import TextDecoder
 
 
+def merge_media(embeds: jax.Array, input_ids: jax.Array, token_id: int, features: jax.Array) -> jax.Array:
+  """Replace the embeddings at `token_id` placeholders by `features`, in row-major (batch, then sequence) order.
+
+  features: [N, D] with N >= the number of placeholders (extra rows are padding and are ignored), so the
+  shapes stay static under jit. This is transformers' masked_scatter with padding allowed.
+  """
+  is_slot = input_ids == token_id
+  index = jnp.cumsum(is_slot.reshape(-1)).reshape(is_slot.shape) - 1
+  gathered = jnp.take(features.astype(embeds.dtype), jnp.clip(index, 0, features.shape[0] - 1), axis=0)
+  return jnp.where(is_slot[..., None], gathered, embeds)
+
+
 class Thinker(nnx.Module):
   """Attribute names follow the checkpoint (thinker.model.*, thinker.lm_head) so conversion is a table."""
 
