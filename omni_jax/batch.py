@@ -1,0 +1,58 @@
+"""The batch contract between the input pipeline (producer) and the train/eval steps (consumer).
+
+A batch is a dict of numpy/jax arrays with static shapes (B rows of L tokens; media buffers padded to fixed
+maxima per row), so XLA compiles once per length bucket. Several samples may be packed into one row.
+
+Text fields, [B, L] int32:
+  input_ids    token ids (media placeholders expanded: bos + N pad tokens + eos).
+  labels       aligned with input_ids (transformers convention): the step predicts labels[:, i + 1] from
+               position i. IGNORE (-100) = no loss. The loss also never crosses a segment boundary.
+  segment_ids  0 = padding, 1..S = which packed sample of the row the token belongs to.
+  kind         modality of the sample the token belongs to (KIND_* below), for per-modality metrics.
+Per row, [B] bool:
+  use_audio_in_video  whether the row's videos carry their audio track interleaved (chosen once per sample
+               when it is rendered, and recorded here so positions and generation can never disagree).
+Media, padded per row (item order inside a row = order of appearance; all-zero grid rows / zero lengths are
+padding). Flattening the first two axes gives transformers' global row-major item order:
+  pixel_values        [B, P, 3*2*14*14] float32     image patches (omni_jax.input.media.image)
+  image_grid_thw      [B, NI, 3] int32
+  pixel_values_videos [B, PV, 3*2*14*14] float32    video patches
+  video_grid_thw      [B, NV, 3] int32
+  second_per_grids    [B, NV] float32
+  audio_features      [B, NA, num_mel_bins, T] float32   log-mel (omni_jax.input.media.audio)
+  audio_lengths       [B, NA] int32                 valid mel frames per audio
+Media fields are optional: a text-only pipeline omits them.
+"""
+
+from typing import Mapping
+
+import numpy as np
+
+IGNORE = -100
+KIND_TEXT, KIND_IMAGE, KIND_AUDIO, KIND_VIDEO = 0, 1, 2, 3
+KINDS = {"text": KIND_TEXT, "image": KIND_IMAGE, "audio": KIND_AUDIO, "video": KIND_VIDEO}
+
+TEXT_FIELDS = ("input_ids", "labels", "segment_ids", "kind")
+MEDIA_FIELDS = {
+    "pixel_values": 3, "image_grid_thw": 3, "pixel_values_videos": 3, "video_grid_thw": 3,
+    "second_per_grids": 2, "audio_features": 4, "audio_lengths": 2,
+}
+
+
+def check(batch: Mapping[str, np.ndarray]) -> None:
+  """Raise ValueError naming the field when a batch breaks the contract (shapes, not values)."""
+  missing = [f for f in TEXT_FIELDS if f not in batch]
+  if missing:
+    raise ValueError(f"batch is missing fields {missing}")
+  b, l = np.shape(batch["input_ids"])
+  for f in TEXT_FIELDS:
+    if np.shape(batch[f]) != (b, l):
+      raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}, expected {(b, l)}")
+  if "use_audio_in_video" in batch and np.shape(batch["use_audio_in_video"]) != (b,):
+    raise ValueError(f"batch['use_audio_in_video'] has shape {np.shape(batch['use_audio_in_video'])}, expected {(b,)}")
+  for f, ndim in MEDIA_FIELDS.items():
+    if f in batch and (np.ndim(batch[f]) != ndim or np.shape(batch[f])[0] != b):
+      raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}: expected {ndim} dims with {b} rows first")
+  unknown = set(batch) - set(TEXT_FIELDS) - set(MEDIA_FIELDS) - {"use_audio_in_video"}
+  if unknown:
+    raise ValueError(f"batch has unknown fields {sorted(unknown)}")
