@@ -120,6 +120,21 @@ def _grid(grid, m: int):
   return g[:, 0], g[:, 1] // m, g[:, 2] // m
 
 
+def _compact(grid, aligned=None):
+  """Move padding rows (t = 0) of an [N, 3] grid behind the real ones, keeping their order.
+
+  Batches pad media per row ([B, N, 3] flattened to [B*N, 3]), so padding rows can sit between real items;
+  the k-th item placeholder must still find the k-th real grid. `aligned` ([N]) is permuted alike.
+  """
+  if grid is None:
+    return None, aligned
+  g = jnp.asarray(grid, jnp.int32).reshape(-1, 3)
+  order = jnp.argsort(g[:, 0] == 0, stable=True)
+  if aligned is not None:
+    aligned = jnp.asarray(aligned).reshape(-1)[:g.shape[0]][order]
+  return g[order], aligned
+
+
 def _video_times(t, spg, pps: float):
   """Truncated float32 t * second_per_grid * pps, in the operation order transformers uses."""
   return ((t.astype(jnp.float32) * spg) * jnp.float32(pps)).astype(jnp.int32)
@@ -153,7 +168,8 @@ def rope_index(input_ids, attention_mask=None, *, ids: TokenIds, image_grid_thw=
 
   input_ids, attention_mask: [B, L] (mask 1 = real token; None = all real). Masked slots get position 1 as
   in transformers; real tokens are positioned as if the masked ones were removed.
-  image_grid_thw / video_grid_thw: [N, 3] patch grids; second_per_grids: [N_video] (None: 1.0 s).
+  image_grid_thw / video_grid_thw: [N, 3] patch grids; second_per_grids: [N_video] (None: 1.0 s). Rows with
+    t = 0 are padding wherever they are (a batch's per-row media slots flattened [B, N, 3] -> [B*N, 3]).
   audio_seqlens: accepted for signature parity; audio spans are read from the AUDIO placeholder runs, which
     the embedding merge requires to equal audio_token_count(mel length) anyway.
   use_audio_in_video: bool or bool [B]; in such rows `<|vision_bos|><|audio_bos|>` and
@@ -187,6 +203,8 @@ def rope_index(input_ids, attention_mask=None, *, ids: TokenIds, image_grid_thw=
   seg_start = valid & ((prev_i < 0) | (_take(seg, prev_c) != seg))
   xp = jnp.where(seg_start, -1, _take(x, prev_c))
 
+  image_grid_thw, _ = _compact(image_grid_thw)
+  video_grid_thw, second_per_grids = _compact(video_grid_thw, second_per_grids)
   m = ids.spatial_merge_size
   img = _grid(image_grid_thw, m)
   vid = _grid(video_grid_thw, m)

@@ -389,3 +389,20 @@ def test_layout_matches_processor():
           {"num_audio_tokens": [n_aud]}, 0, position_id_per_seconds=25, seconds_per_chunk=2.0)
       expected = [{"V": VIDEO, "A": AUDIO}[c] for c in text[1:-1]]
       assert audio_in_video_layout(grid, spg, n_aud, ids) == expected, (grid, spg, n_aud)
+
+
+def test_padding_grid_rows_between_items_are_skipped():
+  """Per-row media slots of a batch, flattened [B, N, 3] -> [B*N, 3], leave padding rows between items."""
+  fn = jitted(2)
+  row0 = [10, 7] + [2] * 2 + [8, 7] + [3] * 8 + [8, 11]
+  row1 = [12, 7] + [2] * 2 + [8, 7] + [3] * 4 + [8, 13, 14, 15, 16, 17]
+  ids = np.asarray([row0, row1])
+  compact = fn(ids, image_grid_thw=np.array([[1, 2, 4], [1, 4, 2]]), video_grid_thw=np.array([[2, 4, 4], [1, 4, 4]]),
+               second_per_grids=np.array([0.5, 2.0]))
+  padded = fn(ids, image_grid_thw=np.array([[1, 2, 4], [0, 0, 0], [1, 4, 2], [0, 0, 0]]),
+              video_grid_thw=np.array([[2, 4, 4], [0, 0, 0], [1, 4, 4], [0, 0, 0]]),
+              second_per_grids=np.array([0.5, 0.0, 2.0, 0.0]))
+  for a, b in zip(compact, padded):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # and the image of row 1 really uses its own (4, 2) grid: 2 merged rows x 1 column
+  assert np.asarray(padded[0])[1, 1, 2:4].tolist() == [2, 3]
