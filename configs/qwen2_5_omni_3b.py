@@ -21,4 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
       num_key_value_heads=2, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1e6,
       mrope_section=(16, 24, 24), max_position_embeddings=32768, tie_word_embeddings=False))
+  # Audio encoder: the 7B's encoder, projected to the 3B LM width. freeze=True stops gradients at its output.
+  t.audio = ml_collections.ConfigDict(dict(
+      num_mel_bins=128, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280,
+      activation_function="gelu", max_source_positions=1500, n_window=100, output_dim=2048, freeze=False))
+  # Vision encoder: the released 32-block ViT (spec §1.2), merged tokens projected to the LM width (2048).
+  # freeze=True stops gradients at its output.
+  t.vision = ml_collections.ConfigDict(dict(
+      depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
+      temporal_patch_size=2, spatial_merge_size=2, window_size=112, out_hidden_size=2048,
+      fullatt_block_indexes=(7, 15, 23, 31), hidden_act="silu", rope_theta=10000.0, freeze=False))
   return c

@@ -45,11 +45,15 @@ class Rule:
   disk: str
   to_disk: Transform = _identity
   from_disk: Transform = _identity
+  # When to_disk alone cannot know the on-disk shape: (our config or None, to_disk's shape) -> shape.
+  disk_shape: Optional[Callable[[Optional[ml_collections.ConfigDict], tuple], tuple]] = None
 
 
 # Paths (ours) whose next level is a stack of layers: "a.layers" + "x.y" <-> "a.layers.{i}.x.y" on disk.
 STACKED = [
     "thinker.model.layers",
+    "thinker.audio_tower.layers",
+    "thinker.visual.blocks",
 ]
 
 # Leaf renames that hold everywhere unless SPECIAL says otherwise.
@@ -62,6 +66,54 @@ LEAF_RULES = [
 
 # Exceptions, tried before LEAF_RULES (towers add theirs here).
 SPECIAL: list[Rule] = []
+
+
+def _conv_to_disk(x):
+  return np.ascontiguousarray(np.transpose(x, (2, 1, 0)))  # [k, in, out] -> torch Conv1d [out, in, k]
+
+
+_AUDIO = r"thinker\.audio_tower\."
+SPECIAL += [
+    # Audio tower: the shared Attention names its output projection o_proj and the shared MLP holds fc1/fc2.
+    Rule(_AUDIO + r"layers\.self_attn\.o_proj\.kernel", r"thinker.audio_tower.layers.self_attn.out_proj.weight",
+         _transpose, _transpose),
+    Rule(_AUDIO + r"layers\.self_attn\.o_proj\.bias", r"thinker.audio_tower.layers.self_attn.out_proj.bias"),
+    Rule(_AUDIO + r"layers\.mlp\.(fc1|fc2)\.kernel", r"thinker.audio_tower.layers.\1.weight", _transpose, _transpose),
+    Rule(_AUDIO + r"layers\.mlp\.(fc1|fc2)\.bias", r"thinker.audio_tower.layers.\1.bias"),
+    Rule(_AUDIO + r"(conv1|conv2)\.kernel", r"thinker.audio_tower.\1.weight", _conv_to_disk, _conv_to_disk),
+]
+
+
+def _patch_embed_shape(config: Optional[ml_collections.ConfigDict], shape: tuple) -> tuple:
+  """[out, C*T*p*p] -> the Conv3d weight [out, C, T, p, p] (without a config: the released 3, 2, p layout)."""
+  vision = config.model.thinker.get("vision") if config is not None else None
+  c, t = (vision.in_channels, vision.temporal_patch_size) if vision is not None else (3, 2)
+  p = vision.patch_size if vision is not None else int(round((shape[1] / (c * t)) ** 0.5))
+  if c * t * p * p != shape[1]:
+    raise CheckpointMismatch(f"patch embedding with {shape[1]} inputs is not (C={c}, T={t}, {p}, {p})")
+  return (shape[0], c, t, p, p)
+
+
+def _conv3d_from_disk(x):
+  return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)  # Conv3d [out, C, T, p, p] -> kernel [C*T*p*p, out]
+
+
+_VISION = r"thinker\.visual\."
+SPECIAL += [
+    # Vision tower: the shared Attention names q/k/v/proj q_proj/k_proj/v_proj/o_proj; the merger's
+    # nn.Sequential indices 0 and 2 are fc1 and fc2; the Conv3d patch embedding is a Linear over patch rows.
+    Rule(_VISION + r"blocks\.attn\.(q|k|v)_proj\.kernel", r"thinker.visual.blocks.attn.\1.weight", _transpose,
+         _transpose),
+    Rule(_VISION + r"blocks\.attn\.(q|k|v)_proj\.bias", r"thinker.visual.blocks.attn.\1.bias"),
+    Rule(_VISION + r"blocks\.attn\.o_proj\.kernel", r"thinker.visual.blocks.attn.proj.weight", _transpose, _transpose),
+    Rule(_VISION + r"blocks\.attn\.o_proj\.bias", r"thinker.visual.blocks.attn.proj.bias"),
+    Rule(_VISION + r"merger\.fc1\.kernel", r"thinker.visual.merger.mlp.0.weight", _transpose, _transpose),
+    Rule(_VISION + r"merger\.fc1\.bias", r"thinker.visual.merger.mlp.0.bias"),
+    Rule(_VISION + r"merger\.fc2\.kernel", r"thinker.visual.merger.mlp.2.weight", _transpose, _transpose),
+    Rule(_VISION + r"merger\.fc2\.bias", r"thinker.visual.merger.mlp.2.bias"),
+    Rule(_VISION + r"patch_embed\.proj\.kernel", r"thinker.visual.patch_embed.proj.weight", _transpose,
+         _conv3d_from_disk, _patch_embed_shape),
+]
 
 # On-disk prefixes of each tower of the full checkpoint.
 TOWERS = {
@@ -122,15 +174,60 @@ def config_from_hf(hf: dict, base: Optional[ml_collections.ConfigDict] = None) -
       max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
       # The thinker-level flag decides tying (pitfall 10); the text_config flag is ignored by transformers.
       tie_word_embeddings=bool(th.get("tie_word_embeddings", False))))
+  if "audio_config" in th:
+    t.audio = _audio_from_hf(th["audio_config"], base)
+  if "vision_config" in th:
+    t.vision = _vision_from_hf(th["vision_config"], base)
   c.model.thinker = t
   return c
+
+
+_AUDIO_KEYS = ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "d_model",
+               "activation_function", "max_source_positions", "n_window", "output_dim")
+
+
+_VISION_KEYS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size", "fullatt_block_indexes",
+                "hidden_act")
+
+
+def _vision_from_hf(vision: dict, base: Optional[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+  """model.thinker.vision from a vision_config dict (missing keys: transformers' class defaults, including
+  its hidden_size 3584, which no checkpoint uses: saved config.json files always carry the key)."""
+  from omni_jax.models.vision import VisionConfig  # local: keep this module importable without the towers
+
+  default = VisionConfig()
+  values = {}
+  for k in _VISION_KEYS:
+    v = vision.get(k, getattr(default, k) if k != "hidden_size" else 3584)
+    values[k] = tuple(int(i) for i in v) if k == "fullatt_block_indexes" else type(getattr(default, k))(v)
+  rope = vision.get("rope_parameters") or {}
+  values["rope_theta"] = float(rope.get("rope_theta", vision.get("rope_theta", default.rope_theta)))
+  try:  # a training choice, not part of the checkpoint: keep the base config's
+    values["freeze"] = bool(base.model.thinker.vision.freeze)
+  except (AttributeError, KeyError):
+    values["freeze"] = False
+  return ml_collections.ConfigDict(values)
+
+
+def _audio_from_hf(audio: dict, base: Optional[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+  """model.thinker.audio from an audio_config dict (missing keys: the transformers class defaults)."""
+  from omni_jax.models.audio import AudioConfig  # local: keep this module importable without the towers
+
+  default = AudioConfig()
+  values = {k: type(getattr(default, k))(audio.get(k, getattr(default, k))) for k in _AUDIO_KEYS}
+  try:  # a training choice, not part of the checkpoint: keep the base config's
+    values["freeze"] = bool(base.model.thinker.audio.freeze)
+  except (AttributeError, KeyError):
+    values["freeze"] = False
+  return ml_collections.ConfigDict(values)
 
 
 def config_to_hf(config: ml_collections.ConfigDict, torch_dtype: str = "float32") -> dict:
   """A thinker config.json (model_type qwen2_5_omni_thinker) for our config; inverse of config_from_hf."""
   t = config.model.thinker
   x = t.text
-  return {
+  out = {
       "model_type": "qwen2_5_omni_thinker",
       "architectures": ["Qwen2_5OmniThinkerForConditionalGeneration"],
       "dtype": torch_dtype,
@@ -150,6 +247,14 @@ def config_to_hf(config: ml_collections.ConfigDict, torch_dtype: str = "float32"
                               "mrope_section": list(x.mrope_section)},
       },
   }
+  if t.get("audio") is not None:
+    out["audio_config"] = dict({k: t.audio[k] for k in _AUDIO_KEYS}, model_type="qwen2_5_omni_audio_encoder")
+  if t.get("vision") is not None:
+    v = t.vision
+    out["vision_config"] = dict({k: v[k] for k in _VISION_KEYS}, model_type="qwen2_5_omni_vision_encoder",
+                                fullatt_block_indexes=[int(i) for i in v.fullatt_block_indexes],
+                                rope_parameters={"rope_type": "axial", "rope_theta": float(v.rope_theta)})
+  return out
 
 
 # --------------------------------------------------------------------------------------- key mapping
@@ -266,8 +371,11 @@ def load_state(hf_dir: str, abstract_state, *, hf_config: Optional[dict] = None)
   return nnx.from_flat_state([(p, var.replace(value)) for (p, var), value in zip(state, out)])
 
 
-def state_to_tensors(state, dtype=None) -> dict[str, np.ndarray]:
-  """Our state -> {on-disk key: array} (numpy; `dtype` converts, e.g. ml_dtypes.bfloat16)."""
+def state_to_tensors(state, dtype=None, config: Optional[ml_collections.ConfigDict] = None) -> dict[str, np.ndarray]:
+  """Our state -> {on-disk key: array} (numpy; `dtype` converts, e.g. ml_dtypes.bfloat16).
+
+  `config` (ours) gives the on-disk shapes our layout does not carry (the vision Conv3d patch embedding).
+  """
   tensors = {}
   for path, var in _flat(state):
     value = np.asarray(var.get_value())
@@ -275,6 +383,8 @@ def state_to_tensors(state, dtype=None) -> dict[str, np.ndarray]:
     keys, rule = disk_keys(path, value.shape[0] if stacked else 0)
     for i, key in enumerate(keys):
       t = rule.to_disk(value[i] if stacked else value)
+      if rule.disk_shape is not None:
+        t = t.reshape(rule.disk_shape(config, t.shape))
       tensors[key] = np.ascontiguousarray(t.astype(dtype) if dtype is not None else t)
   return tensors
 
@@ -283,7 +393,7 @@ def save(out_dir: str, config: ml_collections.ConfigDict, state, *, dtype=None, 
          max_shard_bytes: int = 5 << 30) -> None:
   """Write a thinker checkpoint (config.json + sharded safetensors with an index) that transformers loads."""
   os.makedirs(out_dir, exist_ok=True)
-  tensors = state_to_tensors(state, dtype)
+  tensors = state_to_tensors(state, dtype, config)
   tensors = {k[len("thinker."):]: v for k, v in tensors.items()}  # thinker-only layout
   shards, current, size = [], {}, 0
   for k in sorted(tensors):

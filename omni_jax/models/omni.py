@@ -9,7 +9,9 @@ from jax.sharding import Mesh
 
 from omni_jax import config as config_lib
 from omni_jax import sharding
+from omni_jax.models.audio import thinker_audio
 from omni_jax.models.thinker import Thinker
+from omni_jax.models.vision import thinker_vision
 
 
 class OmniModel(nnx.Module):
@@ -17,7 +19,8 @@ class OmniModel(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     rt = config_lib.Runtime.from_config(config.model)
-    self.thinker = Thinker(config_lib.thinker_text(config), rt, rngs=rngs)
+    self.thinker = Thinker(config_lib.thinker_text(config), rt, rngs=rngs, audio=thinker_audio(config),
+                           ids=config_lib.TokenIds.from_config(config.model.thinker), vision=thinker_vision(config))
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:

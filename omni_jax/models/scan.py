@@ -28,18 +28,25 @@ def create_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int
   return make(rngs)
 
 
-def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_policy: str):
-  """x -> layer_{L-1}(... layer_0(x, *args) ..., *args) over the stacked `layers`."""
+def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_policy: str,
+                per_layer: tuple = ()):
+  """x -> layer_{L-1}(... layer_0(x, *args, *per_layer[:][0]) ..., *args, *per_layer[:][L-1]).
+
+  per_layer: arrays with a leading num_layers axis; layer i also receives their row i (e.g. a flag that picks
+  this layer's attention mask), so layers that differ only in data still run as one scan.
+  """
   graphdef, state = nnx.split(layers)
 
-  def body(carry, layer_state):
-    return nnx.merge(graphdef, layer_state)(carry, *args), None
+  def body(carry, xs):
+    layer_state, extra = xs
+    return nnx.merge(graphdef, layer_state)(carry, *args, *extra), None
 
   if remat_policy != "none":
     body = jax.checkpoint(body, policy=_POLICIES[remat_policy], prevent_cse=not scan)
+  xs = (state, tuple(per_layer))
   if scan:
-    return jax.lax.scan(body, x, state)[0]
+    return jax.lax.scan(body, x, xs)[0]
   num_layers = jax.tree.leaves(state)[0].shape[0]
   for i in range(num_layers):
-    x, _ = body(x, jax.tree.map(lambda a: a[i], state))
+    x, _ = body(x, jax.tree.map(lambda a: a[i], xs))
   return x
