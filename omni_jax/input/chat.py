@@ -1,0 +1,231 @@
+"""ChatML rendering of a conversation into token ids and loss labels (spec §10, the released chat template).
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n...
+
+A system turn is injected when the conversation has none: the default assistant prompt, or the fixed prompt
+the Talker was trained with when the sample wants a spoken reply. Content parts are concatenated without
+separators; each media part becomes bos + N placeholders + eos, N from the preprocessed media (image / video
+grid, audio mel length); a video with its audio track uses the interleaved audio-in-video layout of
+omni_jax.positions, so the pipeline and the position ids can never disagree.
+
+Labels (aligned with input_ids, IGNORE elsewhere) cover each assistant turn's content and its <|im_end|>.
+
+Tokenisation: the role header ("assistant\\n") and the text runs of a message are encoded separately, so the
+ids of an answer never depend on the header before it. This equals tokenising the whole rendered string
+(what transformers' processor does) unless a message's text starts with whitespace that would merge with the
+header's newline.
+"""
+
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from omni_jax.batch import IGNORE
+from omni_jax.input.media import audio as audio_media
+
+SYSTEM_DEFAULT = "You are a helpful assistant."
+SYSTEM_SPEECH = ("You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+                 "auditory and visual inputs, as well as generating text and speech.")
+ROLES = ("system", "user", "assistant")
+
+
+class ChatError(ValueError):
+  """A conversation that cannot be rendered (unknown role or part type, media count mismatch)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageItem:
+  grid_thw: tuple[int, int, int]  # patch grid (1, h, w)
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioItem:
+  num_frames: int  # mel frames the encoder reads
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoItem:
+  grid_thw: tuple[int, int, int]
+  second_per_grid: float
+  audio_frames: Optional[int] = None  # mel frames of the video's own audio track: audio-in-video when set
+
+
+MediaItem = Union[ImageItem, AudioItem, VideoItem]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+  """Everything rendering needs besides the tokenizer (ids are the released ones, spec §1.8)."""
+  special: Mapping[str, int]
+  spatial_merge_size: int = 2
+  position_id_per_seconds: int = 25
+  seconds_per_chunk: int = 2
+  add_vision_id: bool = False  # "Picture k: " / "Video k: " before each image / video
+  add_audio_id: bool = False  # "Audio k: " before each audio
+
+  def id(self, name: str) -> int:
+    return self.special[name]
+
+
+def media_token_count(item: MediaItem, merge_size: int = 2) -> int:
+  """Placeholder tokens of one item (markers excluded; for audio-in-video, VIDEO + AUDIO tokens)."""
+  if isinstance(item, AudioItem):
+    return int(audio_media.num_tokens(item.num_frames))
+  t, h, w = (int(v) for v in item.grid_thw)
+  n = t * h * w // (merge_size * merge_size)
+  if isinstance(item, VideoItem) and item.audio_frames is not None:
+    n += int(audio_media.num_tokens(item.audio_frames))
+  return n
+
+
+def _audio_in_video_ids(item: VideoItem, fmt: ChatFormat) -> list[int]:
+  # positions imports jax; only audio-in-video samples pay for that import (in the worker that renders them).
+  from omni_jax.config import TokenIds  # pylint: disable=import-outside-toplevel
+  from omni_jax.positions import audio_in_video_layout  # pylint: disable=import-outside-toplevel
+
+  ids = TokenIds(audio_token_id=fmt.id("<|AUDIO|>"), image_token_id=fmt.id("<|IMAGE|>"),
+                 video_token_id=fmt.id("<|VIDEO|>"), audio_start_token_id=fmt.id("<|audio_bos|>"),
+                 audio_end_token_id=fmt.id("<|audio_eos|>"), vision_start_token_id=fmt.id("<|vision_bos|>"),
+                 vision_end_token_id=fmt.id("<|vision_eos|>"), position_id_per_seconds=fmt.position_id_per_seconds,
+                 seconds_per_chunk=fmt.seconds_per_chunk, spatial_merge_size=fmt.spatial_merge_size)
+  n_audio = int(audio_media.num_tokens(item.audio_frames))
+  return [int(i) for i in audio_in_video_layout(item.grid_thw, item.second_per_grid, n_audio, ids,
+                                                with_markers=True)]
+
+
+def media_ids(item: MediaItem, fmt: ChatFormat) -> list[int]:
+  """bos + placeholders + eos of one media item."""
+  n = media_token_count(item, fmt.spatial_merge_size)
+  if isinstance(item, ImageItem):
+    return [fmt.id("<|vision_bos|>")] + [fmt.id("<|IMAGE|>")] * n + [fmt.id("<|vision_eos|>")]
+  if isinstance(item, AudioItem):
+    return [fmt.id("<|audio_bos|>")] + [fmt.id("<|AUDIO|>")] * n + [fmt.id("<|audio_eos|>")]
+  if item.audio_frames is not None:
+    return _audio_in_video_ids(item, fmt)
+  return [fmt.id("<|vision_bos|>")] + [fmt.id("<|VIDEO|>")] * n + [fmt.id("<|vision_eos|>")]
+
+
+def _media_text(kind: str) -> str:
+  """The template's unexpanded placeholder (what apply_chat_template prints)."""
+  return {"image": "<|vision_bos|><|IMAGE|><|vision_eos|>", "audio": "<|audio_bos|><|AUDIO|><|audio_eos|>",
+          "video": "<|vision_bos|><|VIDEO|><|vision_eos|>"}[kind]
+
+
+def _parts(content: Any) -> list[dict]:
+  if isinstance(content, str):
+    return [{"type": "text", "text": content}]
+  if not isinstance(content, (list, tuple)):
+    raise ChatError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+  return list(content)
+
+
+def with_system(messages: Sequence[Mapping], speech_output: bool = False,
+                system_prompt: Optional[str] = None) -> list[Mapping]:
+  """The conversation with a system turn first (kept if present; else system_prompt or the default)."""
+  messages = list(messages)
+  if not messages:
+    raise ChatError("empty conversation")
+  if messages[0].get("role") == "system":
+    return messages
+  prompt = system_prompt if system_prompt is not None else (SYSTEM_SPEECH if speech_output else SYSTEM_DEFAULT)
+  return [{"role": "system", "content": prompt}] + messages
+
+
+def _walk(messages: Sequence[Mapping], add_generation_prompt: bool, fmt: ChatFormat):
+  """Yield (kind, value, role, is_content) pieces: ('special', name), ('text', str), ('media', kind)."""
+  counts = {"image": 0, "audio": 0, "video": 0}
+  for i, m in enumerate(messages):
+    role = m.get("role")
+    if role not in ROLES:
+      raise ChatError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
+    yield "special", "<|im_start|>", role, False
+    yield "text", f"{role}\n", role, False
+    for part in _parts(m.get("content")):
+      kind = part.get("type") if isinstance(part, Mapping) else None
+      if kind == "text":
+        if not isinstance(part.get("text"), str):
+          raise ChatError(f"message {i}: text part without a string 'text'")
+        yield "text", part["text"], role, True
+      elif kind in counts:
+        counts[kind] += 1
+        if (kind == "audio" and fmt.add_audio_id) or (kind != "audio" and fmt.add_vision_id):
+          label = {"image": "Picture", "audio": "Audio", "video": "Video"}[kind]
+          yield "text", f"{label} {counts[kind]}: ", role, True
+        yield "media", kind, role, True
+      else:
+        raise ChatError(f"message {i}: unknown content part type {kind!r}")
+    yield "special", "<|im_end|>", role, True
+    yield "text", "\n", role, False
+  if add_generation_prompt:
+    yield "special", "<|im_start|>", "assistant", False
+    yield "text", "assistant\n", "assistant", False
+
+
+def render_text(messages: Sequence[Mapping], fmt: Optional[ChatFormat] = None, *,
+                add_generation_prompt: bool = False) -> str:
+  """The ChatML string with unexpanded media placeholders, as the released template prints it."""
+  fmt = fmt or ChatFormat(special={})
+  out = []
+  for kind, value, _, _ in _walk(messages, add_generation_prompt, fmt):
+    out.append(_media_text(value) if kind == "media" else value)
+  return "".join(out)
+
+
+@dataclasses.dataclass
+class Rendered:
+  input_ids: np.ndarray  # [n] int32
+  labels: np.ndarray  # [n] int32, IGNORE where there is no loss
+  media_kinds: list[str]  # kind of each media part in order of appearance
+
+
+def render(messages: Sequence[Mapping], media: Sequence[MediaItem], tokenizer, fmt: ChatFormat, *,
+           add_generation_prompt: bool = False, train_on: Sequence[str] = ("assistant",)) -> Rendered:
+  """Token ids and labels of a conversation (system turn already settled: see with_system).
+
+  media: one preprocessed item per media part, in order of appearance; a part's kind must match its item.
+  train_on: roles whose content (+ <|im_end|>) carries labels.
+  """
+  ids: list[int] = []
+  labels: list[int] = []
+  kinds: list[str] = []
+  run: list[str] = []  # consecutive content text of one message, encoded as one string
+  run_label = False
+
+  def flush():
+    if run:
+      toks = tokenizer.encode("".join(run))
+      ids.extend(toks)
+      labels.extend(toks if run_label else [IGNORE] * len(toks))
+      run.clear()
+
+  media = list(media)
+  for kind, value, role, is_content in _walk(messages, add_generation_prompt, fmt):
+    label = is_content and role in train_on
+    if kind == "text" and is_content:
+      run.append(value)
+      run_label = label
+      continue
+    flush()
+    if kind == "text":  # role header or turn separator: its own run
+      run.append(value)
+      run_label = False
+      flush()
+    elif kind == "special":
+      ids.append(fmt.id(value))
+      labels.append(fmt.id(value) if label else IGNORE)
+    else:
+      if len(kinds) >= len(media):
+        raise ChatError(f"the conversation has more media parts than the {len(media)} items given")
+      item = media[len(kinds)]
+      expected = {"image": ImageItem, "audio": AudioItem, "video": VideoItem}[value]
+      if not isinstance(item, expected):
+        raise ChatError(f"media part {len(kinds)} is {value!r} but its item is {type(item).__name__}")
+      toks = media_ids(item, fmt)
+      ids.extend(toks)
+      labels.extend([IGNORE] * len(toks))
+      kinds.append(value)
+  flush()
+  if len(kinds) != len(media):
+    raise ChatError(f"{len(media)} media items given for {len(kinds)} media parts")
+  return Rendered(np.asarray(ids, np.int32), np.asarray(labels, np.int32), kinds)

@@ -1,0 +1,335 @@
+"""Packing multimodal samples into static-shape batches (the contract of omni_jax.batch).
+
+A batch of a length bucket is `batch_size` rows of `seq_len` tokens, each row holding several samples (segment
+ids 1..S, 0 = padding) and fixed-size media buffers (images, video, audio slots and patch / frame budgets per
+row). Each sample goes to the smallest bucket whose empty row can hold it, then first-fit into the open batch
+of that bucket; when no row of a full batch can take it, the batch is emitted and a new one started. A sample
+no bucket can hold is skipped as too long. A bucket whose oldest waiting sample was read more than `max_lag`
+reads ago is emitted as it is (partly filled), which bounds both the staleness of rare buckets and the work
+of a restore.
+
+Checkpointing (grain's get_state / set_state) replays instead of serialising tensors: the state is the
+upstream state just before the oldest still-waiting sample, how many records were read since, and which of
+them are still waiting. A restore re-reads those records and preprocesses only the waiting ones, so the
+restored packer holds exactly the rows it held, and the continued stream equals an uninterrupted one.
+"""
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import grain
+import numpy as np
+
+from omni_jax import batch as batch_lib
+from omni_jax.input.media import audio as audio_media
+from omni_jax.input.media import patches
+from omni_jax.input.preprocess import Sample, SampleError
+
+PAD_ID = 151643  # <|endoftext|>
+PATCH_DIM = 3 * patches.TEMPORAL_PATCH_SIZE * patches.PATCH_SIZE * patches.PATCH_SIZE
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+  """One static batch shape. Media limits are per row; a zero limit omits that media's fields."""
+  seq_len: int
+  batch_size: int
+  max_images: int = 0
+  max_image_patches: int = 0
+  max_videos: int = 0
+  max_video_patches: int = 0
+  max_audios: int = 0
+  max_audio_frames: int = 0
+  num_mel_bins: int = 128
+
+  def __post_init__(self):
+    if self.seq_len <= 0 or self.batch_size <= 0:
+      raise ValueError(f"bucket {self}: seq_len and batch_size must be positive")
+    if self.max_audio_frames % 200:
+      raise ValueError(f"bucket {self}: max_audio_frames must be a multiple of 200 (one 2 s encoder chunk)")
+
+
+@dataclasses.dataclass
+class _Load:
+  """What a row has used (or a sample needs)."""
+  tokens: int = 0
+  images: int = 0
+  image_patches: int = 0
+  videos: int = 0
+  video_patches: int = 0
+  audios: int = 0
+
+  def __add__(self, o):
+    return _Load(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
+
+
+def _need(s: Sample) -> _Load:
+  return _Load(s.num_tokens, len(s.images), sum(len(r) for r, _ in s.images), len(s.videos),
+               sum(len(v[0]) for v in s.videos), len(s.audios))
+
+
+def _fits(load: _Load, b: Bucket, longest_audio: int) -> bool:
+  return (load.tokens <= b.seq_len and load.images <= b.max_images and load.image_patches <= b.max_image_patches
+          and load.videos <= b.max_videos and load.video_patches <= b.max_video_patches
+          and load.audios <= b.max_audios and longest_audio <= b.max_audio_frames)
+
+
+def _longest_audio(s: Sample) -> int:
+  return max((a.shape[1] for a in s.audios), default=0)
+
+
+def bucket_for(sample: Sample, buckets: Sequence[Bucket]) -> Optional[int]:
+  """Index of the smallest bucket (buckets sorted by seq_len) whose empty row holds the sample."""
+  need, longest = _need(sample), _longest_audio(sample)
+  for i, b in enumerate(buckets):
+    if _fits(need, b, longest):
+      return i
+  return None
+
+
+def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) -> dict:
+  """Rows of samples -> a batch dict of bucket b's static shapes (omni_jax.batch)."""
+  n, l = b.batch_size, b.seq_len
+  out = {"input_ids": np.full((n, l), pad_id, np.int32), "labels": np.full((n, l), batch_lib.IGNORE, np.int32),
+         "segment_ids": np.zeros((n, l), np.int32), "kind": np.zeros((n, l), np.int32),
+         "use_audio_in_video": np.zeros((n,), bool)}
+  if b.max_images:
+    out["pixel_values"] = np.zeros((n, b.max_image_patches, PATCH_DIM), np.float32)
+    out["image_grid_thw"] = np.zeros((n, b.max_images, 3), np.int32)
+  if b.max_videos:
+    out["pixel_values_videos"] = np.zeros((n, b.max_video_patches, PATCH_DIM), np.float32)
+    out["video_grid_thw"] = np.zeros((n, b.max_videos, 3), np.int32)
+    out["second_per_grids"] = np.zeros((n, b.max_videos), np.float32)
+  if b.max_audios:
+    out["audio_features"] = np.zeros((n, b.max_audios, b.num_mel_bins, b.max_audio_frames), np.float32)
+    out["audio_lengths"] = np.zeros((n, b.max_audios), np.int32)
+  for r, row in enumerate(rows):
+    pos = 0
+    for seg, s in enumerate(row, 1):
+      k = s.num_tokens
+      out["input_ids"][r, pos:pos + k] = s.input_ids
+      out["labels"][r, pos:pos + k] = s.labels
+      out["segment_ids"][r, pos:pos + k] = seg
+      out["kind"][r, pos:pos + k] = s.kind
+      pos += k
+    out["use_audio_in_video"][r] = any(s.use_audio_in_video for s in row)
+    images = [im for s in row for im in s.images]
+    videos = [v for s in row for v in s.videos]
+    audios = [a for s in row for a in s.audios]
+    if images:
+      out["pixel_values"][r], out["image_grid_thw"][r] = patches.pack(images, b.max_image_patches, b.max_images)
+    if videos:
+      out["pixel_values_videos"][r], out["video_grid_thw"][r] = patches.pack(
+          [(v[0], v[1]) for v in videos], b.max_video_patches, b.max_videos)
+      out["second_per_grids"][r, :len(videos)] = [v[2] for v in videos]
+    if audios:
+      out["audio_features"][r], out["audio_lengths"][r] = audio_media.pad_batch(audios, b.max_audios,
+                                                                                b.max_audio_frames)
+  return out
+
+
+class _OpenBatch:
+  """The rows of one bucket being filled, and the read index of each sample in them."""
+
+  def __init__(self):
+    self.rows: list[list[Sample]] = []
+    self.loads: list[_Load] = []
+    self.reads: list[int] = []  # absolute read index of each waiting sample
+    self.states: list[Any] = []  # upstream state just before each waiting sample was read
+
+  def place(self, s: Sample, b: Bucket) -> bool:
+    """First-fit into an existing row or a new one; False when the batch is full for this sample."""
+    need, longest = _need(s), _longest_audio(s)
+    for i, load in enumerate(self.loads):
+      if _fits(load + need, b, longest):
+        self.rows[i].append(s)
+        self.loads[i] = load + need
+        return True
+    if len(self.rows) < b.batch_size:
+      self.rows.append([s])
+      self.loads.append(need)
+      return True
+    return False
+
+
+class Packer:
+  """The packing policy, free of grain: add samples, collect finished batches."""
+
+  def __init__(self, buckets: Sequence[Bucket], max_lag: int = 512, pad_id: int = PAD_ID):
+    self.buckets = sorted(buckets, key=lambda b: b.seq_len)
+    self.max_lag = max_lag
+    self.pad_id = pad_id
+    self.open = [_OpenBatch() for _ in self.buckets]
+
+  def add(self, s: Sample, read: int, state: Any = None) -> Optional[tuple]:
+    """Place a sample; returns (batch, samples, bucket index) of a batch it did not fit, else None.
+
+    Raises SampleError (too_long) when no bucket can hold it.
+    """
+    i = bucket_for(s, self.buckets)
+    if i is None:
+      b = self.buckets[-1]
+      raise SampleError("too_long", f"{s.name}: {s.num_tokens} tokens, {len(s.images)} images, {len(s.videos)} "
+                                    f"videos, {len(s.audios)} audios (longest {_longest_audio(s)} mel frames) fit no "
+                                    f"bucket (largest: {b.seq_len} tokens, {b.max_images} images / "
+                                    f"{b.max_image_patches} patches, {b.max_videos} videos / {b.max_video_patches} "
+                                    f"patches, {b.max_audios} audios / {b.max_audio_frames} frames)")
+    done = None
+    ob = self.open[i]
+    if not ob.place(s, self.buckets[i]):
+      done = self.emit(i) + (i,)
+      ob = self.open[i]
+      ob.place(s, self.buckets[i])
+    ob.reads.append(read)
+    ob.states.append(state)
+    return done
+
+  def stale(self, read: int) -> Optional[int]:
+    """A bucket whose oldest waiting sample is more than max_lag reads old, if any."""
+    for i, ob in enumerate(self.open):
+      if ob.reads and read - ob.reads[0] >= self.max_lag:
+        return i
+    return None
+
+  def emit(self, i: int) -> tuple:
+    """(batch, samples in row order) of bucket i; its open batch starts empty."""
+    ob, self.open[i] = self.open[i], _OpenBatch()
+    return assemble(ob.rows, self.buckets[i], self.pad_id), [s for row in ob.rows for s in row]
+
+  def first_nonempty(self) -> Optional[int]:
+    return next((i for i, ob in enumerate(self.open) if ob.rows), None)
+
+  def waiting(self) -> list[tuple[int, Any]]:
+    """(read index, upstream state before it) of every waiting sample."""
+    return [(r, st) for ob in self.open for r, st in zip(ob.reads, ob.states)]
+
+
+_KIND_NAMES = {v: k for k, v in batch_lib.KINDS.items()}
+
+
+def batch_info(samples: Sequence[Sample], skipped: Sequence[tuple], bucket: Bucket) -> dict:
+  """Accounting that travels with a batch: what was packed and what was skipped since the previous batch."""
+  return {"samples": [s.name for s in samples],
+          "kinds": dict(collections.Counter(_KIND_NAMES[s.kind] for s in samples)),
+          "tokens": int(sum(s.num_tokens for s in samples)),
+          "loss_tokens": int(sum(int((s.labels != batch_lib.IGNORE).sum()) for s in samples)),
+          "seq_len": bucket.seq_len, "rows": bucket.batch_size, "skipped": [list(x) for x in skipped]}
+
+
+class PackedDataset(grain.IterDataset):
+  """grain stage: (dataset name, stored example) records -> (batch, info) pairs, checkpointable.
+
+  At the end of a finite stream, skips not yet reported with a batch come as one (None, info) pair.
+  """
+
+  def __init__(self, parent: grain.IterDataset, preprocess: Callable[[str, Any], Sample],
+               buckets: Sequence[Bucket], max_lag: int = 512, pad_id: int = PAD_ID):
+    super().__init__(parent)
+    self._preprocess = preprocess
+    self._buckets = tuple(buckets)
+    self._max_lag = max_lag
+    self._pad_id = pad_id
+
+  def __iter__(self):
+    return _PackedIterator(self._parent.__iter__(), self._preprocess, self._buckets, self._max_lag, self._pad_id)
+
+  def __str__(self):
+    return f"PackedDataset(buckets={[(b.seq_len, b.batch_size) for b in self._buckets]}, max_lag={self._max_lag})"
+
+
+class _PackedIterator(grain.DatasetIterator):
+  """Reads records, preprocesses, packs; one batch per __next__ (see the module doc for the state)."""
+
+  def __init__(self, parent, preprocess, buckets, max_lag, pad_id):
+    super().__init__(parent)
+    self._preprocess = preprocess
+    self._packer = Packer(buckets, max_lag, pad_id)
+    self._reads = 0  # records read from upstream so far
+    self._skipped: list[tuple] = []  # (name, reason, message) not yet reported with a batch
+    self._exhausted = False
+
+  def _process(self, record) -> Optional[Sample]:
+    dataset, example = record
+    try:
+      return self._preprocess(dataset, example)
+    except SampleError as e:
+      self._skipped.append((_name_of(record), e.reason, str(e)))
+    except Exception as e:  # noqa: BLE001 - an unforeseen decoder failure must not stop the run
+      logging.exception("unexpected error preprocessing %s", _name_of(record))
+      self._skipped.append((_name_of(record), "error", f"{_name_of(record)}: {type(e).__name__}: {e}"))
+    return None
+
+  def _out(self, done: tuple, i: int):
+    batch, samples = done[:2]
+    info = batch_info(samples, self._skipped, self._packer.buckets[i])
+    self._skipped = []
+    return batch, info
+
+  def __next__(self):
+    while True:
+      stale = self._packer.stale(self._reads)
+      if stale is not None:
+        return self._out(self._packer.emit(stale), stale)
+      if self._exhausted:
+        i = self._packer.first_nonempty()
+        if i is not None:
+          return self._out(self._packer.emit(i), i)
+        if self._skipped:  # skips after the last batch still get reported: an info without a batch
+          info = batch_info([], self._skipped, self._packer.buckets[0])
+          self._skipped = []
+          return None, info
+        raise StopIteration
+      state = self._parent.get_state()
+      try:
+        record = next(self._parent)
+      except StopIteration:
+        self._exhausted = True
+        continue
+      read = self._reads
+      self._reads += 1
+      sample = self._process(record)
+      if sample is None:
+        continue
+      try:
+        done = self._packer.add(sample, read, state)
+      except SampleError as e:
+        self._skipped.append((sample.name, e.reason, str(e)))
+        continue
+      if done is not None:
+        return self._out(done, done[2])
+
+  def get_state(self) -> dict:
+    waiting = self._packer.waiting()
+    if waiting:
+      base_read, base_state = min(waiting, key=lambda w: w[0])
+    else:
+      base_read, base_state = self._reads, self._parent.get_state()
+    return {"parent": base_state, "base_read": base_read, "reads": self._reads,
+            "waiting": sorted(r - base_read for r, _ in waiting), "skipped": [list(s) for s in self._skipped],
+            "exhausted": self._exhausted}
+
+  def set_state(self, state: dict):
+    self._packer = Packer(self._packer.buckets, self._packer.max_lag, self._packer.pad_id)
+    self._parent.set_state(state["parent"])
+    waiting = set(state["waiting"])
+    for offset in range(state["reads"] - state["base_read"]):
+      before = self._parent.get_state() if offset in waiting else None
+      record = next(self._parent)
+      if offset not in waiting:
+        continue
+      sample = self._process(record)
+      if sample is not None and self._packer.add(sample, state["base_read"] + offset, before) is not None:
+        # Only if a waiting sample now preprocesses differently (its media file changed since the checkpoint).
+        logging.warning("restoring the packer: a batch of samples read before the checkpoint was dropped")
+    self._reads = state["reads"]
+    self._skipped = [tuple(s) for s in state["skipped"]]
+    self._exhausted = state["exhausted"]
+
+
+def _name_of(record) -> str:
+  dataset, example = record
+  rid = example.get("id", b"?") if hasattr(example, "get") else "?"
+  rid = rid.decode("utf-8", "replace") if isinstance(rid, bytes) else str(rid)
+  return f"{dataset}/{rid}"

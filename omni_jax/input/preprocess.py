@@ -1,0 +1,142 @@
+"""One stored record -> one model-ready sample: normalise, decode and preprocess media, render ChatML.
+
+Runs in the data workers (numpy, PIL, PyAV; no jax). Every way a record can be bad raises SampleError with
+a reason (REASONS) and a message naming the sample;
+the packer turns it into a skip that is counted and reported, never a stopped run.
+"""
+
+import dataclasses
+import os
+from typing import Mapping, Optional
+
+import numpy as np
+
+from omni_jax import batch as batch_lib
+from omni_jax.input import chat
+from omni_jax.input import sources
+from omni_jax.input.media import MediaError
+from omni_jax.input.media import audio as audio_media
+from omni_jax.input.media import image as image_media
+from omni_jax.input.media import patches
+from omni_jax.input.media import video as video_media
+
+REASONS = ("malformed", "unknown_tag", "missing_media", "bad_media", "too_long", "error")  # error: unforeseen
+
+
+class SampleError(ValueError):
+  """A sample that cannot be used; `reason` is one of REASONS."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaOptions:
+  """How media are sampled and sized (the released processor's values unless a config lowers them)."""
+  image_min_pixels: int = patches.IMAGE_MIN_PIXELS
+  image_max_pixels: int = patches.IMAGE_MAX_PIXELS
+  video_fps: float = video_media.DEFAULT_FPS
+  video_min_frames: int = video_media.MIN_FRAMES
+  video_max_frames: int = video_media.MAX_FRAMES
+  video_min_pixels: int = patches.VIDEO_MIN_PIXELS
+  video_max_pixels: int = patches.VIDEO_MAX_PIXELS
+  video_max_total_pixels: Optional[int] = None
+  num_mel_bins: int = audio_media.NUM_MEL_BINS
+
+  @classmethod
+  def from_config(cls, cfg: Optional[Mapping]) -> "MediaOptions":
+    cfg = dict(cfg or {})
+    unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"config.data.media: unknown keys {sorted(unknown)}")
+    return cls(**cfg)
+
+
+@dataclasses.dataclass
+class Sample:
+  """A rendered conversation and its media, ready to pack."""
+  name: str  # "<dataset>/<record id>", for warnings and accounting
+  kind: int  # batch.KIND_*
+  input_ids: np.ndarray  # [n] int32
+  labels: np.ndarray  # [n] int32
+  images: list  # [(pixel rows [p, 1176] f32, grid (3,))]
+  videos: list  # [(pixel rows, grid (3,), second_per_grid)]
+  audios: list  # [log-mel [mels, frames] f32], in order of appearance (audio-in-video tracks included)
+  use_audio_in_video: bool = False
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.input_ids.shape[0])
+
+
+def sample_kind(messages) -> int:
+  """Modality of a sample for metrics: video > image > audio > text, over the parts of all messages."""
+  kinds = {p["type"] for m in messages for p in m["content"]}
+  for name in ("video", "image", "audio"):
+    if name in kinds:
+      return batch_lib.KINDS[name]
+  return batch_lib.KIND_TEXT
+
+
+class Preprocessor:
+  """Picklable callable: (dataset name, stored example) -> Sample. Raises SampleError."""
+
+  def __init__(self, tokenizer, fmt: chat.ChatFormat, media: MediaOptions = MediaOptions(),
+               system_prompt: Optional[str] = None):
+    self.tokenizer = tokenizer
+    self.fmt = fmt
+    self.options = media
+    self.system_prompt = system_prompt
+
+  def _load(self, part: Mapping, aiv: bool, name: str, media: dict) -> chat.MediaItem:
+    """Decode and preprocess one media part into the `media` lists; returns its chat item."""
+    path, kind, m = part["path"], part["type"], self.options
+    if not os.path.exists(path):
+      raise SampleError("missing_media", f"{name}: {kind} file {path} does not exist")
+    try:
+      if kind == "image":
+        rows, grid = image_media.preprocess_image(path, min_pixels=m.image_min_pixels, max_pixels=m.image_max_pixels,
+                                                  merge_size=self.fmt.spatial_merge_size)
+        media["images"].append((rows, grid))
+        return chat.ImageItem(tuple(int(g) for g in grid))
+      if kind == "audio":
+        feats = audio_media.features_from_file(path, m.num_mel_bins)
+        if feats.shape[1] == 0:
+          raise MediaError(f"{path}: audio is empty")
+        media["audios"].append(feats)
+        return chat.AudioItem(int(feats.shape[1]))
+      video = video_media.preprocess_video(path, fps=m.video_fps, min_frames=m.video_min_frames,
+                                           max_frames=m.video_max_frames, min_pixels=m.video_min_pixels,
+                                           max_pixels=m.video_max_pixels, max_total_pixels=m.video_max_total_pixels,
+                                           merge_size=self.fmt.spatial_merge_size)
+      media["videos"].append((video.pixel_values, video.grid_thw, float(video.second_per_grid)))
+      frames = None
+      if part.get("use_audio_in_video", aiv):
+        track = audio_media.video_audio_features(path, m.num_mel_bins)
+        if track.shape[1] == 0:
+          raise MediaError(f"{path}: the video's audio track is empty")
+        media["audios"].append(track)  # the track's audio slot sits at its video's place in the order
+        frames = int(track.shape[1])
+      return chat.VideoItem(tuple(int(g) for g in video.grid_thw), float(video.second_per_grid), frames)
+    except MediaError as e:
+      raise SampleError("bad_media", f"{name}: {e}") from None
+
+  def __call__(self, dataset: str, example: Mapping) -> Sample:
+    rid, record, root = sources.decode_example(example)
+    name = f"{dataset}/{rid}"
+    try:
+      conv = sources.normalize(record, root, name)
+    except sources.RecordError as e:
+      raise SampleError(e.reason, str(e)) from None
+    media = {"images": [], "videos": [], "audios": []}
+    items = [self._load(part, conv["use_audio_in_video"], name, media)
+             for m in conv["messages"] for part in m["content"] if part["type"] != "text"]
+    messages = chat.with_system(conv["messages"], conv["speech_output"], self.system_prompt)
+    try:
+      rendered = chat.render(messages, items, self.tokenizer, self.fmt)
+    except chat.ChatError as e:
+      raise SampleError("malformed", f"{name}: {e}") from None
+    aiv = any(isinstance(i, chat.VideoItem) and i.audio_frames is not None for i in items)
+    return Sample(name, sample_kind(conv["messages"]), rendered.input_ids, rendered.labels, media["images"],
+                  media["videos"], media["audios"], aiv)

@@ -1,0 +1,286 @@
+"""Conversation datasets: the JSONL formats users bring, their normal form, and the TFDS ArrayRecord store.
+
+Two JSONL formats are accepted (one conversation a line, mixed freely in one file):
+
+1. `messages` with tags (ms-swift / LLaMA-Factory style): string contents holding <image>, <audio>, <video>
+   tags, consumed in order from parallel `images`, `audios`, `videos` path lists. `conversations` with
+   {"from": "human" | "gpt" | "system", "value": ...} (ShareGPT) and a top-level `system` string also work.
+2. Qwen content lists: each content is a list of {"type": "text", "text"} / {"type": "image", "image": path}
+   / {"type": "audio", "audio": path} / {"type": "video", "video": path} parts.
+
+Optional keys: `use_audio_in_video` (record, or per video part), `speech_output` (record), and `speech` on an
+assistant message: the path of that reply spoken aloud (Talker targets; it also selects the speech system
+prompt). Relative media paths resolve against the JSONL file's folder; `file://` prefixes are stripped.
+
+The TFDS builder stores each line untouched (with its id and folder) in ArrayRecord; `normalize` runs in the
+data workers, so a malformed line becomes a counted, skipped sample at training time instead of a failed
+build. grain reads the store through `tfds.data_source`.
+"""
+
+import contextlib
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import tensorflow_datasets as tfds
+
+MEDIA_KINDS = ("image", "audio", "video")
+_TAG = re.compile(r"<(image|audio|video)>")
+_ANY_TAG = re.compile(r"<([a-z][a-z_]*)>")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+BUILDER_NAME = "omni_conversations"
+
+
+class DataError(ValueError):
+  """A dataset that cannot be opened (missing path, unknown spec): raised at startup."""
+
+
+class RecordError(ValueError):
+  """A malformed conversation record; the pipeline skips it and counts it."""
+
+  reason = "malformed"
+
+
+class UnknownTagError(RecordError):
+  """A media tag or content-part type this framework does not know."""
+
+  reason = "unknown_tag"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Normal form.
+
+
+def _resolve(path: Any, root: str, where: str) -> str:
+  if not isinstance(path, str) or not path:
+    raise RecordError(f"{where}: media path must be a non-empty string, got {path!r}")
+  if path.startswith("file://"):
+    path = path[len("file://"):]
+  if "://" in path:
+    raise RecordError(f"{where}: {path!r} is a URL; download the file and give its path")
+  path = os.path.expanduser(path)
+  return path if os.path.isabs(path) or not root else os.path.normpath(os.path.join(root, path))
+
+
+def _split_tags(text: str, lists: dict, used: dict, root: str, where: str, record: Mapping) -> list[dict]:
+  """A tagged string -> content parts, taking paths from the record's parallel lists in order."""
+  for m in _ANY_TAG.finditer(text):
+    name = m.group(1)
+    if name not in MEDIA_KINDS and isinstance(record.get(name + "s"), list):
+      raise UnknownTagError(f"{where}: tag <{name}> (with a `{name}s` list) is not a known media kind "
+                            f"{MEDIA_KINDS}")
+  parts, pos = [], 0
+  for m in _TAG.finditer(text):
+    if m.start() > pos:
+      parts.append({"type": "text", "text": text[pos:m.start()]})
+    kind = m.group(1)
+    paths = lists[kind]
+    if used[kind] >= len(paths):
+      raise RecordError(f"{where}: more <{kind}> tags than the {len(paths)} entries of `{kind}s`")
+    parts.append({"type": kind, "path": _resolve(paths[used[kind]], root, where)})
+    used[kind] += 1
+    pos = m.end()
+  if pos < len(text):
+    parts.append({"type": "text", "text": text[pos:]})
+  return parts
+
+
+def _content_list(content: list, root: str, where: str) -> list[dict]:
+  parts = []
+  for j, part in enumerate(content):
+    if not isinstance(part, Mapping):
+      raise RecordError(f"{where}: content part {j} is not an object")
+    kind = part.get("type")
+    if kind is None:  # Qwen also accepts {"image": path} without a type
+      kind = next((k for k in ("text",) + MEDIA_KINDS if k in part), None)
+    if kind == "text":
+      if not isinstance(part.get("text"), str):
+        raise RecordError(f"{where}: text part {j} has no string 'text'")
+      parts.append({"type": "text", "text": part["text"]})
+    elif kind in MEDIA_KINDS:
+      path = part.get(kind, part.get(kind + "_url", part.get("path")))
+      item = {"type": kind, "path": _resolve(path, root, where)}
+      if kind == "video" and "use_audio_in_video" in part:
+        item["use_audio_in_video"] = bool(part["use_audio_in_video"])
+      parts.append(item)
+    else:
+      raise UnknownTagError(f"{where}: content part {j} has unknown type {kind!r}; known: text, "
+                            f"{', '.join(MEDIA_KINDS)}")
+  return parts
+
+
+def normalize(record: Union[str, bytes, Mapping], root: str = "", name: str = "?") -> dict:
+  """One raw record -> {"id", "messages": [{"role", "content": [parts], ("speech")}], "use_audio_in_video",
+  "speech_output"}; media parts carry absolute paths. Raises RecordError / UnknownTagError naming `name`."""
+  if isinstance(record, (str, bytes)):
+    try:
+      record = json.loads(record)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise RecordError(f"{name}: not valid JSON ({e})") from None
+  if not isinstance(record, Mapping):
+    raise RecordError(f"{name}: a record must be a JSON object, got {type(record).__name__}")
+  raw = record.get("messages", record.get("conversations"))
+  if not isinstance(raw, list) or not raw:
+    raise RecordError(f"{name}: needs a non-empty `messages` (or `conversations`) list")
+  lists = {}
+  for kind in MEDIA_KINDS:
+    value = record.get(kind + "s", [])
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list):
+      raise RecordError(f"{name}: `{kind}s` must be a list of paths")
+    lists[kind] = value
+  used = dict.fromkeys(MEDIA_KINDS, 0)
+  messages = []
+  if isinstance(record.get("system"), str) and not (isinstance(raw[0], Mapping) and raw[0].get("role") == "system"):
+    messages.append({"role": "system", "content": [{"type": "text", "text": record["system"]}]})
+  for i, m in enumerate(raw):
+    where = f"{name} message {i}"
+    if not isinstance(m, Mapping):
+      raise RecordError(f"{where}: not an object")
+    role = m.get("role", _SHAREGPT_ROLES.get(m.get("from")))
+    if role not in ("system", "user", "assistant"):
+      raise RecordError(f"{where}: unknown role {m.get('role', m.get('from'))!r}")
+    content = m.get("content", m.get("value"))
+    if isinstance(content, str):
+      parts = _split_tags(content, lists, used, root, where, record)
+    elif isinstance(content, list):
+      parts = _content_list(content, root, where)
+    else:
+      raise RecordError(f"{where}: content must be a string or a list of parts")
+    msg = {"role": role, "content": parts}
+    if m.get("speech") is not None:
+      if role != "assistant":
+        raise RecordError(f"{where}: only assistant messages can carry `speech`")
+      msg["speech"] = _resolve(m["speech"], root, where)
+    messages.append(msg)
+  for kind in MEDIA_KINDS:
+    if used[kind] and used[kind] != len(lists[kind]):
+      raise RecordError(f"{name}: {used[kind]} <{kind}> tags but {len(lists[kind])} entries in `{kind}s`")
+    if not used[kind] and lists[kind] and not any(p["type"] == kind for m in messages for p in m["content"]):
+      raise RecordError(f"{name}: `{kind}s` has {len(lists[kind])} entries but no <{kind}> tag uses them")
+  if not any(m["role"] == "assistant" for m in messages):
+    raise RecordError(f"{name}: no assistant message (nothing to learn)")
+  speech = bool(record.get("speech_output", any("speech" in m for m in messages)))
+  return {"id": str(record.get("id", name)), "messages": messages,
+          "use_audio_in_video": bool(record.get("use_audio_in_video", False)), "speech_output": speech}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ArrayRecord store (TFDS).
+
+
+def _jsonl_lines(paths: Sequence[str]):
+  for path in paths:
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for lineno, line in enumerate(f, 1):
+        if line.strip():
+          yield f"{os.path.basename(path)}:{lineno}", line.rstrip("\n"), root
+
+
+class OmniConversations(tfds.core.GeneratorBasedBuilder):
+  """Conversation JSONL files -> one ArrayRecord dataset per config (= dataset name), one split per file set."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Raw JSONL lines with their id and folder."}
+  # Nothing is downloaded; without this TFDS looks for a checksums file next to this module (and needs the
+  # importlib_resources backport to do so).
+  code_path = None
+
+  def __init__(self, *, splits: Optional[Mapping[str, Sequence[str]]] = None, **kwargs):
+    self._splits = splits
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, description="Conversations for omni_jax (sources.normalize).",
+                                 features=tfds.features.FeaturesDict({"id": tfds.features.Text(),
+                                                                      "record": tfds.features.Text(),
+                                                                      "root": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(paths) for split, paths in self._splits.items()}
+
+  def _generate_examples(self, paths):
+    for key, line, root in _jsonl_lines(paths):
+      yield key, {"id": key, "record": line, "root": root}
+
+
+def expand_paths(spec: Union[str, Sequence[str]], what: str) -> list[str]:
+  """Files named by a path, a glob or a list of them; a name that matches nothing fails here."""
+  specs = [spec] if isinstance(spec, str) else list(spec)
+  out = []
+  for s in specs:
+    s = os.path.expanduser(s)
+    found = sorted(glob.glob(s)) if any(c in s for c in "*?[") else ([s] if os.path.isfile(s) else [])
+    if not found:
+      raise DataError(f"{what}: {s!r} does not exist (or matches no file)")
+    out += found
+  return out
+
+
+def _fingerprint(splits: Mapping[str, Sequence[str]]) -> str:
+  h = hashlib.sha1()
+  for split in sorted(splits):
+    for path in splits[split]:
+      st = os.stat(path)
+      h.update(f"{split}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()[:10]
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """TFDS logs a warning for every custom builder config and prints progress; neither helps here."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def build(name: str, splits: Mapping[str, Union[str, Sequence[str]]], data_dir: str) -> str:
+  """Convert JSONL files ({split: paths or globs}) to ArrayRecord under data_dir once; returns the TFDS name.
+
+  The config name carries a fingerprint of the files (path, size, mtime), so edited files are rebuilt and an
+  unchanged set is reused.
+  """
+  if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+    raise DataError(f"dataset name {name!r}: use letters, digits and underscores")
+  files = {split: expand_paths(paths, f"dataset {name!r} split {split!r}") for split, paths in splits.items()}
+  config = f"{name.lower()}_{_fingerprint(files)}"
+  tfds_name = f"{BUILDER_NAME}/{config}"
+  with _quiet_tfds():
+    builder = OmniConversations(splits=files, data_dir=os.path.expanduser(data_dir), file_format="array_record",
+                                config=tfds.core.BuilderConfig(name=config, description=f"{name}: {files}"))
+    if not builder.is_prepared():
+      tfds.disable_progress_bar()
+      with contextlib.redirect_stdout(io.StringIO()):  # "Downloading and preparing dataset ..." banners
+        builder.download_and_prepare()
+  return tfds_name
+
+
+def open_split(tfds_name: str, split: str, data_dir: str):
+  """A random-access source (len, [i] -> {"id", "record", "root"} as bytes) over one split."""
+  data_dir = os.path.expanduser(data_dir)
+  try:
+    with _quiet_tfds():
+      return tfds.data_source(tfds_name, split=split, data_dir=data_dir)
+  except Exception as e:  # noqa: BLE001 - TFDS raises several types for a missing dataset / split
+    raise DataError(f"cannot open TFDS dataset {tfds_name!r} split {split!r} under {data_dir}: "
+                    f"{type(e).__name__}: {e}") from None
+
+
+def decode_example(example: Mapping) -> tuple[str, str, str]:
+  """(id, raw record, root) of one stored example (TFDS returns Text features as bytes)."""
+  def text(v):
+    return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+
+  return text(example["id"]), text(example["record"]), text(example["root"])
