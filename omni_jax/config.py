@@ -127,8 +127,20 @@ def thinker_text(config: ml_collections.ConfigDict) -> TextConfig:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fail fast on an inconsistent config (called by train.py / eval.py at startup)."""
-  thinker_text(config)
+  text = thinker_text(config)
+  ids = TokenIds.from_config(config.model.thinker)
+  for f in dataclasses.fields(TokenIds):
+    if f.name.endswith("_token_id"):
+      value = getattr(ids, f.name)
+      _require(0 <= value < text.vocab_size, f"model.thinker.{f.name}",
+               f"{value} is outside the vocabulary (model.thinker.text.vocab_size={text.vocab_size})")
   Runtime.from_config(config.model)
+  from omni_jax.models.audio import thinker_audio  # local: the tower modules import this one
+
+  thinker_audio(config)
+  from omni_jax.models.vision import thinker_vision  # local: the tower modules import this one
+
+  thinker_vision(config)
   from omni_jax import sharding  # local: keep config importable without jax device state
 
   if "mesh" in config:
@@ -139,3 +151,57 @@ def validate(config: ml_collections.ConfigDict) -> None:
       sharding._rule_table(config.sharding_rules)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+  if "train" in config:
+    validate_train(config)
+
+
+def _positive_int(config, key: str, allow_zero: bool = False):
+  value = config
+  for part in key.split("."):
+    _require(part in value, key, "is missing")
+    value = value[part]
+  ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+  _require(ok, key, f"must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+  return value
+
+
+def validate_train(config: ml_collections.ConfigDict) -> None:
+  """The trainer's keys (config.train / data / eval): types, ranges and how they fit together."""
+  import re  # local: only the trainer needs it
+
+  t = config.train
+  for key in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every"):
+    _positive_int(config, f"train.{key}")
+  for key in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "keep_every", "eval_every"):
+    _positive_int(config, f"train.{key}", allow_zero=True)
+  _require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+           f"train.batch_size={t.batch_size} is not divisible into {t.grad_accum_steps} micro-batches")
+  for key in ("lr", "weight_decay", "grad_clip_norm", "eps"):
+    _require(isinstance(t[key], (int, float)) and t[key] >= 0, f"train.{key}", f"must be >= 0, got {t[key]!r}")
+  for key in ("b1", "b2", "end_lr_factor"):
+    _require(isinstance(t[key], (int, float)) and 0 <= t[key] <= 1, f"train.{key}",
+             f"must be in [0, 1], got {t[key]!r}")
+  _require(isinstance(t.freeze, (tuple, list)) and all(isinstance(f, str) for f in t.freeze), "train.freeze",
+           f"must be a tuple of parameter-path regexes, got {t.freeze!r}")
+  for pattern in t.freeze:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"config.train.freeze: {pattern!r} is not a valid regex ({e})") from None
+  peak = t.get("peak_flops_per_device", None)
+  _require(peak is None or (isinstance(peak, (int, float)) and peak > 0), "train.peak_flops_per_device",
+           f"must be None or a positive number, got {peak!r}")
+  max_pos = config.model.thinker.text.get("max_position_embeddings", None)
+  _require(max_pos is None or t.seq_len <= max_pos, "train.seq_len",
+           f"{t.seq_len} exceeds model.thinker.text.max_position_embeddings={max_pos}")
+  if "data" in config:
+    _require(isinstance(config.data.get("source"), str), "data.source", "must name a data source")
+  if "eval" in config:
+    _positive_int(config, "eval.steps")
+    _positive_int(config, "eval.batch_size")
+  init_from = config.get("init_from", None)
+  _require(init_from is None or isinstance(init_from, str), "init_from",
+           f"must be None or a checkpoint path, got {init_from!r}")
+  _require(init_from or not config.get("require_init_from", False), "init_from",
+           "this recipe fine-tunes a checkpoint: pass --config.init_from=DIR (a `python -m omni_jax.convert` "
+           "output or a training workdir)")

@@ -19,6 +19,10 @@ SHARDING_RULES = (
     ("vocab", ("tensor",)),
     ("norm", ()),
     ("layers", ()),
+    ("vision_patch", ()),  # values of a vision patch row (C * T * p * p)
+    ("conv_width", ()),  # convolution taps
+    ("mel", ()),  # mel-spectrogram bins (audio encoder input)
+    ("conv_out", ()),  # output channels of a conv whose input channels carry `embed`
 )
 
 
@@ -34,7 +38,49 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = "none"  # one of omni_jax.config.REMAT_POLICIES
   c.model.attention_impl = None  # None/"xla": XLA attention; "cudnn": cuDNN fused attention on GPU
   c.model.thinker = ml_collections.ConfigDict()
+  # Parameters to start from: a `python -m omni_jax.convert` output, a training workdir or a step directory.
+  # A typed placeholder (None until set), so that --config.init_from=DIR works on the command line.
+  c.init_from = ml_collections.config_dict.placeholder(str)
+  training(c)
   return c
+
+
+def training(c: ml_collections.ConfigDict) -> None:
+  """Trainer, data and eval defaults (keys are checked by omni_jax.config.validate_train)."""
+  t = c.train = ml_collections.ConfigDict()
+  t.steps = 1000
+  t.batch_size = 8  # global rows per optimizer step (all devices, all micro-batches)
+  t.seq_len = 512
+  t.grad_accum_steps = 1  # micro-batches per step; batch_size must be divisible by it
+  t.lr = 3e-4  # peak learning rate, reached after warmup_steps, then cosine decay to lr * end_lr_factor
+  t.warmup_steps = 100
+  t.end_lr_factor = 0.1
+  t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
+  t.weight_decay = 0.1  # AdamW; never applied to biases and norm scales
+  t.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
+  t.freeze = ()  # parameter-path regexes (matched from the start, e.g. "thinker.visual"); no optimizer state
+  t.log_every = 10
+  t.checkpoint_every = 500
+  t.keep_checkpoints = 3  # the latest N are kept ...
+  t.keep_every = 0  # ... plus every K-th step (0: none)
+  t.async_checkpointing = True
+  t.eval_every = 0  # 0: no in-loop evaluation
+  t.debug_nan_at_step = -1  # test hook: the loss of this step becomes NaN
+  # For MFU; None: omni_jax.train.metrics.PEAK_FLOPS by device kind.
+  t.peak_flops_per_device = ml_collections.config_dict.placeholder(float)
+  d = c.data = ml_collections.ConfigDict()
+  d.source = "synthetic"  # omni_jax.input.synthetic; the real sources: omni_jax/input/pipeline.py
+  d.seed = 0
+  s = d.synthetic = ml_collections.ConfigDict()  # omni_jax.input.synthetic only
+  s.vocab_size = 512  # token ids are drawn below min(this, model vocab)
+  s.min_segment_len = 16  # documents are packed, several per row
+  s.kinds = ("text",)  # add "image" / "audio" for rows opening with random media (runs the encoders)
+  s.image_grid = (1, 4, 4)  # (t, h, w) patches of a synthetic image
+  s.audio_frames = 200  # mel frames of the synthetic audio buffer
+  e = c.eval = ml_collections.ConfigDict()
+  e.steps = 4  # batches per evaluation
+  e.batch_size = 8
+  e.split = "eval"
 
 
 def thinker_token_ids(c: ml_collections.ConfigDict) -> None:

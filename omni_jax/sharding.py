@@ -48,7 +48,8 @@ def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(shape, len(devices))
   if len(devices) == len(jax.devices()) and jax.process_count() > 1:
-    return jax.make_mesh(sizes, MESH_AXES, devices=devices)
+    # Auto axes: jax.make_mesh defaults to Explicit ones, which this codebase's constrain() does not use.
+    return jax.make_mesh(sizes, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

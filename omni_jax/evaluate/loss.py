@@ -1,0 +1,45 @@
+"""The loss evaluator: label-token loss, perplexity and next-token accuracy per modality.
+
+train.py runs the same jitted step every config.train.eval_every steps; eval.py runs it on a checkpoint.
+"""
+
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from omni_jax.train import metrics as metrics_lib
+from omni_jax.train import step as step_lib
+
+
+def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules, param_shardings: Any) -> Callable:
+  """(params, batch) -> per-modality sums {loss_sum, count, correct} over the global batch."""
+
+  def step(params, batch):
+    logits = step_lib.forward(graphdef, params, batch, mesh, rules)
+    return step_lib.token_stats(logits, batch, with_accuracy=True)
+
+  cache = {}
+
+  def run(params, batch):
+    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    if key not in cache:  # one compiled program per batch layout (e.g. text-only vs. with media)
+      shardings = step_lib.batch_shardings(batch, mesh, rules)
+      cache[key] = jax.jit(step, in_shardings=(param_shardings, shardings),
+                           out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return cache[key](params, batch)
+
+  return run
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterable[Mapping[str, jax.Array]], prefix: str = "eval"):
+  """Sums over all batches -> summary scalars ({prefix}/loss, /ppl, /accuracy, per-modality variants)."""
+  total = None
+  for batch in batches:
+    sums = eval_step(params, batch)
+    total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+  if total is None:
+    raise ValueError("the eval split yielded no batches")
+  return metrics_lib.summarize(jax.tree.map(np.asarray, total), prefix)
