@@ -20,8 +20,12 @@ case "${1:-}" in
   main)
     setup ""
     workdir="${WORKDIR:-workdirs/tiny_demo}"
-    .venv/bin/python train.py --config configs/tiny.py --config.data.source=demo --workdir "$workdir"
-    .venv/bin/python eval.py --config configs/tiny.py --config.data.source=demo --checkpoint "$workdir"
+    # 60 steps keep the demo to a few minutes on 2 CPU cores (~5 s/step with media); drop the step override
+    # for the config's full 200-step run. One grain worker decodes media while the step computes.
+    demo=(--config configs/tiny.py --config.data.source=demo --config.data.worker_count=1)
+    .venv/bin/python train.py "${demo[@]}" --workdir "$workdir" --config.train.steps=60 \
+      --config.train.eval_every=30 --config.train.checkpoint_every=30
+    .venv/bin/python eval.py "${demo[@]}" --checkpoint "$workdir"
     ;;
   test)
     setup test

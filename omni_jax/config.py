@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 
 class ConfigError(ValueError):
@@ -23,6 +24,31 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_atten
 def _require(cond: bool, key: str, msg: str):
   if not cond:
     raise ConfigError(f"config.{key}: {msg}")
+
+
+def from_config_dict(cls, cfg: ml_collections.ConfigDict, key: str, **derived):
+  """A frozen tower dataclass from its ConfigDict: unknown and missing keys are errors naming `key`;
+  sequences become tuples (hashable, so the dataclass can live in an NNX graphdef). `derived` fills fields
+  whose value depends on others when the config leaves them unset (None)."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = set(cfg.keys()) - set(fields)
+  _require(not unknown, key, f"unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+  values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.items()}
+  for name, fill in derived.items():
+    if values.get(name) is None:
+      values[name] = fill(values)
+  missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values]
+  _require(not missing, key, f"missing keys {missing}")
+  out = cls(**values)
+  out.validate(key)
+  return out
+
+
+def require_positive_ints(obj, names, key: str) -> None:
+  for name in names:
+    value = getattr(obj, name)
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+    _require(ok, f"{key}.{name}", f"must be a positive integer, got {value!r}")
 
 
 def dtype_of(name: str, key: str):
@@ -49,26 +75,15 @@ class TextConfig:
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, key: str) -> "TextConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in cfg.items() if k in fields}
-    unknown = set(cfg.keys()) - fields
-    _require(not unknown, key, f"unknown keys {sorted(unknown)}")
-    if values.get("head_dim") is None:
-      _require("hidden_size" in values and "num_attention_heads" in values, key,
-               "needs hidden_size and num_attention_heads")
-      values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.name not in values]
-    _require(not missing, key, f"missing keys {missing}")
-    values["mrope_section"] = tuple(int(s) for s in values.get("mrope_section", cls.mrope_section))
-    out = cls(**values)
-    out.validate(key)
-    return out
+    def head_dim(v):
+      _require("hidden_size" in v and "num_attention_heads" in v, key, "needs hidden_size and num_attention_heads")
+      return v["hidden_size"] // v["num_attention_heads"]
+
+    return from_config_dict(cls, cfg, key, head_dim=head_dim)
 
   def validate(self, key: str):
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim"):
-      _require(getattr(self, name) > 0, f"{key}.{name}", f"must be positive, got {getattr(self, name)}")
+    require_positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "num_key_value_heads", "head_dim"), key)
     _require(self.num_attention_heads % self.num_key_value_heads == 0, f"{key}.num_key_value_heads",
              f"num_attention_heads={self.num_attention_heads} is not divisible by "
              f"num_key_value_heads={self.num_key_value_heads}")

@@ -37,7 +37,7 @@ def test_3b_thinker_text_dimensions():
 @pytest.mark.parametrize("key,value,message", [
     ("mrope_section", (2, 3, 4), r"model.thinker.text.mrope_section: \[2, 3, 4\] sums to 9, must equal head_dim/2 = 8"),
     ("num_key_value_heads", 3, r"num_attention_heads=4 is not divisible by num_key_value_heads=3"),
-    ("hidden_size", 0, r"model.thinker.text.hidden_size: must be positive"),
+    ("hidden_size", 0, r"model.thinker.text.hidden_size: must be a positive integer, got 0"),
 ])
 def test_invalid_text_config_names_the_key(key, value, message):
   c = tiny.get_config()

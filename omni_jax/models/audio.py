@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from omni_jax import sharding
-from omni_jax.config import ConfigError, Runtime
+from omni_jax.config import ConfigError, Runtime, from_config_dict, require_positive_ints
 from omni_jax.layers import Attention, Conv1d, Embed, LayerNorm, Linear, MLP, activation, attention_mask
 from omni_jax.models.scan import create_stacked, run_stacked
 
@@ -51,20 +51,11 @@ class AudioConfig:
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, key: str) -> "AudioConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg.keys()) - fields
-    if unknown:
-      raise ConfigError(f"config.{key}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
-    out = cls(**{k: cfg[k] for k in cfg.keys()})
-    out.validate(key)
-    return out
+    return from_config_dict(cls, cfg, key)
 
   def validate(self, key: str):
-    for name in ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "d_model",
-                 "max_source_positions", "n_window", "output_dim"):
-      value = getattr(self, name)
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"config.{key}.{name}: must be a positive integer, got {value!r}")
+    require_positive_ints(self, ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+                                 "d_model", "max_source_positions", "n_window", "output_dim"), key)
     if self.d_model % self.encoder_attention_heads:
       raise ConfigError(f"config.{key}.encoder_attention_heads: d_model={self.d_model} is not divisible by "
                         f"{self.encoder_attention_heads} heads")

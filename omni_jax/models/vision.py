@@ -26,7 +26,7 @@ import ml_collections
 from flax import nnx
 
 from omni_jax import sharding
-from omni_jax.config import ConfigError, Runtime
+from omni_jax.config import ConfigError, Runtime, from_config_dict, require_positive_ints
 from omni_jax.layers import (Attention, GatedMLP, Linear, LocalSegments, RMSNorm, activation, attention_mask,
                              inv_frequencies, mrope_cos_sin)
 from omni_jax.models.scan import create_stacked, run_stacked
@@ -56,23 +56,12 @@ class VisionConfig:
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, key: str) -> "VisionConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(cfg.keys()) - fields
-    if unknown:
-      raise ConfigError(f"config.{key}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
-    values = {k: cfg[k] for k in cfg.keys()}
-    if "fullatt_block_indexes" in values:
-      values["fullatt_block_indexes"] = tuple(int(i) for i in values["fullatt_block_indexes"])
-    out = cls(**values)
-    out.validate(key)
-    return out
+    return from_config_dict(cls, cfg, key)
 
   def validate(self, key: str):
-    for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-                 "temporal_patch_size", "spatial_merge_size", "window_size", "out_hidden_size"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"config.{key}.{name}: must be a positive integer, got {value!r}")
+    require_positive_ints(self, ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels",
+                                 "patch_size", "temporal_patch_size", "spatial_merge_size", "window_size",
+                                 "out_hidden_size"), key)
     if self.hidden_size % self.num_heads:
       raise ConfigError(f"config.{key}.num_heads: hidden_size={self.hidden_size} is not divisible by "
                         f"{self.num_heads} heads")
