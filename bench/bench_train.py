@@ -8,8 +8,9 @@ same unpacked token rows: next-token cross-entropy, global-norm clipping at 1.0,
 train step (omni_jax.train.step: TMRoPE positions, segment masks, per-modality sums, clipping, AdamW with
 masked weight decay). Float32 on both sides (bfloat16 matmuls are slow on CPUs). MFU uses the FLOPs of
 docs/training.md ("MFU") against a peak: config/device table, or on CPU the best float32 matmul rate
-measured in this run. Prints one line per size with tokens/s, MFU and the ratio (ours / transformers).
-Figures are recorded in docs/performance.md.
+measured in this run. The two sides are timed alternately (medians), so a shared machine's load hits both.
+Prints one line per size with tokens/s, MFU and the ratio (ours / transformers). Figures are recorded in
+docs/performance.md. XLA's CPU flags apply as usual, e.g. XLA_FLAGS=--xla_cpu_use_xnnpack=true.
 """
 
 import argparse
@@ -75,7 +76,7 @@ def _timed(fn) -> float:
   return time.perf_counter() - t
 
 
-def bench(size: str, batch: int, seq: int, iters: int, peak: float) -> dict:
+def bench(size: str, batch: int, seq: int, iters: int) -> dict:
   torch_model, config, params = build(size)
   t = config.train
   t.batch_size, t.seq_len, t.steps, t.warmup_steps, t.lr, t.grad_clip_norm = batch, seq, 1000, 10, 1e-4, 1.0
@@ -94,9 +95,6 @@ def bench(size: str, batch: int, seq: int, iters: int, peak: float) -> dict:
     state, m = step(state, batch_dev)
     jax.block_until_ready(m)
 
-  ours()  # compile
-  ours_s = float(np.median([_timed(ours) for _ in range(iters)]))
-
   torch_model.train()
   opt = torch.optim.AdamW(torch_model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
   tids = torch.tensor(ids, dtype=torch.long)
@@ -110,16 +108,18 @@ def bench(size: str, batch: int, seq: int, iters: int, peak: float) -> dict:
     torch.nn.utils.clip_grad_norm_(torch_model.parameters(), 1.0)
     opt.step()
 
+  ours()  # compile
   theirs()  # warm-up (allocates the optimizer state)
-  theirs_s = float(np.median([_timed(theirs) for _ in range(iters)]))
+  # Interleaved, so that both sides see the same load on a shared machine; medians.
+  times = np.asarray([(_timed(ours), _timed(theirs)) for _ in range(iters)])
+  ours_s, theirs_s = (float(x) for x in np.median(times, axis=0))
 
   flops = metrics_lib.FlopCounter(config).text_flops(batch, seq)
   n = sum(np.size(x) for x in jax.tree.leaves(params))
   text_n = sum(np.size(v) for k, v in __import__("flax").traverse_util.flatten_dict(params).items()
                if k[1] in ("model", "lm_head"))
   return dict(size=size, params=n, text_params=text_n, batch=batch, seq=seq, flops=flops,
-              ours_s=ours_s, theirs_s=theirs_s, ours_tok_s=batch * seq / ours_s, theirs_tok_s=batch * seq / theirs_s,
-              ours_mfu=flops / ours_s / peak, theirs_mfu=flops / theirs_s / peak)
+              ours_s=ours_s, theirs_s=theirs_s, ours_tok_s=batch * seq / ours_s, theirs_tok_s=batch * seq / theirs_s)
 
 
 def main():
@@ -133,12 +133,21 @@ def main():
   device = jax.devices()[0]
   peak = args.peak or metrics_lib.PEAK_FLOPS.get(device.device_kind)
   peak_src = "given" if args.peak else "table"
-  if peak is None:
-    peak, peak_src = cpu_matmul_peak(), "measured float32 2048^3 matmul"
+  measured = []
+  if peak is None:  # CPU: the best matmul rate seen before and after each size (load on a shared machine)
+    peak_src = "best measured float32 2048^3 matmul"
+    measured.append(cpu_matmul_peak())
   print(f"device={device.device_kind} x{jax.local_device_count()} cores={os.cpu_count()} "
-        f"torch_threads={torch.get_num_threads()} peak={peak / 1e9:.1f} GFLOP/s ({peak_src})")
+        f"torch_threads={torch.get_num_threads()} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  results = []
   for size in args.sizes.split(","):
-    r = bench(size, args.batch, args.seq, args.iters, peak)
+    results.append(bench(size, args.batch, args.seq, args.iters))
+    if measured:
+      measured.append(cpu_matmul_peak())
+  peak = peak or max(measured)
+  print(f"peak {peak / 1e9:.1f} GFLOP/s per device ({peak_src})")
+  for r in results:
+    r["ours_mfu"], r["theirs_mfu"] = r["flops"] / r["ours_s"] / peak, r["flops"] / r["theirs_s"] / peak
     print(f"{r['size']}: {r['params'] / 1e6:.1f}M params ({r['text_params'] / 1e6:.1f}M LM), "
           f"batch {r['batch']}x{r['seq']}, "
           f"{r['flops'] / 1e9:.1f} GFLOP/step | omni_jax {r['ours_s'] * 1e3:.0f} ms/step {r['ours_tok_s']:,.0f} tok/s "

@@ -54,6 +54,13 @@ def test_save_on_fsdp8_restore_on_fsdp4_tensor2(tmp_path):
     assert np.array_equal(np.asarray(a), b)
   next_loss = lib.train_steps(c, mesh, 1, state=restored)[0]
   np.testing.assert_allclose(next_loss, next_loss8, rtol=1e-5)
+  # ... and onto a single device (another device count).
+  one = state_lib.Setup(c, lib.mesh_of(dict(data=1)))
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path / "ckpt"))
+  single = _restore(ckpt, 2, one)
+  ckpt.close()
+  for k, v in traverse_util.flatten_dict(single.params).items():
+    assert np.array_equal(np.asarray(v), ref[k]) and len(v.sharding.device_set) == 1, k
 
 
 def test_keeps_the_latest_n_plus_every_kth(tmp_path):

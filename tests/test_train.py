@@ -34,6 +34,18 @@ def test_meshes_give_one_device_losses(shape, one_device):
     assert v.sharding == shardings[k], k
 
 
+def test_bfloat16_compute_with_remat_tracks_float32(one_device):
+  c, ref_losses, _ = one_device
+  bf16 = lib.config()
+  bf16.model.dtype, bf16.model.remat_policy = "bfloat16", "full"
+  losses, _, state, _ = lib.train_steps(bf16, lib.mesh_of(dict(data=1)), 3)
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)  # bfloat16 matmuls, float32 loss
+  for v in jax.tree.leaves(state.params):
+    assert v.dtype == np.float32  # master weights stay float32
+  for v in jax.tree.leaves(state.opt_state):
+    assert v.dtype in (np.float32, np.int32)
+
+
 def test_label_mask_never_crosses_segments():
   seg = np.array([[1, 1, 1, 2, 2, 0, 0]])
   labels = np.array([[5, 6, 7, 8, batch_lib.IGNORE, 0, 0]])

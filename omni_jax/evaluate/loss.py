@@ -24,7 +24,7 @@ def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules, param_shardings: An
   cache = {}
 
   def run(params, batch):
-    key = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
     if key not in cache:  # one compiled program per batch layout (e.g. text-only vs. with media)
       shardings = step_lib.batch_shardings(batch, mesh, rules)
       cache[key] = jax.jit(step, in_shardings=(param_shardings, shardings),

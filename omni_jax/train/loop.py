@@ -67,8 +67,15 @@ def _initial_state(setup: state_lib.Setup, ckpt: checkpoint.TrainCheckpointer, i
   step = ckpt.latest_step()
   if step is not None:
     target = setup.abstract_with_shardings()
-    params, train = ckpt.restore(step, target.params, dict(step=target.step, opt_state=target.opt_state,
-                                                           rng=target.rng), data)
+    try:
+      params, train = ckpt.restore(step, target.params, dict(step=target.step, opt_state=target.opt_state,
+                                                             rng=target.rng), data)
+    except (ValueError, KeyError, TypeError) as e:
+      raise config_lib.ConfigError(
+          f"{ckpt.directory}/{step} does not fit this config (a different model, config.train.freeze or "
+          f"optimizer?). Resume with the config it was written with, or start a new --workdir with "
+          f"--config.init_from={ckpt.directory}/{step} to take its parameters only. ({type(e).__name__}: {e})"
+      ) from None
     log.info("resumed from %s/%d", ckpt.directory, step)
     return state_lib.TrainState(params=params, **train)
   if init_from:
@@ -119,7 +126,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = _initial_state(setup, ckpt, config.get("init_from"), train_data)
   start = int(jax.device_get(state.step))
 
-  train_step = None  # jitted on the first batch (its fields fix the input shardings)
+  train_step = step_lib.jit_train_step(setup)
   eval_step = eval_lib.jit_eval_step(setup.graphdef, mesh, rules, setup.param_shardings)
   eval_rows = data_lib.process_rows(mesh, rules, config.eval.batch_size, t.seq_len)
 
@@ -171,8 +178,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         step -= 1
         break
       batch = data_lib.to_global(host, mesh, rules, t.batch_size)
-      if train_step is None:
-        train_step = step_lib.jit_train_step(setup, batch)
       state, m_dev = train_step(state, batch)
       if pending is not None:
         finish(*pending)  # the previous step, read while this one runs

@@ -13,7 +13,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 

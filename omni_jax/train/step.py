@@ -13,7 +13,6 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -151,9 +150,22 @@ def make_train_step(setup: state_lib.Setup) -> Callable:
   return step
 
 
-def jit_train_step(setup: state_lib.Setup, example_batch: Mapping[str, Any]) -> Callable:
-  """jax.jit of the step with the state's shardings in and out, the batch's shardings in, state donated."""
-  b_shard = batch_shardings(example_batch, setup.mesh, setup.config.sharding_rules)
+def jit_train_step(setup: state_lib.Setup, example_batch: Optional[Mapping[str, Any]] = None) -> Callable:
+  """jax.jit of the step with the state's shardings in and out, the batch's shardings in, state donated.
+
+  One compiled program per batch layout (fields and shapes: e.g. each length bucket of the pipeline), built on
+  first use; example_batch is accepted for older callers and not needed.
+  """
+  step = make_train_step(setup)
   replicated = NamedSharding(setup.mesh, PartitionSpec())
-  return jax.jit(make_train_step(setup), in_shardings=(setup.shardings, b_shard),
-                 out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
+  cache = {}
+
+  def run(state, batch):
+    key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
+    if key not in cache:
+      b_shard = batch_shardings(batch, setup.mesh, setup.config.sharding_rules)
+      cache[key] = jax.jit(step, in_shardings=(setup.shardings, b_shard),
+                           out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
+    return cache[key](state, batch)
+
+  return run
