@@ -7,29 +7,23 @@ Writes a JSON report (--output; default WORKDIR/eval/<split>_step<N>.json for a 
 CHECKPOINT/eval/<split>.json for a converter output) and TensorBoard scalars beside it.
 """
 
-import logging
 import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from omni_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Parameters checkpoint, step directory or training workdir.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON report path (default: beside the checkpoint).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+distributed.define_flags()
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
 def main(argv):
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
-  logging.getLogger("omni_jax").setLevel(logging.INFO)
-  from omni_jax import distributed  # local: flags are parsed, nothing has touched a device yet
-
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.start_process()  # before anything touches a device
   from omni_jax.config import ConfigError
   from omni_jax.evaluate import run
 

@@ -31,3 +31,24 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
   jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=int(pid))
   log.info("process %d of %d joined via %s: %d local / %d global devices", jax.process_index(), count,
            address, jax.local_device_count(), jax.device_count())
+
+
+def define_flags() -> None:
+  """--coordinator_address / --num_processes / --process_id, shared by train.py and eval.py."""
+  from absl import flags  # local: only entry scripts define flags
+
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+
+
+def start_process() -> None:
+  """What an entry script does once flags are parsed: quiet orbax's per-file INFO logs, show ours, and join
+  the other processes (define_flags' flags, else the environment)."""
+  from absl import flags
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("omni_jax").setLevel(logging.INFO)
+  f = flags.FLAGS
+  initialize(f.coordinator_address, f.num_processes, f.process_id)
