@@ -104,13 +104,19 @@ class TokenIds:
   audio_end_token_id: int = 151648
   vision_start_token_id: int = 151652
   vision_end_token_id: int = 151653
+  pad_token_id: int = 151643  # <|endoftext|>: left padding of batched prompts, filler after a row stops
+  user_token_id: int = 872  # "user" (transformers' config field; unused by the model code)
+  eos_token_ids: tuple[int, ...] = (151645, 151643)  # <|im_end|>, <|endoftext|>: generation stops on either
   position_id_per_seconds: int = 25
   seconds_per_chunk: int = 2
   spatial_merge_size: int = 2
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "TokenIds":
-    return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg})
+    values = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg}
+    if "eos_token_ids" in values:
+      values["eos_token_ids"] = tuple(int(i) for i in values["eos_token_ids"])
+    return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,10 +151,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   text = thinker_text(config)
   ids = TokenIds.from_config(config.model.thinker)
   for f in dataclasses.fields(TokenIds):
-    if f.name.endswith("_token_id"):
-      value = getattr(ids, f.name)
-      _require(0 <= value < text.vocab_size, f"model.thinker.{f.name}",
-               f"{value} is outside the vocabulary (model.thinker.text.vocab_size={text.vocab_size})")
+    if f.name.endswith(("_token_id", "_token_ids")):
+      values = getattr(ids, f.name)
+      for value in values if isinstance(values, tuple) else (values,):
+        _require(0 <= value < text.vocab_size, f"model.thinker.{f.name}",
+                 f"{value} is outside the vocabulary (model.thinker.text.vocab_size={text.vocab_size})")
   Runtime.from_config(config.model)
   from omni_jax.models.audio import thinker_audio  # local: the tower modules import this one
 

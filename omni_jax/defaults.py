@@ -42,7 +42,26 @@ def base_config() -> ml_collections.ConfigDict:
   # A typed placeholder (None until set), so that --config.init_from=DIR works on the command line.
   c.init_from = ml_collections.config_dict.placeholder(str)
   training(c)
+  generation(c)
   return c
+
+
+def generation(c: ml_collections.ConfigDict) -> None:
+  """Decoding defaults of generate.py and omni_jax.generate (overridable per call and on the command line).
+
+  The sampling values are the Qwen2.5 instruct family's generation_config.json (the Omni checkpoint's own
+  file is not available offline); the HF export writes them back as generation_config.json.
+  """
+  g = c.generate = ml_collections.ConfigDict()
+  g.max_new_tokens = 256
+  g.do_sample = True  # False: greedy
+  g.temperature = 0.7
+  g.top_k = 20  # 0: off
+  g.top_p = 0.8  # 1.0: off
+  g.repetition_penalty = 1.05  # 1.0: off (transformers' rule: divide positive logits, multiply negative ones)
+  g.seed = 0
+  g.max_cache_len = 0  # KV-cache slots; 0: prompt length + max_new_tokens
+  g.cache_dtype = ml_collections.config_dict.placeholder(str)  # None: the compute dtype (model.dtype)
 
 
 def training(c: ml_collections.ConfigDict) -> None:
@@ -92,6 +111,9 @@ def thinker_token_ids(c: ml_collections.ConfigDict) -> None:
   c.audio_end_token_id = 151648
   c.vision_start_token_id = 151652
   c.vision_end_token_id = 151653
+  c.pad_token_id = 151643
+  c.user_token_id = 872
+  c.eos_token_ids = (151645, 151643)
   c.position_id_per_seconds = 25
   c.seconds_per_chunk = 2
   c.spatial_merge_size = 2

@@ -164,6 +164,7 @@ def config_from_hf(hf: dict, base: Optional[ml_collections.ConfigDict] = None) -
       t[key] = int(th[key])
   if "vision_config" in th:
     t.spatial_merge_size = int(th["vision_config"].get("spatial_merge_size", 2))
+  _generation_ids_from_hf(t, th, text)
   t.text = ml_collections.ConfigDict(dict(
       vocab_size=int(text["vocab_size"]), hidden_size=int(text["hidden_size"]),
       intermediate_size=int(text["intermediate_size"]), num_hidden_layers=int(text["num_hidden_layers"]),
@@ -180,6 +181,23 @@ def config_from_hf(hf: dict, base: Optional[ml_collections.ConfigDict] = None) -
     t.vision = _vision_from_hf(th["vision_config"], base)
   c.model.thinker = t
   return c
+
+
+def _generation_ids_from_hf(t: ml_collections.ConfigDict, th: dict, text: dict) -> None:
+  """pad / eos / user ids: the checkpoint's where it states them; else the released ids that fit its vocabulary
+  (a tiny random checkpoint without them gets pad 0 and no eos, so generation runs to max_new_tokens)."""
+  vocab = int(text["vocab_size"])
+  if th.get("user_token_id") is not None:
+    t.user_token_id = int(th["user_token_id"])
+  pad = text.get("pad_token_id", th.get("pad_token_id"))
+  t.pad_token_id = int(pad) if pad is not None else (t.pad_token_id if t.pad_token_id < vocab else 0)
+  eos = text.get("eos_token_id", th.get("eos_token_id"))
+  if eos is not None:
+    t.eos_token_ids = tuple(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]))
+  else:
+    t.eos_token_ids = tuple(i for i in t.eos_token_ids if i < vocab)
+  if t.user_token_id >= vocab:
+    t.user_token_id = 0
 
 
 _AUDIO_KEYS = ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "d_model",
@@ -236,7 +254,8 @@ def config_to_hf(config: ml_collections.ConfigDict, torch_dtype: str = "float32"
       "video_token_index": t.video_token_id, "audio_start_token_id": t.audio_start_token_id,
       "audio_end_token_id": t.audio_end_token_id, "vision_start_token_id": t.vision_start_token_id,
       "vision_end_token_id": t.vision_end_token_id, "position_id_per_seconds": t.position_id_per_seconds,
-      "seconds_per_chunk": t.seconds_per_chunk,
+      "seconds_per_chunk": t.seconds_per_chunk, "user_token_id": t.user_token_id,
+      "pad_token_id": t.pad_token_id, "eos_token_id": list(t.eos_token_ids),
       "text_config": {
           "model_type": "qwen2_5_omni_text", "vocab_size": x.vocab_size, "hidden_size": x.hidden_size,
           "intermediate_size": x.intermediate_size, "num_hidden_layers": x.num_hidden_layers,
@@ -245,6 +264,7 @@ def config_to_hf(config: ml_collections.ConfigDict, torch_dtype: str = "float32"
           "max_position_embeddings": x.max_position_embeddings, "tie_word_embeddings": bool(x.tie_word_embeddings),
           "rope_parameters": {"rope_type": "default", "rope_theta": x.rope_theta,
                               "mrope_section": list(x.mrope_section)},
+          "pad_token_id": t.pad_token_id, "eos_token_id": list(t.eos_token_ids),
       },
   }
   if t.get("audio") is not None:
