@@ -182,7 +182,7 @@ class IteratorRestore(ocp.args.CheckpointArgs):
 
 def _is_grain(it: Any) -> bool:
   try:
-    import grain  # local: optional until the pipeline lands
+    import grain  # local: only runs with a grain data iterator need it
 
     kinds = (grain.DatasetIterator,) + ((grain.DataLoaderIterator,) if hasattr(grain, "DataLoaderIterator") else ())
     return isinstance(it, kinds)

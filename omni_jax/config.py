@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from omni_jax import special_tokens
+
 
 class ConfigError(ValueError):
   """A configuration value is missing or inconsistent; the message names the key."""
@@ -97,16 +99,16 @@ class TextConfig:
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
   """Special token ids the Thinker (and the position ids) need (spec §1.4, §1.8)."""
-  audio_token_id: int = 151646
-  image_token_id: int = 151655
-  video_token_id: int = 151656
-  audio_start_token_id: int = 151647
-  audio_end_token_id: int = 151648
-  vision_start_token_id: int = 151652
-  vision_end_token_id: int = 151653
-  pad_token_id: int = 151643  # <|endoftext|>: left padding of batched prompts, filler after a row stops
-  user_token_id: int = 872  # "user" (transformers' config field; unused by the model code)
-  eos_token_ids: tuple[int, ...] = (151645, 151643)  # <|im_end|>, <|endoftext|>: generation stops on either
+  audio_token_id: int = special_tokens.THINKER["audio_token_id"]
+  image_token_id: int = special_tokens.THINKER["image_token_id"]
+  video_token_id: int = special_tokens.THINKER["video_token_id"]
+  audio_start_token_id: int = special_tokens.THINKER["audio_start_token_id"]
+  audio_end_token_id: int = special_tokens.THINKER["audio_end_token_id"]
+  vision_start_token_id: int = special_tokens.THINKER["vision_start_token_id"]
+  vision_end_token_id: int = special_tokens.THINKER["vision_end_token_id"]
+  pad_token_id: int = special_tokens.PAD  # <|endoftext|>: left padding of batched prompts, filler after a row stops
+  user_token_id: int = special_tokens.USER  # "user" (transformers' config field; unused by the model code)
+  eos_token_ids: tuple[int, ...] = special_tokens.EOS  # <|im_end|>, <|endoftext|>: generation stops on either
   position_id_per_seconds: int = 25
   seconds_per_chunk: int = 2
   spatial_merge_size: int = 2

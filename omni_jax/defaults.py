@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from omni_jax import special_tokens
+
 # The one logical -> mesh rule table (MaxText style). Weights: FSDP over `embed`, tensor parallel over
 # heads / mlp / vocab. Activations: batch over data+fsdp, sequence over context.
 SHARDING_RULES = (
@@ -103,17 +105,8 @@ def training(c: ml_collections.ConfigDict) -> None:
 
 
 def thinker_token_ids(c: ml_collections.ConfigDict) -> None:
-  """The released checkpoints' special ids (spec §1.4)."""
-  c.audio_token_id = 151646
-  c.image_token_id = 151655
-  c.video_token_id = 151656
-  c.audio_start_token_id = 151647
-  c.audio_end_token_id = 151648
-  c.vision_start_token_id = 151652
-  c.vision_end_token_id = 151653
-  c.pad_token_id = 151643
-  c.user_token_id = 872
-  c.eos_token_ids = (151645, 151643)
+  """The released checkpoints' special ids (spec §1.4; omni_jax.special_tokens) and position constants."""
+  c.update(special_tokens.THINKER)
   c.position_id_per_seconds = 25
   c.seconds_per_chunk = 2
   c.spatial_merge_size = 2

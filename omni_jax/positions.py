@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from omni_jax import sizes
 from omni_jax.config import TokenIds
 
 
@@ -38,9 +39,7 @@ from omni_jax.config import TokenIds
 # Host-side helpers (numpy / Python): token counts and the audio-in-video layout.
 
 
-def audio_token_count(mel_len: int) -> int:
-  """Number of AUDIO placeholders for an audio of `mel_len` mel frames (conv stride 2, then pooling by 2)."""
-  return ((int(mel_len) - 1) // 2 + 1 - 2) // 2 + 1
+audio_token_count = sizes.audio_token_count  # AUDIO placeholders for an audio of `mel_len` mel frames
 
 
 def video_time_index(grid_t: int, second_per_grid: float, ids: TokenIds) -> np.ndarray:

@@ -23,11 +23,12 @@ import grain
 import numpy as np
 
 from omni_jax import batch as batch_lib
+from omni_jax import special_tokens
 from omni_jax.input.media import audio as audio_media
 from omni_jax.input.media import patches
 from omni_jax.input.preprocess import Sample, SampleError
 
-PAD_ID = 151643  # <|endoftext|>
+PAD_ID = special_tokens.PAD  # <|endoftext|>
 PATCH_DIM = 3 * patches.TEMPORAL_PATCH_SIZE * patches.PATCH_SIZE * patches.PATCH_SIZE
 
 

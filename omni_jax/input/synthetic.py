@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from omni_jax import batch as batch_lib
+from omni_jax import sizes
 
 _SPLITS = {"train": 0, "eval": 1, "test": 2}
 _STRIDES = (1, 2, 3, 5, 7)
@@ -32,7 +33,7 @@ class MediaSpec:
   audio_start_token_id: int
   audio_end_token_id: int
   image_grid: tuple[int, int, int] = (1, 4, 4)  # (t, h, w) patches: h * w / merge^2 placeholders
-  patch_dim: int = 3 * 2 * 14 * 14
+  patch_dim: int = sizes.patch_dim(3, 2, 14)  # the released (C, T, p)
   merge_size: int = 2
   mel_bins: int = 128
   audio_frames: int = 200  # buffer length; each audio has 100..audio_frames frames
@@ -43,7 +44,7 @@ class MediaSpec:
 
   @staticmethod
   def audio_tokens(frames: int) -> int:
-    return ((frames - 1) // 2 + 1 - 2) // 2 + 1  # omni_jax.positions.audio_token_count
+    return sizes.audio_token_count(frames)
 
 
 class SyntheticSource:

@@ -17,35 +17,11 @@ import os
 import unicodedata
 from typing import Optional, Sequence
 
-NUM_RANKS = 151643  # regular byte-level BPE tokens; specials start here
+from omni_jax import special_tokens
 
-# Released ids (spec §1.8; the checkpoint's added_tokens.json).
-SPECIAL_TOKENS = {
-    "<|endoftext|>": 151643,
-    "<|im_start|>": 151644,
-    "<|im_end|>": 151645,
-    "<|AUDIO|>": 151646,
-    "<|audio_bos|>": 151647,
-    "<|audio_eos|>": 151648,
-    "<|box_end|>": 151649,
-    "<|quad_start|>": 151650,
-    "<|quad_end|>": 151651,
-    "<|vision_bos|>": 151652,
-    "<|vision_eos|>": 151653,
-    "<|vision_pad|>": 151654,
-    "<|IMAGE|>": 151655,
-    "<|VIDEO|>": 151656,
-    "<tool_call>": 151657,
-    "</tool_call>": 151658,
-    "<|fim_prefix|>": 151659,
-    "<|fim_middle|>": 151660,
-    "<|fim_suffix|>": 151661,
-    "<|fim_pad|>": 151662,
-    "<|repo_name|>": 151663,
-    "<|file_sep|>": 151664,
-}
-# Rows of the thinker embedding table that drive the Talker's text stream; they have no surface form.
-TTS_PAD, TTS_BOS, TTS_EOS = 151859, 151860, 151861
+NUM_RANKS = special_tokens.NUM_RANKS  # regular byte-level BPE tokens; specials start here
+SPECIAL_TOKENS = special_tokens.TOKENS  # released ids (spec §1.8; the checkpoint's added_tokens.json)
+TTS_PAD, TTS_BOS, TTS_EOS = special_tokens.TTS_PAD, special_tokens.TTS_BOS, special_tokens.TTS_EOS
 
 # The Qwen2 pre-tokenizer: contractions, letters (with one leading non-letter), single digits, punctuation
 # runs, newlines, and whitespace that never swallows the space before a word.

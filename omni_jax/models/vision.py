@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from omni_jax import sharding
+from omni_jax import sharding, sizes
 from omni_jax.config import ConfigError, Runtime, from_config_dict, require_positive_ints
 from omni_jax.layers import (Attention, GatedMLP, Linear, LocalSegments, RMSNorm, activation, attention_mask,
                              inv_frequencies, mrope_cos_sin)
@@ -90,7 +90,7 @@ class VisionConfig:
   @property
   def patch_dim(self) -> int:
     """Values per patch row: (C, T, p, p)."""
-    return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+    return sizes.patch_dim(self.in_channels, self.temporal_patch_size, self.patch_size)
 
   @property
   def merge_unit(self) -> int:

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from omni_jax import batch as batch_lib
 from omni_jax import config as config_lib
+from omni_jax import sizes
 from omni_jax.train import step as step_lib
 
 
@@ -45,17 +46,14 @@ def make_source(config: ml_collections.ConfigDict, split: str, batch_size: int, 
           **{f: getattr(ids, f) for f in ("image_token_id", "vision_start_token_id", "vision_end_token_id",
                                           "audio_token_id", "audio_start_token_id", "audio_end_token_id")},
           image_grid=tuple(d.image_grid), merge_size=ids.spatial_merge_size,
-          patch_dim=(vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2) if vision else 1,
+          patch_dim=sizes.patch_dim(vision.in_channels, vision.temporal_patch_size, vision.patch_size) if vision else 1,
           mel_bins=audio.num_mel_bins if audio else 1, audio_frames=d.audio_frames)
     vocab = min(d.vocab_size, config.model.thinker.text.vocab_size)
     return synthetic.SyntheticSource(batch_size=batch_size, seq_len=config.train.seq_len, vocab_size=vocab,
                                      seed=config.data.seed, split=split, min_segment_len=d.min_segment_len,
                                      rows=rows, kinds=kinds, exclude_ids=special, media=media)
-  try:
-    from omni_jax.input import pipeline  # the grain pipeline (omni_jax/input/pipeline.py), once it lands
-  except ImportError:
-    raise config_lib.ConfigError(f"config.data.source: {config.data.source!r} needs omni_jax.input.pipeline, which is "
-                                 f"not available; use 'synthetic'") from None
+  from omni_jax.input import pipeline  # local: the grain pipeline's dependencies load only when used
+
   return pipeline.make_source(config, split=split, batch_size=batch_size, rows=rows)
 
 

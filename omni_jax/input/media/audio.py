@@ -26,6 +26,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from omni_jax import sizes
 from omni_jax.input.media import MediaError
 
 SAMPLE_RATE = 16000
@@ -168,10 +169,8 @@ def num_frames(num_samples: int) -> int:
 
 
 def num_tokens(num_frames_: Union[int, np.ndarray]):
-  """Audio encoder output tokens for a feature length: ((L - 1) // 2 + 1 - 2) // 2 + 1 (spec §5.1)."""
-  after_conv = (np.asarray(num_frames_) - 1) // 2 + 1
-  out = (after_conv - 2) // 2 + 1
-  return int(out) if np.ndim(out) == 0 else out
+  """Audio encoder output tokens for a feature length (omni_jax.sizes.audio_token_count, spec §5.1)."""
+  return sizes.audio_token_count(num_frames_)
 
 
 def chunk_count(lengths: Union[int, Sequence[int], np.ndarray], n_window: int = 100) -> int:
