@@ -1,21 +1,29 @@
 """Convert between a transformers Qwen2.5-Omni checkpoint directory and an omni_jax orbax checkpoint.
 
-  # HF -> orbax (train.py --config.init_from=OUT and eval.py --checkpoint OUT restore it)
+  # HF -> orbax (train.py --config.init_from=OUT and eval.py --checkpoint OUT restore it); the tokenizer,
+  # processor and generation files of the source are carried along in OUT/hf_assets/
   python -m omni_jax.convert --hf_dir /path/to/Qwen2.5-Omni-7B --out_dir ckpt/omni7b
-  # orbax -> HF (transformers' Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained reads it)
+  # orbax -> HF (transformers' Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained reads it and its
+  # generate stops at the eos ids); --orbax_dir: a converter output, a training step directory
+  # (WORKDIR/checkpoints/N) or a training workdir (its latest step)
   python -m omni_jax.convert --orbax_dir ckpt/omni7b --out_dir hf/omni7b_thinker --dtype bfloat16
 """
 
 import argparse
 import logging
+import os
 import sys
 
+import jax
 import ml_dtypes
 import numpy as np
 
 from omni_jax import checkpoint
+from omni_jax.convert import export
 from omni_jax.convert import hf
 from omni_jax.models import omni
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -23,18 +31,37 @@ _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.
 def hf_to_orbax(hf_dir: str, out_dir: str) -> None:
   hf_config = hf.read_config(hf_dir)
   config = hf.config_from_hf(hf_config)
+  generation = export.read_generation(hf_dir)
+  if generation is not None:
+    export.adopt_generation(config, generation)
   _, abstract = omni.abstract_model(config)
   state = hf.load_state(hf_dir, abstract, hf_config=hf_config)
   checkpoint.save_params(out_dir, state, config)
-  n = sum(np.size(v) for v in __import__("jax").tree.leaves(state))
+  export.store_assets(hf_dir, out_dir)
+  n = sum(np.size(v) for v in jax.tree.leaves(state))
   print(f"wrote {out_dir} ({n / 1e6:.1f} M parameters)")
 
 
 def orbax_to_hf(orbax_dir: str, out_dir: str, dtype: str) -> None:
-  config = checkpoint.load_config(orbax_dir)
+  path = checkpoint.params_dir(orbax_dir)  # a converter output, a step directory, or a workdir's latest step
+  where = checkpoint.find_config(path)
+  if where is None:
+    raise FileNotFoundError(f"{orbax_dir}: no config.json beside {path} or in its training workdir")
+  if path != os.path.abspath(orbax_dir):
+    log.info("%s: exporting the checkpoint %s", orbax_dir, path)
+  config = export.complete_token_ids(checkpoint.load_config(where))
   _, abstract = omni.abstract_model(config)
-  state = checkpoint.restore_params(orbax_dir, abstract)
-  hf.save(out_dir, config, state, dtype=_DTYPES[dtype], torch_dtype=dtype)
+  state = checkpoint.restore_params(path, abstract)
+  assets = export.assets_of(path)
+  hf.save(out_dir, config, state, dtype=_DTYPES[dtype], torch_dtype=dtype,
+          generation=export.read_generation(assets))
+  copied = export.copy_assets(assets, out_dir, skip=(export.GENERATION_FILE,)) if assets else []
+  if copied:
+    log.info("copied %s from %s", ", ".join(copied), assets)
+  else:
+    log.warning("%s: no tokenizer or processor files came with this checkpoint (a training workdir keeps none); "
+                "%s holds the weights, config.json and generation_config.json only: copy the tokenizer files "
+                "of the source model into it", orbax_dir, out_dir)
   print(f"wrote {out_dir}")
 
 
@@ -42,7 +69,8 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--hf_dir", help="transformers checkpoint directory (config.json + *.safetensors)")
-  src.add_argument("--orbax_dir", help="omni_jax parameters checkpoint (written by this tool or train.py)")
+  src.add_argument("--orbax_dir", help="omni_jax checkpoint: a converter output, a training step directory "
+                                       "(WORKDIR/checkpoints/N) or a training workdir (its latest step)")
   p.add_argument("--out_dir", required=True)
   p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="tensor dtype when writing HF")
   args = p.parse_args(argv)

@@ -410,8 +410,13 @@ def state_to_tensors(state, dtype=None, config: Optional[ml_collections.ConfigDi
 
 
 def save(out_dir: str, config: ml_collections.ConfigDict, state, *, dtype=None, torch_dtype: str = "float32",
-         max_shard_bytes: int = 5 << 30) -> None:
-  """Write a thinker checkpoint (config.json + sharded safetensors with an index) that transformers loads."""
+         max_shard_bytes: int = 5 << 30, generation: Optional[dict] = None) -> None:
+  """Write a thinker checkpoint that transformers loads and generates with: config.json (with the eos / pad /
+  user ids), generation_config.json (export.generation_config: `generation`, the source's file if any, with the
+  config's ids and config.generate written over it) and sharded safetensors with an index."""
+  from omni_jax.convert import export  # local import: export builds on this module, not the other way
+
+  config = export.fit_token_ids(export.complete_token_ids(config))
   os.makedirs(out_dir, exist_ok=True)
   tensors = state_to_tensors(state, dtype, config)
   tensors = {k[len("thinker."):]: v for k, v in tensors.items()}  # thinker-only layout
@@ -435,3 +440,5 @@ def save(out_dir: str, config: ml_collections.ConfigDict, state, *, dtype=None, 
                 f, indent=2)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config_to_hf(config, torch_dtype), f, indent=2)
+  with open(os.path.join(out_dir, export.GENERATION_FILE), "w") as f:
+    json.dump(export.generation_config(config, generation), f, indent=2)
