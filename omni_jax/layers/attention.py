@@ -74,6 +74,44 @@ def dot_product_attention(q, k, v, mask: Union[jax.Array, LocalSegments], *, imp
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+class KVCache(NamedTuple):
+  """Functional key/value cache of a decoder stack (a pytree; it flows through the layer scan).
+
+  Slots are written left to right at the same index for every row: prefill writes [0, L) (left-padded
+  prompts), each decode step the next slot(s). `valid` marks the slots that hold a real token, so left
+  padding and per-row lengths never leak into attention.
+  """
+  k: jax.Array  # [layers, B, max_len, kv_heads, head_dim], cache dtype
+  v: jax.Array  # same
+  valid: jax.Array  # [B, max_len] bool
+  index: jax.Array  # int32 scalar: the next slot to write
+
+  NAMES = ("layers", "activation_batch", "cache_length", "activation_kv_heads", None)  # logical axes of k, v
+
+  @classmethod
+  def create(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> "KVCache":
+    zeros = jnp.zeros((num_layers, batch, max_len, kv_heads, head_dim), dtype)
+    return cls(zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+  def append(self, valid: jax.Array) -> tuple["KVCache", jax.Array]:
+    """(the cache with the slots of L new tokens marked by `valid` [B, L] and its index advanced, mask).
+
+    mask [B, 1, L, max_len]: new token i (slot index + i) attends to the valid slots <= its own. k and v
+    of the new tokens are written per layer by Attention.
+    """
+    lq = valid.shape[1]
+    all_valid = jax.lax.dynamic_update_slice_in_dim(self.valid, valid.astype(bool), self.index, axis=1)
+    slots = jnp.arange(self.max_len, dtype=jnp.int32)
+    causal = slots[None, :] <= (self.index + jnp.arange(lq, dtype=jnp.int32))[:, None]  # [L, max_len]
+    mask = causal[None] & all_valid[:, None, :]
+    return self._replace(valid=all_valid, index=self.index + lq), mask[:, None]
+
+
 class Attention(nnx.Module):
   """q/k/v/o projections around dot_product_attention.
 
@@ -95,7 +133,13 @@ class Attention(nnx.Module):
     self.rotary_dtype = rotary_dtype
 
   def __call__(self, x: jax.Array, mask: Union[jax.Array, LocalSegments],
-               rotary: Optional[tuple[jax.Array, jax.Array]] = None):
+               rotary: Optional[tuple[jax.Array, jax.Array]] = None, kv_cache=None):
+    """x [B, L, D] -> [B, L, D].
+
+    kv_cache: None, or (k, v, index) of this layer ([B, max_len, kv_heads, head_dim] each, write slot):
+    the new keys/values are written at slots [index, index + L), attention reads the whole cache under
+    `mask` [B, 1, L, max_len] (KVCache.append), and the call returns (out, (k, v)) with the updated arrays.
+    """
     b, l, _ = x.shape
     q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
@@ -105,5 +149,14 @@ class Attention(nnx.Module):
       k = apply_rotary(k, *rotary, compute_dtype=self.rotary_dtype)
     q = sharding.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
     k = sharding.constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    if kv_cache is not None:
+      k_cache, v_cache, index = kv_cache
+      names = ("activation_batch", "cache_length", "activation_kv_heads", None)
+      k_cache = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1),
+                                   names)
+      v_cache = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1),
+                                   names)
+      k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     out = dot_product_attention(q, k, v, mask, implementation=self.implementation)
-    return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
+    out = self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
+    return out if kv_cache is None else (out, (k_cache, v_cache))

@@ -7,6 +7,7 @@ whether the forward pass scans or unrolls.
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 _POLICIES = {
@@ -29,24 +30,31 @@ def create_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int
 
 
 def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_policy: str,
-                per_layer: tuple = ()):
+                per_layer: tuple = (), layer_outputs: bool = False):
   """x -> layer_{L-1}(... layer_0(x, *args, *per_layer[:][0]) ..., *args, *per_layer[:][L-1]).
 
-  per_layer: arrays with a leading num_layers axis; layer i also receives their row i (e.g. a flag that picks
-  this layer's attention mask), so layers that differ only in data still run as one scan.
+  per_layer: pytrees with a leading num_layers axis; layer i also receives their row i (e.g. a flag that
+  picks this layer's attention mask, or its slice of a KV cache), so layers that differ only in data still
+  run as one scan.
+  layer_outputs: each layer returns (x, y); the result is (x, ys) with the y's stacked along a leading
+  num_layers axis (e.g. the updated KV cache).
   """
   graphdef, state = nnx.split(layers)
 
   def body(carry, xs):
     layer_state, extra = xs
-    return nnx.merge(graphdef, layer_state)(carry, *args, *extra), None
+    out = nnx.merge(graphdef, layer_state)(carry, *args, *extra)
+    return out if layer_outputs else (out, None)
 
   if remat_policy != "none":
     body = jax.checkpoint(body, policy=_POLICIES[remat_policy], prevent_cse=not scan)
   xs = (state, tuple(per_layer))
   if scan:
-    return jax.lax.scan(body, x, xs)[0]
-  num_layers = jax.tree.leaves(state)[0].shape[0]
-  for i in range(num_layers):
-    x, _ = body(x, jax.tree.map(lambda a: a[i], xs))
-  return x
+    x, ys = jax.lax.scan(body, x, xs)
+  else:
+    outs = []
+    for i in range(jax.tree.leaves(state)[0].shape[0]):
+      x, y = body(x, jax.tree.map(lambda a: a[i], xs))
+      outs.append(y)
+    ys = jax.tree.map(lambda *a: jnp.stack(a), *outs) if layer_outputs else None
+  return (x, ys) if layer_outputs else x

@@ -9,7 +9,8 @@ from flax import nnx
 
 from omni_jax import sharding
 from omni_jax.config import Runtime, TextConfig
-from omni_jax.layers import Attention, Embed, GatedMLP, RMSNorm, attention_mask, inv_frequencies, mrope_cos_sin
+from omni_jax.layers import (Attention, Embed, GatedMLP, KVCache, RMSNorm, attention_mask, inv_frequencies,
+                             mrope_cos_sin)
 from omni_jax.models.scan import create_stacked, run_stacked
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -29,31 +30,63 @@ class DecoderLayer(nnx.Module):
     self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=False,
                         dtype=rt.dtype, **kw)
 
-  def __call__(self, x, mask, cos, sin):
-    h = self.self_attn(self.input_layernorm(x), mask, rotary=(cos, sin))
+  def __call__(self, x, mask, cos, sin, index=None, kv=None):
+    """x [B, L, D] -> x; with kv (this layer's cached k, v) written from slot `index`: (x, (k, v))."""
+    kv_cache = None if kv is None else (*kv, index)
+    h = self.self_attn(self.input_layernorm(x), mask, rotary=(cos, sin), kv_cache=kv_cache)
+    if kv_cache is not None:
+      h, kv = h
     x = sharding.constrain(x + checkpoint_name(h, "attention_out"), ACT)
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return sharding.constrain(x, ACT)
+    x = sharding.constrain(x, ACT)
+    return x if kv_cache is None else (x, kv)
 
 
-class TextDecoder(nnx.Module):
-  """embed_tokens -> N DecoderLayers (stacked, scanned) -> final RMSNorm. Returns hidden states."""
+class DecoderStack(nnx.Module):
+  """N DecoderLayers (stacked, scanned) -> final RMSNorm; the token embedding is not part of it.
+
+  (x, positions, segment_ids, cache) -> (x, cache). Without a cache (training, scoring) attention is causal
+  within each packed segment; with a KVCache the new tokens are appended to it (prefill: the whole
+  left-padded prompt, decode: one token per row) and attend to every valid slot before them.
+  Used by the Thinker's language model; the Talker's body is the same stack with its own sizes.
+  """
 
   def __init__(self, cfg: TextConfig, rt: Runtime, *, rngs: nnx.Rngs):
     self.cfg, self.rt = cfg, rt
-    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, names=("vocab", "embed"), rngs=rngs,
-                              dtype=rt.dtype, param_dtype=rt.param_dtype)
     self.layers = create_stacked(lambda r: DecoderLayer(cfg, rt, rngs=r), cfg.num_hidden_layers, rngs)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=rt.param_dtype)
 
-  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """inputs_embeds [B, L, D]; positions [3, B, L] (TMRoPE rows t, h, w); segment_ids [B, L] (0 = padding).
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_len` tokens (dtype: default the compute dtype)."""
+    c = self.cfg
+    return KVCache.create(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim,
+                          dtype or self.rt.dtype)
 
-    Attention is causal within each segment, so packed samples never see each other.
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+               cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
+    """x [B, L, D]; positions [3, B, L] (TMRoPE rows t, h, w); segment_ids [B, L] (0 = padding).
+
+    Returns the final-norm hidden states [B, L, D] and the updated cache (None without one).
     """
     cos, sin = mrope_cos_sin(positions, inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta),
                              self.cfg.mrope_section)
-    mask = attention_mask(segment_ids, causal=True)
-    x = sharding.constrain(inputs_embeds.astype(self.rt.dtype), ACT)
-    x = run_stacked(self.layers, x, mask, cos, sin, scan=self.rt.scan_layers, remat_policy=self.rt.remat_policy)
-    return self.norm(x)
+    x = sharding.constrain(x.astype(self.rt.dtype), ACT)
+    if cache is None:
+      mask = attention_mask(segment_ids, causal=True)
+      x = run_stacked(self.layers, x, mask, cos, sin, scan=self.rt.scan_layers, remat_policy=self.rt.remat_policy)
+      return self.norm(x), None
+    index = cache.index
+    cache, mask = cache.append(segment_ids > 0)
+    x, (k, v) = run_stacked(self.layers, x, mask, cos, sin, index, scan=self.rt.scan_layers, remat_policy="none",
+                            per_layer=((cache.k, cache.v),), layer_outputs=True)
+    return self.norm(x), cache._replace(k=k, v=v)
+
+
+class TextDecoder(DecoderStack):
+  """embed_tokens + the DecoderStack: the Thinker's language model (checkpoint prefix thinker.model)."""
+
+  def __init__(self, cfg: TextConfig, rt: Runtime, *, rngs: nnx.Rngs):
+    # Created first: the random initialisation draws in the same order as before the stack was split out.
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, names=("vocab", "embed"), rngs=rngs,
+                              dtype=rt.dtype, param_dtype=rt.param_dtype)
+    super().__init__(cfg, rt, rngs=rngs)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from omni_jax import sharding
 from omni_jax.config import Runtime, TextConfig, TokenIds
-from omni_jax.layers import Linear
+from omni_jax.layers import KVCache, Linear
 from omni_jax.models.audio import AudioConfig, AudioEncoder
 from omni_jax.models.text import TextDecoder
 from omni_jax.models.vision import VisionConfig, VisionEncoder
@@ -71,11 +71,23 @@ class Thinker(nnx.Module):
       raise ValueError("image/video inputs given, but the config has no model.thinker.vision section")
     return merge_media(embeds, input_ids, token_id, self.visual(pixel_values, grid_thw))
 
+  def embed_inputs(self, input_ids: jax.Array, *, audio_features: Optional[jax.Array] = None,
+                   audio_lengths: Optional[jax.Array] = None, pixel_values: Optional[jax.Array] = None,
+                   image_grid_thw: Optional[jax.Array] = None, pixel_values_videos: Optional[jax.Array] = None,
+                   video_grid_thw: Optional[jax.Array] = None) -> jax.Array:
+    """Token embeddings [B, L, D] with the encoded media written into their placeholders (see __call__)."""
+    embeds = self.embed(input_ids)
+    if audio_features is not None:
+      embeds = self.merge_audio(embeds, input_ids, audio_features, audio_lengths)
+    if pixel_values is not None:
+      embeds = self.merge_vision(embeds, input_ids, self.ids.image_token_id, pixel_values, image_grid_thw)
+    if pixel_values_videos is not None:
+      embeds = self.merge_vision(embeds, input_ids, self.ids.video_token_id, pixel_values_videos, video_grid_thw)
+    return embeds
+
   def __call__(self, input_ids: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-               inputs_embeds: Optional[jax.Array] = None, return_hidden: bool = False, *,
-               audio_features: Optional[jax.Array] = None, audio_lengths: Optional[jax.Array] = None,
-               pixel_values: Optional[jax.Array] = None, image_grid_thw: Optional[jax.Array] = None,
-               pixel_values_videos: Optional[jax.Array] = None, video_grid_thw: Optional[jax.Array] = None):
+               inputs_embeds: Optional[jax.Array] = None, return_hidden: bool = False,
+               cache: Optional[KVCache] = None, **media):
     """Logits [B, L, V] (and the final-norm hidden states if return_hidden, for the Talker).
 
     positions: [3, B, L] TMRoPE ids (omni_jax.positions); segment_ids: [B, L], 0 = padding.
@@ -84,14 +96,13 @@ class Thinker(nnx.Module):
     pixel_values [P, patch_dim] + image_grid_thw [N, 3] (unused rows 0): the images of the whole batch in
     placeholder order, as omni_jax.input.media.patches.pack builds; or [B, P, patch_dim] + [B, N, 3], one
     buffer per sample (no attention across samples; shards over the batch). Videos likewise.
+    cache: a KVCache (omni_jax.models.text.DecoderStack.init_cache) the tokens are appended to; the
+    updated cache is then returned last: (logits[, hidden], cache).
     """
-    embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-    if audio_features is not None:
-      embeds = self.merge_audio(embeds, input_ids, audio_features, audio_lengths)
-    if pixel_values is not None:
-      embeds = self.merge_vision(embeds, input_ids, self.ids.image_token_id, pixel_values, image_grid_thw)
-    if pixel_values_videos is not None:
-      embeds = self.merge_vision(embeds, input_ids, self.ids.video_token_id, pixel_values_videos, video_grid_thw)
-    hidden = self.model(embeds, positions, segment_ids)
+    embeds = self.embed_inputs(input_ids, **media) if inputs_embeds is None else inputs_embeds
+    hidden, new_cache = self.model(embeds, positions, segment_ids, cache)
     logits = self.logits(hidden)
-    return (logits, hidden) if return_hidden else logits
+    out = (logits, hidden) if return_hidden else (logits,)
+    if cache is not None:
+      out += (new_cache,)
+    return out if len(out) > 1 else out[0]

@@ -1,0 +1,261 @@
+"""Thinker generation (omni_jax.generate) against transformers' generate, on tiny perturbed models.
+
+Greedy tokens equal transformers' token for token and per-step logits agree within 1e-4 (float32), for
+batches of left-padded prompts of different lengths mixing text, images, videos, audio and audio-in-video;
+prefill + decode steps equal one full forward pass; sampling is reproducible and its processors equal
+transformers'; meshes give the one-device tokens; streaming yields generate()'s tokens.
+"""
+
+import numpy as np
+import pytest
+import torch
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import hf_reference as ref
+from omni_jax import positions as positions_lib
+from omni_jax import sharding
+from omni_jax.config import TokenIds
+from omni_jax.convert import hf
+from omni_jax.generate import Generator, SamplingParams, prompts
+from omni_jax.generate import sampling as sampling_lib
+from omni_jax.input import chat, preprocess
+from omni_jax.input.media import audio as audio_media
+from omni_jax.models import omni
+
+pytestmark = pytest.mark.parity
+
+# The tiny configs' special ids (hf_reference.IDS) under the names the chat renderer uses.
+FMT = chat.ChatFormat(special={"<|AUDIO|>": 1, "<|IMAGE|>": 2, "<|VIDEO|>": 3, "<|audio_bos|>": 4,
+                               "<|audio_eos|>": 5, "<|vision_bos|>": 7, "<|vision_eos|>": 8})
+PATCH_DIM = 3 * 2 * 14 * 14
+
+
+def load(hf_model, tmp_path, mesh_shape=None, **generate):
+  """(our Generator on a mesh, config) for a transformers model."""
+  hf_model.save_pretrained(tmp_path)
+  config = hf.config_from_hf(hf.read_config(tmp_path))
+  config.generate.update(generate)
+  graphdef, abstract = omni.abstract_model(config)
+  state = hf.load_state(str(tmp_path), abstract)
+  devices = jax.devices() if mesh_shape else jax.devices()[:1]
+  mesh = sharding.make_mesh(mesh_shape or {"data": 1}, devices)
+  shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
+  return Generator(graphdef, jax.device_put(state, shardings), config, mesh, shardings), config
+
+
+def make_sample(rng, vocab: int, kinds, n_text: int, name="s") -> preprocess.Sample:
+  """Text, then media items of `kinds` ("image", "video", "audio", "audio_in_video"), then n_text tokens."""
+  ids = list(rng.integers(10, vocab, 3))
+  images, videos, audios = [], [], []
+  for kind in kinds:
+    if kind == "image":
+      grid = (1, 4, 6)
+      images.append((rng.standard_normal((24, PATCH_DIM)).astype(np.float32), grid))
+      ids += chat.media_ids(chat.ImageItem(grid), FMT)
+    elif kind == "audio":
+      frames = int(rng.integers(120, 260))
+      audios.append(rng.standard_normal((128, frames)).astype(np.float32))
+      ids += chat.media_ids(chat.AudioItem(frames), FMT)
+    else:  # a video, with its audio track for "audio_in_video"
+      grid, spg = (3, 4, 4), 1.0
+      videos.append((rng.standard_normal((48, PATCH_DIM)).astype(np.float32), grid, spg))
+      frames = None
+      if kind == "audio_in_video":
+        frames = 330  # 82 tokens: two interleaved chunks on the audio side
+        audios.append(rng.standard_normal((128, frames)).astype(np.float32))
+      ids += chat.media_ids(chat.VideoItem(grid, spg, frames), FMT)
+    ids += list(rng.integers(10, vocab, 2))
+  ids += list(rng.integers(10, vocab, n_text))
+  ids = np.asarray(ids, np.int32)
+  return preprocess.Sample(name, 0, ids, np.full_like(ids, -100), images, videos, audios,
+                           "audio_in_video" in kinds)
+
+
+def hf_inputs(batch: dict, samples) -> dict:
+  """transformers' generate kwargs for the same prompts (media in global placeholder order)."""
+  out = dict(input_ids=torch.tensor(batch["input_ids"].astype(np.int64)),
+             attention_mask=torch.tensor((batch["segment_ids"] > 0).astype(np.int64)))
+  images = [im for s in samples for im in s.images]
+  videos = [v for s in samples for v in s.videos]
+  audios = [a for s in samples for a in s.audios]
+  if images:
+    out.update(pixel_values=torch.tensor(np.concatenate([r for r, _ in images])),
+               image_grid_thw=torch.tensor([list(g) for _, g in images]))
+  if videos:
+    out.update(pixel_values_videos=torch.tensor(np.concatenate([v[0] for v in videos])),
+               video_grid_thw=torch.tensor([list(v[1]) for v in videos]),
+               video_second_per_grid=torch.tensor([v[2] for v in videos]))
+  if audios:
+    buf, lengths = audio_media.pad_batch(audios)
+    out.update(input_features=torch.tensor(buf),
+               feature_attention_mask=torch.tensor((np.arange(buf.shape[2])[None] < lengths[:, None]).astype(np.int64)))
+  if any(s.use_audio_in_video for s in samples):
+    out["use_audio_in_video"] = True
+  return out
+
+
+def hf_greedy(hf_model, inputs, max_new_tokens, eos, **kw):
+  with torch.no_grad():
+    r = hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                          eos_token_id=eos, output_logits=True, return_dict_in_generate=True, **kw)
+  length = inputs["input_ids"].shape[1]
+  return r.sequences[:, length:].numpy(), torch.stack(r.logits, 1).numpy()
+
+
+def assert_same_generation(ours, hf_tokens, hf_logits, max_new_tokens, tol=1e-4):
+  n = hf_tokens.shape[1]
+  np.testing.assert_array_equal(ours.tokens[:, :n], hf_tokens)
+  assert (ours.tokens[:, n:] == 0).all() and n <= max_new_tokens
+  for b in range(hf_tokens.shape[0]):  # the steps at which the row was still generating
+    k = int(ours.lengths[b])
+    err = np.abs(ours.logits[b, :k] - hf_logits[b, :k]).max()
+    assert err <= tol, f"row {b}: max abs logit difference {err}"
+
+
+BATCHES = {
+    # One row each: text only, an image, an audio, a video: four prompt lengths, left padding.
+    "mixed": ([], ["image"], ["audio"], ["video"]),
+    "audio_in_video": (["audio_in_video"], ["audio_in_video", "image"]),
+}
+
+
+@pytest.mark.parametrize("variant", list(ref.TEXT_VARIANTS))
+@pytest.mark.parametrize("case", list(BATCHES))
+def test_greedy_generation_matches_transformers(variant, case, tmp_path):
+  hf_model = ref.build_thinker(variant, seed=len(variant) + len(case))
+  gen, config = load(hf_model, tmp_path)
+  vocab = config.model.thinker.text.vocab_size
+  rng = np.random.default_rng(len(case))
+  samples = [make_sample(rng, vocab, kinds, n_text=2 + 3 * i) for i, kinds in enumerate(BATCHES[case])]
+  batch = prompts.prompt_batch(samples, pad_id=0, length_multiple=16)
+  assert (batch["segment_ids"][:, 0] == 0).any(), "the batch must exercise left padding"
+  inputs = hf_inputs(batch, samples)
+  n = 10
+  # An eos id the reference emits mid-way in row 0, so that stopping and the pad filler are exercised.
+  free, _ = hf_greedy(hf_model, inputs, n, eos=None)
+  eos = int(free[0, 3])
+  hf_tokens, hf_logits = hf_greedy(hf_model, inputs, n, eos=eos)
+  ours = gen.generate(batch, max_new_tokens=n, sampling=SamplingParams(), eos_token_ids=(eos,), return_logits=True)
+  assert ours.lengths[0] <= 4
+  assert_same_generation(ours, hf_tokens, hf_logits, n)
+
+
+def test_prefill_and_decode_steps_equal_one_forward_pass(tmp_path):
+  hf_model = ref.build_thinker("gqa4", seed=5)
+  hf_model.save_pretrained(tmp_path)
+  config = hf.config_from_hf(hf.read_config(tmp_path))
+  graphdef, abstract = omni.abstract_model(config)
+  model = nnx.merge(graphdef, hf.load_state(str(tmp_path), abstract))
+  ids = TokenIds.from_config(config.model.thinker)
+  rng = np.random.default_rng(3)
+  sample = make_sample(rng, config.model.thinker.text.vocab_size, ["image"], n_text=3)
+  batch = prompts.prompt_batch([sample, make_sample(rng, 160, [], n_text=1)], pad_id=0, length_multiple=8)
+  extra = rng.integers(10, 160, size=(2, 5)).astype(np.int32)  # k = 5 decode steps
+  pixels, grids = jnp.asarray(batch["pixel_values"]), jnp.asarray(batch["image_grid_thw"])
+  thinker = model.thinker
+  seg = jnp.asarray(batch["segment_ids"])
+  pos, deltas = positions_lib.rope_index(batch["input_ids"], ids=ids, segment_ids=seg,
+                                         image_grid_thw=grids.reshape(-1, 3))
+  cache = thinker.model.init_cache(2, batch["input_ids"].shape[1] + 8)
+  logits, cache = thinker(jnp.asarray(batch["input_ids"]), pos, seg, cache=cache, pixel_values=pixels,
+                          image_grid_thw=grids)
+  steps = [logits]
+  n_real = (batch["segment_ids"] > 0).sum(1)
+  for k in range(extra.shape[1]):
+    step_pos = positions_lib.decode_positions(deltas, n_real + k)
+    out, cache = thinker(jnp.asarray(extra[:, k:k + 1]), step_pos, jnp.ones((2, 1), jnp.int32), cache=cache)
+    steps.append(out)
+  cached = np.concatenate([np.asarray(s) for s in steps], axis=1)
+
+  full_ids = np.concatenate([batch["input_ids"], extra], axis=1)
+  full_seg = np.concatenate([batch["segment_ids"], np.ones_like(extra)], axis=1)
+  full_pos, _ = positions_lib.rope_index(full_ids, ids=ids, segment_ids=full_seg, image_grid_thw=grids.reshape(-1, 3))
+  full = np.asarray(thinker(jnp.asarray(full_ids), full_pos, jnp.asarray(full_seg), pixel_values=pixels,
+                            image_grid_thw=grids))
+  real = full_seg > 0
+  err = np.abs(cached - full)[real].max()
+  assert err <= 1e-5, f"cached decode vs full forward: {err}"
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(tmp_path):
+  gen, config = load(ref.build_thinker("gqa2", seed=11), tmp_path)
+  rng = np.random.default_rng(4)
+  batch = prompts.prompt_batch([make_sample(rng, 200, [], 4), make_sample(rng, 200, [], 9)], pad_id=0)
+  hot = SamplingParams(do_sample=True, temperature=1.5, top_k=50, top_p=0.95)
+  a = gen.generate(batch, max_new_tokens=12, sampling=hot, seed=1, eos_token_ids=())
+  b = gen.generate(batch, max_new_tokens=12, sampling=hot, seed=1, eos_token_ids=())
+  c = gen.generate(batch, max_new_tokens=12, sampling=hot, seed=2, eos_token_ids=())
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert (a.tokens != c.tokens).any(), "another seed must draw other tokens"
+  greedy = gen.generate(batch, max_new_tokens=12, sampling=SamplingParams(), eos_token_ids=())
+  top1 = gen.generate(batch, max_new_tokens=12, sampling=SamplingParams(do_sample=True, top_k=1, temperature=0.7),
+                      seed=3, eos_token_ids=())
+  np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+  assert (a.tokens != greedy.tokens).any()
+
+
+def test_repetition_penalty_matches_transformers(tmp_path):
+  hf_model = ref.build_thinker("mha", seed=2)
+  gen, config = load(hf_model, tmp_path)
+  rng = np.random.default_rng(6)
+  samples = [make_sample(rng, 128, [], 3), make_sample(rng, 128, ["image"], 1)]
+  batch = prompts.prompt_batch(samples, pad_id=0, length_multiple=8)
+  inputs = hf_inputs(batch, samples)
+  plain, _ = hf_greedy(hf_model, inputs, 16, eos=None)
+  penalised, logits = hf_greedy(hf_model, inputs, 16, eos=None, repetition_penalty=1.8)
+  assert (plain != penalised).any(), "the case must be one where the penalty changes the output"
+  ours = gen.generate(batch, max_new_tokens=16, sampling=SamplingParams(repetition_penalty=1.8), eos_token_ids=(),
+                      return_logits=True)
+  assert_same_generation(ours, penalised, logits, 16)
+
+
+def test_logit_processors_equal_transformers():
+  from transformers.generation import logits_process as lp
+
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((4, 50)).astype(np.float32) * 3
+  seen = np.zeros((4, 50), bool)
+  prompt = rng.integers(0, 50, (4, 7))
+  seen[np.arange(4)[:, None], prompt] = True
+  for params in [SamplingParams(do_sample=True, temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.3),
+                 SamplingParams(do_sample=True, top_p=0.3), SamplingParams(do_sample=True, top_k=1),
+                 SamplingParams(repetition_penalty=0.7)]:
+    procs = lp.LogitsProcessorList([lp.RepetitionPenaltyLogitsProcessor(params.repetition_penalty)])
+    if params.do_sample:
+      procs += [lp.TemperatureLogitsWarper(params.temperature)] if params.temperature != 1 else []
+      procs += [lp.TopKLogitsWarper(params.top_k)] if params.top_k else []
+      procs += [lp.TopPLogitsWarper(params.top_p)] if params.top_p < 1 else []
+    expected = procs(torch.tensor(prompt), torch.tensor(logits)).numpy()
+    got = np.asarray(sampling_lib.process(jnp.asarray(logits), jnp.asarray(seen), params))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
+    np.testing.assert_allclose(got[~np.isinf(got)], expected[~np.isinf(expected)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
+def test_meshes_give_the_one_device_tokens(shape, tmp_path):
+  hf_model = ref.build_thinker("gqa4", seed=9)
+  rng = np.random.default_rng(8)
+  samples = [make_sample(rng, 160, ["image"] if i % 3 == 0 else [], n_text=i) for i in range(8)]
+  batch = prompts.prompt_batch(samples, pad_id=0, length_multiple=8)
+  params = SamplingParams(do_sample=True, temperature=1.3, top_k=40)
+  one, _ = load(hf_model, tmp_path / "one")
+  expected = one.generate(batch, max_new_tokens=8, sampling=params, seed=5, eos_token_ids=())
+  mesh = dict(zip(("data", "fsdp", "tensor"), shape))
+  gen, _ = load(hf_model, tmp_path / "mesh", mesh_shape=mesh)
+  got = gen.generate(batch, max_new_tokens=8, sampling=params, seed=5, eos_token_ids=())
+  np.testing.assert_array_equal(got.tokens, expected.tokens)
+
+
+def test_stream_yields_the_generated_tokens_step_by_step(tmp_path):
+  gen, _ = load(ref.build_thinker("gqa2", seed=1), tmp_path)
+  rng = np.random.default_rng(2)
+  batch = prompts.prompt_batch([make_sample(rng, 200, [], 3), make_sample(rng, 200, [], 6)], pad_id=0)
+  full = gen.generate(batch, max_new_tokens=9, sampling=SamplingParams(), eos_token_ids=())
+  eos = int(full.tokens[1, 4])
+  expected = gen.generate(batch, max_new_tokens=9, sampling=SamplingParams(), eos_token_ids=(eos,))
+  steps = list(gen.stream(batch, max_new_tokens=9, sampling=SamplingParams(), eos_token_ids=(eos,)))
+  tokens = np.stack([t for t, _ in steps], axis=1)
+  np.testing.assert_array_equal(tokens, expected.tokens[:, :tokens.shape[1]])
+  assert steps[-1][1].all() or tokens.shape[1] == 9  # ends when every row stopped, or at max_new_tokens
