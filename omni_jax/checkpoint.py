@@ -100,12 +100,12 @@ def find_config(params_path: str) -> Optional[str]:
   return None
 
 
-def _tuples(tree):
+def tuples(tree):
   """JSON turns tuples into lists; configs use tuples (hashable, static under jit)."""
   if isinstance(tree, dict):
-    return {k: _tuples(v) for k, v in tree.items()}
+    return {k: tuples(v) for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):
-    return tuple(_tuples(v) for v in tree)
+    return tuple(tuples(v) for v in tree)
   return tree
 
 
@@ -118,8 +118,8 @@ def adopt_model_config(config: ml_collections.ConfigDict, params_path: str) -> m
   saved = load_config(where)
   if "model" not in saved or "thinker" not in saved.model:
     return config
-  thinker = _tuples(saved.model.thinker.to_dict())
-  if thinker == _tuples(config.model.thinker.to_dict()):
+  thinker = tuples(saved.model.thinker.to_dict())
+  if thinker == tuples(config.model.thinker.to_dict()):
     return config
   log.warning("using the model architecture stored in %s/config.json (config.model.thinker differs)", where)
   config = config.copy_and_resolve_references()

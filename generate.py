@@ -1,0 +1,61 @@
+"""Chat with a checkpoint: the reply streams to stdout as it is generated.
+
+  python generate.py --checkpoint workdirs/tiny_demo --prompt "What do you hear?" --audio clip.wav
+  python generate.py --checkpoint ckpt/omni7b --prompt "Describe it." --image photo.jpg --max_new_tokens 128
+  python generate.py --checkpoint hf/Qwen2.5-Omni-7B --video clip.mp4 --use_audio_in_video --prompt "..." --greedy
+
+--checkpoint: a training workdir (its latest step), a step directory, a `python -m omni_jax.convert` output,
+or a transformers directory. --config (optional) sets runtime, mesh and generation defaults
+(config.generate; --config.generate.top_p=0.9 ...); the model architecture comes from the checkpoint.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from omni_jax import distributed
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Optional Python config file (get_config()).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, step directory, converter output or HF directory.")
+_PROMPT = flags.DEFINE_string("prompt", None, "The user's message.")
+_SYSTEM = flags.DEFINE_string("system", None, "System prompt (default: the chat template's).")
+_IMAGE = flags.DEFINE_multi_string("image", [], "Image file (repeatable).")
+_AUDIO = flags.DEFINE_multi_string("audio", [], "Audio file (repeatable).")
+_VIDEO = flags.DEFINE_multi_string("video", [], "Video file (repeatable).")
+_AIV = flags.DEFINE_bool("use_audio_in_video", False, "Feed the videos' own audio tracks, interleaved.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Default: config.generate.max_new_tokens.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Top-k filter (0: off).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Top-p (nucleus) filter (1: off).")
+_PENALTY = flags.DEFINE_float("repetition_penalty", None, "Repetition penalty (1: off).")
+_GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding instead of sampling.")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: config.generate.seed).")
+distributed.define_flags()
+flags.mark_flags_as_required(["checkpoint", "prompt"])
+
+
+def main(argv):
+  del argv
+  distributed.start_process()  # before anything touches a device
+  from omni_jax.config import ConfigError
+  from omni_jax.generate import api
+  from omni_jax.input.preprocess import SampleError
+  from omni_jax.input.tokenizer import TokenizerError
+
+  settings = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                  top_p=_TOP_P.value, repetition_penalty=_PENALTY.value, seed=_SEED.value,
+                  do_sample=False if _GREEDY.value else None)
+  try:
+    model = api.load(_CHECKPOINT.value, _CONFIG.value)
+    for piece in model.stream_chat(_PROMPT.value, image=_IMAGE.value, audio=_AUDIO.value, video=_VIDEO.value,
+                                   use_audio_in_video=_AIV.value, system=_SYSTEM.value,
+                                   **{k: v for k, v in settings.items() if v is not None}):
+      print(piece, end="", flush=True)
+    print()
+  except (ConfigError, FileNotFoundError, SampleError, TokenizerError, ValueError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)
