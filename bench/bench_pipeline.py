@@ -57,7 +57,7 @@ def train_rate(config, steps: int) -> dict:
   compiled = set()
   for host in hosts[:4]:  # warm-up: compile every bucket seen
     batch = data_lib.to_global(host, mesh, config.sharding_rules, b)
-    step = step or step_lib.jit_train_step(setup, batch)
+    step = step or step_lib.jit_train_step(setup)
     state, m = step(state, batch)
     jax.block_until_ready(m)
     compiled.add(host["input_ids"].shape)

@@ -88,7 +88,7 @@ def bench(size: str, batch: int, seq: int, iters: int) -> dict:
   ids = np.random.default_rng(0).integers(16, vocab, size=(batch, seq)).astype(np.int32)
   host = dict(input_ids=ids, labels=ids, segment_ids=np.ones_like(ids), kind=np.zeros_like(ids))
   batch_dev = data_lib.to_global(host, mesh, config.sharding_rules, batch)
-  step = step_lib.jit_train_step(setup, batch_dev)
+  step = step_lib.jit_train_step(setup)
 
   def ours():
     nonlocal state
@@ -114,7 +114,7 @@ def bench(size: str, batch: int, seq: int, iters: int) -> dict:
   times = np.asarray([(_timed(ours), _timed(theirs)) for _ in range(iters)])
   ours_s, theirs_s = (float(x) for x in np.median(times, axis=0))
 
-  flops = metrics_lib.FlopCounter(config).text_flops(batch, seq)
+  flops = metrics_lib.FlopCounter(config).towers["thinker"].text_flops(batch, seq)
   n = sum(np.size(x) for x in jax.tree.leaves(params))
   text_n = sum(np.size(v) for k, v in __import__("flax").traverse_util.flatten_dict(params).items()
                if k[1] in ("model", "lm_head"))

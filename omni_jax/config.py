@@ -60,7 +60,7 @@ def dtype_of(name: str, key: str):
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  """A Qwen2.5 decoder (the Thinker LM; the Talker reuses it with its own sizes)."""
+  """A Qwen2.5 decoder (the Thinker's language model)."""
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -148,23 +148,10 @@ def thinker_text(config: ml_collections.ConfigDict) -> TextConfig:
   return TextConfig.from_config(config.model.thinker.text, "model.thinker.text")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Fail fast on an inconsistent config (called by train.py / eval.py at startup)."""
-  text = thinker_text(config)
-  ids = TokenIds.from_config(config.model.thinker)
-  for f in dataclasses.fields(TokenIds):
-    if f.name.endswith(("_token_id", "_token_ids")):
-      values = getattr(ids, f.name)
-      for value in values if isinstance(values, tuple) else (values,):
-        _require(0 <= value < text.vocab_size, f"model.thinker.{f.name}",
-                 f"{value} is outside the vocabulary (model.thinker.text.vocab_size={text.vocab_size})")
+def validate_common(config: ml_collections.ConfigDict) -> None:
+  """The keys every model shares (runtime, mesh, rules, trainer). The whole config is checked by
+  omni_jax.towers.validate, which adds each built tower's section (train.py / eval.py call that one)."""
   Runtime.from_config(config.model)
-  from omni_jax.models.audio import thinker_audio  # local: the tower modules import this one
-
-  thinker_audio(config)
-  from omni_jax.models.vision import thinker_vision  # local: the tower modules import this one
-
-  thinker_vision(config)
   from omni_jax import sharding  # local: keep config importable without jax device state
 
   if "mesh" in config:
@@ -215,7 +202,7 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
   peak = t.get("peak_flops_per_device", None)
   _require(peak is None or (isinstance(peak, (int, float)) and peak > 0), "train.peak_flops_per_device",
            f"must be None or a positive number, got {peak!r}")
-  max_pos = config.model.thinker.text.get("max_position_embeddings", None)
+  max_pos = config.model.get("thinker", {}).get("text", {}).get("max_position_embeddings", None)
   _require(max_pos is None or t.seq_len <= max_pos, "train.seq_len",
            f"{t.seq_len} exceeds model.thinker.text.max_position_embeddings={max_pos}")
   if "data" in config:

@@ -79,6 +79,9 @@ def training(c: ml_collections.ConfigDict) -> None:
   t.b1, t.b2, t.eps = 0.9, 0.95, 1e-8
   t.weight_decay = 0.1  # AdamW; never applied to biases and norm scales
   t.grad_clip_norm = 1.0  # global-norm clipping; 0 disables
+  # Objective name -> weight: the step minimises sum(weight * loss); names come from the towers' entries
+  # (omni_jax.towers; the Thinker's next-token loss is "thinker_text"). Weight 0: computed by eval only.
+  t.objectives = ml_collections.ConfigDict({"thinker_text": 1.0})
   t.freeze = ()  # parameter-path regexes (matched from the start, e.g. "thinker.visual"); no optimizer state
   t.log_every = 10
   t.checkpoint_every = 500

@@ -162,15 +162,15 @@ def _item_of(starts):
 
 
 def rope_index(input_ids, attention_mask=None, *, ids: TokenIds, image_grid_thw=None, video_grid_thw=None,
-               second_per_grids=None, audio_seqlens=None, use_audio_in_video=False, segment_ids=None):
+               second_per_grids=None, use_audio_in_video=False, segment_ids=None):
   """TMRoPE position ids [3, B, L] int32 and deltas [B, 1] int32, equal to transformers' get_rope_index.
 
   input_ids, attention_mask: [B, L] (mask 1 = real token; None = all real). Masked slots get position 1 as
   in transformers; real tokens are positioned as if the masked ones were removed.
   image_grid_thw / video_grid_thw: [N, 3] patch grids; second_per_grids: [N_video] (None: 1.0 s). Rows with
     t = 0 are padding wherever they are (a batch's per-row media slots flattened [B, N, 3] -> [B*N, 3]).
-  audio_seqlens: accepted for signature parity; audio spans are read from the AUDIO placeholder runs, which
-    the embedding merge requires to equal audio_token_count(mel length) anyway.
+  Audio spans are read from the AUDIO placeholder runs (transformers also takes audio_seqlens; the embedding
+    merge requires the runs to equal audio_token_count(mel length) anyway).
   use_audio_in_video: bool or bool [B]; in such rows `<|vision_bos|><|audio_bos|>` and
     `<|audio_eos|><|vision_eos|>` are position pairs around an interleaved region. A plain video in such a
     row is still positioned as a plain video (transformers would mis-handle it).

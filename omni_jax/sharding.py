@@ -2,14 +2,15 @@
 
 Every parameter carries logical axis names (see layers.linear.param). A rule table from the config maps each
 logical name to mesh axes; this module turns names into PartitionSpecs and NamedShardings. Mesh axes that
-do not divide a dimension are dropped for that dimension (so tiny configs run on any mesh), as are axes of
-size 1 and axes already used by an earlier dimension.
+do not divide a dimension are dropped for that dimension (so tiny configs run on any mesh; for a parameter
+this is logged as a warning, once per parameter), as are axes of size 1 and axes already used by an earlier
+dimension.
 """
 
 import contextlib
 import contextvars
 import logging
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -19,6 +20,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 Rules = Sequence[tuple[str, Any]]
+
+log = logging.getLogger(__name__)
+log.addHandler(logging.NullHandler())
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("omni_jax_sharding", default=None)
 
@@ -68,8 +72,12 @@ def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
 
 
 def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules: Rules,
-                    strict: bool = True) -> PartitionSpec:
-  """PartitionSpec for an array of `shape` whose dimensions carry logical `names`."""
+                    strict: bool = True, warn_as: Optional[str] = None) -> PartitionSpec:
+  """PartitionSpec for an array of `shape` whose dimensions carry logical `names`.
+
+  warn_as: a parameter path; a mesh axis dropped because it does not divide a dimension is then logged
+  (once per path, axis and dimension), so that a mistyped mesh cannot silently replicate a large model.
+  """
   table = _rule_table(rules)
   used: set[str] = set()
   spec = []
@@ -80,13 +88,30 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh: 
     size = 1
     for axis in table.get(name, ()) if name is not None else ():
       n = mesh.shape[axis]
-      if n == 1 or axis in used or dim % (size * n):
+      if n == 1 or axis in used:
+        continue
+      if dim % (size * n):
+        if warn_as is not None:
+          _warn_dropped(warn_as, name, axis, n, dim, size)
         continue
       chosen.append(axis)
       size *= n
     used.update(chosen)
     spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
   return PartitionSpec(*spec)
+
+
+_WARNED: set = set()
+
+
+def _warn_dropped(path: str, name: str, axis: str, n: int, dim: int, size: int) -> None:
+  key = (path, name, axis, n, dim)
+  if key in _WARNED:
+    return
+  _WARNED.add(key)
+  already = f" (already split {size} ways)" if size > 1 else ""
+  log.warning("parameter %s: mesh axis %r (size %d) does not divide its %r dimension of size %d%s; that "
+              "dimension is not sharded over %r", path, axis, n, name, dim, already, axis)
 
 
 def _names_of(variable: nnx.Variable) -> Optional[tuple]:
@@ -97,14 +122,15 @@ def _names_of(variable: nnx.Variable) -> Optional[tuple]:
 def state_specs(state: Any, mesh: Mesh, rules: Rules) -> Any:
   """PartitionSpecs for an nnx State (or abstract state) from each variable's logical names."""
 
-  def spec(variable):
+  def spec(path, variable):
     names = _names_of(variable)
     shape = variable.get_value().shape
     if names is None:
       return variable.replace(PartitionSpec())
-    return variable.replace(logical_to_spec(names, shape, mesh, rules))
+    where = ".".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+    return variable.replace(logical_to_spec(names, shape, mesh, rules, warn_as=where))
 
-  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
@@ -134,12 +160,3 @@ def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
   spec = logical_to_spec(names, x.shape, mesh, rules, strict=False)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-
-def describe(state: Any, mesh: Mesh, rules: Rules) -> Iterable[str]:
-  """Lines 'path shape -> spec' for logging how parameters are laid out."""
-  specs = state_specs(state, mesh, rules)
-  for (path, var), (_, spec) in zip(nnx.to_flat_state(state), nnx.to_flat_state(specs)):
-    yield f"{'.'.join(map(str, path))} {tuple(var.get_value().shape)} -> {spec.get_value()}"
-
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 import hf_reference as ref
 from configs import tiny
 from omni_jax import config as config_lib
+from omni_jax import towers
 from omni_jax import sharding
 from omni_jax.convert import hf
 from omni_jax.input.media import audio as features
@@ -219,7 +220,7 @@ def test_bad_audio_config_names_the_key(key, value, message):
   c = tiny.get_config()
   c.model.thinker.audio = ml_collections.ConfigDict(dict(c.model.thinker.audio.to_dict(), **{key: value}))
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(c)
+    towers.validate(c)
 
 
 def test_released_configs_build_the_encoder_shapes():
@@ -227,7 +228,7 @@ def test_released_configs_build_the_encoder_shapes():
 
   for module, out_dim in ((qwen2_5_omni_7b, 3584), (qwen2_5_omni_3b, 2048)):
     c = module.get_config()
-    config_lib.validate(c)
+    towers.validate(c)
     audio = AudioConfig.from_config(c.model.thinker.audio, "model.thinker.audio")
     assert (audio.encoder_layers, audio.d_model, audio.encoder_attention_heads, audio.encoder_ffn_dim,
             audio.output_dim) == (32, 1280, 20, 5120, out_dim)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from configs import qwen2_5_omni_3b, qwen2_5_omni_7b, tiny
 from omni_jax import config as config_lib
+from omni_jax import towers
 from omni_jax.models import omni
 
 
@@ -43,27 +44,27 @@ def test_invalid_text_config_names_the_key(key, value, message):
   c = tiny.get_config()
   c.model.thinker.text[key] = value
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.validate(c)
+    towers.validate(c)
 
 
 def test_invalid_runtime_and_sharding_config_names_the_key():
   c = tiny.get_config()
   c.model.dtype = "float8"
   with pytest.raises(config_lib.ConfigError, match=r"config.model.dtype: unknown dtype 'float8'"):
-    config_lib.validate(c)
+    towers.validate(c)
   c = tiny.get_config()
   c.model.remat_policy = "sometimes"
   with pytest.raises(config_lib.ConfigError, match=r"config.model.remat_policy: unknown policy"):
-    config_lib.validate(c)
+    towers.validate(c)
   c = tiny.get_config()
   c.sharding_rules = c.sharding_rules + (("embed", ("pipeline",)),)
   with pytest.raises(config_lib.ConfigError, match=r"rule for 'embed' names unknown mesh axes \['pipeline'\]"):
-    config_lib.validate(c)
+    towers.validate(c)
 
 
 def test_all_shipped_configs_validate():
   for module in (tiny, qwen2_5_omni_3b, qwen2_5_omni_7b):
-    config_lib.validate(module.get_config())
+    towers.validate(module.get_config())
 
 
 def test_command_line_override(tmp_path):

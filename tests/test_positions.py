@@ -101,7 +101,7 @@ def test_example3_video():
 def test_example4_audio_then_image():
   tokens = [10, 4] + [1] * 25 + [5, 7] + [2] * 6 + [8, 12]
   assert audio_token_count(100) == 25
-  pos, _ = _positions(tokens, image_grid_thw=np.array([[1, 4, 6]]), audio_seqlens=np.array([100]))
+  pos, _ = _positions(tokens, image_grid_thw=np.array([[1, 4, 6]])))
   assert np.array_equal(pos[:, 2:27], np.tile(np.arange(2, 27), (3, 1)))
   assert pos[:, 27].tolist() == [27] * 3 and pos[:, 28].tolist() == [28] * 3
   assert pos[0, 29:35].tolist() == [29] * 6
@@ -124,7 +124,7 @@ def test_example6_video_with_audio():
   assert region == [3] * 8 + [1] * 50 + [3] * 4 + [1] * 25
   tokens = [100, 101, 7, 4] + region + [5, 8, 102, 103]
   pos, _ = _positions(tokens, merge=1, video_grid_thw=np.array([[3, 2, 2]]), second_per_grids=np.array([1.0]),
-                      audio_seqlens=np.array([300]), use_audio_in_video=True)
+                      use_audio_in_video=True)
   t = [0, 1, 2, 2] + [3] * 4 + [28] * 4 + list(range(3, 53)) + [53] * 4 + list(range(53, 78)) + [78, 78, 79, 80]
   assert pos[0].tolist() == t
   video = np.r_[4:12, 62:66]
@@ -140,7 +140,7 @@ def test_example7_video_outlasts_audio():
   assert region == [3] * 8 + [1] * 50 + [3] * 8 + [1] * 25
   tokens = [10, 7, 4] + region + [5, 8, 12]
   pos, delta = _positions(tokens, video_grid_thw=np.array([[4, 4, 4]]), second_per_grids=np.array([1.0]),
-                          audio_seqlens=np.array([300]), use_audio_in_video=True, eager=True)  # Python bool
+                          use_audio_in_video=True, eager=True)  # Python bool
   t = [0, 1, 1] + [2] * 4 + [27] * 4 + list(range(2, 52)) + [52] * 4 + [77] * 4 + list(range(52, 77)) + [77, 77, 78]
   assert pos[0].tolist() == t
   assert delta == 79 - 97
@@ -281,8 +281,7 @@ def jax_inputs(samples):
   images, videos, spgs, audios = _media(samples)
   assert max(len(images), len(videos), len(audios)) <= MAX_MEDIA
   return dict(image_grid_thw=_padded(images, MAX_MEDIA, 3), video_grid_thw=_padded(videos, MAX_MEDIA, 3),
-              second_per_grids=_padded(spgs, MAX_MEDIA, 0, np.float32),
-              audio_seqlens=_padded(audios, MAX_MEDIA, 0))
+              second_per_grids=_padded(spgs, MAX_MEDIA, 0, np.float32))
 
 
 KINDS = ["text", "image", "video", "audio", "mixed", "aiv", "mixed", "aiv"]

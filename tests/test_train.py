@@ -7,7 +7,8 @@ from flax import traverse_util
 
 import train_testlib as lib
 from omni_jax import batch as batch_lib
-from omni_jax.config import ConfigError, validate
+from omni_jax.config import ConfigError
+from omni_jax.towers import validate
 from omni_jax.train import state as state_lib
 from omni_jax.train import step as step_lib
 

@@ -53,10 +53,10 @@ def test_loss_is_normalised_by_the_global_label_count(one_device):
       setup, step = lib.setup_of(cfg, mesh)
     _, m = step(setup.init(), data_lib.to_global(host, mesh, cfg.sharding_rules, 8))
     out[name] = jax.device_get(m)
-    assert float(out[name]["count"].sum()) == mask.sum()
+    assert float(out[name]["objectives"]["thinker_text"]["count"].sum()) == mask.sum()
   # Per-token NLL from the summed metrics: the accumulated step divides by the same global count.
   np.testing.assert_allclose(float(out["accum"]["loss"]), float(out["one"]["loss"]), rtol=1e-5)
-  np.testing.assert_allclose(float(out["one"]["loss"]), out["one"]["loss_sum"].sum() / mask.sum(), rtol=1e-6)
+  np.testing.assert_allclose(float(out["one"]["loss"]), out["one"]["objectives"]["thinker_text"]["loss_sum"].sum() / mask.sum(), rtol=1e-6)
   # A mean of micro-batch means would differ clearly on this batch.
   per_row = mask.sum(axis=1)
   assert per_row[:4].max() <= 3 < per_row[4:].min()

@@ -27,7 +27,7 @@ def _config():
 def test_stage1_with_media_on_one_device_and_a_mesh():
   c = _config()
   losses, metrics, state, setup = lib.train_steps(c, lib.mesh_of(dict(data=1)), 2)
-  count = metrics[0]["count"]
+  count = metrics[0]["objectives"]["thinker_text"]["count"]
   assert all(count[batch_lib.KINDS[k]] > 0 for k in ("text", "image", "audio"))  # per-modality sums
   assert np.isfinite(losses).all()
   before = traverse_util.flatten_dict(jax.device_get(setup.init().params))

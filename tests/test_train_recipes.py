@@ -12,7 +12,8 @@ from flax import traverse_util
 import hf_reference as ref
 import train_testlib as lib
 from omni_jax import checkpoint
-from omni_jax.config import ConfigError, validate
+from omni_jax.config import ConfigError
+from omni_jax.towers import validate
 from omni_jax.convert import cli
 from omni_jax.train import state as state_lib
 

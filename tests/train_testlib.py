@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Special token ids inside the small vocabulary (as in tests/hf_reference.py).
 SMALL_IDS = dict(audio_token_id=1, image_token_id=2, video_token_id=3, audio_start_token_id=4, audio_end_token_id=5,
-                 vision_start_token_id=7, vision_end_token_id=8)
+                 vision_start_token_id=7, vision_end_token_id=8, pad_token_id=0, user_token_id=6, eos_token_ids=(9,))
 
 
 def config(**train):
@@ -62,7 +62,7 @@ def train_steps(c, mesh, n, state=None):
   for _ in range(n):
     batch = data_lib.to_global(next(source), mesh, c.sharding_rules, c.train.batch_size)
     if entry[1] is None:
-      entry[1] = step_lib.jit_train_step(setup, batch)
+      entry[1] = step_lib.jit_train_step(setup)
     state, m = entry[1](state, batch)
     out.append(jax.device_get(m))
   return [float(m["loss"]) for m in out], out, state, setup

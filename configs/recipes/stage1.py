@@ -7,7 +7,7 @@ phase=encoders (the default) the whole encoders, as the paper does in that order
   python train.py --config configs/recipes/stage1.py:model=3b --workdir gs://.../s1 --config.init_from=ckpt/omni3b
 
 Frozen parameters carry no optimizer state and stay bit-identical; gradients still flow through the frozen
-LLM into the encoders. Data: synthetic image/audio rows until the input pipeline lands (config.data.source).
+LLM into the encoders. Data: synthetic image/audio rows by default; set config.data.source for real data (docs/data.md).
 """
 
 from configs.recipes import common

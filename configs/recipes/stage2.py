@@ -3,7 +3,7 @@
   python train.py --config configs/recipes/stage2.py --workdir workdirs/s2 --config.init_from=workdirs/s1
   python train.py --config configs/recipes/stage2.py:model=7b --workdir DIR --config.init_from=S1_WORKDIR
 
-Data: synthetic text/image/audio rows until the input pipeline lands (config.data.source).
+Data: synthetic text/image/audio rows by default; set config.data.source for real data (docs/data.md).
 """
 
 from configs.recipes import common

@@ -1,11 +1,11 @@
 """Thinker pre-training stage 3 (paper §1.4): long sequences (32,768 tokens for the released models).
 
   python train.py --config configs/recipes/stage3.py --workdir workdirs/s3 --config.init_from=workdirs/s2
-  python train.py --config configs/recipes/stage3.py:model=7b --workdir DIR --config.init_from=S2_WORKDIR \
-      --config.mesh.context=4
+  python train.py --config configs/recipes/stage3.py:model=7b --workdir DIR --config.init_from=S2_WORKDIR
 
-Long rows cost activation memory: every layer is rematerialised (remat_policy=full), and the sequence can
-be split over the mesh's `context` axis (activation_length -> context in the rule table).
+Long rows cost activation memory: every layer is rematerialised (remat_policy=full). There is no context
+parallelism: attention runs over the whole sequence on each device, so the mesh's `context` axis does not
+split its cost; scale with data/fsdp/tensor instead.
 """
 
 from configs.recipes import common

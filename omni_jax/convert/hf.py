@@ -1,15 +1,14 @@
 """Read and write Qwen2.5-Omni checkpoints as transformers stores them (config.json + safetensors shards).
 
-Our module attribute names mirror the on-disk key names (spec §12), so the mapping is a small table:
-  * STACKED: module paths whose children are a stack of layers; on disk each layer has an index.
-  * LEAF_RULES: how a leaf of ours becomes a tensor on disk (kernel -> weight transposed, scale -> weight, ...).
-  * SPECIAL: per-path exceptions (regex on our dotted path -> on-disk name and transform), which the vision,
-    audio, talker and token2wav towers extend.
-  * TOWERS: on-disk prefixes of each tower, so a checkpoint with towers the config does not build reports
-    what it leaves out instead of failing on "unknown" keys.
+Our module attribute names mirror the on-disk key names (spec §12), so the mapping is a small table. This
+module is the converter core; the per-tower tables are registered with omni_jax.towers:
+  * stacked (per tower): module paths whose children are a stack of layers; on disk each layer has an index.
+  * LEAF_RULES (here): how a leaf of ours becomes a tensor on disk (kernel -> weight transposed, ...).
+  * rules (per tower): exceptions (regex on our dotted path -> on-disk name and transform), tried first.
+  * parts (per tower, + towers.PLANNED): on-disk prefixes of towers or encoders, so a checkpoint with parts
+    the config does not build reports what it leaves out instead of failing on "unknown" keys.
 """
 
-import dataclasses
 import glob
 import json
 import logging
@@ -23,109 +22,38 @@ from flax import nnx
 from safetensors import numpy as st_numpy
 from safetensors import safe_open
 
-from omni_jax import defaults
+from omni_jax import defaults, towers
+from omni_jax.convert.rules import CheckpointMismatch, Rule, Transform, transpose  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-def _identity(x):
-  return x
-
-
-def _transpose(x):
-  return np.ascontiguousarray(x.T)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  """ours (regex over our dotted path) <-> disk (template with \\1 groups); to_disk/from_disk transforms."""
-  ours: str
-  disk: str
-  to_disk: Transform = _identity
-  from_disk: Transform = _identity
-  # When to_disk alone cannot know the on-disk shape: (our config or None, to_disk's shape) -> shape.
-  disk_shape: Optional[Callable[[Optional[ml_collections.ConfigDict], tuple], tuple]] = None
-
-
-# Paths (ours) whose next level is a stack of layers: "a.layers" + "x.y" <-> "a.layers.{i}.x.y" on disk.
-STACKED = [
-    "thinker.model.layers",
-    "thinker.audio_tower.layers",
-    "thinker.visual.blocks",
-]
-
-# Leaf renames that hold everywhere unless SPECIAL says otherwise.
+# Leaf renames that hold everywhere unless a tower's rules say otherwise.
 LEAF_RULES = [
-    Rule(r"(.*)\.kernel", r"\1.weight", _transpose, _transpose),  # 2-D dense kernels are [in, out]
+    Rule(r"(.*)\.kernel", r"\1.weight", transpose, transpose),  # 2-D dense kernels are [in, out]
     Rule(r"(.*)\.embedding", r"\1.weight"),
     Rule(r"(.*)\.scale", r"\1.weight"),
     Rule(r"(.*)\.bias", r"\1.bias"),
 ]
 
-# Exceptions, tried before LEAF_RULES (towers add theirs here).
-SPECIAL: list[Rule] = []
+
+def _stacked() -> list[str]:
+  return [p for t in towers.registered() for p in t.stacked]
 
 
-def _conv_to_disk(x):
-  return np.ascontiguousarray(np.transpose(x, (2, 1, 0)))  # [k, in, out] -> torch Conv1d [out, in, k]
+def _special() -> list[Rule]:
+  return [r for t in towers.registered() for r in t.rules]
 
 
-_AUDIO = r"thinker\.audio_tower\."
-SPECIAL += [
-    # Audio tower: the shared Attention names its output projection o_proj and the shared MLP holds fc1/fc2.
-    Rule(_AUDIO + r"layers\.self_attn\.o_proj\.kernel", r"thinker.audio_tower.layers.self_attn.out_proj.weight",
-         _transpose, _transpose),
-    Rule(_AUDIO + r"layers\.self_attn\.o_proj\.bias", r"thinker.audio_tower.layers.self_attn.out_proj.bias"),
-    Rule(_AUDIO + r"layers\.mlp\.(fc1|fc2)\.kernel", r"thinker.audio_tower.layers.\1.weight", _transpose, _transpose),
-    Rule(_AUDIO + r"layers\.mlp\.(fc1|fc2)\.bias", r"thinker.audio_tower.layers.\1.bias"),
-    Rule(_AUDIO + r"(conv1|conv2)\.kernel", r"thinker.audio_tower.\1.weight", _conv_to_disk, _conv_to_disk),
-]
-
-
-def _patch_embed_shape(config: Optional[ml_collections.ConfigDict], shape: tuple) -> tuple:
-  """[out, C*T*p*p] -> the Conv3d weight [out, C, T, p, p] (without a config: the released 3, 2, p layout)."""
-  vision = config.model.thinker.get("vision") if config is not None else None
-  c, t = (vision.in_channels, vision.temporal_patch_size) if vision is not None else (3, 2)
-  p = vision.patch_size if vision is not None else int(round((shape[1] / (c * t)) ** 0.5))
-  if c * t * p * p != shape[1]:
-    raise CheckpointMismatch(f"patch embedding with {shape[1]} inputs is not (C={c}, T={t}, {p}, {p})")
-  return (shape[0], c, t, p, p)
-
-
-def _conv3d_from_disk(x):
-  return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)  # Conv3d [out, C, T, p, p] -> kernel [C*T*p*p, out]
-
-
-_VISION = r"thinker\.visual\."
-SPECIAL += [
-    # Vision tower: the shared Attention names q/k/v/proj q_proj/k_proj/v_proj/o_proj; the merger's
-    # nn.Sequential indices 0 and 2 are fc1 and fc2; the Conv3d patch embedding is a Linear over patch rows.
-    Rule(_VISION + r"blocks\.attn\.(q|k|v)_proj\.kernel", r"thinker.visual.blocks.attn.\1.weight", _transpose,
-         _transpose),
-    Rule(_VISION + r"blocks\.attn\.(q|k|v)_proj\.bias", r"thinker.visual.blocks.attn.\1.bias"),
-    Rule(_VISION + r"blocks\.attn\.o_proj\.kernel", r"thinker.visual.blocks.attn.proj.weight", _transpose, _transpose),
-    Rule(_VISION + r"blocks\.attn\.o_proj\.bias", r"thinker.visual.blocks.attn.proj.bias"),
-    Rule(_VISION + r"merger\.fc1\.kernel", r"thinker.visual.merger.mlp.0.weight", _transpose, _transpose),
-    Rule(_VISION + r"merger\.fc1\.bias", r"thinker.visual.merger.mlp.0.bias"),
-    Rule(_VISION + r"merger\.fc2\.kernel", r"thinker.visual.merger.mlp.2.weight", _transpose, _transpose),
-    Rule(_VISION + r"merger\.fc2\.bias", r"thinker.visual.merger.mlp.2.bias"),
-    Rule(_VISION + r"patch_embed\.proj\.kernel", r"thinker.visual.patch_embed.proj.weight", _transpose,
-         _conv3d_from_disk, _patch_embed_shape),
-]
-
-# On-disk prefixes of each tower of the full checkpoint.
-TOWERS = {
-    "thinker.visual.": "vision encoder",
-    "thinker.audio_tower.": "audio encoder",
-    "talker.": "talker",
-    "token2wav.": "token2wav",
-}
-
-
-class CheckpointMismatch(ValueError):
-  """The checkpoint's tensors do not match the model the config describes; the message lists them."""
+def _parts(built: frozenset = frozenset()) -> dict[str, str]:
+  """On-disk prefix -> description of the checkpoint parts a model may leave out: planned towers, registered
+  towers the config does not build (`built`: names of those it builds), and their optional parts."""
+  out = dict(towers.PLANNED)
+  for t in towers.registered():
+    out.pop(t.name + ".", None)
+    if t.name not in built:
+      out[t.name + "."] = t.name
+    out.update(t.parts)
+  return out
 
 
 # --------------------------------------------------------------------------------------- config.json
@@ -281,14 +209,14 @@ def config_to_hf(config: ml_collections.ConfigDict, torch_dtype: str = "float32"
 
 
 def _split_stacked(path: str) -> tuple[Optional[str], str]:
-  for prefix in STACKED:
+  for prefix in _stacked():
     if path.startswith(prefix + "."):
       return prefix, path[len(prefix) + 1:]
   return None, path
 
 
 def _leaf_rule(path: str) -> tuple[str, Rule]:
-  for rule in SPECIAL + LEAF_RULES:
+  for rule in _special() + LEAF_RULES:
     if re.fullmatch(rule.ours, path):
       return re.sub(rule.ours, rule.disk, path), rule
   raise CheckpointMismatch(f"no mapping rule for parameter {path!r}")
@@ -371,8 +299,9 @@ def load_state(hf_dir: str, abstract_state, *, hf_config: Optional[dict] = None)
   unused = sorted(set(available) - used)
   dropped = {}
   unknown = []
+  parts = _parts(frozenset(str(path[0]) for path, _ in state))
   for k in unused:
-    tower = next((name for p, name in TOWERS.items() if k.startswith(p)), None)
+    tower = next((name for p, name in parts.items() if k.startswith(p)), None)
     if tower:
       dropped[tower] = dropped.get(tower, 0) + 1
     else:

@@ -1,25 +1,38 @@
-"""The loss evaluator: label-token loss, perplexity and next-token accuracy per modality.
+"""The loss evaluator: each objective's loss (and, where the objective gives them, perplexity and next-token
+accuracy per modality), from the same objectives the train step sums (omni_jax.towers).
 
 train.py runs the same jitted step every config.train.eval_every steps; eval.py runs it on a checkpoint.
 """
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from omni_jax import towers
 from omni_jax.train import metrics as metrics_lib
 from omni_jax.train import step as step_lib
 
+EVAL_SEED = 0  # objectives that draw noise draw the same noise at every evaluation (comparable numbers)
 
-def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules, param_shardings: Any) -> Callable:
-  """(params, batch) -> per-modality sums {loss_sum, count, correct} over the global batch."""
+
+def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules, param_shardings: Any,
+                  objectives: Optional[Sequence[str]] = None) -> Callable:
+  """(params, batch) -> {objective: sums (loss_sum, count, correct, ...)} over the global batch.
+
+  objectives: names (e.g. the keys of omni_jax.towers.objective_weights(config)); None: every objective of
+  the towers the model holds.
+  """
 
   def step(params, batch):
-    logits = step_lib.forward(graphdef, params, batch, mesh, rules)
-    return step_lib.token_stats(logits, batch, with_accuracy=True)
+    model = nnx.merge(graphdef, params)
+    names = objectives
+    if names is None:
+      names = [o.name for t in towers.registered() if getattr(model, t.name, None) is not None for o in t.objectives]
+    return step_lib.objective_sums(model, batch, jax.random.key(EVAL_SEED), [towers.objective(n) for n in names],
+                                   mesh, rules, evaluate=True)
 
   cache = {}
 

@@ -13,8 +13,7 @@ import jax
 import ml_collections
 
 from omni_jax import checkpoint
-from omni_jax import config as config_lib
-from omni_jax import sharding
+from omni_jax import sharding, towers
 from omni_jax.evaluate import loss as eval_lib
 from omni_jax.models import omni
 from omni_jax.train import data as data_lib
@@ -27,7 +26,7 @@ def run(config: ml_collections.ConfigDict, checkpoint_path: str, output: Optiona
   """Evaluate config.eval.steps batches of config.eval.split; returns (and writes) the report."""
   path = checkpoint.params_dir(checkpoint_path)
   config = checkpoint.adopt_model_config(config, path)
-  config_lib.validate(config)
+  towers.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   rules = config.sharding_rules
   graphdef, abstract = omni.abstract_model(config)
@@ -40,7 +39,7 @@ def run(config: ml_collections.ConfigDict, checkpoint_path: str, output: Optiona
   e = config.eval
   rows = data_lib.process_rows(mesh, rules, e.batch_size, config.train.seq_len)
   source = data_lib.make_source(config, e.split, e.batch_size, rows)
-  step = eval_lib.jit_eval_step(graphdef, mesh, rules, param_shardings)
+  step = eval_lib.jit_eval_step(graphdef, mesh, rules, param_shardings, list(towers.objective_weights(config)))
   batches = (data_lib.to_global(next(source), mesh, rules, e.batch_size) for _ in range(e.steps))
   scalars = eval_lib.evaluate(step, params, batches, prefix=e.split)  # "eval/loss", as in train.py
 

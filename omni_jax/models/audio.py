@@ -115,10 +115,6 @@ class AudioEncoderLayer(nnx.Module):
     return sharding.constrain(x, ACT)
 
 
-def _exclusive_cumsum(x):
-  return jnp.cumsum(x) - x
-
-
 class AudioEncoder(nnx.Module):
   """conv1 -> conv2 -> positions -> layers (per-chunk attention) -> pair pooling -> ln_post -> proj."""
 

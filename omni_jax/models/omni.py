@@ -1,4 +1,4 @@
-"""The whole model (Thinker now; Talker and Token2Wav join in their issues) and its sharded creation."""
+"""The whole model: one attribute per tower the config builds (omni_jax.towers), and its sharded creation."""
 
 from typing import Optional
 
@@ -8,19 +8,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from omni_jax import config as config_lib
-from omni_jax import sharding
-from omni_jax.models.audio import thinker_audio
-from omni_jax.models.thinker import Thinker
-from omni_jax.models.vision import thinker_vision
+from omni_jax import sharding, towers
 
 
 class OmniModel(nnx.Module):
-  """Top-level container; attribute names match the checkpoint's top-level prefixes (thinker., talker.)."""
+  """Top-level container; attribute names are the towers' names, which are the checkpoint's top-level
+  prefixes (thinker., talker., ...). A tower whose config section is absent is not built."""
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     rt = config_lib.Runtime.from_config(config.model)
-    self.thinker = Thinker(config_lib.thinker_text(config), rt, rngs=rngs, audio=thinker_audio(config),
-                           ids=config_lib.TokenIds.from_config(config.model.thinker), vision=thinker_vision(config))
+    for tower in towers.built(config):
+      setattr(self, tower.name, tower.build(config, rt, rngs))
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
@@ -38,11 +36,10 @@ def create_sharded(config: ml_collections.ConfigDict, mesh: Mesh, seed: Optional
   graphdef, abstract = abstract_model(config)
   shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
 
-  @jax.jit
+  @jax.jit(out_shardings=shardings)
   def init():
     return nnx.split(OmniModel(config, rngs=nnx.Rngs(seed)))[1]
 
-  init = jax.jit(init, out_shardings=shardings)
   with sharding.activate(mesh, config.sharding_rules):
     state = init()
   return graphdef, state, shardings

@@ -22,7 +22,7 @@ from flax import traverse_util
 
 from omni_jax import checkpoint
 from omni_jax import config as config_lib
-from omni_jax import sharding
+from omni_jax import sharding, towers
 from omni_jax.evaluate import loss as eval_lib
 from omni_jax.train import data as data_lib
 from omni_jax.train import metrics as metrics_lib
@@ -100,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train config.train.steps steps in workdir (resuming if it holds checkpoints). Returns the last metrics."""
   if config.get("init_from"):
     config = checkpoint.adopt_model_config(config, checkpoint.params_dir(config.init_from))
-  config_lib.validate(config)
+  towers.validate(config)
   t = config.train
   primary = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
@@ -127,7 +127,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = int(jax.device_get(state.step))
 
   train_step = step_lib.jit_train_step(setup)
-  eval_step = eval_lib.jit_eval_step(setup.graphdef, mesh, rules, setup.param_shardings)
+  eval_step = eval_lib.jit_eval_step(setup.graphdef, mesh, rules, setup.param_shardings,
+                                     list(towers.objective_weights(config)))
   eval_rows = data_lib.process_rows(mesh, rules, config.eval.batch_size, t.seq_len)
 
   def evaluate() -> dict:
@@ -156,12 +157,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def finish(step, m_dev, step_flops, tokens):
     """Read back one step's metrics (blocks until it is done), check them, log every log_every steps."""
     nonlocal last
-    m = {k: np.asarray(v) for k, v in jax.device_get(m_dev).items()}
+    m = jax.tree.map(np.asarray, jax.device_get(m_dev))
     m["loss"], m["grad_norm"] = float(m["loss"]), float(m["grad_norm"])
     _check_finite(step, m, ckpt)
     throughput.step_done(tokens, step_flops)
     if step % t.log_every == 0 or step == t.steps:
-      scalars = metrics_lib.summarize(m, "train")
+      scalars = metrics_lib.summarize(m["objectives"], "train")
+      if len(m["objectives"]) > 1:
+        scalars["train/weighted_loss"] = m["loss"]  # what the optimizer minimises (config.train.objectives)
       scalars.update({"train/grad_norm": m["grad_norm"], "train/lr": float(m["lr"]), **throughput.report(),
                       **data_lib.counters(train_data)})
       writer.write(step, scalars)
