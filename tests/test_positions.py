@@ -101,7 +101,7 @@ def test_example3_video():
 def test_example4_audio_then_image():
   tokens = [10, 4] + [1] * 25 + [5, 7] + [2] * 6 + [8, 12]
   assert audio_token_count(100) == 25
-  pos, _ = _positions(tokens, image_grid_thw=np.array([[1, 4, 6]])))
+  pos, _ = _positions(tokens, image_grid_thw=np.array([[1, 4, 6]]))
   assert np.array_equal(pos[:, 2:27], np.tile(np.arange(2, 27), (3, 1)))
   assert pos[:, 27].tolist() == [27] * 3 and pos[:, 28].tolist() == [28] * 3
   assert pos[0, 29:35].tolist() == [29] * 6

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import ml_collections
 import numpy as np
