@@ -26,6 +26,10 @@ case "${1:-}" in
     .venv/bin/python train.py "${demo[@]}" --workdir "$workdir" --config.train.steps=60 \
       --config.train.eval_every=30 --config.train.checkpoint_every=30
     .venv/bin/python eval.py "${demo[@]}" --checkpoint "$workdir"
+    # Ask the trained model about a held-out English clip of the demo corpus (the reply streams).
+    clip=$(ls "$HOME"/.cache/omni_jax/demo_corpus/media/asr/audioeval_en_*.wav 2>/dev/null | head -n 1)
+    .venv/bin/python generate.py --checkpoint "$workdir" --prompt "Transcribe the audio." \
+      ${clip:+--audio "$clip"} --max_new_tokens 32 --greedy
     ;;
   test)
     setup test

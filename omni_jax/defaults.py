@@ -14,6 +14,7 @@ SHARDING_RULES = (
     ("activation_kv_heads", ("tensor",)),
     ("activation_mlp", ("tensor",)),
     ("activation_vocab", ("tensor",)),
+    ("cache_length", ()),  # KV-cache slots (omni_jax.layers.KVCache); rows and kv heads follow the activations
     ("embed", ("fsdp",)),
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),

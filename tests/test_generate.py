@@ -259,3 +259,14 @@ def test_stream_yields_the_generated_tokens_step_by_step(tmp_path):
   tokens = np.stack([t for t, _ in steps], axis=1)
   np.testing.assert_array_equal(tokens, expected.tokens[:, :tokens.shape[1]])
   assert steps[-1][1].all() or tokens.shape[1] == 9  # ends when every row stopped, or at max_new_tokens
+
+
+def test_cache_is_sharded_by_the_rule_table():
+  """Rows over data/fsdp, kv heads over tensor, slots and head_dim replicated (config.sharding_rules)."""
+  from configs import tiny
+  from omni_jax.layers import KVCache
+
+  rules = tiny.get_config().sharding_rules
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  spec = sharding.logical_to_spec(KVCache.NAMES, (2, 8, 64, 4, 16), mesh, rules)
+  assert spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)

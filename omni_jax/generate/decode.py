@@ -114,9 +114,14 @@ def make_generate_fn(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, *, max_ne
           io_callback(_dispatch, None, listener, c.step, shown, stopped, ordered=False)
         seen = c.seen.at[rows, token].set(True) if sampling.penalises else c.seen
         all_logits = c.all_logits.at[:, c.step].set(c.logits) if return_logits else c.all_logits
-        pos = positions_lib.decode_positions(deltas, n_real + c.step)
-        hidden, cache = thinker.model(thinker.embed(token[:, None]), pos, jnp.ones((b, 1), jnp.int32), c.cache)
-        next_logits = thinker.logits(hidden)[:, 0].astype(jnp.float32)
+        def feed(cache):  # the chosen token through the stack: the next step's logits
+          pos = positions_lib.decode_positions(deltas, n_real + c.step)
+          hidden, cache = thinker.model(thinker.embed(token[:, None]), pos, jnp.ones((b, 1), jnp.int32), cache)
+          return cache, thinker.logits(hidden)[:, 0].astype(jnp.float32)
+
+        # The last step (or one where every row stopped) needs no forward pass.
+        more = (c.step + 1 < max_new_tokens) & ~jnp.all(done)
+        cache, next_logits = jax.lax.cond(more, feed, lambda cache: (cache, c.logits), c.cache)
         return _Loop(c.step + 1, cache, next_logits, seen, c.tokens.at[:, c.step].set(token), lengths, done,
                      all_logits)
 

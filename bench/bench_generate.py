@@ -1,0 +1,149 @@
+"""Thinker text generation vs transformers' generate: time to first token and decode tokens/s (same run).
+
+  .venv/bin/python bench/bench_generate.py [--size tiny|100m|7b] [--batch 1 4] [--prompt 128] [--new 64]
+      [--dtype float32|bfloat16] [--no-reference]
+
+Both sides get identical weights (ours imported from the transformers model), the same left-padded prompts,
+greedy decoding without an eos (every row runs max_new_tokens). Time to first token = generate with one new
+token; decode tokens/s = rows * (new - 1) / (time(new) - time(1)). Medians of --iters runs after a warm-up
+(compilation excluded). Prints each side and the ratios (ours / transformers: > 1 means we are faster).
+--size 7b builds the 7B-shaped Thinker LM with random weights for a GPU (our side only: --no-reference).
+Figures are recorded in docs/performance.md.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from omni_jax import sharding  # noqa: E402
+from omni_jax.convert import hf  # noqa: E402
+from omni_jax.generate import Generator, SamplingParams  # noqa: E402
+from omni_jax.models import omni  # noqa: E402
+
+SIZES = {
+    "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, mrope=[2, 3, 3]),
+    "100m": dict(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4, mrope=[16, 8, 8]),
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, mrope=[16, 24, 24]),
+}
+
+
+def median_time(fn, iters):
+  fn()  # warm-up (compilation)
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def ours_from_config(config):
+  """A Generator with random weights on all devices (no reference needed)."""
+  mesh = sharding.make_mesh({"data": -1})
+  graphdef, state, shardings = omni.create_sharded(config, mesh)
+  return Generator(graphdef, state, config, mesh, shardings)
+
+
+def build(size: str, dtype: str, reference: bool):
+  import ml_collections  # noqa: PLC0415
+
+  s = dict(SIZES[size])
+  mrope = s.pop("mrope")
+  if not reference:
+    from configs import tiny  # noqa: PLC0415
+
+    c = tiny.get_config()
+    for k in ("audio", "vision"):
+      c.model.thinker.pop(k, None)
+    c.model.thinker.text = ml_collections.ConfigDict(dict(
+        s, head_dim=s["hidden_size"] // s["num_attention_heads"], mrope_section=tuple(mrope), rope_theta=1e6,
+        hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False))
+    c.model.thinker.update(pad_token_id=0, eos_token_ids=(), user_token_id=0)
+    c.model.dtype = c.model.param_dtype = dtype
+    return None, ours_from_config(c)
+  import hf_reference as ref  # noqa: PLC0415
+  import torch  # noqa: PLC0415
+
+  torch.set_num_threads(os.cpu_count())
+  ref.TEXT_VARIANTS["bench"] = dict(s, rope_parameters={"mrope_section": mrope, "rope_type": "default",
+                                                        "rope_theta": 1e6})
+  model = ref.build_thinker("bench")
+  d = tempfile.mkdtemp()
+  model.save_pretrained(d)
+  config = hf.config_from_hf(hf.read_config(d))
+  config.model.dtype = dtype
+  graphdef, abstract = omni.abstract_model(config)
+  mesh = sharding.make_mesh({"data": -1})
+  shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
+  state = jax.device_put(hf.load_state(d, abstract), shardings)
+  return model, Generator(graphdef, state, config, mesh, shardings)
+
+
+def prompts(rows: int, length: int, vocab: int):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(10, vocab, size=(rows, length)).astype(np.int32)
+  seg = np.ones_like(ids)
+  for r in range(1, rows):  # left padding: rows of different lengths
+    seg[r, :r * length // (4 * rows)] = 0
+  ids[seg == 0] = 0
+  return {"input_ids": ids, "segment_ids": seg}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--size", default="100m", choices=sorted(SIZES))
+  p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+  p.add_argument("--prompt", type=int, default=128)
+  p.add_argument("--new", type=int, default=64)
+  p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--no-reference", dest="reference", action="store_false")
+  args = p.parse_args()
+  torch_model, gen = build(args.size, args.dtype, args.reference)
+  n_params = sum(np.size(x) for x in jax.tree.leaves(gen.params))
+  print(f"size {args.size} ({n_params / 1e6:.1f} M params), {args.dtype}, devices {jax.devices()[0].platform} "
+        f"x{jax.device_count()}, prompt {args.prompt}, new {args.new}")
+  greedy = SamplingParams()
+  for rows in args.batch:
+    batch = prompts(rows, args.prompt, SIZES[args.size]["vocab_size"])
+
+    def ours(n):
+      return lambda: gen.generate(batch, max_new_tokens=n, sampling=greedy, eos_token_ids=())
+
+    t1, tn = median_time(ours(1), args.iters), median_time(ours(args.new), args.iters)
+    ours_tps = rows * (args.new - 1) / (tn - t1)
+    line = f"batch {rows}: ours TTFT {t1 * 1e3:.1f} ms, decode {ours_tps:.1f} tok/s"
+    if torch_model is not None:
+      import torch  # noqa: PLC0415
+
+      inputs = dict(input_ids=torch.tensor(batch["input_ids"].astype(np.int64)),
+                    attention_mask=torch.tensor(batch["segment_ids"].astype(np.int64)))
+
+      def theirs(n):
+        def run():
+          with torch.no_grad():
+            return torch_model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                        pad_token_id=0, eos_token_id=None)
+        return run
+
+      h1, hn = median_time(theirs(1), args.iters), median_time(theirs(args.new), args.iters)
+      hf_tps = rows * (args.new - 1) / (hn - h1)
+      check = theirs(args.new)()[:, args.prompt:].numpy()
+      same = np.array_equal(check, ours(args.new)().tokens) if args.dtype == "float32" else "n/a (bf16)"
+      line += (f" | transformers TTFT {h1 * 1e3:.1f} ms, decode {hf_tps:.1f} tok/s | TTFT ratio "
+               f"{h1 / t1:.2f}x, decode ratio {ours_tps / hf_tps:.2f}x | same tokens: {same}")
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+  main()
