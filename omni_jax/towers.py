@@ -136,7 +136,7 @@ def _all_objectives(towers: Sequence[Tower]) -> dict[str, Objective]:
 
 def objective_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
   """{objective name: weight} from config.train.objectives (default: every built tower's objective, 1.0)."""
-  weights = config.get("train", {}).get("objectives", None) if "train" in config else None
+  weights = config.train.get("objectives", None) if "train" in config else None
   if weights is None:
     return {name: 1.0 for name in _all_objectives(built(config))}
   return {k: float(v) for k, v in weights.items()}
