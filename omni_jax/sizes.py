@@ -1,17 +1,24 @@
 """Sizes the data pipeline and the model must agree on, in one place (pure Python + numpy, no jax: the
 pipeline's worker processes import this)."""
 
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 
 
-def audio_token_count(mel_frames: Union[int, np.ndarray]):
+def audio_conv_frames(mel_frames):
+  """Audio encoder positions after its stride-2 conv: (L - 1) // 2 + 1 (any int or numpy / jax array)."""
+  return (mel_frames - 1) // 2 + 1
+
+
+def audio_token_count(mel_frames: Union[int, Sequence[int], np.ndarray]):
   """Audio encoder output tokens (= AUDIO placeholders) for `mel_frames` mel frames: the stride-2 conv, then
-  pooling by 2: ((L - 1) // 2 + 1 - 2) // 2 + 1 (spec §5.1). An int for an int, an array for an array."""
-  after_conv = (np.asarray(mel_frames) - 1) // 2 + 1
-  out = (after_conv - 2) // 2 + 1
-  return int(out) if np.ndim(out) == 0 else out
+  pooling by 2: ((L - 1) // 2 + 1 - 2) // 2 + 1 (spec §5.1). An int for an int (or a 0-d numpy array); an
+  array of the same kind for a numpy or jax array (jittable)."""
+  if isinstance(mel_frames, (list, tuple)) or (isinstance(mel_frames, np.ndarray) and mel_frames.ndim == 0):
+    mel_frames = np.asarray(mel_frames)
+  out = (audio_conv_frames(mel_frames) - 2) // 2 + 1
+  return int(out) if isinstance(out, (int, np.integer)) or (isinstance(out, np.ndarray) and out.ndim == 0) else out
 
 
 def patch_dim(in_channels: int, temporal_patch_size: int, patch_size: int) -> int:

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from omni_jax import sharding
+from omni_jax import sharding, sizes
 from omni_jax.config import ConfigError, Runtime, from_config_dict, require_positive_ints
 from omni_jax.layers import Attention, Conv1d, Embed, LayerNorm, Linear, MLP, activation, attention_mask
 from omni_jax.models.scan import create_stacked, run_stacked
@@ -167,15 +167,14 @@ class AudioEncoder(nnx.Module):
     x = act(self.conv1(x)) * frame_ok.astype(self.rt.dtype)
     x = act(self.conv2(x))  # [rows, per_row, d]
     x = (x.astype(jnp.float32) + sinusoids(per_row, cfg.d_model)[None]).astype(self.rt.dtype)
-    row_tokens = (row_len - 1) // 2 + 1  # 0 for an empty row
+    row_tokens = sizes.audio_conv_frames(row_len)  # 0 for an empty row
     segments = (jnp.arange(per_row)[None, :] < row_tokens[:, None]).astype(jnp.int32)
     x = sharding.constrain(x, ACT)
     x = run_stacked(self.layers, x, attention_mask(segments, causal=False), scan=self.rt.scan_layers,
                     remat_policy=self.rt.remat_policy)
 
     # Output token i: audio b, local index j; it pools frames 2j, 2j + 1 of that audio's token sequence.
-    after_conv = (lengths - 1) // 2 + 1
-    tokens = (after_conv - 2) // 2 + 1
+    tokens = sizes.audio_token_count(lengths)
     token_end = jnp.cumsum(tokens)
     i = jnp.arange(n_out)
     b = jnp.clip(jnp.searchsorted(token_end, i, side="right"), 0, n_audio - 1)

@@ -166,7 +166,7 @@ class ThinkerFlops:
     frames = frames[frames > 0]
     if frames.size == 0:
       return 0.0
-    tokens = ((frames - 1) // 2 + 1).sum()  # after the stride-2 conv
+    tokens = sizes.audio_conv_frames(frames).sum()  # after the stride-2 conv
     d = a.d_model
     layer = _linear_params(d, d) * 4 + _linear_params(d, a.encoder_ffn_dim) * 2
     conv = frames.sum() * 3 * a.num_mel_bins * d + tokens * 3 * d * d
