@@ -124,6 +124,16 @@ class OmniChat:
     out = self.generator.generate(self.batch(conversations), **self._settings(kw))
     return [self._text(row[:n]) for row, n in zip(out.tokens, out.lengths)]
 
+  def _request(self, prompt, messages, image, audio, video, use_audio_in_video, system, kw) -> tuple[dict, dict]:
+    """(prompt batch, generate() settings) of one chat call."""
+    if messages is None:
+      if prompt is None:
+        raise ValueError("give a prompt or messages")
+      as_list = lambda x: [x] if isinstance(x, (str, os.PathLike)) else list(x)  # noqa: E731
+      messages = prompts.conversation(prompt, system=system, images=as_list(image), audios=as_list(audio),
+                                      videos=as_list(video), use_audio_in_video=use_audio_in_video)
+    return self.batch([messages]), self._settings(kw)
+
   def chat(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
            image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,
            system: Optional[str] = None, **kw) -> str:
@@ -132,26 +142,16 @@ class OmniChat:
     Keyword arguments: max_new_tokens, seed, do_sample, temperature, top_k, top_p, repetition_penalty
     (defaults: config.generate).
     """
-    return "".join(self.stream_chat(prompt, messages=messages, image=image, audio=audio, video=video,
-                                    use_audio_in_video=use_audio_in_video, system=system, _stream=False, **kw))
+    batch, settings = self._request(prompt, messages, image, audio, video, use_audio_in_video, system, kw)
+    out = self.generator.generate(batch, **settings)
+    return self._text(out.tokens[0, :out.lengths[0]])
 
   def stream_chat(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
                   image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,
-                  system: Optional[str] = None, _stream: bool = True, **kw) -> Iterator[str]:
-    """Yields the reply's text as the tokens are generated (pieces that end inside a multi-byte character
-    are held back until it is complete)."""
-    if messages is None:
-      if prompt is None:
-        raise ValueError("give a prompt or messages")
-      as_list = lambda x: [x] if isinstance(x, (str, os.PathLike)) else list(x)  # noqa: E731
-      messages = prompts.conversation(prompt, system=system, images=as_list(image), audios=as_list(audio),
-                                      videos=as_list(video), use_audio_in_video=use_audio_in_video)
-    batch = self.batch([messages])
-    settings = self._settings(kw)
-    if not _stream:
-      out = self.generator.generate(batch, **settings)
-      yield self._text(out.tokens[0, :out.lengths[0]])
-      return
+                  system: Optional[str] = None, **kw) -> Iterator[str]:
+    """chat(), yielding the reply's text as the tokens are generated (a piece that ends inside a multi-byte
+    character is held back until the character is complete)."""
+    batch, settings = self._request(prompt, messages, image, audio, video, use_audio_in_video, system, kw)
     ids, shown = [], ""
     for tokens, _ in self.generator.stream(batch, **settings):
       ids.append(int(tokens[0]))
