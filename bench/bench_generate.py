@@ -3,6 +3,9 @@
   .venv/bin/python bench/bench_generate.py [--size tiny|100m|7b] [--batch 1 4] [--prompt 128] [--new 64]
       [--dtype float32|bfloat16] [--no-reference]
 
+--dtype bfloat16 stores our weights and computes in bf16 (transformers stays float32: its CPU bf16 kernels are
+slow), so that row measures what serving in bf16 gains, not a like-for-like ratio.
+
 Both sides get identical weights (ours imported from the transformers model), the same left-padded prompts,
 greedy decoding without an eos (every row runs max_new_tokens). Time to first token = generate with one new
 token; decode tokens/s = rows * (new - 1) / (time(new) - time(1)). Medians of --iters runs after a warm-up
@@ -13,15 +16,11 @@ Figures are recorded in docs/performance.md.
 
 import argparse
 import os
-import sys
-import tempfile
-import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import reference_thinker, time_alternating  # noqa: E402
 from omni_jax import sharding  # noqa: E402
 from omni_jax.convert import hf  # noqa: E402
 from omni_jax.generate import Generator, SamplingParams  # noqa: E402
@@ -35,16 +34,6 @@ SIZES = {
     "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                num_attention_heads=28, num_key_value_heads=4, mrope=[16, 24, 24]),
 }
-
-
-def median_time(fn, iters):
-  fn()  # warm-up (compilation)
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def ours_from_config(config):
@@ -71,17 +60,11 @@ def build(size: str, dtype: str, reference: bool):
     c.model.thinker.update(pad_token_id=0, eos_token_ids=(), user_token_id=0)
     c.model.dtype = c.model.param_dtype = dtype
     return None, ours_from_config(c)
-  import hf_reference as ref  # noqa: PLC0415
   import torch  # noqa: PLC0415
 
   torch.set_num_threads(os.cpu_count())
-  ref.TEXT_VARIANTS["bench"] = dict(s, rope_parameters={"mrope_section": mrope, "rope_type": "default",
-                                                        "rope_theta": 1e6})
-  model = ref.build_thinker("bench")
-  d = tempfile.mkdtemp()
-  model.save_pretrained(d)
-  config = hf.config_from_hf(hf.read_config(d))
-  config.model.dtype = dtype
+  model, config, d = reference_thinker(SIZES[size])
+  config.model.dtype = config.model.param_dtype = dtype  # bfloat16: weights stored and read in bf16
   graphdef, abstract = omni.abstract_model(config)
   mesh = sharding.make_mesh({"data": -1})
   shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
@@ -120,10 +103,11 @@ def main():
     def ours(n):
       return lambda: gen.generate(batch, max_new_tokens=n, sampling=greedy, eos_token_ids=())
 
-    t1, tn = median_time(ours(1), args.iters), median_time(ours(args.new), args.iters)
-    ours_tps = rows * (args.new - 1) / (tn - t1)
-    line = f"batch {rows}: ours TTFT {t1 * 1e3:.1f} ms, decode {ours_tps:.1f} tok/s"
-    if torch_model is not None:
+    if torch_model is None:
+      t1, tn = time_alternating([ours(1), ours(args.new)], args.iters)
+      print(f"batch {rows}: ours TTFT {t1 * 1e3:.1f} ms, decode {rows * (args.new - 1) / (tn - t1):.1f} tok/s",
+            flush=True)
+    else:
       import torch  # noqa: PLC0415
 
       inputs = dict(input_ids=torch.tensor(batch["input_ids"].astype(np.int64)),
@@ -136,13 +120,13 @@ def main():
                                         pad_token_id=0, eos_token_id=None)
         return run
 
-      h1, hn = median_time(theirs(1), args.iters), median_time(theirs(args.new), args.iters)
-      hf_tps = rows * (args.new - 1) / (hn - h1)
+      t1, tn, h1, hn = time_alternating([ours(1), ours(args.new), theirs(1), theirs(args.new)], args.iters)
+      ours_tps, hf_tps = rows * (args.new - 1) / (tn - t1), rows * (args.new - 1) / (hn - h1)
       check = theirs(args.new)()[:, args.prompt:].numpy()
       same = np.array_equal(check, ours(args.new)().tokens) if args.dtype == "float32" else "n/a (bf16)"
-      line += (f" | transformers TTFT {h1 * 1e3:.1f} ms, decode {hf_tps:.1f} tok/s | TTFT ratio "
-               f"{h1 / t1:.2f}x, decode ratio {ours_tps / hf_tps:.2f}x | same tokens: {same}")
-    print(line, flush=True)
+      print(f"batch {rows}: ours TTFT {t1 * 1e3:.1f} ms, decode {ours_tps:.1f} tok/s"
+            f" | transformers TTFT {h1 * 1e3:.1f} ms, decode {hf_tps:.1f} tok/s | TTFT ratio "
+            f"{h1 / t1:.2f}x, decode ratio {ours_tps / hf_tps:.2f}x | same tokens: {same}", flush=True)
 
 
 if __name__ == "__main__":

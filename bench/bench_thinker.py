@@ -8,12 +8,6 @@ the loss is the mean next-token cross-entropy. Prints milliseconds per step for 
 """
 
 import argparse
-import os
-import sys
-import tempfile
-import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -22,7 +16,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import hf_reference as ref  # noqa: E402
+from common import reference_thinker, time_alternating  # noqa: E402
 from omni_jax.convert import hf  # noqa: E402
 from omni_jax.models import omni  # noqa: E402
 
@@ -35,25 +29,10 @@ SIZES = {
 
 
 def build(size: str):
-  ref.TEXT_VARIANTS["bench"] = dict(SIZES[size], rope_parameters={"mrope_section": [8, 12, 12] if size == "small"
-                                                                  else [2, 3, 3], "rope_type": "default",
-                                                                  "rope_theta": 1e6})
-  model = ref.build_thinker("bench")
-  d = tempfile.mkdtemp()
-  model.save_pretrained(d)
-  config = hf.config_from_hf(hf.read_config(d))
+  spec = dict(SIZES[size], mrope=[8, 12, 12] if size == "small" else [2, 3, 3])
+  model, config, directory = reference_thinker(spec)
   graphdef, abstract = omni.abstract_model(config)
-  return model, graphdef, jax.tree.map(jnp.asarray, hf.load_state(d, abstract))
-
-
-def time_it(fn, iters):
-  fn()  # warm-up / compile
-  times = []
-  for _ in range(iters):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  return model, graphdef, jax.tree.map(jnp.asarray, hf.load_state(directory, abstract))
 
 
 def main():
@@ -78,7 +57,6 @@ def main():
       return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jids[:, 1:]).mean()
     return jax.value_and_grad(loss_fn)(state)
 
-  ours = time_it(lambda: jax.block_until_ready(step(state)), args.iters)
   tids = torch.tensor(ids)
 
   def torch_step():
@@ -88,7 +66,7 @@ def main():
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), tids[:, 1:].reshape(-1))
     loss.backward()
 
-  theirs = time_it(torch_step, args.iters)
+  ours, theirs = time_alternating([lambda: jax.block_until_ready(step(state)), torch_step], args.iters)
   n_params = sum(np.size(x) for x in jax.tree.leaves(state))
   print(f"config={args.size} params={n_params / 1e6:.1f}M batch={args.batch}x{args.seq} devices={jax.devices()[0].platform}"
         f" torch_threads={torch.get_num_threads()}")

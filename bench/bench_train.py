@@ -16,7 +16,6 @@ docs/performance.md. XLA's CPU flags apply as usual, e.g. XLA_FLAGS=--xla_cpu_us
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -28,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import hf_reference as ref  # noqa: E402
+from common import reference_thinker  # noqa: E402
 from omni_jax import sharding  # noqa: E402
 from omni_jax.convert import hf  # noqa: E402
 from omni_jax.models import omni  # noqa: E402
@@ -48,17 +47,9 @@ SIZES = {
 
 
 def build(size: str):
-  spec = dict(SIZES[size])
-  section = spec.pop("mrope")
-  ref.TEXT_VARIANTS["bench"] = dict(spec, rope_parameters={"mrope_section": section, "rope_type": "default",
-                                                           "rope_theta": 1e6})
-  torch_model = ref.build_thinker("bench")
-  d = tempfile.mkdtemp()
-  torch_model.save_pretrained(d)
-  config = hf.config_from_hf(hf.read_config(d))
+  torch_model, config, directory = reference_thinker(SIZES[size])
   _, abstract = omni.abstract_model(config)
-  params = nnx.to_pure_dict(hf.load_state(d, abstract))
-  return torch_model, config, params
+  return torch_model, config, nnx.to_pure_dict(hf.load_state(directory, abstract))
 
 
 def cpu_matmul_peak(n: int = 2048, iters: int = 5) -> float:

@@ -13,7 +13,6 @@ a check that both did the same work.
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,8 @@ from omni_jax.config import Runtime
 from omni_jax.convert import hf
 from omni_jax.input.media import patches
 from omni_jax.models.vision import VisionConfig, VisionEncoder
+
+from common import time_alternating  # bench/common.py
 
 SIZES = {
     "tiny": dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, window_size=56,
@@ -59,19 +60,6 @@ def build(size: str):
     values = [rule.from_disk(tensors[k]) for k in keys]
     flat.append((path, var.replace(jnp.asarray(np.stack(values) if stacked else values[0]))))
   return theirs, nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def time_alternating(fns, iters):
-  """Median seconds per call of each fn, calls interleaved (after one warm-up / compile call each)."""
-  for fn in fns:
-    fn()
-  times = [[] for _ in fns]
-  for _ in range(iters):
-    for fn, ts in zip(fns, times):
-      t = time.perf_counter()
-      fn()
-      ts.append(time.perf_counter() - t)
-  return [float(np.median(ts)) for ts in times]
 
 
 def run(size: str, images: int, side: int, iters: int):

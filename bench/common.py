@@ -1,0 +1,41 @@
+"""What the benchmarks share: a transformers reference Thinker of a given text size, and interleaved timing."""
+
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import numpy as np  # noqa: E402
+
+import hf_reference as ref  # noqa: E402
+from omni_jax.convert import hf  # noqa: E402
+
+
+def reference_thinker(spec: dict):
+  """(transformers thinker with perturbed random weights, our config, its saved directory) for a text spec:
+  Qwen2_5OmniTextConfig fields plus `mrope` (the three rotary sections)."""
+  spec = dict(spec)
+  section = spec.pop("mrope")
+  ref.TEXT_VARIANTS["bench"] = dict(spec, rope_parameters={"mrope_section": section, "rope_type": "default",
+                                                           "rope_theta": 1e6})
+  model = ref.build_thinker("bench")
+  directory = tempfile.mkdtemp()
+  model.save_pretrained(directory)
+  return model, hf.config_from_hf(hf.read_config(directory)), directory
+
+
+def time_alternating(fns, iters):
+  """Median seconds per call of each fn, calls interleaved (after one warm-up / compile call each), so that
+  a shared machine's load hits every side alike."""
+  for fn in fns:
+    fn()
+  times = [[] for _ in fns]
+  for _ in range(iters):
+    for fn, ts in zip(fns, times):
+      t = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t)
+  return [float(np.median(ts)) for ts in times]
