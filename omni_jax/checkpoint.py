@@ -110,21 +110,29 @@ def tuples(tree):
 
 
 def adopt_model_config(config: ml_collections.ConfigDict, params_path: str) -> ml_collections.ConfigDict:
-  """config with model.thinker replaced by the architecture stored with a checkpoint (if any), so that a
-  --config with other model sizes still restores it; a differing architecture is logged."""
+  """config with each tower's section (model.thinker, ...: omni_jax.towers) replaced by the architecture
+  stored with a checkpoint (if any), so that a --config with other model sizes still restores it; a
+  differing architecture is logged."""
+  from omni_jax import towers  # local: the registry imports the model code
+
   where = find_config(params_path)
   if where is None:
     return config
   saved = load_config(where)
-  if "model" not in saved or "thinker" not in saved.model:
+  if "model" not in saved:
     return config
-  thinker = tuples(saved.model.thinker.to_dict())
-  if thinker == tuples(config.model.thinker.to_dict()):
-    return config
-  log.warning("using the model architecture stored in %s/config.json (config.model.thinker differs)", where)
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.thinker = ml_collections.ConfigDict(thinker)
+  for tower in towers.registered():
+    key = tower.section.split(".", 1)[1]  # "model.thinker" -> "thinker"
+    if key not in saved.model:
+      continue
+    stored = tuples(saved.model[key].to_dict())
+    current = config.model.get(key)
+    if current is not None and stored == tuples(current.to_dict()):
+      continue
+    log.warning("using the model architecture stored in %s/config.json (config.%s differs)", where, tower.section)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model[key] = ml_collections.ConfigDict(stored)
   return config
 
 
