@@ -176,7 +176,7 @@ class Generator:
     called from the running program after each step (streaming); the loop itself never waits on the host.
     """
     d = self.defaults
-    max_new_tokens = int(max_new_tokens or d.get("max_new_tokens", 256))
+    max_new_tokens = int(d.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens)
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     sampling = sampling or self.sampling()

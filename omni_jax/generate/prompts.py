@@ -33,18 +33,17 @@ def prompt_sample(messages: Sequence, preprocessor: preprocess.Preprocessor, nam
   A missing or undecodable media file raises preprocess.SampleError naming the file.
   """
   media = {"images": [], "videos": [], "audios": []}
-  aiv = any(p.get("use_audio_in_video", False) for m in messages for p in chat._parts(m.get("content"))
-            if isinstance(p, dict) and p.get("type") == "video")
-  items = [preprocessor._load(part, aiv, name, media) for m in messages for part in chat._parts(m.get("content"))
-           if isinstance(part, dict) and part.get("type") in ("image", "audio", "video")]
+  parts = [p for m in messages for p in chat.content_parts(m.get("content")) if isinstance(p, dict)]
+  aiv = any(p.get("use_audio_in_video", False) for p in parts if p.get("type") == "video")
+  items = [preprocessor.load_part(p, aiv, name, media) for p in parts if p.get("type") in ("image", "audio", "video")]
+  kind = preprocess.sample_kind([{"content": parts}])
   messages = chat.with_system(messages, system_prompt=preprocessor.system_prompt)
   try:
     rendered = chat.render(messages, items, preprocessor.tokenizer, preprocessor.fmt, add_generation_prompt=True)
   except chat.ChatError as e:
     raise preprocess.SampleError("malformed", f"{name}: {e}") from None
-  return preprocess.Sample(name, preprocess.sample_kind([{"content": chat._parts(m.get("content"))}
-                                                         for m in messages]),
-                           rendered.input_ids, rendered.labels, media["images"], media["videos"], media["audios"], aiv)
+  return preprocess.Sample(name, kind, rendered.input_ids, rendered.labels, media["images"], media["videos"],
+                           media["audios"], aiv)
 
 
 def _round_up(n: int, multiple: int) -> int:

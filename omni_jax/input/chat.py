@@ -112,7 +112,7 @@ def _media_text(kind: str) -> str:
           "video": "<|vision_bos|><|VIDEO|><|vision_eos|>"}[kind]
 
 
-def _parts(content: Any) -> list[dict]:
+def content_parts(content: Any) -> list[dict]:
   if isinstance(content, str):
     return [{"type": "text", "text": content}]
   if not isinstance(content, (list, tuple)):
@@ -141,7 +141,7 @@ def _walk(messages: Sequence[Mapping], add_generation_prompt: bool, fmt: ChatFor
       raise ChatError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
     yield "special", "<|im_start|>", role, False
     yield "text", f"{role}\n", role, False
-    for part in _parts(m.get("content")):
+    for part in content_parts(m.get("content")):
       kind = part.get("type") if isinstance(part, Mapping) else None
       if kind == "text":
         if not isinstance(part.get("text"), str):

@@ -89,7 +89,7 @@ class Preprocessor:
     self.options = media
     self.system_prompt = system_prompt
 
-  def _load(self, part: Mapping, aiv: bool, name: str, media: dict) -> chat.MediaItem:
+  def load_part(self, part: Mapping, aiv: bool, name: str, media: dict) -> chat.MediaItem:
     """Decode and preprocess one media part into the `media` lists; returns its chat item."""
     path, kind, m = part["path"], part["type"], self.options
     if not os.path.exists(path):
@@ -130,7 +130,7 @@ class Preprocessor:
     except sources.RecordError as e:
       raise SampleError(e.reason, str(e)) from None
     media = {"images": [], "videos": [], "audios": []}
-    items = [self._load(part, conv["use_audio_in_video"], name, media)
+    items = [self.load_part(part, conv["use_audio_in_video"], name, media)
              for m in conv["messages"] for part in m["content"] if part["type"] != "text"]
     messages = chat.with_system(conv["messages"], conv["speech_output"], self.system_prompt)
     try:
