@@ -270,3 +270,14 @@ def test_cache_is_sharded_by_the_rule_table():
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   spec = sharding.logical_to_spec(KVCache.NAMES, (2, 8, 64, 4, 16), mesh, rules)
   assert spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
+
+
+def test_cache_dtype_is_configurable(tmp_path):
+  """config.generate.cache_dtype: a bfloat16 cache holds bf16 keys/values and stays close to float32."""
+  gen32, _ = load(ref.build_thinker("gqa2", seed=4), tmp_path / "f32")
+  gen16, _ = load(ref.build_thinker("gqa2", seed=4), tmp_path / "bf16", cache_dtype="bfloat16")
+  batch = prompts.prompt_batch([make_sample(np.random.default_rng(1), 200, ["image"], 3)], pad_id=0)
+  kw = dict(max_new_tokens=6, sampling=SamplingParams(), eos_token_ids=(), return_logits=True)
+  a, b = gen32.generate(batch, **kw), gen16.generate(batch, **kw)
+  err = np.abs(a.logits[0, 0] - b.logits[0, 0]).max()
+  assert 0 < err < 0.05, err  # rounded keys/values: different, but close
