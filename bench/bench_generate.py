@@ -52,8 +52,10 @@ def build(size: str, dtype: str, reference: bool):
     from configs import tiny  # noqa: PLC0415
 
     c = tiny.get_config()
-    for k in ("audio", "vision"):
-      c.model.thinker.pop(k, None)
+    with c.unlocked():
+      for k in ("audio", "vision"):
+        if k in c.model.thinker:
+          del c.model.thinker[k]
     c.model.thinker.text = ml_collections.ConfigDict(dict(
         s, head_dim=s["hidden_size"] // s["num_attention_heads"], mrope_section=tuple(mrope), rope_theta=1e6,
         hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False))
