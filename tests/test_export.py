@@ -242,9 +242,10 @@ def test_export_of_a_training_run_generates_in_transformers(tmp_path, caplog):
 
   # The same weights with an eos id the model does produce: generate stops right after its first occurrence.
   eos = tokens[3]
-  config = checkpoint.load_config(str(tmp_path / "work"))
+  step_config = checkpoint.find_config(str(tmp_path / "work" / "checkpoints" / "2"))  # the step's own config
+  config = checkpoint.load_config(step_config)
   config.model.thinker.eos_token_ids = (eos,)
-  checkpoint.save_config(str(tmp_path / "work"), config)
+  checkpoint.save_config(step_config, config)
   cli.main(["--orbax_dir", str(tmp_path / "work" / "checkpoints" / "2"), "--out_dir", str(tmp_path / "hf_eos")])
   stopped = _generate(tmp_path / "hf_eos", vocab=256)
   assert stopped == tokens[:tokens.index(eos) + 1] and len(stopped) < 12

@@ -63,19 +63,13 @@ class _Preemption:
 
 def _initial_state(setup: state_lib.Setup, ckpt: checkpoint.TrainCheckpointer, init_from: Optional[str],
                    data) -> state_lib.TrainState:
-  """Resume from the workdir's latest checkpoint, else start from init_from's parameters, else from scratch."""
-  step = ckpt.latest_step()
-  if step is not None:
-    target = setup.abstract_with_shardings()
-    try:
-      params, train = ckpt.restore(step, target.params, dict(step=target.step, opt_state=target.opt_state,
-                                                             rng=target.rng), data)
-    except (ValueError, KeyError, TypeError) as e:
-      raise config_lib.ConfigError(
-          f"{ckpt.directory}/{step} does not fit this config (a different model, config.train.freeze or "
-          f"optimizer?). Resume with the config it was written with, or start a new --workdir with "
-          f"--config.init_from={ckpt.directory}/{step} to take its parameters only. ({type(e).__name__}: {e})"
-      ) from None
+  """Resume from the workdir's newest intact checkpoint (damaged ones are skipped with a warning and moved
+  aside), else start from init_from's parameters, else from scratch."""
+  target = setup.abstract_with_shardings()
+  resumed = ckpt.restore_newest_intact(target.params, dict(step=target.step, opt_state=target.opt_state,
+                                                           rng=target.rng), data)
+  if resumed is not None:
+    step, params, train = resumed
     log.info("resumed from %s/%d", ckpt.directory, step)
     return state_lib.TrainState(params=params, **train)
   if init_from:
@@ -97,16 +91,26 @@ def _check_finite(step: int, m: dict, ckpt: checkpoint.TrainCheckpointer) -> Non
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Train config.train.steps steps in workdir (resuming if it holds checkpoints). Returns the last metrics."""
+  """Train config.train.steps steps in workdir (resuming if it holds checkpoints). Returns the last metrics.
+
+  The workdir is locked (WORKDIR/lock) for the run: a second run on it raises checkpoint.WorkdirLocked."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  lock = checkpoint.WorkdirLock(workdir)
+  if jax.process_index() == 0:
+    lock.acquire()
+  try:
+    return _run(config, workdir)
+  finally:
+    lock.release()
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get("init_from"):
     config = checkpoint.adopt_model_config(config, checkpoint.params_dir(config.init_from))
   towers.validate(config)
   t = config.train
   primary = jax.process_index() == 0
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if primary:
-    checkpoint.save_config(workdir, config)
 
   # Devices and the train state's layout.
   mesh = sharding.make_mesh(config.mesh)
@@ -122,8 +126,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # State: resume, or start.
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
-                                      keep_every=t.keep_every, async_save=t.async_checkpointing)
+                                      keep_every=t.keep_every, async_save=t.async_checkpointing, config=config)
   state = _initial_state(setup, ckpt, config.get("init_from"), train_data)
+  if primary:  # only now: a resume that fails leaves the workdir's config.json as it was
+    checkpoint.save_config(workdir, config)
   start = int(jax.device_get(state.step))
 
   train_step = step_lib.jit_train_step(setup)
