@@ -28,8 +28,11 @@ def main(argv):
 
   try:
     loop.run(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, loop.NonFiniteLoss) as e:
-    sys.exit(f"error: {e}")
+  except Exception as e:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
+    sources = sys.modules.get("omni_jax.input.sources")  # the data errors' module, if the run loaded it
+    if not isinstance(e, (ConfigError, loop.NonFiniteLoss)) and not (sources and isinstance(e, sources.DataError)):
+      raise
+    sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message holds
 
 
 if __name__ == "__main__":

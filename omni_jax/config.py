@@ -207,6 +207,15 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
            f"{t.seq_len} exceeds model.thinker.text.max_position_embeddings={max_pos}")
   if "data" in config:
     _require(isinstance(config.data.get("source"), str), "data.source", "must name a data source")
+    for key in ("max_records_without_batch", "skip_ratio_min_records"):
+      if key in config.data:
+        _positive_int(config, f"data.{key}")
+    lag, limit = config.data.get("max_lag", 512), config.data.get("max_records_without_batch", 10000)
+    _require(not isinstance(lag, int) or limit > lag, "data.max_records_without_batch",
+             f"{limit} must exceed config.data.max_lag={lag} (a bucket may wait max_lag records for its batch)")
+    ratio = config.data.get("max_skip_ratio", 0.5)
+    _require(isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= 1,
+             "data.max_skip_ratio", f"must be in (0, 1] (1: never stop for skips), got {ratio!r}")
   if "eval" in config:
     _positive_int(config, "eval.steps")
     _positive_int(config, "eval.batch_size")

@@ -96,6 +96,11 @@ def training(c: ml_collections.ConfigDict) -> None:
   d = c.data = ml_collections.ConfigDict()
   d.source = "synthetic"  # omni_jax.input.synthetic; the real sources: omni_jax/input/pipeline.py
   d.seed = 0
+  # A stream of (almost) only bad samples stops with an error naming the datasets and skip reasons
+  # (omni_jax.input.packing.SkipLimits) instead of spinning: no batch after this many records in a row ...
+  d.max_records_without_batch = 10000
+  d.max_skip_ratio = 0.5  # ... or more than this fraction of the records skipped,
+  d.skip_ratio_min_records = 1000  # counted once this many records were read
   s = d.synthetic = ml_collections.ConfigDict()  # omni_jax.input.synthetic only
   s.vocab_size = 512  # token ids are drawn below min(this, model vocab)
   s.min_segment_len = 16  # documents are packed, several per row

@@ -12,11 +12,19 @@ Checkpointing (grain's get_state / set_state) replays instead of serialising ten
 upstream state just before the oldest still-waiting sample, how many records were read since, and which of
 them are still waiting. A restore re-reads those records and preprocesses only the waiting ones, so the
 restored packer holds exactly the rows it held, and the continued stream equals an uninterrupted one.
+
+A stream that is mostly or wholly bad must not spin for ever: the packer raises TooManySkips (a DataError naming
+the datasets and the skip reasons) when `max_records_without_batch` records in a row gave no batch, or when more
+than `max_skip_ratio` of the records read were skipped (checked once `skip_ratio_min_records` were read). The
+skips waiting to be reported are therefore bounded by `max_records_without_batch`. While no batch comes, a
+warning says how many records were read and skipped, every LOG_EVERY records. `interrupt()` (the trainer's
+SIGTERM handler) makes an in-process packer that is waiting for a batch raise Interrupted at its next record.
 """
 
 import collections
 import dataclasses
 import logging
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import grain
@@ -26,10 +34,48 @@ from omni_jax import batch as batch_lib
 from omni_jax import special_tokens
 from omni_jax.input.media import audio as audio_media
 from omni_jax.input.media import patches
+from omni_jax.input import sources
 from omni_jax.input.preprocess import Sample, SampleError
 
 PAD_ID = special_tokens.PAD  # <|endoftext|>
 PATCH_DIM = 3 * patches.TEMPORAL_PATCH_SIZE * patches.PATCH_SIZE * patches.PATCH_SIZE
+LOG_EVERY = 1000  # records read without a batch between two "still no batch" warnings
+
+
+class TooManySkips(sources.DataError):
+  """The stream gives (almost) only bad samples: the message names the datasets and the skip reasons."""
+
+
+class Interrupted(Exception):
+  """The packer was asked to stop (interrupt()) while it waited for a batch."""
+
+
+_interrupt = threading.Event()
+
+
+def interrupt() -> None:
+  """Make every in-process packer raise Interrupted at its next record (for a SIGTERM while waiting for data)."""
+  _interrupt.set()
+
+
+def clear_interrupt() -> None:
+  _interrupt.clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipLimits:
+  """When a stream counts as broken (config.data.max_skip_ratio, skip_ratio_min_records,
+  max_records_without_batch; validated by omni_jax.config.validate_train)."""
+  max_skip_ratio: float = 0.5
+  skip_ratio_min_records: int = 1000
+  max_records_without_batch: int = 10000
+
+  @classmethod
+  def from_config(cls, data) -> "SkipLimits":
+    d = cls()
+    return cls(float(data.get("max_skip_ratio", d.max_skip_ratio)),
+               int(data.get("skip_ratio_min_records", d.skip_ratio_min_records)),
+               int(data.get("max_records_without_batch", d.max_records_without_batch)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,15 +272,18 @@ class PackedDataset(grain.IterDataset):
   """
 
   def __init__(self, parent: grain.IterDataset, preprocess: Callable[[str, Any], Sample],
-               buckets: Sequence[Bucket], max_lag: int = 512, pad_id: int = PAD_ID):
+               buckets: Sequence[Bucket], max_lag: int = 512, pad_id: int = PAD_ID,
+               limits: Optional[SkipLimits] = None):
     super().__init__(parent)
     self._preprocess = preprocess
     self._buckets = tuple(buckets)
     self._max_lag = max_lag
     self._pad_id = pad_id
+    self._limits = limits or SkipLimits()
 
   def __iter__(self):
-    return _PackedIterator(self._parent.__iter__(), self._preprocess, self._buckets, self._max_lag, self._pad_id)
+    return _PackedIterator(self._parent.__iter__(), self._preprocess, self._buckets, self._max_lag, self._pad_id,
+                           self._limits)
 
   def __str__(self):
     return f"PackedDataset(buckets={[(b.seq_len, b.batch_size) for b in self._buckets]}, max_lag={self._max_lag})"
@@ -243,33 +292,71 @@ class PackedDataset(grain.IterDataset):
 class _PackedIterator(grain.DatasetIterator):
   """Reads records, preprocesses, packs; one batch per __next__ (see the module doc for the state)."""
 
-  def __init__(self, parent, preprocess, buckets, max_lag, pad_id):
+  def __init__(self, parent, preprocess, buckets, max_lag, pad_id, limits: Optional[SkipLimits] = None):
     super().__init__(parent)
     self._preprocess = preprocess
     self._packer = Packer(buckets, max_lag, pad_id)
+    self._limits = limits or SkipLimits()
     self._reads = 0  # records read from upstream so far
     self._skipped: list[tuple] = []  # (name, reason, message) not yet reported with a batch
     self._exhausted = False
+    # For the skip limits (not checkpointed: a restored iterator starts counting afresh).
+    self._seen = 0  # records read by this iterator
+    self._skip_count = 0  # of them skipped
+    self._since_batch = 0  # records read since the last batch came out
+    self._reasons: collections.Counter = collections.Counter()  # (dataset, reason) -> skips
+    self._example: dict = {}  # reason -> the first skip message of that reason
 
   def _process(self, record) -> Optional[Sample]:
     dataset, example = record
     try:
       return self._preprocess(dataset, example)
     except SampleError as e:
-      self._skipped.append((_name_of(record), e.reason, str(e)))
+      self._skip(_name_of(record), e.reason, str(e))
     except Exception as e:  # noqa: BLE001 - an unforeseen decoder failure must not stop the run
       logging.exception("unexpected error preprocessing %s", _name_of(record))
-      self._skipped.append((_name_of(record), "error", f"{_name_of(record)}: {type(e).__name__}: {e}"))
+      self._skip(_name_of(record), "error", f"{_name_of(record)}: {type(e).__name__}: {e}")
     return None
 
   def _out(self, done: tuple, i: int):
     batch, samples = done[:2]
     info = batch_info(samples, self._skipped, self._packer.buckets[i])
     self._skipped = []
+    self._since_batch = 0
     return batch, info
+
+  def _skip(self, name: str, reason: str, message: str):
+    self._skipped.append((name, reason, message))
+    self._skip_count += 1
+    self._reasons[(name.split("/", 1)[0], reason)] += 1
+    self._example.setdefault(reason, f"{name} ({reason}): {message}")
+
+  def _summary(self) -> str:
+    datasets = sorted({d for d, _ in self._reasons})
+    reasons = collections.Counter()
+    for (_, reason), n in self._reasons.items():
+      reasons[reason] += n
+    first = "; ".join(self._example[r] for r, _ in reasons.most_common(3))
+    return (f"dataset{'s' if len(datasets) > 1 else ''} {', '.join(repr(d) for d in datasets) or '?'}: "
+            f"{self._skip_count} of {self._seen} records skipped ("
+            + ", ".join(f"{r}: {n}" for r, n in reasons.most_common()) + f"); for example {first}")
+
+  def _check_limits(self):
+    lim = self._limits
+    if self._since_batch >= lim.max_records_without_batch:
+      raise TooManySkips(f"no batch after {self._since_batch} records in a row "
+                         f"(config.data.max_records_without_batch={lim.max_records_without_batch}); "
+                         f"{self._summary()}")
+    if (self._seen >= lim.skip_ratio_min_records and self._skip_count > lim.max_skip_ratio * self._seen):
+      raise TooManySkips(f"{self._skip_count / self._seen:.0%} of the records were skipped, more than "
+                         f"config.data.max_skip_ratio={lim.max_skip_ratio}; {self._summary()}")
+    if self._since_batch and self._since_batch % LOG_EVERY == 0:
+      logging.warning("still no batch after %d records; %s", self._since_batch, self._summary())
 
   def __next__(self):
     while True:
+      if _interrupt.is_set():
+        raise Interrupted(f"interrupted while waiting for a batch ({self._since_batch} records read since the last)")
       stale = self._packer.stale(self._reads)
       if stale is not None:
         return self._out(self._packer.emit(stale), stale)
@@ -290,16 +377,18 @@ class _PackedIterator(grain.DatasetIterator):
         continue
       read = self._reads
       self._reads += 1
+      self._seen += 1
+      self._since_batch += 1
       sample = self._process(record)
-      if sample is None:
-        continue
-      try:
-        done = self._packer.add(sample, read, state)
-      except SampleError as e:
-        self._skipped.append((sample.name, e.reason, str(e)))
-        continue
+      done = None
+      if sample is not None:
+        try:
+          done = self._packer.add(sample, read, state)
+        except SampleError as e:
+          self._skip(sample.name, e.reason, str(e))
       if done is not None:
         return self._out(done, done[2])
+      self._check_limits()
 
   def get_state(self) -> dict:
     waiting = self._packer.waiting()
@@ -327,6 +416,9 @@ class _PackedIterator(grain.DatasetIterator):
     self._reads = state["reads"]
     self._skipped = [tuple(s) for s in state["skipped"]]
     self._exhausted = state["exhausted"]
+    self._seen = self._skip_count = self._since_batch = 0  # the limits count from the restore on
+    self._reasons.clear()
+    self._example.clear()
 
 
 def _name_of(record) -> str:

@@ -181,7 +181,7 @@ def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = N
   buckets = buckets_from_config(data, seq_len=int(train.get("seq_len", 512)),
                                 batch_size=int(batch_size or train.get("batch_size", 8)), process_count=process_count)
   ds = packing.PackedDataset(records, prep, buckets, max_lag=int(data.get("max_lag", 512)),
-                             pad_id=tokenizer.special["<|endoftext|>"])
+                             pad_id=tokenizer.special["<|endoftext|>"], limits=packing.SkipLimits.from_config(data))
   workers = int(data.get("worker_count", 0) if worker_count is None else worker_count)
   if workers > 0:
     _ensure_flags_parsed()

@@ -2,8 +2,9 @@
 
   run(config, workdir):
     mesh -> train-state setup -> data -> state (resume > init_from > fresh) -> jitted step
-    for each step: batch -> step -> (one step later) check + log metrics -> eval -> checkpoint
-    SIGTERM: save at the next step boundary and return. Non-finite loss: stop, never save that state.
+    for each step: batch -> step -> (one step later) check + log metrics -> checkpoint -> eval
+    SIGTERM: save at the next step boundary and return; while waiting for data, save the last step done.
+    Non-finite loss: stop, never save that state. A failing evaluation is logged and recorded; training goes on.
 
 Metrics of step s are read back while step s+1 runs, so the host never stalls the device except to
 save a checkpoint (whose step's loss is checked first) or to evaluate.
@@ -11,7 +12,9 @@ save a checkpoint (whose step's loss is checked first) or to evaluate.
 
 import logging
 import os
+import json
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -36,18 +39,65 @@ class NonFiniteLoss(FloatingPointError):
   """A step produced a NaN/Inf loss or gradient; the run stops without saving that state."""
 
 
+class _PreemptedWhileWaiting(BaseException):
+  """SIGTERM came while the loop waited for a batch (a BaseException: no `except Exception` swallows it)."""
+
+
+def _packing():
+  """omni_jax.input.packing if the run uses it (never imported here: the synthetic source needs no grain)."""
+  return sys.modules.get("omni_jax.input.packing")
+
+
+def _is_data_error(e: BaseException) -> bool:
+  sources = sys.modules.get("omni_jax.input.sources")
+  return sources is not None and isinstance(e, sources.DataError)
+
+
+class _Frozen:
+  """A data iterator's state taken earlier, for a checkpoint written after the iterator was interrupted."""
+
+  def __init__(self, state):
+    self._state = state
+
+  def get_state(self):
+    return self._state
+
+
 class _Preemption:
-  """Whether this run was asked to stop (SIGTERM); across processes, jax's preemption sync point."""
+  """Whether this run was asked to stop (SIGTERM); across processes, jax's preemption sync point.
+
+  While the loop waits for a batch (`waiting`), a SIGTERM also interrupts the wait: in-process packers stop at
+  their next record and the wait raises _PreemptedWhileWaiting, so a stream that gives no batch cannot hold
+  the run past its preemption.
+  """
 
   def __init__(self):
     self.requested = False
+    self.waiting = False
     self.multi = jax.process_count() > 1
     self._previous = None
+    if _packing() is not None:
+      _packing().clear_interrupt()
     if not self.multi:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     self.requested = True
+    if self.waiting:
+      self.waiting = False
+      if _packing() is not None:
+        _packing().interrupt()
+      raise _PreemptedWhileWaiting()
+
+  def next_batch(self, data):
+    """next(data), interruptible by SIGTERM (single-process runs)."""
+    if self.requested and not self.multi:
+      raise _PreemptedWhileWaiting()
+    self.waiting = not self.multi
+    try:
+      return next(data)
+    finally:
+      self.waiting = False
 
   def reached(self, step: int) -> bool:
     if self.multi:
@@ -57,8 +107,11 @@ class _Preemption:
     return self.requested
 
   def close(self):
+    self.waiting = False
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+    if _packing() is not None:
+      _packing().clear_interrupt()
 
 
 def _initial_state(setup: state_lib.Setup, ckpt: checkpoint.TrainCheckpointer, init_from: Optional[str],
@@ -78,6 +131,18 @@ def _initial_state(setup: state_lib.Setup, ckpt: checkpoint.TrainCheckpointer, i
     log.info("initialised parameters from %s", path)
     return setup.init(params)
   return setup.init()
+
+
+def _open_eval(config: ml_collections.ConfigDict, rows: tuple[int, int]):
+  """The evaluation source; a data error says that it is the evaluation's (config.train.eval_every)."""
+  try:
+    return data_lib.make_source(config, config.eval.split, config.eval.batch_size, rows)
+  except Exception as e:
+    if _is_data_error(e):
+      raise type(e)(f"config.train.eval_every={config.train.eval_every} needs the evaluation data "
+                    f"(config.eval.split={config.eval.split!r}), which cannot be opened: {e} "
+                    f"(add that split to each dataset, or set config.train.eval_every=0)") from None
+    raise
 
 
 def _check_finite(step: int, m: dict, ckpt: checkpoint.TrainCheckpointer) -> None:
@@ -123,6 +188,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Data: this process builds only the rows its devices hold.
   rows = data_lib.process_rows(mesh, rules, t.batch_size, t.seq_len)
   train_data = data_lib.make_source(config, "train", t.batch_size, rows)
+  # Every source the run needs opens now: a missing evaluation split fails before any training.
+  eval_rows = data_lib.process_rows(mesh, rules, config.eval.batch_size, t.seq_len)
+  eval_source = None
+  if t.eval_every:
+    try:
+      eval_source = _open_eval(config, eval_rows)
+    except BaseException:
+      data_lib.close(train_data)
+      raise
 
   # State: resume, or start.
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
@@ -135,21 +209,50 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = step_lib.jit_train_step(setup)
   eval_step = eval_lib.jit_eval_step(setup.graphdef, mesh, rules, setup.param_shardings,
                                      list(towers.objective_weights(config)))
-  eval_rows = data_lib.process_rows(mesh, rules, config.eval.batch_size, t.seq_len)
+  # Each evaluation reads the same batches: the source goes back to its opening state.
+  eval_start = [eval_source.get_state() if eval_source is not None else None, False]  # (state, used)
 
   def evaluate() -> dict:
-    source = data_lib.make_source(config, config.eval.split, config.eval.batch_size, eval_rows)
+    nonlocal eval_source
+    if eval_source is None:  # reopened after a failed evaluation
+      eval_source = _open_eval(config, eval_rows)
+      eval_start[:] = [eval_source.get_state(), False]
+    elif eval_start[1]:
+      eval_source.set_state(eval_start[0])
+    eval_start[1] = True
+    batches = (data_lib.to_global(next(eval_source), mesh, rules, config.eval.batch_size)
+               for _ in range(config.eval.steps))
+    return eval_lib.evaluate(eval_step, state.params, batches, prefix=config.eval.split)
+
+  def evaluate_or_report(step: int) -> dict:
+    """The evaluation's scalars; a failure is logged, recorded (metrics eval/failed, eval_errors.jsonl) and
+    survived: the step's checkpoint is already saved, and training goes on."""
+    nonlocal eval_source
     try:
-      batches = (data_lib.to_global(next(source), mesh, rules, config.eval.batch_size)
-                 for _ in range(config.eval.steps))
-      return eval_lib.evaluate(eval_step, state.params, batches, prefix=config.eval.split)
-    finally:
-      data_lib.close(source)
+      return evaluate()
+    except Exception as e:  # noqa: BLE001 - an evaluation must not cost training work
+      msg = " ".join(f"{type(e).__name__}: {e}".split())
+      if _is_data_error(e):
+        log.error("evaluation at step %d failed: %s", step, msg)  # the message says it all
+      else:
+        log.exception("evaluation at step %d failed", step)
+      progress.write(f"step {step}: evaluation failed, training goes on: {msg}")
+      writer.write(step, {f"{config.eval.split}/failed": 1.0})
+      if primary:
+        with open(os.path.join(workdir, "eval_errors.jsonl"), "a") as f:
+          f.write(json.dumps({"step": int(step), "time": time.time(), "error": msg}) + "\n")
+      source, eval_source = eval_source, None
+      try:
+        data_lib.close(source)
+      except Exception:  # noqa: BLE001 - a broken source may not close cleanly; it is dropped either way
+        log.exception("closing the evaluation source")
+      return {}
 
   saved = [ckpt.latest_step()]
+  save_data = [train_data]  # what the checkpoint's data state comes from
 
   def save(step: int) -> None:
-    ckpt.save(step, state.params, dict(step=state.step, opt_state=state.opt_state, rng=state.rng), train_data)
+    ckpt.save(step, state.params, dict(step=state.step, opt_state=state.opt_state, rng=state.rng), save_data[0])
     saved[0] = step
 
   writer = metrics_lib.Writer(workdir, enabled=primary)
@@ -180,11 +283,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     step = start
     for step in range(start + 1, t.steps + 1):
+      before = train_data.get_state()  # the data position of the last step done, if the wait is interrupted
       try:
-        host = next(train_data)
+        host = preemption.next_batch(train_data)
       except StopIteration:
         progress.write(f"the data ran out before step {step}; stopping")
         step -= 1
+        break
+      except _PreemptedWhileWaiting:
+        step -= 1
+        save_data[0] = _Frozen(before)
+        progress.write(f"preempted while waiting for data: saving step {step} to {ckpt.directory}; exiting")
         break
       batch = data_lib.to_global(host, mesh, rules, t.batch_size)
       state, m_dev = train_step(state, batch)
@@ -201,14 +310,15 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       finish(*pending)  # never evaluate or save a state whose step is unchecked
       pending = None
       paused_from = time.perf_counter()
-      if due_eval:
-        scalars = evaluate()
-        writer.write(step, scalars)
-        progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()
-                                                    if k.split("/")[1] in ("loss", "ppl", "accuracy")))
-        last = {**last, **scalars}
       if due_save:
-        save(step)
+        save(step)  # first: a save never waits on an evaluation (and an asynchronous one overlaps it)
+      if due_eval and not stop:
+        scalars = evaluate_or_report(step)
+        if scalars:
+          writer.write(step, scalars)
+          progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()
+                                                      if k.split("/")[1] in ("loss", "ppl", "accuracy")))
+          last = {**last, **scalars}
       throughput.pause(time.perf_counter() - paused_from)
       if stop:
         progress.write(f"preempted: saved step {step} to {ckpt.directory}; exiting")
@@ -220,6 +330,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     ckpt.close()  # waits for the last async save
     data_lib.close(train_data)
+    if eval_source is not None:
+      data_lib.close(eval_source)
     progress.close()
     writer.close()
     preemption.close()
