@@ -81,9 +81,9 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 
 def stored_tree(item_dir: str) -> dict:
   """{dotted path: (shape, dtype)} of the arrays an orbax PyTree item holds (read from its metadata only)."""
-  with ocp.StandardCheckpointer() as ckptr:
-    md = ckptr.metadata(item_dir)
-  md = getattr(md, "item_metadata", md)
+  # The item's own handler: a manager's step keeps the checkpoint-level metadata one level up, where a
+  # Checkpointer would look for it in vain (and warn).
+  md = ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.abspath(item_dir)))
   md = getattr(md, "tree", md)
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(md)[0]:
