@@ -289,7 +289,20 @@ def _process_file(directory: epath.Path) -> epath.Path:
   return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
-class IteratorHandler(ocp.CheckpointHandler):
+class _FileHandler(ocp.CheckpointHandler):
+  """An item stored as plain files that its subclass writes and reads; no metadata, nothing to finalize."""
+
+  def metadata(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+class IteratorHandler(_FileHandler):
   """Saves StatefulIterator.get_state() as one JSON per process; restore calls set_state()."""
 
   def save(self, directory: epath.Path, args: "IteratorSave"):
@@ -302,15 +315,6 @@ class IteratorHandler(ocp.CheckpointHandler):
                               f"{jax.process_count()} processes?)")
     args.item.set_state(json.loads(f.read_text()))
     return args.item
-
-  def metadata(self, directory):
-    return None
-
-  def finalize(self, directory):
-    pass
-
-  def close(self):
-    pass
 
 
 @ocp.args.register_with_handler(IteratorHandler, for_save=True)
@@ -325,7 +329,7 @@ class IteratorRestore(ocp.args.CheckpointArgs):
   item: Any
 
 
-class ConfigHandler(ocp.CheckpointHandler):
+class ConfigHandler(_FileHandler):
   """The config a step was written with, as config.json in the step's config/ item (process 0 writes it)."""
 
   def save(self, directory: epath.Path, args: "ConfigSave"):
@@ -334,15 +338,6 @@ class ConfigHandler(ocp.CheckpointHandler):
 
   def restore(self, directory: epath.Path, args: "ConfigRestore" = None):
     return (epath.Path(directory) / "config.json").read_text()
-
-  def metadata(self, directory):
-    return None
-
-  def finalize(self, directory):
-    pass
-
-  def close(self):
-    pass
 
 
 @ocp.args.register_with_handler(ConfigHandler, for_save=True)

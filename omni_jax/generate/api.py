@@ -17,8 +17,6 @@ from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import ml_collections
-import numpy as np
-from flax import nnx
 
 from omni_jax import checkpoint
 from omni_jax import defaults

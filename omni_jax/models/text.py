@@ -4,7 +4,6 @@ from typing import Optional
 
 import jax
 from jax.ad_checkpoint import checkpoint_name
-import jax.numpy as jnp
 from flax import nnx
 
 from omni_jax import sharding

@@ -24,7 +24,6 @@ import numpy as np
 from flax import traverse_util
 
 from omni_jax import checkpoint
-from omni_jax import config as config_lib
 from omni_jax import sharding, towers
 from omni_jax.evaluate import loss as eval_lib
 from omni_jax.train import data as data_lib
