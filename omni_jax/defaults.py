@@ -113,6 +113,15 @@ def training(c: ml_collections.ConfigDict) -> None:
   e.split = "eval"
 
 
+def generation_ids_within(vocab_size: int) -> dict:
+  """pad / user / eos ids of the released checkpoints that a vocabulary of vocab_size can hold: an id outside it
+  becomes 0 (pad, user) or is left out (eos; none left: generation runs to max_new_tokens)."""
+  ids = special_tokens.THINKER
+  return dict(pad_token_id=ids["pad_token_id"] if ids["pad_token_id"] < vocab_size else 0,
+              user_token_id=ids["user_token_id"] if ids["user_token_id"] < vocab_size else 0,
+              eos_token_ids=tuple(i for i in ids["eos_token_ids"] if i < vocab_size))
+
+
 def thinker_token_ids(c: ml_collections.ConfigDict) -> None:
   """The released checkpoints' special ids (spec §1.4; omni_jax.special_tokens) and position constants."""
   c.update(special_tokens.THINKER)

@@ -277,10 +277,18 @@ def rope_index(input_ids, attention_mask=None, *, ids: TokenIds, image_grid_thw=
   pos = jnp.stack([start + t_rel, start + h_rel, start + w_rel])
   pos = jnp.where(valid[None], pos, 1)
 
+  return pos.astype(jnp.int32), position_deltas(pos, valid)
+
+
+def position_deltas(positions, valid):
+  """[B, 1] int32 decode offsets: max real position (any row) + 1 - number of real tokens (0 for empty rows).
+
+  positions [3, B, L]; valid [B, L] bool (real tokens). The k-th generated token then sits at
+  n_real + k + delta (decode_positions).
+  """
   n_real = valid.sum(axis=1).astype(jnp.int32)
-  top = jnp.where(valid[None], pos, -1).max(axis=(0, 2))
-  deltas = jnp.where(n_real > 0, top + 1 - n_real, 0)[:, None]
-  return pos.astype(jnp.int32), deltas.astype(jnp.int32)
+  top = jnp.where(valid[None], positions, -1).max(axis=(0, 2))
+  return jnp.where(n_real > 0, top + 1 - n_real, 0)[:, None].astype(jnp.int32)
 
 
 def text_positions(mask_or_segments):

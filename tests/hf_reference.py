@@ -62,3 +62,32 @@ def build_thinker(variant: str = "gqa2", seed: int = 0, **overrides):
 def text_ids(rng: np.random.Generator, batch: int, length: int, vocab: int) -> np.ndarray:
   """Random ordinary text ids (>= 10, so no special/media id of the tiny configs)."""
   return rng.integers(10, vocab, size=(batch, length))
+
+
+def converted(hf_model, directory, **config_updates):
+  """(our config, graphdef, state with the model's weights) through the checkpoint converter.
+
+  config_updates: dotted keys of our config to set before building (e.g. {"model.dtype": "bfloat16"}).
+  """
+  from omni_jax.convert import hf  # noqa: PLC0415 - keep this module importable before jax is configured
+  from omni_jax.models import omni  # noqa: PLC0415
+
+  hf_model.save_pretrained(directory)
+  config = hf.config_from_hf(hf.read_config(directory))
+  for key, value in config_updates.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  graphdef, abstract = omni.abstract_model(config)
+  return config, graphdef, hf.load_state(str(directory), abstract)
+
+
+def ours(hf_model, directory, **config_updates):
+  """(our model with the transformers model's weights, our config)."""
+  from flax import nnx  # noqa: PLC0415
+
+  config, graphdef, state = converted(hf_model, directory, **config_updates)
+  return nnx.merge(graphdef, state), config
+

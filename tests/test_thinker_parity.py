@@ -14,11 +14,6 @@ from omni_jax.models import omni
 pytestmark = pytest.mark.parity
 
 
-def _load_ours(hf_model, tmp_path):
-  hf_model.save_pretrained(tmp_path)
-  config = hf.config_from_hf(hf.read_config(tmp_path))
-  graphdef, abstract = omni.abstract_model(config)
-  return nnx.merge(graphdef, hf.load_state(tmp_path, abstract)), config
 
 
 def _prompt_with_image(rng, length, vocab, grid_hw):
@@ -32,7 +27,7 @@ def _prompt_with_image(rng, length, vocab, grid_hw):
 @pytest.mark.parametrize("variant", list(ref.TEXT_VARIANTS))
 def test_logits_match_transformers(variant, tmp_path):
   hf_model = ref.build_thinker(variant, seed=len(variant))
-  ours, config = _load_ours(hf_model, tmp_path)
+  ours, config = ref.ours(hf_model, tmp_path)
   vocab = config.model.thinker.text.vocab_size
   rng = np.random.default_rng(0)
   length = 24
@@ -75,11 +70,7 @@ def test_unscanned_and_remat_give_the_same_logits(tmp_path):
 def test_bfloat16_compute_stays_close(tmp_path):
   """bf16 compute (f32 master weights) tracks the f32 reference; a smoke check of the dtype plumbing."""
   hf_model = ref.build_thinker("gqa2")
-  hf_model.save_pretrained(tmp_path)
-  config = hf.config_from_hf(hf.read_config(tmp_path))
-  config.model.dtype = "bfloat16"
-  graphdef, abstract = omni.abstract_model(config)
-  model = nnx.merge(graphdef, hf.load_state(tmp_path, abstract))
+  model, _ = ref.ours(hf_model, tmp_path, **{"model.dtype": "bfloat16"})
   ids = ref.text_ids(np.random.default_rng(2), 1, 12, 200)
   pos = np.broadcast_to(np.arange(12), (3, 1, 12))
   got = model.thinker(jnp.asarray(ids), jnp.asarray(pos), jnp.ones((1, 12), jnp.int32))

@@ -101,17 +101,11 @@ def complete_token_ids(config: ml_collections.ConfigDict) -> ml_collections.Conf
   t = config.model.thinker
   if all(k in t for k in ("pad_token_id", "eos_token_ids", "user_token_id")):
     return config
-  released = ml_collections.ConfigDict()
-  defaults.thinker_token_ids(released)
-  vocab = int(t.text.vocab_size)
+  fill = defaults.generation_ids_within(int(t.text.vocab_size))
   config = ml_collections.ConfigDict(config.to_dict())
-  t = config.model.thinker
-  if "pad_token_id" not in t:
-    t.pad_token_id = released.pad_token_id if released.pad_token_id < vocab else 0
-  if "user_token_id" not in t:
-    t.user_token_id = released.user_token_id if released.user_token_id < vocab else 0
-  if "eos_token_ids" not in t:
-    t.eos_token_ids = tuple(i for i in released.eos_token_ids if i < vocab)
+  for key, value in fill.items():
+    if key not in config.model.thinker:
+      config.model.thinker[key] = value
   return config
 
 

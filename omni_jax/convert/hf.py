@@ -114,18 +114,15 @@ def config_from_hf(hf: dict, base: Optional[ml_collections.ConfigDict] = None) -
 def _generation_ids_from_hf(t: ml_collections.ConfigDict, th: dict, text: dict) -> None:
   """pad / eos / user ids: the checkpoint's where it states them; else the released ids that fit its vocabulary
   (a tiny random checkpoint without them gets pad 0 and no eos, so generation runs to max_new_tokens)."""
-  vocab = int(text["vocab_size"])
+  t.update(defaults.generation_ids_within(int(text["vocab_size"])))
   if th.get("user_token_id") is not None:
     t.user_token_id = int(th["user_token_id"])
   pad = text.get("pad_token_id", th.get("pad_token_id"))
-  t.pad_token_id = int(pad) if pad is not None else (t.pad_token_id if t.pad_token_id < vocab else 0)
+  if pad is not None:
+    t.pad_token_id = int(pad)
   eos = text.get("eos_token_id", th.get("eos_token_id"))
   if eos is not None:
     t.eos_token_ids = tuple(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]))
-  else:
-    t.eos_token_ids = tuple(i for i in t.eos_token_ids if i < vocab)
-  if t.user_token_id >= vocab:
-    t.user_token_id = 0
 
 
 _AUDIO_KEYS = ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "d_model",

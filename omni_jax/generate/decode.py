@@ -66,13 +66,6 @@ def _dispatch(listener, step, tokens, done):
     fn(int(step), np.asarray(tokens), np.asarray(done))
 
 
-def _prefill_deltas(positions: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(real-token count [B], decode delta [B, 1]): delta = max real position + 1 - count (rope_index's)."""
-  n_real = valid.sum(axis=1).astype(jnp.int32)
-  top = jnp.where(valid[None], positions, -1).max(axis=(0, 2))
-  return n_real, jnp.where(n_real > 0, top + 1 - n_real, 0)[:, None].astype(jnp.int32)
-
-
 def make_generate_fn(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, *, max_new_tokens: int,
                      sampling: SamplingParams, eos_token_ids: Sequence[int], pad_token_id: int,
                      cache_len: int, cache_dtype=None, return_logits: bool = False, stream: bool = False,
@@ -91,7 +84,7 @@ def make_generate_fn(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, *, max_ne
     with sharding.activate(mesh, rules):
       positions, media = step_lib.model_inputs(batch, ids)
       valid = seg > 0
-      n_real, deltas = _prefill_deltas(positions, valid)
+      n_real, deltas = valid.sum(axis=1).astype(jnp.int32), positions_lib.position_deltas(positions, valid)
       cache = thinker.model.init_cache(b, cache_len, cache_dtype)
       cache = cache._replace(k=sharding.constrain(cache.k, KVCache.NAMES), v=sharding.constrain(cache.v, KVCache.NAMES))
       hidden, cache = thinker.model(thinker.embed_inputs(input_ids, **media), positions, seg, cache)
