@@ -130,13 +130,12 @@ class AudioEncoder(nnx.Module):
     self.ln_post = LayerNorm(d, eps=1e-5, rngs=rngs, param_dtype=rt.param_dtype)
     self.proj = Linear(d, cfg.output_dim, use_bias=True, names=("embed", "mlp"), **kw)
 
-  def __call__(self, features: jax.Array, lengths: jax.Array, *, max_chunks: Optional[int] = None,
-               max_tokens: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
-    """features [A, mels, T] (frames past each length are ignored), lengths [A] -> ([N, output_dim], count).
-
-    max_chunks / max_tokens are static sizes (defaults: every chunk the buffer can hold, and all the
-    tokens they can produce). Rows of the output past `count` are zero.
-    """
+  def frames(self, features: jax.Array, lengths: jax.Array, *,
+             max_chunks: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The 50 Hz stream before pooling: (x [R, n_window, d] after conv2 and every layer, row_tokens [R]
+    valid frames per row, chunk_start [A] first row of each audio). Row r holds one chunk; an audio's frames
+    are the valid frames of its rows in order (speech units read them; an encoder built with fewer
+    `encoder_layers` gives the activations after that many layers)."""
     cfg = self.cfg
     n_audio, mels, frames = features.shape
     if mels != cfg.num_mel_bins:
@@ -145,7 +144,6 @@ class AudioEncoder(nnx.Module):
     per_row = chunk // 2  # tokens of a full chunk after the stride-2 conv
     k_max = -(-frames // chunk)
     rows = n_audio * k_max if max_chunks is None else max_chunks
-    n_out = rows * per_row // 2 if max_tokens is None else max_tokens
 
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, frames)
     chunks = (lengths + chunk - 1) // chunk
@@ -172,6 +170,20 @@ class AudioEncoder(nnx.Module):
     x = sharding.constrain(x, ACT)
     x = run_stacked(self.layers, x, attention_mask(segments, causal=False), scan=self.rt.scan_layers,
                     remat_policy=self.rt.remat_policy)
+    return x, row_tokens, chunk_start
+
+  def __call__(self, features: jax.Array, lengths: jax.Array, *, max_chunks: Optional[int] = None,
+               max_tokens: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+    """features [A, mels, T] (frames past each length are ignored), lengths [A] -> ([N, output_dim], count).
+
+    max_chunks / max_tokens are static sizes (defaults: every chunk the buffer can hold, and all the
+    tokens they can produce). Rows of the output past `count` are zero.
+    """
+    n_audio, _, frames = features.shape
+    x, _, chunk_start = self.frames(features, lengths, max_chunks=max_chunks)
+    rows, per_row = x.shape[:2]
+    n_out = rows * per_row // 2 if max_tokens is None else max_tokens
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, frames)
 
     # Output token i: audio b, local index j; it pools frames 2j, 2j + 1 of that audio's token sequence.
     tokens = sizes.audio_token_count(lengths)
@@ -189,6 +201,6 @@ class AudioEncoder(nnx.Module):
     out = self.proj(self.ln_post(pooled))
     count = token_end[-1]
     out = jnp.where((i < count)[:, None], out, 0)
-    if cfg.freeze:
+    if self.cfg.freeze:
       out = jax.lax.stop_gradient(out)
     return out, count
