@@ -31,4 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
       depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
       temporal_patch_size=2, spatial_merge_size=2, window_size=112, out_hidden_size=2048,
       fullatt_block_indexes=(7, 15, 23, 31), hidden_act="silu", rope_theta=10000.0, freeze=False))
+  # Talker: a Qwen2.5-0.5B-shaped decoder over the 3B's width (2048) as in the 3B config.json, as far as it
+  # could be read offline; the converter checks every shape, so a wrong value fails loudly.
+  defaults.talker(c, 2048, vocab_size=8448, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, head_dim=64, mrope_section=(8, 12, 12))
   return c

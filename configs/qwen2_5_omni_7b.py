@@ -30,4 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
       depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,
       temporal_patch_size=2, spatial_merge_size=2, window_size=112, out_hidden_size=3584,
       fullatt_block_indexes=(7, 15, 23, 31), hidden_act="silu", rope_theta=10000.0, freeze=False))
+  # Talker (spec §1.5, §7.1): 24 layers of width 896, 12 heads x 128 / 4 KV heads, codec vocabulary 8448.
+  defaults.talker(c, 3584, vocab_size=8448, hidden_size=896, intermediate_size=18944, num_hidden_layers=24,
+                  num_attention_heads=12, num_key_value_heads=4, head_dim=128)
   return c

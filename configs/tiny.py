@@ -30,9 +30,22 @@ def get_config() -> ml_collections.ConfigDict:
       depth=2, hidden_size=32, intermediate_size=48, num_heads=2, in_channels=3, patch_size=14,
       temporal_patch_size=2, spatial_merge_size=2, window_size=56, out_hidden_size=64,
       fullatt_block_indexes=(1,), hidden_act="silu", rope_theta=10000.0, freeze=False))
+  _talker(c)
   _training(c)
   _data(c)
   return c
+
+
+def _talker(c: ml_collections.ConfigDict) -> None:
+  """A 2-layer Talker over 64 speech codes (the demo's unit set: `python -m omni_jax.units fit`); codec ids
+  pad/bos/eos/mask right above the codes, as in the release (8192 codes, specials from 8292)."""
+  defaults.talker(c, 64, vocab_size=72, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, mrope_section=(1, 1, 2),
+                  max_position_embeddings=4096)
+  t = c.model.talker
+  t.num_codes = 64
+  t.tts_codec_pad_token_id, t.tts_codec_start_token_id, t.tts_codec_end_token_id = 64, 65, 66
+  t.tts_codec_mask_token_id = 67
 
 
 def _training(c: ml_collections.ConfigDict) -> None:

@@ -16,6 +16,7 @@ SHARDING_RULES = (
     ("activation_vocab", ("tensor",)),
     ("cache_length", ()),  # KV-cache slots (omni_jax.layers.KVCache); rows and kv heads follow the activations
     ("embed", ("fsdp",)),
+    ("thinker_embed", ()),  # the Thinker's width inside the Talker (codec table, input projection)
     ("heads", ("tensor",)),
     ("kv_heads", ("tensor",)),
     ("mlp", ("tensor",)),
@@ -111,6 +112,29 @@ def training(c: ml_collections.ConfigDict) -> None:
   e.steps = 4  # batches per evaluation
   e.batch_size = 8
   e.split = "eval"
+  # Evaluators (omni_jax/evaluate, docs/evaluation.md): comma-separated names of the registry.
+  e.tasks = "loss"
+  e.samples_per_dataset = 0  # loss: the first N records of every dataset, one pass (0: eval.steps batches)
+  e.at_start = False  # train.py: also evaluate a fresh run before its first step (the untrained baseline)
+  e.files = ml_collections.ConfigDict(dict(asr="", mcq="", open=""))  # task files; "" + demo source: bundled
+  e.max_items = 0  # per task (0: all)
+  e.max_new_tokens = ml_collections.ConfigDict(dict(asr=48, mcq=8, open=48))
+  e.generate_batch_size = 8  # prompts per generation batch (fixed: the last batch is padded)
+
+
+def talker(c: ml_collections.ConfigDict, thinker_width: int, **text) -> None:
+  """config.model.talker with the released codec ids (spec §1.5) and the decoder sizes in `text`
+  (transformers' Qwen2_5OmniTalkerConfig names). Switches: thinker_gradient, units_version (omni_jax.talker)."""
+  base = dict(hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1e6, mrope_section=(16, 24, 24),
+              max_position_embeddings=32768, tie_word_embeddings=False)
+  c.model.talker = ml_collections.ConfigDict(dict(
+      text=ml_collections.ConfigDict(dict(base, **text)), embedding_size=thinker_width, num_codes=8192,
+      tts_codec_start_token_id=8293, tts_codec_end_token_id=8294, tts_codec_pad_token_id=8292,
+      tts_codec_mask_token_id=8296, tts_text_start_token_id=special_tokens.TTS_BOS,
+      tts_text_end_token_id=special_tokens.TTS_EOS, tts_text_pad_token_id=special_tokens.TTS_PAD,
+      thinker_gradient=True, speakers=ml_collections.ConfigDict({"Chelsie": 151872, "Ethan": 151870}),
+      default_speaker="Chelsie"))
+  c.model.talker.units_version = ml_collections.config_dict.placeholder(str)
 
 
 def generation_ids_within(vocab_size: int) -> dict:

@@ -13,6 +13,7 @@ Adding a tower: write its modules and a `TOWER = Tower(...)` entry module, then 
 BUILTIN below (or call register() from your own code, as tests/test_towers.py does). Nothing else changes.
 """
 
+import contextlib
 import dataclasses
 import importlib
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -24,11 +25,11 @@ from omni_jax.config import ConfigError
 
 # Modules holding the built-in entries (each defines TOWER); imported on first use of the registry, since
 # they import the model code, which imports omni_jax.config.
-BUILTIN = ("omni_jax.models.thinker_tower",)
+BUILTIN = ("omni_jax.models.thinker_tower", "omni_jax.models.talker_tower")
 
 # Checkpoint parts that no registered tower implements yet: a checkpoint holding them converts with a
 # warning (left out) instead of failing on unknown keys. A tower registering the prefix takes it over.
-PLANNED = {"talker.": "talker", "token2wav.": "token2wav"}
+PLANNED = {"token2wav.": "token2wav"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +129,30 @@ def built(config: ml_collections.ConfigDict) -> tuple[Tower, ...]:
 
 
 # --------------------------------------------------------------------------------------- objectives
+
+_SHARED: list[dict] = []
+
+
+@contextlib.contextmanager
+def shared_outputs():
+  """A scope in which objectives of one (micro-)batch share forward passes (see shared()): the Talker's code
+  loss reads the Thinker's hidden states from the same forward that gives the text loss."""
+  _SHARED.append({})
+  try:
+    yield
+  finally:
+    _SHARED.pop()
+
+
+def shared(key: str, compute: Callable[[], Any]) -> Any:
+  """compute() once per shared_outputs() scope (every call outside a scope computes)."""
+  if not _SHARED:
+    return compute()
+  memo = _SHARED[-1]
+  if key not in memo:
+    memo[key] = compute()
+  return memo[key]
+
 
 
 def _all_objectives(towers: Sequence[Tower]) -> dict[str, Objective]:

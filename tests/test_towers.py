@@ -97,7 +97,7 @@ def test_a_registered_tower_builds_trains_and_converts(toy, tmp_path):
   # Its gradient reached its parameters; the FLOPs counter skips a tower without a formula.
   after = jax.device_get(state.params)
   assert not np.array_equal(after["toy"]["proj"]["kernel"], first["toy"]["proj"]["kernel"])
-  assert set(metrics_lib.FlopCounter(c).towers) == {"thinker"}
+  assert set(metrics_lib.FlopCounter(c).towers) == {"thinker", "talker"}
 
   # Conversion: its rule renames the kernel, the generic leaf rule maps the bias; both round-trip.
   graphdef, abstract = omni.abstract_model(c)
@@ -113,7 +113,7 @@ def test_a_registered_tower_builds_trains_and_converts(toy, tmp_path):
 
   # Without its section the tower is not built, and its tensors in a checkpoint are reported, not fatal.
   plain = lib.config()
-  assert [t.name for t in towers.built(plain)] == ["thinker"]
+  assert [t.name for t in towers.built(plain)] == ["thinker", "talker"]
   _, plain_abstract = omni.abstract_model(plain)
   assert "toy" not in nnx.to_pure_dict(plain_abstract)
   hf.load_state(str(tmp_path), plain_abstract, hf_config={"model_type": "qwen2_5_omni"})

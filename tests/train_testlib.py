@@ -18,6 +18,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Special token ids inside the small vocabulary (as in tests/hf_reference.py).
 SMALL_IDS = dict(audio_token_id=1, image_token_id=2, video_token_id=3, audio_start_token_id=4, audio_end_token_id=5,
                  vision_start_token_id=7, vision_end_token_id=8, pad_token_id=0, user_token_id=6, eos_token_ids=(9,))
+# The Talker's text-stream rows and voices inside the small vocabulary.
+SMALL_TALKER_IDS = {"tts_text_start_token_id": 250, "tts_text_end_token_id": 251, "tts_text_pad_token_id": 252,
+                    "speakers.Chelsie": 253, "speakers.Ethan": 254}
+
+
+def small_talker_ids(c):
+  for key, value in SMALL_TALKER_IDS.items():
+    node, *rest = key.split(".")
+    if rest:
+      c.model.talker[node][rest[0]] = value
+    else:
+      c.model.talker[key] = value
 
 
 def config(**train):
@@ -25,6 +37,7 @@ def config(**train):
   c = tiny.get_config()
   c.model.thinker.text.vocab_size = 256
   c.model.thinker.update(SMALL_IDS)
+  small_talker_ids(c)
   c.data.synthetic.vocab_size = 256
   c.train.update(dict(steps=6, batch_size=8, seq_len=32, log_every=1, warmup_steps=2, lr=3e-3,
                       checkpoint_every=0, eval_every=0, async_checkpointing=True))
@@ -83,6 +96,7 @@ def jsonl_losses(workdir):
 def flags(**train):
   out = ["--config", os.path.join(ROOT, "configs", "tiny.py"), "--config.model.thinker.text.vocab_size=256",
          *[f"--config.model.thinker.{k}={v}" for k, v in SMALL_IDS.items()],
+         *[f"--config.model.talker.{k}={v}" for k, v in SMALL_TALKER_IDS.items()],
          "--config.data.synthetic.vocab_size=256", "--config.eval.steps=1", "--config.eval.batch_size=8"]
   base = dict(steps=6, batch_size=8, seq_len=32, log_every=1, warmup_steps=2, lr=3e-3, checkpoint_every=0,
               eval_every=0)

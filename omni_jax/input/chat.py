@@ -177,6 +177,8 @@ class Rendered:
   input_ids: np.ndarray  # [n] int32
   labels: np.ndarray  # [n] int32, IGNORE where there is no loss
   media_kinds: list[str]  # kind of each media part in order of appearance
+  # [start, end) of each assistant message's tokens: its content and its <|im_end|> (the Talker's reply tokens)
+  assistant_spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 def render(messages: Sequence[Mapping], media: Sequence[MediaItem], tokenizer, fmt: ChatFormat, *,
@@ -200,8 +202,16 @@ def render(messages: Sequence[Mapping], media: Sequence[MediaItem], tokenizer, f
       run.clear()
 
   media = list(media)
+  spans: list[list[int]] = []
+  in_reply = False
   for kind, value, role, is_content in _walk(messages, add_generation_prompt, fmt):
     label = is_content and role in train_on
+    reply = is_content and role == "assistant"
+    if reply != in_reply:
+      flush()
+      if reply:
+        spans.append([len(ids), len(ids)])
+      in_reply = reply
     if kind == "text" and is_content:
       run.append(value)
       run_label = label
@@ -214,6 +224,8 @@ def render(messages: Sequence[Mapping], media: Sequence[MediaItem], tokenizer, f
     elif kind == "special":
       ids.append(fmt.id(value))
       labels.append(fmt.id(value) if label else IGNORE)
+      if reply:
+        spans[-1][1] = len(ids)
     else:
       if len(kinds) >= len(media):
         raise ChatError(f"the conversation has more media parts than the {len(media)} items given")
@@ -228,4 +240,4 @@ def render(messages: Sequence[Mapping], media: Sequence[MediaItem], tokenizer, f
   flush()
   if len(kinds) != len(media):
     raise ChatError(f"{len(media)} media items given for {len(kinds)} media parts")
-  return Rendered(np.asarray(ids, np.int32), np.asarray(labels, np.int32), kinds)
+  return Rendered(np.asarray(ids, np.int32), np.asarray(labels, np.int32), kinds, [tuple(x) for x in spans])

@@ -82,10 +82,13 @@ class DecoderStack(nnx.Module):
 
 
 class TextDecoder(DecoderStack):
-  """embed_tokens + the DecoderStack: the Thinker's language model (checkpoint prefix thinker.model)."""
+  """embed_tokens + the DecoderStack: the Thinker's language model (checkpoint prefix thinker.model), and the
+  Talker's (talker.model), whose codec embeddings live in the Thinker's width (embed_dim) and are projected to
+  its own hidden size before the stack."""
 
-  def __init__(self, cfg: TextConfig, rt: Runtime, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: TextConfig, rt: Runtime, *, rngs: nnx.Rngs, embed_dim: Optional[int] = None):
     # Created first: the random initialisation draws in the same order as before the stack was split out.
-    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, names=("vocab", "embed"), rngs=rngs,
+    width = (cfg.hidden_size, "embed") if embed_dim is None else (embed_dim, "thinker_embed")
+    self.embed_tokens = Embed(cfg.vocab_size, width[0], names=("vocab", width[1]), rngs=rngs,
                               dtype=rt.dtype, param_dtype=rt.param_dtype)
     super().__init__(cfg, rt, rngs=rngs)

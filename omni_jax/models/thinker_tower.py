@@ -214,6 +214,20 @@ def logits_of(thinker: Thinker, batch: Batch) -> jax.Array:
   return thinker(batch["input_ids"], positions, batch["segment_ids"], **media)
 
 
+def outputs(thinker: Thinker, batch: Batch) -> dict:
+  """The Thinker's forward on a batch: logits, final-norm hidden states, merged input embeddings, positions.
+  Shared by the objectives of one batch (omni_jax.towers.shared): the Talker reads hidden states and embeddings."""
+
+  def forward():
+    positions, media = model_inputs(batch, thinker.ids)
+    embeds = thinker.embed_inputs(batch["input_ids"], **media)
+    logits, hidden = thinker(batch["input_ids"], positions, batch["segment_ids"], inputs_embeds=embeds,
+                             return_hidden=True)
+    return {"logits": logits, "hidden": hidden, "embeds": embeds, "positions": positions}
+
+  return towers.shared("thinker", forward)
+
+
 def label_mask(batch: Batch) -> jax.Array:
   """[B, L-1] bool: position i is trained to predict labels[i + 1] (same segment, not IGNORE, not padding)."""
   seg = batch["segment_ids"]
@@ -239,7 +253,7 @@ def token_stats(logits: jax.Array, batch: Batch, with_accuracy: bool = False) ->
 def text_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> dict:
   """The `thinker_text` objective: next-token cross-entropy of the Thinker (deterministic: rng unused)."""
   del rng
-  return token_stats(logits_of(model.thinker, batch), batch, with_accuracy=evaluate)
+  return token_stats(outputs(model.thinker, batch)["logits"], batch, with_accuracy=evaluate)
 
 
 def num_labels(batch: Batch) -> jax.Array:

@@ -38,7 +38,7 @@ def forward(graphdef: nnx.GraphDef, params: state_lib.Params, batch: Batch, mesh
 def objective_sums(model, batch: Batch, rng: jax.Array, objectives, mesh: Optional[Mesh], rules,
                    evaluate: bool = False) -> dict:
   """{objective name: its sums} on one (micro-)batch; objective i gets fold_in(rng, i)."""
-  with sharding.activate(mesh, rules):
+  with sharding.activate(mesh, rules), towers.shared_outputs():
     return {o.name: o.loss(model, batch, jax.random.fold_in(rng, i), evaluate=evaluate)
             for i, o in enumerate(objectives)}
 
@@ -130,15 +130,21 @@ def jit_train_step(setup: state_lib.Setup) -> Callable:
   first use.
   """
   step = make_train_step(setup)
-  replicated = NamedSharding(setup.mesh, PartitionSpec())
   cache = {}
 
   def run(state, batch):
     key = tuple(sorted((k, tuple(v.shape)) for k, v in batch.items()))
     if key not in cache:
-      b_shard = batch_shardings(batch, setup.mesh, setup.config.sharding_rules)
-      cache[key] = jax.jit(step, in_shardings=(setup.shardings, b_shard),
-                           out_shardings=(setup.shardings, replicated), donate_argnums=(0,))
+      cache[key] = jit_for_layout(setup, batch, step)
     return cache[key](state, batch)
 
   return run
+
+
+def jit_for_layout(setup: state_lib.Setup, batch: Mapping[str, Any], step: Optional[Callable] = None):
+  """The jitted step for one batch layout (arrays or ShapeDtypeStructs); omni_jax.aot lowers exactly this."""
+  step = step or make_train_step(setup)
+  replicated = NamedSharding(setup.mesh, PartitionSpec())
+  b_shard = batch_shardings(batch, setup.mesh, setup.config.sharding_rules)
+  return jax.jit(step, in_shardings=(setup.shardings, b_shard), out_shardings=(setup.shardings, replicated),
+                 donate_argnums=(0,))

@@ -1,0 +1,69 @@
+"""The Talker's registry entry (omni_jax.towers): typed view of config.model.talker, constructor, FLOPs, and the
+next-code objective `talker_codes` (omni_jax.talker.objective).
+
+Its checkpoint names follow transformers' on-disk layout (talker.thinker_to_talker_proj, talker.model.*,
+talker.codec_head), so the generic leaf rules of the converter map it without exceptions.
+"""
+
+from typing import Any, Mapping
+
+import ml_collections
+import numpy as np
+
+from omni_jax import config as config_lib
+from omni_jax import towers
+from omni_jax.config import ConfigError
+from omni_jax.models.talker import Talker, TalkerConfig, talker_config
+
+
+def view(config: ml_collections.ConfigDict) -> TalkerConfig:
+  cfg = talker_config(config)
+  width = config_lib.thinker_text(config).hidden_size
+  if cfg.embedding_size != width:
+    raise ConfigError(f"config.model.talker.embedding_size: {cfg.embedding_size} must equal the Thinker's width "
+                      f"(model.thinker.text.hidden_size={width}): the text track is the Thinker's hidden states")
+  vocab = config_lib.thinker_text(config).vocab_size
+  for name in ("tts_text_start_token_id", "tts_text_end_token_id", "tts_text_pad_token_id"):
+    if not 0 <= getattr(cfg, name) < vocab:
+      raise ConfigError(f"config.model.talker.{name}: {getattr(cfg, name)} is outside the Thinker's vocabulary "
+                        f"(model.thinker.text.vocab_size={vocab})")
+  return cfg
+
+
+def build(config: ml_collections.ConfigDict, rt: config_lib.Runtime, rngs) -> Talker:
+  return Talker(talker_config(config), rt, rngs=rngs)
+
+
+class TalkerFlops:
+  """Model FLOPs of the Talker per train step (same counting as ThinkerFlops: 6 per weight and token when it
+  trains, 2 when frozen and nothing before it trains; causal attention over the Talker rows)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, frozen: frozenset = frozenset(), param_paths: tuple = ()):
+    cfg = talker_config(config)
+    t = cfg.text
+    per_layer = (t.hidden_size * t.num_attention_heads * t.head_dim * 2
+                 + t.hidden_size * t.num_key_value_heads * t.head_dim * 2 + t.hidden_size * t.intermediate_size * 3)
+    self.text = t
+    self.matmul_params = (t.num_hidden_layers * per_layer + cfg.embedding_size * t.hidden_size
+                          + t.hidden_size * t.vocab_size)
+    under = [p for p in param_paths if p[:1] == ("talker",)]
+    self.factor = 2 if under and all(p in frozen for p in under) else 6
+
+  def step_flops(self, batch: Mapping[str, Any]) -> float:
+    if "talker_segment_ids" not in batch:
+      return 0.0
+    rows, seq_len = np.shape(batch["talker_segment_ids"])
+    t = self.text
+    attn_fwd = 2 * 2 * seq_len * t.num_attention_heads * t.head_dim / 2
+    return float(rows * seq_len * (self.factor * self.matmul_params + 3 * t.num_hidden_layers * attn_fwd))
+
+
+def _objectives():
+  from omni_jax.talker import objective  # pylint: disable=import-outside-toplevel
+
+  return (towers.Objective("talker_codes", objective.code_loss, objective.num_codes),)
+
+
+TOWER = towers.Tower(
+    name="talker", section="model.talker", view=view, build=build, stacked=("talker.model.layers",),
+    flops=TalkerFlops, objectives=_objectives())

@@ -1,0 +1,77 @@
+"""The `talker_codes` objective: next-code cross-entropy of the Talker over speech codes and the end code,
+teacher-forced on the sequence omni_jax.talker.layout lays out (the same inputs inference builds).
+
+The text track comes from the Thinker's forward on the same batch (shared with `thinker_text`, one forward);
+config.model.talker.thinker_gradient=False stops the code loss's gradient at the Talker's inputs, so the
+Thinker trains on its text loss only. Sums are per modality of the sample (omni_jax.batch.KINDS), like the
+Thinker's, and divided by the global number of code targets.
+"""
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from omni_jax import batch as batch_lib
+from omni_jax.models import thinker_tower
+from omni_jax.models.talker import zero_media_rows
+from omni_jax.talker.layout import NONE
+
+Batch = Mapping[str, jax.Array]
+
+
+def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x [B, L, D], index [B, T] -> [B, T, D]."""
+  return jnp.take_along_axis(x, jnp.clip(index, 0)[..., None], axis=1)
+
+
+def talker_inputs(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
+  """(inputs_embeds [B, T, D] of the Talker rows, positions [3, B, T]) from the Thinker's forward."""
+  thinker, talker = model.thinker, model.talker
+  out = thinker_tower.outputs(thinker, batch)
+  ids = thinker.ids
+  embeds = zero_media_rows(out["embeds"], batch["input_ids"],
+                           (ids.audio_token_id, ids.image_token_id, ids.video_token_id))
+  track = out["hidden"].astype(jnp.float32) + embeds.astype(jnp.float32)
+  text_ids = batch["talker_text_id"]
+  bare = thinker.embed(jnp.clip(text_ids, 0)).astype(jnp.float32)
+  if not talker.cfg.thinker_gradient:
+    track, bare = jax.lax.stop_gradient(track), jax.lax.stop_gradient(bare)
+  src = batch["talker_text_src"]
+  text = jnp.where((src != NONE)[..., None], _take_rows(track, src),
+                   jnp.where((text_ids != NONE)[..., None], bare, 0.0))
+  codes_in = batch["talker_codes_in"]
+  codec = jnp.where((codes_in != NONE)[..., None], talker.codec_embed(jnp.clip(codes_in, 0)).astype(jnp.float32),
+                    0.0)
+  anchor = jnp.broadcast_to(batch["talker_anchor"][None], (3,) + batch["talker_anchor"].shape)
+  positions = jnp.take_along_axis(out["positions"], anchor, axis=2) + batch["talker_offset"][None]
+  return (text + codec).astype(talker.model.rt.dtype), positions
+
+
+def code_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> dict:
+  """Sums of the code cross-entropy (and, with evaluate, correct argmax codes) per modality of the sample."""
+  del rng
+  if "talker_labels" not in batch:  # a bucket without Talker rows: nothing to learn here
+    zeros = jnp.zeros((len(batch_lib.KINDS),), jnp.float32)
+    return {"loss_sum": zeros, "count": zeros, **({"correct": zeros} if evaluate else {})}
+  x, positions = talker_inputs(model, batch)
+  logits = model.talker(x, positions, batch["talker_segment_ids"])
+  labels = batch["talker_labels"]
+  valid = labels != batch_lib.IGNORE
+  targets = jnp.where(valid, labels, 0)
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  kind = _take_rows(batch["kind"][..., None], batch["talker_anchor"])[..., 0]  # the sample's modality
+  onehot = jax.nn.one_hot(kind, len(batch_lib.KINDS), dtype=jnp.float32) * valid[..., None]
+  out = {"loss_sum": jnp.einsum("bt,btk->k", jnp.where(valid, nll, 0.0), onehot),
+         "count": jnp.sum(onehot, axis=(0, 1))}
+  if evaluate:
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    out["correct"] = jnp.einsum("bt,btk->k", correct, onehot)
+  return out
+
+
+def num_codes(batch: Batch) -> jax.Array:
+  """Code targets in the whole (global) batch: the normaliser of the objective."""
+  if "talker_labels" not in batch:
+    return jnp.zeros((), jnp.int32)
+  return jnp.sum(batch["talker_labels"] != batch_lib.IGNORE)
