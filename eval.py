@@ -1,17 +1,19 @@
-"""Evaluate a checkpoint: loss, perplexity and token accuracy per modality on an eval split.
+"""Evaluate a checkpoint with the evaluators of config.eval.tasks (loss, asr, mcq, open; docs/evaluation.md).
 
   python eval.py --config configs/tiny.py --checkpoint workdirs/tiny            # a training workdir (latest step)
   python eval.py --config configs/tiny.py --checkpoint ckpt/omni3b              # a `python -m omni_jax.convert` output
+  python eval.py --config configs/demo.py --checkpoint workdirs/tiny_demo --config.eval.tasks=loss,asr,mcq
 
 Writes a JSON report (--output; default WORKDIR/eval/<split>_step<N>.json for a training checkpoint,
-CHECKPOINT/eval/<split>.json for a converter output) and TensorBoard scalars beside it.
+CHECKPOINT/eval/<split>.json for a converter output) and TensorBoard scalars beside it, and prints a table
+of the headline scores (beside the training run's first evaluation, when there is one) and one reply per
+modality.
 """
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from omni_jax import cli
 from omni_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).", lock_config=True)
@@ -24,16 +26,16 @@ flags.mark_flags_as_required(["config", "checkpoint"])
 def main(argv):
   del argv
   distributed.start_process()  # before anything touches a device
-  from omni_jax.config import ConfigError
   from omni_jax.evaluate import run
 
-  try:
-    report = run.run(_CONFIG.value, _CHECKPOINT.value, _OUTPUT.value)
-  except (ConfigError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
-  for k, v in report["metrics"].items():
-    print(f"{k}: {v:.6g}")
+  report = run.run(_CONFIG.value, _CHECKPOINT.value, _OUTPUT.value)  # a user error: one line, exit status 2
+  from omni_jax.evaluate import summary
+
+  workdir = run.workdir_of(report)
+  print(summary.table(report, summary.first_evaluation(workdir, report["split"]) if workdir else None))
+  for reply in summary.sample_replies(report):
+    print(reply)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

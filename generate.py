@@ -9,11 +9,10 @@ or a transformers directory. --config (optional) sets runtime, mesh and generati
 (config.generate; --config.generate.top_p=0.9 ...); the model architecture comes from the checkpoint.
 """
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from omni_jax import cli
 from omni_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional Python config file (get_config()).")
@@ -38,24 +37,18 @@ flags.mark_flags_as_required(["checkpoint", "prompt"])
 def main(argv):
   del argv
   distributed.start_process()  # before anything touches a device
-  from omni_jax.config import ConfigError
   from omni_jax.generate import api
-  from omni_jax.input.preprocess import SampleError
-  from omni_jax.input.tokenizer import TokenizerError
 
   settings = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                   top_p=_TOP_P.value, repetition_penalty=_PENALTY.value, seed=_SEED.value,
                   do_sample=False if _GREEDY.value else None)
-  try:
-    model = api.load(_CHECKPOINT.value, _CONFIG.value)
-    for piece in model.stream_chat(_PROMPT.value, image=_IMAGE.value, audio=_AUDIO.value, video=_VIDEO.value,
-                                   use_audio_in_video=_AIV.value, system=_SYSTEM.value,
-                                   **{k: v for k, v in settings.items() if v is not None}):
-      print(piece, end="", flush=True)
-    print()
-  except (ConfigError, FileNotFoundError, SampleError, TokenizerError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  model = api.load(_CHECKPOINT.value, _CONFIG.value)
+  for piece in model.stream_chat(_PROMPT.value, image=_IMAGE.value, audio=_AUDIO.value, video=_VIDEO.value,
+                                 use_audio_in_video=_AIV.value, system=_SYSTEM.value,
+                                 **{k: v for k, v in settings.items() if v is not None}):
+    print(piece, end="", flush=True)
+  print()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, also=(ValueError,))  # a bad prompt or setting is a ValueError: one line, exit status 2

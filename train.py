@@ -7,11 +7,10 @@ host, or several on one machine) pass --coordinator_address/--num_processes/--pr
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
 """
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from omni_jax import cli
 from omni_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).", lock_config=True)
@@ -23,17 +22,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   distributed.start_process()  # before anything touches a device
-  from omni_jax.config import ConfigError
   from omni_jax.train import loop
 
-  try:
-    loop.run(_CONFIG.value, _WORKDIR.value)
-  except Exception as e:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
-    sources = sys.modules.get("omni_jax.input.sources")  # the data errors' module, if the run loaded it
-    if not isinstance(e, (ConfigError, loop.NonFiniteLoss)) and not (sources and isinstance(e, sources.DataError)):
-      raise
-    sys.exit("error: " + " ".join(str(e).split()))  # one line, whatever the message holds
+  loop.run(_CONFIG.value, _WORKDIR.value)  # a user error: one line, exit status 2 (omni_jax.cli)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

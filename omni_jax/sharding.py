@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from omni_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 Rules = Sequence[tuple[str, Any]]
@@ -31,18 +33,18 @@ def mesh_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   """Mesh sizes in MESH_AXES order; one axis may be -1 (takes the remaining devices)."""
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; known: {MESH_AXES}")
+    raise ConfigError(f"config.mesh has unknown axes {sorted(unknown)}; known: {MESH_AXES}")
   sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise ConfigError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   if -1 in sizes:
     known = int(np.prod([s for s in sizes if s != -1]))
     if num_devices % known:
-      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible "
+      raise ConfigError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible "
                        f"by the fixed axes ({known})")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+    raise ConfigError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"{num_devices} are present")
   return tuple(sizes)
 
@@ -66,7 +68,7 @@ def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
       axes = (axes,)
     bad = [a for a in axes if a not in MESH_AXES]
     if bad:
-      raise ValueError(f"config.sharding_rules: rule for {name!r} names unknown mesh axes {bad}")
+      raise ConfigError(f"config.sharding_rules: rule for {name!r} names unknown mesh axes {bad}")
     table[name] = tuple(axes)
   return table
 

@@ -90,4 +90,4 @@ def test_generate_py_on_a_trained_workdir(tmp_path):
   assert out.stdout.strip(), "generate.py printed no reply"
   bad = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "x"],
                        cwd=ROOT, env=env, capture_output=True, text=True)
-  assert bad.returncode == 1 and "error:" in bad.stderr and "nothing" in bad.stderr
+  assert bad.returncode == 2 and "error:" in bad.stderr and "nothing" in bad.stderr

@@ -110,7 +110,7 @@ def test_params_dir_and_find_config_take_the_newest_intact_step_and_its_own_conf
   # eval.py turns it into one line
   out = subprocess.run([sys.executable, os.path.join(lib.ROOT, "eval.py"), "--checkpoint", str(workdir),
                         *lib.flags()], cwd=lib.ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: "), out.stderr
+  assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: "), out.stderr
   assert "no intact checkpoint" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -120,7 +120,7 @@ def test_a_real_shape_mismatch_names_the_parameter_and_both_shapes_and_changes_n
                                          *glob.glob(str(workdir / "checkpoints" / "*" / "config" / "config.json"))]}
   assert len(before) == 3
   proc = lib.launch(workdir, extra=["--config.model.thinker.text.vocab_size=320"], **dict(RUN, steps=9))
-  assert proc.wait(timeout=300) == 1
+  assert proc.wait(timeout=300) == 2  # a user error
   text = lib.log_text(workdir)
   last = text.strip().splitlines()[-1]
   assert "Traceback" not in text
@@ -140,7 +140,7 @@ def test_a_second_run_on_a_locked_workdir_exits_at_once_and_the_first_is_unaffec
     assert holder == dict(pid=first.pid, host=socket.gethostname())
     started = time.time()
     second = lib.launch(workdir, log_as=tmp_path / "second", steps=10_000, checkpoint_every=0)
-    assert second.wait(timeout=120) == 1
+    assert second.wait(timeout=120) == 2  # a user error
     text = lib.log_text(tmp_path / "second")
     last = text.strip().splitlines()[-1]
     assert last == (f"error: workdir {workdir} is in use by another run (pid {first.pid} on host "

@@ -90,12 +90,15 @@ def test_jsonl_to_arrayrecord_and_back(tmp_path):
   name = sources.build("my_set", splits, data_dir)
   assert name.startswith("omni_conversations/my_set_")
   train = sources.open_split(name, "train", data_dir)
-  assert len(train) == 6 and len(sources.open_split(name, "validation", data_dir)) == 1
+  assert len(train) == 7 and len(sources.open_split(name, "validation", data_dir)) == 1  # the blank line too
   got = {}
   for i in range(len(train)):
     rid, record, root = sources.decode_example(train[i])
     got[rid] = (record, root)
   assert got["train.jsonl:7"][0] == "not json"  # stored as is: the pipeline skips and counts it
+  with pytest.raises(RecordError, match="train.jsonl:6: blank line") as e:  # counted too, as blank_line
+    sources.normalize(got["train.jsonl:6"][0])
+  assert e.value.reason == "blank_line"
   assert got["train.jsonl:1"] == (json.dumps(lines[0]), str(tmp_path / "sub"))
   # Unchanged files reuse the store; an edited file gets a new one.
   assert sources.build("my_set", splits, data_dir) == name

@@ -12,13 +12,13 @@
 import argparse
 import logging
 import os
-import sys
 
 import jax
 import ml_dtypes
 import numpy as np
 
 from omni_jax import checkpoint
+from omni_jax import cli
 from omni_jax.convert import export
 from omni_jax.convert import hf
 from omni_jax.models import omni
@@ -75,10 +75,8 @@ def main(argv=None) -> None:
   p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="tensor dtype when writing HF")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  try:
+  with cli.user_errors():  # a missing, truncated or mismatched input: one line, exit status 2
     if args.hf_dir:
       hf_to_orbax(args.hf_dir, args.out_dir)
     else:
       orbax_to_hf(args.orbax_dir, args.out_dir, args.dtype)
-  except (hf.CheckpointMismatch, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")

@@ -247,9 +247,13 @@ class _Shards:
       raise FileNotFoundError(f"{hf_dir}: no *.safetensors files (expected a transformers checkpoint directory)")
     self.where = {}
     for f in files:
-      with safe_open(f, framework="numpy") as h:
-        for k in h.keys():
-          self.where[k] = f
+      try:
+        with safe_open(f, framework="numpy") as h:
+          for k in h.keys():
+            self.where[k] = f
+      except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise CheckpointMismatch(f"{f}: not a readable safetensors file ({e}); a truncated download? "
+                                 f"Fetch that shard again") from None
 
   def get(self, key: str) -> np.ndarray:
     with safe_open(self.where[key], framework="numpy") as h:

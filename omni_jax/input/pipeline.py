@@ -176,8 +176,11 @@ def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = N
                for n, src in opened.items()}
     records = mixing.mix(streams, mixture)
   else:
+    # config.eval.samples_per_dataset: the same first records of every dataset, one pass (omni_jax/evaluate).
+    per_dataset = (_plain(config.get("eval", {})) or {}).get("samples_per_dataset")
     records = mixing.eval_stream(opened, process_index=process_index, process_count=process_count,
-                                 num_epochs=None if data.get("eval_repeat", True) else 1)
+                                 num_epochs=1 if per_dataset or not data.get("eval_repeat", True) else None,
+                                 per_dataset=per_dataset)
   buckets = buckets_from_config(data, seq_len=int(train.get("seq_len", 512)),
                                 batch_size=int(batch_size or train.get("batch_size", 8)), process_count=process_count)
   ds = packing.PackedDataset(records, prep, buckets, max_lag=int(data.get("max_lag", 512)),
@@ -196,13 +199,17 @@ class DataIterator:
   """Batches for the train/eval step, plus counters; get_state()/set_state() for the training checkpoint.
 
   metrics(): cumulative counters: batches, samples, tokens (real), loss_tokens, slots (B x L), samples/<kind>,
-  skipped, skipped/<reason>. Skipped samples are logged as warnings naming the sample.
+  skipped, skipped/<reason>. A skipped sample is logged as a warning naming it once per (sample, reason):
+  the next epoch's skips of the same bad line are counted but not logged again.
   """
+
+  MAX_LOGGED = 100_000  # (sample, reason) pairs remembered; past that, skips are counted and not logged
 
   def __init__(self, dataset: grain.IterDataset):
     self._dataset = dataset
     self._it = iter(dataset)
     self._counters = collections.Counter()
+    self._logged: set[tuple[str, str]] = set()
     self.last_info: dict = {}
 
   def __iter__(self):
@@ -213,7 +220,7 @@ class DataIterator:
       batch, info = next(self._it)
       self._account(info)
       if batch is not None:
-        return batch
+        return {k: _release_shared_memory(v) for k, v in batch.items()}
 
   def _account(self, info: dict):
     c = self._counters
@@ -229,7 +236,11 @@ class DataIterator:
     for name, reason, message in info["skipped"]:
       c["skipped"] += 1
       c[f"skipped/{reason}"] += 1
-      log.warning("skipped sample %s (%s): %s", name, reason, message)
+      if (name, reason) not in self._logged and len(self._logged) < self.MAX_LOGGED:
+        self._logged.add((name, reason))
+        log.warning("skipped sample %s (%s): %s", name, reason, message)
+        if len(self._logged) == self.MAX_LOGGED:
+          log.warning("%d different samples were skipped; further skips are counted, not logged", self.MAX_LOGGED)
 
   def metrics(self) -> dict[str, int]:
     return dict(self._counters)
@@ -249,6 +260,21 @@ class DataIterator:
       self._it.close()
       self._it = None
       gc.collect()
+
+
+def _release_shared_memory(array):
+  """Unlink the shared-memory block behind an array a grain worker sent, now; the mapping stays valid.
+
+  grain unlinks such blocks when the array is garbage collected, on a background thread: arrays still alive at
+  exit (the last batches) were never unlinked, and Python's resource tracker reported them as leaked
+  shared_memory objects. Unlinking at arrival (POSIX keeps the memory until the last mapping closes) leaves
+  nothing to leak, whenever the array dies.
+  """
+  shm = getattr(array, "shm", None)
+  if shm is not None and getattr(array, "_unlink_on_del", False):
+    array._unlink_on_del = False  # pylint: disable=protected-access - its __del__ must only close the mapping
+    shm.unlink()
+  return array
 
 
 def make_iterator(config, *, split: str = "train", batch_size: Optional[int] = None, process_index: int = 0,

@@ -20,7 +20,8 @@ from omni_jax.input.media import image as image_media
 from omni_jax.input.media import patches
 from omni_jax.input.media import video as video_media
 
-REASONS = ("malformed", "unknown_tag", "missing_media", "bad_media", "too_long", "error")  # error: unforeseen
+REASONS = ("malformed", "unknown_tag", "missing_media", "bad_media", "too_long",
+           "error") + sources.LINE_REASONS  # error: unforeseen; not_utf8, blank_line: JSONL lines that are no record
 
 
 class SampleError(ValueError):

@@ -10,11 +10,15 @@ Two JSONL formats are accepted (one conversation a line, mixed freely in one fil
 
 Optional keys: `use_audio_in_video` (record, or per video part), `speech_output` (record), and `speech` on an
 assistant message: the path of that reply spoken aloud (Talker targets; it also selects the speech system
-prompt). Relative media paths resolve against the JSONL file's folder; `file://` prefixes are stripped.
+prompt) and `speaker` (on that message or the record): the voice's name in config.model.talker.speakers.
+Relative media paths resolve against the JSONL file's folder; `file://` prefixes are stripped.
 
 The TFDS builder stores each line untouched (with its id and folder) in ArrayRecord; `normalize` runs in the
 data workers, so a malformed line becomes a counted, skipped sample at training time instead of a failed
-build. grain reads the store through `tfds.data_source`.
+build. A line that is not UTF-8 or is blank is stored as a marker that `normalize` rejects with the reason
+`not_utf8` / `blank_line` (never decoded with replacement characters, never dropped uncounted), so every line
+of a file is either trained on or counted as skipped. A split whose files hold no line at all fails the build
+with a DataError naming them. grain reads the store through `tfds.data_source`.
 """
 
 import contextlib
@@ -51,6 +55,25 @@ class UnknownTagError(RecordError):
   """A media tag or content-part type this framework does not know."""
 
   reason = "unknown_tag"
+
+
+class LineError(RecordError):
+  """A JSONL line that is no record at all: not UTF-8 (reason not_utf8) or blank (blank_line)."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+LINE_REASONS = ("not_utf8", "blank_line")
+# What the store holds for such a line: NUL cannot start a JSON text, so no real record is mistaken for it.
+_BAD_LINE = "\x00omni_jax-bad-line\x00"
+
+
+def bad_line(reason: str, message: str) -> str:
+  """The stored stand-in of a line that is no record (normalize raises LineError(reason, message))."""
+  assert reason in LINE_REASONS, reason
+  return f"{_BAD_LINE}{reason}\x00{message}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,6 +141,10 @@ def _content_list(content: list, root: str, where: str) -> list[dict]:
 def normalize(record: Union[str, bytes, Mapping], root: str = "", name: str = "?") -> dict:
   """One raw record -> {"id", "messages": [{"role", "content": [parts], ("speech")}], "use_audio_in_video",
   "speech_output"}; media parts carry absolute paths. Raises RecordError / UnknownTagError naming `name`."""
+  if isinstance(record, str) and record.startswith(_BAD_LINE):
+    reason, _, message = record[len(_BAD_LINE):].partition("\x00")
+    if reason in LINE_REASONS:
+      raise LineError(reason, message)
   if isinstance(record, (str, bytes)):
     try:
       record = json.loads(record)
@@ -158,6 +185,11 @@ def normalize(record: Union[str, bytes, Mapping], root: str = "", name: str = "?
       if role != "assistant":
         raise RecordError(f"{where}: only assistant messages can carry `speech`")
       msg["speech"] = _resolve(m["speech"], root, where)
+      speaker = m.get("speaker", record.get("speaker"))
+      if speaker is not None:
+        if not isinstance(speaker, str):
+          raise RecordError(f"{where}: `speaker` must be a voice name (a string), got {speaker!r}")
+        msg["speaker"] = speaker
     messages.append(msg)
   for kind in MEDIA_KINDS:
     if used[kind] and used[kind] != len(lists[kind]):
@@ -176,12 +208,47 @@ def normalize(record: Union[str, bytes, Mapping], root: str = "", name: str = "?
 
 
 def _jsonl_lines(paths: Sequence[str]):
+  """(id "file.jsonl:N", line or its bad_line stand-in, folder) for every line of the files, blank ones too."""
   for path in paths:
     root = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8", errors="replace") as f:
-      for lineno, line in enumerate(f, 1):
-        if line.strip():
-          yield f"{os.path.basename(path)}:{lineno}", line.rstrip("\n"), root
+    base = os.path.basename(path)
+    with open(path, "rb") as f:
+      for lineno, raw in enumerate(f, 1):
+        key = f"{base}:{lineno}"
+        raw = raw.rstrip(b"\r\n")
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
+          raw = raw[3:]
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          yield key, bad_line("not_utf8", f"{path}:{lineno}: not UTF-8 (byte {e.start + 1} of the line is "
+                                          f"{raw[e.start:e.start + 1]!r}); re-encode the file as UTF-8"), root
+          continue
+        if not line.strip():
+          yield key, bad_line("blank_line", f"{path}:{lineno}: blank line"), root
+          continue
+        yield key, line, root
+
+
+def _check_not_empty(name: str, files: Mapping[str, Sequence[str]]) -> None:
+  """A split whose files hold nothing but whitespace fails here (TFDS would stop with a bare assertion)."""
+  for split, paths in files.items():
+    empty = [p for p in paths if not _has_content(p)]
+    if len(empty) == len(paths):
+      raise DataError(f"dataset {name!r} split {split!r}: {', '.join(paths)} "
+                      f"{'is' if len(paths) == 1 else 'are'} empty (no JSONL line to read)")
+    for p in empty:
+      logging.getLogger(__name__).warning("dataset %r split %r: %s is empty", name, split, p)
+
+
+def _has_content(path: str, chunk: int = 1 << 16) -> bool:
+  with open(path, "rb") as f:
+    while True:
+      block = f.read(chunk)
+      if not block:
+        return False
+      if block.strip():
+        return True
 
 
 class OmniConversations(tfds.core.GeneratorBasedBuilder):
@@ -225,8 +292,11 @@ def expand_paths(spec: Union[str, Sequence[str]], what: str) -> list[str]:
   return out
 
 
+_STORE_FORMAT = b"lines-2"  # bumped when what a stored line holds changes: such stores are rebuilt once
+
+
 def _fingerprint(splits: Mapping[str, Sequence[str]]) -> str:
-  h = hashlib.sha1()
+  h = hashlib.sha1(_STORE_FORMAT)
   for split in sorted(splits):
     for path in splits[split]:
       st = os.stat(path)
@@ -261,6 +331,7 @@ def build(name: str, splits: Mapping[str, Union[str, Sequence[str]]], data_dir: 
     builder = OmniConversations(splits=files, data_dir=os.path.expanduser(data_dir), file_format="array_record",
                                 config=tfds.core.BuilderConfig(name=config, description=f"{name}: {files}"))
     if not builder.is_prepared():
+      _check_not_empty(name, files)
       tfds.disable_progress_bar()
       with contextlib.redirect_stdout(io.StringIO()):  # "Downloading and preparing dataset ..." banners
         builder.download_and_prepare()

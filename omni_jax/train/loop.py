@@ -276,7 +276,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       scalars.update({"train/grad_norm": m["grad_norm"], "train/lr": float(m["lr"]), **throughput.report(),
                       **data_lib.counters(train_data)})
       writer.write(step, scalars)
-      progress.update(step, m["loss"], scalars.get("perf/tokens_per_s", 0.0), scalars.get("perf/step_time", 0.0))
+      skipped = {k[len("data/skipped/"):]: v for k, v in scalars.items() if k.startswith("data/skipped/")}
+      progress.update(step, m["loss"], scalars.get("perf/tokens_per_s", 0.0), scalars.get("perf/step_time", 0.0),
+                      skipped)
       last = scalars
 
   try:

@@ -165,9 +165,15 @@ class Progress:
     self.bar = tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step",
                     mininterval=1.0)
 
-  def update(self, step: int, loss: float, tokens_per_s: float, step_time: float) -> None:
+  def update(self, step: int, loss: float, tokens_per_s: float, step_time: float,
+             skipped: Optional[Mapping[str, float]] = None) -> None:
+    """skipped: {reason: samples skipped so far}, shown as skipped=N (reason:n,...) when any were."""
     self.bar.n = step
-    self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", step_s=f"{step_time:.3f}", refresh=False)
+    postfix = dict(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", step_s=f"{step_time:.3f}")
+    if skipped and sum(skipped.values()):
+      postfix["skipped"] = (f"{sum(skipped.values()):.0f} ("
+                            + ",".join(f"{r}:{n:.0f}" for r, n in sorted(skipped.items()) if n) + ")")
+    self.bar.set_postfix(postfix, refresh=False)
     self.bar.refresh()
 
   def write(self, msg: str) -> None:
