@@ -311,10 +311,29 @@ class IteratorHandler(_FileHandler):
   def restore(self, directory: epath.Path, args: "IteratorRestore"):
     f = _process_file(epath.Path(directory))
     if not f.exists():
-      raise FileNotFoundError(f"{f}: no iterator state for this process (was the run saved with "
-                              f"{jax.process_count()} processes?)")
+      written = sorted(epath.Path(directory).glob("process_*-of-*.json"))
+      if not written:
+        raise FileNotFoundError(f"{f}: no iterator state for this process")
+      _restore_other_process_count(args.item, written, epath.Path(directory))
+      return args.item
     args.item.set_state(json.loads(f.read_text()))
     return args.item
+
+
+def _restore_other_process_count(item: Any, written: list, directory: epath.Path) -> None:
+  """A data state saved by another number of processes. A source whose state is global (the same on every
+  process, like the synthetic source's batch index: `state_fits_any_process_count`) continues exactly; any
+  other starts again from its beginning, and the run says so."""
+  counts = sorted({p.name.rsplit("-of-", 1)[1][:-len(".json")] for p in written})
+  saved_by = "/".join(counts)
+  if getattr(item, "state_fits_any_process_count", False):
+    item.set_state(json.loads(written[0].read_text()))
+    log.info("%s: data position saved by %s processes, continued on %d", directory, saved_by, jax.process_count())
+    return
+  log.warning("%s: the data position was saved by %s processes and this run has %d; it cannot be carried over, "
+              "so the data stream starts again from its beginning (samples seen before this checkpoint will be "
+              "seen again); resume on %s processes to continue exactly", directory, saved_by, jax.process_count(),
+              saved_by)
 
 
 @ocp.args.register_with_handler(IteratorHandler, for_save=True)

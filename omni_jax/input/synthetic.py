@@ -78,6 +78,8 @@ class SyntheticSource:
     self._next = 0
 
   # The iterator-state protocol (omni_jax.checkpoint saves it beside the train state).
+  state_fits_any_process_count = True  # the state is the global batch index (omni_jax.checkpoint)
+
   def get_state(self) -> dict:
     return {"next_batch": self._next}
 
