@@ -10,10 +10,31 @@ setup() {  # $1: pip extras ("" or "test")
   local stamp=".venv/.omni_jax-$(cat setup.cfg pyproject.toml | sha1sum | cut -c1-12)-${1:-base}"
   if [ ! -f "$stamp" ]; then
     .venv/bin/pip install -q --upgrade pip
+    bpe_ranks
+    # Earlier set-ups installed dashscope itself: its missing dependencies made pip print an ERROR each time.
+    if .venv/bin/pip show -q dashscope >/dev/null 2>&1; then .venv/bin/pip uninstall -q -y dashscope; fi
     .venv/bin/pip install -q -e ".${1:+[$1]}"
-    .venv/bin/pip install -q --no-deps "dashscope>=1.20,<3"  # only for its qwen.tiktoken data file
     touch "$stamp"
   fi
+}
+
+bpe_ranks() {  # qwen.tiktoken (the offline BPE ranks) out of the dashscope wheel, which is not installed
+  local dest=.venv/share/omni_jax/qwen.tiktoken  # omni_jax.input.tokenizer.RANKS_FILE
+  [ -s "$dest" ] && return 0
+  local tmp
+  tmp=$(mktemp -d)
+  .venv/bin/pip download -q --no-deps "dashscope>=1.20,<3" -d "$tmp"
+  .venv/bin/python - "$dest" "$tmp"/dashscope-*.whl <<'EOF'
+import os, sys, zipfile
+dest, wheel = sys.argv[1:3]
+os.makedirs(os.path.dirname(dest), exist_ok=True)
+with zipfile.ZipFile(wheel) as z:
+  data = z.read("dashscope/resources/qwen.tiktoken")
+with open(dest + ".part", "wb") as f:
+  f.write(data)
+os.replace(dest + ".part", dest)
+EOF
+  rm -rf "$tmp"
 }
 
 case "${1:-}" in
@@ -32,7 +53,7 @@ case "${1:-}" in
       ${clip:+--audio "$clip"} --max_new_tokens 32 --greedy
     ;;
   test)
-    setup test
+    setup test,tpu  # tpu: libtpu for the AOT compile tests (tests/test_aot.py)
     .venv/bin/python -m pytest -q
     ;;
   *)

@@ -4,7 +4,9 @@ Two interchangeable backends give the same ids:
 * a model directory (tokenizer.json, or vocab.json + merges.txt) through the `tokenizers` library, for users
   who have the released checkpoint;
 * fully offline, `qwen.tiktoken` (the same ranks, base64 lines) shipped in the dashscope wheel, through
-  tiktoken with the Qwen2 pre-tokenizer regex and NFC normalisation.
+  tiktoken with the Qwen2 pre-tokenizer regex and NFC normalisation. run.sh's set-up takes that one file out
+  of the wheel into the environment's share/omni_jax/ (RANKS_FILE) without installing dashscope, whose own
+  dependencies are not wanted; an installed dashscope package is looked in too.
 
 `encode` treats its input as plain text: a user who types "<|im_end|>" gets the characters, not the control
 token. Control tokens enter a sequence only as ids, placed by input.chat. Instances pickle without their
@@ -14,6 +16,7 @@ backend (rebuilt lazily), so they can be shipped to data-loader worker processes
 import base64
 import importlib.util
 import os
+import sys
 import unicodedata
 from typing import Optional, Sequence
 
@@ -33,8 +36,13 @@ class TokenizerError(ValueError):
   """No usable tokenizer files, or files that disagree with the released special ids."""
 
 
+RANKS_FILE = os.path.join(sys.prefix, "share", "omni_jax", "qwen.tiktoken")  # where run.sh's set-up puts it
+
+
 def bundled_ranks_path() -> Optional[str]:
-  """qwen.tiktoken inside the installed dashscope wheel, found without importing dashscope (heavy deps)."""
+  """qwen.tiktoken: RANKS_FILE, else inside an installed dashscope package (found without importing it)."""
+  if os.path.exists(RANKS_FILE):
+    return RANKS_FILE
   spec = importlib.util.find_spec("dashscope")
   if spec is None or not spec.submodule_search_locations:
     return None
@@ -113,7 +121,7 @@ class Tokenizer:
       path = bundled_ranks_path()
       if path is None:
         raise TokenizerError("no tokenizer: pass a model directory (tokenizer.json or vocab.json + merges.txt), "
-                             "or install the dashscope wheel (`pip install dashscope --no-deps`) for qwen.tiktoken")
+                             f"or run `bash run.sh test` (its set-up puts qwen.tiktoken at {RANKS_FILE})")
     path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
       if not (os.path.exists(os.path.join(path, "tokenizer.json"))
