@@ -182,6 +182,9 @@ def test_kmeans_limits():
   x[:100] += 10.0
   centroids, err = clustering.fit(x, 2, seed=3)
   assert sorted(np.round(centroids[:, 0]).tolist()) == [0.0, 10.0] and err < 5.0
+  y = np.random.default_rng(1).normal(size=(2000, 8)).astype(np.float32)
+  seeded, lloyd = clustering.fit(y, 16, seed=0, iterations=0)[1], clustering.fit(y, 16, seed=0, iterations=10)[1]
+  assert lloyd < 0.95 * seeded  # Lloyd iterations improve on the k-means++ seeding
   sample = clustering.FrameSample(50, seed=1).extend([x[:120], x[120:]])
   assert sample.frames.shape == (50, 4) and sample.seen == 300
   again = clustering.FrameSample(50, seed=1).extend([x[:120], x[120:]])
