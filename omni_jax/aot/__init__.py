@@ -1,0 +1,29 @@
+"""Ahead-of-time compilation of the train step for a TPU topology from a host without accelerators.
+
+  python -m omni_jax.aot --config configs/qwen2_5_omni_7b.py --topology v5p:4x4x4 [--config.key=value ...]
+
+analyse(config, "v5p:4x4x4") returns a report.Report: per-chip HBM (arguments, outputs, temporaries vs the
+chip's capacity), compiled FLOPs and bytes, the collectives with their sizes, a roofline step time and MFU.
+"""
+
+import logging
+
+import ml_collections
+
+from omni_jax.aot import compile as compile_lib
+from omni_jax.aot import hardware, report
+from omni_jax.aot.compile import DoesNotFit, TpuUnavailable  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+
+def analyse(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
+            media: bool = False) -> report.Report:
+  """Compile config's train step for `topology` ('v5p:4x4x4', 'v5e:2x2', 'cpu:4') and report on it."""
+  topo = hardware.parse(topology, num_slices)
+  devices = compile_lib.devices_for(topo)
+  try:
+    compiled = compile_lib.compile_train_step(config, devices, media)
+  except DoesNotFit as e:
+    return report.does_not_fit(e.partial, topo, str(e))
+  return report.build(compiled, topo)

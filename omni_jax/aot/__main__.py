@@ -1,0 +1,50 @@
+"""python -m omni_jax.aot --config CONFIG --topology v5p:4x4x4 [--media] [--json] [--config.key=value ...]
+
+Exit status: 0 when the step fits the chip's HBM, 3 when it does not (the report names the biggest buffers),
+2 on a bad flag, topology or config (one `error:` line, omni_jax.cli).
+"""
+
+import json
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "GENERATION:AxB[xC] (v4, v5e, v5p, v6e), or cpu:N for N local "
+                                "CPU devices.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multislice over DCN).")
+_MEDIA = flags.DEFINE_bool("media", False, "Compile for a multimodal batch (images + audio at the config's "
+                           "bucket limits, else omni_jax.aot.compile.DEFAULT_MEDIA) instead of text only.")
+_JSON = flags.DEFINE_bool("json", False, "Print the report as one JSON object.")
+flags.mark_flags_as_required(["config", "topology"])
+
+NOT_FITTING = 3
+
+
+def main(argv):
+  del argv
+  if _TOPOLOGY.value.startswith("cpu:"):  # the CPU compile needs N host devices, before jax starts
+    n = _TOPOLOGY.value.split(":", 1)[1]
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never try to open an accelerator
+  import logging
+
+  logging.getLogger("omni_jax").setLevel(logging.INFO)
+  from omni_jax import aot
+  from omni_jax.aot import report
+
+  r = aot.analyse(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, _MEDIA.value)
+  print(json.dumps(r.to_json()) if _JSON.value else report.format_text(r), flush=True)
+  if not r.fits:
+    sys.exit(NOT_FITTING)
+
+
+if __name__ == "__main__":
+  from omni_jax import cli
+  from omni_jax.aot.compile import TpuUnavailable
+  from omni_jax.aot.hardware import TopologyError
+
+  cli.run(main, also=(TopologyError, TpuUnavailable))

@@ -1,0 +1,82 @@
+"""Per-chip figures of the TPU generations the AOT report knows, and topology names ("v5p:4x4x4").
+
+Sources (Cloud TPU system-architecture pages, cloud.google.com/tpu/docs/<v4|v5e|v5p|v6e>):
+  v4   275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s; ICI: the pod's 1.1 PB/s all-reduce bandwidth / 4096 chips
+  v5e  197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s, 400 GB/s bidirectional ICI per chip (XLA's TPU compiler
+       reports 15.75 GiB of it usable, so the capacity is taken as 16 GiB)
+  v5p  459 TFLOP/s bf16, 95 GiB HBM2e at 2765 GB/s, 1200 GB/s bidirectional ICI per chip
+  v6e  918 TFLOP/s bf16, 32 GB HBM at 1640 GB/s, 800 GB/s bidirectional ICI per chip (32 GiB, as for v5e)
+The ICI figure is only used for a rough collective-time estimate (omni_jax.aot.report).
+"""
+
+import dataclasses
+import re
+from typing import Optional
+
+GIB, GB = 2 ** 30, 10 ** 9
+
+
+class TopologyError(ValueError):
+  """A --topology / --num_slices value that names no slice (the message names the flag)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  peak_flops: float  # dense bf16 FLOP/s
+  hbm_bytes: float
+  hbm_bandwidth: float  # bytes/s
+  ici_bandwidth: float  # bytes/s, bidirectional, per chip
+  chip_config: str = "default"  # libtpu's chip_config_name: "megacore" for the two-TensorCore chips
+  dims: int = 2  # topology dimensions (2D torus or 3D)
+
+
+CHIPS = {
+    "v4": Chip("v4", 275e12, 32 * GIB, 1200 * GB, 1.1e15 / 4096, chip_config="megacore", dims=3),
+    "v5e": Chip("v5e", 197e12, 16 * GIB, 819 * GB, 400 * GB),
+    "v5p": Chip("v5p", 459e12, 95 * GIB, 2765 * GB, 1200 * GB, chip_config="megacore", dims=3),
+    "v6e": Chip("v6e", 918e12, 32 * GIB, 1640 * GB, 800 * GB),
+}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e", "v6": "v6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A parsed --topology: a TPU slice (chip + libtpu topology name) or the local CPU devices ("cpu:4")."""
+  spec: str
+  chip: Optional[Chip]  # None: the local CPU devices
+  shape: tuple[int, ...]
+  num_slices: int = 1
+
+  @property
+  def num_chips(self) -> int:
+    n = 1
+    for s in self.shape:
+      n *= s
+    return n * self.num_slices
+
+  @property
+  def libtpu_name(self) -> str:
+    return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
+
+
+def parse(spec: str, num_slices: int = 1) -> Topology:
+  """'v5p:4x4x4', 'v5e:2x2', 'v6e:16x16', or 'cpu:N' (N local CPU devices, for the CPU-compile comparison)."""
+  m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", spec.strip().lower())
+  if not m:
+    raise TopologyError(f"--topology {spec!r}: expected GENERATION:AxB[xC] (e.g. v5p:4x4x4, v5e:2x2) or cpu:N")
+  gen, shape = m.group(1), tuple(int(s) for s in m.group(2).split("x"))
+  if num_slices < 1:
+    raise TopologyError(f"--num_slices must be >= 1, got {num_slices}")
+  if gen == "cpu":
+    if len(shape) != 1:
+      raise TopologyError(f"--topology {spec!r}: the CPU form is cpu:N (N local devices)")
+    return Topology(spec, None, shape, 1)
+  gen = ALIASES.get(gen, gen)
+  if gen not in CHIPS:
+    raise TopologyError(f"--topology {spec!r}: unknown TPU generation {gen!r}; known: {sorted(CHIPS)}")
+  chip = CHIPS[gen]
+  if len(shape) != chip.dims:
+    raise TopologyError(f"--topology {spec!r}: {gen} slices have {chip.dims} dimensions "
+                     f"(e.g. {gen}:{'x'.join(['2'] * chip.dims)})")
+  return Topology(spec, chip, shape, num_slices)

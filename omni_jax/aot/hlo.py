@@ -1,0 +1,318 @@
+"""What the compiled HLO text says: its collectives (with sizes and how often they run) and its largest values.
+
+Collectives inside a while loop (the scanned layers) run once per iteration: each computation's count is
+multiplied by the trip counts of the loops that call it (XLA's known_trip_count), so the totals are per step.
+"""
+
+import collections
+import dataclasses
+import re
+from typing import Optional
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
+_CALLEE = re.compile(r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIPS = re.compile(r'known_trip_count"?\s*[:=]\s*\{\s*"?n"?\s*[:=]\s*"?(\d+)')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def array_bytes(shape_text: str) -> list[float]:
+  """Bytes of each array in an HLO shape ('bf16[8,128]{1,0}' or a tuple of them)."""
+  out = []
+  for dtype, dims in _ARRAY.findall(shape_text):
+    if dtype.startswith("f8"):
+      size = 1
+    elif dtype in _DTYPE_BYTES:
+      size = _DTYPE_BYTES[dtype]
+    else:
+      continue
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    out.append(n * size)
+  return out
+
+
+def _group_size(rest: str, num_devices: int) -> int:
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", rest)  # iota form: [groups, group size]
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=\{\{([\d,]*)\}", rest)  # explicit groups
+  if m:
+    return max(1, len([x for x in m.group(1).split(",") if x]))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", rest)  # mesh form: axes and the grouped ones
+  if m:
+    sizes = dict((k.strip("'\" "), int(v)) for k, v in (kv.split("=") for kv in m.group(1).split(",") if "=" in kv))
+    n = 1
+    for axis in m.group(2).split(","):
+      n *= sizes.get(axis.strip("'\" "), 1)
+    return n
+  return 2 if "source_target_pairs" in rest else num_devices
+
+
+@dataclasses.dataclass
+class Collective:
+  kind: str  # one of COLLECTIVES
+  bytes: float  # result size per chip, one execution
+  group: int  # devices taking part
+  runs: int  # executions per step (loop trip counts)
+  op_name: str  # the jax operation it came from
+
+  @property
+  def wire_bytes(self) -> float:
+    """Bytes each chip sends per execution with ring algorithms (a rough cost model)."""
+    n = max(self.group, 1)
+    if self.kind == "all-reduce":
+      return 2 * self.bytes * (n - 1) / n
+    if self.kind == "reduce-scatter":
+      return self.bytes * (n - 1)
+    if self.kind == "collective-permute":
+      return self.bytes
+    return self.bytes * (n - 1) / n  # all-gather (result size), all-to-all
+
+
+@dataclasses.dataclass
+class Value:
+  bytes: float
+  shape: str
+  op: str
+  op_name: str
+  computation: str
+
+
+@dataclasses.dataclass
+class Program:
+  collectives: list
+  values: list  # every instruction's result (for the "largest values" list)
+  flops: float  # matmul / convolution FLOPs per chip per step, loops counted trip-count times
+  bytes_accessed: float  # operands + results of the unfused instructions per chip per step, likewise
+
+
+@dataclasses.dataclass
+class _Instr:
+  name: str
+  shape: str
+  op: str
+  operands: list
+  rest: str
+
+
+_SKIP_BYTES = ("parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id", "copy-start", "copy-done")
+
+
+def _operands(rest: str) -> list[str]:
+  depth, out = 1, []
+  for i, ch in enumerate(rest):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+      if depth == 0:
+        out = re.findall(r"%([\w.\-]+)", rest[:i])
+        break
+  return out
+
+
+def _dims(shape: str) -> list[int]:
+  m = _ARRAY.search(shape)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def _elements(shape: str) -> float:
+  n = 1.0
+  for d in _dims(shape):
+    n *= d
+  return n
+
+
+def _matmul_flops(ins: _Instr, shapes: dict) -> float:
+  """2 x output elements x contraction size, for dot and (matmul-like) convolution instructions."""
+  lhs = _dims(shapes.get(ins.operands[0], "")) if ins.operands else []
+  if not lhs:
+    return 0.0
+  out = _elements(ins.shape)
+  if ins.op == "dot":
+    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)
+    k = 1
+    for d in (m.group(1).split(",") if m else []):
+      if d and int(d) < len(lhs):
+        k *= lhs[int(d)]
+    return 2.0 * out * k
+  m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.rest)
+  if not m or "f" not in m.group(1) or len(m.group(1)) != len(lhs):
+    return 0.0
+  lhs_labels, out_labels = m.group(1), m.group(3)
+  out = _dims(ins.shape)
+  if len(out) != len(out_labels):
+    return 0.0
+  k = lhs[lhs_labels.index("f")]
+  spatial = [c for c in lhs_labels if c.isdigit()]
+  window = _window(ins.rest, len(spatial))
+  total = 1.0
+  for d in out:
+    total *= d
+  for i, label in enumerate(sorted(spatial)):
+    out_size = out[out_labels.index(label)]
+    size, stride, lo, lhs_dilate, rhs_dilate = (w[i] for w in window)
+    total = total / out_size * _valid_taps(lhs[lhs_labels.index(label)], out_size, size, stride, lo, lhs_dilate,
+                                           rhs_dilate)
+  groups = re.search(r"feature_group_count=(\d+)", ins.rest)
+  batch_groups = re.search(r"batch_group_count=(\d+)", ins.rest)
+  return 2.0 * total * k / (int(groups.group(1)) if groups else 1) / (int(batch_groups.group(1)) if batch_groups else 1)
+
+
+def _window(rest: str, n: int) -> list[list[int]]:
+  """[sizes, strides, low pads, lhs dilations, rhs dilations] of a convolution's window (n spatial dims)."""
+  m = re.search(r"window=\{([^}]*)\}", rest)
+  text = m.group(1) if m else ""
+
+  def field(name, default):
+    f = re.search(rf"\b{name}=([\d_x-]+)", text)
+    if not f:
+      return [default] * n
+    parts = f.group(1).split("x")
+    return [int(p.split("_")[0]) for p in parts] if name == "pad" else [int(p) for p in parts]
+
+  return [field("size", 1), field("stride", 1), field("pad", 0), field("lhs_dilate", 1), field("rhs_dilate", 1)]
+
+
+def _valid_taps(in_size: int, out_size: int, size: int, stride: int, low: int, lhs_dilate: int,
+                rhs_dilate: int) -> int:
+  """(output position, window tap) pairs of one spatial dimension that read a real input element (not padding,
+  not a dilation hole): what XLA's cost analysis counts for a convolution."""
+  span = (in_size - 1) * lhs_dilate + 1
+  count = 0
+  for o in range(out_size):
+    for t in range(size):
+      pos = o * stride + t * rhs_dilate - low
+      if 0 <= pos < span and pos % lhs_dilate == 0:
+        count += 1
+  return count
+
+
+def parse(text: str, num_devices: int) -> Program:
+  computations = collections.OrderedDict()  # name -> [_Instr]
+  entry, current = None, None
+  for line in text.splitlines():
+    if not line.startswith(" ") and line.rstrip().endswith("{"):
+      m = _HEADER.match(line)
+      if m:
+        current = m.group(1)
+        computations[current] = []
+        if line.startswith("ENTRY"):
+          entry = current
+      continue
+    if current is None:
+      continue
+    m = _INSTR.match(line)
+    if m:
+      name, shape, op, rest = m.groups()
+      computations[current].append(_Instr(name, shape, op, _operands(rest), rest))
+
+  def trip_count(ins: _Instr) -> int:
+    """XLA's known_trip_count, else `i < N` in the condition with i's step read off the body (XLA unrolls
+    some loops, e.g. windowed collective matmuls, to i += 2)."""
+    t = _TRIPS.search(ins.rest)
+    if t:
+      return int(t.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", ins.rest)
+    body = re.search(r"body=%?([\w.\-]+)", ins.rest)
+    cond_instrs = {i.name: i for i in computations.get(cond.group(1) if cond else "", ())}
+    compare = next((i for i in cond_instrs.values() if i.op == "compare" and "direction=LT" in i.rest), None)
+    if compare is None or len(compare.operands) != 2:
+      return 1
+    counter, limit = (cond_instrs.get(o) for o in compare.operands)
+    if not (counter and limit and counter.op == "get-tuple-element" and limit.op == "constant"):
+      return 1
+    bound = re.match(r"^(-?\d+)\)", limit.rest)
+    index = re.search(r"index=(\d+)", counter.rest)
+    if not (bound and index):
+      return 1
+    step = 1
+    body_instrs = {i.name: i for i in computations.get(body.group(1) if body else "", ())}
+    roots = [i for i in body_instrs.values() if i.op == "tuple"]
+    root = roots[-1] if roots else None  # the body's ROOT tuple is its last tuple
+    k = int(index.group(1))
+    if root is not None and k < len(root.operands):
+      upd = body_instrs.get(root.operands[k])
+      if upd is not None and upd.op == "add":
+        for o in upd.operands:
+          c = body_instrs.get(o)
+          v = re.match(r"^(\d+)\)", c.rest) if c is not None and c.op == "constant" else None
+          if v:
+            step = max(1, int(v.group(1)))
+    return max(1, -(-int(bound.group(1)) // step))
+
+  runs, unfused = collections.Counter(), set()
+
+  def visit(name: str, times: int, top_level: bool, depth: int = 0):
+    if name not in computations or depth > 64:
+      return
+    runs[name] += times
+    if top_level:
+      unfused.add(name)
+    for ins in computations[name]:
+      trips = trip_count(ins) if ins.op == "while" else 1
+      for kind, callee in _CALLEE.findall(ins.rest):
+        looped = kind in ("body", "condition")
+        visit(callee, times * (trips if looped else 1), top_level and (looped or ins.op in ("call", "async-start")),
+              depth + 1)
+      for group in _BRANCHES.findall(ins.rest):
+        for c in group.split(","):
+          if c.strip():
+            visit(c.strip().lstrip("%"), times, top_level, depth + 1)
+
+  if entry is not None:
+    visit(entry, 1, True)
+  colls, values, flops, moved = [], [], 0.0, 0.0
+  for comp, instrs in computations.items():
+    n = runs.get(comp, 0)
+    shapes = {i.name: i.shape for i in instrs}
+    for ins in instrs:
+      sizes = array_bytes(ins.shape)
+      base = ins.op[:-len("-start")] if ins.op.endswith("-start") else ins.op
+      if n and base in COLLECTIVES and sizes:
+        name = _OP_NAME.search(ins.rest)
+        # Async starts return (operands..., results...): the largest array is the moved buffer.
+        colls.append(Collective(base, max(sizes) if ins.op.endswith("-start") else sum(sizes),
+                                _group_size(ins.rest, num_devices), n, name.group(1) if name else ""))
+      if n and ins.op in ("dot", "convolution"):
+        flops += n * _matmul_flops(ins, shapes)
+      if n and comp in unfused and ins.op not in _SKIP_BYTES and not ins.op.endswith("-done"):
+        moved += n * (sum(sizes) + sum(sum(array_bytes(shapes.get(o, ""))) for o in ins.operands))
+      if sizes and ins.op not in _SKIP_BYTES:
+        name = _OP_NAME.search(ins.rest)
+        values.append(Value(sum(sizes), ins.shape.split("{")[0] if "(" not in ins.shape else ins.shape[:120],
+                            ins.op, name.group(1) if name else "", comp))
+  return Program(colls, values, flops, moved)
+
+
+def summary(collectives: list) -> dict:
+  """{kind: {count, bytes, wire_bytes}} per step (executions x size), kinds in COLLECTIVES order."""
+  out = {}
+  for kind in COLLECTIVES:
+    cs = [c for c in collectives if c.kind == kind]
+    if cs:
+      out[kind] = {"count": sum(c.runs for c in cs), "bytes": sum(c.bytes * c.runs for c in cs),
+                   "wire_bytes": sum(c.wire_bytes * c.runs for c in cs)}
+  return out
+
+
+def largest(items: list, n: int, key=lambda x: x.bytes) -> list:
+  return sorted(items, key=key, reverse=True)[:n]
+
+
+def oom_summary(message: str, limit: int = 12) -> Optional[str]:
+  """The allocation list of an XLA out-of-memory error (the lines that name the biggest buffers), if any."""
+  if not any(s in message for s in ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory")):
+    return None
+  lines = [l.strip() for l in message.splitlines() if l.strip()]
+  keep = [l for l in lines if re.search(r"(Size: |Largest program allocations|Shape: |Operator: |exceed|"
+                                        r"Ran out of memory|hbm|Allocation type)", l)]
+  return "\n".join((keep or lines)[:limit * 4])

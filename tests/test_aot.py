@@ -1,0 +1,122 @@
+"""Ahead-of-time compilation of the real train step for TPU topologies (omni_jax.aot) on this CPU host."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from omni_jax import aot
+from omni_jax.aot import hardware, hlo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]'); "
+                                  "TPU topologies cannot be described without it")
+# The tiny config's per-chip figures on TPU and on CPU: arguments (the sharded train state and batch) are the
+# same buffers, so they agree within 10%; the total (plus temporaries, which each backend's fusion and
+# scheduling decide) within a factor of 2.
+ARGUMENT_TOLERANCE, TOTAL_FACTOR = 0.10, 2.0
+# A Thinker MLP of 8M units: ~35 GiB of state per chip, more than a v5e chip's 16 GiB.
+TOO_LARGE = ["--config.model.thinker.text.intermediate_size=8000000"]
+
+
+def _aot(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "omni_jax.aot", "--config", os.path.join(ROOT, "configs", "tiny.py"), *args]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tpu_report():
+  if not HAVE_LIBTPU:
+    pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+  return aot.analyse(tiny.get_config(), "v5e:2x2")
+
+
+@needs_libtpu
+def test_command_compiles_tiny_for_v5e_and_prints_memory_and_cost():
+  out = _aot("--topology", "v5e:2x2")
+  assert out.returncode == 0, out.stderr[-3000:]
+  text = out.stdout
+  assert "topology v5e:2x2: 4 chips" in text
+  for line in ("memory per chip: arguments", "cost per chip:", "collectives per chip per step: all-reduce",
+               "roofline: compute", "estimated MFU"):
+    assert line in text, text
+
+
+@needs_libtpu
+def test_report_figures(tpu_report):
+  r = tpu_report
+  assert r.fits and r.chips == 4 and r.mesh["data"] == 4
+  m = r.memory
+  assert m["capacity"] == hardware.CHIPS["v5e"].hbm_bytes
+  assert 0 < m["total"] < m["capacity"] and m["alias"] > 0  # the donated state aliases the new one
+  # Loop-aware compiled FLOPs cover the documented formula (plus what it leaves out: norms, softmax, ...).
+  assert 0.9 * r.model_flops / r.chips <= r.cost["flops"] <= 2.0 * r.model_flops / r.chips
+  # Data parallel over 4 chips: the gradients are all-reduced, about the size of the float32 parameters.
+  params = sum(b for name, b in r.largest_arguments if name.startswith("params."))
+  assert r.collectives["all-reduce"]["bytes"] >= params
+  assert 0 < r.roofline["mfu"] < 1 and r.roofline["step_s"] >= r.roofline["compute_s"]
+  json.dumps(r.to_json())
+
+
+@needs_libtpu
+def test_tpu_memory_agrees_with_the_cpu_compile(tpu_report):
+  cpu = aot.analyse(tiny.get_config(), "cpu:4")  # conftest: 8 host CPU devices
+  t, c = tpu_report.memory, cpu.memory
+  assert abs(t["argument"] - c["argument"]) <= ARGUMENT_TOLERANCE * c["argument"], (t, c)
+  assert c["total"] / TOTAL_FACTOR <= t["total"] <= c["total"] * TOTAL_FACTOR, (t, c)
+  assert cpu.memory["capacity"] is None and cpu.roofline == {}
+
+
+@needs_libtpu
+def test_too_large_is_reported_as_not_fitting():
+  out = _aot("--topology", "v5e:1x1", *TOO_LARGE)
+  assert out.returncode == 3, out.stdout + out.stderr[-3000:]
+  assert "DOES NOT FIT" in out.stdout and "mlp" in out.stdout  # names the biggest buffers
+  data = json.loads(_aot("--topology", "v5e:1x1", "--json", *TOO_LARGE).stdout)
+  assert data["fits"] is False and data["largest_arguments"][0][1] > hardware.CHIPS["v5e"].hbm_bytes / 16
+
+
+def test_cpu_compile_reports_memory_without_libtpu():
+  r = aot.analyse(tiny.get_config(), "cpu:2")
+  assert r.fits and r.memory["argument"] > 0 and r.memory["capacity"] is None and r.cost["flops"] > 0
+
+
+def test_bad_topology_is_one_line_error():
+  for spec, message in (("v9x:2x2", "unknown TPU generation"), ("v5p:2x2", "3 dimensions"), ("v5e", "expected")):
+    with pytest.raises(ValueError, match=message):
+      hardware.parse(spec)
+  out = _aot("--topology", "v5p:2x2")
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1] == ("error: --topology 'v5p:2x2': v5p slices have 3 dimensions "
+                                                 "(e.g. v5p:2x2x2)")
+
+
+def test_hlo_counts_loops_by_trip_count():
+  """A scan of 5 matmuls: XLA's cost analysis counts the body once, the HLO count 5 times."""
+  w = jnp.ones((5, 64, 64), jnp.float32)
+
+  def f(x, w):
+    return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+
+  compiled = jax.jit(f).lower(jnp.ones((8, 64)), w).compile()
+  program = hlo.parse(compiled.as_text(), 1)
+  assert program.flops == pytest.approx(5 * 2 * 8 * 64 * 64)
+
+
+def test_collectives_are_counted_with_their_sizes():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("x",))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+  f = jax.jit(lambda a: jnp.sum(a, axis=0), in_shardings=spec)
+  program = hlo.parse(f.lower(jnp.ones((8, 1024), jnp.float32)).compile().as_text(), 4)
+  summary = hlo.summary(program.collectives)
+  assert summary["all-reduce"]["count"] == 1 and summary["all-reduce"]["bytes"] == 1024 * 4
+  assert program.collectives[0].group == 4
