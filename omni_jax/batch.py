@@ -22,6 +22,10 @@ padding). Flattening the first two axes gives transformers' global row-major ite
   audio_features      [B, NA, num_mel_bins, T] float32   log-mel (omni_jax.input.media.audio)
   audio_lengths       [B, NA] int32                 valid mel frames per audio
 Media fields are optional: a text-only pipeline omits them.
+Talker rows, [B, T] int32 (T = the bucket's talker_seq_len; present when the bucket trains the Talker): one
+Talker row per Thinker row, laid out by omni_jax.talker.layout (its docstring defines each field):
+  talker_text_src, talker_text_id, talker_codes_in, talker_labels, talker_segment_ids, talker_anchor,
+  talker_offset
 """
 
 from typing import Mapping
@@ -33,6 +37,8 @@ KIND_TEXT, KIND_IMAGE, KIND_AUDIO, KIND_VIDEO = 0, 1, 2, 3
 KINDS = {"text": KIND_TEXT, "image": KIND_IMAGE, "audio": KIND_AUDIO, "video": KIND_VIDEO}
 
 TEXT_FIELDS = ("input_ids", "labels", "segment_ids", "kind")
+TALKER_FIELDS = ("talker_text_src", "talker_text_id", "talker_codes_in", "talker_labels", "talker_segment_ids",
+                 "talker_anchor", "talker_offset")
 MEDIA_FIELDS = {
     "pixel_values": 3, "image_grid_thw": 3, "pixel_values_videos": 3, "video_grid_thw": 3,
     "second_per_grids": 2, "audio_features": 4, "audio_lengths": 2,
@@ -53,6 +59,13 @@ def check(batch: Mapping[str, np.ndarray]) -> None:
   for f, ndim in MEDIA_FIELDS.items():
     if f in batch and (np.ndim(batch[f]) != ndim or np.shape(batch[f])[0] != b):
       raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}: expected {ndim} dims with {b} rows first")
-  unknown = set(batch) - set(TEXT_FIELDS) - set(MEDIA_FIELDS) - {"use_audio_in_video"}
+  talker = [f for f in TALKER_FIELDS if f in batch]
+  if talker and len(talker) != len(TALKER_FIELDS):
+    raise ValueError(f"batch has Talker fields {talker} but not all of {list(TALKER_FIELDS)}")
+  for f in talker:
+    if np.ndim(batch[f]) != 2 or np.shape(batch[f]) != np.shape(batch["talker_segment_ids"]) or np.shape(batch[f])[0] != b:
+      raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}: expected [{b}, talker_seq_len] like "
+                       "talker_segment_ids")
+  unknown = set(batch) - set(TEXT_FIELDS) - set(MEDIA_FIELDS) - set(TALKER_FIELDS) - {"use_audio_in_video"}
   if unknown:
     raise ValueError(f"batch has unknown fields {sorted(unknown)}")

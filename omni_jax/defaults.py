@@ -66,6 +66,10 @@ def generation(c: ml_collections.ConfigDict) -> None:
   g.seed = 0
   g.max_cache_len = 0  # KV-cache slots; 0: prompt length + max_new_tokens
   g.cache_dtype = ml_collections.config_dict.placeholder(str)  # None: the compute dtype (model.dtype)
+  # The Talker's speech codes (omni_jax.generate.talker): the released decoding of transformers'
+  # Qwen2_5OmniForConditionalGeneration.generate (talker_*); it stops at codec pad or end, never picks codec bos.
+  g.talker = ml_collections.ConfigDict(dict(do_sample=True, temperature=0.9, top_k=40, top_p=0.8,
+                                            repetition_penalty=1.05, max_new_tokens=4096, seed=0))
 
 
 def training(c: ml_collections.ConfigDict) -> None:
@@ -102,6 +106,8 @@ def training(c: ml_collections.ConfigDict) -> None:
   d.max_records_without_batch = 10000
   d.max_skip_ratio = 0.5  # ... or more than this fraction of the records skipped,
   d.skip_ratio_min_records = 1000  # counted once this many records were read
+  # The codes index of the spoken replies (`python -m omni_jax.units encode`): with a Talker, they train it.
+  d.speech_codes = ml_collections.config_dict.placeholder(str)
   s = d.synthetic = ml_collections.ConfigDict()  # omni_jax.input.synthetic only
   s.vocab_size = 512  # token ids are drawn below min(this, model vocab)
   s.min_segment_len = 16  # documents are packed, several per row
@@ -114,6 +120,7 @@ def training(c: ml_collections.ConfigDict) -> None:
   e.split = "eval"
   # Evaluators (omni_jax/evaluate, docs/evaluation.md): comma-separated names of the registry.
   e.tasks = "loss"
+  e.train_tasks = ""  # train.py's evaluators, when they differ from eval.py's ("": config.eval.tasks)
   e.samples_per_dataset = 0  # loss: the first N records of every dataset, one pass (0: eval.steps batches)
   e.at_start = False  # train.py: also evaluate a fresh run before its first step (the untrained baseline)
   e.files = ml_collections.ConfigDict(dict(asr="", mcq="", open=""))  # task files; "" + demo source: bundled

@@ -36,6 +36,7 @@ from omni_jax.input.media import audio as audio_media
 from omni_jax.input.media import patches
 from omni_jax.input import sources
 from omni_jax.input.preprocess import Sample, SampleError
+from omni_jax.talker import layout as talker_layout
 
 PAD_ID = special_tokens.PAD  # <|endoftext|>
 PATCH_DIM = 3 * patches.TEMPORAL_PATCH_SIZE * patches.PATCH_SIZE * patches.PATCH_SIZE
@@ -90,10 +91,15 @@ class Bucket:
   max_audios: int = 0
   max_audio_frames: int = 0
   num_mel_bins: int = 128
+  # Talker positions per row (prompt + 2 + codes of each spoken reply: omni_jax.talker.layout); 0: this bucket
+  # carries no Talker rows, so it takes no sample with a spoken reply that trains the Talker.
+  talker_seq_len: int = 0
 
   def __post_init__(self):
     if self.seq_len <= 0 or self.batch_size <= 0:
       raise ValueError(f"bucket {self}: seq_len and batch_size must be positive")
+    if self.talker_seq_len < 0:
+      raise ValueError(f"bucket {self}: talker_seq_len must be >= 0")
     if self.max_audio_frames % 200:
       raise ValueError(f"bucket {self}: max_audio_frames must be a multiple of 200 (one 2 s encoder chunk)")
 
@@ -107,6 +113,7 @@ class _Load:
   videos: int = 0
   video_patches: int = 0
   audios: int = 0
+  talker: int = 0  # Talker positions
 
   def __add__(self, o):
     return _Load(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
@@ -114,17 +121,22 @@ class _Load:
 
 def _need(s: Sample) -> _Load:
   return _Load(s.num_tokens, len(s.images), sum(len(r) for r, _ in s.images), len(s.videos),
-               sum(len(v[0]) for v in s.videos), len(s.audios))
+               sum(len(v[0]) for v in s.videos), len(s.audios), s.spoken.talker_len if s.spoken else 0)
 
 
 def _fits(load: _Load, b: Bucket, longest_audio: int) -> bool:
   return (load.tokens <= b.seq_len and load.images <= b.max_images and load.image_patches <= b.max_image_patches
           and load.videos <= b.max_videos and load.video_patches <= b.max_video_patches
-          and load.audios <= b.max_audios and longest_audio <= b.max_audio_frames)
+          and load.audios <= b.max_audios and longest_audio <= b.max_audio_frames
+          and load.talker <= b.talker_seq_len)
 
 
 def _longest_audio(s: Sample) -> int:
   return max((a.shape[1] for a in s.audios), default=0)
+
+
+def _talker_need(s: Sample) -> str:
+  return f" (+ {s.spoken.talker_len} Talker positions)" if s.spoken else ""
 
 
 def bucket_for(sample: Sample, buckets: Sequence[Bucket]) -> Optional[int]:
@@ -137,7 +149,8 @@ def bucket_for(sample: Sample, buckets: Sequence[Bucket]) -> Optional[int]:
 
 
 def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) -> dict:
-  """Rows of samples -> a batch dict of bucket b's static shapes (omni_jax.batch)."""
+  """Rows of samples -> a batch dict of bucket b's static shapes (omni_jax.batch); with b.talker_seq_len, the
+  Talker rows of the samples' spoken replies too."""
   n, l = b.batch_size, b.seq_len
   out = {"input_ids": np.full((n, l), pad_id, np.int32), "labels": np.full((n, l), batch_lib.IGNORE, np.int32),
          "segment_ids": np.zeros((n, l), np.int32), "kind": np.zeros((n, l), np.int32),
@@ -152,10 +165,13 @@ def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) 
   if b.max_audios:
     out["audio_features"] = np.zeros((n, b.max_audios, b.num_mel_bins, b.max_audio_frames), np.float32)
     out["audio_lengths"] = np.zeros((n, b.max_audios), np.int32)
+  talker_rows = [talker_layout.empty_row(b.talker_seq_len) for _ in range(n)] if b.talker_seq_len else None
   for r, row in enumerate(rows):
-    pos = 0
+    pos = at = 0
     for seg, s in enumerate(row, 1):
       k = s.num_tokens
+      if s.spoken is not None and talker_rows is not None:
+        at = talker_layout.write(talker_rows[r], at, pos, seg, s.spoken)
       out["input_ids"][r, pos:pos + k] = s.input_ids
       out["labels"][r, pos:pos + k] = s.labels
       out["segment_ids"][r, pos:pos + k] = seg
@@ -174,6 +190,8 @@ def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) 
     if audios:
       out["audio_features"][r], out["audio_lengths"][r] = audio_media.pad_batch(audios, b.max_audios,
                                                                                 b.max_audio_frames)
+  if talker_rows is not None:
+    out.update({f: np.stack([t[f] for t in talker_rows]) for f in talker_layout.FIELDS})
   return out
 
 
@@ -218,7 +236,7 @@ class Packer:
     i = bucket_for(s, self.buckets)
     if i is None:
       b = self.buckets[-1]
-      raise SampleError("too_long", f"{s.name}: {s.num_tokens} tokens, {len(s.images)} images, {len(s.videos)} "
+      raise SampleError("too_long", f"{s.name}: {s.num_tokens} tokens{_talker_need(s)}, {len(s.images)} images, {len(s.videos)} "
                                     f"videos, {len(s.audios)} audios (longest {_longest_audio(s)} mel frames) fit no "
                                     f"bucket (largest: {b.seq_len} tokens, {b.max_images} images / "
                                     f"{b.max_image_patches} patches, {b.max_videos} videos / {b.max_video_patches} "

@@ -19,9 +19,13 @@ from omni_jax.input.media import audio as audio_media
 from omni_jax.input.media import image as image_media
 from omni_jax.input.media import patches
 from omni_jax.input.media import video as video_media
+from omni_jax.talker import targets as talker_targets
+from omni_jax.talker.layout import SpokenReply
 
 REASONS = ("malformed", "unknown_tag", "missing_media", "bad_media", "too_long",
-           "error") + sources.LINE_REASONS  # error: unforeseen; not_utf8, blank_line: JSONL lines that are no record
+           "error") + sources.LINE_REASONS + talker_targets.REASONS
+# error: unforeseen; not_utf8, blank_line: JSONL lines that are no record; no_speech_codes, bad_speaker: a spoken
+# reply that cannot train the Talker (omni_jax.talker.targets)
 
 
 class SampleError(ValueError):
@@ -65,6 +69,7 @@ class Sample:
   videos: list  # [(pixel rows, grid (3,), second_per_grid)]
   audios: list  # [log-mel [mels, frames] f32], in order of appearance (audio-in-video tracks included)
   use_audio_in_video: bool = False
+  spoken: Optional[SpokenReply] = None  # the Talker's targets (omni_jax.talker.targets), if the reply is spoken
 
   @property
   def num_tokens(self) -> int:
@@ -84,11 +89,12 @@ class Preprocessor:
   """Picklable callable: (dataset name, stored example) -> Sample. Raises SampleError."""
 
   def __init__(self, tokenizer, fmt: chat.ChatFormat, media: MediaOptions = MediaOptions(),
-               system_prompt: Optional[str] = None):
+               system_prompt: Optional[str] = None, speech: Optional[talker_targets.SpeechTargets] = None):
     self.tokenizer = tokenizer
     self.fmt = fmt
     self.options = media
     self.system_prompt = system_prompt
+    self.speech = speech  # None: spoken replies train the Thinker only
 
   def load_part(self, part: Mapping, aiv: bool, name: str, media: dict) -> chat.MediaItem:
     """Decode and preprocess one media part into the `media` lists; returns its chat item."""
@@ -139,5 +145,11 @@ class Preprocessor:
     except chat.ChatError as e:
       raise SampleError("malformed", f"{name}: {e}") from None
     aiv = any(isinstance(i, chat.VideoItem) and i.audio_frames is not None for i in items)
+    spoken = None
+    if self.speech is not None:
+      try:
+        spoken = self.speech.reply(name, messages, rendered.assistant_spans)
+      except talker_targets.SpeechTargetError as e:
+        raise SampleError(e.reason, str(e)) from None
     return Sample(name, sample_kind(conv["messages"]), rendered.input_ids, rendered.labels, media["images"],
-                  media["videos"], media["audios"], aiv)
+                  media["videos"], media["audios"], aiv, spoken)

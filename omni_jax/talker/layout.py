@@ -22,26 +22,11 @@ import dataclasses
 
 import numpy as np
 
-from omni_jax.batch import IGNORE
+from omni_jax.batch import IGNORE, TALKER_FIELDS
 
 NONE = -1  # no text-track source / no codec input at this position
 
-# Per-position fields of a Talker row, [B, T] int32 each (omni_jax.batch.TALKER_FIELDS).
-FIELDS = ("talker_text_src", "talker_text_id", "talker_codes_in", "talker_labels", "talker_segment_ids",
-          "talker_anchor", "talker_offset")
-
-
-@dataclasses.dataclass(frozen=True)
-class SpokenReply:
-  """What a sample carries for the Talker: its reply's token span in the sample, its codes and speaker token."""
-  reply_start: int  # index of g_0 in the sample's tokens (= the prompt length L)
-  reply_len: int  # N: reply content + <|im_end|>
-  codes: np.ndarray  # [M] int32 speech codes
-  speaker_token: int  # Thinker-vocabulary id whose embedding opens the text track (the speaker's bos)
-
-  @property
-  def talker_len(self) -> int:
-    return self.reply_start + 2 + len(self.codes)
+FIELDS = TALKER_FIELDS  # per-position fields of a Talker row, [B, T] int32 each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +38,20 @@ class CodecIds:
   text_pad: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SpokenReply:
+  """What a sample carries for the Talker: its reply's token span in the sample, its codes and speaker token."""
+  reply_start: int  # index of g_0 in the sample's tokens (= the prompt length L)
+  reply_len: int  # N: reply content + <|im_end|>
+  codes: np.ndarray  # [M] int32 speech codes
+  speaker_token: int  # Thinker-vocabulary id whose embedding opens the text track (the speaker's bos)
+  ids: CodecIds
+
+  @property
+  def talker_len(self) -> int:
+    return self.reply_start + 2 + len(self.codes)
+
+
 def empty_row(length: int) -> dict:
   out = {f: np.full((length,), NONE, np.int32) for f in FIELDS}
   out["talker_labels"][:] = IGNORE
@@ -62,10 +61,10 @@ def empty_row(length: int) -> dict:
   return out
 
 
-def write(row: dict, at: int, thinker_at: int, segment: int, reply: SpokenReply, ids: CodecIds) -> int:
+def write(row: dict, at: int, thinker_at: int, segment: int, reply: SpokenReply) -> int:
   """Lay one spoken reply into `row` (a dict of [T] arrays) from Talker slot `at`; its Thinker tokens start at
   `thinker_at` in the Thinker row. Returns the next free Talker slot."""
-  big_l, n, codes = reply.reply_start, reply.reply_len, np.asarray(reply.codes, np.int32)
+  big_l, n, codes, ids = reply.reply_start, reply.reply_len, np.asarray(reply.codes, np.int32), reply.ids
   m = len(codes)
   end = at + big_l + 2 + m
   prompt = slice(at, at + big_l)

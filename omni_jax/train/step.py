@@ -47,7 +47,8 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules) -> dict:
   """Rows over data/fsdp (activation_batch), text over context (activation_length); media rows likewise."""
   out = {}
   for k, v in batch.items():
-    names = ("activation_batch", "activation_length") if k in batch_lib.TEXT_FIELDS else ("activation_batch",)
+    per_token = k in batch_lib.TEXT_FIELDS or k in batch_lib.TALKER_FIELDS
+    names = ("activation_batch", "activation_length") if per_token else ("activation_batch",)
     names = names + (None,) * (len(v.shape) - len(names))
     out[k] = NamedSharding(mesh, sharding.logical_to_spec(names, v.shape, mesh, rules))
   return out
