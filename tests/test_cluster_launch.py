@@ -100,3 +100,25 @@ def test_two_slurm_tasks_train_like_one_process(tmp_path):
   assert sorted(losses) == sorted(reference) == list(range(1, STEPS + 1))
   for step in reference:
     assert abs(losses[step] - reference[step]) <= 1e-5 * abs(reference[step]), (step, losses, reference)
+
+
+def test_launch_examples_are_well_formed():
+  """The examples under launch/ parse (bash -n, YAML) and name configs and train.py flags that exist."""
+  import re
+  import subprocess
+
+  import yaml
+
+  launch = os.path.join(lib.ROOT, "launch")
+  scripts = sorted(f for f in os.listdir(launch) if f.endswith((".sh", ".sbatch")))
+  assert {"slurm_gpu.sbatch", "tpu_vm.sh", "xpk.sh"} <= set(scripts)
+  for name in scripts:
+    text = open(os.path.join(launch, name)).read()
+    assert subprocess.run(["bash", "-n", os.path.join(launch, name)]).returncode == 0, name
+    assert "train.py" in text
+    for config in re.findall(r"configs/[\w/]+\.py", text):
+      assert os.path.exists(os.path.join(lib.ROOT, config)), (name, config)
+  jobset = yaml.safe_load(open(os.path.join(launch, "gke_jobset.yaml")))
+  command = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["command"]
+  assert command[:2] == ["python", "train.py"] and os.path.exists(os.path.join(lib.ROOT, command[3]))
+  assert "#SBATCH --ntasks-per-node" in open(os.path.join(launch, "slurm_gpu.sbatch")).read()

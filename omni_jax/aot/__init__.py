@@ -6,6 +6,7 @@ analyse(config, "v5p:4x4x4") returns a report.Report: per-chip HBM (arguments, o
 chip's capacity), compiled FLOPs and bytes, the collectives with their sizes, a roofline step time and MFU.
 """
 
+import copy
 import logging
 
 import ml_collections
@@ -15,6 +16,21 @@ from omni_jax.aot import hardware, report
 from omni_jax.aot.compile import DoesNotFit, TpuUnavailable  # noqa: F401
 
 log = logging.getLogger(__name__)
+
+
+def without_towers(config: ml_collections.ConfigDict, names) -> ml_collections.ConfigDict:
+  """A copy of config without the config.model.<name> sections (towers it then does not build)."""
+  if not names:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for name in names:
+      if name not in config.model or name in ("thinker",):
+        from omni_jax.config import ConfigError
+
+        raise ConfigError(f"--without={name}: config.model has no removable tower {name!r}")
+      del config.model[name]
+  return config
 
 
 def analyse(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,

@@ -1,4 +1,5 @@
-"""python -m omni_jax.aot --config CONFIG --topology v5p:4x4x4 [--media] [--json] [--config.key=value ...]
+"""python -m omni_jax.aot --config CONFIG --topology v5p:4x4x4 [--media] [--without talker] [--json]
+  [--config.key=value ...]
 
 Exit status: 0 when the step fits the chip's HBM, 3 when it does not (the report names the biggest buffers),
 2 on a bad flag, topology or config (one `error:` line, omni_jax.cli).
@@ -17,6 +18,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "GENERATION:AxB[xC] (v4, v5e, 
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multislice over DCN).")
 _MEDIA = flags.DEFINE_bool("media", False, "Compile for a multimodal batch (images + audio at the config's "
                            "bucket limits, else omni_jax.aot.compile.DEFAULT_MEDIA) instead of text only.")
+_WITHOUT = flags.DEFINE_list("without", [], "Towers to leave out (config.model sections, e.g. talker): the "
+                             "Thinker alone.")
 _JSON = flags.DEFINE_bool("json", False, "Print the report as one JSON object.")
 flags.mark_flags_as_required(["config", "topology"])
 
@@ -36,7 +39,8 @@ def main(argv):
   from omni_jax import aot
   from omni_jax.aot import report
 
-  r = aot.analyse(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, _MEDIA.value)
+  r = aot.analyse(aot.without_towers(_CONFIG.value, _WITHOUT.value), _TOPOLOGY.value, _NUM_SLICES.value,
+                  _MEDIA.value)
   print(json.dumps(r.to_json()) if _JSON.value else report.format_text(r), flush=True)
   if not r.fits:
     sys.exit(NOT_FITTING)
