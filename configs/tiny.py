@@ -46,6 +46,8 @@ def _talker(c: ml_collections.ConfigDict) -> None:
   t.num_codes = 64
   t.tts_codec_pad_token_id, t.tts_codec_start_token_id, t.tts_codec_end_token_id = 64, 65, 66
   t.tts_codec_mask_token_id = 67
+  # Trained with the Thinker whenever a batch carries spoken replies (config.data.speech_codes).
+  c.train.objectives.talker_codes = 1.0
 
 
 def _training(c: ml_collections.ConfigDict) -> None:
