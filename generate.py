@@ -3,10 +3,13 @@
   python generate.py --checkpoint workdirs/tiny_demo --prompt "What do you hear?" --audio clip.wav
   python generate.py --checkpoint ckpt/omni7b --prompt "Describe it." --image photo.jpg --max_new_tokens 128
   python generate.py --checkpoint hf/Qwen2.5-Omni-7B --video clip.mp4 --use_audio_in_video --prompt "..." --greedy
+  python generate.py --checkpoint ckpt/omni7b --prompt "Say hello." --speak --speaker Ethan   # + speech codes
 
 --checkpoint: a training workdir (its latest step), a step directory, a `python -m omni_jax.convert` output,
 or a transformers directory. --config (optional) sets runtime, mesh and generation defaults
 (config.generate; --config.generate.top_p=0.9 ...); the model architecture comes from the checkpoint.
+--speak (a model with a Talker): after the text, the Talker's speech codes are generated (config.generate.talker,
+the released sampling) and written with the text and speaker to --codes_out as JSON, until Token2Wav voices them.
 """
 
 from absl import flags
@@ -30,6 +33,11 @@ _TOP_P = flags.DEFINE_float("top_p", None, "Top-p (nucleus) filter (1: off).")
 _PENALTY = flags.DEFINE_float("repetition_penalty", None, "Repetition penalty (1: off).")
 _GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding instead of sampling.")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: config.generate.seed).")
+_SPEAK = flags.DEFINE_bool("speak", False, "Also generate the reply's speech codes (needs a Talker).")
+_SPEAKER = flags.DEFINE_string("speaker", None, "Voice (config.model.talker.speakers; default: default_speaker).")
+_TALKER_MAX_NEW = flags.DEFINE_integer("talker_max_new_tokens", None, "Default: config.generate.talker.")
+_TALKER_GREEDY = flags.DEFINE_bool("talker_greedy", False, "Greedy speech codes instead of the released sampling.")
+_CODES_OUT = flags.DEFINE_string("codes_out", "reply.codes.json", "Where --speak writes text, speaker and codes.")
 distributed.define_flags()
 flags.mark_flags_as_required(["checkpoint", "prompt"])
 
@@ -43,6 +51,13 @@ def main(argv):
                   top_p=_TOP_P.value, repetition_penalty=_PENALTY.value, seed=_SEED.value,
                   do_sample=False if _GREEDY.value else None)
   model = api.load(_CHECKPOINT.value, _CONFIG.value)
+  if _SPEAK.value:
+    api.speak_to_file(model, _PROMPT.value, _CODES_OUT.value, speaker=_SPEAKER.value, image=_IMAGE.value,
+                      audio=_AUDIO.value, video=_VIDEO.value, use_audio_in_video=_AIV.value, system=_SYSTEM.value,
+                      talker_max_new_tokens=_TALKER_MAX_NEW.value,
+                      talker_do_sample=False if _TALKER_GREEDY.value else None,
+                      **{k: v for k, v in settings.items() if v is not None})
+    return
   for piece in model.stream_chat(_PROMPT.value, image=_IMAGE.value, audio=_AUDIO.value, video=_VIDEO.value,
                                  use_audio_in_video=_AIV.value, system=_SYSTEM.value,
                                  **{k: v for k, v in settings.items() if v is not None}):

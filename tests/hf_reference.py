@@ -91,3 +91,80 @@ def ours(hf_model, directory, **config_updates):
   config, graphdef, state = converted(hf_model, directory, **config_updates)
   return nnx.merge(graphdef, state), config
 
+
+
+# A tiny Talker over the "gqa2" Thinker (codec ids as in spec §11's tiny full model; tts text ids inside the
+# Thinker's vocabulary of 200). `speaker` is spk_dict.pt's entry: the bos id opening the text track.
+TALKER = dict(vocab_size=120, embedding_size=32, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+              rope_parameters={"mrope_section": [1, 1, 2], "rope_type": "default", "rope_theta": 1e6},
+              tts_codec_start_token_id=113, tts_codec_end_token_id=114, tts_codec_pad_token_id=112,
+              tts_codec_mask_token_id=116, tts_text_start_token_id=190, tts_text_end_token_id=191,
+              tts_text_pad_token_id=189, spatial_merge_size=2, **IDS)
+# A Token2Wav small enough to build in a test (no parity role: the Talker's codes are taken before it).
+TOKEN2WAV = dict(
+    dit_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, ff_mult=2, emb_dim=16,
+                    block_size=4, look_ahead_layers=[1], look_backward_layers=[0], repeats=2, num_embeds=120,
+                    mel_dim=80, enc_emb_dim=8, enc_dim=8, enc_channels=[16, 16, 16, 16, 48],
+                    enc_kernel_sizes=[5, 3, 3, 3, 1], enc_dilations=[1, 2, 3, 4, 1], enc_attention_channels=8,
+                    enc_res2net_scale=2, enc_se_channels=8, dropout=0.0),
+    bigvgan_config=dict(upsample_initial_channel=64))
+SPEAKERS = {"Chelsie": 150, "Ethan": 151}
+
+
+def build_omni(seed: int = 0, eos_token_id=None, **talker):
+  """The full tiny model (Thinker "gqa2" + Talker + Token2Wav), perturbed, with a speaker table; eos_token_id:
+  the Thinker's stop ids (its generation_config), so that batched rows stop at different steps."""
+  from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration  # noqa: PLC0415
+
+  thinker = thinker_config("gqa2").to_dict()
+  config = Qwen2_5OmniConfig(thinker_config=thinker, talker_config=copy.deepcopy(dict(TALKER, **talker)),
+                             token2wav_config=copy.deepcopy(TOKEN2WAV))
+  torch.manual_seed(seed)
+  model = perturb(Qwen2_5OmniForConditionalGeneration(config).eval(), seed + 1)
+  g = torch.Generator().manual_seed(seed + 2)
+  model.speaker_map = {name: {"bos_token": bos, "cond": torch.randn(8, generator=g),
+                              "ref_mel": torch.randn(1, 12, 80, generator=g)} for name, bos in SPEAKERS.items()}
+  if eos_token_id is not None:
+    model.thinker.generation_config.eos_token_id = eos_token_id
+  return model
+
+
+class _TalkerDone(Exception):
+  pass
+
+
+def hf_speech(model, input_ids, attention_mask, *, thinker_max_new_tokens: int, talker_max_new_tokens: int,
+              talker_eos_token_id, speaker: str = "Chelsie", **kw) -> dict:
+  """transformers' full greedy pipeline up to the Talker (Token2Wav is not run): thinker sequences, the
+  Talker's prefill inputs_embeds (before its codec half is added), its text-track queue, generated codes and
+  raw per-step logits."""
+  captured = {}
+  original, thinker_generate = model.talker.generate, model.thinker.generate
+
+  def thinker_hook(**kwargs):
+    out = thinker_generate(**kwargs)
+    captured["thinker_tokens"] = out.sequences[:, input_ids.shape[1]:].numpy()
+    return out
+
+  def hook(**kwargs):
+    captured.update(inputs_embeds=kwargs["inputs_embeds"].clone(), queue=kwargs["thinker_reply_part"].clone(),
+                    input_ids=kwargs["input_ids"].clone())
+    out = original(**kwargs, output_logits=True, return_dict_in_generate=True)
+    captured.update(sequences=out.sequences, logits=torch.stack(out.logits, dim=1))
+    raise _TalkerDone
+
+  model.talker.generate, model.thinker.generate = hook, thinker_hook
+  try:
+    with torch.no_grad():
+      model.generate(input_ids=input_ids, attention_mask=attention_mask, speaker=speaker,
+                     thinker_max_new_tokens=thinker_max_new_tokens, thinker_do_sample=False,
+                     talker_max_new_tokens=talker_max_new_tokens, talker_do_sample=False,
+                     talker_eos_token_id=list(talker_eos_token_id), **kw)
+  except _TalkerDone:
+    pass
+  finally:
+    model.talker.generate, model.thinker.generate = original, thinker_generate
+  prompt_len = captured["input_ids"].shape[1]
+  captured["codes"] = captured["sequences"][:, prompt_len:].numpy()
+  return captured

@@ -236,6 +236,7 @@ def test_export_of_a_training_run_generates_in_transformers(tmp_path, caplog):
   cli.main(["--orbax_dir", str(tmp_path / "work"), "--out_dir", str(tmp_path / "hf")])
   assert any("no tokenizer or processor files" in r.getMessage() for r in caplog.records)
   hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  hf_config = hf_config.get("thinker_config", hf_config)  # the config has a Talker: the full-model layout
   assert hf_config["eos_token_id"] == [] and hf_config["pad_token_id"] == 0
   tokens = _generate(tmp_path / "hf", vocab=256)
   assert len(tokens) == 12  # no eos id in this vocabulary: runs to max_new_tokens

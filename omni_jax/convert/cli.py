@@ -4,8 +4,8 @@
   # processor and generation files of the source are carried along in OUT/hf_assets/
   python -m omni_jax.convert --hf_dir /path/to/Qwen2.5-Omni-7B --out_dir ckpt/omni7b
   # orbax -> HF (transformers' Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained reads it and its
-  # generate stops at the eos ids); --orbax_dir: a converter output, a training step directory
-  # (WORKDIR/checkpoints/N) or a training workdir (its latest step)
+  # generate stops at the eos ids; with a Talker: Qwen2_5OmniForConditionalGeneration, spk_dict.pt written);
+  # --orbax_dir: a converter output, a training step directory (WORKDIR/checkpoints/N) or a training workdir
   python -m omni_jax.convert --orbax_dir ckpt/omni7b --out_dir hf/omni7b_thinker --dtype bfloat16
 """
 
@@ -21,6 +21,7 @@ from omni_jax import checkpoint
 from omni_jax import cli
 from omni_jax.convert import export
 from omni_jax.convert import hf
+from omni_jax.convert import speakers
 from omni_jax.models import omni
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,12 @@ def hf_to_orbax(hf_dir: str, out_dir: str) -> None:
   generation = export.read_generation(hf_dir)
   if generation is not None:
     export.adopt_generation(config, generation)
+  os.makedirs(out_dir, exist_ok=True)
+  speakers.import_from(hf_dir, config, out_dir)  # bos ids into the config, cond / ref_mel beside params/
   _, abstract = omni.abstract_model(config)
   state = hf.load_state(hf_dir, abstract, hf_config=hf_config)
   checkpoint.save_params(out_dir, state, config)
-  export.store_assets(hf_dir, out_dir)
+  export.store_assets(hf_dir, out_dir, hf_config)
   n = sum(np.size(v) for v in jax.tree.leaves(state))
   print(f"wrote {out_dir} ({n / 1e6:.1f} M parameters)")
 
@@ -53,9 +56,13 @@ def orbax_to_hf(orbax_dir: str, out_dir: str, dtype: str) -> None:
   _, abstract = omni.abstract_model(config)
   state = checkpoint.restore_params(path, abstract)
   assets = export.assets_of(path)
+  talker = config.model.get("talker") is not None
   hf.save(out_dir, config, state, dtype=_DTYPES[dtype], torch_dtype=dtype,
-          generation=export.read_generation(assets))
-  copied = export.copy_assets(assets, out_dir, skip=(export.GENERATION_FILE,)) if assets else []
+          generation=export.read_generation(assets), token2wav=export.read_token2wav(assets) if talker else None)
+  if talker:  # written from the config's bos ids and the stored tensors (the carried copy may be stale)
+    speakers.export_to(out_dir, config, speakers.tensors_file(path))
+  skip = (export.GENERATION_FILE, speakers.SPK_FILE) if talker else (export.GENERATION_FILE,)
+  copied = export.copy_assets(assets, out_dir, skip=skip) if assets else []
   if copied:
     log.info("copied %s from %s", ", ".join(copied), assets)
   else:

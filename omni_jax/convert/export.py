@@ -35,6 +35,9 @@ ASSET_FILES = (
     "preprocessor_config.json", "video_preprocessor_config.json", "generation_config.json", "spk_dict.pt",
 )
 GENERATION_FILE = "generation_config.json"
+# The source's token2wav_config (config.json): Token2Wav is not built yet, so an export of a model with a
+# Talker writes it back and transformers builds the source's Token2Wav (its weights are not carried).
+TOKEN2WAV_FILE = "token2wav_config.json"
 
 # config.generate keys that generation_config.json holds under the same name.
 _SAMPLING = ("temperature", "top_k", "top_p")
@@ -55,12 +58,18 @@ def copy_assets(src_dir: str, dst_dir: str, *, skip: tuple[str, ...] = ()) -> li
   return names
 
 
-def store_assets(hf_dir: str, out_dir: str) -> list[str]:
-  """HF -> orbax: the source's files into out_dir/hf_assets (replacing an older copy)."""
+def store_assets(hf_dir: str, out_dir: str, hf_config: Optional[dict] = None) -> list[str]:
+  """HF -> orbax: the source's files into out_dir/hf_assets (replacing an older copy), and its
+  token2wav_config when `hf_config` (its config.json) has one."""
   dst = os.path.join(out_dir, ASSETS_DIR)
   if os.path.isdir(dst):
     shutil.rmtree(dst)
   names = copy_assets(hf_dir, dst)
+  if (hf_config or {}).get("token2wav_config") is not None:
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(dst, TOKEN2WAV_FILE), "w") as f:
+      json.dump(hf_config["token2wav_config"], f, indent=2)
+    names.append(TOKEN2WAV_FILE)
   if names:
     log.info("%s: carried %s into %s", hf_dir, ", ".join(names), dst)
   else:
@@ -76,6 +85,14 @@ def assets_of(params_path: str) -> Optional[str]:
     if d is not None and os.path.isdir(os.path.join(d, ASSETS_DIR)):
       return os.path.join(d, ASSETS_DIR)
   return None
+
+
+def read_token2wav(directory: Optional[str]) -> Optional[dict]:
+  path = os.path.join(directory, TOKEN2WAV_FILE) if directory else None
+  if path is None or not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def read_generation(directory: Optional[str]) -> Optional[dict]:

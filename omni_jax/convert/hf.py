@@ -108,7 +108,50 @@ def config_from_hf(hf: dict, base: Optional[ml_collections.ConfigDict] = None) -
   if "vision_config" in th:
     t.vision = _vision_from_hf(th["vision_config"], base)
   c.model.thinker = t
+  if hf.get("talker_config") is not None and hf.get("enable_audio_output", True):
+    _talker_from_hf(c, hf["talker_config"], base)
+  elif "talker" in c.model:  # the checkpoint has no Talker: neither has the model (nor its objective)
+    c = towers.without(c, "talker")
   return c
+
+
+# Talker config keys (transformers' Qwen2_5OmniTalkerConfig) held in config.model.talker under the same name.
+_TALKER_IDS = ("tts_codec_start_token_id", "tts_codec_end_token_id", "tts_codec_pad_token_id",
+               "tts_codec_mask_token_id", "tts_text_start_token_id", "tts_text_end_token_id", "tts_text_pad_token_id")
+# What config.json cannot say (transformers has no such keys): written as extra talker_config keys, which
+# transformers keeps and ignores, so a round trip restores them.
+_TALKER_EXTRAS = ("num_codes", "units_version")
+RELEASED_NUM_CODES = 8192
+
+
+def _talker_from_hf(c: ml_collections.ConfigDict, tk: dict, base: Optional[ml_collections.ConfigDict]) -> None:
+  """config.model.talker from a talker_config dict. num_codes (not an HF key): the file's extra key, else the
+  release's 8192 speech codes, capped below the lowest special codec id. Training switches
+  (thinker_gradient) and the speaker table come from `base` (speakers: from spk_dict.pt, see
+  omni_jax.convert.speakers)."""
+  theta, section = _rope(tk)
+  defaults.talker(
+      c, int(tk["embedding_size"]), vocab_size=int(tk["vocab_size"]), hidden_size=int(tk["hidden_size"]),
+      intermediate_size=int(tk["intermediate_size"]), num_hidden_layers=int(tk["num_hidden_layers"]),
+      num_attention_heads=int(tk["num_attention_heads"]), num_key_value_heads=int(tk["num_key_value_heads"]),
+      head_dim=int(tk.get("head_dim") or tk["hidden_size"] // tk["num_attention_heads"]),
+      hidden_act=tk.get("hidden_act", "silu"), rms_norm_eps=float(tk.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+      mrope_section=section, max_position_embeddings=int(tk.get("max_position_embeddings", 32768)),
+      tie_word_embeddings=False)
+  t = c.model.talker
+  for key in _TALKER_IDS:
+    if tk.get(key) is not None:
+      t[key] = int(tk[key])
+  specials = min(int(t[k]) for k in _TALKER_IDS[:4])
+  t.num_codes = int(tk["num_codes"]) if tk.get("num_codes") is not None else min(RELEASED_NUM_CODES, specials)
+  if tk.get("units_version") is not None:
+    t.units_version = str(tk["units_version"])
+  try:  # a training choice, not part of the checkpoint: keep the base config's
+    t.thinker_gradient = bool(base.model.talker.thinker_gradient)
+    t.speakers = ml_collections.ConfigDict(dict(base.model.talker.speakers))
+    t.default_speaker = str(base.model.talker.default_speaker)
+  except (AttributeError, KeyError, TypeError):
+    pass
 
 
 def _generation_ids_from_hf(t: ml_collections.ConfigDict, th: dict, text: dict) -> None:
@@ -166,8 +209,50 @@ def _audio_from_hf(audio: dict, base: Optional[ml_collections.ConfigDict]) -> ml
   return ml_collections.ConfigDict(values)
 
 
-def config_to_hf(config: ml_collections.ConfigDict, torch_dtype: str = "float32") -> dict:
-  """A thinker config.json (model_type qwen2_5_omni_thinker) for our config; inverse of config_from_hf."""
+def config_to_hf(config: ml_collections.ConfigDict, torch_dtype: str = "float32",
+                 token2wav: Optional[dict] = None) -> dict:
+  """config.json for our config; inverse of config_from_hf. Without a Talker: a thinker checkpoint
+  (qwen2_5_omni_thinker). With one: the full model (qwen2_5_omni: thinker_config + talker_config, audio output
+  on) that Qwen2_5OmniForConditionalGeneration loads; `token2wav`: the source's token2wav_config (we build
+  no Token2Wav; without it transformers builds its class defaults, randomly initialised)."""
+  thinker = _thinker_to_hf(config, torch_dtype)
+  if config.model.get("talker") is None:
+    return thinker
+  thinker.pop("architectures")
+  out = {"model_type": "qwen2_5_omni", "architectures": ["Qwen2_5OmniForConditionalGeneration"],
+         "dtype": torch_dtype, "enable_audio_output": True, "thinker_config": thinker,
+         "talker_config": _talker_to_hf(config)}
+  if token2wav is not None:
+    out["token2wav_config"] = token2wav
+  return out
+
+
+def _talker_to_hf(config: ml_collections.ConfigDict) -> dict:
+  t, th = config.model.talker, config.model.thinker
+  x = t.text
+  out = {
+      "model_type": "qwen2_5_omni_talker", "vocab_size": x.vocab_size, "embedding_size": t.embedding_size,
+      "hidden_size": x.hidden_size, "intermediate_size": x.intermediate_size,
+      "num_hidden_layers": x.num_hidden_layers, "num_attention_heads": x.num_attention_heads,
+      "num_key_value_heads": x.num_key_value_heads, "head_dim": x.head_dim, "hidden_act": x.hidden_act,
+      "rms_norm_eps": x.rms_norm_eps, "max_position_embeddings": x.max_position_embeddings,
+      "tie_word_embeddings": False,
+      "rope_parameters": {"rope_type": "default", "rope_theta": x.rope_theta, "mrope_section": list(x.mrope_section)},
+      # The Talker's own get_rope_index reads the Thinker's media ids and position constants.
+      "audio_token_index": th.audio_token_id, "image_token_index": th.image_token_id,
+      "video_token_index": th.video_token_id, "audio_start_token_id": th.audio_start_token_id,
+      "audio_end_token_id": th.audio_end_token_id, "vision_start_token_id": th.vision_start_token_id,
+      "vision_end_token_id": th.vision_end_token_id, "position_id_per_seconds": th.position_id_per_seconds,
+      "seconds_per_chunk": th.seconds_per_chunk, "spatial_merge_size": th.spatial_merge_size,
+  }
+  out.update({k: int(t[k]) for k in _TALKER_IDS})
+  out["num_codes"] = int(t.num_codes)
+  if t.get("units_version") is not None:
+    out["units_version"] = str(t.units_version)
+  return out
+
+
+def _thinker_to_hf(config: ml_collections.ConfigDict, torch_dtype: str) -> dict:
   t = config.model.thinker
   x = t.text
   out = {
@@ -340,16 +425,22 @@ def state_to_tensors(state, dtype=None, config: Optional[ml_collections.ConfigDi
 
 
 def save(out_dir: str, config: ml_collections.ConfigDict, state, *, dtype=None, torch_dtype: str = "float32",
-         max_shard_bytes: int = 5 << 30, generation: Optional[dict] = None) -> None:
-  """Write a thinker checkpoint that transformers loads and generates with: config.json (with the eos / pad /
-  user ids), generation_config.json (export.generation_config: `generation`, the source's file if any, with the
-  config's ids and config.generate written over it) and sharded safetensors with an index."""
+         max_shard_bytes: int = 5 << 30, generation: Optional[dict] = None, token2wav: Optional[dict] = None) -> None:
+  """Write a checkpoint that transformers loads and generates with: config.json (with the eos / pad / user
+  ids), generation_config.json (export.generation_config: `generation`, the source's file if any, with the
+  config's ids and config.generate written over it) and sharded safetensors with an index.
+
+  Without a Talker: the thinker-only layout (keys without "thinker.", Qwen2_5OmniThinkerForConditionalGeneration).
+  With one: the full-model layout (thinker.* and talker.* keys, Qwen2_5OmniForConditionalGeneration; its
+  from_pretrained also needs spk_dict.pt, written by omni_jax.convert.speakers); `token2wav`: see config_to_hf.
+  """
   from omni_jax.convert import export  # local import: export builds on this module, not the other way
 
   config = export.fit_token_ids(export.complete_token_ids(config))
   os.makedirs(out_dir, exist_ok=True)
   tensors = state_to_tensors(state, dtype, config)
-  tensors = {k[len("thinker."):]: v for k, v in tensors.items()}  # thinker-only layout
+  if config.model.get("talker") is None:
+    tensors = {k[len("thinker."):]: v for k, v in tensors.items()}  # thinker-only layout
   shards, current, size = [], {}, 0
   for k in sorted(tensors):
     if current and size + tensors[k].nbytes > max_shard_bytes:
@@ -369,6 +460,6 @@ def save(out_dir: str, config: ml_collections.ConfigDict, state, *, dtype=None, 
       json.dump({"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map},
                 f, indent=2)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config_to_hf(config, torch_dtype), f, indent=2)
+    json.dump(config_to_hf(config, torch_dtype, token2wav), f, indent=2)
   with open(os.path.join(out_dir, export.GENERATION_FILE), "w") as f:
     json.dump(export.generation_config(config, generation), f, indent=2)

@@ -6,6 +6,8 @@
     for piece in model.stream_chat("Transcribe this.", audio="clip.wav"):
       print(piece, end="", flush=True)
     replies = model.chat_batch([conversation_a, conversation_b])   # one padded batch, one decode loop
+    speech = model.speak("Say hello.", speaker="Ethan")   # a model with a Talker: text + speech codes
+    speech.text, speech.codes                               # codes: int32 [M], cut at the first stop id
 
 Conversations are lists of {"role", "content"} messages whose content is a string or a list of parts
 ({"type": "text", "text"}, {"type": "image" | "audio" | "video", "path"}, video parts may set
@@ -13,7 +15,7 @@ Conversations are lists of {"role", "content"} messages whose content is a strin
 """
 
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import ml_collections
@@ -24,14 +26,23 @@ from omni_jax import sharding
 from omni_jax import towers
 from omni_jax.convert import export
 from omni_jax.convert import hf
+from omni_jax.convert import speakers
 from omni_jax.generate import prompts
 from omni_jax.generate.decode import Generator
+from omni_jax.generate.talker import SpeechGenerator
 from omni_jax.input import pipeline
 from omni_jax.input import preprocess
 from omni_jax.input.tokenizer import Tokenizer
 from omni_jax.models import omni
 
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+_TALKER_PREFIX = "talker_"  # speak(): talker_top_k=..., as transformers' generate(talker_top_k=...)
+
+
+class Speech(NamedTuple):
+  """A spoken reply: its text and its speech codes (int32 [M], before the first stop id; Token2Wav voices them)."""
+  text: str
+  codes: Any
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -57,6 +68,7 @@ def restore(path: str, config: Optional[ml_collections.ConfigDict] = None, mesh_
     raise FileNotFoundError(f"{path}: no such checkpoint")
   if _is_hf_dir(path):
     config = hf.config_from_hf(hf.read_config(path), base=config)
+    speakers.import_from(path, config)  # the voices' bos ids (spk_dict.pt) when the model has a Talker
     generation = export.read_generation(path)
     if generation is not None:
       export.adopt_generation(config, generation)
@@ -101,6 +113,15 @@ class OmniChat:
     self.stop_ids = set(generator.ids.eos_token_ids)
     audio = config.model.thinker.get("audio")
     self.num_mel_bins = int(audio.num_mel_bins) if audio is not None else 128
+    self._speech = None
+
+  @property
+  def speech(self) -> SpeechGenerator:
+    """The Talker's code generation on the same parameters (built on first use)."""
+    if self._speech is None:
+      g = self.generator
+      self._speech = SpeechGenerator(g.graphdef, g.params, self.config, g.mesh, g.param_shardings)
+    return self._speech
 
   def batch(self, conversations: Sequence[Sequence[dict]]) -> dict:
     """The left-padded prompt batch of several conversations (media decoded and preprocessed)."""
@@ -144,6 +165,33 @@ class OmniChat:
     out = self.generator.generate(batch, **settings)
     return self._text(out.tokens[0, :out.lengths[0]])
 
+  def speak_batch(self, conversations: Sequence[Sequence[dict]], *, speaker=None, **kw) -> list[Speech]:
+    """Spoken replies to several conversations: the Thinker's replies (one padded batch), then their speech
+    codes (one Talker batch). speaker: a voice of config.model.talker.speakers (or one per conversation).
+    Keyword arguments: chat()'s for the text, and talker_max_new_tokens, talker_seed, talker_do_sample,
+    talker_temperature, talker_top_k, talker_top_p, talker_repetition_penalty for the codes (defaults:
+    config.generate.talker, the released decoding)."""
+    talker = {k[len(_TALKER_PREFIX):]: kw.pop(k) for k in list(kw) if k.startswith(_TALKER_PREFIX)}
+    return self._speak(self.batch(conversations), self._settings(kw), speaker, talker)
+
+  def speak(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
+            image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,
+            system: Optional[str] = None, speaker: Optional[str] = None, **kw) -> Speech:
+    """chat(), spoken: the reply's text and its speech codes (see speak_batch for the talker_* arguments)."""
+    talker = {k[len(_TALKER_PREFIX):]: kw.pop(k) for k in list(kw) if k.startswith(_TALKER_PREFIX)}
+    batch, settings = self._request(prompt, messages, image, audio, video, use_audio_in_video, system, kw)
+    return self._speak(batch, settings, speaker, talker)[0]
+
+  def _speak(self, batch: dict, settings: dict, speaker, talker: dict) -> list[Speech]:
+    speech = self.speech
+    sampling = speech.sampling(**{k: talker.pop(k) for k in _SAMPLING_KEYS if k in talker})
+    unknown = set(talker) - {"max_new_tokens", "seed"}
+    if unknown:
+      raise TypeError(f"unknown talker generation arguments {sorted(_TALKER_PREFIX + k for k in unknown)}")
+    out = self.generator.generate(batch, **settings)
+    codes = speech.generate(batch, out.tokens, speaker=speaker, sampling=sampling, **talker)
+    return [Speech(self._text(row[:n]), codes.row(i)) for i, (row, n) in enumerate(zip(out.tokens, out.lengths))]
+
   def stream_chat(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
                   image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,
                   system: Optional[str] = None, **kw) -> Iterator[str]:
@@ -159,6 +207,20 @@ class OmniChat:
       if len(text) > len(shown):
         yield text[len(shown):]
       shown = text
+
+
+def speak_to_file(model: OmniChat, prompt: str, path: str, *, speaker: Optional[str] = None, **kw) -> Speech:
+  """generate.py --speak: the spoken reply, printed, and {"text", "speaker", "codes"} written to `path` as JSON."""
+  import json  # noqa: PLC0415
+
+  kw = {k: v for k, v in kw.items() if v is not None}
+  speech = model.speak(prompt, speaker=speaker, **kw)
+  name = speaker or model.speech.cfg.default_speaker
+  with open(path, "w") as f:
+    json.dump({"text": speech.text, "speaker": name, "codes": [int(c) for c in speech.codes]}, f)
+  print(speech.text)
+  print(f"{len(speech.codes)} speech codes ({name}) -> {path}")
+  return speech
 
 
 def load(path: str, config: Optional[ml_collections.ConfigDict] = None, *, mesh_shape=None,

@@ -66,6 +66,53 @@ def _dispatch(listener, step, tokens, done):
     fn(int(step), np.asarray(tokens), np.asarray(done))
 
 
+def sharded_cache(decoder, batch: int, length: int, dtype=None) -> KVCache:
+  """An empty KV cache of a decoder stack, laid out by the rule table (rows over data/fsdp, kv heads over tensor)."""
+  cache = decoder.init_cache(batch, length, dtype)
+  return cache._replace(k=sharding.constrain(cache.k, KVCache.NAMES), v=sharding.constrain(cache.v, KVCache.NAMES))
+
+
+def decode_loop(feed: Callable, cache: Any, logits: jax.Array, seen: jax.Array, key: jax.Array, *,
+                max_new_tokens: int, sampling: SamplingParams, eos: jax.Array, pad_token_id: int,
+                return_logits: bool = False, listener: Optional[jax.Array] = None, replicated=None,
+                suppress: Sequence[int] = ()) -> _Loop:
+  """The jitted decode loop shared by the Thinker's and the Talker's generation (call inside jit).
+
+  feed(cache, token [B], step) -> (cache, next logits [B, V] float32) runs the chosen token through the model;
+  logits: the first token's logits; seen [B, V] bool: ids the repetition penalty sees ([B, 0] without one);
+  eos: stop ids; suppress: ids never chosen (their logits -inf before the processors, as transformers'
+  SuppressTokens, whose place after the penalty gives the same scores); listener: stream each step's tokens
+  through an io_callback (None: no streaming). Returns the final _Loop (tokens, lengths, all_logits).
+  """
+  b, vocab = logits.shape
+  rows = jnp.arange(b)
+  suppressed = jnp.asarray(tuple(suppress), jnp.int32)
+
+  def body(c: _Loop) -> _Loop:
+    scores = c.logits if not len(suppress) else c.logits.at[:, suppressed].set(-jnp.inf)
+    scores = process(scores, c.seen, sampling)
+    token = choose(scores, jax.random.fold_in(key, c.step), sampling)
+    token = jnp.where(c.done, pad_token_id, token)
+    lengths = c.lengths + (~c.done).astype(jnp.int32)
+    done = c.done | jnp.isin(token, eos)
+    if listener is not None:
+      shown = token if replicated is None else jax.lax.with_sharding_constraint(token, replicated)
+      stopped = done if replicated is None else jax.lax.with_sharding_constraint(done, replicated)
+      io_callback(_dispatch, None, listener, c.step, shown, stopped, ordered=False)
+    seen = c.seen.at[rows, token].set(True) if sampling.penalises else c.seen
+    all_logits = c.all_logits.at[:, c.step].set(c.logits) if return_logits else c.all_logits
+    # The last step (or one where every row stopped) needs no forward pass.
+    more = (c.step + 1 < max_new_tokens) & ~jnp.all(done)
+    cache, next_logits = jax.lax.cond(more, lambda cache: feed(cache, token, c.step), lambda cache: (cache, c.logits),
+                                      c.cache)
+    return _Loop(c.step + 1, cache, next_logits, seen, c.tokens.at[:, c.step].set(token), lengths, done, all_logits)
+
+  init = _Loop(jnp.zeros((), jnp.int32), cache, logits, seen,
+               jnp.full((b, max_new_tokens), pad_token_id, jnp.int32), jnp.zeros((b,), jnp.int32),
+               jnp.zeros((b,), bool), jnp.zeros((b, max_new_tokens if return_logits else 0, vocab), jnp.float32))
+  return jax.lax.while_loop(lambda c: (c.step < max_new_tokens) & ~jnp.all(c.done), body, init)
+
+
 def make_generate_fn(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, *, max_new_tokens: int,
                      sampling: SamplingParams, eos_token_ids: Sequence[int], pad_token_id: int,
                      cache_len: int, cache_dtype=None, return_logits: bool = False, stream: bool = False,
@@ -85,8 +132,7 @@ def make_generate_fn(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, *, max_ne
       positions, media = step_lib.model_inputs(batch, ids)
       valid = seg > 0
       n_real, deltas = valid.sum(axis=1).astype(jnp.int32), positions_lib.position_deltas(positions, valid)
-      cache = thinker.model.init_cache(b, cache_len, cache_dtype)
-      cache = cache._replace(k=sharding.constrain(cache.k, KVCache.NAMES), v=sharding.constrain(cache.v, KVCache.NAMES))
+      cache = sharded_cache(thinker.model, b, cache_len, cache_dtype)
       hidden, cache = thinker.model(thinker.embed_inputs(input_ids, **media), positions, seg, cache)
       last = jnp.max(jnp.where(valid, jnp.arange(input_ids.shape[1]), 0), axis=1)  # each row's last real token
       logits = thinker.logits(hidden[rows, last][:, None])[:, 0].astype(jnp.float32)
@@ -95,33 +141,14 @@ def make_generate_fn(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, *, max_ne
       seen = (jnp.zeros((b, vocab), bool).at[rows[:, None], input_ids].max(valid) if sampling.penalises
               else jnp.zeros((b, 0), bool))
 
-      def body(c: _Loop) -> _Loop:
-        scores = process(c.logits, c.seen, sampling)
-        token = choose(scores, jax.random.fold_in(key, c.step), sampling)
-        token = jnp.where(c.done, pad_token_id, token)
-        lengths = c.lengths + (~c.done).astype(jnp.int32)
-        done = c.done | jnp.isin(token, eos)
-        if stream:
-          shown = token if replicated is None else jax.lax.with_sharding_constraint(token, replicated)
-          stopped = done if replicated is None else jax.lax.with_sharding_constraint(done, replicated)
-          io_callback(_dispatch, None, listener, c.step, shown, stopped, ordered=False)
-        seen = c.seen.at[rows, token].set(True) if sampling.penalises else c.seen
-        all_logits = c.all_logits.at[:, c.step].set(c.logits) if return_logits else c.all_logits
-        def feed(cache):  # the chosen token through the stack: the next step's logits
-          pos = positions_lib.decode_positions(deltas, n_real + c.step)
-          hidden, cache = thinker.model(thinker.embed(token[:, None]), pos, jnp.ones((b, 1), jnp.int32), cache)
-          return cache, thinker.logits(hidden)[:, 0].astype(jnp.float32)
+      def feed(cache, token, step):  # the chosen token through the stack: the next step's logits
+        pos = positions_lib.decode_positions(deltas, n_real + step)
+        hidden, cache = thinker.model(thinker.embed(token[:, None]), pos, jnp.ones((b, 1), jnp.int32), cache)
+        return cache, thinker.logits(hidden)[:, 0].astype(jnp.float32)
 
-        # The last step (or one where every row stopped) needs no forward pass.
-        more = (c.step + 1 < max_new_tokens) & ~jnp.all(done)
-        cache, next_logits = jax.lax.cond(more, feed, lambda cache: (cache, c.logits), c.cache)
-        return _Loop(c.step + 1, cache, next_logits, seen, c.tokens.at[:, c.step].set(token), lengths, done,
-                     all_logits)
-
-      init = _Loop(jnp.zeros((), jnp.int32), cache, logits, seen,
-                   jnp.full((b, max_new_tokens), pad_token_id, jnp.int32), jnp.zeros((b,), jnp.int32),
-                   jnp.zeros((b,), bool), jnp.zeros((b, max_new_tokens if return_logits else 0, vocab), jnp.float32))
-      out = jax.lax.while_loop(lambda c: (c.step < max_new_tokens) & ~jnp.all(c.done), body, init)
+      out = decode_loop(feed, cache, logits, seen, key, max_new_tokens=max_new_tokens, sampling=sampling,
+                        eos=eos, pad_token_id=pad_token_id, return_logits=return_logits,
+                        listener=listener if stream else None, replicated=replicated)
     return out.tokens, out.lengths, out.all_logits
 
   return fn
