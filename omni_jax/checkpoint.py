@@ -258,9 +258,12 @@ def adopt_model_config(config: ml_collections.ConfigDict, params_path: str) -> m
   saved = load_config(where)
   if "model" not in saved:
     return config
+  absent = []
   for tower in towers.registered():
     key = tower.section.split(".", 1)[1]  # "model.thinker" -> "thinker"
     if key not in saved.model:
+      if config.model.get(key) is not None:
+        absent.append(tower)
       continue
     stored = tuples(saved.model[key].to_dict())
     current = config.model.get(key)
@@ -270,7 +273,24 @@ def adopt_model_config(config: ml_collections.ConfigDict, params_path: str) -> m
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.model[key] = ml_collections.ConfigDict(stored)
+  for tower in absent:
+    config = _new_tower(config, tower, where)
   return config
+
+
+def _new_tower(config: ml_collections.ConfigDict, tower, where: str) -> ml_collections.ConfigDict:
+  """A tower the config builds but the checkpoint does not hold: kept (it starts from scratch, e.g. a Talker
+  added to a converted Thinker) when it fits the stored towers, else left out with its objectives."""
+  from omni_jax import towers  # local: the registry imports the model code
+
+  try:
+    tower.view(config)
+    log.warning("%s holds no %s: this config's %s starts from scratch", where, tower.name, tower.section)
+    return config
+  except ConfigError as e:
+    log.warning("%s holds no %s, and config.%s does not fit its other towers (%s): the %s is left out",
+                where, tower.name, tower.section, e, tower.name)
+  return towers.without(config, tower.name)
 
 
 # ---------------------------------------------------------------------------------------------------------

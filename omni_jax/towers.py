@@ -198,6 +198,25 @@ def _validate_objectives(config: ml_collections.ConfigDict, towers: Sequence[Tow
     raise ConfigError(f"config.{key}: at least one objective needs a positive weight, got {dict(weights)}")
 
 
+def without(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """A copy of config that does not build tower `name`: its section and its objectives' weights removed (for
+  a model adopted from a checkpoint that has no such tower)."""
+  tower = get(name)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    parent, key = tower.section.rsplit(".", 1)
+    node = config
+    for part in parent.split("."):
+      node = node[part]
+    if key in node:
+      del node[key]
+    weights = config.train.get("objectives", None) if "train" in config else None
+    for objective in tower.objectives:
+      if weights is not None and objective.name in weights:
+        del weights[objective.name]
+  return config
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fail fast on an inconsistent config (train.py / eval.py at startup): the common keys, every built
   tower's section, the objective weights. Every error names the key."""
