@@ -71,7 +71,6 @@ def run(config: ml_collections.ConfigDict, checkpoint_path: str, output: Optiona
     writer.write(report["step"] or 0, scalars)
     writer.close()
     log.info("wrote %s", output)
-    report["output"] = output
   return report
 
 

@@ -8,9 +8,9 @@ import re
 from typing import Optional
 
 # Headline metrics, in print order; per-modality and per-task variants follow each one.
-_HEADLINE = re.compile(r"^[^/]+/(loss|accuracy)(_\w+)?$|^[^/]+/(asr|mcq|open)/([^/]+/)?"
+_HEADLINE = re.compile(r"^[^/]+/(loss|ppl|accuracy)(_\w+)?$|^[^/]+/(asr|mcq|open)/([^/]+/)?"
                        r"(wer|cer|accuracy(_\w+)?|exact_match|bleu|chrf)$|^[^/]+/skipped$")
-_LOWER_IS_BETTER = ("loss", "wer", "cer", "skipped")
+_LOWER_IS_BETTER = ("loss", "ppl", "wer", "cer", "skipped")
 
 
 def first_evaluation(workdir: str, split: str) -> Optional[dict]:
