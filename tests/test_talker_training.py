@@ -279,3 +279,59 @@ def test_a_checkpoint_trained_on_one_unit_set_refuses_data_of_another(tmp_path):
   again.train.update(dict(steps=2, checkpoint_every=1, async_checkpointing=False))
   with pytest.raises(codes_lib.UnitsMismatch, match="unitsA"):
     loop.run(again, workdir)
+
+
+# --------------------------------------------------------------------------------------- adoption, FLOPs
+
+
+def test_a_thinker_only_checkpoint_gets_a_fresh_talker_or_none(tmp_path):
+  from omni_jax import checkpoint, towers  # noqa: PLC0415
+
+  thinker_only = towers.without(lib.config(), "talker")
+  assert "talker" not in thinker_only.model and "talker_codes" not in thinker_only.train.objectives
+  checkpoint.save_config(str(tmp_path), thinker_only)
+  # The config's Talker fits the stored Thinker (same width): it is kept, to start from scratch.
+  kept = checkpoint.adopt_model_config(_talker_config(), str(tmp_path))
+  assert "talker" in kept.model and [t.name for t in towers.built(kept)] == ["thinker", "talker"]
+  # A Talker sized for another Thinker cannot ride on this one: left out with its objective, and valid.
+  other = _talker_config()
+  other.model.talker.embedding_size = 48
+  dropped = checkpoint.adopt_model_config(other, str(tmp_path))
+  assert "talker" not in dropped.model and "talker_codes" not in dropped.train.objectives
+  towers.validate(dropped)
+
+
+def test_mfu_counts_the_talker_rows():
+  from omni_jax.train import metrics as metrics_lib  # noqa: PLC0415
+
+  c = _talker_config()
+  batch = _batch()
+  counter = metrics_lib.FlopCounter(c)
+  with_talker = counter.towers["talker"].step_flops(batch)
+  t = c.model.talker.text
+  per_token = 6 * (t.num_hidden_layers * (t.hidden_size * t.num_attention_heads * t.head_dim * 2
+                                          + t.hidden_size * t.num_key_value_heads * t.head_dim * 2
+                                          + 3 * t.hidden_size * t.intermediate_size)
+                   + c.model.talker.embedding_size * t.hidden_size + t.hidden_size * t.vocab_size)
+  rows, length = batch["talker_segment_ids"].shape
+  assert with_talker >= rows * length * per_token
+  no_talker = {k: v for k, v in batch.items() if not k.startswith("talker_")}
+  assert counter.towers["talker"].step_flops(no_talker) == 0.0
+
+
+def test_init_from_a_thinker_only_checkpoint_restores_the_thinker_and_starts_the_talker(tmp_path):
+  from omni_jax import checkpoint, towers  # noqa: PLC0415
+  from omni_jax.models import omni  # noqa: PLC0415
+  from omni_jax.train import loop  # noqa: PLC0415
+
+  thinker_only = towers.without(lib.config(), "talker")
+  state = nnx.state(omni.OmniModel(thinker_only, rngs=nnx.Rngs(7)))
+  checkpoint.save_params(str(tmp_path / "thinker"), state, thinker_only)
+  c = _talker_config(steps=1, checkpoint_every=1, async_checkpointing=False, lr=0.0, warmup_steps=0)
+  c.init_from = str(tmp_path / "thinker")
+  loop.run(c, str(tmp_path / "run"))
+  after = traverse_util.flatten_dict(checkpoint.restore_pure(str(tmp_path / "run" / "checkpoints" / "1"), None))
+  before = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  for k, v in before.items():  # lr 0: the Thinker is exactly the checkpoint's
+    np.testing.assert_array_equal(np.asarray(after[k]), np.asarray(v), err_msg=str(k))
+  assert any(k[0] == "talker" for k in after)
