@@ -6,14 +6,18 @@
   index), continue exactly, so the losses equal an uninterrupted one-process run's.
 - A data state that is per process (the grain pipeline's) cannot be carried to another process count: the run
   says so in one warning and the stream starts again.
+- Kill -9 soak: a run killed at random points (during steps, asynchronous saves and evaluations) and restarted
+  each time ends with exactly the losses of an uninterrupted run.
 """
 
 import json
 import logging
 import os
+import random
 import re
 import signal
 import socket
+import time
 
 import pytest
 
@@ -119,3 +123,36 @@ def test_no_data_state_at_all_is_still_an_error(tmp_path):
   (tmp_path / "data").mkdir()
   with pytest.raises(FileNotFoundError, match="no iterator state for this process"):
     checkpoint.IteratorHandler().restore(tmp_path / "data", checkpoint.IteratorRestore(_PerProcessState()))
+
+
+SOAK = dict(steps=14, checkpoint_every=2, eval_every=3, async_checkpointing=True)
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_restart_reproduces_the_uninterrupted_losses(tmp_path):
+  reference = tmp_path / "reference"
+  loop.run(lib.config(**SOAK), str(reference))
+  expected = lib.jsonl_losses(reference)
+  assert sorted(expected) == list(range(1, SOAK["steps"] + 1))
+
+  workdir = tmp_path / "run"
+  kills = []
+  for seed in range(3):
+    rng = random.Random(seed)
+    start = max(lib.jsonl_losses(workdir), default=0) if (workdir / "metrics.jsonl").exists() else 0
+    target = min(start + rng.randint(1, 4), SOAK["steps"] - 1)
+    proc = lib.launch(workdir, log_as=tmp_path / f"run{seed}", **SOAK)
+    try:
+      reached = lib.wait_for_step(workdir, target, proc, timeout=300)
+      time.sleep(rng.uniform(0.0, 0.4))  # somewhere in the next step, save or evaluation
+    finally:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+    assert reached, lib.log_text(tmp_path / f"run{seed}")
+    kills.append(max(lib.jsonl_losses(workdir)))
+  loop.run(lib.config(**SOAK), str(workdir))  # the last restart runs to the end
+  losses = lib.jsonl_losses(workdir)
+  assert sorted(losses) == list(range(1, SOAK["steps"] + 1)), kills
+  for step in expected:
+    assert losses[step] == expected[step], (step, losses[step], expected[step], kills)  # exactly
+  assert checkpoint.TrainCheckpointer(str(workdir / "checkpoints")).latest_step() == SOAK["steps"]
