@@ -35,4 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
   # could be read offline; the converter checks every shape, so a wrong value fails loudly.
   defaults.talker(c, 2048, vocab_size=8448, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, head_dim=64, mrope_section=(8, 12, 12))
+  # Never [B, L, 151936] float32 logits: the head + cross-entropy run over 1024-position chunks.
+  c.train.loss_chunk_size = 1024
   return c

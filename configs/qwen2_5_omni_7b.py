@@ -33,4 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Talker (spec §1.5, §7.1): 24 layers of width 896, 12 heads x 128 / 4 KV heads, codec vocabulary 8448.
   defaults.talker(c, 3584, vocab_size=8448, hidden_size=896, intermediate_size=18944, num_hidden_layers=24,
                   num_attention_heads=12, num_key_value_heads=4, head_dim=128)
+  # Never [B, L, 151936] float32 logits: the head + cross-entropy run over 1024-position chunks.
+  c.train.loss_chunk_size = 1024
   return c

@@ -185,6 +185,9 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, f"train.{key}")
   for key in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "keep_every", "eval_every"):
     _positive_int(config, f"train.{key}", allow_zero=True)
+  for key in ("loss_chunk_size", "label_budget"):  # optional (configs stored before they existed)
+    if key in t:
+      _positive_int(config, f"train.{key}", allow_zero=True)
   _require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
            f"train.batch_size={t.batch_size} is not divisible into {t.grad_accum_steps} micro-batches")
   for key in ("lr", "weight_decay", "grad_clip_norm", "eps"):

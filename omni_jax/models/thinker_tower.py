@@ -56,8 +56,10 @@ def view(config: ml_collections.ConfigDict) -> ThinkerView:
 def build(config: ml_collections.ConfigDict, rt: config_lib.Runtime, rngs) -> Thinker:
   """The Thinker (sizes checked; the token ids against the vocabulary only by view(), at startup: tiny test
   models keep the released ids without using them)."""
-  return Thinker(config_lib.thinker_text(config), rt, rngs=rngs, audio=thinker_audio(config),
-                 ids=config_lib.TokenIds.from_config(config.model.thinker), vision=thinker_vision(config))
+  thinker = Thinker(config_lib.thinker_text(config), rt, rngs=rngs, audio=thinker_audio(config),
+                    ids=config_lib.TokenIds.from_config(config.model.thinker), vision=thinker_vision(config))
+  thinker.loss_layout = LossLayout.from_config(config)  # static: how text_loss applies the LM head
+  return thinker
 
 
 # --------------------------------------------------------------------------------------- converter rules
@@ -238,10 +240,13 @@ def token_stats(logits: jax.Array, batch: Batch, with_accuracy: bool = False) ->
   """Per-modality sums over the label tokens of a batch: loss_sum, count (and correct) as [NUM_KINDS]."""
   valid = label_mask(batch)
   targets = jnp.where(valid, batch["labels"][:, 1:], 0)
-  logits = logits[:, :-1].astype(jnp.float32)
+  return _sums(logits[:, :-1].astype(jnp.float32), targets, valid, batch["kind"][:, 1:], with_accuracy)
+
+
+def _sums(logits, targets, valid, kind, with_accuracy: bool) -> dict:
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
-  onehot = jax.nn.one_hot(batch["kind"][:, 1:], NUM_KINDS, dtype=jnp.float32) * valid[..., None]
+  onehot = jax.nn.one_hot(kind, NUM_KINDS, dtype=jnp.float32) * valid[..., None]
   out = {"loss_sum": jnp.einsum("bl,blk->k", jnp.where(valid, nll, 0.0), onehot),
          "count": jnp.sum(onehot, axis=(0, 1))}
   if with_accuracy:
@@ -250,10 +255,78 @@ def token_stats(logits: jax.Array, batch: Batch, with_accuracy: bool = False) ->
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class LossLayout:
+  """How the LM head meets the labels (config.train; docs/training.md "Memory of the loss").
+
+  chunk: positions per chunk of the head + cross-entropy (0: all at once). Each chunk's float32 logits
+    [B, chunk, V] live only inside a rematerialised scan step, so the step never holds [B, L, V].
+  label_budget: labelled positions per row gathered before the head (0: every position). In SFT data most
+    positions carry no label (the prompt, the media), so the 151,936-wide head runs on the budget only; a
+    batch with a row over budget takes the every-position path instead (lax.cond), so the loss is always exact.
+  """
+  chunk: int = 0
+  label_budget: int = 0
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "LossLayout":
+    t = config.get("train", {})
+    return cls(int(t.get("loss_chunk_size", 0) or 0), int(t.get("label_budget", 0) or 0))
+
+
+def _chunked_sums(head, hidden, targets, valid, kind, chunk: int, with_accuracy: bool) -> dict:
+  """_sums of head(hidden) over chunks of the length axis: [B, T, D] -> sums, never [B, T, V] at once."""
+  b, t = targets.shape
+  if not chunk or chunk >= t:
+    return _sums(head(hidden).astype(jnp.float32), targets, valid, kind, with_accuracy)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  widen = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+  split = lambda x: jnp.moveaxis(widen(x).reshape((b, n, chunk) + x.shape[2:]), 1, 0)  # noqa: E731
+  xs = tuple(split(x) for x in (hidden, targets, valid, kind))
+
+  @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them
+  def one(h, y, m, k):
+    return _sums(head(h).astype(jnp.float32), y, m, k, with_accuracy)
+
+  def body(total, x):
+    return jax.tree.map(jnp.add, total, one(*x)), None
+
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                       jax.eval_shape(one, *(x[0] for x in xs)))
+  return jax.lax.scan(body, zeros, xs)[0]
+
+
+def hidden_token_stats(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLayout,
+                       with_accuracy: bool = False) -> dict:
+  """token_stats from the final hidden states, with the head applied as `layout` says (same sums)."""
+  valid = label_mask(batch)
+  targets = jnp.where(valid, batch["labels"][:, 1:], 0)
+  kind, h = batch["kind"][:, 1:], hidden[:, :-1]
+
+  def every_position():
+    return _chunked_sums(thinker.logits, h, targets, valid, kind, layout.chunk, with_accuracy)
+
+  budget = layout.label_budget
+  if not budget or budget >= valid.shape[1]:
+    return every_position()
+
+  def labelled_only():
+    order = jnp.argsort(~valid, axis=1, stable=True)[:, :budget]  # the labelled positions first, in order
+    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    return _chunked_sums(thinker.logits, take(h), take(targets), take(valid), take(kind), layout.chunk,
+                         with_accuracy)
+
+  fits = jnp.all(jnp.sum(valid, axis=1) <= budget)
+  return jax.lax.cond(fits, labelled_only, every_position)
+
+
 def text_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> dict:
   """The `thinker_text` objective: next-token cross-entropy of the Thinker (deterministic: rng unused)."""
   del rng
-  return token_stats(outputs(model.thinker, batch)["logits"], batch, with_accuracy=evaluate)
+  out = outputs(model.thinker, batch)
+  layout = getattr(model.thinker, "loss_layout", LossLayout())
+  return hidden_token_stats(model.thinker, out["hidden"], batch, layout, with_accuracy=evaluate)
 
 
 def num_labels(batch: Batch) -> jax.Array:
