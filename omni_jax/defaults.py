@@ -27,6 +27,9 @@ SHARDING_RULES = (
     ("conv_width", ()),  # convolution taps
     ("mel", ()),  # mel-spectrogram bins (audio encoder input)
     ("conv_out", ()),  # output channels of a conv whose input channels carry `embed`
+    ("dit_features", ()),  # Token2Wav DiT input features (timestep frequencies, the input concat)
+    ("speaker_channels", ()),  # channels of the DiT's ECAPA-TDNN speaker encoder (small: replicated)
+    ("vocoder_channels", ()),  # BigVGAN channels (omni_jax/models/bigvgan.py): small convs, replicated
 )
 
 
@@ -88,6 +91,10 @@ def training(c: ml_collections.ConfigDict) -> None:
   # Objective name -> weight: the step minimises sum(weight * loss); names come from the towers' entries
   # (omni_jax.towers; the Thinker's next-token loss is "thinker_text"). Weight 0: computed by eval only.
   t.objectives = ml_collections.ConfigDict({"thinker_text": 1.0})
+  # The LM head + cross-entropy (omni_jax.models.thinker_tower.LossLayout): positions per chunk (0: all at
+  # once, [B, L, V] float32 logits) and labelled positions gathered per row before the head (0: every position).
+  t.loss_chunk_size = 0
+  t.label_budget = 0
   t.freeze = ()  # parameter-path regexes (matched from the start, e.g. "thinker.visual"); no optimizer state
   t.log_every = 10
   t.checkpoint_every = 500
