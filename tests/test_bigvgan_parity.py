@@ -1,0 +1,146 @@
+"""BigVGAN (omni_jax/models/bigvgan.py) against transformers' Qwen2_5OmniToken2WavBigVGANModel: the waveform of a
+tiny perturbed vocoder (float32) within 1e-4, the layers it adds to omni_jax.layers against torch, the weight
+table both ways."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from hf_reference import TOKEN2WAV, perturb
+from omni_jax.config import ConfigError, Runtime
+from omni_jax.convert.rules import CheckpointMismatch
+from omni_jax.layers import Conv1d, ConvTranspose1d
+from omni_jax.models import bigvgan
+from omni_jax.token2wav import bigvgan_weights
+
+PREFIX = bigvgan_weights.DISK_PREFIX
+run = nnx.jit(lambda model, mel: model(mel))
+
+
+def _hf_vocoder(seed: int = 0):
+  from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniBigVGANConfig  # noqa: PLC0415
+  from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (  # noqa: PLC0415
+      Qwen2_5OmniToken2WavBigVGANModel)
+
+  torch.manual_seed(seed)
+  model = perturb(Qwen2_5OmniToken2WavBigVGANModel(Qwen2_5OmniBigVGANConfig(**TOKEN2WAV["bigvgan_config"])).eval(),
+                  seed + 1)
+  g = torch.Generator().manual_seed(seed + 2)
+  with torch.no_grad():  # SnakeBeta's log-scale alpha/beta start at 0: move them well away from e^0 = 1
+    for name, p in model.named_parameters():
+      if name.endswith((".alpha", ".beta")):
+        p.add_(0.5 * torch.randn(p.shape, generator=g))
+    model.conv_post.weight.mul_(40.0)  # a waveform spanning much of [-1, 1], so that 1e-4 is a tight bound
+  return model
+
+
+@pytest.fixture(scope="module")
+def pair():
+  hf = _hf_vocoder()
+  state_dict = {PREFIX + k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  ours = bigvgan_weights.from_torch(bigvgan.BigVGANConfig.from_hf(hf.config.to_dict()), state_dict)
+  return hf, ours, state_dict
+
+
+def _mel(frames: int, seed: int) -> np.ndarray:
+  # Natural-log mels spanning the vocoder's clamp: below the -115 dB floor (exp(-11)) up to above its ceiling.
+  return np.random.default_rng(seed).uniform(-13.0, 3.0, size=(2, frames, 80)).astype(np.float32)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("frames", [4, 9])
+def test_waveform_matches_transformers(pair, frames):
+  hf, ours, _ = pair
+  mel = _mel(frames, frames)
+  with torch.no_grad():
+    want = hf(torch.from_numpy(mel.transpose(0, 2, 1))).numpy()
+  got = np.asarray(run(ours, jnp.asarray(mel)))
+  assert got.shape == (2, frames * 240) == want.shape and got.dtype == np.float32
+  assert np.abs(want).max() > 0.3 and np.std(want) > 3e-3 and (np.abs(want) < 1).all()  # a signal, not clamped
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parity
+def test_bfloat16_runtime_is_close(pair):
+  hf, ours, state_dict = pair
+  low = bigvgan_weights.from_torch(ours.cfg, state_dict, Runtime(dtype=jnp.bfloat16))
+  mel = _mel(6, 1)
+  full, half = np.asarray(run(ours, jnp.asarray(mel))), np.asarray(run(low, jnp.asarray(mel)))
+  assert half.dtype == np.float32 and half.shape == full.shape
+  assert 0 < np.abs(half - full).max() < 0.1  # computed in bfloat16 (differs), still the same waveform
+  assert np.corrcoef(half.ravel(), full.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parity
+def test_kaiser_filter_and_resampling_match_transformers():
+  from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as m  # noqa: PLC0415
+
+  for cutoff, width, taps in [(0.25, 0.3, 12), (0.2, 0.1, 9), (0.25, 0.6, 6)]:
+    np.testing.assert_allclose(bigvgan.kaiser_sinc_filter(cutoff, width, taps),
+                               m.kaiser_sinc_filter1d(cutoff, width, taps).numpy().ravel(), atol=1e-7)
+  x = np.random.default_rng(0).normal(size=(2, 11, 3)).astype(np.float32)
+  xt = torch.from_numpy(x.transpose(0, 2, 1))
+  up, down = m.Qwen2_5OmniUpSample1d(2, 12), m.Qwen2_5OmniDownSample1d(2, 12)
+  np.testing.assert_allclose(bigvgan.upsample(jnp.asarray(x)), up(xt).numpy().transpose(0, 2, 1), atol=1e-6)
+  np.testing.assert_allclose(bigvgan.downsample(jnp.asarray(x)), down(xt).numpy().transpose(0, 2, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,length", [(11, 5, 3, 4), (4, 2, 1, 5), (7, 3, 2, 3), (3, 1, 0, 6),
+                                                          (5, 3, 0, 2)])
+def test_conv_transpose_matches_torch(kernel, stride, padding, length):
+  layer = ConvTranspose1d(3, 2, kernel, stride=stride, padding=padding, names=("embed", "conv_out"), rngs=nnx.Rngs(0),
+                          init_std=0.5)
+  layer.bias.value = jnp.asarray([0.3, -0.2])
+  x = np.random.default_rng(1).normal(size=(2, length, 3)).astype(np.float32)
+  ref = torch.nn.ConvTranspose1d(3, 2, kernel, stride=stride, padding=padding)
+  with torch.no_grad():
+    ref.weight.copy_(torch.tensor(np.asarray(layer.kernel[...]).transpose(1, 2, 0)))
+    ref.bias.copy_(torch.tensor([0.3, -0.2]))
+    want = ref(torch.from_numpy(x.transpose(0, 2, 1))).numpy().transpose(0, 2, 1)
+  got = np.asarray(layer(jnp.asarray(x)))
+  assert got.shape == want.shape == (2, (length - 1) * stride - 2 * padding + kernel, 2)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_dilated_conv_matches_torch():
+  layer = Conv1d(3, 4, 5, dilation=3, padding=6, names=("embed", "conv_out"), rngs=nnx.Rngs(0), init_std=0.5)
+  x = np.random.default_rng(2).normal(size=(1, 17, 3)).astype(np.float32)
+  ref = torch.nn.Conv1d(3, 4, 5, dilation=3, padding=6, bias=False)
+  with torch.no_grad():
+    ref.weight.copy_(torch.tensor(np.asarray(layer.kernel[...]).transpose(2, 1, 0)))
+    want = ref(torch.from_numpy(x.transpose(0, 2, 1))).numpy().transpose(0, 2, 1)
+  np.testing.assert_allclose(np.asarray(layer(jnp.asarray(x))), want, atol=1e-5)
+
+
+def test_weights_round_trip_bit_exact(pair):
+  _, ours, state_dict = pair
+  back = bigvgan_weights.to_torch(ours)
+  assert set(back) == set(state_dict)
+  for key, value in state_dict.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+  assert back[PREFIX + "ups.0.0.weight"].shape == (64, 32, 11)  # torch ConvTranspose1d layout [in, out, k]
+  assert back[PREFIX + "conv_post.weight"].shape == (1, 1, 7)
+
+
+def test_weight_mismatch_names_the_tensor(pair):
+  _, ours, state_dict = pair
+  missing = {k: v for k, v in state_dict.items() if not k.endswith("resblocks.4.activations.3.act.beta")}
+  with pytest.raises(CheckpointMismatch, match=r"missing .*resblocks\.4\.activations\.3\.act\.beta"):
+    bigvgan_weights.load_torch(ours, missing)
+  wrong = dict(state_dict, **{PREFIX + "conv_pre.weight": np.zeros((64, 80, 5), np.float32)})
+  with pytest.raises(CheckpointMismatch, match=r"conv_pre\.weight: shape \(64, 80, 5\)"):
+    bigvgan_weights.load_torch(ours, wrong)
+
+
+def test_bad_config_and_input_are_named():
+  with pytest.raises(ConfigError, match=r"config\.vocoder\.upsample_kernel_sizes"):
+    bigvgan.BigVGANConfig.from_hf(dict(upsample_rates=[5, 3], upsample_kernel_sizes=[11]), "vocoder")
+  with pytest.raises(ConfigError, match=r"config\.vocoder\.upsample_initial_channel"):
+    bigvgan.BigVGANConfig.from_hf(dict(upsample_initial_channel=100), "vocoder")
+  cfg = bigvgan.BigVGANConfig(upsample_initial_channel=64)
+  assert cfg.hop_length == 240 and bigvgan.BigVGANConfig().hop_length * 100 == bigvgan.SAMPLE_RATE
+  model = nnx.eval_shape(lambda: bigvgan.BigVGAN(cfg, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=r"\[batch, frames, 80\]"):
+    model(jnp.zeros((1, 80, 4)))
