@@ -304,12 +304,13 @@ def hidden_token_stats(thinker: Thinker, hidden: jax.Array, batch: Batch, layout
   targets = jnp.where(valid, batch["labels"][:, 1:], 0)
   kind, h = batch["kind"][:, 1:], hidden[:, :-1]
 
-  def every_position():
-    return _chunked_sums(thinker.logits, h, targets, valid, kind, layout.chunk, with_accuracy)
-
   budget = layout.label_budget
   if not budget or budget >= valid.shape[1]:
-    return every_position()
+    return _chunked_sums(thinker.logits, h, targets, valid, kind, layout.chunk, with_accuracy)
+
+  def every_position():  # the rare over-budget batch: chunked (budget-sized chunks by default), so that this
+    # branch's buffers (lax.cond allocates both) stay as small as the labelled branch's
+    return _chunked_sums(thinker.logits, h, targets, valid, kind, layout.chunk or budget, with_accuracy)
 
   def labelled_only():
     order = jnp.argsort(~valid, axis=1, stable=True)[:, :budget]  # the labelled positions first, in order
