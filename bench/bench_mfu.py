@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import qwen2_5_omni_3b, tiny  # noqa: E402
-from omni_jax import sharding  # noqa: E402
+from omni_jax import aot, sharding  # noqa: E402
 from omni_jax.train import data as data_lib  # noqa: E402
 from omni_jax.train import metrics as metrics_lib  # noqa: E402
 from omni_jax.train import state as state_lib  # noqa: E402
@@ -46,9 +46,8 @@ def make_config(smoke: bool, seq: int, batch: int, remat: str, media: bool):
     c = qwen2_5_omni_3b.get_config()  # the released encoders at width 2048
     c.model.thinker.text.update(DENSE_1B)
     c.model.dtype = "bfloat16"
-  with c.unlocked():
-    if "talker" in c.model:
-      del c.model["talker"]
+  if "talker" in c.model:  # the Thinker alone (and the Talker's objective with it)
+    c = aot.without_towers(c, ["talker"])
   if smoke:  # special ids inside the small vocabulary (as tests/train_testlib.py's SMALL_IDS)
     c.model.thinker.update(dict(audio_token_id=1, image_token_id=2, video_token_id=3, audio_start_token_id=4,
                                 audio_end_token_id=5, vision_start_token_id=7, vision_end_token_id=8,

@@ -19,17 +19,28 @@ log = logging.getLogger(__name__)
 
 
 def without_towers(config: ml_collections.ConfigDict, names) -> ml_collections.ConfigDict:
-  """A copy of config without the config.model.<name> sections (towers it then does not build)."""
+  """A copy of config without the config.model.<name> sections (towers it then does not build) and without
+  their objectives in config.train.objectives."""
   if not names:
     return config
+  from omni_jax import towers
+  from omni_jax.config import ConfigError
+
+  def objective_names(c):
+    return {o.name for t in towers.built(c) for o in t.objectives}
+
+  before = objective_names(config)
   config = copy.deepcopy(config)
   with config.unlocked():
     for name in names:
-      if name not in config.model or name in ("thinker",):
-        from omni_jax.config import ConfigError
-
+      if name not in config.model or name == "thinker":
         raise ConfigError(f"--without={name}: config.model has no removable tower {name!r}")
       del config.model[name]
+    gone = before - objective_names(config)
+    objectives = config.train.get("objectives", None)
+    for name in gone:
+      if objectives is not None and name in objectives:
+        del objectives[name]
   return config
 
 

@@ -100,6 +100,7 @@ class _Instr:
   op: str
   operands: list
   rest: str
+  root: bool = False
 
 
 _SKIP_BYTES = ("parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "conditional", "call",
@@ -196,6 +197,45 @@ def _valid_taps(in_size: int, out_size: int, size: int, stride: int, low: int, l
   return count
 
 
+def _moved_bytes(ins: _Instr, shapes: dict, computations: dict) -> float:
+  """HBM bytes an unfused instruction reads and writes. In-place updates and slices of a big buffer (a scan's
+  stacked weights and residuals) touch only the slice: a dynamic-update-slice writes its update, a
+  dynamic-slice reads its result's size, also when they sit inside a fusion (per fused parameter / root)."""
+  size = lambda name: float(sum(array_bytes(shapes.get(name, ""))))  # noqa: E731
+  if ins.op == "dynamic-update-slice" and len(ins.operands) > 1:
+    return 2 * size(ins.operands[1])
+  if ins.op == "dynamic-slice":
+    return 2 * float(sum(array_bytes(ins.shape)))
+  out = float(sum(array_bytes(ins.shape)))
+  callee = re.search(r"calls=%?([\w.\-]+)", ins.rest) if ins.op == "fusion" else None
+  body = computations.get(callee.group(1)) if callee else None
+  if not body:
+    return out + sum(size(o) for o in ins.operands)
+  inner = {i.name: i for i in body}
+  params = {}
+  for i in body:
+    if i.op == "parameter":
+      m = re.match(r"^(\d+)\)", i.rest)
+      if m:
+        params[int(m.group(1))] = i.name
+  root = next((i for i in body if i.root), None)
+  in_place = set()
+  if root is not None and root.op == "dynamic-update-slice" and len(root.operands) > 1:
+    out = 2 * float(sum(array_bytes(inner[root.operands[1]].shape))) if root.operands[1] in inner else out
+    in_place.add(root.operands[0])
+  total = out
+  for k, operand in enumerate(ins.operands):
+    param = params.get(k)
+    users = [i for i in body if param is not None and param in i.operands]
+    if param in in_place:
+      continue
+    if users and all(u.op == "dynamic-slice" and u.operands[0] == param for u in users):
+      total += sum(float(sum(array_bytes(u.shape))) for u in users)
+    else:
+      total += size(operand)
+  return total
+
+
 def parse(text: str, num_devices: int) -> Program:
   computations = collections.OrderedDict()  # name -> [_Instr]
   entry, current = None, None
@@ -213,7 +253,7 @@ def parse(text: str, num_devices: int) -> Program:
     m = _INSTR.match(line)
     if m:
       name, shape, op, rest = m.groups()
-      computations[current].append(_Instr(name, shape, op, _operands(rest), rest))
+      computations[current].append(_Instr(name, shape, op, _operands(rest), rest, line.lstrip().startswith("ROOT")))
 
   def trip_count(ins: _Instr) -> int:
     """XLA's known_trip_count, else `i < N` in the condition with i's step read off the body (XLA unrolls
@@ -285,7 +325,7 @@ def parse(text: str, num_devices: int) -> Program:
       if n and ins.op in ("dot", "convolution"):
         flops += n * _matmul_flops(ins, shapes)
       if n and comp in unfused and ins.op not in _SKIP_BYTES and not ins.op.endswith("-done"):
-        moved += n * (sum(sizes) + sum(sum(array_bytes(shapes.get(o, ""))) for o in ins.operands))
+        moved += n * _moved_bytes(ins, shapes, computations)
       if sizes and ins.op not in _SKIP_BYTES:
         name = _OP_NAME.search(ins.rest)
         values.append(Value(sum(sizes), ins.shape.split("{")[0] if "(" not in ins.shape else ins.shape[:120],
