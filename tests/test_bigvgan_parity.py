@@ -2,6 +2,7 @@
 tiny perturbed vocoder (float32) within 1e-4, the layers it adds to omni_jax.layers against torch, the weight
 table both ways."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from flax import nnx
 
 from hf_reference import TOKEN2WAV, perturb
+from omni_jax import defaults, sharding
 from omni_jax.config import ConfigError, Runtime
 from omni_jax.convert.rules import CheckpointMismatch
 from omni_jax.layers import Conv1d, ConvTranspose1d
@@ -132,6 +134,17 @@ def test_weight_mismatch_names_the_tensor(pair):
   wrong = dict(state_dict, **{PREFIX + "conv_pre.weight": np.zeros((64, 80, 5), np.float32)})
   with pytest.raises(CheckpointMismatch, match=r"conv_pre\.weight: shape \(64, 80, 5\)"):
     bigvgan_weights.load_torch(ours, wrong)
+
+
+def test_every_parameter_has_logical_names_in_the_rule_table(pair):
+  _, ours, _ = pair
+  table = dict(defaults.SHARDING_RULES)
+  for path, var in nnx.state(ours, nnx.Param).flat_state():
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == len(var.shape), path
+    assert all(n is None or n in table for n in names), (path, names)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, context=1, tensor=1), jax.devices()[:1])
+  sharding.state_specs(nnx.state(ours, nnx.Param), mesh, defaults.SHARDING_RULES)  # strict: unknown names raise
 
 
 def test_bad_config_and_input_are_named():
