@@ -134,6 +134,27 @@ class _TalkerDone(Exception):
   pass
 
 
+def keep_talker_mask(talker):
+  """Make transformers' Talker see its attention mask in generate; returns the hook handle (.remove()).
+
+  transformers 5.24's generate drops an all-ones attention mask (generation/utils.py: `attention_mask == 1`
+  .all() -> None), i.e. whenever no row is padded (always at batch 1). The Talker's forward keys its prefill on
+  the mask: without it, it neither adds the codec pad / bos embeddings to the last two prefill rows nor computes
+  TMRoPE positions (spec §7.2), so batch-1 speech differs from the same row in a padded batch. The hook puts an
+  all-ones mask back, so the reference builds the sequence its own pipeline intends.
+  """
+
+  def hook(module, args, kwargs):
+    if kwargs.get("attention_mask") is None:
+      x = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+      cache = kwargs.get("cache", kwargs.get("past_key_values"))
+      past = cache.get_seq_length() if cache is not None else 0
+      kwargs["attention_mask"] = torch.ones((x.shape[0], past + x.shape[1]), dtype=torch.long)
+    return args, kwargs
+
+  return talker.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def hf_speech(model, input_ids, attention_mask, *, thinker_max_new_tokens: int, talker_max_new_tokens: int,
               talker_eos_token_id, speaker: str = "Chelsie", **kw) -> dict:
   """transformers' full greedy pipeline up to the Talker (Token2Wav is not run): thinker sequences, the
@@ -155,6 +176,7 @@ def hf_speech(model, input_ids, attention_mask, *, thinker_max_new_tokens: int, 
     raise _TalkerDone
 
   model.talker.generate, model.thinker.generate = hook, thinker_hook
+  mask_hook = keep_talker_mask(model.talker)
   try:
     with torch.no_grad():
       model.generate(input_ids=input_ids, attention_mask=attention_mask, speaker=speaker,
@@ -165,6 +187,7 @@ def hf_speech(model, input_ids, attention_mask, *, thinker_max_new_tokens: int, 
     pass
   finally:
     model.talker.generate, model.thinker.generate = original, thinker_generate
+    mask_hook.remove()
   prompt_len = captured["input_ids"].shape[1]
   captured["codes"] = captured["sequences"][:, prompt_len:].numpy()
   return captured

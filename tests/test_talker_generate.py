@@ -85,8 +85,10 @@ def test_greedy_codes_equal_transformers(omni, rows):
   thinker = generator.generate(prompt, max_new_tokens=8, sampling=SamplingParams())
   # transformers stops when every row has stopped; our rows then hold pad to max_new_tokens.
   np.testing.assert_array_equal(thinker.tokens[:, :hf["thinker_tokens"].shape[1]], hf["thinker_tokens"])
-  out = speech.generate(prompt, thinker.tokens, max_new_tokens=16, sampling=SamplingParams(repetition_penalty=1.05))
+  out = speech.generate(prompt, thinker.tokens, max_new_tokens=16, sampling=SamplingParams(repetition_penalty=1.05),
+                        return_logits=True)
   hf_codes = hf["codes"]
+  np.testing.assert_allclose(out.logits[:, :hf_codes.shape[1]], hf["logits"].numpy(), atol=1e-4, rtol=0)
   np.testing.assert_array_equal(out.codes[:, :hf_codes.shape[1]], hf_codes)
   # transformers' cut: the codes before the first stop id (codec pad or end).
   stop = np.isin(hf_codes, (PAD, end))

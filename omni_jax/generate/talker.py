@@ -123,11 +123,12 @@ class SpeechGenerator:
   def generate(self, prompt: Mapping[str, Any], tokens: np.ndarray, *, speaker=None,
                max_new_tokens: Optional[int] = None, sampling: Optional[SamplingParams] = None,
                seed: Optional[int] = None, eos_token_ids: Optional[Sequence[int]] = None,
-               return_logits: bool = False) -> SpeechOutput:
+               stop_ids: Optional[Sequence[int]] = None, return_logits: bool = False) -> SpeechOutput:
     """Speech codes for the Thinker's replies `tokens` [B, N] (pad after a row's stop id) to `prompt` (the
     left-padded batch they were generated from). speaker: a name of config.model.talker.speakers, one per row,
     or None (default_speaker). eos_token_ids: the Thinker's stop ids (default: its config's), which end each
-    row's text track (transformers' batched first-eos rule)."""
+    row's text track (transformers' batched first-eos rule). stop_ids: the codes that end a row (default codec
+    pad and end; () runs every row to max_new_tokens, e.g. to benchmark)."""
     d = self.defaults
     max_new_tokens = int(d["max_new_tokens"] if max_new_tokens is None else max_new_tokens)
     if max_new_tokens < 1:
@@ -139,12 +140,13 @@ class SpeechGenerator:
     batch = inputs_lib.speech_batch(prompt, tokens, self.cfg, self.speaker_tokens(speaker, tokens.shape[0]), eos)
     prompt_len = prompt["input_ids"].shape[1]
     cache_dtype = config_lib.dtype_of(self.cache_dtype, "generate.cache_dtype") if self.cache_dtype else None
+    stop_ids = self.stop_ids if stop_ids is None else tuple(int(i) for i in stop_ids)
     program = self._program(
-        batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=self.stop_ids,
+        batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids or (-1,),
         pad_id=self.cfg.tts_codec_pad_token_id, suppress=(self.cfg.tts_codec_start_token_id,),
         cache_len=prompt_len + 2 + max_new_tokens, cache_dtype=cache_dtype, return_logits=return_logits)
     seed = int(d.get("seed", 0) if seed is None else seed)
     codes, counts, logits = program(self.params, batch, jax.random.key_data(jax.random.key(seed)))
     codes, counts = np.asarray(codes), np.asarray(counts)
-    stopped = np.isin(codes[np.arange(len(counts)), np.maximum(counts - 1, 0)], self.stop_ids)
+    stopped = np.isin(codes[np.arange(len(counts)), np.maximum(counts - 1, 0)], stop_ids)
     return SpeechOutput(codes, counts - stopped.astype(counts.dtype), np.asarray(logits) if return_logits else None)
