@@ -2,6 +2,8 @@
 tiny perturbed vocoder (float32) within 1e-4, the layers it adds to omni_jax.layers against torch, the weight
 table both ways."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,13 +149,32 @@ def test_every_parameter_has_logical_names_in_the_rule_table(pair):
   sharding.state_specs(nnx.state(ours, nnx.Param), mesh, defaults.SHARDING_RULES)  # strict: unknown names raise
 
 
-def test_bad_config_and_input_are_named():
+def test_bad_config_and_input_are_named(pair):
   with pytest.raises(ConfigError, match=r"config\.vocoder\.upsample_kernel_sizes"):
     bigvgan.BigVGANConfig.from_hf(dict(upsample_rates=[5, 3], upsample_kernel_sizes=[11]), "vocoder")
   with pytest.raises(ConfigError, match=r"config\.vocoder\.upsample_initial_channel"):
     bigvgan.BigVGANConfig.from_hf(dict(upsample_initial_channel=100), "vocoder")
   cfg = bigvgan.BigVGANConfig(upsample_initial_channel=64)
   assert cfg.hop_length == 240 and bigvgan.BigVGANConfig().hop_length * 100 == bigvgan.SAMPLE_RATE
-  model = nnx.eval_shape(lambda: bigvgan.BigVGAN(cfg, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r"\[batch, frames, 80\]"):
-    model(jnp.zeros((1, 80, 4)))
+    pair[1](jnp.zeros((1, 80, 4)))
+
+
+def test_released_size_layout_matches_transformers_state_dict():
+  """The 7B vocoder (config defaults): our parameters map onto exactly transformers' tensor names and shapes
+  (both built without weights: ours abstract, theirs on torch's meta device)."""
+  from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniBigVGANConfig  # noqa: PLC0415
+  from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (  # noqa: PLC0415
+      Qwen2_5OmniToken2WavBigVGANModel)
+
+  with torch.device("meta"):
+    hf = Qwen2_5OmniToken2WavBigVGANModel(Qwen2_5OmniBigVGANConfig())
+  want = {PREFIX + k: tuple(v.shape) for k, v in hf.state_dict().items()}
+  abstract = nnx.eval_shape(lambda: bigvgan.BigVGAN(bigvgan.BigVGANConfig(), rngs=nnx.Rngs(0)))
+  got = {}
+  for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    name = ".".join(str(p) for p in path)
+    rule = next(r for r in bigvgan_weights.RULES if re.fullmatch(r.ours, name))
+    got[re.sub(rule.ours, rule.disk, name)] = rule.to_disk(np.broadcast_to(np.float32(0), var.shape)).shape
+  assert got == want
+  assert want[PREFIX + "ups.0.0.weight"] == (1536, 768, 11) and len(want) == 2 + 12 + 18 * 24 + 3

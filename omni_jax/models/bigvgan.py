@@ -99,7 +99,9 @@ def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> np
   window = np.kaiser(kernel_size, beta)  # symmetric, as torch.kaiser_window(periodic=False)
   n = np.arange(-half, half) + 0.5 if kernel_size % 2 == 0 else np.arange(kernel_size) - half
   taps = 2 * cutoff * window * np.sinc(2 * cutoff * n)
-  return (taps / taps.sum()).astype(np.float32)
+  out = (taps / taps.sum()).astype(np.float32)
+  out.flags.writeable = False  # cached: shared by every call
+  return out
 
 
 def _depthwise(x: jax.Array, taps: np.ndarray, *, stride: int = 1, lhs_dilation: int = 1,
