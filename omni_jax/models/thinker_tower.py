@@ -240,10 +240,11 @@ def token_stats(logits: jax.Array, batch: Batch, with_accuracy: bool = False) ->
   """Per-modality sums over the label tokens of a batch: loss_sum, count (and correct) as [NUM_KINDS]."""
   valid = label_mask(batch)
   targets = jnp.where(valid, batch["labels"][:, 1:], 0)
-  return _sums(logits[:, :-1].astype(jnp.float32), targets, valid, batch["kind"][:, 1:], with_accuracy)
+  return per_kind_sums(logits[:, :-1].astype(jnp.float32), targets, valid, batch["kind"][:, 1:], with_accuracy)
 
 
-def _sums(logits, targets, valid, kind, with_accuracy: bool) -> dict:
+def per_kind_sums(logits, targets, valid, kind, with_accuracy: bool = False) -> dict:
+  """Cross-entropy sums (and argmax hits) of valid targets per modality `kind`: the objectives' sum format."""
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
   onehot = jax.nn.one_hot(kind, NUM_KINDS, dtype=jnp.float32) * valid[..., None]
@@ -278,7 +279,7 @@ def _chunked_sums(head, hidden, targets, valid, kind, chunk: int, with_accuracy:
   """_sums of head(hidden) over chunks of the length axis: [B, T, D] -> sums, never [B, T, V] at once."""
   b, t = targets.shape
   if not chunk or chunk >= t:
-    return _sums(head(hidden).astype(jnp.float32), targets, valid, kind, with_accuracy)
+    return per_kind_sums(head(hidden).astype(jnp.float32), targets, valid, kind, with_accuracy)
   n = -(-t // chunk)
   pad = n * chunk - t
   widen = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
@@ -287,7 +288,7 @@ def _chunked_sums(head, hidden, targets, valid, kind, chunk: int, with_accuracy:
 
   @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them
   def one(h, y, m, k):
-    return _sums(head(h).astype(jnp.float32), y, m, k, with_accuracy)
+    return per_kind_sums(head(h).astype(jnp.float32), y, m, k, with_accuracy)
 
   def body(total, x):
     return jax.tree.map(jnp.add, total, one(*x)), None

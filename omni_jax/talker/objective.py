@@ -30,16 +30,19 @@ def talker_inputs(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
   thinker, talker = model.thinker, model.talker
   out = thinker_tower.outputs(thinker, batch)
   ids = thinker.ids
-  embeds = zero_media_rows(out["embeds"], batch["input_ids"],
-                           (ids.audio_token_id, ids.image_token_id, ids.video_token_id))
-  track = out["hidden"].astype(jnp.float32) + embeds.astype(jnp.float32)
+  embeds = out["embeds"].astype(jnp.float32)
+  zeroed = zero_media_rows(embeds, batch["input_ids"], (ids.audio_token_id, ids.image_token_id, ids.video_token_id))
+  hidden = out["hidden"].astype(jnp.float32)
   text_ids = batch["talker_text_id"]
   bare = thinker.embed(jnp.clip(text_ids, 0)).astype(jnp.float32)
   if not talker.cfg.thinker_gradient:
-    track, bare = jax.lax.stop_gradient(track), jax.lax.stop_gradient(bare)
+    hidden, embeds, zeroed, bare = (jax.lax.stop_gradient(x) for x in (hidden, embeds, zeroed, bare))
   src = batch["talker_text_src"]
-  text = jnp.where((src != NONE)[..., None], _take_rows(track, src),
-                   jnp.where((text_ids != NONE)[..., None], bare, 0.0))
+  # Media rows are zeroed in the prompt only (offset 0); a reply row keeps its embedding whatever its id, as
+  # transformers does (it zeroes the prompt's input embeddings, not the generated tokens').
+  prompt_row = (batch["talker_offset"] == 0)[..., None]
+  track = _take_rows(hidden, src) + jnp.where(prompt_row, _take_rows(zeroed, src), _take_rows(embeds, src))
+  text = jnp.where((src != NONE)[..., None], track, jnp.where((text_ids != NONE)[..., None], bare, 0.0))
   codes_in = batch["talker_codes_in"]
   codec = jnp.where((codes_in != NONE)[..., None], talker.codec_embed(jnp.clip(codes_in, 0)).astype(jnp.float32),
                     0.0)
@@ -58,16 +61,8 @@ def code_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> di
   logits = model.talker(x, positions, batch["talker_segment_ids"])
   labels = batch["talker_labels"]
   valid = labels != batch_lib.IGNORE
-  targets = jnp.where(valid, labels, 0)
-  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   kind = _take_rows(batch["kind"][..., None], batch["talker_anchor"])[..., 0]  # the sample's modality
-  onehot = jax.nn.one_hot(kind, len(batch_lib.KINDS), dtype=jnp.float32) * valid[..., None]
-  out = {"loss_sum": jnp.einsum("bt,btk->k", jnp.where(valid, nll, 0.0), onehot),
-         "count": jnp.sum(onehot, axis=(0, 1))}
-  if evaluate:
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    out["correct"] = jnp.einsum("bt,btk->k", correct, onehot)
-  return out
+  return thinker_tower.per_kind_sums(logits, jnp.where(valid, labels, 0), valid, kind, evaluate)
 
 
 def num_codes(batch: Batch) -> jax.Array:
