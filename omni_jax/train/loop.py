@@ -28,6 +28,7 @@ from omni_jax import sharding, towers
 from omni_jax.evaluate import loss as eval_lib
 from omni_jax.evaluate import run as eval_run
 from omni_jax.evaluate.tasks import loss as loss_task
+from omni_jax.talker import targets as talker_targets
 from omni_jax.train import data as data_lib
 from omni_jax.train import metrics as metrics_lib
 from omni_jax.train import state as state_lib
@@ -128,7 +129,15 @@ def _initial_state(setup: state_lib.Setup, ckpt: checkpoint.TrainCheckpointer, i
     return state_lib.TrainState(params=params, **train)
   if init_from:
     path = checkpoint.params_dir(init_from)
-    params = checkpoint.restore_pure(path, setup.abstract_with_shardings().params)
+    target = setup.abstract_with_shardings().params
+    # A tower the checkpoint does not hold (a Talker added to a converted Thinker) starts from scratch.
+    stored = {k.split(".")[0] for k in checkpoint.stored_tree(os.path.join(path, "params"))}
+    absent = sorted(k for k in target if k not in stored)
+    params = checkpoint.restore_pure(path, {k: v for k, v in target.items() if k not in absent})
+    if absent:
+      log.warning("%s holds no %s parameters: initialised from scratch", path, ", ".join(absent))
+      fresh = setup.init().params
+      params = {**params, **{k: fresh[k] for k in absent}}
     log.info("initialised parameters from %s", path)
     return setup.init(params)
   return setup.init()
@@ -175,6 +184,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get("init_from"):
     config = checkpoint.adopt_model_config(config, checkpoint.params_dir(config.init_from))
   towers.validate(config)
+  # One speech-unit set per run: the codes index, the config and the checkpoint resumed or started from agree.
+  talker_targets.settle_units(config, workdir)
   t = config.train
   primary = jax.process_index() == 0
 
