@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The two commands of the README; each sets up the project-local virtual environment (.venv) if needed.
-#   bash run.sh main   train the tiny model on the embedded demo corpus, then evaluate it
+#   bash run.sh main   train the tiny model on the embedded demo corpus, evaluate it, ask it
 #   bash run.sh test   run the test suite (what CI runs)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -41,16 +41,27 @@ case "${1:-}" in
   main)
     setup ""
     workdir="${WORKDIR:-workdirs/tiny_demo}"
-    # 60 steps keep the demo to a few minutes on 2 CPU cores (~5 s/step with media); drop the step override
-    # for the config's full 200-step run. One grain worker decodes media while the step computes.
-    demo=(--config configs/tiny.py --config.data.source=demo --config.data.worker_count=1)
-    .venv/bin/python train.py "${demo[@]}" --workdir "$workdir" --config.train.steps=60 \
-      --config.train.eval_every=30 --config.train.checkpoint_every=30
+    # configs/demo.py: the tiny model on the demo corpus for 200 steps, evaluated untrained (step 0), at step 100
+    # and at the end (held-out loss + spoken digits); one grain worker decodes media while the step computes.
+    demo=(--config configs/demo.py --config.data.source=demo --config.data.worker_count=1)
+    # Speech units for the Talker: k-means over the tiny Thinker's own audio tower (its seeded init, the weights
+    # training starts from), fitted once on the spoken replies; every spoken reply encoded into a codes index.
+    corpus="$HOME/.cache/omni_jax/demo_corpus"
+    .venv/bin/python -c 'from data import demo_corpus; demo_corpus.ensure()'
+    units="$workdir/units"
+    [ -f "$units/units.json" ] || .venv/bin/python -m omni_jax.units fit --config configs/demo.py \
+      --data "$corpus/jsonl/speech.train.jsonl" --vocab_size 64 --out "$units"
+    .venv/bin/python -m omni_jax.units encode --units "$units" --data "$corpus/jsonl/speech.*.jsonl" \
+      --out "$units/codes.json"
+    demo+=(--config.data.speech_codes="$units/codes.json")
+    .venv/bin/python train.py "${demo[@]}" --workdir "$workdir"
+    # Every evaluator on the last checkpoint; the table sets it beside the untrained step 0, then one reply per
+    # modality to a held-out prompt.
     .venv/bin/python eval.py "${demo[@]}" --checkpoint "$workdir"
-    # Ask the trained model about a held-out English clip of the demo corpus (the reply streams).
-    clip=$(ls "$HOME"/.cache/omni_jax/demo_corpus/media/asr/audioeval_en_*.wav 2>/dev/null | head -n 1)
-    .venv/bin/python generate.py --checkpoint "$workdir" --prompt "Transcribe the audio." \
-      ${clip:+--audio "$clip"} --max_new_tokens 32 --greedy
+    # Ask the trained model about a held-out clip: a digit spoken by a voice it never heard (the reply streams).
+    clip=$(ls "$HOME"/.cache/omni_jax/demo_corpus/media/digits/digit7_en-US-nyc_0.wav 2>/dev/null | head -n 1)
+    .venv/bin/python generate.py --checkpoint "$workdir" --prompt "Which digit is spoken?" \
+      ${clip:+--audio "$clip"} --max_new_tokens 8 --greedy
     ;;
   test)
     setup test,tpu  # tpu: libtpu for the AOT compile tests (tests/test_aot.py)
