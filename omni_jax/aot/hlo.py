@@ -289,47 +289,65 @@ def parse(text: str, num_devices: int) -> Program:
             step = max(1, int(v.group(1)))
     return max(1, -(-int(bound.group(1)) // step))
 
-  runs, unfused = collections.Counter(), set()
+  memo: dict = {}
 
-  def visit(name: str, times: int, top_level: bool, depth: int = 0):
-    if name not in computations or depth > 64:
-      return
-    runs[name] += times
-    if top_level:
-      unfused.add(name)
-    for ins in computations[name]:
-      trips = trip_count(ins) if ins.op == "while" else 1
-      for kind, callee in _CALLEE.findall(ins.rest):
-        looped = kind in ("body", "condition")
-        visit(callee, times * (trips if looped else 1), top_level and (looped or ins.op in ("call", "async-start")),
-              depth + 1)
-      for group in _BRANCHES.findall(ins.rest):
-        for c in group.split(","):
-          if c.strip():
-            visit(c.strip().lstrip("%"), times, top_level, depth + 1)
-
-  if entry is not None:
-    visit(entry, 1, True)
-  colls, values, flops, moved = [], [], 0.0, 0.0
-  for comp, instrs in computations.items():
-    n = runs.get(comp, 0)
+  def cost(name: str, top_level: bool, depth: int = 0) -> tuple[float, float, list]:
+    """(FLOPs, bytes, [(Collective, runs)]) of one execution of a computation, callees included: a while
+    body times its trip count, a conditional's most expensive branch (the report is a bound). Bytes count
+    in unfused computations only (a fusion's are its instruction's operands and result)."""
+    key = (name, top_level)
+    if key in memo:
+      return memo[key]
+    memo[key] = (0.0, 0.0, [])  # recursion guard
+    instrs = computations.get(name, ())
     shapes = {i.name: i.shape for i in instrs}
+    flops, moved, colls = 0.0, 0.0, []
     for ins in instrs:
       sizes = array_bytes(ins.shape)
       base = ins.op[:-len("-start")] if ins.op.endswith("-start") else ins.op
-      if n and base in COLLECTIVES and sizes:
-        name = _OP_NAME.search(ins.rest)
+      if base in COLLECTIVES and sizes:
+        op_name = _OP_NAME.search(ins.rest)
         # Async starts return (operands..., results...): the largest array is the moved buffer.
-        colls.append(Collective(base, max(sizes) if ins.op.endswith("-start") else sum(sizes),
-                                _group_size(ins.rest, num_devices), n, name.group(1) if name else ""))
-      if n and ins.op in ("dot", "convolution"):
-        flops += n * _matmul_flops(ins, shapes)
-      if n and comp in unfused and ins.op not in _SKIP_BYTES and not ins.op.endswith("-done"):
-        moved += n * _moved_bytes(ins, shapes, computations)
+        colls.append((Collective(base, max(sizes) if ins.op.endswith("-start") else sum(sizes),
+                                 _group_size(ins.rest, num_devices), 1, op_name.group(1) if op_name else ""), 1))
+      if ins.op in ("dot", "convolution"):
+        flops += _matmul_flops(ins, shapes)
+      if top_level and ins.op not in _SKIP_BYTES and not ins.op.endswith("-done"):
+        moved += _moved_bytes(ins, shapes, computations)
+      if depth > 64:
+        continue
+      branches = [c.strip().lstrip("%") for g in _BRANCHES.findall(ins.rest) for c in g.split(",") if c.strip()]
+      callees = []
+      for kind, callee in _CALLEE.findall(ins.rest):
+        if kind in ("true_computation", "false_computation"):
+          branches.append(callee)
+        elif kind == "body":
+          callees.append((callee, trip_count(ins), top_level))
+        elif kind == "calls":
+          callees.append((callee, 1, top_level and ins.op in ("call", "async-start")))
+      for callee, times, top in callees:
+        f, b, c = cost(callee, top, depth + 1)
+        flops, moved = flops + times * f, moved + times * b
+        colls.extend((x, r * times) for x, r in c)
+      if branches:
+        f, b, c = max((cost(br, top_level, depth + 1) for br in branches), key=lambda t: (t[0], t[1]))
+        flops, moved = flops + f, moved + b
+        colls.extend(c)
+    memo[key] = (flops, moved, colls)
+    return memo[key]
+
+  flops, moved, pairs = cost(entry, True) if entry is not None else (0.0, 0.0, [])
+  colls = []
+  for c, runs in pairs:
+    colls.append(dataclasses.replace(c, runs=runs))
+  values = []
+  for comp, instrs in computations.items():
+    for ins in instrs:
+      sizes = array_bytes(ins.shape)
       if sizes and ins.op not in _SKIP_BYTES:
-        name = _OP_NAME.search(ins.rest)
+        op_name = _OP_NAME.search(ins.rest)
         values.append(Value(sum(sizes), ins.shape.split("{")[0] if "(" not in ins.shape else ins.shape[:120],
-                            ins.op, name.group(1) if name else "", comp))
+                            ins.op, op_name.group(1) if op_name else "", comp))
   return Program(colls, values, flops, moved)
 
 
