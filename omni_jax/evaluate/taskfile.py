@@ -20,14 +20,15 @@ import os
 from typing import Optional, Sequence
 
 from omni_jax import batch as batch_lib
+from omni_jax.config import ConfigError
 from omni_jax.input import preprocess
 from omni_jax.input import sources
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-class TaskFileError(ValueError):
-  """A task file or line that cannot be read; the message names the file and line."""
+class TaskFileError(ConfigError):
+  """A task file or line that cannot be read (config.eval.files); the message names the file and line."""
 
 
 @dataclasses.dataclass

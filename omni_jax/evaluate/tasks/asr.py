@@ -11,6 +11,7 @@ import numpy as np
 
 from omni_jax.evaluate import normalize
 from omni_jax.evaluate import registry
+from omni_jax.evaluate import taskfile
 from omni_jax.evaluate.tasks import common
 
 
@@ -33,7 +34,7 @@ class Asr:
     self.items = common.items(ctx, "asr")
     bad = [i for i in self.items if not i.references]
     if bad:
-      raise ValueError(f"asr task item {bad[0].id!r} ({bad[0].task}) has no reference transcript")
+      raise taskfile.TaskFileError(f"asr task item {bad[0].id!r} ({bad[0].task}) has no reference transcript")
     self.max_new_tokens = common.max_new_tokens(ctx, "asr", 48)
 
   def __call__(self, params) -> registry.Scores:

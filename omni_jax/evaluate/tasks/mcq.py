@@ -62,7 +62,7 @@ class MultipleChoice:
     self.items = common.items(ctx, "mcq")
     bad = [i for i in self.items if len(i.choices) < 2 or i.answer is None]
     if bad:
-      raise ValueError(f"mcq task item {bad[0].id!r} ({bad[0].task}) needs `choices` (two or more) and `answer`")
+      raise taskfile.TaskFileError(f"mcq task item {bad[0].id!r} ({bad[0].task}) needs `choices` (two or more) and `answer`")
     self.prompts = [prompt(i) for i in self.items]
     self.max_new_tokens = common.max_new_tokens(ctx, "mcq", 8)
 

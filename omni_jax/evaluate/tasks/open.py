@@ -12,6 +12,7 @@ import sacrebleu
 
 from omni_jax.evaluate import normalize
 from omni_jax.evaluate import registry
+from omni_jax.evaluate import taskfile
 from omni_jax.evaluate.tasks import common
 
 
@@ -31,7 +32,7 @@ class OpenAnswers:
     self.items = common.items(ctx, "open")
     bad = [i for i in self.items if not i.references]
     if bad:
-      raise ValueError(f"open task item {bad[0].id!r} ({bad[0].task}) has no `references`")
+      raise taskfile.TaskFileError(f"open task item {bad[0].id!r} ({bad[0].task}) has no `references`")
     self.max_new_tokens = common.max_new_tokens(ctx, "open", 48)
 
   def __call__(self, params) -> registry.Scores:
