@@ -193,3 +193,21 @@ def test_inference_inputs_equal_the_training_layout(omni):
   inference, teacher, decoded, full = both(state, batch, train)
   np.testing.assert_allclose(np.asarray(inference[:, :-1]), np.asarray(teacher[:, :-1]), atol=1e-6, rtol=0)
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), atol=TOL, rtol=0)
+
+
+def test_media_ids_are_zeroed_in_the_prompt_only(omni):
+  """transformers zeroes the input embeddings of the prompt's media placeholders, not those of generated ids
+  (a random Thinker may emit a placeholder id): the reply row keeps H + E."""
+  _, config, graphdef, state = omni("gqa")
+  model = nnx.merge(graphdef, state)
+  speech = _generators(config, graphdef, state)[1]
+  ids = np.array([[11, 12, 3, 13, 14]], np.int32)  # a VIDEO id in the prompt (no video given) ...
+  reply = np.array([[15, 3, 16, 17]], np.int32)  # ... and in the reply
+  batch = inputs_lib.speech_batch(dict(input_ids=ids, segment_ids=np.ones_like(ids)), reply, speech.cfg, [150], ())
+  pre = inputs_lib.prefill_inputs(model, batch, 5)
+  full = np.concatenate([ids, reply], axis=1)
+  hidden = model.thinker(jnp.asarray(full), pre["positions"][:, :, :1] * 0 + jnp.arange(9), jnp.ones((1, 9), jnp.int32),
+                         return_hidden=True)[1]
+  embeds = model.thinker.embed(jnp.asarray(full))
+  np.testing.assert_allclose(np.asarray(pre["inputs"][0, 2]), np.asarray(hidden[0, 2]), atol=1e-6)  # zeroed E
+  np.testing.assert_allclose(np.asarray(pre["queue"][0, 1]), np.asarray(hidden[0, 6] + embeds[0, 6]), atol=1e-6)
