@@ -208,16 +208,18 @@ def test_orbax_dir_accepts_workdirs_and_step_dirs(hf_dir, tmp_path, caplog):
 
 
 @pytest.mark.parametrize("what", ["missing", "empty", "no_config"])
-def test_bad_orbax_dir_fails_with_one_line_naming_it(hf_dir, tmp_path, what):
+def test_bad_orbax_dir_fails_with_one_line_naming_it(hf_dir, tmp_path, what, capsys):
   bad = tmp_path / "bad"
   if what == "empty":
     bad.mkdir()
   elif what == "no_config":
     config, state = _tiny_state(hf_dir)
     checkpoint.save_params(str(bad), state)  # params/ without config.json
+  capsys.readouterr()
   with pytest.raises(SystemExit) as e:
     cli.main(["--orbax_dir", str(bad), "--out_dir", str(tmp_path / "out")])
-  message = str(e.value.code)
+  assert e.value.code == 2  # omni_jax.cli.user_errors: one line on stderr, exit status 2
+  message = capsys.readouterr().err.strip()
   assert message.startswith("error: " + str(bad)) and "\n" not in message
   assert ("no config.json" in message) == (what == "no_config")
   assert not (tmp_path / "out").exists()
