@@ -30,15 +30,15 @@ def chips_of(topology: str) -> int:
   return n
 
 
-def row_key(model, seq, remat, topology, talker):
-  return f"{model}|{seq}|{remat}|{topology}|{int(talker)}"
+def row_key(model, seq, remat, topology, talker, extra=""):
+  return f"{model}|{seq}|{remat}|{topology}|{int(talker)}" + (f"|{extra}" if extra else "")
 
 
-def compile_row(model, seq, remat, topology, talker, timeout):
+def compile_row(model, seq, remat, topology, talker, timeout, extra=""):
   chips = chips_of(topology)
   cmd = [sys.executable, "-m", "omni_jax.aot", "--config", os.path.join(ROOT, CONFIGS[model]),
          "--topology", topology, "--json", f"--config.train.seq_len={seq}", f"--config.train.batch_size={chips}",
-         f"--config.model.remat_policy={remat}", "--config.model.scan_layers=True"]
+         f"--config.model.remat_policy={remat}", "--config.model.scan_layers=True", *extra.split()]
   if talker:
     cmd.append("--config.train.objectives.talker_codes=1.0")
   else:
@@ -61,23 +61,24 @@ def _gib(x):
 
 
 def render(rows) -> str:
-  head = ("| model | seq | remat | slice | fits | HBM/chip GiB (of) | est. step s | est. MFU | bound | compile s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+  head = ("| model | seq | remat | slice | mesh | fits | HBM/chip GiB (of) | est. step s | est. MFU | bound | compile s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
   lines = [head]
-  order = lambda r: (r["model"], r["talker"], r["seq"], r["topology"], r["remat"])  # noqa: E731
+  order = lambda r: (r["model"], r["talker"], r["seq"], r["topology"], r["remat"], r.get("extra", ""))  # noqa: E731
   for r in sorted(rows, key=order):
     name = r["model"].upper() + (" + Talker" if r["talker"] else " Thinker")
     if r["status"] != "ok":
-      lines.append(f"| {name} | {r['seq']} | {r['remat']} | {r['topology']} | {r['status']} | | | | | "
-                   f"{r['seconds']:.0f} |")
+      lines.append(f"| {name} | {r['seq']} | {r['remat']} | {r['topology']} | {r.get('extra', '')} | {r['status']} "
+                   f"| | | | | {r['seconds']:.0f} |")
       continue
     rep = r["report"]
+    mesh = ", ".join(f"{k} {v}" for k, v in rep["mesh"].items() if v != 1) + f"; {rep['batch']['input_ids'][0]} rows"
     m, f = rep["memory"], rep["roofline"]
     if rep["error"] is not None:  # the compiler ran out of memory
-      lines.append(f"| {name} | {r['seq']} | {r['remat']} | {r['topology']} | no (compiler OOM) | "
+      lines.append(f"| {name} | {r['seq']} | {r['remat']} | {r['topology']} | {mesh} | no (compiler OOM) | "
                    f"args {_gib(m.get('argument'))} ({_gib(m['capacity'])}) | | | | {r['seconds']:.0f} |")
       continue
-    lines.append(f"| {name} | {r['seq']} | {r['remat']} | {r['topology']} | {'yes' if rep['fits'] else 'no'} | "
+    lines.append(f"| {name} | {r['seq']} | {r['remat']} | {r['topology']} | {mesh} | {'yes' if rep['fits'] else 'no'} | "
                  f"{_gib(m['total'])} ({_gib(m['capacity'])}) | {f['step_s']:.2f} | {100 * f['mfu']:.0f}% | "
                  f"{f['bound']} | {r['seconds']:.0f} |")
   return "\n".join(lines)
@@ -100,6 +101,7 @@ def main():
   p.add_argument("--remat", default="full,dots,none")
   p.add_argument("--topologies", default="v5p:4x4x4,v6e:4x4")
   p.add_argument("--talker", action="store_true", help="Thinker + Talker rows instead of Thinker rows")
+  p.add_argument("--extra", default="", help="more overrides for every row, e.g. '--config.mesh.context=8'")
   p.add_argument("--timeout", type=int, default=1200, help="seconds per row")
   p.add_argument("--render", action="store_true", help="print the markdown table of --out (no compiling)")
   p.add_argument("--write_docs", action="store_true", help="with --render: write it into docs/performance.md")
@@ -109,7 +111,7 @@ def main():
     with open(args.out) as f:
       for line in f:
         r = json.loads(line)
-        done[row_key(r["model"], r["seq"], r["remat"], r["topology"], r["talker"])] = r
+        done[row_key(r["model"], r["seq"], r["remat"], r["topology"], r["talker"], r.get("extra", ""))] = r
   if args.render:
     table = render(done.values())
     print(table)
@@ -121,11 +123,11 @@ def main():
     for model in args.models.split(","):
       for seq in map(int, args.seqs.split(",")):
         for topology in args.topologies.split(","):
-          key = row_key(model, seq, remat, topology, args.talker)
+          key = row_key(model, seq, remat, topology, args.talker, args.extra)
           if key in done:
             continue
-          r = dict(model=model, seq=seq, remat=remat, topology=topology, talker=args.talker,
-                   **compile_row(model, seq, remat, topology, args.talker, args.timeout))
+          r = dict(model=model, seq=seq, remat=remat, topology=topology, talker=args.talker, extra=args.extra,
+                   **compile_row(model, seq, remat, topology, args.talker, args.timeout, args.extra))
           with open(args.out, "a") as f:
             f.write(json.dumps(r) + "\n")
           rep = r.get("report") or {}
