@@ -18,14 +18,12 @@ import hf_reference as ref
 from omni_jax import sharding
 from omni_jax.generate import Generator, SamplingParams
 from omni_jax.generate.talker import SpeechGenerator
-from omni_jax.input import chat
 from omni_jax.talker import inputs as inputs_lib
 from omni_jax.talker import layout, objective
 
 pytestmark = pytest.mark.parity
 
 TOL = 1e-4
-FMT = chat.ChatFormat(special={"<|IMAGE|>": 2, "<|vision_bos|>": 7, "<|vision_eos|>": 8})
 PATCH_DIM = 3 * 2 * 14 * 14
 TALKER_VARIANTS = {"gqa": {}, "mha": dict(num_attention_heads=2, num_key_value_heads=2, head_dim=12, rope_parameters={
     "mrope_section": [2, 2, 2], "rope_type": "default", "rope_theta": 1e4})}
@@ -154,7 +152,6 @@ def test_inference_inputs_equal_the_training_layout(omni):
   """The Talker rows inference feeds (prefill + codec(previous code) + queue row) equal the teacher-forced
   sequence training lays out for the same reply and codes, and so do the logits."""
   _, config, graphdef, state = omni("gqa")
-  model = nnx.merge(graphdef, state)
   speech = _generators(config, graphdef, state)[1]
   rng = np.random.default_rng(4)
   ids = ref.text_ids(rng, 1, 8, 200).astype(np.int32)
