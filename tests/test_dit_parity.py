@@ -23,6 +23,7 @@ from omni_jax import defaults, sharding
 from omni_jax.config import ConfigError
 from omni_jax.models import dit as dit_lib
 from omni_jax.token2wav import SamplerConfig, from_torch_state_dict, sample
+from omni_jax.token2wav.state_dict import torch_shapes
 
 ATOL = 1e-4
 
@@ -247,7 +248,7 @@ def test_every_parameter_has_logical_names_in_the_rule_table(models):
   table = dict(defaults.SHARDING_RULES)
   for path, var in nnx.state(ours.model, nnx.Param).flat_state():
     names = var.get_metadata().get("out_sharding")
-    assert names is not None and len(names) == var.value.ndim, path
+    assert names is not None and len(names) == var.get_value().ndim, path
     assert all(n is None or n in table for n in names), (path, names)
   mesh = sharding.make_mesh(dict(data=1, fsdp=2, context=1, tensor=2), jax.devices()[:4])
   sharding.state_specs(nnx.state(ours.model, nnx.Param), mesh, defaults.SHARDING_RULES)  # strict: unknown names raise
@@ -274,3 +275,32 @@ def test_block_attention_equals_the_dense_block_mask(length):
     dense = jax.nn.dot_product_attention(q, k, v, mask=((diff >= -back) & (diff <= ahead))[None, None])
     got = dit_lib.block_attention(q, k, v, 4, jnp.asarray(back), jnp.asarray(ahead))
     np.testing.assert_allclose(np.asarray(got), np.asarray(dense), rtol=0, atol=1e-6)
+
+
+def test_released_size_tensors_match_transformers():
+  """The released 7B DiT (config defaults): our parameters name and shape exactly transformers' tensors
+  (359 = spec §12's 808 token2wav tensors minus BigVGAN's 449). Both models are abstract (no memory)."""
+  with torch.device("meta"):
+    hf = Qwen2_5OmniToken2WavDiTModel(Qwen2_5OmniDiTConfig())
+  want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+  ours = torch_shapes(nnx.eval_shape(lambda: dit_lib.DiT(dit_lib.DiTConfig(), rngs=nnx.Rngs(0))))
+  assert ours == want
+  assert len(ours) == 359 and ours["text_embed.codec_embed.weight"] == (8194, 512)
+
+
+def test_sharded_sample_equals_single_device(models):
+  """Parameters placed by their logical names on a data x fsdp x tensor mesh, activations constrained:
+  the sampled mel equals the unsharded one."""
+  _, ours = models
+  inp = _inputs(2, 5, seed=11)
+  args = (_j(inp["codes"]), _j(inp["speaker"]), _j(inp["ref"]))
+  fast = SamplerConfig(num_steps=3, method="euler")
+  single = sample(ours.model, *args, seed=0, sampler=fast)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, context=1, tensor=2))
+  graphdef, state = nnx.split(ours.model)
+  specs = sharding.state_specs(state, mesh, defaults.SHARDING_RULES)
+  assert any(any(spec.get_value()) for _, spec in nnx.to_flat_state(specs)), "nothing is sharded"
+  placed = nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, defaults.SHARDING_RULES)))
+  with sharding.activate(mesh, defaults.SHARDING_RULES):
+    sharded = sample(placed, *args, seed=0, sampler=fast)
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=0, atol=1e-5)

@@ -182,7 +182,9 @@ class AdaLayerNormZero(nnx.Module):
   """linear(SiLU(c)) -> 6 modulations; returns (LN(x) (1 + scale_msa) + shift_msa, the other five)."""
 
   def __init__(self, cfg: DiTConfig, rt: Runtime, *, rngs: nnx.Rngs, chunks: int = 6):
-    self.linear = Linear(cfg.hidden_size, chunks * cfg.hidden_size, use_bias=True, names=("embed", "mlp"),
+    # The modulations are not split over `tensor`: XLA's partitioner mis-computed the 6-way split of a
+    # tensor-sharded output with the batch over data x fsdp (observed on CPU, jax 0.10.2).
+    self.linear = Linear(cfg.hidden_size, chunks * cfg.hidden_size, use_bias=True, names=("embed", None),
                          rngs=rngs, dtype=rt.dtype, param_dtype=rt.param_dtype)
     self.norm = LayerNorm(cfg.hidden_size, eps=1e-6, affine=False, rngs=rngs)
     self.chunks = chunks

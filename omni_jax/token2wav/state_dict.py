@@ -8,6 +8,7 @@ models.scan) read `name.N.*` for N = 0 .. layers - 1. The HF converter (omni_jax
 
 from typing import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -34,6 +35,27 @@ def torch_names(path: tuple) -> tuple[str, bool]:
   return ".".join(head + parts[1:-1] + [leaf]), stacked
 
 
+def _torch_shape(name: str, shape: tuple) -> tuple:
+  """The torch shape of one (per-layer) parameter of ours."""
+  if name == "kernel" and len(shape) == 2:
+    return shape[::-1]
+  if name == "kernel" and len(shape) == 3:
+    return (shape[2], shape[1], shape[0])
+  return shape
+
+
+def torch_shapes(model: nnx.Module) -> dict[str, tuple]:
+  """The transformers tensors (on-disk name without prefix -> torch shape) that `model` holds; works on an
+  abstract model (nnx.eval_shape)."""
+  out = {}
+  for path, var in nnx.state(model, nnx.Param).flat_state():
+    key, stacked = torch_names(path)
+    shape = tuple(var.get_value().shape)
+    for i in range(shape[0]) if stacked else [None]:
+      out[key.format(i) if stacked else key] = _torch_shape(str(path[-1]), shape[1:] if stacked else shape)
+  return out
+
+
 def from_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, object], prefix: str = "") -> None:
   """Load transformers' tensors (`prefix` + on-disk name, e.g. "token2wav.code2wav_dit_model.") into `model`
   in place. Missing, unused or mis-shaped tensors raise one error listing the keys."""
@@ -44,7 +66,7 @@ def from_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, object], p
   updates = {}
   for path, var in params.flat_state():
     key, stacked = torch_names(path)
-    shape = tuple(var.value.shape)
+    shape = tuple(var.get_value().shape)
     if stacked:
       keys = [key.format(i) for i in range(shape[0])]
       if any(k not in tensors for k in keys):
@@ -61,11 +83,11 @@ def from_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, object], p
     if value.shape != shape:
       bad_shape.append(f"{key}: {tensors[keys[0]].shape} (ours {shape})")
       continue
-    updates[path] = value.astype(var.value.dtype)
+    updates[path] = value.astype(var.get_value().dtype)
   unused = sorted(set(tensors) - used)
   if missing or unused or bad_shape:
     raise ValueError(f"torch state dict does not fit the model: missing {missing[:8]}, unused {unused[:8]}, "
                      f"mis-shaped {bad_shape[:8]}")
   for path, var in params.flat_state():
-    var.value = updates[path]
+    var.set_value(jnp.asarray(updates[path]))
   nnx.update(model, params)
