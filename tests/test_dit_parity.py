@@ -304,3 +304,19 @@ def test_sharded_sample_equals_single_device(models):
   with sharding.activate(mesh, defaults.SHARDING_RULES):
     sharded = sample(placed, *args, seed=0, sampler=fast)
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=0, atol=1e-5)
+
+
+def test_bfloat16_runtime_is_close_to_float32(models):
+  """Runtime(dtype=bfloat16) (float32 master weights) runs the same network: velocity within bf16 rounding."""
+  from omni_jax.config import Runtime  # noqa: PLC0415
+  _, ours = models
+  cfg = ours.model.cfg
+  low = nnx.eval_shape(lambda: dit_lib.DiT(cfg, Runtime(dtype=jnp.bfloat16), rngs=nnx.Rngs(0)))
+  nnx.update(low, nnx.state(ours.model, nnx.Param))
+  inp = _inputs(2, 5, seed=12)
+  args = (_j(inp["x"]), _j(inp["ref"]), _j(inp["speaker"]), _j(inp["codes"]), 0.6)
+  want = np.asarray(ours(*args, guidance=True))
+  got = np.asarray(Jitted(low)(*args, guidance=True))
+  assert got.dtype == np.float32
+  error = np.abs(got - want).max() / np.abs(want).max()
+  assert 0 < error < 0.05  # measured 0.007; 0 would mean the bf16 runtime did not compute in bf16
