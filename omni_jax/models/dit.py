@@ -172,10 +172,9 @@ class InputEmbedding(nnx.Module):
     self.spk_encoder = EcapaTimeDelayNet(cfg, rt, rngs=rngs)
 
   def __call__(self, x, reference_mel, code_embed, speaker):
-    b, length, _ = x.shape
-    voice = jnp.broadcast_to(self.spk_encoder(reference_mel)[:, None], (b, length, self.spk_encoder.fc.kernel.shape[-1]))
-    speaker = jnp.broadcast_to(speaker[:, None].astype(x.dtype), (b, length, speaker.shape[-1]))
-    return self.proj(jnp.concatenate([x, voice.astype(x.dtype), code_embed.astype(x.dtype), speaker], axis=-1))
+    over_time = lambda v: jnp.broadcast_to(v[:, None].astype(x.dtype), x.shape[:2] + v.shape[-1:])
+    voice = over_time(self.spk_encoder(reference_mel))
+    return self.proj(jnp.concatenate([x, voice, code_embed.astype(x.dtype), over_time(speaker)], axis=-1))
 
 
 class AdaLayerNormZero(nnx.Module):
