@@ -320,3 +320,13 @@ def test_bfloat16_runtime_is_close_to_float32(models):
   assert got.dtype == np.float32
   error = np.abs(got - want).max() / np.abs(want).max()
   assert 0 < error < 0.05  # measured 0.007; 0 would mean the bf16 runtime did not compute in bf16
+
+
+def test_unrolled_layers_equal_the_scan(models):
+  from omni_jax.config import Runtime  # noqa: PLC0415
+  _, ours = models
+  unrolled = nnx.eval_shape(lambda: dit_lib.DiT(ours.model.cfg, Runtime(scan_layers=False), rngs=nnx.Rngs(0)))
+  nnx.update(unrolled, nnx.state(ours.model, nnx.Param))
+  inp = _inputs(1, 7, seed=13)
+  args = (_j(inp["x"]), _j(inp["ref"]), _j(inp["speaker"]), _j(inp["codes"]), 0.2)
+  np.testing.assert_allclose(np.asarray(Jitted(unrolled)(*args)), np.asarray(ours(*args)), rtol=0, atol=1e-6)
