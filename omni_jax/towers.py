@@ -25,11 +25,11 @@ from omni_jax.config import ConfigError
 
 # Modules holding the built-in entries (each defines TOWER); imported on first use of the registry, since
 # they import the model code, which imports omni_jax.config.
-BUILTIN = ("omni_jax.models.thinker_tower", "omni_jax.models.talker_tower")
+BUILTIN = ("omni_jax.models.thinker_tower", "omni_jax.models.talker_tower", "omni_jax.models.token2wav_tower")
 
 # Checkpoint parts that no registered tower implements yet: a checkpoint holding them converts with a
 # warning (left out) instead of failing on unknown keys. A tower registering the prefix takes it over.
-PLANNED = {"token2wav.": "token2wav"}
+PLANNED: dict[str, str] = {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ module is the converter core; the per-tower tables are registered with omni_jax.
     the config does not build reports what it leaves out instead of failing on "unknown" keys.
 """
 
+import dataclasses
 import glob
 import json
 import logging
@@ -112,7 +113,42 @@ def config_from_hf(hf: dict, base: Optional[ml_collections.ConfigDict] = None) -
     _talker_from_hf(c, hf["talker_config"], base)
   elif "talker" in c.model:  # the checkpoint has no Talker: neither has the model (nor its objective)
     c = towers.without(c, "talker")
+  if hf.get("token2wav_config") is not None and hf.get("enable_audio_output", True):
+    c.model.token2wav = _token2wav_from_hf(hf["token2wav_config"], base)
+  elif "token2wav" in c.model:
+    c = towers.without(c, "token2wav")
   return c
+
+
+def _token2wav_from_hf(tw: dict, base: Optional[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+  """config.model.token2wav from a token2wav_config dict (dit_config, bigvgan_config); the dtype (a runtime
+  choice, float32 as transformers runs it) from the base config."""
+  from omni_jax.models.bigvgan import BigVGANConfig  # pylint: disable=import-outside-toplevel
+  from omni_jax.models.dit import DiTConfig  # pylint: disable=import-outside-toplevel
+
+  def plain(cfg):
+    return {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(cfg).items()}
+
+  dtype = "float32"
+  if base is not None and base.model.get("token2wav") is not None:
+    dtype = base.model.token2wav.get("dtype", "float32")
+  return ml_collections.ConfigDict(dict(dit=plain(DiTConfig.from_hf(tw.get("dit_config") or {})),
+                                        bigvgan=plain(BigVGANConfig.from_hf(tw.get("bigvgan_config") or {})),
+                                        dtype=dtype))
+
+
+def _token2wav_to_hf(config: ml_collections.ConfigDict, carried: Optional[dict]) -> dict:
+  """token2wav_config for our config.model.token2wav, over the source's (its other keys kept)."""
+  tw = config.model.token2wav
+  out = json.loads(json.dumps(carried or {}))
+  dit = {k: list(v) if isinstance(v, tuple) else v for k, v in tw.dit.to_dict().items() if k != "rope_theta"}
+  dit["rope_parameters"] = {"rope_type": "default", "rope_theta": float(tw.dit.rope_theta)}
+  out.setdefault("dit_config", {}).update(dit)
+  out.setdefault("bigvgan_config", {}).update(
+      {k: [list(x) if isinstance(x, (list, tuple)) else x for x in v] if isinstance(v, (list, tuple)) else v
+       for k, v in tw.bigvgan.to_dict().items()})
+  return out
 
 
 # Talker config keys (transformers' Qwen2_5OmniTalkerConfig) held in config.model.talker under the same name.
@@ -222,7 +258,9 @@ def config_to_hf(config: ml_collections.ConfigDict, torch_dtype: str = "float32"
   out = {"model_type": "qwen2_5_omni", "architectures": ["Qwen2_5OmniForConditionalGeneration"],
          "dtype": torch_dtype, "enable_audio_output": True, "thinker_config": thinker,
          "talker_config": _talker_to_hf(config)}
-  if token2wav is not None:
+  if config.model.get("token2wav") is not None:
+    out["token2wav_config"] = _token2wav_to_hf(config, token2wav)
+  elif token2wav is not None:
     out["token2wav_config"] = token2wav
   return out
 
