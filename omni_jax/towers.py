@@ -14,6 +14,7 @@ BUILTIN below (or call register() from your own code, as tests/test_towers.py do
 """
 
 import contextlib
+import copy
 import dataclasses
 import importlib
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -202,7 +203,7 @@ def without(config: ml_collections.ConfigDict, name: str) -> ml_collections.Conf
   """A copy of config that does not build tower `name`: its section and its objectives' weights removed (for
   a model adopted from a checkpoint that has no such tower)."""
   tower = get(name)
-  config = config.copy_and_resolve_references()
+  config = copy.deepcopy(config)  # keeps typed placeholders (e.g. init_from), which a resolved copy loses
   with config.unlocked():
     parent, key = tower.section.rsplit(".", 1)
     node = config

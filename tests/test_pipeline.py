@@ -13,7 +13,7 @@ import pytest
 from omni_jax import batch as batch_lib
 from omni_jax.input import mixing, pipeline, sources
 
-WEIGHTS = dict(asr=3.0, image=2.0, video=0.5, text=2.0, speech=1.0)
+WEIGHTS = dict(asr=3.0, image=2.0, video=0.5, text=2.0, speech=1.0, digits=2.0)
 
 
 def config(demo_dir, **data):

@@ -30,6 +30,10 @@ def parse(arg, **defaults) -> ml_collections.ConfigDict:
 
 
 def base(model: str) -> ml_collections.ConfigDict:
+  """The model's config without its Talker: these recipes are the paper's Thinker stages (the Talker trains on
+  spoken replies with the model configs themselves: docs/talker.md)."""
+  from omni_jax import towers  # pylint: disable=import-outside-toplevel
+
   if model not in MODELS:
     raise ValueError(f"recipe model {model!r}: choose one of {sorted(MODELS)}")
-  return MODELS[model].get_config()
+  return towers.without(MODELS[model].get_config(), "talker")

@@ -92,18 +92,15 @@ def codec_ids(talker) -> CodecIds:
 
 def from_config(config) -> Optional[SpeechTargets]:
   """The run's SpeechTargets (None without a Talker or without config.data.speech_codes). settle_units must
-  have run (train.py / eval.py at startup), so units_version is set."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-
-  from omni_jax.models.talker import TalkerConfig  # pylint: disable=import-outside-toplevel
-
+  have run (train.py / eval.py at startup), so units_version is set. Plain Python: the data path imports no jax."""
   talker = (config.get("model") or {}).get("talker", None)
   path = (config.get("data") or {}).get("speech_codes", None)
   if talker is None or not path:
     return None
-  cfg = TalkerConfig.from_config(ml_collections.ConfigDict(talker))
-  return SpeechTargets(os.path.abspath(os.path.expanduser(path)), cfg.units_version, cfg.num_codes, cfg.speakers,
-                       cfg.default_speaker, codec_ids(cfg))
+  speakers = tuple(sorted((str(k), int(v)) for k, v in dict(talker.get("speakers") or {}).items()))
+  return SpeechTargets(os.path.abspath(os.path.expanduser(path)), talker.get("units_version"),
+                       int(talker.get("num_codes", 8192)), speakers, str(talker.get("default_speaker", "Chelsie")),
+                       codec_ids(talker))
 
 
 def _stored_units(path: Optional[str]) -> Optional[str]:
