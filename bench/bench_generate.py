@@ -20,7 +20,7 @@ import os
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import reference_thinker, time_alternating  # noqa: E402
+from common import left_padded_prompts, reference_thinker, time_alternating  # noqa: E402
 from omni_jax import sharding  # noqa: E402
 from omni_jax.convert import hf  # noqa: E402
 from omni_jax.generate import Generator, SamplingParams  # noqa: E402
@@ -74,16 +74,6 @@ def build(size: str, dtype: str, reference: bool):
   return model, Generator(graphdef, state, config, mesh, shardings)
 
 
-def prompts(rows: int, length: int, vocab: int):
-  rng = np.random.default_rng(0)
-  ids = rng.integers(10, vocab, size=(rows, length)).astype(np.int32)
-  seg = np.ones_like(ids)
-  for r in range(1, rows):  # left padding: rows of different lengths
-    seg[r, :r * length // (4 * rows)] = 0
-  ids[seg == 0] = 0
-  return {"input_ids": ids, "segment_ids": seg}
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", default="100m", choices=sorted(SIZES))
@@ -100,7 +90,7 @@ def main():
         f"x{jax.device_count()}, prompt {args.prompt}, new {args.new}")
   greedy = SamplingParams()
   for rows in args.batch:
-    batch = prompts(rows, args.prompt, SIZES[args.size]["vocab_size"])
+    batch = left_padded_prompts(rows, args.prompt, 10, SIZES[args.size]["vocab_size"])
 
     def ours(n):
       return lambda: gen.generate(batch, max_new_tokens=n, sampling=greedy, eos_token_ids=())

@@ -21,7 +21,7 @@ import tempfile
 import jax
 import numpy as np
 
-import common  # noqa: F401  (puts the repository and tests/ on sys.path)
+import common  # puts the repository and tests/ on sys.path; left_padded_prompts
 import hf_reference as ref
 from omni_jax import sharding
 from omni_jax.convert import hf
@@ -131,16 +131,6 @@ def released_config(dtype: str):
   return c
 
 
-def prompts_of(rows: int, length: int, vocab: int) -> dict:
-  rng = np.random.default_rng(0)
-  ids = rng.integers(10, vocab - 8, size=(rows, length)).astype(np.int32)
-  seg = np.ones_like(ids)
-  for r in range(1, rows):  # left padding: rows of different lengths
-    seg[r, :r * length // (4 * rows)] = 0
-  ids[seg == 0] = 0
-  return {"input_ids": ids, "segment_ids": seg}
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", default="tiny", choices=["tiny", "100m", "7b"])
@@ -160,7 +150,7 @@ def main():
   speech = None
   for rows in args.batch:
     vocab = 152064 if args.size == "7b" else THINKERS[args.size]["vocab_size"]
-    prompts = prompts_of(rows, args.prompt, vocab)
+    prompts = common.left_padded_prompts(rows, args.prompt, 10, vocab - 8)
     if args.reference:
       import torch  # noqa: PLC0415
 

@@ -39,3 +39,14 @@ def time_alternating(fns, iters):
       fn()
       ts.append(time.perf_counter() - t)
   return [float(np.median(ts)) for ts in times]
+
+
+def left_padded_prompts(rows: int, length: int, low: int, high: int) -> dict:
+  """input_ids / segment_ids of `rows` random prompts (ids in [low, high)), left-padded to different lengths."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(low, high, size=(rows, length)).astype(np.int32)
+  seg = np.ones_like(ids)
+  for r in range(1, rows):
+    seg[r, :r * length // (4 * rows)] = 0
+  ids[seg == 0] = 0
+  return {"input_ids": ids, "segment_ids": seg}

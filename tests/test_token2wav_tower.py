@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flax import nnx, traverse_util
+from flax import nnx
 
 import hf_reference as ref
 from omni_jax import towers

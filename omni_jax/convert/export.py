@@ -87,20 +87,20 @@ def assets_of(params_path: str) -> Optional[str]:
   return None
 
 
-def read_token2wav(directory: Optional[str]) -> Optional[dict]:
-  path = os.path.join(directory, TOKEN2WAV_FILE) if directory else None
+def _read_json(directory: Optional[str], name: str) -> Optional[dict]:
+  path = os.path.join(directory, name) if directory else None
   if path is None or not os.path.isfile(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def read_token2wav(directory: Optional[str]) -> Optional[dict]:
+  return _read_json(directory, TOKEN2WAV_FILE)
 
 
 def read_generation(directory: Optional[str]) -> Optional[dict]:
-  path = os.path.join(directory, GENERATION_FILE) if directory else None
-  if path is None or not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return _read_json(directory, GENERATION_FILE)
 
 
 # --------------------------------------------------------------------------------------- ids and values
