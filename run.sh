@@ -64,7 +64,7 @@ case "${1:-}" in
       ${clip:+--audio "$clip"} --max_new_tokens 8 --greedy
     ;;
   test)
-    setup test,tpu  # tpu: libtpu for the AOT compile tests (tests/test_aot.py)
+    setup test,tpu,serve  # tpu: libtpu for the AOT compile tests (tests/test_aot.py); serve: tests/test_server.py
     .venv/bin/python -m pytest -q
     ;;
   *)
