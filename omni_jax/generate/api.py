@@ -8,17 +8,22 @@
     replies = model.chat_batch([conversation_a, conversation_b])   # one padded batch, one decode loop
     speech = model.speak("Say hello.", speaker="Ethan")   # a model with a Talker: text + speech codes
     speech.text, speech.codes                               # codes: int32 [M], cut at the first stop id
+    speech.audio, speech.sample_rate                        # with a Token2Wav: float32 [M * 480] at 24 kHz
+    model.voice(codes, speaker="Ethan")                     # any codes -> token2wav.voice.Voiced (audio, mel)
 
 Conversations are lists of {"role", "content"} messages whose content is a string or a list of parts
 ({"type": "text", "text"}, {"type": "image" | "audio" | "video", "path"}, video parts may set
 "use_audio_in_video"), rendered with the project's ChatML template and tokenizer.
 """
 
+import logging
 import os
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import ml_collections
+import numpy as np
+from flax import nnx
 
 from omni_jax import checkpoint
 from omni_jax import defaults
@@ -34,15 +39,25 @@ from omni_jax.input import pipeline
 from omni_jax.input import preprocess
 from omni_jax.input.tokenizer import Tokenizer
 from omni_jax.models import omni
+from omni_jax.token2wav import voice as voice_lib
+
+log = logging.getLogger(__name__)
 
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 _TALKER_PREFIX = "talker_"  # speak(): talker_top_k=..., as transformers' generate(talker_top_k=...)
 
 
 class Speech(NamedTuple):
-  """A spoken reply: its text and its speech codes (int32 [M], before the first stop id; Token2Wav voices them)."""
+  """A spoken reply: its text and its speech codes (int32 [M], before the first stop id); with a Token2Wav also
+  its audio (float32 [M * 480] in [-1, 1] at sample_rate 24000), the DiT's mel [M * 2, 80], the vocoder that
+  made it ("bigvgan" or "griffin_lim") and the speaker (token2wav/voice.py). Without one, audio is None."""
   text: str
   codes: Any
+  audio: Optional[np.ndarray] = None
+  sample_rate: int = voice_lib.SAMPLE_RATE
+  mel: Optional[np.ndarray] = None
+  vocoder: Optional[str] = None
+  speaker: Optional[str] = None
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -102,8 +117,12 @@ def restore(path: str, config: Optional[ml_collections.ConfigDict] = None, mesh_
 class OmniChat:
   """A loaded model with its tokenizer and chat format: chat(), stream_chat(), chat_batch()."""
 
-  def __init__(self, generator: Generator, tokenizer: Tokenizer, config: ml_collections.ConfigDict):
+  def __init__(self, generator: Generator, tokenizer: Tokenizer, config: ml_collections.ConfigDict,
+               checkpoint_path: Optional[str] = None):
+    """checkpoint_path: where the parameters came from; the voices (speakers.safetensors, spk_dict.pt) and the
+    vocoder's provenance are read from there (token2wav/voice.py)."""
     self.generator, self.tokenizer, self.config = generator, tokenizer, config
+    self.checkpoint_path = checkpoint_path
     data = config.get("data", ml_collections.ConfigDict())
     thinker = {k: v for k, v in config.model.thinker.items() if not isinstance(v, (dict, ml_collections.ConfigDict))}
     self.preprocessor = preprocess.Preprocessor(
@@ -114,6 +133,7 @@ class OmniChat:
     audio = config.model.thinker.get("audio")
     self.num_mel_bins = int(audio.num_mel_bins) if audio is not None else 128
     self._speech = None
+    self._voicer, self._voice_overrides = None, {}
 
   @property
   def speech(self) -> SpeechGenerator:
@@ -122,6 +142,32 @@ class OmniChat:
       g = self.generator
       self._speech = SpeechGenerator(g.graphdef, g.params, self.config, g.mesh, g.param_shardings)
     return self._speech
+
+  @property
+  def has_token2wav(self) -> bool:
+    return self.config.model.get("token2wav", None) is not None
+
+  @property
+  def voicer(self) -> voice_lib.Voicer:
+    """The model's Token2Wav with the checkpoint's voices and config.generate.voice (built on first use)."""
+    if self._voicer is None:
+      if not self.has_token2wav:
+        raise voice_lib.VoiceError("this model has no Token2Wav (config.model.token2wav): it makes speech codes "
+                                   "only; convert a full Qwen2.5-Omni checkpoint or train one (docs/token2wav.md)")
+      g = self.generator
+      token2wav = nnx.merge(g.graphdef, g.params).token2wav
+      self._voicer = voice_lib.Voicer.from_model(token2wav, self.config, self.checkpoint_path,
+                                                 **self._voice_overrides)
+    return self._voicer
+
+  def set_voice_options(self, *, vocoder: Optional[str] = None, dtype: Optional[str] = None) -> None:
+    """Override config.generate.voice's vocoder ("auto" | "bigvgan" | "griffin_lim") and Token2Wav dtype."""
+    self._voice_overrides = {k: v for k, v in dict(vocoder=vocoder, dtype=dtype).items() if v is not None}
+    self._voicer = None
+
+  def voice(self, codes, speaker: Optional[str] = None, *, seed: Optional[int] = None) -> voice_lib.Voiced:
+    """Speech codes [M] -> a 24 kHz waveform in a voice (default: config.model.talker.default_speaker)."""
+    return self.voicer(codes, speaker, seed=seed)
 
   def batch(self, conversations: Sequence[Sequence[dict]]) -> dict:
     """The left-padded prompt batch of several conversations (media decoded and preprocessed)."""
@@ -165,24 +211,43 @@ class OmniChat:
     out = self.generator.generate(batch, **settings)
     return self._text(out.tokens[0, :out.lengths[0]])
 
-  def speak_batch(self, conversations: Sequence[Sequence[dict]], *, speaker=None, **kw) -> list[Speech]:
+  def speak_batch(self, conversations: Sequence[Sequence[dict]], *, speaker=None, voice: Optional[bool] = None,
+                  **kw) -> list[Speech]:
     """Spoken replies to several conversations: the Thinker's replies (one padded batch), then their speech
-    codes (one Talker batch). speaker: a voice of config.model.talker.speakers (or one per conversation).
+    codes (one Talker batch), then each row's audio (Token2Wav, one utterance at a time).
+    speaker: a voice of config.model.talker.speakers (or one per conversation). voice: None voices the codes
+    when the model has a Token2Wav and the speaker's cond / ref_mel (else says why, once, and returns codes
+    only); True requires the audio (VoiceError otherwise); False: codes only.
     Keyword arguments: chat()'s for the text, and talker_max_new_tokens, talker_seed, talker_do_sample,
     talker_temperature, talker_top_k, talker_top_p, talker_repetition_penalty for the codes (defaults:
     config.generate.talker, the released decoding)."""
     talker = {k[len(_TALKER_PREFIX):]: kw.pop(k) for k in list(kw) if k.startswith(_TALKER_PREFIX)}
-    return self._speak(self.batch(conversations), self._settings(kw), speaker, talker)
+    return self._speak(self.batch(conversations), self._settings(kw), speaker, talker, voice)
 
   def speak(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
             image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,
-            system: Optional[str] = None, speaker: Optional[str] = None, **kw) -> Speech:
-    """chat(), spoken: the reply's text and its speech codes (see speak_batch for the talker_* arguments)."""
+            system: Optional[str] = None, speaker: Optional[str] = None, voice: Optional[bool] = None,
+            **kw) -> Speech:
+    """chat(), spoken: the reply's text, its speech codes and, with a Token2Wav, its audio (see speak_batch for
+    `voice` and the talker_* arguments)."""
     talker = {k[len(_TALKER_PREFIX):]: kw.pop(k) for k in list(kw) if k.startswith(_TALKER_PREFIX)}
     batch, settings = self._request(prompt, messages, image, audio, video, use_audio_in_video, system, kw)
-    return self._speak(batch, settings, speaker, talker)[0]
+    return self._speak(batch, settings, speaker, talker, voice)[0]
 
-  def _speak(self, batch: dict, settings: dict, speaker, talker: dict) -> list[Speech]:
+  def _can_voice(self, speakers: Sequence[str], voice: Optional[bool]) -> bool:
+    if voice is False:
+      return False
+    try:
+      for name in speakers:
+        self.voicer.voice(name)
+    except voice_lib.VoiceError as e:
+      if voice:
+        raise
+      log.warning("speech codes only, no audio: %s", e)
+      return False
+    return True
+
+  def _speak(self, batch: dict, settings: dict, speaker, talker: dict, voice: Optional[bool] = None) -> list[Speech]:
     speech = self.speech
     sampling = speech.sampling(**{k: talker.pop(k) for k in _SAMPLING_KEYS if k in talker})
     unknown = set(talker) - {"max_new_tokens", "seed"}
@@ -190,7 +255,15 @@ class OmniChat:
       raise TypeError(f"unknown talker generation arguments {sorted(_TALKER_PREFIX + k for k in unknown)}")
     out = self.generator.generate(batch, **settings)
     codes = speech.generate(batch, out.tokens, speaker=speaker, sampling=sampling, **talker)
-    return [Speech(self._text(row[:n]), codes.row(i)) for i, (row, n) in enumerate(zip(out.tokens, out.lengths))]
+    rows = len(out.lengths)
+    names = list(speaker) if isinstance(speaker, (list, tuple)) else [speaker or speech.cfg.default_speaker] * rows
+    replies = [Speech(self._text(row[:n]), codes.row(i), speaker=names[i])
+               for i, (row, n) in enumerate(zip(out.tokens, out.lengths))]
+    if not self._can_voice(sorted(set(names)), voice):
+      return replies
+    voiced = [self.voicer(r.codes, r.speaker) for r in replies]
+    return [r._replace(audio=v.audio, sample_rate=v.sample_rate, mel=v.mel, vocoder=v.vocoder)
+            for r, v in zip(replies, voiced)]
 
   def stream_chat(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
                   image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,
@@ -209,17 +282,35 @@ class OmniChat:
       shown = text
 
 
-def speak_to_file(model: OmniChat, prompt: str, path: str, *, speaker: Optional[str] = None, **kw) -> Speech:
-  """generate.py --speak: the spoken reply, printed, and {"text", "speaker", "codes"} written to `path` as JSON."""
+def speak_to_file(model: OmniChat, prompt: str, path: str, *, speaker: Optional[str] = None,
+                  wav_out: Optional[str] = None, mel_png: Optional[str] = None, require_wav: bool = False,
+                  **kw) -> Speech:
+  """generate.py --speak: the spoken reply, printed; {"text", "speaker", "codes"} written to `path` as JSON and,
+  when the model can voice it, the audio to `wav_out` (24 kHz mono 16-bit WAV) and its DiT mel to `mel_png`.
+  A model without a Token2Wav (or without the speaker's voice) writes the JSON only and says why, unless
+  require_wav (the user asked for the WAV): then VoiceError."""
   import json  # noqa: PLC0415
 
   kw = {k: v for k, v in kw.items() if v is not None}
-  speech = model.speak(prompt, speaker=speaker, **kw)
-  name = speaker or model.speech.cfg.default_speaker
-  with open(path, "w") as f:
-    json.dump({"text": speech.text, "speaker": name, "codes": [int(c) for c in speech.codes]}, f)
+  want = wav_out is not None or mel_png is not None
+  speech = model.speak(prompt, speaker=speaker, voice=True if (want and require_wav) else (None if want else False),
+                       **kw)
+  record = {"text": speech.text, "speaker": speech.speaker, "codes": [int(c) for c in speech.codes]}
   print(speech.text)
-  print(f"{len(speech.codes)} speech codes ({name}) -> {path}")
+  if speech.audio is not None:
+    record.update(sample_rate=speech.sample_rate, vocoder=speech.vocoder)
+    if wav_out is not None:
+      record["wav"] = voice_lib.write_wav(wav_out, speech.audio, speech.sample_rate)
+      print(f"{len(speech.audio) / speech.sample_rate:.2f} s of speech ({speech.vocoder}) -> {wav_out}")
+    if mel_png is not None and len(speech.mel):
+      record["mel_png"] = voice_lib.save_mel_png(mel_png, speech.mel, title=f"{speech.speaker}, {len(speech.codes)} codes ({speech.vocoder})")
+      print(f"mel spectrogram -> {mel_png}")
+  elif want:
+    print("no audio: " + ("this model has no Token2Wav" if not model.has_token2wav
+                          else f"no voice for {speech.speaker!r}") + " (see the warning above); codes only")
+  with open(path, "w") as f:
+    json.dump(record, f)
+  print(f"{len(speech.codes)} speech codes ({speech.speaker}) -> {path}")
   return speech
 
 
@@ -230,4 +321,5 @@ def load(path: str, config: Optional[ml_collections.ConfigDict] = None, *, mesh_
   config, graphdef, params, shardings, mesh, tokenizer_dir = restore(path, config, mesh_shape)
   if tokenizer is None:
     tokenizer = tokenizer_dir or (config.get("data", {}) or {}).get("tokenizer")
-  return OmniChat(Generator(graphdef, params, config, mesh, shardings), Tokenizer(tokenizer), config)
+  return OmniChat(Generator(graphdef, params, config, mesh, shardings), Tokenizer(tokenizer), config,
+                  checkpoint_path=os.path.abspath(os.path.expanduser(path)))
