@@ -74,8 +74,12 @@ def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
 
 
 def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh, rules: Rules,
-                    strict: bool = True, warn_as: Optional[str] = None) -> PartitionSpec:
+                    strict: bool = True, warn_as: Optional[str] = None,
+                    units: Optional[Sequence[int]] = None) -> PartitionSpec:
   """PartitionSpec for an array of `shape` whose dimensions carry logical `names`.
+
+  units: per dimension, the indivisible piece (head_dim for a flattened heads x head_dim axis): a mesh axis
+  shards a dimension only if it divides its number of pieces, so heads are never split.
 
   warn_as: a parameter path; a mesh axis dropped because it does not divide a dimension is then logged
   (once per path, axis and dimension), so that a mistyped mesh cannot silently replicate a large model.
@@ -83,7 +87,8 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh: 
   table = _rule_table(rules)
   used: set[str] = set()
   spec = []
-  for name, dim in zip(names, shape):
+  units = tuple(units) if units is not None else (1,) * len(shape)
+  for name, dim, unit in zip(names, shape, units):
     if name is not None and name not in table and strict:
       raise KeyError(f"logical axis {name!r} has no rule in config.sharding_rules")
     chosen = []
@@ -92,9 +97,9 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh: 
       n = mesh.shape[axis]
       if n == 1 or axis in used:
         continue
-      if dim % (size * n):
+      if (dim // unit) % (size * n):
         if warn_as is not None:
-          _warn_dropped(warn_as, name, axis, n, dim, size)
+          _warn_dropped(warn_as, name, axis, n, dim, size, unit)
         continue
       chosen.append(axis)
       size *= n
@@ -106,14 +111,21 @@ def logical_to_spec(names: Sequence[Optional[str]], shape: Sequence[int], mesh: 
 _WARNED: set = set()
 
 
-def _warn_dropped(path: str, name: str, axis: str, n: int, dim: int, size: int) -> None:
+def _warn_dropped(path: str, name: str, axis: str, n: int, dim: int, size: int, unit: int = 1) -> None:
   key = (path, name, axis, n, dim)
   if key in _WARNED:
     return
   _WARNED.add(key)
   already = f" (already split {size} ways)" if size > 1 else ""
-  log.warning("parameter %s: mesh axis %r (size %d) does not divide its %r dimension of size %d%s; that "
-              "dimension is not sharded over %r", path, axis, n, name, dim, already, axis)
+  what = f"size {dim}" if unit == 1 else f"{dim // unit} pieces of {unit} (whole heads)"
+  log.warning("parameter %s: mesh axis %r (size %d) does not divide its %r dimension of %s%s; that "
+              "dimension is not sharded over %r", path, axis, n, name, what, already, axis)
+
+
+def shard_units(variable: nnx.Variable) -> Optional[tuple]:
+  """A parameter's per-dimension shard units (omni_jax.layers.linear.param), None if all 1."""
+  units = variable.get_metadata().get("shard_units")
+  return tuple(units) if units is not None else None
 
 
 def _names_of(variable: nnx.Variable) -> Optional[tuple]:
@@ -121,16 +133,24 @@ def _names_of(variable: nnx.Variable) -> Optional[tuple]:
   return tuple(names) if names is not None else None
 
 
+def variable_spec(variable: nnx.Variable, mesh: Mesh, rules: Rules, where: Optional[str] = None) -> PartitionSpec:
+  """A parameter's PartitionSpec from its logical names and shard units (replicated without names)."""
+  names = _names_of(variable)
+  shape = variable.get_value().shape
+  if names is None:
+    return PartitionSpec()
+  units = shard_units(variable)
+  if units is not None and len(units) < len(shape):  # stacked layers: a leading `layers` axis was added
+    units = (1,) * (len(shape) - len(units)) + units
+  return logical_to_spec(names, shape, mesh, rules, warn_as=where, units=units)
+
+
 def state_specs(state: Any, mesh: Mesh, rules: Rules) -> Any:
   """PartitionSpecs for an nnx State (or abstract state) from each variable's logical names."""
 
   def spec(path, variable):
-    names = _names_of(variable)
-    shape = variable.get_value().shape
-    if names is None:
-      return variable.replace(PartitionSpec())
     where = ".".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
-    return variable.replace(logical_to_spec(names, shape, mesh, rules, warn_as=where))
+    return variable.replace(variable_spec(variable, mesh, rules, where))
 
   return jax.tree_util.tree_map_with_path(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

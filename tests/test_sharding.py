@@ -57,8 +57,7 @@ def test_sharded_model_matches_one_device(shape, reference):
                                                 nnx.to_flat_state(shardings)):
     value = var.get_value()
     np.testing.assert_array_equal(np.asarray(value), np.asarray(ref_var.get_value()), err_msg=str(path))
-    names = var.get_metadata()["out_sharding"]
-    expected = sharding.logical_to_spec(names, value.shape, mesh, config.sharding_rules)
+    expected = sharding.variable_spec(var, mesh, config.sharding_rules)
     assert value.sharding.spec == expected == sh.get_value().spec, path
     # Each device really holds only its slice.
     shard_shape = value.addressable_shards[0].data.shape
@@ -81,6 +80,55 @@ def test_rule_table_really_shards_the_big_weights():
   assert specs["thinker.model.embed_tokens.embedding"] == P("tensor", "fsdp")
   assert specs["thinker.lm_head.kernel"] == P("fsdp", "tensor")
   assert specs["thinker.model.norm.scale"] == P(None)
+  # 2 KV heads cannot be split 4 ways without cutting a head: k/v stay whole (replicated over tensor).
+  assert config.model.thinker.text.num_key_value_heads == 2
+  assert specs["thinker.model.layers.self_attn.k_proj.kernel"] == P(None, "fsdp", None)
+  assert specs["thinker.model.layers.self_attn.v_proj.bias"] == P(None, None)
+
+
+def test_shard_units_keep_heads_whole():
+  mesh = sharding.make_mesh(dict(data=1, fsdp=2, tensor=4))
+  rules = (("kv_heads", ("tensor",)), ("embed", ("fsdp",)))
+  # 2 heads of 128: a 4-way split would cut each head in two; 8 heads of 16 split into 2 heads per device.
+  assert sharding.logical_to_spec(("embed", "kv_heads"), (64, 256), mesh, rules) == P("fsdp", "tensor")
+  assert sharding.logical_to_spec(("embed", "kv_heads"), (64, 256), mesh, rules, units=(1, 128)) == P("fsdp", None)
+  assert sharding.logical_to_spec(("embed", "kv_heads"), (64, 128), mesh, rules, units=(1, 16)) == P("fsdp", "tensor")
+
+
+def _collectives_3b_attention(tensor: int) -> list:
+  """The collectives of the compiled train step of a 1-layer text model with the 3B's attention shapes
+  (hidden 2048, 16 heads, 2 KV heads of 128) on data x tensor = 8 devices."""
+  from configs import qwen2_5_omni_3b
+  from omni_jax import aot
+  from omni_jax.aot import compile as aot_compile, hlo
+
+  c = aot.without_towers(qwen2_5_omni_3b.get_config(), ("talker",))
+  c.model.thinker.vision = c.model.thinker.audio = None
+  c.model.thinker.text.num_hidden_layers = 1
+  c.model.dtype, c.model.remat_policy = "float32", "none"
+  c.train.batch_size, c.train.seq_len, c.train.loss_chunk_size = 8, 256, 0
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 8 // tensor, 1, tensor
+  compiled = aot_compile.compile_train_step(c, jax.devices())
+  return hlo.parse(compiled.compiled.as_text(), 8).collectives
+
+
+@pytest.mark.parametrize("tensor", [2, 4, 8])
+def test_tensor_parallel_attention_moves_no_qkv_activations(tensor):
+  """Whole heads per device: the forward pass gathers no q/k/v activation between the projections and
+  attention. With fewer KV heads than devices (2 vs 4 or 8) k/v are replicated, and the backward pass
+  gathers exactly their two gradients dK, dV ([B_local, L, 2, 128] each: the reduction that replicated KV
+  heads need, Megatron's all-reduce of the same bytes); with 2 devices it moves none."""
+  moved = [c for c in _collectives_3b_attention(tensor) if c.kind in ("all-gather", "all-to-all",
+                                                                       "collective-permute")]
+  forward = [c for c in moved if "transpose(" not in c.op_name]
+  assert not forward, [(c.kind, c.bytes, c.op_name) for c in forward]
+  backward = [c for c in moved if "transpose(" in c.op_name]
+  if tensor == 2:
+    assert not backward, [(c.kind, c.bytes, c.op_name) for c in backward]
+  else:
+    rows = 8 // (8 // tensor)  # the 8 rows are split over data = 8 / tensor devices
+    grad = rows * 256 * 2 * 128 * 4  # dK or dV of those rows, float32
+    assert [(c.kind, c.bytes) for c in backward] == [("all-gather", grad)] * 2, [(c.kind, c.bytes) for c in backward]
 
 
 def test_indivisible_dimension_falls_back_to_replication():

@@ -124,9 +124,13 @@ class Attention(nnx.Module):
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    # Shard units of head_dim: `tensor` splits whole heads; with fewer KV heads than the axis, k/v stay
+    # replicated (as their activations must), instead of a split inside a head that forces an all-gather.
+    kw.update(units=(1, head_dim))
     self.q_proj = Linear(features, num_heads * head_dim, use_bias=bias[0], names=("embed", "heads"), **kw)
     self.k_proj = Linear(features, num_kv_heads * head_dim, use_bias=bias[1], names=("embed", "kv_heads"), **kw)
     self.v_proj = Linear(features, num_kv_heads * head_dim, use_bias=bias[2], names=("embed", "kv_heads"), **kw)
+    kw.update(units=(head_dim, 1))
     self.o_proj = Linear(num_heads * head_dim, features, use_bias=bias[3], names=("heads", "embed"), **kw)
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.implementation = implementation
@@ -149,6 +153,7 @@ class Attention(nnx.Module):
       k = apply_rotary(k, *rotary, compute_dtype=self.rotary_dtype)
     q = sharding.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
     k = sharding.constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
+    v = sharding.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
     if kv_cache is not None:
       k_cache, v_cache, index = kv_cache
       names = ("activation_batch", "cache_length", "activation_kv_heads", None)

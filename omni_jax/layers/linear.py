@@ -1,6 +1,6 @@
 """Parameters with logical axis names, dense projections and embeddings."""
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,24 +10,36 @@ Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str | None],
-          dtype=jnp.float32) -> nnx.Param:
+          dtype=jnp.float32, units: Optional[Sequence[int]] = None) -> nnx.Param:
   """A parameter tagged with one logical axis name per dimension (see omni_jax.sharding).
 
   Sharding is applied by the caller (a jit with out_shardings built from these names), never eagerly.
+  units: per dimension, the size of the smallest piece a shard may hold (head_dim for a flattened
+  heads x head_dim axis), so that a mesh axis splits whole heads or leaves the dimension replicated.
   """
   if len(names) != len(shape):
     raise ValueError(f"logical names {tuple(names)} do not match parameter shape {tuple(shape)}")
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names), eager_sharding=False)
+  extra = {}
+  if units is not None and any(u != 1 for u in units):
+    if len(units) != len(shape) or any(d % u for d, u in zip(shape, units)):
+      raise ValueError(f"shard units {tuple(units)} do not divide parameter shape {tuple(shape)}")
+    extra["shard_units"] = tuple(int(u) for u in units)
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names), eager_sharding=False,
+                   **extra)
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias). kernel is [in, out] (torch Linear weights are [out, in])."""
+  """y = x @ kernel (+ bias). kernel is [in, out] (torch Linear weights are [out, in]).
+
+  units: (in, out) shard units (see `param`): (1, head_dim) for a projection onto heads x head_dim.
+  """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool, names: tuple[str, str],
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02):
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02,
+               units: tuple[int, int] = (1, 1)):
     self.kernel = param(rngs, jax.nn.initializers.normal(init_std), (in_features, out_features), names,
-                        param_dtype)
-    self.bias = (param(rngs, jax.nn.initializers.zeros, (out_features,), names[1:], param_dtype)
+                        param_dtype, units)
+    self.bias = (param(rngs, jax.nn.initializers.zeros, (out_features,), names[1:], param_dtype, units[1:])
                  if use_bias else None)
     self.dtype = dtype
 

@@ -225,9 +225,11 @@ def deinterleave(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
 
 
-def block_attention(q, k, v, block: int, back: jax.Array, ahead: jax.Array, implementation=None) -> jax.Array:
+def block_attention(q, k, v, block: int, back: jax.Array, ahead: jax.Array, implementation=None,
+                    frames: Optional[jax.Array] = None) -> jax.Array:
   """Attention in which a frame of block i (= frame // block) sees the frames of blocks i - back .. i + ahead
-  (back, ahead in {0, 1}; may be traced). [B, L, heads, head_dim] in and out.
+  (back, ahead in {0, 1}; may be traced). [B, L, heads, head_dim] in and out. frames [B] (optional): each row's
+  real frames; keys past them are masked (right padding that no real frame sees).
 
   The query blocks attend to their own and the two adjacent key blocks only: O(L * 3 * block) instead of the
   reference's dense [L, L] block mask, with the same result (the same keys enter each softmax).
@@ -243,11 +245,12 @@ def block_attention(q, k, v, block: int, back: jax.Array, ahead: jax.Array, impl
     a = jnp.pad(a, [(0, 0), (1, 1)] + [(0, 0)] * (a.ndim - 2))
     return jnp.concatenate([a[:, :-2], a[:, 1:-1], a[:, 2:]], axis=2).reshape(rows * n, 3 * block, *a.shape[3:])
 
-  real = neighbours(jnp.ones((1, length), bool)).reshape(n, 3 * block)  # keys that are frames, not padding
+  valid = jnp.ones((1, length), bool) if frames is None else jnp.arange(length)[None] < frames[:, None]
+  real = neighbours(valid).reshape(valid.shape[0], n, 3 * block)  # keys that are frames, not padding
   offset = jnp.repeat(jnp.arange(-1, 2), block)  # key block - query block
-  allowed = real & (offset >= -back) & (offset <= ahead)  # [n, 3 * block]
-  mask = jnp.broadcast_to(allowed[None, :, None, None], (b, n, 1, block, 3 * block)).reshape(b * n, 1, block,
-                                                                                            3 * block)
+  allowed = real & (offset >= -back) & (offset <= ahead)  # [1 or B, n, 3 * block]
+  mask = jnp.broadcast_to(allowed[:, :, None, None], (b, n, 1, block, 3 * block)).reshape(b * n, 1, block,
+                                                                                         3 * block)
   out = dot_product_attention(padded(q).reshape(b * n, block, heads, dim), neighbours(k), neighbours(v), mask,
                               implementation=implementation)
   return out.reshape(b, n * block, heads, dim)[:, :length]
@@ -259,14 +262,17 @@ class DiTAttention(nnx.Module):
   def __init__(self, cfg: DiTConfig, rt: Runtime, *, rngs: nnx.Rngs):
     kw = dict(use_bias=True, rngs=rngs, dtype=rt.dtype, param_dtype=rt.param_dtype)
     inner = cfg.num_attention_heads * cfg.head_dim
-    self.to_q = Linear(cfg.hidden_size, inner, names=("embed", "heads"), **kw)
-    self.to_k = Linear(cfg.hidden_size, inner, names=("embed", "heads"), **kw)
-    self.to_v = Linear(cfg.hidden_size, inner, names=("embed", "heads"), **kw)
-    self.to_out = nnx.List([Linear(inner, cfg.hidden_size, names=("heads", "embed"), **kw)])
+    heads_out = dict(kw, units=(1, cfg.head_dim))  # tensor parallelism splits whole heads (layers.Attention)
+    self.to_q = Linear(cfg.hidden_size, inner, names=("embed", "heads"), **heads_out)
+    self.to_k = Linear(cfg.hidden_size, inner, names=("embed", "heads"), **heads_out)
+    self.to_v = Linear(cfg.hidden_size, inner, names=("embed", "heads"), **heads_out)
+    self.to_out = nnx.List([Linear(inner, cfg.hidden_size, names=("heads", "embed"),
+                                   **dict(kw, units=(cfg.head_dim, 1)))])
     self.heads, self.head_dim, self.block_size = cfg.num_attention_heads, cfg.head_dim, cfg.block_size
     self.implementation = rt.attention_impl if rt.attention_impl != "xla" else None
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, back: jax.Array, ahead: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, back: jax.Array, ahead: jax.Array,
+               frames: Optional[jax.Array] = None) -> jax.Array:
     b, length, _ = x.shape
     shape = (b, length, self.heads, self.head_dim)
     q, k, v = self.to_q(x).reshape(shape), self.to_k(x).reshape(shape), self.to_v(x).reshape(shape)
@@ -275,7 +281,7 @@ class DiTAttention(nnx.Module):
     k = jnp.concatenate([apply_rotary(deinterleave(k[:, :, :1]), cos, sin), k[:, :, 1:]], axis=2)
     q = sharding.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
     k = sharding.constrain(k, ("activation_batch", "activation_length", "activation_heads", None))
-    out = block_attention(q, k, v, self.block_size, back, ahead, self.implementation)
+    out = block_attention(q, k, v, self.block_size, back, ahead, self.implementation, frames)
     return self.to_out[0](out.reshape(b, length, self.heads * self.head_dim))
 
 
@@ -288,10 +294,10 @@ class DiTBlock(nnx.Module):
     self.ff_norm = LayerNorm(cfg.hidden_size, eps=1e-6, affine=False, rngs=rngs)
     self.ff = FeedForward(cfg, rt, rngs=rngs)
 
-  def __call__(self, x, c, cos, sin, back, ahead):
-    """back / ahead: this layer's look-back / look-ahead blocks (0 or 1)."""
+  def __call__(self, x, c, cos, sin, frames, back, ahead):
+    """frames: real frames per row (None: all); back / ahead: this layer's look-back / look-ahead blocks (0 or 1)."""
     h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(x, c)
-    x = x + gate_msa[:, None] * self.attn(h, cos, sin, back, ahead)
+    x = x + gate_msa[:, None] * self.attn(h, cos, sin, back, ahead, frames)
     h = self.ff_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     return sharding.constrain(x + gate_mlp[:, None] * self.ff(h), ACT)
 
@@ -330,7 +336,7 @@ class DiT(nnx.Module):
 
   def __call__(self, x: jax.Array, reference_mel: jax.Array, speaker: jax.Array, codes: jax.Array, t: jax.Array,
                *, guidance: bool = False, drop_audio: Union[bool, jax.Array] = False,
-               drop_code: Union[bool, jax.Array] = False) -> jax.Array:
+               drop_code: Union[bool, jax.Array] = False, frames: Optional[jax.Array] = None) -> jax.Array:
     """The velocity [B, T, mel] of x [B, T, mel] at time t (scalar or [B]).
 
     reference_mel [B, T_ref, mel] feeds ECAPA (transformers' `condition_vector`); speaker [B, enc_emb_dim] is
@@ -338,12 +344,17 @@ class DiT(nnx.Module):
     guidance: rows [conditional; unconditional] -> [2B, T, mel] (transformers' apply_cfg=True).
     drop_audio / drop_code (per row or for all; without guidance): zero speaker vector and reference mel /
     code id 0 (condition dropout for training).
+    frames (scalar or [B], may be traced): real frames per row; the frames after them are right padding that
+    no real frame attends to, so a padded row equals the unpadded one (fixed shapes for streaming windows).
     """
     self.check_inputs(x, reference_mel, speaker, codes)
     b = x.shape[0]
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    if frames is not None:
+      frames = jnp.broadcast_to(jnp.asarray(frames, jnp.int32), (b,))
     if guidance:
       x, t = jnp.concatenate([x, x]), jnp.concatenate([t, t])
+      frames = None if frames is None else jnp.concatenate([frames, frames])
       reference_mel = jnp.concatenate([reference_mel, jnp.zeros_like(reference_mel)])
       speaker = jnp.concatenate([speaker, jnp.zeros_like(speaker)])
       codes = jnp.concatenate([codes, jnp.zeros_like(codes)])
@@ -363,7 +374,7 @@ class DiT(nnx.Module):
     layers = range(self.cfg.num_hidden_layers)
     back = jnp.asarray([int(i in self.cfg.look_backward_layers) for i in layers], jnp.int32)
     ahead = jnp.asarray([int(i in self.cfg.look_ahead_layers) for i in layers], jnp.int32)
-    h = run_stacked(self.transformer_blocks, h, c, cos, sin, per_layer=(back, ahead),
+    h = run_stacked(self.transformer_blocks, h, c, cos, sin, frames, per_layer=(back, ahead),
                     scan=self.rt.scan_layers, remat_policy=self.rt.remat_policy)
     return self.proj_out(self.norm_out(h, c)).astype(jnp.float32)
 
