@@ -50,6 +50,26 @@ def _talker(c: ml_collections.ConfigDict) -> None:
   c.train.objectives.talker_codes = 1.0
 
 
+def token2wav(c: ml_collections.ConfigDict) -> None:
+  """A tiny Token2Wav (not built by default: configs/demo_token2wav.py adds it): a 4-layer DiT of width 64 over
+  the 64 demo units (table of 65 rows; id 0 doubles as guidance's unconditional code, as in the release),
+  24-frame blocks with look-back layers 0 and 3 and look-ahead layer 2, ECAPA of width 32, and a BigVGAN of 64
+  initial channels. Its flow-matching settings: config.train.token2wav (omni_jax.token2wav.targets)."""
+  from omni_jax.models import dit  # pylint: disable=import-outside-toplevel
+
+  c.model.token2wav = ml_collections.ConfigDict()
+  c.model.token2wav.dit = dit.config_dict(
+      hidden_size=64, num_hidden_layers=4, num_attention_heads=2, head_dim=32, ff_mult=2, emb_dim=32,
+      block_size=24, look_ahead_layers=[2], look_backward_layers=[0, 3], repeats=2, num_embeds=64,
+      max_position_embeddings=4096, enc_emb_dim=16, enc_dim=32, enc_channels=[32, 32, 32, 32, 96],
+      enc_attention_channels=16, enc_se_channels=16, dropout=0.0)
+  c.model.token2wav.bigvgan = ml_collections.ConfigDict(dict(upsample_initial_channel=64))
+  c.model.token2wav.dtype = "float32"
+  c.train.token2wav = ml_collections.ConfigDict(dict(
+      time_sampling="cosine", logit_mean=0.0, logit_std=1.0, drop_audio=0.3, drop_code=0.2, max_frames=480,
+      ref_frames=300, references=ml_collections.config_dict.placeholder(dict)))
+
+
 def _training(c: ml_collections.ConfigDict) -> None:
   """A few minutes on 2 CPU cores: small batches, frequent evals and checkpoints."""
   t = c.train

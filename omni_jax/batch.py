@@ -26,6 +26,12 @@ Talker rows, [B, T] int32 (T = the bucket's talker_seq_len; present when the buc
 Talker row per Thinker row, laid out by omni_jax.talker.layout (its docstring defines each field):
   talker_text_src, talker_text_id, talker_codes_in, talker_labels, talker_segment_ids, talker_anchor,
   talker_offset
+DiT rows (present when the bucket trains the DiT: omni_jax.token2wav.targets / objective): one per Thinker row,
+holding at most one spoken reply (its last spoken message's triple); F = the bucket's token2wav_frames:
+  token2wav_codes      [B, F / repeats] int32   the reply's speech codes (0 past its end)
+  token2wav_mel        [B, F, 80] float32       target log mel (100 frames/s; the silence level past its end)
+  token2wav_lengths    [B] int32                real mel frames (0: the row carries no reply; the loss skips it)
+  token2wav_reference  [B, R, 80] float32       the speaker's reference mel for ECAPA (R = token2wav_ref_frames)
 """
 
 from typing import Mapping
@@ -39,6 +45,7 @@ KINDS = {"text": KIND_TEXT, "image": KIND_IMAGE, "audio": KIND_AUDIO, "video": K
 TEXT_FIELDS = ("input_ids", "labels", "segment_ids", "kind")
 TALKER_FIELDS = ("talker_text_src", "talker_text_id", "talker_codes_in", "talker_labels", "talker_segment_ids",
                  "talker_anchor", "talker_offset")
+TOKEN2WAV_FIELDS = {"token2wav_codes": 2, "token2wav_mel": 3, "token2wav_lengths": 1, "token2wav_reference": 3}
 MEDIA_FIELDS = {
     "pixel_values": 3, "image_grid_thw": 3, "pixel_values_videos": 3, "video_grid_thw": 3,
     "second_per_grids": 2, "audio_features": 4, "audio_lengths": 2,
@@ -66,6 +73,19 @@ def check(batch: Mapping[str, np.ndarray]) -> None:
     if np.ndim(batch[f]) != 2 or np.shape(batch[f]) != np.shape(batch["talker_segment_ids"]) or np.shape(batch[f])[0] != b:
       raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}: expected [{b}, talker_seq_len] like "
                        "talker_segment_ids")
-  unknown = set(batch) - set(TEXT_FIELDS) - set(MEDIA_FIELDS) - set(TALKER_FIELDS) - {"use_audio_in_video"}
+  dit = [f for f in TOKEN2WAV_FIELDS if f in batch]
+  if dit and len(dit) != len(TOKEN2WAV_FIELDS):
+    raise ValueError(f"batch has DiT fields {dit} but not all of {list(TOKEN2WAV_FIELDS)}")
+  for f in dit:
+    if np.ndim(batch[f]) != TOKEN2WAV_FIELDS[f] or np.shape(batch[f])[0] != b:
+      raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}: expected {TOKEN2WAV_FIELDS[f]} dims with {b} "
+                       "rows first")
+  if dit:
+    frames, codes = np.shape(batch["token2wav_mel"])[1], np.shape(batch["token2wav_codes"])[1]
+    if codes == 0 or frames % codes:
+      raise ValueError(f"batch['token2wav_codes'] has {codes} codes per row for {frames} mel frames: expected a "
+                       "whole number of frames per code (the DiT's repeats)")
+  unknown = (set(batch) - set(TEXT_FIELDS) - set(MEDIA_FIELDS) - set(TALKER_FIELDS) - set(TOKEN2WAV_FIELDS)
+             - {"use_audio_in_video"})
   if unknown:
     raise ValueError(f"batch has unknown fields {sorted(unknown)}")

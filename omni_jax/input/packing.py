@@ -37,6 +37,7 @@ from omni_jax.input.media import patches
 from omni_jax.input import sources
 from omni_jax.input.preprocess import Sample, SampleError
 from omni_jax.talker import layout as talker_layout
+from omni_jax.token2wav import mel as mel_lib
 
 PAD_ID = special_tokens.PAD  # <|endoftext|>
 PATCH_DIM = 3 * patches.TEMPORAL_PATCH_SIZE * patches.PATCH_SIZE * patches.PATCH_SIZE
@@ -94,12 +95,20 @@ class Bucket:
   # Talker positions per row (prompt + 2 + codes of each spoken reply: omni_jax.talker.layout); 0: this bucket
   # carries no Talker rows, so it takes no sample with a spoken reply that trains the Talker.
   talker_seq_len: int = 0
+  # DiT rows (omni_jax.token2wav): mel frames per row (0: no DiT rows, so the bucket takes no sample with a DiT
+  # triple), reference-mel frames, mel frames per code. A row holds at most one reply (ECAPA sees one speaker).
+  token2wav_frames: int = 0
+  token2wav_ref_frames: int = 0
+  token2wav_repeats: int = 2
 
   def __post_init__(self):
     if self.seq_len <= 0 or self.batch_size <= 0:
       raise ValueError(f"bucket {self}: seq_len and batch_size must be positive")
     if self.talker_seq_len < 0:
       raise ValueError(f"bucket {self}: talker_seq_len must be >= 0")
+    if self.token2wav_frames and (self.token2wav_frames % self.token2wav_repeats or self.token2wav_ref_frames <= 0):
+      raise ValueError(f"bucket {self}: token2wav_frames must be a multiple of token2wav_repeats, with "
+                       "token2wav_ref_frames > 0")
     if self.max_audio_frames % 200:
       raise ValueError(f"bucket {self}: max_audio_frames must be a multiple of 200 (one 2 s encoder chunk)")
 
@@ -114,6 +123,7 @@ class _Load:
   video_patches: int = 0
   audios: int = 0
   talker: int = 0  # Talker positions
+  flows: int = 0  # DiT triples
 
   def __add__(self, o):
     return _Load(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
@@ -121,14 +131,20 @@ class _Load:
 
 def _need(s: Sample) -> _Load:
   return _Load(s.num_tokens, len(s.images), sum(len(r) for r, _ in s.images), len(s.videos),
-               sum(len(v[0]) for v in s.videos), len(s.audios), s.spoken.talker_len if s.spoken else 0)
+               sum(len(v[0]) for v in s.videos), len(s.audios), s.spoken.talker_len if s.spoken else 0,
+               int(s.flow is not None))
 
 
-def _fits(load: _Load, b: Bucket, longest_audio: int) -> bool:
+def _fits(load: _Load, b: Bucket, longest_audio: int, flow_frames: int = 0) -> bool:
   return (load.tokens <= b.seq_len and load.images <= b.max_images and load.image_patches <= b.max_image_patches
           and load.videos <= b.max_videos and load.video_patches <= b.max_video_patches
           and load.audios <= b.max_audios and longest_audio <= b.max_audio_frames
-          and load.talker <= b.talker_seq_len)
+          and load.talker <= b.talker_seq_len and load.flows <= int(b.token2wav_frames > 0)
+          and flow_frames <= b.token2wav_frames)
+
+
+def _flow_frames(s: Sample) -> int:
+  return s.flow.frames if s.flow is not None else 0
 
 
 def _longest_audio(s: Sample) -> int:
@@ -136,14 +152,15 @@ def _longest_audio(s: Sample) -> int:
 
 
 def _talker_need(s: Sample) -> str:
-  return f" (+ {s.spoken.talker_len} Talker positions)" if s.spoken else ""
+  talker = f" (+ {s.spoken.talker_len} Talker positions)" if s.spoken else ""
+  return talker + (f" (+ {s.flow.frames} DiT mel frames)" if s.flow is not None else "")
 
 
 def bucket_for(sample: Sample, buckets: Sequence[Bucket]) -> Optional[int]:
   """Index of the smallest bucket (buckets sorted by seq_len) whose empty row holds the sample."""
   need, longest = _need(sample), _longest_audio(sample)
   for i, b in enumerate(buckets):
-    if _fits(need, b, longest):
+    if _fits(need, b, longest, _flow_frames(sample)):
       return i
   return None
 
@@ -166,12 +183,26 @@ def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) 
     out["audio_features"] = np.zeros((n, b.max_audios, b.num_mel_bins, b.max_audio_frames), np.float32)
     out["audio_lengths"] = np.zeros((n, b.max_audios), np.int32)
   talker_rows = [talker_layout.empty_row(b.talker_seq_len) for _ in range(n)] if b.talker_seq_len else None
+  if b.token2wav_frames:
+    frames = b.token2wav_frames
+    out["token2wav_codes"] = np.zeros((n, frames // b.token2wav_repeats), np.int32)
+    # Past a reply's end: the silence level (no loss there; the DiT has no padding mask, so the last real
+    # frames see silence as their right context, as after a pause).
+    out["token2wav_mel"] = np.full((n, frames, mel_lib.N_MELS), np.log(mel_lib.LOG_FLOOR), np.float32)
+    out["token2wav_lengths"] = np.zeros((n,), np.int32)
+    out["token2wav_reference"] = np.zeros((n, b.token2wav_ref_frames, mel_lib.N_MELS), np.float32)
   for r, row in enumerate(rows):
     pos = at = 0
     for seg, s in enumerate(row, 1):
       k = s.num_tokens
       if s.spoken is not None and talker_rows is not None:
         at = talker_layout.write(talker_rows[r], at, pos, seg, s.spoken)
+      if s.flow is not None and b.token2wav_frames:
+        f = s.flow
+        out["token2wav_codes"][r, :len(f.codes)] = f.codes
+        out["token2wav_mel"][r, :f.frames] = f.mel
+        out["token2wav_lengths"][r] = f.frames
+        out["token2wav_reference"][r] = f.reference
       out["input_ids"][r, pos:pos + k] = s.input_ids
       out["labels"][r, pos:pos + k] = s.labels
       out["segment_ids"][r, pos:pos + k] = seg
@@ -208,7 +239,7 @@ class _OpenBatch:
     """First-fit into an existing row or a new one; False when the batch is full for this sample."""
     need, longest = _need(s), _longest_audio(s)
     for i, load in enumerate(self.loads):
-      if _fits(load + need, b, longest):
+      if _fits(load + need, b, longest, _flow_frames(s)):
         self.rows[i].append(s)
         self.loads[i] = load + need
         return True

@@ -25,6 +25,7 @@ from omni_jax.input import preprocess
 from omni_jax.input import sources
 from omni_jax.input.tokenizer import Tokenizer
 from omni_jax.talker import targets as talker_targets
+from omni_jax.token2wav import targets as flow_targets
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,14 @@ def _data_dir(data: Mapping) -> str:
 
 
 def buckets_from_config(data: Mapping, *, seq_len: int, batch_size: int, process_count: int = 1,
-                        talker: bool = False) -> list[packing.Bucket]:
+                        talker: bool = False,
+                        flow: Optional[flow_targets.FlowTargets] = None) -> list[packing.Bucket]:
   """Length buckets with this host's rows: config batch sizes (default `batch_size`) are global rows.
 
   Media limits a bucket leaves out scale with its length: seq_len // 256 images (at least one) of up to
   seq_len patches in all, one video of seq_len patches, seq_len // 128 audios of up to 30 s; with talker (the
-  run trains the Talker on spoken replies), 2 * seq_len Talker positions per row.
+  run trains the Talker on spoken replies), 2 * seq_len Talker positions per row; with flow (the run trains
+  the DiT), one DiT row of config.train.token2wav.max_frames mel frames per row.
   """
   mels = int(data.get("media", {}).get("num_mel_bins", 128))
   given = list(data.get("buckets") or ()) or [{"seq_len": seq_len}]
@@ -111,6 +114,9 @@ def buckets_from_config(data: Mapping, *, seq_len: int, batch_size: int, process
     defaults = dict(max_images=max(1, n // 256), max_image_patches=n, max_videos=1, max_video_patches=n,
                     max_audios=max(1, n // 128), max_audio_frames=3000, num_mel_bins=mels,
                     talker_seq_len=2 * n if talker else 0)
+    if flow is not None:
+      defaults.update(token2wav_frames=flow.max_frames, token2wav_ref_frames=flow.ref_frames,
+                      token2wav_repeats=flow.repeats)
     out.append(packing.Bucket(**{**defaults, **b, "seq_len": n, "batch_size": rows // process_count}))
   return sorted(out, key=lambda b: b.seq_len)
 
@@ -171,8 +177,12 @@ def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = N
   tokenizer = Tokenizer(data.get("tokenizer"))
   fmt = chat_format(tokenizer, thinker, data)
   speech = talker_targets.from_config(config)  # spoken replies -> Talker rows (config.data.speech_codes)
+  flow = None
+  if flow_targets.objective_on(config):  # spoken replies -> DiT rows; speakers' clips from the train split
+    train = {n: sources.open_split(names[n], _split_name(data, "train"), data_dir) for n in sorted(mixture)}
+    flow = flow_targets.from_config(config, train)
   prep = preprocess.Preprocessor(tokenizer, fmt, preprocess.MediaOptions.from_config(data.get("media")),
-                                 data.get("system_prompt"), speech)
+                                 data.get("system_prompt"), speech, flow)
   seed = int(data.get("seed", config.get("seed", 0)))
   if split == "train":
     streams = {n: mixing.train_stream(src, n, seed=seed, shuffle=bool(data.get("shuffle", True)),
@@ -187,7 +197,7 @@ def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = N
                                  per_dataset=per_dataset)
   buckets = buckets_from_config(data, seq_len=int(train.get("seq_len", 512)),
                                 batch_size=int(batch_size or train.get("batch_size", 8)), process_count=process_count,
-                                talker=speech is not None)
+                                talker=speech is not None, flow=flow)
   ds = packing.PackedDataset(records, prep, buckets, max_lag=int(data.get("max_lag", 512)),
                              pad_id=tokenizer.special["<|endoftext|>"], limits=packing.SkipLimits.from_config(data))
   workers = int(data.get("worker_count", 0) if worker_count is None else worker_count)

@@ -21,11 +21,13 @@ from omni_jax.input.media import patches
 from omni_jax.input.media import video as video_media
 from omni_jax.talker import targets as talker_targets
 from omni_jax.talker.layout import SpokenReply
+from omni_jax.token2wav import targets as flow_targets
 
 REASONS = ("malformed", "unknown_tag", "missing_media", "bad_media", "too_long",
-           "error") + sources.LINE_REASONS + talker_targets.REASONS
+           "error") + sources.LINE_REASONS + talker_targets.REASONS + flow_targets.REASONS
 # error: unforeseen; not_utf8, blank_line: JSONL lines that are no record; no_speech_codes, bad_speaker: a spoken
-# reply that cannot train the Talker (omni_jax.talker.targets)
+# reply that cannot train the Talker (omni_jax.talker.targets); bad_speech_audio: a spoken reply (or its
+# speaker's reference clip) whose mel cannot be computed for the DiT (omni_jax.token2wav.targets)
 
 
 class SampleError(ValueError):
@@ -70,6 +72,7 @@ class Sample:
   audios: list  # [log-mel [mels, frames] f32], in order of appearance (audio-in-video tracks included)
   use_audio_in_video: bool = False
   spoken: Optional[SpokenReply] = None  # the Talker's targets (omni_jax.talker.targets), if the reply is spoken
+  flow: Optional[flow_targets.FlowTriple] = None  # the DiT's (codes, mel, reference) (omni_jax.token2wav.targets)
 
   @property
   def num_tokens(self) -> int:
@@ -89,12 +92,14 @@ class Preprocessor:
   """Picklable callable: (dataset name, stored example) -> Sample. Raises SampleError."""
 
   def __init__(self, tokenizer, fmt: chat.ChatFormat, media: MediaOptions = MediaOptions(),
-               system_prompt: Optional[str] = None, speech: Optional[talker_targets.SpeechTargets] = None):
+               system_prompt: Optional[str] = None, speech: Optional[talker_targets.SpeechTargets] = None,
+               flow: Optional[flow_targets.FlowTargets] = None):
     self.tokenizer = tokenizer
     self.fmt = fmt
     self.options = media
     self.system_prompt = system_prompt
     self.speech = speech  # None: spoken replies train the Thinker only
+    self.flow = flow  # None: spoken replies do not train the DiT
 
   def load_part(self, part: Mapping, aiv: bool, name: str, media: dict) -> chat.MediaItem:
     """Decode and preprocess one media part into the `media` lists; returns its chat item."""
@@ -151,5 +156,11 @@ class Preprocessor:
         spoken = self.speech.reply(name, messages, rendered.assistant_spans)
       except talker_targets.SpeechTargetError as e:
         raise SampleError(e.reason, str(e)) from None
+    flow = None
+    if self.flow is not None:
+      try:
+        flow = self.flow.triple(name, messages)
+      except flow_targets.FlowTargetError as e:
+        raise SampleError(e.reason, str(e)) from None
     return Sample(name, sample_kind(conv["messages"]), rendered.input_ids, rendered.labels, media["images"],
-                  media["videos"], media["audios"], aiv, spoken)
+                  media["videos"], media["audios"], aiv, spoken, flow)
