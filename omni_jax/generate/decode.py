@@ -14,6 +14,7 @@ Runs on the mesh: parameters in their training layout, the prompt rows over data
 rule table (rows over data/fsdp, kv heads over tensor).
 """
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -64,6 +65,18 @@ def _dispatch(listener, step, tokens, done):
   fn = _LISTENERS.get(int(listener))
   if fn is not None:
     fn(int(step), np.asarray(tokens), np.asarray(done))
+
+
+@contextlib.contextmanager
+def listening(on_token: OnToken) -> Iterator[np.ndarray]:
+  """A listener id (int32) for a program built with streaming: its io_callback calls on_token(step, tokens,
+  stopped) while the id is live (the Talker's and the serving session's loops stream through it too)."""
+  listener = next(_NEXT_ID)
+  _LISTENERS[listener] = on_token
+  try:
+    yield np.int32(listener)
+  finally:
+    _LISTENERS.pop(listener, None)
 
 
 def sharded_cache(decoder, batch: int, length: int, dtype=None) -> KVCache:

@@ -13,6 +13,7 @@ Defaults: config.generate.talker (the released ones: sampling, top-k 40, top-p 0
 1.05, 4096 codes).
 """
 
+import contextlib
 from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -23,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from omni_jax import config as config_lib
 from omni_jax import sharding
+from omni_jax.generate import decode
 from omni_jax.generate.decode import decode_loop, sharded_cache
 from omni_jax.generate.sampling import SamplingParams
 from omni_jax.models.talker import talker_config
@@ -48,11 +50,14 @@ class SpeechOutput(NamedTuple):
 
 def make_speech_fn(graphdef: nnx.GraphDef, *, prompt_len: int, max_new_tokens: int, sampling: SamplingParams,
                    stop_ids: Sequence[int], pad_id: int, suppress: Sequence[int], cache_len: int,
-                   cache_dtype=None, return_logits: bool = False, mesh: Optional[Mesh] = None, rules=()):
-  """The pure function (params, speech batch, key data) -> (codes, counts incl. the stop id, logits)."""
+                   cache_dtype=None, return_logits: bool = False, stream: bool = False, mesh: Optional[Mesh] = None,
+                   rules=()):
+  """The pure function (params, speech batch, key data, listener id) -> (codes, counts incl. the stop id,
+  logits); with stream, each step's codes go to the listener (omni_jax.generate.decode.listening)."""
   stop = jnp.asarray(tuple(stop_ids), jnp.int32)
+  replicated = None if mesh is None or mesh.size == 1 else NamedSharding(mesh, PartitionSpec())
 
-  def fn(params, batch, key_data):
+  def fn(params, batch, key_data, listener):
     model = nnx.merge(graphdef, params)
     talker = model.talker
     key = jax.random.wrap_key_data(key_data)
@@ -73,7 +78,7 @@ def make_speech_fn(graphdef: nnx.GraphDef, *, prompt_len: int, max_new_tokens: i
       sampling_seen = pre["seen"] if sampling.penalises else jnp.zeros((b, 0), bool)
       out = decode_loop(feed, cache, logits[:, -1], sampling_seen, key, max_new_tokens=max_new_tokens,
                         sampling=sampling, eos=stop, pad_token_id=pad_id, return_logits=return_logits,
-                        suppress=suppress)
+                        suppress=suppress, listener=listener if stream else None, replicated=replicated)
     return out.tokens, out.lengths, out.all_logits
 
   return fn
@@ -117,18 +122,20 @@ class SpeechGenerator:
       replicated = NamedSharding(self.mesh, PartitionSpec())
       self._compiled[key] = jax.jit(
           fn, in_shardings=(self.param_shardings, step_lib.batch_shardings(batch, self.mesh, self.rules),
-                            replicated), out_shardings=replicated)
+                            replicated, replicated), out_shardings=replicated)
     return self._compiled[key]
 
   def generate(self, prompt: Mapping[str, Any], tokens: np.ndarray, *, speaker=None,
                max_new_tokens: Optional[int] = None, sampling: Optional[SamplingParams] = None,
                seed: Optional[int] = None, eos_token_ids: Optional[Sequence[int]] = None,
-               stop_ids: Optional[Sequence[int]] = None, return_logits: bool = False) -> SpeechOutput:
+               stop_ids: Optional[Sequence[int]] = None, return_logits: bool = False,
+               on_code: Optional[decode.OnToken] = None) -> SpeechOutput:
     """Speech codes for the Thinker's replies `tokens` [B, N] (pad after a row's stop id) to `prompt` (the
     left-padded batch they were generated from). speaker: a name of config.model.talker.speakers, one per row,
     or None (default_speaker). eos_token_ids: the Thinker's stop ids (default: its config's), which end each
     row's text track (transformers' batched first-eos rule). stop_ids: the codes that end a row (default codec
-    pad and end; () runs every row to max_new_tokens, e.g. to benchmark)."""
+    pad and end; () runs every row to max_new_tokens, e.g. to benchmark). on_code(step, codes [B], stopped [B])
+    is called from the running program after each step (streaming; rows that stopped show codec pad)."""
     d = self.defaults
     max_new_tokens = int(d["max_new_tokens"] if max_new_tokens is None else max_new_tokens)
     if max_new_tokens < 1:
@@ -144,9 +151,11 @@ class SpeechGenerator:
     program = self._program(
         batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids or (-1,),
         pad_id=self.cfg.tts_codec_pad_token_id, suppress=(self.cfg.tts_codec_start_token_id,),
-        cache_len=prompt_len + 2 + max_new_tokens, cache_dtype=cache_dtype, return_logits=return_logits)
+        cache_len=prompt_len + 2 + max_new_tokens, cache_dtype=cache_dtype, return_logits=return_logits,
+        stream=on_code is not None)
     seed = int(d.get("seed", 0) if seed is None else seed)
-    codes, counts, logits = program(self.params, batch, jax.random.key_data(jax.random.key(seed)))
-    codes, counts = np.asarray(codes), np.asarray(counts)
+    with decode.listening(on_code) if on_code is not None else contextlib.nullcontext(np.int32(0)) as listener:
+      codes, counts, logits = program(self.params, batch, jax.random.key_data(jax.random.key(seed)), listener)
+      codes, counts = np.asarray(codes), np.asarray(counts)  # waits for the program, listener still live
     stopped = np.isin(codes[np.arange(len(counts)), np.maximum(counts - 1, 0)], stop_ids)
     return SpeechOutput(codes, counts - stopped.astype(counts.dtype), np.asarray(logits) if return_logits else None)

