@@ -303,7 +303,8 @@ def speak_to_file(model: OmniChat, prompt: str, path: str, *, speaker: Optional[
       record["wav"] = voice_lib.write_wav(wav_out, speech.audio, speech.sample_rate)
       print(f"{len(speech.audio) / speech.sample_rate:.2f} s of speech ({speech.vocoder}) -> {wav_out}")
     if mel_png is not None and len(speech.mel):
-      record["mel_png"] = voice_lib.save_mel_png(mel_png, speech.mel, title=f"{speech.speaker}, {len(speech.codes)} codes ({speech.vocoder})")
+      title = f"{speech.speaker}, {len(speech.codes)} codes ({speech.vocoder})"
+      record["mel_png"] = voice_lib.save_mel_png(mel_png, speech.mel, title=title)
       print(f"mel spectrogram -> {mel_png}")
   elif want:
     print("no audio: " + ("this model has no Token2Wav" if not model.has_token2wav

@@ -16,7 +16,8 @@ SAMPLE_RATE = 24000
 
 
 @nnx.jit
-def _vocode(vocoder, mel):
+def vocode(vocoder, mel):
+  """BigVGAN: mel [B, T, mel_dim] -> waveform [B, T * 240] (one compile per vocoder graph and shape)."""
   return vocoder(mel)
 
 
@@ -29,4 +30,4 @@ def synthesize(token2wav, codes, cond, reference_mel, *, sampler: sampling.Sampl
   mel = sampling.sample(token2wav.code2wav_dit_model, codes, jnp.asarray(cond, jnp.float32),
                         jnp.asarray(reference_mel, jnp.float32), noise=noise,
                         seed=None if noise is not None else seed, sampler=sampler)
-  return np.asarray(_vocode(token2wav.code2wav_bigvgan_model, mel))
+  return np.asarray(vocode(token2wav.code2wav_bigvgan_model, mel))

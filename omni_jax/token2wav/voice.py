@@ -48,12 +48,13 @@ from omni_jax import config as config_lib
 from omni_jax.config import ConfigError
 from omni_jax.token2wav import griffin_lim
 from omni_jax.token2wav import sampling
+from omni_jax.token2wav import synthesis
 from omni_jax.token2wav.synthesis import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 VOCODERS = ("auto", "bigvgan", "griffin_lim")
-SPEAKERS_FILE = "speakers.safetensors"  # omni_jax.convert.speakers.TENSORS_FILE (not imported: that module is torch's side)
+SPEAKERS_FILE = "speakers.safetensors"  # = omni_jax.convert.speakers.TENSORS_FILE (that module is the torch side)
 SPK_DICT = "spk_dict.pt"
 _T2W_ASSET = os.path.join("hf_assets", "token2wav_config.json")  # the converter's record of a released Token2Wav
 
@@ -252,11 +253,6 @@ def voices_of(path: Optional[str]) -> tuple[dict[str, Voice], Optional[str]]:
 # --------------------------------------------------------------------------------------- synthesis
 
 
-@nnx.jit
-def _vocode(vocoder, mel):
-  return vocoder(mel)
-
-
 def with_dtype(token2wav, config: ml_collections.ConfigDict, dtype: str):
   """The same Token2Wav computing (and holding its parameters) in `dtype`: a rebuilt graph over cast weights."""
   from omni_jax.models import token2wav_tower  # pylint: disable=import-outside-toplevel
@@ -291,7 +287,7 @@ def voice_codes(token2wav, codes, voice: Voice, *, vocoder: str = "griffin_lim",
                         jnp.asarray(voice.ref_mel[None]), seed=seed, sampler=sampler)
   mel = jnp.asarray(mel, jnp.float32)
   if vocoder == "bigvgan":
-    audio = np.asarray(_vocode(token2wav.code2wav_bigvgan_model, mel), np.float32)[0]
+    audio = np.asarray(synthesis.vocode(token2wav.code2wav_bigvgan_model, mel), np.float32)[0]
   else:
     audio = griffin_lim.mel_to_audio(np.asarray(mel[0]), n_iter=griffin_lim_iters, seed=seed)
   return Voiced(audio, np.asarray(mel[0]), SAMPLE_RATE, vocoder)
@@ -312,11 +308,13 @@ class Voicer:
   "griffin_lim"; default_speaker: the voice used when none is named.
   """
 
-  def __init__(self, token2wav, voices: dict, *, vocoder: str, sampler: sampling.SamplerConfig = sampling.SamplerConfig(),
-               settings: VoiceSettings = VoiceSettings(), default_speaker: Optional[str] = None,
-               voices_file: Optional[str] = None, ref_frames: Optional[int] = None):
+  def __init__(self, token2wav, voices: dict, *, vocoder: str,
+               sampler: sampling.SamplerConfig = sampling.SamplerConfig(), settings: VoiceSettings = VoiceSettings(),
+               default_speaker: Optional[str] = None, voices_file: Optional[str] = None,
+               ref_frames: Optional[int] = None):
     self.token2wav, self.voices, self.vocoder, self.ref_frames = token2wav, dict(voices), vocoder, ref_frames
-    self.sampler, self.settings, self.default_speaker, self.voices_file = sampler, settings, default_speaker, voices_file
+    self.sampler, self.settings, self.default_speaker = sampler, settings, default_speaker
+    self.voices_file = voices_file
 
   @classmethod
   def from_model(cls, token2wav, config: ml_collections.ConfigDict, checkpoint_path: Optional[str], *,
