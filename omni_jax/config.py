@@ -135,7 +135,8 @@ class Runtime:
     _require(cfg.get("remat_policy", "none") in REMAT_POLICIES, "model.remat_policy",
              f"unknown policy {cfg.get('remat_policy')!r}; choose one of {REMAT_POLICIES}")
     impl = cfg.get("attention_impl", None)
-    _require(impl in (None, "xla", "cudnn"), "model.attention_impl", f"must be None, 'xla' or 'cudnn', got {impl!r}")
+    from omni_jax.layers.attention import IMPLEMENTATIONS  # noqa: PLC0415 - config must not import layers at load
+    _require(impl in IMPLEMENTATIONS, "model.attention_impl", f"must be one of {IMPLEMENTATIONS}, got {impl!r}")
     return cls(dtype=dtype_of(cfg.get("dtype", "float32"), "model.dtype"),
                param_dtype=dtype_of(cfg.get("param_dtype", "float32"), "model.param_dtype"),
                scan_layers=bool(cfg.get("scan_layers", True)), remat_policy=cfg.get("remat_policy", "none"),

@@ -43,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # master weights
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # one of omni_jax.config.REMAT_POLICIES
-  c.model.attention_impl = None  # None/"xla": XLA attention; "cudnn": cuDNN fused attention on GPU
+  # None/"xla": dense XLA attention; "cudnn": cuDNN through jax.nn.dot_product_attention (dense mask);
+  # never L x L: "blocked" (XLA flash, any backend), "splash" (TPU Pallas), "pallas_gpu" (GPU Pallas/Triton)
+  c.model.attention_impl = None
   c.model.thinker = ml_collections.ConfigDict()
   # Parameters to start from: a `python -m omni_jax.convert` output, a training workdir or a step directory.
   # A typed placeholder (None until set), so that --config.init_from=DIR works on the command line.

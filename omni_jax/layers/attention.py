@@ -10,9 +10,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from omni_jax.layers import flash
+from omni_jax.layers import kernels
 from omni_jax.layers.linear import Linear
 from omni_jax.layers.rotary import apply_rotary
 from omni_jax import sharding
+
+# config.model.attention_impl: None / "xla" / "cudnn" build the dense mask for jax.nn.dot_product_attention;
+# the others never materialise L x L (omni_jax/layers/flash.py, kernels.py).
+DENSE_IMPLS = (None, "xla", "cudnn")
+IMPLEMENTATIONS = DENSE_IMPLS + ("blocked", "splash", "pallas_gpu")
 
 
 def attention_mask(q_segments: jax.Array, kv_segments: Optional[jax.Array] = None, *,
@@ -29,6 +36,44 @@ def attention_mask(q_segments: jax.Array, kv_segments: Optional[jax.Array] = Non
     lq, lk = q_segments.shape[1], kv_segments.shape[1]
     mask &= jnp.tril(jnp.ones((lq, lk), dtype=bool), k=lk - lq)[None]
   return mask[:, None]
+
+
+@jax.tree_util.register_pytree_node_class
+class SegmentMask:
+  """A mask described by segment ids, never a dense array: query i attends key j when both carry the
+  same segment id > 0 (a sample of a packed row, an image, an audio chunk) and, if causal, j is not after i.
+
+  q_index / kv_index ([B, Lq] / [B, Lk], optional): the token indices causality compares (default: the last
+  Lq of Lk positions); context parallelism passes the global indices of its chunks. `causal` is static.
+  """
+
+  def __init__(self, q_segments: jax.Array, kv_segments: Optional[jax.Array] = None, *, causal: bool,
+               q_index: Optional[jax.Array] = None, kv_index: Optional[jax.Array] = None):
+    self.q_segments = q_segments
+    self.kv_segments = q_segments if kv_segments is None else kv_segments
+    self.causal, self.q_index, self.kv_index = bool(causal), q_index, kv_index
+
+  def tree_flatten(self):
+    return (self.q_segments, self.kv_segments, self.q_index, self.kv_index), self.causal
+
+  @classmethod
+  def tree_unflatten(cls, causal, children):
+    q_seg, kv_seg, q_index, kv_index = children
+    return cls(q_seg, kv_seg, causal=causal, q_index=q_index, kv_index=kv_index)
+
+  def dense(self) -> jax.Array:
+    """The boolean [B, 1, Lq, Lk] mask (for the dense XLA / cuDNN paths)."""
+    if self.q_index is None and self.kv_index is None:
+      return attention_mask(self.q_segments, self.kv_segments, causal=self.causal)
+    mask = attention_mask(self.q_segments, self.kv_segments, causal=False)
+    if self.causal:
+      b, lq = self.q_segments.shape
+      lk = self.kv_segments.shape[1]
+      qi = jnp.arange(lq) + (lk - lq) if self.q_index is None else self.q_index
+      ki = jnp.arange(lk) if self.kv_index is None else self.kv_index
+      qi, ki = jnp.broadcast_to(qi, (b, lq)), jnp.broadcast_to(ki, (b, lk))
+      mask &= (qi[:, :, None] >= ki[:, None, :])[:, None]
+    return mask
 
 
 class LocalSegments(NamedTuple):
@@ -63,15 +108,35 @@ def _local_attention(q, k, v, local: LocalSegments, implementation: Optional[str
   return out.reshape(b, n * size, heads, dim)[:, :length]
 
 
-def dot_product_attention(q, k, v, mask: Union[jax.Array, LocalSegments], *, implementation: Optional[str] = None):
+def _segment_attention(q, k, v, mask: SegmentMask, implementation: Optional[str]):
+  plain = mask.q_index is None and mask.kv_index is None
+  if implementation == "splash" and plain:
+    return kernels.splash_attention(q, k, v, mask.q_segments, mask.kv_segments, causal=mask.causal)
+  if implementation == "pallas_gpu" and plain and q.shape[1] == k.shape[1]:
+    return kernels.pallas_gpu_attention(q, k, v, mask.q_segments, mask.kv_segments, causal=mask.causal)
+  # "blocked", and the kernels' cases they do not cover (explicit token indices, cross-length attention)
+  return flash.blocked_attention(q, k, v, mask.q_segments, mask.kv_segments, causal=mask.causal,
+                                 q_index=mask.q_index, kv_index=mask.kv_index)
+
+
+def dot_product_attention(q, k, v, mask: Union[jax.Array, SegmentMask, LocalSegments], *,
+                          implementation: Optional[str] = None):
   """softmax(q k^T / sqrt(d) + mask) v with [B, L, heads, head_dim] inputs; kv heads may be fewer (GQA).
 
   Query head n uses kv head n // (heads / kv_heads), as transformers' repeat_kv does. The softmax runs in
-  float32 whatever the input dtype. mask: boolean [B, 1, Lq, Lk] (attention_mask) or LocalSegments.
+  float32 whatever the input dtype. mask: a SegmentMask (dense, blocked or a fused kernel, by
+  `implementation`), LocalSegments (neighbouring blocks only), or a boolean [B, 1, Lq, Lk] array.
   """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
+  jax_impl = implementation if implementation in DENSE_IMPLS else None
+  if isinstance(mask, SegmentMask):
+    if implementation in DENSE_IMPLS:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation=jax_impl)
+    return _segment_attention(q, k, v, mask, implementation)
   if isinstance(mask, LocalSegments):
-    return _local_attention(q, k, v, mask, implementation)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return _local_attention(q, k, v, mask, jax_impl)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=jax_impl)
 
 
 class KVCache(NamedTuple):

@@ -29,7 +29,7 @@ from flax import nnx
 
 from omni_jax import sharding, sizes
 from omni_jax.config import ConfigError, Runtime, from_config_dict, require_positive_ints
-from omni_jax.layers import Attention, Conv1d, Embed, LayerNorm, Linear, MLP, activation, attention_mask
+from omni_jax.layers import Attention, Conv1d, Embed, LayerNorm, Linear, MLP, SegmentMask, activation
 from omni_jax.models.scan import create_stacked, run_stacked
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -168,7 +168,7 @@ class AudioEncoder(nnx.Module):
     row_tokens = sizes.audio_conv_frames(row_len)  # 0 for an empty row
     segments = (jnp.arange(per_row)[None, :] < row_tokens[:, None]).astype(jnp.int32)
     x = sharding.constrain(x, ACT)
-    x = run_stacked(self.layers, x, attention_mask(segments, causal=False), scan=self.rt.scan_layers,
+    x = run_stacked(self.layers, x, SegmentMask(segments, causal=False), scan=self.rt.scan_layers,
                     remat_policy=self.rt.remat_policy)
     return x, row_tokens, chunk_start
 

@@ -8,7 +8,7 @@ from flax import nnx
 
 from omni_jax import sharding
 from omni_jax.config import Runtime, TextConfig
-from omni_jax.layers import (Attention, Embed, GatedMLP, KVCache, RMSNorm, attention_mask, inv_frequencies,
+from omni_jax.layers import (Attention, Embed, GatedMLP, KVCache, RMSNorm, SegmentMask, inv_frequencies,
                              mrope_cos_sin)
 from omni_jax.models.scan import create_stacked, run_stacked
 
@@ -71,7 +71,7 @@ class DecoderStack(nnx.Module):
                              self.cfg.mrope_section)
     x = sharding.constrain(x.astype(self.rt.dtype), ACT)
     if cache is None:
-      mask = attention_mask(segment_ids, causal=True)
+      mask = SegmentMask(segment_ids, causal=True)
       x = run_stacked(self.layers, x, mask, cos, sin, scan=self.rt.scan_layers, remat_policy=self.rt.remat_policy)
       return self.norm(x), None
     index = cache.index

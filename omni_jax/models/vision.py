@@ -27,7 +27,7 @@ from flax import nnx
 
 from omni_jax import sharding, sizes
 from omni_jax.config import ConfigError, Runtime, from_config_dict, require_positive_ints
-from omni_jax.layers import (Attention, GatedMLP, Linear, LocalSegments, RMSNorm, activation, attention_mask,
+from omni_jax.layers import (Attention, GatedMLP, Linear, LocalSegments, RMSNorm, SegmentMask, activation,
                              inv_frequencies, mrope_cos_sin)
 from omni_jax.models.scan import create_stacked, run_stacked
 
@@ -205,7 +205,8 @@ class VisionBlock(nnx.Module):
     self.window_patches = cfg.window_units ** 2 * cfg.merge_unit
 
   def __call__(self, x, full_mask, window_segments, cos, sin, full_attention):
-    """full_mask [B, 1, P, P]; window_segments [B, P] (contiguous windows); full_attention: this block's flag."""
+    """full_mask: SegmentMask over each image's patches; window_segments [B, P] (contiguous windows);
+    full_attention: this block's flag."""
     windows = LocalSegments(window_segments, self.window_patches)
     attend = lambda mask, h: self.attn(h, mask, rotary=(cos, sin))
     h = jax.lax.cond(full_attention, lambda h: attend(full_mask, h), lambda h: attend(windows, h), self.norm1(x))
@@ -261,7 +262,7 @@ class VisionEncoder(nnx.Module):
     inv = inv_frequencies(cfg.head_dim // 2, cfg.rope_theta)
     half = inv.shape[0]
     cos, sin = mrope_cos_sin(jnp.moveaxis(lay.positions, 1, 0), jnp.concatenate([inv, inv]), (half, half))
-    full_mask = attention_mask(lay.full_segments, causal=False)
+    full_mask = SegmentMask(lay.full_segments, causal=False)
     is_full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
     x = run_stacked(self.blocks, x, full_mask, lay.window_segments, cos, sin, per_layer=(is_full,),
                     scan=self.rt.scan_layers, remat_policy=self.rt.remat_policy)
