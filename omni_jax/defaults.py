@@ -75,6 +75,12 @@ def generation(c: ml_collections.ConfigDict) -> None:
   # Qwen2_5OmniForConditionalGeneration.generate (talker_*); it stops at codec pad or end, never picks codec bos.
   g.talker = ml_collections.ConfigDict(dict(do_sample=True, temperature=0.9, top_k=40, top_p=0.8,
                                             repetition_penalty=1.05, max_new_tokens=4096, seed=0))
+  # Token2Wav's sampler (token2wav.sampling.SamplerConfig: transformers' values) and chunked synthesis
+  # (token2wav.streaming.StreamingConfig: chunk sizes in DiT blocks, docs/token2wav.md "Streaming synthesis").
+  g.token2wav = ml_collections.ConfigDict(dict(num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
+                                               method="rk4"))
+  g.token2wav.streaming = ml_collections.ConfigDict(dict(first_chunk_blocks=1, chunk_blocks=3, past_blocks=2,
+                                                         future_blocks=1, vocoder_context=20, max_frames=0))
 
 
 def training(c: ml_collections.ConfigDict) -> None:

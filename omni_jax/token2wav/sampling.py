@@ -34,7 +34,10 @@ class SamplerConfig:
 
   @classmethod
   def from_config(cls, cfg: Optional[ml_collections.ConfigDict], key: str = "generate.token2wav") -> "SamplerConfig":
-    return cls() if cfg is None else from_config_dict(cls, cfg, key)
+    if cfg is None:
+      return cls()
+    # The `streaming` subsection is token2wav.streaming.StreamingConfig's.
+    return from_config_dict(cls, {k: v for k, v in cfg.items() if k != "streaming"}, key)
 
   def validate(self, key: str):
     if not isinstance(self.num_steps, int) or self.num_steps < 2:
