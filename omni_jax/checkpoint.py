@@ -271,11 +271,28 @@ def adopt_model_config(config: ml_collections.ConfigDict, params_path: str) -> m
       continue
     log.warning("using the model architecture stored in %s/config.json (config.%s differs)", where, tower.section)
     config = config.copy_and_resolve_references()
+    added = _added_speakers(stored, current) if key == "talker" and current is not None else {}
     with config.unlocked():
       config.model[key] = ml_collections.ConfigDict(stored)
+      if added:  # a new voice (docs/new_voice.md): names the run adds to the stored table keep their rows
+        config.model[key].speakers.update(added)
+        if current.get("default_speaker") in added:
+          config.model[key].default_speaker = current.default_speaker
+        log.warning("config.model.talker.speakers: adding %s to the stored speakers", added)
   for tower in absent:
     config = _new_tower(config, tower, where)
   return config
+
+
+def _added_speakers(stored: dict, current) -> dict:
+  """{name: bos row} the config's Talker adds to the stored speaker table (not architecture: a new voice is a
+  new name over an unused Thinker row); a row the stored table already uses is an error."""
+  have = dict(stored.get("speakers") or {})
+  added = {k: int(v) for k, v in dict(current.get("speakers") or {}).items() if k not in have}
+  clash = {k: v for k, v in added.items() if v in set(have.values())}
+  if clash:
+    raise ConfigError(f"config.model.talker.speakers: {clash} reuse rows of the stored speakers {have}")
+  return added
 
 
 def _new_tower(config: ml_collections.ConfigDict, tower, where: str) -> ml_collections.ConfigDict:

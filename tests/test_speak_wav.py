@@ -149,11 +149,11 @@ def test_vocoder_choice(ckpt, tmp_path):
   (conv / "hf_assets" / "token2wav_config.json").write_text("{}")
   assert voice.choose_vocoder("auto", str(conv)) == "bigvgan"
   assert voice.choose_vocoder("griffin_lim", str(conv)) == "griffin_lim"
-  run = tmp_path / "finetuned"  # a training run started from it (config.train.init_from, followed through)
+  run = tmp_path / "finetuned"  # a training run started from it (config.init_from, followed through)
   (run / "params").mkdir(parents=True)
-  (run / "config.json").write_text(json.dumps({"train": {"init_from": str(conv)}}))
+  (run / "config.json").write_text(json.dumps({"init_from": str(conv)}))
   assert voice.converted_vocoder(str(run))
-  (run / "config.json").write_text(json.dumps({"train": {"init_from": path}}))
+  (run / "config.json").write_text(json.dumps({"init_from": path}))
   assert not voice.converted_vocoder(str(run))
   hf_dir = tmp_path / "hf"
   hf_dir.mkdir()

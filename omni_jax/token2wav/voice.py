@@ -15,7 +15,7 @@ Which vocoder (config.generate.voice.vocoder):
   "auto"         (default) BigVGAN when its weights came from a transformers checkpoint, else Griffin-Lim.
                  Nothing here trains a vocoder, so BigVGAN weights are real only when converted: the checkpoint
                  is a transformers directory, or carries the converter's hf_assets/token2wav_config.json, or its
-                 training run started (config.train.init_from, followed through) from such a checkpoint.
+                 training run started (config.init_from, followed through) from such a checkpoint.
                  A tiny or from-scratch model's BigVGAN is random: it would only make noise.
 
 Voices: each needs `cond` [enc_emb_dim] (the speaker vector) and `ref_mel` [T_ref, 80] (a reference mel of the
@@ -131,7 +131,7 @@ def converted_vocoder(path: Optional[str], _depth: int = 0) -> bool:
     if d is not None and os.path.isfile(os.path.join(d, _T2W_ASSET)):
       return True
   saved = _saved_config(params_path)
-  init_from = saved.get("train", {}).get("init_from") if saved is not None else None
+  init_from = saved.get("init_from", None) if saved is not None else None
   return bool(init_from) and converted_vocoder(init_from, _depth + 1)
 
 

@@ -1,0 +1,198 @@
+"""The new-voice recipe's data step (docs/new_voice.md): one speaker's recordings with transcripts -> spoken-reply
+conversations, the speaker's reference clip and the recipe's record (new_voice.json).
+
+  # a folder of recordings: NAME.wav (or .flac / .mp3 / .ogg) + NAME.txt pairs, or a manifest.jsonl of
+  # {"audio": path, "text": transcript} lines (paths relative to the manifest)
+  python -m omni_jax.units.new_voice prepare --recordings DIR --speaker Ada --out voices/ada
+  # demo recordings in one eSpeak NG voice of the demo corpus (the recipe's test and docs use them)
+  python -m omni_jax.units.new_voice example --voice en-GB-scotland --count 12 --out voices/scotland_recordings
+
+prepare writes into --out:
+  voice.train.jsonl, voice.validation.jsonl   one record per recording: the user asks for the transcript to be
+      said aloud, the assistant answers it with `speech` = the recording and `speaker` = the new name, so the
+      Talker learns the voice's codes for the Thinker's text and the DiT learns the voice's mels
+      (omni_jax/talker/targets.py, omni_jax/token2wav/targets.py read exactly these fields);
+  reference.wav   the speaker's reference clip for the DiT's ECAPA encoder (--reference, else the longest
+      recording of at most 10 s): what synthesis conditions on;
+  new_voice.json  {speaker, bos_token, reference, train, validation, clips}: configs/recipes/new_voice.py reads it.
+No jax: this runs anywhere; audio is decoded only to check it and to measure durations.
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import zlib
+from typing import Optional
+
+RECORD = "new_voice.json"
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
+# A Thinker row no released token uses (the released voices sit at 151870 / 151872, the TTS specials at
+# 151859-151861, the vocabulary has 151936 rows): the Talker's text track opens with it for the new voice.
+DEFAULT_BOS = 151873
+MAX_REFERENCE_S = 10.0
+PROMPTS = ("Say this aloud: {}", "Read this out loud: {}", "Please say: {}", "Speak this sentence: {}")
+
+
+class RecipeError(ValueError):
+  """Bad recordings or arguments; the message names the file or flag."""
+
+
+def _pairs_from_folder(folder: str) -> list[tuple[str, str]]:
+  pairs, missing = [], []
+  for path in sorted(glob.glob(os.path.join(folder, "*"))):
+    stem, ext = os.path.splitext(path)
+    if ext.lower() not in AUDIO_EXTENSIONS:
+      continue
+    if not os.path.isfile(stem + ".txt"):
+      missing.append(os.path.basename(path))
+      continue
+    with open(stem + ".txt", encoding="utf-8") as f:
+      pairs.append((os.path.abspath(path), " ".join(f.read().split())))
+  if missing:
+    print(f"warning: {len(missing)} recordings have no transcript (.txt) and are left out: {missing[:3]}",
+          file=sys.stderr)
+  return pairs
+
+
+def _pairs_from_manifest(manifest: str) -> list[tuple[str, str]]:
+  root, pairs = os.path.dirname(os.path.abspath(manifest)), []
+  with open(manifest, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        audio, text = row["audio"], row["text"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise RecipeError(f"{manifest}:{n}: expected {{\"audio\": path, \"text\": transcript}} ({e})") from None
+      pairs.append((os.path.abspath(os.path.join(root, os.path.expanduser(audio))), " ".join(str(text).split())))
+  return pairs
+
+
+def read_recordings(recordings: str) -> list[tuple[str, str]]:
+  """[(absolute audio path, transcript)] of a folder (wav + txt pairs, or its manifest.jsonl) or a manifest."""
+  if os.path.isdir(recordings):
+    manifest = os.path.join(recordings, "manifest.jsonl")
+    pairs = _pairs_from_manifest(manifest) if os.path.isfile(manifest) else _pairs_from_folder(recordings)
+  elif os.path.isfile(recordings) and recordings.endswith(".jsonl"):
+    pairs = _pairs_from_manifest(recordings)
+  else:
+    raise RecipeError(f"--recordings {recordings}: not a folder of audio + .txt pairs or a manifest .jsonl")
+  pairs = [(a, t) for a, t in pairs if t]
+  for audio, _ in pairs:
+    if not os.path.isfile(audio):
+      raise RecipeError(f"--recordings: {audio} does not exist")
+  if not pairs:
+    raise RecipeError(f"--recordings {recordings}: no recordings with a non-empty transcript")
+  return pairs
+
+
+def _duration(path: str) -> float:
+  from omni_jax.input.media import audio as audio_media  # pylint: disable=import-outside-toplevel
+
+  try:
+    return len(audio_media.load_audio(path, 16000)) / 16000.0
+  except Exception as e:  # noqa: BLE001 - one line naming the file
+    raise RecipeError(f"{path}: cannot be decoded ({type(e).__name__}: {e})") from None
+
+
+def prepare(recordings: str, speaker: str, out: str, *, reference: Optional[str] = None, validation: int = 1,
+            bos_token: int = DEFAULT_BOS) -> dict:
+  """The data step; returns the record written to out/new_voice.json."""
+  if not speaker or not speaker.replace("_", "").replace("-", "").isalnum():
+    raise RecipeError(f"--speaker {speaker!r}: use letters, digits, '-' and '_' (it becomes a config key)")
+  pairs = read_recordings(recordings)
+  if len(pairs) <= validation:
+    raise RecipeError(f"--recordings: {len(pairs)} recordings, need more than --validation {validation}")
+  durations = {a: _duration(a) for a, _ in pairs}
+  # Held out by a hash of the file name: stable when recordings are added.
+  order = sorted(pairs, key=lambda p: zlib.crc32(os.path.basename(p[0]).encode()))
+  held = {a for a, _ in order[:validation]}
+  os.makedirs(out, exist_ok=True)
+  counts = {"train": 0, "validation": 0}
+  files = {s: open(os.path.join(out, f"voice.{s}.jsonl"), "w", encoding="utf-8") for s in counts}
+  try:
+    for i, (audio, text) in enumerate(pairs):
+      split = "validation" if audio in held else "train"
+      record = {"id": f"{speaker}_{i:04d}", "messages": [
+          {"role": "user", "content": PROMPTS[i % len(PROMPTS)].format(text)},
+          {"role": "assistant", "content": text, "speech": audio, "speaker": speaker}]}
+      files[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+      counts[split] += 1
+  finally:
+    for f in files.values():
+      f.close()
+  if reference is None:
+    train = [a for a, _ in pairs if a not in held]
+    short = [a for a in train if durations[a] <= MAX_REFERENCE_S]
+    reference = max(short, key=durations.get) if short else min(train, key=durations.get)
+  elif not os.path.isfile(reference):
+    raise RecipeError(f"--reference {reference}: no such file")
+  ref_out = os.path.join(out, "reference" + os.path.splitext(reference)[1].lower())
+  shutil.copyfile(reference, ref_out)
+  record = {"speaker": speaker, "bos_token": int(bos_token), "reference": os.path.abspath(ref_out),
+            "reference_seconds": round(_duration(ref_out), 2), **counts,
+            "clips": [a for a, _ in pairs if a not in held], "seconds": round(sum(durations.values()), 1)}
+  with open(os.path.join(out, RECORD), "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=1)
+  return record
+
+
+def example(voice: str, out: str, count: int = 12) -> list[str]:
+  """`count` demo-corpus sentences spoken by one eSpeak NG voice, as NAME.wav + NAME.txt pairs in `out`."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import soundfile  # pylint: disable=import-outside-toplevel
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  from data import demo_texts, espeak  # pylint: disable=import-outside-toplevel
+
+  sentences = [s for v, s in demo_texts.SENTENCES if v == "en"] + [a for _, a in demo_texts.SPOKEN_QA]
+  if count > len(sentences):
+    raise RecipeError(f"--count {count}: the demo texts hold {len(sentences)} English sentences")
+  os.makedirs(out, exist_ok=True)
+  names = []
+  for i, text in enumerate(sentences[:count]):
+    wave, rate = espeak.synthesize(text, voice)
+    name = os.path.join(out, f"{voice}_{i:03d}")
+    soundfile.write(name + ".wav", np.asarray(wave), rate)
+    with open(name + ".txt", "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+    names.append(name + ".wav")
+  return names
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+  a = sub.add_parser("prepare", help="recordings + transcripts -> conversations, reference clip, new_voice.json")
+  a.add_argument("--recordings", required=True, help="folder of audio + .txt pairs (or manifest.jsonl), or a manifest")
+  a.add_argument("--speaker", required=True, help="the new voice's name (config.model.talker.speakers key)")
+  a.add_argument("--out", required=True)
+  a.add_argument("--reference", default=None, help="the reference clip (default: longest recording <= 10 s)")
+  a.add_argument("--validation", type=int, default=1, help="recordings held out for the eval loss")
+  a.add_argument("--bos_token", type=int, default=DEFAULT_BOS, help="an unused Thinker row for the voice")
+  e = sub.add_parser("example", help="demo recordings in one eSpeak NG voice (wav + txt pairs)")
+  e.add_argument("--voice", default="en-GB-scotland")
+  e.add_argument("--count", type=int, default=12)
+  e.add_argument("--out", required=True)
+  args = p.parse_args(argv)
+  try:
+    if args.command == "prepare":
+      r = prepare(args.recordings, args.speaker, args.out, reference=args.reference, validation=args.validation,
+                  bos_token=args.bos_token)
+      print(f"voice {r['speaker']}: {r['train']} train + {r['validation']} validation recordings ({r['seconds']} s), "
+            f"reference {r['reference']} ({r['reference_seconds']} s) -> {args.out}")
+    else:
+      names = example(args.voice, args.out, args.count)
+      print(f"{len(names)} recordings in eSpeak NG voice {args.voice} -> {args.out}")
+  except RecipeError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
