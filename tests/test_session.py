@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import skimage.data
 import soundfile
+from flax import nnx
 from PIL import Image
 
 from configs import tiny
@@ -116,6 +117,7 @@ def test_streamed_audio_equals_whole_audio(model, media):
   assert text == model.chat(messages=messages, max_new_tokens=5, **GREEDY)
 
 
+@pytest.mark.slow  # ~35 s each on 2 CPU cores (the vision tower's programs)
 @pytest.mark.parametrize("aiv", [False, True], ids=["video", "audio_in_video"])
 def test_image_and_video_parts_equal_whole_prefill(model, media, aiv):
   messages = [{"role": "user", "content": [
@@ -160,7 +162,7 @@ class _Echo:
       self.held = self.held[2:]
     return out
 
-  def flush(self):
+  def finish(self):
     out = [np.full(480 * len(self.held), 0.5, np.float32)] if self.held else []
     self.held = []
     return out
@@ -186,3 +188,38 @@ def test_audio_events_and_errors(model):
   s.close()
   with pytest.raises(SessionError, match="closed"):
     s.push_text("x")
+
+
+@pytest.mark.slow  # the Token2Wav's DiT and BigVGAN programs
+def test_streamed_audio_equals_chunked_synthesis(model):
+  """Audio events, concatenated, are the streaming Token2Wav's utterance of the streamed codes, and the first
+  chunk leaves before the last code (tests/test_token2wav_streaming.py bounds chunked vs whole-utterance
+  synthesis). A standalone tiny Token2Wav (as that test's: 4-frame blocks, one AMP block)."""
+  from omni_jax.config import Runtime  # noqa: PLC0415
+  from omni_jax.models.bigvgan import BigVGANConfig  # noqa: PLC0415
+  from omni_jax.models.dit import DiTConfig  # noqa: PLC0415
+  from omni_jax.models.token2wav_tower import Token2Wav, Token2WavView  # noqa: PLC0415
+  from omni_jax.token2wav import SamplerConfig, streaming  # noqa: PLC0415
+
+  cfg = DiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, emb_dim=16, block_size=4,
+                  look_ahead_layers=(1,), look_backward_layers=(0,), num_embeds=120, enc_emb_dim=8, enc_dim=8,
+                  enc_channels=(16, 16, 16, 16, 48), enc_attention_channels=8, enc_se_channels=8, dropout=0.0)
+  vocoder = BigVGANConfig(upsample_initial_channel=64, resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1, 3),))
+  token2wav = Token2Wav(Token2WavView(cfg, vocoder, Runtime()), rngs=nnx.Rngs(0))
+  sampler = SamplerConfig(num_steps=2, method="euler")
+  rng = np.random.default_rng(1)
+  cond = rng.standard_normal(cfg.enc_emb_dim).astype(np.float32)
+  ref_mel = rng.standard_normal((12, cfg.mel_dim)).astype(np.float32)
+  s = OmniSession(model, synthesizer=lambda: streaming.StreamingSynthesizer(token2wav, cond, ref_mel, sampler=sampler,
+                                                                            seed=0))
+  s.push_text("Say hello.")
+  events = list(s.respond(speak=True, max_new_tokens=3, talker=dict(max_new_tokens=40, do_sample=False, stop_ids=()),
+                          **GREEDY))
+  codes = events[-1].payload.codes
+  assert len(codes) == 40
+  audio = np.concatenate([e.payload for e in events if e.kind == "audio"])
+  expected = np.concatenate(streaming.synthesize_chunked(token2wav, codes, cond, ref_mel, sampler=sampler, seed=0))
+  assert audio.shape == expected.shape == (40 * cfg.repeats * token2wav.code2wav_bigvgan_model.cfg.hop_length,)
+  np.testing.assert_allclose(audio, expected, atol=1e-5, rtol=0)
+  kinds = [e.kind for e in events]
+  assert kinds.index("audio") < len(kinds) - 1 - kinds[::-1].index("codes")

@@ -35,11 +35,13 @@ a streaming synthesizer (omni_jax.token2wav.streaming, when present). Talker dec
 Thinker's is not done (docs/serving.md).
 """
 
+import logging
 import os
 import queue
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import jax
@@ -51,7 +53,6 @@ from omni_jax import config as config_lib
 from omni_jax import sharding
 from omni_jax.generate import decode
 from omni_jax.generate import prompts
-from omni_jax.generate.sampling import SamplingParams
 from omni_jax.input import chat
 from omni_jax.input import preprocess
 from omni_jax.input.media import audio as audio_media
@@ -59,9 +60,14 @@ from omni_jax.input.media import MediaError
 from omni_jax.serve.events import Done, Event
 from omni_jax.train import step as step_lib
 
+log = logging.getLogger(__name__)
+
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 _LOOKAHEAD = 40  # samples past a 2 s chunk its last STFT frame (centred, 400 wide) reads
 _CONTEXT = 2 * audio_media.HOP_LENGTH  # samples before a chunk: its first frame's left half, hop-aligned
+
+
+_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Generator -> {key: jitted program}
 
 
 class SessionError(ValueError):
@@ -137,8 +143,8 @@ class OmniSession:
     max_len: cache slots for the whole conversation (default config.generate.max_cache_len, else 4096).
     system: the system turn (default: config.data.system_prompt, else chat's default). chunk_multiple: chunk
     lengths are rounded up to it (padding slots are invalid in the cache; bounds compilations).
-    synthesizer: () -> an object with push(codes) -> [audio chunks] and flush() -> [audio chunks] for the
-    audio events (default: omni_jax.token2wav.streaming.StreamingSynthesizer when the model has Token2Wav)."""
+    synthesizer: () -> an object with push(codes) -> [audio chunks] and finish() -> [audio chunks] (the
+    StreamingSynthesizer interface) for the audio events; default: default_synthesizer(model, speaker)."""
     self.model, self.speaker, self.id = model, speaker, session_id or uuid.uuid4().hex
     g = model.generator
     self._g = g
@@ -160,7 +166,8 @@ class OmniSession:
     cache_dtype = generate_cfg.get("cache_dtype")
     cache_dtype = config_lib.dtype_of(cache_dtype, "generate.cache_dtype") if cache_dtype else None
     self._cache_dtype = cache_dtype
-    self._programs: dict = {}
+    # Compiled programs are the model's, shared by all its sessions (a server opens one per conversation).
+    self._programs = _PROGRAMS.setdefault(g, {})
     self._history: list[int] = []  # every real token in the cache, in order
     self._media = {"images": [], "videos": [], "audios": []}  # the conversation's media (for the Talker)
     self._aiv = False
@@ -186,12 +193,12 @@ class OmniSession:
     self.turn = 0
 
   def _empty_cache(self):
-    key = ("cache",)
+    key = ("cache", self.max_len, str(self._cache_dtype))
     if key not in self._programs:
       g = self._g
+      decoder = nnx.merge(g.graphdef, g.params).thinker.model  # its sizes only: no parameter enters the program
 
       def make():
-        decoder = nnx.merge(g.graphdef, g.params).thinker.model
         with sharding.activate(g.mesh, g.rules):
           return decode.sharded_cache(decoder, 1, self.max_len, self._cache_dtype)
 
@@ -434,10 +441,6 @@ class OmniSession:
     return preprocess.Sample(f"session {self.id}", kind, ids, np.zeros_like(ids), list(m["images"]),
                              list(m["videos"]), list(m["audios"]), self._aiv)
 
-  def _settings(self, kw: dict) -> tuple[SamplingParams, dict]:
-    sampling = self._g.sampling(**{k: kw.pop(k) for k in _SAMPLING_KEYS if k in kw})
-    return sampling, kw
-
   def _decoder(self, **static):
     key = ("decode", tuple(sorted(static.items())))
     if key not in self._programs:
@@ -554,14 +557,14 @@ class OmniSession:
     """The Talker's codes for the reply (streamed as decoded), voiced by the synthesizer when there is one."""
     speech = self.model.speech
     sampling = speech.sampling(**{k: talker.pop(k) for k in _SAMPLING_KEYS if k in talker})
-    unknown = set(talker) - {"max_new_tokens", "seed"}
+    unknown = set(talker) - {"max_new_tokens", "seed", "stop_ids"}  # stop_ids=(): every code to max (benchmarks)
     if unknown:
       raise TypeError(f"unknown talker generation arguments {sorted(unknown)}")
     batch = prompts.prompt_batch([prompt], pad_id=self.ids.pad_token_id, num_mel_bins=self.model.num_mel_bins)
-    synth = self._make_synthesizer()
+    synth = self._make_synthesizer(speaker or self.speaker)
     codes_q: queue.Queue = queue.Queue()
     result: dict = {}
-    stop_ids = set(speech.stop_ids)
+    stop_ids = set(int(i) for i in talker.get("stop_ids", speech.stop_ids))
 
     def run():
       try:
@@ -595,7 +598,7 @@ class OmniSession:
     if "error" in result:
       raise result["error"]
     if synth is not None:
-      for audio in synth.flush():
+      for audio in synth.finish():
         yield self._audio_event(event, audio, timings)
     return result["out"].row(0)
 
@@ -605,20 +608,45 @@ class OmniSession:
     timings["audio_seconds"] = timings.get("audio_seconds", 0.0) + audio.shape[0] / 24000
     return event("audio", audio)
 
-  def _make_synthesizer(self):
+  def _make_synthesizer(self, speaker):
     if self._synthesizer is not None:
       return self._synthesizer()
-    return default_synthesizer(self.model, self.speaker)
+    return default_synthesizer(self.model, speaker)
+
+
+class WholeUtterance:
+  """The synthesizer for a vocoder that cannot stream (Griffin-Lim): the reply is voiced when its codes end."""
+
+  def __init__(self, voicer, speaker: Optional[str]):
+    self.voicer, self.speaker, self.codes = voicer, speaker, []
+
+  def push(self, codes) -> list:
+    self.codes.extend(int(c) for c in np.asarray(codes).reshape(-1))
+    return []
+
+  def finish(self) -> list:
+    return [self.voicer(np.asarray(self.codes, np.int32), self.speaker).audio] if self.codes else []
 
 
 def default_synthesizer(model, speaker: Optional[str]):
-  """omni_jax.token2wav.streaming's StreamingSynthesizer for a model with Token2Wav, else None (codes only)."""
-  if model.config.model.get("token2wav") is None:
+  """How a reply's codes become audio events, for a model with Token2Wav (else None: codes only): with BigVGAN,
+  omni_jax.token2wav.streaming.StreamingSynthesizer (config.generate.token2wav[.streaming], the voice's seed);
+  with Griffin-Lim (a model whose BigVGAN was never converted: token2wav/voice.py "auto") the whole reply at
+  its end. A model that cannot voice the speaker (no cond / ref_mel) logs why and streams codes only."""
+  if not model.has_token2wav:
     return None
-  try:
-    from omni_jax.token2wav import streaming  # noqa: PLC0415
-  except ImportError:
-    return None
-  factory = getattr(streaming, "for_model", None)
-  return factory(model, speaker=speaker) if factory is not None else None
+  from omni_jax.token2wav import voice as voice_lib  # noqa: PLC0415
 
+  try:
+    voicer = model.voicer
+    voice = voicer.voice(speaker)
+  except voice_lib.VoiceError as e:
+    log.warning("speech codes only, no audio: %s", e)
+    return None
+  if voicer.vocoder != "bigvgan":
+    return WholeUtterance(voicer, speaker)
+  from omni_jax.token2wav import streaming  # noqa: PLC0415
+
+  _, settings = streaming.from_config(model.config)
+  return streaming.StreamingSynthesizer(voicer.token2wav, voice.cond, voice.ref_mel, sampler=voicer.sampler,
+                                        streaming=settings, seed=voicer.settings.seed)

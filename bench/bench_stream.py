@@ -1,0 +1,182 @@
+"""Real-time latency of a spoken question: time to first text token, time to first audio chunk (both from the
+end of the user's input) and the real-time factor of the speech that follows, for OmniSession and for
+transformers' Qwen2_5OmniForConditionalGeneration.generate(return_audio=True) on the same weights and prompt.
+
+  .venv/bin/python bench/bench_stream.py [--size tiny|100m] [--seconds 4] [--reply 16] [--codes 96]
+  .venv/bin/python bench/bench_stream.py --size 7b --no-reference --dtype bfloat16        # on a GPU
+
+The model: a full Qwen2.5-Omni (Thinker with the audio tower, Talker, Token2Wav) with the real vocabulary and
+token ids, random perturbed weights, saved by transformers (plus a spk_dict.pt voice) and loaded by
+omni_jax.generate.load, so both sides run the same weights. The question: `--seconds` of noise-like audio.
+
+ours: OmniSession pushes the audio in 0.5 s pieces (every complete 2 s is encoded and prefilled as it
+  arrives); the clock starts before the last piece is pushed; respond(speak=True) then streams text, the
+  Talker's codes (the Talker starts when the reply is complete) and 24 kHz audio from the streaming Token2Wav.
+transformers: the whole input at once (features precomputed, not timed); generate returns text and audio at
+  the end, so its first text and first audio are both the whole call.
+Both decode greedily `--reply` text tokens and `--codes` speech codes (stops disabled: the same work on both
+sides). RTF = seconds to produce the speech after the first chunk / its duration (ours: last audio event - first
+audio event over the remaining audio; transformers: the whole call / the whole audio). Medians of --iters runs
+after a warm-up (compilation excluded); the ratio is transformers / ours (> 1: we are earlier).
+Figures: docs/performance.md ("Streaming").
+"""
+
+import argparse
+import copy
+import os
+import tempfile
+import time
+
+import numpy as np
+
+import common  # noqa: F401  (puts the repository and tests/ on sys.path)
+
+SIZES = {
+    # Thinker text decoder, audio tower, Talker, Token2Wav DiT / BigVGAN; the Qwen vocabulary throughout.
+    "tiny": dict(
+        text=dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope=[2, 3, 3], tie=False),
+        audio=dict(d_model=32, encoder_attention_heads=4, encoder_ffn_dim=64, encoder_layers=2),
+        talker=dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, mrope=[2, 3, 3]),
+        dit=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, ff_mult=2),
+        bigvgan=dict(upsample_initial_channel=64)),
+    # ~100 M parameters in all (78 M of them the tied 151,936 x 512 embedding).
+    "100m": dict(
+        text=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, mrope=[8, 12, 12], tie=True),
+        audio=dict(d_model=256, encoder_attention_heads=4, encoder_ffn_dim=1024, encoder_layers=4),
+        talker=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+                    num_key_value_heads=2, head_dim=64, mrope=[8, 12, 12]),
+        dit=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, head_dim=32, ff_mult=2),
+        bigvgan=dict(upsample_initial_channel=128)),
+}
+SPEAKER, SPEAKER_BOS = "Chelsie", 151872
+
+
+def build_reference(size: str, seed: int = 0):
+  """(transformers model with perturbed random weights, its saved directory with spk_dict.pt)."""
+  import torch  # noqa: PLC0415
+  from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration  # noqa: PLC0415
+
+  import hf_reference as ref  # noqa: PLC0415
+
+  s = SIZES[size]
+  t = dict(s["text"])
+  section, tie = t.pop("mrope"), t.pop("tie")
+  rope = lambda sec: {"mrope_section": sec, "rope_type": "default", "rope_theta": 1e6}  # noqa: E731
+  text = dict(t, vocab_size=151936, tie_word_embeddings=tie, rope_parameters=rope(section))
+  thinker = dict(text_config=text, audio_config=dict(ref._AUDIO, **s["audio"], output_dim=t["hidden_size"]),  # noqa: SLF001
+                 vision_config=dict(ref._VISION, out_hidden_size=t["hidden_size"]),  # noqa: SLF001
+                 vision_start_token_id=151652, vision_end_token_id=151653)  # the released ids (not in its defaults)
+  tk = dict(s["talker"])
+  talker = dict(tk, rope_parameters=rope(tk.pop("mrope")), vocab_size=8448, embedding_size=t["hidden_size"],
+                spatial_merge_size=2)
+  talker.pop("mrope", None)
+  t2w = copy.deepcopy(ref.TOKEN2WAV)
+  t2w["dit_config"].update(s["dit"], num_embeds=8448)
+  t2w["bigvgan_config"].update(s["bigvgan"])
+  config = Qwen2_5OmniConfig(thinker_config=thinker, talker_config=talker, token2wav_config=t2w)
+  torch.manual_seed(seed)
+  model = ref.perturb(Qwen2_5OmniForConditionalGeneration(config).eval(), seed + 1)
+  g = torch.Generator().manual_seed(seed + 2)
+  enc = t2w["dit_config"]["enc_emb_dim"]
+  model.speaker_map = {SPEAKER: {"bos_token": SPEAKER_BOS, "cond": torch.randn(enc, generator=g),
+                                 "ref_mel": torch.randn(1, 48, 80, generator=g)}}
+  directory = tempfile.mkdtemp()
+  model.save_pretrained(directory)
+  torch.save(model.speaker_map, os.path.join(directory, "spk_dict.pt"))
+  return model, directory
+
+
+def question(seconds: float) -> np.ndarray:
+  """Noise shaped like speech: 4 Hz syllable envelope over band noise, 16 kHz."""
+  rng = np.random.default_rng(0)
+  n = int(seconds * 16000)
+  t = np.arange(n) / 16000
+  return (rng.standard_normal(n) * 0.1 * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))).astype(np.float32)
+
+
+def run_ours(model, wave, reply: int, codes: int, piece: int = 8000):
+  from omni_jax.serve import OmniSession  # noqa: PLC0415
+
+  s = OmniSession(model, speaker=SPEAKER)
+  cut = (wave.shape[0] - 1) // piece * piece  # the last piece is pushed after the clock starts
+  for start in range(0, cut, piece):
+    s.push_audio(wave[start:start + piece])
+  t0 = time.perf_counter()
+  s.push_audio(wave[cut:], final=True)
+  s.push_text("Answer the question.")
+  first = {}
+  audio_s, last = 0.0, None
+  for e in s.respond(speak=True, max_new_tokens=reply, do_sample=False,
+                     talker=dict(max_new_tokens=codes, do_sample=False, repetition_penalty=1.05, stop_ids=())):
+    first.setdefault(e.kind, e.t - t0)
+    if e.kind == "audio":
+      if "audio_len" not in first:
+        first["audio_len"] = e.payload.shape[0] / 24000
+      audio_s += e.payload.shape[0] / 24000
+      last = e.t - t0
+  rest = audio_s - first["audio_len"]
+  rtf = (last - first["audio"]) / rest if rest > 0 else float("nan")
+  return dict(text=first["text"], audio=first["audio"], rtf=rtf, audio_s=audio_s, session=s)
+
+
+def run_theirs(model, prompt_ids, feats, reply: int, codes: int):
+  import torch  # noqa: PLC0415
+
+  ids = torch.tensor(prompt_ids[None].astype(np.int64))
+  kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=torch.tensor(feats[None]),
+            feature_attention_mask=torch.ones((1, feats.shape[1]), dtype=torch.long), speaker=SPEAKER,
+            thinker_max_new_tokens=reply, thinker_min_new_tokens=reply, thinker_do_sample=False,
+            talker_max_new_tokens=codes, talker_min_new_tokens=codes, talker_do_sample=False)
+  t0 = time.perf_counter()
+  with torch.no_grad():
+    _, audio = model.generate(**kw)
+  total = time.perf_counter() - t0
+  seconds = audio.reshape(-1).shape[0] / 24000
+  return dict(text=total, audio=total, rtf=total / seconds, audio_s=seconds)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--size", default="tiny", choices=sorted(SIZES))
+  p.add_argument("--seconds", type=float, default=4.0, help="length of the spoken question")
+  p.add_argument("--reply", type=int, default=16, help="Thinker reply tokens")
+  p.add_argument("--codes", type=int, default=96, help="speech codes (50 per second of speech)")
+  p.add_argument("--iters", type=int, default=2)
+  p.add_argument("--no-reference", dest="reference", action="store_false")
+  args = p.parse_args()
+  import torch  # noqa: PLC0415
+
+  from omni_jax import generate  # noqa: PLC0415
+
+  torch.set_num_threads(os.cpu_count())
+  hf_model, directory = build_reference(args.size)
+  model = generate.load(directory)
+  n_params = sum(p.numel() for p in hf_model.parameters())
+  wave = question(args.seconds)
+  ours, theirs = [], []
+  for i in range(args.iters + 1):  # run 0 compiles / warms up
+    o = run_ours(model, wave, args.reply, args.codes)
+    sample = o.pop("session").prompt_sample()
+    if i:
+      ours.append(o)
+    if args.reference:
+      h = run_theirs(hf_model, sample.input_ids, sample.audios[0], args.reply, args.codes)
+      if i:
+        theirs.append(h)
+  med = lambda rows, k: float(np.median([r[k] for r in rows]))  # noqa: E731
+  line = (f"size {args.size} ({n_params / 1e6:.0f} M params), {args.seconds:g} s question, {args.reply} tokens, "
+          f"{args.codes} codes ({med(ours, 'audio_s'):.2f} s of speech), CPU: ours first text "
+          f"{med(ours, 'text') * 1e3:.0f} ms, first audio {med(ours, 'audio') * 1e3:.0f} ms, RTF "
+          f"{med(ours, 'rtf'):.2f}")
+  if theirs:
+    line += (f" | transformers first text {med(theirs, 'text') * 1e3:.0f} ms, first audio "
+             f"{med(theirs, 'audio') * 1e3:.0f} ms, RTF {med(theirs, 'rtf'):.2f} | first audio ratio "
+             f"{med(theirs, 'audio') / med(ours, 'audio'):.1f}x earlier")
+  print(line, flush=True)
+
+
+if __name__ == "__main__":
+  main()
