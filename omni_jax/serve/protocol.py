@@ -327,7 +327,7 @@ class MediaWriter:
     return path
 
   def audio(self, part: InputAudio, param: str) -> str:
-    if part.data.startswith("data:") or part.data.startswith("file://"):
+    if re.match(r"^(data:|[a-z][a-z0-9+.-]*://)", part.data, re.IGNORECASE):  # a URL, as Qwen-Omni APIs take
       return self.url(part.data, "audio", param)
     self.count += 1
     if self.count > self.limits.max_media_parts:
@@ -368,8 +368,14 @@ def conversation(request: ChatRequest, media: MediaWriter, transcripts: Optional
                       "use_audio_in_video": request.use_audio_in_video})
     if role != "user":  # system / assistant text parts: one string
       out.append({"role": role, "content": "".join(p["text"] for p in parts)})
-    else:
-      out.append({"role": role, "content": parts})
+      continue
+    joined = []  # consecutive text parts as one (chat.render joins them; a session tokenises each push alone)
+    for p in parts:
+      if p["type"] == "text" and joined and joined[-1]["type"] == "text":
+        joined[-1] = {"type": "text", "text": joined[-1]["text"] + p["text"]}
+      else:
+        joined.append(p)
+    out.append({"role": role, "content": joined})
   return out
 
 

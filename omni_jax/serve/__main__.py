@@ -1,0 +1,73 @@
+"""python -m omni_jax.serve --checkpoint PATH: the OpenAI-compatible server (omni_jax/serve/server.py).
+
+  python -m omni_jax.serve --checkpoint workdirs/tiny_demo                      # http://127.0.0.1:8000/v1
+  python -m omni_jax.serve --checkpoint ckpt/omni7b --media_root /srv/media --max_queue 16 --port 9000
+
+--checkpoint: anything omni_jax.generate.load reads. --config (optional): runtime, mesh and generation
+defaults (config.generate), as generate.py. Binds to 127.0.0.1 unless --host says otherwise (the server has
+no authentication: put it behind one before exposing it). Local media paths are off unless --media_root names
+the one directory clients may read from. docs/serving.md.
+"""
+
+import ipaddress
+import logging
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+from omni_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Optional Python config file (get_config()).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, step directory, converter output or HF directory.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (default: localhost only).")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to bind.")
+_MEDIA_ROOT = flags.DEFINE_string("media_root", None, "The only directory whose files requests may name "
+                                  "(default: none; media come as data URLs).")
+_MAX_QUEUE = flags.DEFINE_integer("max_queue", 8, "Requests waiting for the model; more get 429.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 1, "Requests the worker advances side by side.")
+_MAX_PROMPT = flags.DEFINE_integer("max_prompt_tokens", None, "Longest rendered prompt (default: the model's "
+                                   "max_position_embeddings minus --max_new_tokens, at most 32768).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 1024, "Ceiling (and default) of a request's max_tokens.")
+_MAX_MEDIA = flags.DEFINE_integer("max_media_mb", 16, "Largest media part, MiB (decoded).")
+_MAX_BODY = flags.DEFINE_integer("max_body_mb", 64, "Largest request body, MiB.")
+_NAME = flags.DEFINE_string("model_name", None, "The model id clients send (default: the checkpoint's name).")
+_ENGINE = flags.DEFINE_enum("engine", "auto", ["auto", "session", "chat"],
+                            "session: OmniSession (speech streams in chunks); chat: the OmniChat adapter.")
+flags.mark_flags_as_required(["checkpoint"])
+
+
+def main(argv):
+  del argv
+  import uvicorn  # noqa: PLC0415 - the serve extra
+
+  from omni_jax.generate import api  # noqa: PLC0415
+  from omni_jax.serve import protocol  # noqa: PLC0415
+  from omni_jax.serve import server  # noqa: PLC0415
+
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if _MEDIA_ROOT.value is not None and not os.path.isdir(_MEDIA_ROOT.value):
+    cli.fail(f"--media_root {_MEDIA_ROOT.value}: no such directory")
+  try:
+    loopback = ipaddress.ip_address(_HOST.value).is_loopback
+  except ValueError:
+    loopback = _HOST.value == "localhost"
+  if not loopback:
+    logging.warning("--host %s: the server has no authentication and is reachable from other machines",
+                    _HOST.value)
+  model = api.load(_CHECKPOINT.value, _CONFIG.value)
+  positions = int(model.config.model.thinker.text.get("max_position_embeddings", 32768))
+  max_prompt = _MAX_PROMPT.value or max(1, min(32768, positions - _MAX_NEW.value))
+  limits = protocol.Limits(max_body_bytes=_MAX_BODY.value << 20, max_media_bytes=_MAX_MEDIA.value << 20,
+                           max_prompt_tokens=max_prompt, max_new_tokens=_MAX_NEW.value)
+  engine = server.engine_for(model, limits, _ENGINE.value)
+  worker = server.Worker(engine, limits, max_queue=_MAX_QUEUE.value, max_batch=_MAX_BATCH.value)
+  name = _NAME.value or os.path.basename(os.path.normpath(_CHECKPOINT.value))
+  app = server.create_app(worker, limits, model_name=name, media_root=_MEDIA_ROOT.value)
+  logging.info("serving %s as %r (%s engine) on http://%s:%d/v1", _CHECKPOINT.value, name,
+               type(engine).__name__, _HOST.value, _PORT.value)
+  uvicorn.run(app, host=_HOST.value, port=_PORT.value, log_level="info")
+
+
+if __name__ == "__main__":
+  cli.run(main, also=(ValueError,))

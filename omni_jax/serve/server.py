@@ -1,0 +1,539 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes in front of one worker thread that owns the model.
+
+  python -m omni_jax.serve --checkpoint workdirs/tiny_demo            # http://127.0.0.1:8000/v1
+  app = server.create_app(server.Worker(server.engine_for(model), limits), limits, model_name="tiny")
+
+Routes: POST /v1/chat/completions (protocol.py's request format; stream=true answers Server-Sent Events of
+chat.completion.chunk objects ending in `data: [DONE]`), GET /v1/models, GET /v1/stats (active, queued, served,
+rejected, cancelled, failed: what the leak test reads), GET /health.
+
+Concurrency: the event loop only parses, validates and writes media files; every request that passes becomes a
+Job on a bounded queue (--max_queue; a full queue answers 429). One worker thread owns the model and advances
+up to --max_batch jobs in turn, one event each, so two clients stream side by side; a job whose client went
+away is closed at its next event (its session freed, `cancelled` counted). A request's error before its first
+event (an undecodable image, a prompt over --max_prompt_tokens, an unknown voice) is its HTTP status; a failure
+after the first streamed byte ends the stream with an error object.
+"""
+
+import asyncio
+import base64
+import collections
+import dataclasses
+import json
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from omni_jax.serve import protocol
+from omni_jax.serve.events import Done, Event
+from omni_jax.serve.protocol import ServeError
+
+log = logging.getLogger(__name__)
+
+AUDIO_DELTA_SECONDS = 0.5  # longer audio events go out as several deltas (bounded SSE events)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Engines: one request's conversation -> a stream of Events, on the worker thread.
+
+
+def _user_error(e: Exception) -> Optional[ServeError]:
+  """The 400 of a model-side error caused by the request (bad media, a setting, a voice), else None."""
+  from omni_jax.input import preprocess  # noqa: PLC0415 - jax-free, but only needed with a model
+
+  if isinstance(e, (preprocess.SampleError, ValueError, TypeError)):
+    return ServeError(400, " ".join(str(e).split()), code="invalid_request")
+  return None
+
+
+class Engine:
+  """What the worker drives: respond(conversation, ...) -> Iterator[Event] ending with a "done" event."""
+
+  def __init__(self, model, limits: protocol.Limits):
+    self.model, self.limits = model, limits
+    talker = model.config.model.get("talker", None)
+    self.voices = sorted(talker.speakers.keys()) if talker is not None else []
+    self.default_voice = talker.get("default_speaker", None) if talker is not None else None
+
+  @property
+  def can_speak(self) -> bool:
+    return bool(self.voices) and getattr(self.model, "has_token2wav", False)
+
+  def check_voice(self, voice: Optional[str]) -> Optional[str]:
+    """The speaker of a request's audio.voice, or a 400 naming the voices there are (on the event loop: no
+    model work; whether the voice has cond / ref_mel is checked by _voiceable on the worker)."""
+    if not self.can_speak:
+      raise ServeError(400, "this model cannot speak (it has no Talker and Token2Wav); ask for modalities "
+                       '["text"]', param="modalities", code="audio_unsupported")
+    name = voice or self.default_voice
+    if name not in self.voices:
+      raise ServeError(400, f"audio.voice: unknown voice {voice!r}; this model has {self.voices}",
+                       param="audio.voice", code="unknown_voice")
+    return name
+
+  def _voiceable(self, voice: str) -> None:
+    from omni_jax.token2wav import voice as voice_lib  # noqa: PLC0415
+
+    try:
+      self.model.voicer.voice(voice)
+    except voice_lib.VoiceError as e:
+      raise ServeError(400, f"audio.voice: {' '.join(str(e).split())}", param="audio.voice",
+                       code="unknown_voice") from None
+
+  def respond(self, conversation: list, *, speak: bool, voice: Optional[str], max_new_tokens: int,
+              sampling: dict) -> Iterator[Event]:
+    raise NotImplementedError
+
+
+class ChatEngine(Engine):
+  """OmniChat behind the Engine interface: the text streams token by token (Generator.stream); a spoken reply is
+  made whole by OmniChat.speak and sent as audio events when it is complete. The fallback where OmniSession
+  is not available (--engine chat) and for requests that carry earlier turns."""
+
+  def _prompt(self, conversation) -> dict:
+    batch = self.model.batch([conversation])
+    n = int((np.asarray(batch["segment_ids"]) > 0).sum())
+    if n > self.limits.max_prompt_tokens:
+      raise _too_long(n, self.limits)
+    return batch
+
+  def respond(self, conversation, *, speak, voice, max_new_tokens, sampling):
+    model, sid = self.model, uuid.uuid4().hex
+    batch = self._prompt(conversation)
+    prompt_tokens = int((np.asarray(batch["segment_ids"]) > 0).sum())
+    sampling = dict(sampling)
+    seed = sampling.pop("seed", None)
+    if speak:
+      self._voiceable(voice)
+      # OmniChat has no streamed speech: the whole reply, then its audio (speak() renders the prompt again).
+      speech = model.speak(messages=conversation, speaker=voice, voice=True, max_new_tokens=max_new_tokens,
+                           seed=seed, **sampling)
+      ids = model.tokenizer.encode(speech.text)  # speak() returns text, not ids: the usage count re-tokenises
+      yield Event.now("text", speech.text, session=sid)
+      yield Event.now("codes", np.asarray(speech.codes), session=sid)
+      yield Event.now("audio", np.asarray(speech.audio, np.float32), session=sid)
+      finish = "length" if len(ids) >= max_new_tokens else "stop"
+      yield Event.now("done", Done(speech.text, np.asarray(ids, np.int32), finish, prompt_tokens,
+                                   codes=np.asarray(speech.codes)), session=sid)
+      return
+    g = model.generator
+    stops = set(g.ids.eos_token_ids)
+    ids, shown, finish = [], "", "length"
+    for tokens, _ in g.stream(batch, max_new_tokens=max_new_tokens, seed=seed, sampling=g.sampling(**sampling)):
+      ids.append(int(tokens[0]))
+      if ids[-1] in stops:
+        finish = "stop"
+        break
+      text = model.tokenizer.decode(ids)
+      if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+        continue
+      if len(text) > len(shown):
+        yield Event.now("text", text[len(shown):], session=sid)
+      shown = text
+    text = model.tokenizer.decode([i for i in ids if i not in stops])
+    if len(text) > len(shown):
+      yield Event.now("text", text[len(shown):], session=sid)
+    yield Event.now("done", Done(text, np.asarray(ids, np.int32), finish, prompt_tokens), session=sid)
+
+
+def _too_long(n: int, limits: protocol.Limits) -> ServeError:
+  return ServeError(400, f"the prompt is {n} tokens (chat markup and media included); this server takes at most "
+                    f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
+
+
+class SessionEngine(ChatEngine):
+  """A request's turn in an omni_jax.serve.OmniSession: its input is prefilled part by part and text, codes
+  and audio stream as the session makes them. A request that carries earlier assistant turns (the HTTP API
+  is stateless: the client resends the history) is rendered whole by ChatEngine, since a session writes its
+  own replies."""
+
+  def respond(self, conversation, *, speak, voice, max_new_tokens, sampling):
+    system = [m for m in conversation if m["role"] == "system"]
+    users = [m for m in conversation if m["role"] == "user"]
+    if len(users) != 1 or len(system) > 1 or len(system) + 1 != len(conversation):
+      yield from super().respond(conversation, speak=speak, voice=voice, max_new_tokens=max_new_tokens,
+                                 sampling=sampling)
+      return
+    from omni_jax.serve.session import OmniSession  # noqa: PLC0415
+
+    if speak:
+      self._voiceable(voice)
+    session = OmniSession(self.model, speaker=voice, system=system[0]["content"] if system else None,
+                          max_len=self.limits.max_prompt_tokens + max_new_tokens + 16)
+    try:
+      try:
+        session.push_message(users[0])
+      except ValueError as e:  # SessionError: the cache is full, or a media part is bad
+        if "max_len" in str(e):
+          raise _too_long(session.num_tokens, self.limits) from None
+        raise
+      if session.num_tokens > self.limits.max_prompt_tokens:
+        raise _too_long(session.num_tokens, self.limits)
+      yield from session.respond(speak=speak, max_new_tokens=max_new_tokens, **sampling)
+    finally:
+      session.close()
+
+
+def session_available() -> bool:
+  """Whether omni_jax.serve.session.OmniSession is implemented (it lands in steps)."""
+  try:
+    from omni_jax.serve.session import OmniSession  # noqa: PLC0415
+  except ImportError:
+    return False
+  import inspect  # noqa: PLC0415
+
+  src = inspect.getsource(OmniSession.respond)
+  return "NotImplementedError" not in src
+
+
+def engine_for(model, limits: protocol.Limits, kind: str = "auto") -> Engine:
+  """kind: "session" (OmniSession), "chat" (OmniChat adapter), "auto" (the session when it is implemented)."""
+  if kind == "auto":
+    kind = "session" if session_available() else "chat"
+  if kind not in ("session", "chat"):
+    raise ValueError(f"--engine: {kind!r} is not one of auto, session, chat")
+  return (SessionEngine if kind == "session" else ChatEngine)(model, limits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The worker: one thread owns the model; jobs come through a bounded queue.
+
+
+@dataclasses.dataclass
+class Job:
+  """One accepted request: what to run, where its events go (an asyncio queue on the server's loop)."""
+  conversation: list
+  options: dict  # Engine.respond keywords
+  loop: Any
+  out: Any  # asyncio.Queue of ("event", Event) | ("error", ServeError) | ("end", None)
+  workdir: Optional[str] = None  # the request's media files, removed when the job ends
+  cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+  def send(self, kind: str, item: Any) -> None:
+    if not self.cancelled.is_set():
+      self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, item))
+
+  def cancel(self) -> None:
+    self.cancelled.set()
+
+
+class Worker:
+  """Runs jobs on an Engine: up to max_batch at a time, one event each in turn."""
+
+  def __init__(self, engine: Engine, limits: protocol.Limits, *, max_queue: int = 8, max_batch: int = 1):
+    if max_queue < 1 or max_batch < 1:
+      raise ValueError(f"--max_queue ({max_queue}) and --max_batch ({max_batch}) must be >= 1")
+    self.engine, self.limits, self.max_batch = engine, limits, max_batch
+    self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+    self.lock = threading.Lock()
+    self.counts = collections.Counter(served=0, rejected=0, cancelled=0, failed=0)
+    self.active = 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="omni-worker", daemon=True)
+
+  def start(self) -> "Worker":
+    self._thread.start()
+    return self
+
+  def stop(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=30)
+
+  def stats(self) -> dict:
+    with self.lock:
+      return dict(self.counts, active=self.active, queued=self.jobs.qsize(), max_queue=self.jobs.maxsize,
+                  max_batch=self.max_batch)
+
+  def _count(self, key: str) -> None:
+    with self.lock:
+      self.counts[key] += 1
+
+  def submit(self, job: Job) -> None:
+    try:
+      self.jobs.put_nowait(job)
+    except queue.Full:
+      self._count("rejected")
+      raise ServeError(429, f"the server is busy ({self.jobs.maxsize} requests queued); retry later",
+                       type="rate_limit_error", code="queue_full") from None
+
+  def _finish(self, job: Job, outcome: str, running: dict, last: Optional[tuple] = None) -> None:
+    """Free the job's session and files and count it, then send its last item (so a client that has its
+    reply reads counts that include it)."""
+    it = running.pop(id(job), (None, None))[1]
+    if it is not None:
+      it.close()  # the engine's finally: the session is freed
+    if job.workdir:
+      shutil.rmtree(job.workdir, ignore_errors=True)
+    with self.lock:
+      self.active -= it is not None
+      self.counts[outcome] += 1
+    if last is not None:
+      job.send(*last)
+    job.send("end", None)
+
+  def _fail(self, job: Job, e: BaseException, running: dict) -> None:
+    err = e if isinstance(e, ServeError) else _user_error(e)
+    if err is None:
+      log.exception("request failed", exc_info=e)
+      err = ServeError(500, f"the server failed on this request ({type(e).__name__}: {e})", type="server_error",
+                       code="internal_error")
+    self._finish(job, "failed", running, last=("error", err))
+
+  def _run(self) -> None:
+    running: dict = {}  # id(job) -> (job, iterator)
+    while not self._stop.is_set():
+      while len(running) < self.max_batch:  # admit queued jobs (wait for one only when idle)
+        try:
+          job = self.jobs.get(timeout=0.05) if not running else self.jobs.get_nowait()
+        except queue.Empty:
+          break
+        if job.cancelled.is_set():
+          self._finish(job, "cancelled", running)
+          continue
+        try:
+          it = self.engine.respond(job.conversation, **job.options)
+        except Exception as e:  # noqa: BLE001 - the worker outlives every request
+          self._fail(job, e, running)
+          continue
+        running[id(job)] = (job, it)
+        with self.lock:
+          self.active += 1
+      for job, it in list(running.values()):
+        if job.cancelled.is_set():
+          self._finish(job, "cancelled", running)
+          continue
+        try:
+          event = next(it)
+        except StopIteration:
+          self._finish(job, "served", running)
+          continue
+        except Exception as e:  # noqa: BLE001 - one request's failure never stops the worker
+          self._fail(job, e, running)
+          continue
+        if event.kind == "done":
+          self._finish(job, "served", running, last=("event", event))
+        else:
+          job.send("event", event)
+    for job, _ in list(running.values()):
+      self._finish(job, "cancelled", running)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The HTTP side.
+
+
+class _Reply:
+  """Turns one job's events into OpenAI objects (chunks or a whole completion)."""
+
+  def __init__(self, request: protocol.ChatRequest, model_name: str):
+    self.request, self.model_name = request, model_name
+    self.id, self.created = "chatcmpl-" + uuid.uuid4().hex, protocol.now()
+    self.audio_id = "audio_" + uuid.uuid4().hex if request.speak else None
+    self.format = request.audio.format if request.speak else None
+    self.pcm, self.header_sent = [], False
+
+  def audio_data(self, wave: np.ndarray) -> str:
+    """base64 of one audio event: pcm16 bytes; for a streamed "wav" the first delta starts with the header."""
+    pcm = protocol.pcm16(wave)
+    if self.format == "wav" and not self.header_sent:
+      pcm, self.header_sent = protocol.streaming_wav_header() + pcm, True
+    return base64.b64encode(pcm).decode("ascii")
+
+  def chunk(self, delta: dict, finish: Optional[str] = None) -> str:
+    return _sse(protocol.chunk(self.id, self.model_name, self.created, delta, finish))
+
+  def usage(self, done: Done) -> dict:
+    return protocol.usage(int(done.prompt_tokens), int(len(done.tokens)))
+
+
+def _sse(obj: dict) -> str:
+  return "data: " + json.dumps(obj, separators=(",", ":")) + "\n\n"
+
+
+def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, media_root: Optional[str] = None,
+               started: Optional[float] = None):
+  """The FastAPI app. worker: started and stopped with the app (lifespan)."""
+  import contextlib  # noqa: PLC0415
+
+  from fastapi import FastAPI, Request  # noqa: PLC0415 - the serve extra
+  from fastapi.responses import JSONResponse, StreamingResponse  # noqa: PLC0415
+
+  created = int(started or time.time())
+  transcripts: collections.OrderedDict = collections.OrderedDict()  # audio id -> transcript, for later turns
+  if media_root is not None and not os.path.isdir(media_root):
+    raise ValueError(f"--media_root {media_root}: no such directory")
+
+  @contextlib.asynccontextmanager
+  async def lifespan(_app):
+    if not worker._thread.is_alive():
+      worker.start()
+    yield
+    worker.stop()
+
+  app = FastAPI(title="omni_jax", lifespan=lifespan)
+
+  def error(e: ServeError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+  @app.exception_handler(ServeError)
+  async def _serve_error(_request, e: ServeError):
+    return error(e)
+
+  @app.exception_handler(404)
+  async def _not_found(request, _e):
+    return error(ServeError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+
+  @app.exception_handler(405)
+  async def _bad_method(request, _e):
+    return error(ServeError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"))
+
+  def model_card() -> dict:
+    return {"id": model_name, "object": "model", "created": created, "owned_by": "omni_jax"}
+
+  @app.get("/v1/models")
+  async def models():
+    return {"object": "list", "data": [model_card()]}
+
+  @app.get("/v1/models/{name:path}")
+  async def model(name: str):
+    if name != model_name:
+      raise ServeError(404, f"The model {name!r} does not exist; this server has {model_name!r}",
+                       param="model", code="model_not_found")
+    return model_card()
+
+  @app.get("/v1/stats")
+  async def stats():
+    return worker.stats()
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok"}
+
+  def prepare(request: protocol.ChatRequest) -> Job:
+    """Media files and the job (on a thread: base64 decoding and file writes stay off the loop)."""
+    workdir = tempfile.mkdtemp(prefix="omni_serve_")
+    try:
+      media = protocol.MediaWriter(workdir, limits, media_root)
+      conversation = protocol.conversation(request, media, transcripts)
+    except BaseException:
+      shutil.rmtree(workdir, ignore_errors=True)
+      raise
+    options = dict(speak=request.speak, voice=worker.engine.check_voice(request.audio.voice) if request.speak
+                   else None, max_new_tokens=request.new_tokens(limits), sampling=request.sampling())
+    return Job(conversation, options, loop=None, out=None, workdir=workdir)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(http: Request):
+    body = await http.body()
+    request = protocol.parse_request(body, limits)
+    if request.model != model_name:
+      raise ServeError(404, f"The model {request.model!r} does not exist; this server has {model_name!r}",
+                       param="model", code="model_not_found")
+    if request.speak and not worker.engine.can_speak:
+      worker.engine.check_voice(None)  # the 400 saying why
+    job = await asyncio.to_thread(prepare, request)
+    job.loop, job.out = asyncio.get_running_loop(), asyncio.Queue()
+    try:
+      worker.submit(job)
+    except ServeError:
+      shutil.rmtree(job.workdir, ignore_errors=True)
+      raise
+    reply = _Reply(request, model_name)
+    try:
+      first = await _next(job, http)
+    except BaseException:
+      job.cancel()
+      raise
+    if first[0] == "error":
+      return error(first[1])
+    if request.stream:
+      return StreamingResponse(_stream(job, reply, first, transcripts), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _complete(job, reply, first, http, transcripts)
+
+  return app
+
+
+async def _next(job: Job, http=None, poll: float = 0.5) -> tuple:
+  """The job's next item; ("end", None) when the client went away (the job is cancelled)."""
+  while True:
+    try:
+      return await asyncio.wait_for(job.out.get(), timeout=poll)
+    except asyncio.TimeoutError:
+      if http is not None and await http.is_disconnected():
+        job.cancel()
+        return ("end", None)
+
+
+def _remember(transcripts: collections.OrderedDict, audio_id: str, text: str, keep: int = 256) -> None:
+  transcripts[audio_id] = text
+  while len(transcripts) > keep:
+    transcripts.popitem(last=False)
+
+
+async def _stream(job: Job, reply: _Reply, first: tuple, transcripts):
+  """The SSE body; a client that disconnects cancels the generator here, which cancels the job."""
+  request, item, done = reply.request, first, None
+  try:
+    yield reply.chunk({"role": "assistant", "content": None if request.speak else "", "refusal": None})
+    while item[0] != "end":
+      kind, value = item
+      if kind == "error":
+        yield _sse(value.body())
+        break
+      if value.kind == "text" and value.payload:
+        delta = ({"audio": {"id": reply.audio_id, "transcript": value.payload}} if request.speak
+                 else {"content": value.payload})
+        yield reply.chunk(delta)
+      elif value.kind == "audio" and request.speak:
+        step = int(AUDIO_DELTA_SECONDS * protocol.OUT_SAMPLE_RATE)
+        for i in range(0, len(value.payload), step):
+          yield reply.chunk({"audio": {"id": reply.audio_id, "data": reply.audio_data(value.payload[i:i + step])}})
+      elif value.kind == "done":
+        done = value.payload
+        if request.speak:
+          _remember(transcripts, reply.audio_id, done.text)
+          yield reply.chunk({"audio": {"id": reply.audio_id, "expires_at": reply.created + 3600}})
+        yield reply.chunk({}, finish=done.finish_reason)
+        if request.stream_options and request.stream_options.include_usage:
+          yield _sse(protocol.chunk(reply.id, reply.model_name, reply.created, {}, usage_=reply.usage(done),
+                                    choices=False))
+      item = await _next(job)
+    if done is not None:
+      yield "data: [DONE]\n\n"
+  finally:
+    job.cancel()  # no-op after the end; frees the session of a client that left
+
+
+async def _complete(job: Job, reply: _Reply, first: tuple, http, transcripts):
+  from fastapi.responses import JSONResponse  # noqa: PLC0415
+
+  request, item, audio = reply.request, first, []
+  while item[0] != "end":
+    kind, value = item
+    if kind == "error":
+      return JSONResponse(value.body(), status_code=value.status)
+    if value.kind == "audio":
+      audio.append(protocol.pcm16(value.payload))
+    elif value.kind == "done":
+      done = value.payload
+      audio_obj = None
+      if request.speak:
+        pcm = b"".join(audio)
+        data = protocol.wav_bytes(pcm) if reply.format == "wav" else pcm
+        audio_obj = {"id": reply.audio_id, "data": base64.b64encode(data).decode("ascii"),
+                     "transcript": done.text, "expires_at": reply.created + 3600}
+        _remember(transcripts, reply.audio_id, done.text)
+      return protocol.completion(reply.id, reply.model_name, reply.created, done.text, done.finish_reason,
+                                 reply.usage(done), audio_obj)
+    item = await _next(job, http)
+  job.cancel()
+  return JSONResponse(ServeError(499, "the client closed the request").body(), status_code=499)

@@ -1,0 +1,322 @@
+"""The OpenAI-compatible server (omni_jax/serve/server.py) through the official `openai` client.
+
+One localhost server (uvicorn in a thread) on a tiny Thinker + Talker + Token2Wav checkpoint with two voices,
+shared by every test: streamed text equal to OmniChat's greedy reply, streamed and whole spoken replies (a
+24 kHz WAV / PCM whose transcript is that reply), image and audio inputs as data URLs, the request limits and
+malformed requests with their statuses, the media root, two concurrent clients, and a dropped stream that
+leaves no session behind (/v1/stats).
+"""
+
+import base64
+import io
+import json
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+import wave
+
+import numpy as np
+import pytest
+import soundfile
+
+openai = pytest.importorskip("openai")  # the test and serve extras (run.sh test installs both)
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from omni_jax.serve import protocol  # noqa: E402
+from omni_jax.serve import server  # noqa: E402
+
+NAME = "tiny-omni"
+NEW = 6  # max_tokens of the short replies: one decode program for all of them
+GREEDY = dict(max_tokens=NEW, temperature=0)
+
+
+def _checkpoint(path: str) -> str:
+  """The tiny config with a small Token2Wav and random voices (speakers.safetensors beside params/)."""
+  import jax  # noqa: PLC0415
+  import ml_collections  # noqa: PLC0415
+
+  from configs import tiny  # noqa: PLC0415
+  from omni_jax import checkpoint  # noqa: PLC0415
+  from omni_jax import sharding  # noqa: PLC0415
+  from omni_jax.models import omni  # noqa: PLC0415
+  from omni_jax.token2wav import voice  # noqa: PLC0415
+
+  c = tiny.get_config()
+  c.mesh = {"data": 1}
+  c.data.media = dict(image_min_pixels=4 * 28 * 28, image_max_pixels=16 * 28 * 28)
+  c.model.token2wav = ml_collections.ConfigDict(dict(
+      dit=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, ff_mult=2, emb_dim=16,
+               block_size=4, look_ahead_layers=(1,), look_backward_layers=(0,), repeats=2, num_embeds=72,
+               mel_dim=80, enc_emb_dim=8, enc_dim=8, enc_channels=(16, 16, 16, 16, 48),
+               enc_kernel_sizes=(5, 3, 3, 3, 1), enc_dilations=(1, 2, 3, 4, 1), enc_attention_channels=8,
+               enc_res2net_scale=2, enc_se_channels=8, dropout=0.0),
+      # The smallest vocoder that makes 240 samples per mel frame (Griffin-Lim voices this model: it is quick
+      # to build).
+      bigvgan=dict(upsample_initial_channel=8, upsample_rates=(8, 6, 5), upsample_kernel_sizes=(16, 12, 11),
+                   resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1,),)), dtype="float32"))
+  # The Talker's released sampling, seeded so that these random weights speak 46 codes (0.9 s) before a stop id.
+  c.generate.talker.max_new_tokens, c.generate.talker.seed = 48, 1
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  _, state, _ = omni.create_sharded(c, mesh, seed=3)
+  checkpoint.save_params(path, state, c)
+  rng = np.random.default_rng(0)
+  voice.write_voices(os.path.join(path, "speakers.safetensors"),
+                     {n: (rng.standard_normal(8), rng.standard_normal((12, 80))) for n in ("Chelsie", "Ethan")})
+  return path
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class _Server:
+  def __init__(self, model, media_root):
+    self.limits = protocol.Limits(max_media_bytes=256 << 10, max_prompt_tokens=256, max_new_tokens=400)
+    self.worker = server.Worker(server.engine_for(model, self.limits), self.limits, max_queue=4, max_batch=2)
+    app = server.create_app(self.worker, self.limits, model_name=NAME, media_root=media_root)
+    self.port = _free_port()
+    self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+    self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+    self.thread.start()
+    deadline = time.time() + 60
+    while not self.uvicorn.started:
+      assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+      time.sleep(0.05)
+    self.url = f"http://127.0.0.1:{self.port}"
+
+  def stats(self) -> dict:
+    with urllib.request.urlopen(self.url + "/v1/stats", timeout=10) as r:
+      return json.load(r)
+
+  def post_raw(self, body: bytes) -> tuple[int, dict]:
+    """A body the openai client would never send (it always sends valid JSON)."""
+    req = urllib.request.Request(self.url + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+      with urllib.request.urlopen(req, timeout=30) as r:
+        return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+      return e.code, json.load(e)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  from omni_jax import generate  # noqa: PLC0415
+
+  return generate.load(_checkpoint(str(tmp_path_factory.mktemp("ckpt"))))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+  """A media root holding a small image; outside it a secret file and a symlink from inside pointing to it."""
+  import skimage.data  # noqa: PLC0415
+  from PIL import Image  # noqa: PLC0415
+
+  base = tmp_path_factory.mktemp("media")
+  root = base / "root"
+  root.mkdir()
+  Image.fromarray(skimage.data.astronaut()).resize((56, 56)).save(root / "astronaut.png")
+  (base / "secret.png").write_bytes((root / "astronaut.png").read_bytes())
+  os.symlink(base / "secret.png", root / "link.png")
+  t = np.arange(16000) / 16000.0
+  soundfile.write(root / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+  return root
+
+
+@pytest.fixture(scope="module")
+def srv(model, media):
+  s = _Server(model, str(media))
+  yield s
+  s.uvicorn.should_exit = True
+  s.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+  return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def _user(*parts):
+  return [{"role": "user", "content": list(parts)}]
+
+
+def _data_url(path, mime) -> str:
+  return f"data:{mime};base64," + base64.b64encode(open(path, "rb").read()).decode()
+
+
+@pytest.fixture(scope="module")
+def hello(model):
+  """OmniChat's own greedy reply to "Hello there." (what every text path must reproduce)."""
+  return model.chat("Hello there.", max_new_tokens=NEW, do_sample=False)
+
+
+def test_models_and_streamed_text(client, hello):
+  assert [m.id for m in client.models.list().data] == [NAME]
+  stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello there."}],
+                                          stream=True, stream_options={"include_usage": True}, **GREEDY)
+  chunks = list(stream)
+  pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+  assert len(pieces) >= 2 and "".join(pieces) == hello  # token by token, equal to the non-streamed reply
+  assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+  assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+  assert chunks[-1].usage.completion_tokens == NEW and chunks[-1].usage.prompt_tokens > 5
+  whole = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello there."}], **GREEDY)
+  assert whole.choices[0].message.content == hello and whole.usage.completion_tokens == NEW
+
+
+def _audio_of(delta) -> dict:
+  """delta.audio as a dict (a typed ChoiceDeltaAudio in recent clients, an extra field in older ones)."""
+  audio = getattr(delta, "audio", None) or (delta.model_extra or {}).get("audio")
+  return audio.model_dump() if hasattr(audio, "model_dump") else audio
+
+
+def test_streamed_speech_is_a_24khz_wav_of_the_text(client, hello):
+  stream = client.chat.completions.create(
+      model=NAME, messages=[{"role": "user", "content": "Hello there."}], stream=True,
+      modalities=["text", "audio"], audio={"voice": "Chelsie", "format": "wav"}, **GREEDY)
+  audio = [a for c in stream if c.choices and (a := _audio_of(c.choices[0].delta))]
+  assert audio and len({a["id"] for a in audio}) == 1
+  transcript = "".join(a.get("transcript") or "" for a in audio)
+  data = b"".join(base64.b64decode(a["data"]) for a in audio if a.get("data"))
+  assert transcript == hello
+  with wave.open(io.BytesIO(data)) as w:  # header of unknown length, then the PCM deltas
+    assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (24000, 1, 2)
+  samples = np.frombuffer(data[44:], "<i2")
+  assert len([a for a in audio if a.get("data")]) >= 2  # in deltas
+  assert samples.size >= 480 and samples.size % 480 == 0 and np.abs(samples).max() > 0  # 480 samples per code
+  # Not streamed, pcm16: the same transcript, raw samples; content is null as in OpenAI's audio replies.
+  whole = client.chat.completions.create(
+      model=NAME, messages=[{"role": "user", "content": "Hello there."}], modalities=["text", "audio"],
+      audio={"voice": "Chelsie", "format": "pcm16"}, **GREEDY)
+  message = whole.choices[0].message
+  assert message.content is None and message.audio.transcript == hello
+  pcm = np.frombuffer(base64.b64decode(message.audio.data), "<i2")
+  np.testing.assert_array_equal(pcm, samples)  # the same seeded speech either way
+  # A later turn may name the reply by its audio id alone (its transcript stands for it).
+  again = client.chat.completions.create(
+      model=NAME, messages=[{"role": "user", "content": "Hello there."}, {"role": "assistant", "audio": {"id": message.audio.id}},
+                            {"role": "user", "content": "And?"}], **GREEDY)
+  assert again.choices[0].message.content
+
+
+def test_image_and_audio_inputs(client, model, media, hello):
+  image, tone = str(media / "astronaut.png"), str(media / "tone.wav")
+  question = "What is in the picture?"
+  reply = client.chat.completions.create(model=NAME, **GREEDY, messages=_user(
+      {"type": "image_url", "image_url": {"url": _data_url(image, "image/png")}}, {"type": "text", "text": question}))
+  assert reply.choices[0].message.content == model.chat(question, image=image, max_new_tokens=NEW, do_sample=False)
+  by_path = client.chat.completions.create(model=NAME, **GREEDY, messages=_user(  # under the media root
+      {"type": "image_url", "image_url": {"url": "astronaut.png"}}, {"type": "text", "text": question}))
+  assert by_path.choices[0].message.content == reply.choices[0].message.content
+  # Audio: OpenAI's bare base64 and a data URL give the reply to the file itself (a file URL inside the media
+  # root); the audio
+  # reaches the model (the reply differs from the text-only one).
+  wav64 = base64.b64encode(open(tone, "rb").read()).decode()
+  replies = [client.chat.completions.create(model=NAME, **GREEDY, messages=_user(
+      {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}, {"type": "text", "text": "Hello there."}
+  )).choices[0].message.content for data in (wav64, "data:audio/wav;base64," + wav64, "file://" + tone)]
+  assert replies[0] == replies[1] == replies[2] != hello
+
+
+def _refused(client, status, code, **kw):
+  kw.setdefault("messages", [{"role": "user", "content": "Hi"}])
+  kw.setdefault("max_tokens", NEW)
+  with pytest.raises(openai.APIStatusError) as e:
+    client.chat.completions.create(model=NAME, **kw)
+  assert e.value.status_code == status, e.value.body
+  assert e.value.body["code"] == code, e.value.body
+  assert e.value.body["message"]
+  return e.value.body
+
+
+def test_bad_requests(client, srv, media):
+  before = srv.stats()
+  status, body = srv.post_raw(b'{"model": "tiny-omni", "messages": [')
+  assert status == 400 and body["error"]["code"] == "invalid_json" and "JSON" in body["error"]["message"]
+  assert "foo" in _refused(client, 400, "unknown_parameter", extra_body={"foo": 1})["message"]
+  big = np.random.default_rng(0).integers(0, 255, 300 << 10, dtype=np.uint8).tobytes()  # over the 256 KiB limit
+  body = _refused(client, 413, "media_too_large", messages=_user(
+      {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(big).decode()}}))
+  assert body["param"] == "messages.0.content.0.image_url"
+  body = _refused(client, 400, "invalid_value", messages=_user(
+      {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aiff"}}))
+  assert body["param"] == "messages.0.content.0.input_audio.format"
+  _refused(client, 400, "context_length_exceeded", messages=[{"role": "user", "content": "word " * 600}])
+  _refused(client, 400, "invalid_value", modalities=["text", "audio"], audio={"voice": "Ethan", "format": "mp3"})
+  _refused(client, 400, "unknown_voice", modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
+  _refused(client, 400, "invalid_value", max_tokens=0)
+  with pytest.raises(openai.BadRequestError, match="exceeds this server's limit"):
+    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=10_000)
+  with pytest.raises(openai.NotFoundError, match="does not exist"):
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+  _refused(client, 400, "unsupported_parameter", tools=[{"type": "function", "function": {"name": "f"}}])
+  # Paths outside the media root: "..", a symlink out of it, an absolute path elsewhere; remote URLs.
+  secret = str(media.parent / "secret.png")
+  for url in ("../secret.png", "link.png", secret, "file://" + secret):
+    _refused(client, 403, "outside_media_root", messages=_user({"type": "image_url", "image_url": {"url": url}}))
+  _refused(client, 400, "unsupported_url",
+           messages=_user({"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}))
+  _refused(client, 400, "invalid_request", messages=_user(  # not an image: the preprocessor's error, a 400
+      {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"nope").decode()}}))
+  after = srv.stats()
+  assert after["active"] == after["queued"] == 0 and after["served"] == before["served"]
+
+
+def test_two_concurrent_clients(client, srv, hello):
+  before = srv.stats()
+  results = {}
+
+  def ask(key, prompt):
+    stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}],
+                                            stream=True, **GREEDY)
+    results[key] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+  threads = [threading.Thread(target=ask, args=(k, "Hello there.")) for k in ("a", "b")]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=300)
+  assert results == {"a": hello, "b": hello}
+  assert srv.stats()["served"] == before["served"] + 2
+
+
+def test_dropped_stream_frees_its_session(client, srv):
+  before = srv.stats()
+  stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Tell me a story."}],
+                                          stream=True, max_tokens=400, temperature=0)
+  for i, _ in enumerate(stream):
+    if i == 3:
+      break
+  stream.close()  # the client goes away mid-reply
+  deadline = time.time() + 120
+  while True:
+    s = srv.stats()
+    if s["cancelled"] > before["cancelled"] and s["active"] == 0 and s["queued"] == 0:
+      break
+    assert time.time() < deadline, f"the dropped request still holds a session: {s}"
+    time.sleep(0.2)
+  assert s["served"] == before["served"]
+
+
+def test_full_queue_is_429():
+  """The bounded queue, without a model: a worker that never starts takes max_queue jobs, then refuses."""
+
+  class _NoModel(server.Engine):
+    def __init__(self):
+      self.voices, self.default_voice = [], None
+
+  worker = server.Worker(_NoModel(), protocol.Limits(), max_queue=2)
+  job = lambda: server.Job([], {}, loop=None, out=None)  # noqa: E731
+  worker.submit(job())
+  worker.submit(job())
+  with pytest.raises(protocol.ServeError) as e:
+    worker.submit(job())
+  assert e.value.status == 429 and e.value.body()["error"]["type"] == "rate_limit_error"
+  stats = worker.stats()
+  assert (stats["queued"], stats["rejected"], stats["active"]) == (2, 1, 0)
