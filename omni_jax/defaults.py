@@ -80,7 +80,7 @@ def generation(c: ml_collections.ConfigDict) -> None:
   g.token2wav = ml_collections.ConfigDict(dict(num_steps=10, guidance_scale=0.5, sway_coefficient=-1.0,
                                                method="rk4"))
   g.token2wav.streaming = ml_collections.ConfigDict(dict(first_chunk_blocks=1, chunk_blocks=3, past_blocks=2,
-                                                         future_blocks=1, vocoder_context=20, max_frames=0))
+                                                         future_blocks=1, vocoder_context=20))
 
 
 def training(c: ml_collections.ConfigDict) -> None:

@@ -20,8 +20,9 @@ block_size mel frames (24 = 12 codes = 0.24 s for the released model):
 - its DiT window is [a - past_blocks, b + future_blocks) blocks, cut at 0 and at the utterance end: the DiT sees
   whole blocks at their own block positions (RoPE is relative, so the window's offset does not matter), and a
   chunk is computed as soon as the codes of its window have arrived (finish() computes the rest);
-- one starting noise for the whole utterance (`noise` [B, >= T, mel], or seeded N(0, 1) of max_frames), sliced
-  per window, so a window integrates the same ODE as the whole utterance, with truncated context: the output
+- one starting noise for the whole utterance (`noise` [B, >= T, mel], or N(0, 1) drawn per block from `seed`:
+  `utterance_noise`), sliced per window, so a window integrates the same ODE as the whole utterance with
+  truncated context (and no length limit: the windows' positions are their own): the output
   of a window frame depends on `evaluations x (look-back / look-ahead layers)` blocks on each side (the ODE's
   receptive field grows with every velocity evaluation), so chunked = whole exactly (to float rounding) once
   past / future blocks cover it, and approximately with Qwen's 2 / 1 (measured: docs/token2wav.md);
@@ -68,7 +69,6 @@ class StreamingConfig:
   past_blocks: int = 2  # left context re-run per window (Qwen: 2)
   future_blocks: int = 1  # look-ahead blocks a chunk waits for (Qwen: 1)
   vocoder_context: int = 20  # mel frames of vocoder context on each side of a chunk (Qwen: 20)
-  max_frames: int = 0  # mel frames of the seeded noise (the longest utterance); 0: the DiT's max_position_embeddings
 
   @classmethod
   def from_config(cls, cfg: Optional[ml_collections.ConfigDict],
@@ -80,7 +80,7 @@ class StreamingConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ConfigError(f"config.{key}.{name}: must be an integer >= 1, got {value!r}")
-    for name in ("past_blocks", "future_blocks", "vocoder_context", "max_frames"):
+    for name in ("past_blocks", "future_blocks", "vocoder_context"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 0:
         raise ConfigError(f"config.{key}.{name}: must be an integer >= 0, got {value!r}")
@@ -94,13 +94,21 @@ def from_config(config: ml_collections.ConfigDict) -> tuple[sampling.SamplerConf
   return sampling.SamplerConfig.from_config(section), StreamingConfig.from_config(streaming)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10, 11))
-def _window_mel(graphdef, state, reference_mel, speaker, codes, noise, start, frames, num_steps, guidance_scale,
+def utterance_noise(seed: int, batch: int, stop: int, block_size: int, mel_dim: int, start: int = 0) -> np.ndarray:
+  """Mel frames [start, stop) (start on a block boundary) of the seeded starting noise of a StreamingSynthesizer,
+  [batch, stop - start, mel_dim]: N(0, 1), block b drawn from numpy's generator seeded (seed, b), so that a
+  window's noise is drawn without knowing the utterance's length."""
+  blocks = [np.random.default_rng((seed, b)).standard_normal((batch, block_size, mel_dim), np.float32)
+            for b in range(start // block_size, -(-stop // block_size))]
+  out = np.concatenate(blocks, axis=1) if blocks else np.zeros((batch, 0, mel_dim), np.float32)
+  return out[:, :stop - start]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
+def _window_mel(graphdef, state, reference_mel, speaker, codes, x0, frames, num_steps, guidance_scale,
                 sway_coefficient, method):
-  """The mel of one padded window: its noise is noise[:, start : start + window] (the utterance's own)."""
+  """The mel of one right-padded window from its slice x0 of the utterance's noise."""
   model = nnx.merge(graphdef, state)
-  b, n = codes.shape
-  x0 = jax.lax.dynamic_slice(noise, (0, start, 0), (b, n * model.cfg.repeats, noise.shape[-1]))
   masked = functools.partial(model, frames=frames)  # the padded frames are invisible to the real ones
   velocity = lambda t, x: sampling.guided_velocity(masked, x, reference_mel, speaker, codes, t, guidance_scale)
   return sampling.integrate(velocity, x0, sampling.time_grid(num_steps, sway_coefficient), method)
@@ -119,8 +127,8 @@ class StreamingSynthesizer:
   """Codes in (push, finish), 24 kHz float32 audio chunks out; the module docstring has the scheme.
 
   token2wav: the model's Token2Wav (code2wav_dit_model, code2wav_bigvgan_model). noise [B, F, mel] (F: at least
-  the utterance's mel frames) or seed (N(0, 1) of `streaming.max_frames` frames): the utterance's starting
-  noise; whole-utterance synthesis with noise[:, :T] gives the same speech up to the context truncation.
+  the utterance's mel frames) or seed (`utterance_noise`): the utterance's starting noise; whole-utterance
+  synthesis with the same noise (`self.noise(T)`) gives the same speech up to the context truncation.
   """
 
   def __init__(self, token2wav, cond, reference_mel, *, sampler: sampling.SamplerConfig = sampling.SamplerConfig(),
@@ -149,20 +157,14 @@ class StreamingSynthesizer:
     v = s.vocoder_context
     self._vocoder_buckets = tuple(sorted({s.first_chunk_blocks * self.block + 2 * v,
                                           s.chunk_blocks * self.block + 2 * v}))
-    if noise is None:
-      if seed is None:
-        raise ValueError("StreamingSynthesizer: give noise or seed (the starting noise must be reproducible)")
-      frames = s.max_frames or cfg.max_position_embeddings
-      noise = jax.random.normal(jax.random.key(seed), (self.batch, frames, cfg.mel_dim), jnp.float32)
-    noise = jnp.asarray(noise, jnp.float32)
-    if noise.ndim == 2 and self._squeeze:
-      noise = noise[None]
-    if noise.ndim != 3 or noise.shape[0] != self.batch or noise.shape[2] != cfg.mel_dim:
-      raise ValueError(f"StreamingSynthesizer: noise {tuple(noise.shape)} must be [B={self.batch}, frames, "
-                       f"{cfg.mel_dim}]")
-    self.max_frames = noise.shape[1]
-    # Padded by the largest window so that every window's dynamic slice stays inside (clamping would shift it).
-    self._noise = jnp.pad(noise, ((0, 0), (0, max(self._dit_buckets)), (0, 0)))
+    if noise is None and seed is None:
+      raise ValueError("StreamingSynthesizer: give noise or seed (the starting noise must be reproducible)")
+    if noise is not None:
+      noise = np.asarray(noise, np.float32)
+      noise = noise[None] if noise.ndim == 2 and self._squeeze else noise
+      if noise.ndim != 3 or noise.shape[0] != self.batch or noise.shape[2] != cfg.mel_dim:
+        raise ValueError(f"StreamingSynthesizer: noise {noise.shape} must be [B={self.batch}, frames, {cfg.mel_dim}]")
+    self._given_noise, self.seed = noise, seed
     self._dit = nnx.split(dit)
     self._vocoder = nnx.split(vocoder)
     self._speaker = jnp.asarray(cond)
@@ -189,9 +191,9 @@ class StreamingSynthesizer:
       raise ValueError(f"StreamingSynthesizer.push: codes {codes.shape} ({codes.dtype}) must be integers "
                        f"[{'n' if self._squeeze else 'B, n'}] (B = {self.batch})")
     total = (self._codes.shape[1] + codes.shape[1]) * self.cfg.repeats
-    if total > self.max_frames:
-      raise ValueError(f"StreamingSynthesizer: {total} mel frames exceed the noise's {self.max_frames} "
-                       f"(config.generate.token2wav.streaming.max_frames, or a longer noise)")
+    if self._given_noise is not None and total > self._given_noise.shape[1]:
+      raise ValueError(f"StreamingSynthesizer.push: {total} mel frames need a longer noise than the given "
+                       f"{self._given_noise.shape[1]} frames")
     self._codes = np.concatenate([self._codes, codes.astype(np.int32)], axis=1)
     out = []
     while True:
@@ -225,9 +227,15 @@ class StreamingSynthesizer:
     return self._mel[0] if self._squeeze else self._mel
 
   @property
-  def noise(self) -> jax.Array:
-    """The utterance's starting noise [B, max_frames, mel] (whole-utterance synthesis takes noise[:, :T])."""
-    return self._noise[:, :self.max_frames]
+  def first_chunk_latency(self) -> Optional[float]:
+    """Seconds from the first push to the first audio chunk (None before it)."""
+    return self.times[0] - self.started if self.times else None
+
+  def noise(self, frames: int) -> np.ndarray:
+    """The utterance's starting noise of its first `frames` mel frames, [B, frames, mel]."""
+    if self._given_noise is not None:
+      return self._given_noise[:, :frames]
+    return utterance_noise(self.seed, self.batch, frames, self.block, self.cfg.mel_dim)
 
   # -- the windows --------------------------------------------------------------------------------------------
 
@@ -266,9 +274,14 @@ class StreamingSynthesizer:
     length = _bucket(hi - lo, self._dit_buckets)
     codes = self._codes[:, lo // repeats:hi // repeats]
     codes = np.pad(codes, ((0, 0), (0, length // repeats - codes.shape[1])))
+    if self._given_noise is not None:
+      x0 = self._given_noise[:, lo:hi]
+    else:
+      x0 = utterance_noise(self.seed, self.batch, hi, self.block, self.cfg.mel_dim, start=lo)
+    x0 = np.pad(x0, ((0, 0), (0, length - (hi - lo)), (0, 0)))
     sway = self.sampler.sway_coefficient
     mel = _window_mel(self._dit[0], self._dit[1], self._reference_mel, self._speaker, jnp.asarray(codes),
-                      self._noise, jnp.int32(lo), jnp.int32(hi - lo), self.sampler.num_steps,
+                      jnp.asarray(x0), jnp.int32(hi - lo), self.sampler.num_steps,
                       float(self.sampler.guidance_scale), None if sway is None else float(sway), self.sampler.method)
     return np.asarray(mel)[:, :hi - lo]
 

@@ -1,0 +1,164 @@
+"""Chunked Token2Wav (token2wav.streaming) against whole-utterance synthesis (token2wav.synthesis, itself equal
+to transformers'), on a tiny Token2Wav with perturbed random weights, float32, the same starting noise.
+
+Tolerances (docs/token2wav.md, "Streaming synthesis"), relative to the whole utterance's largest sample:
+- Qwen's context (2 past blocks, 1 look-ahead block, 20 vocoder frames): 2e-2; measured up to 9.0e-3 with this
+  model's 4-frame blocks, whose 1-block look-ahead gives the vocoder only 4 frames of right context (with the
+  released 24-frame blocks the vocoder has its full 20 and the measured error is ~2e-6);
+- context covering the ODE's receptive field (past = future = velocity evaluations x 1 block): 1e-5 (float
+  rounding; measured ~3e-7), while no context at all misses by more than 2e-2: the check can fail.
+"""
+
+import copy
+import types
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_reference import TOKEN2WAV, perturb
+from omni_jax.config import ConfigError
+from omni_jax.models.bigvgan import BigVGANConfig
+from omni_jax.models.dit import DiT, DiTConfig
+from omni_jax.token2wav import SamplerConfig, bigvgan_weights, from_torch_state_dict, sample, streaming, synthesis
+from omni_jax.token2wav.streaming import StreamingConfig, StreamingSynthesizer, synthesize_chunked
+
+QWEN_TOL = 2e-2  # relative; Qwen's context
+EXACT_TOL = 1e-5  # relative; context over the receptive field
+N_CODES = 31  # 62 mel frames: 15.5 blocks of 4 (a partial last block), longer than every vocoder bucket
+SAMPLERS = {"euler": SamplerConfig(num_steps=4, method="euler"),  # 3 velocity evaluations
+            "rk4": SamplerConfig(num_steps=3, method="rk4")}  # 8 velocity evaluations
+EVALUATIONS = {"euler": 3, "rk4": 8}
+VOCODER = dict(upsample_initial_channel=16, resblock_kernel_sizes=[3], resblock_dilation_sizes=[[1, 3, 5]],
+               upsample_rates=[4, 3, 2], upsample_kernel_sizes=[8, 7, 4])
+HOP = 24
+
+
+@pytest.fixture(scope="module")
+def model():
+  """transformers' Token2Wav DiT and BigVGAN (perturbed, torch-initialised: fast) in ours. The DiT is
+  tests/hf_reference.py's TOKEN2WAV (block 4, look-back layer 0, look-ahead layer 1); the vocoder a 3-stage,
+  one-AMP-block BigVGAN (hop 24 instead of 240, receptive field ~9 frames), so that compiles stay short."""
+  import torch  # noqa: PLC0415
+  from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import (  # noqa: PLC0415
+      Qwen2_5OmniBigVGANConfig, Qwen2_5OmniDiTConfig)
+  from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (  # noqa: PLC0415
+      Qwen2_5OmniToken2WavBigVGANModel, Qwen2_5OmniToken2WavDiTModel)
+
+  torch.manual_seed(0)
+  hf_dit = perturb(Qwen2_5OmniToken2WavDiTModel(Qwen2_5OmniDiTConfig(**copy.deepcopy(TOKEN2WAV["dit_config"]))), 1)
+  hf_vocoder = perturb(Qwen2_5OmniToken2WavBigVGANModel(Qwen2_5OmniBigVGANConfig(**VOCODER)), 2)
+  dit = nnx.eval_shape(lambda: DiT(DiTConfig.from_hf(hf_dit.config.to_dict()), rngs=nnx.Rngs(0)))
+  from_torch_state_dict(dit, hf_dit.state_dict())
+  vocoder = bigvgan_weights.from_torch(BigVGANConfig.from_hf(VOCODER), {
+      bigvgan_weights.DISK_PREFIX + k: v.detach().numpy() for k, v in hf_vocoder.state_dict().items()})
+  return types.SimpleNamespace(code2wav_dit_model=dit, code2wav_bigvgan_model=vocoder)  # a Token2Wav's parts
+
+
+@pytest.fixture(scope="module")
+def voice():
+  rng = np.random.default_rng(0)
+  codes = rng.integers(0, 121, (1, N_CODES))
+  cond, ref_mel = rng.normal(size=(1, 8)).astype(np.float32), rng.normal(size=(1, 12, 80)).astype(np.float32)
+  noise = rng.normal(size=(1, 2 * N_CODES, 80)).astype(np.float32)
+  return codes, cond, ref_mel, noise
+
+
+@pytest.fixture(scope="module")
+def whole(model, voice):
+  codes, cond, ref_mel, noise = voice
+  return {m: synthesis.synthesize(model, codes, cond, ref_mel, noise=noise, sampler=s)[0] for m, s in SAMPLERS.items()}
+
+
+def relative_error(chunks, want):
+  got = np.concatenate(chunks, axis=-1)
+  assert got.shape == want.shape  # the chunks add up to the whole utterance
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+QWEN = StreamingConfig(first_chunk_blocks=1, chunk_blocks=3)  # Qwen's context: 2 past blocks, 1 future, 20 frames
+
+
+@pytest.mark.parametrize("method,first,chunk", [("euler", 1, 3), ("rk4", 1, 3), ("euler", 2, 1),
+                                                pytest.param("rk4", 2, 1, marks=pytest.mark.slow)])
+def test_chunks_equal_the_whole_utterance(model, voice, whole, method, first, chunk):
+  codes, cond, ref_mel, noise = voice
+  st = StreamingConfig(first_chunk_blocks=first, chunk_blocks=chunk)
+  chunks = synthesize_chunked(model, codes[0], cond[0], ref_mel[0], noise=noise[0], sampler=SAMPLERS[method],
+                              streaming=st)
+  assert [c.shape for c in chunks[:2]] == [(first * 4 * HOP,), (chunk * 4 * HOP,)]
+  assert 0 < relative_error(chunks, whole[method]) < QWEN_TOL
+
+
+@pytest.mark.parametrize("method", ["euler", pytest.param("rk4", marks=pytest.mark.slow)])
+def test_context_over_the_receptive_field_is_exact(model, voice, whole, method):
+  codes, cond, ref_mel, noise = voice
+  # Each velocity evaluation reaches one block further each way (one look-back, one look-ahead layer); the
+  # vocoder's 12 frames of right context (3 blocks, over its ~9-frame receptive field) must be exact mel too.
+  blocks = EVALUATIONS[method]
+  exact = StreamingConfig(first_chunk_blocks=1, chunk_blocks=3, past_blocks=blocks, future_blocks=blocks + 3,
+                          vocoder_context=12)
+  synth = StreamingSynthesizer(model, cond, ref_mel, noise=noise, sampler=SAMPLERS[method], streaming=exact)
+  chunks = synth.push(codes) + synth.finish()
+  assert relative_error([c[0] for c in chunks], whole[method]) < EXACT_TOL
+  want = sample(model.code2wav_dit_model, jnp.asarray(codes), jnp.asarray(cond), jnp.asarray(ref_mel),
+                noise=jnp.asarray(noise), sampler=SAMPLERS[method])
+  np.testing.assert_allclose(synth.mel, np.asarray(want), atol=1e-5)  # the mel: the whole utterance's
+  blind = StreamingConfig(first_chunk_blocks=1, chunk_blocks=3, past_blocks=0, future_blocks=0, vocoder_context=12)
+  chunks = synthesize_chunked(model, codes, cond, ref_mel, noise=noise, sampler=SAMPLERS[method], streaming=blind)
+  assert relative_error([c[0] for c in chunks], whole[method]) > 100 * EXACT_TOL  # without context: visibly off
+
+
+def test_codes_one_at_a_time_equal_all_at_once_and_chunks_are_timed(model, voice):
+  codes, cond, ref_mel, noise = voice
+  at_once = synthesize_chunked(model, codes[0], cond[0], ref_mel[0], noise=noise[0], sampler=SAMPLERS["euler"],
+                               streaming=QWEN)
+  synth = StreamingSynthesizer(model, cond[0], ref_mel[0], noise=noise[0], sampler=SAMPLERS["euler"], streaming=QWEN)
+  chunks, ready_after = [], []
+  for i, code in enumerate(codes[0]):
+    new = synth.push([code])
+    chunks += new
+    ready_after += [i + 1] * len(new)
+  # Chunk k is out as soon as the codes of its look-ahead block are in: blocks of 4 frames = 2 codes, so
+  # the first chunk (1 block) after 4 codes, then every 3 blocks = 6 codes; the tail waits for finish().
+  assert ready_after == [4, 10, 16, 22, 28]
+  assert synth.mel.shape == (52, 80)
+  chunks += synth.finish()
+  assert len(chunks) == len(at_once)
+  for a, b in zip(chunks, at_once):
+    np.testing.assert_array_equal(a, b)
+  assert len(synth.times) == len(chunks) and synth.started <= synth.times[0]
+  assert all(a <= b for a, b in zip(synth.times, synth.times[1:]))
+  assert synth.first_chunk_latency == synth.times[0] - synth.started
+  with pytest.raises(ValueError, match="finished"):
+    synth.push([1])
+
+
+def test_seeded_noise_is_drawn_per_block(model, voice, whole):
+  codes, cond, ref_mel, noise = voice
+  synth = StreamingSynthesizer(model, cond, ref_mel, seed=3, sampler=SAMPLERS["euler"], streaming=QWEN)
+  chunks = synth.push(codes) + synth.finish()
+  seeded = synth.noise(2 * N_CODES)
+  assert seeded.shape == (1, 62, 80) and abs(float(seeded.std()) - 1) < 0.05
+  np.testing.assert_array_equal(streaming.utterance_noise(3, 1, 62, 4, 80, start=8), seeded[:, 8:])
+  want = sample(model.code2wav_dit_model, jnp.asarray(codes), jnp.asarray(cond), jnp.asarray(ref_mel),
+                noise=jnp.asarray(seeded), sampler=SAMPLERS["euler"])
+  np.testing.assert_allclose(synth.mel, np.asarray(want), atol=1e-4)  # another noise moves it by O(1)
+  short = StreamingSynthesizer(model, cond, ref_mel, noise=noise[:, :40], sampler=SAMPLERS["euler"], streaming=QWEN)
+  with pytest.raises(ValueError, match="longer noise"):
+    short.push(codes)
+
+
+def test_config_keys():
+  from omni_jax import defaults  # noqa: PLC0415
+
+  sampler, st = streaming.from_config(defaults.base_config())
+  assert sampler == SamplerConfig() and st == StreamingConfig()
+  c = ml_collections.ConfigDict({"generate": {"token2wav": {"method": "euler", "streaming": {"chunk_blocks": 0}}}})
+  with pytest.raises(ConfigError, match="generate.token2wav.streaming.chunk_blocks"):
+    streaming.from_config(c)
+  c.generate.token2wav.streaming = {"chunk_size": 3}
+  with pytest.raises(ConfigError, match="generate.token2wav.streaming: unknown keys"):
+    streaming.from_config(c)
