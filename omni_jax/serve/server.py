@@ -166,8 +166,10 @@ class SessionEngine(ChatEngine):
 
     if speak:
       self._voiceable(voice)
+    # One cache length for every request (the compiled programs are shared; the markup respond() adds fits the
+    # 16 spare slots); the prompt limit is checked below.
     session = OmniSession(self.model, speaker=voice, system=system[0]["content"] if system else None,
-                          max_len=self.limits.max_prompt_tokens + max_new_tokens + 16)
+                          max_len=self.limits.max_prompt_tokens + self.limits.max_new_tokens + 16)
     try:
       try:
         session.push_message(users[0])
