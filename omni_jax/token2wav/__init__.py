@@ -7,7 +7,8 @@ modules (mel, targets) and must not import jax."""
 import importlib
 
 _LAZY = {"SamplerConfig": "sampling", "guided_velocity": "sampling", "integrate": "sampling", "sample": "sampling",
-         "time_grid": "sampling", "from_torch_state_dict": "state_dict"}
+         "time_grid": "sampling", "from_torch_state_dict": "state_dict", "StreamingConfig": "streaming",
+         "StreamingSynthesizer": "streaming", "synthesize_chunked": "streaming"}
 
 __all__ = sorted(_LAZY)
 
