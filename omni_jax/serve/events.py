@@ -22,8 +22,8 @@ class Done:
 
   text: the reply's text (stop token removed); tokens: the Thinker's ids including the stop id, if any;
   codes: all speech codes (int32 [M], before the Talker's stop id; None without speech); finish_reason:
-  "stop" (a stop id was chosen) or "length" (max_new_tokens reached); prompt_tokens: real tokens the turn
-  added to the cache (the user's input + the chat markup); timings: seconds from the end of the user's input
+  "stop" (a stop id was chosen) or "length" (max_new_tokens reached); prompt_tokens: the conversation's
+  tokens the reply was generated from (system, earlier turns, this input, chat markup); timings: seconds from the end of the user's input
   (`first_text`, `first_codes`, `first_audio`, `end`) where they happened, and `audio_seconds` voiced.
   """
   text: str

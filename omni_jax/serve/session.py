@@ -291,14 +291,14 @@ class OmniSession:
   def _push_part(self, part: Mapping) -> None:
     """An image / video part ({"type", "path"[, "use_audio_in_video"]}): preprocessed, prefilled whole."""
     self._end_audio()
-    self._open_turn()
-    self._label(part["type"])
     media = {"images": [], "videos": [], "audios": []}
     aiv = bool(part.get("use_audio_in_video", False)) and part["type"] == "video"
     try:
       item = self._pre.load_part(part, aiv, f"session {self.id}", media)
     except preprocess.SampleError as e:
       raise SessionError(str(e)) from None
+    self._open_turn()
+    self._label(part["type"])
     self._append(chat.media_ids(item, self._fmt), media, aiv)
 
   def push_image(self, image: Any) -> None:
@@ -309,14 +309,14 @@ class OmniSession:
     from omni_jax.input.media import image as image_media  # noqa: PLC0415
 
     self._end_audio()
-    self._open_turn()
-    self._label("image")
     m = self._pre.options
     try:
       rows, grid = image_media.preprocess_image(image, min_pixels=m.image_min_pixels, max_pixels=m.image_max_pixels,
                                                 merge_size=self._fmt.spatial_merge_size)
     except MediaError as e:
       raise SessionError(f"session {self.id}: {e}") from None
+    self._open_turn()
+    self._label("image")
     item = chat.ImageItem(tuple(int(g) for g in grid))
     self._append(chat.media_ids(item, self._fmt), {"images": [(rows, grid)]})
 
@@ -505,48 +505,55 @@ class OmniSession:
           result["error"] = e
       steps.put(None)
 
+    prompt_tokens = len(self._history)
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     pending, expected = {}, 0
-    while True:
-      item = steps.get()
-      if item is None:
-        break
-      pending[item[0]] = item[1:]
-      while expected in pending:
-        token, stopped = pending.pop(expected)
-        expected += 1
-        tokens.append(token)
-        text = self._text(tokens)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-          yield event("text", text[len(shown):])
-          shown = text
-        if stopped:
+    try:
+      while True:
+        item = steps.get()
+        if item is None:
           break
-    thread.join()
+        pending[item[0]] = item[1:]
+        while expected in pending:
+          token, _ = pending.pop(expected)
+          expected += 1
+          tokens.append(token)
+          text = self._text(tokens)
+          if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield event("text", text[len(shown):])
+            shown = text
+    finally:  # also when the consumer stops early (a dropped client): the loop runs on, its cache is kept
+      thread.join()
+      if "error" in result:
+        self.close()  # the cache was donated to the failed call
+      else:
+        out_tokens, stop = self._commit_reply(*result["out"], eos)
     if "error" in result:
-      self.close()  # the cache was donated to the failed call
       raise result["error"]
-    self._cache, out_tokens, lengths = result["out"]
-    n = int(np.asarray(lengths)[0])
-    out_tokens = np.asarray(out_tokens)[0, :n]
-    stop = n > 0 and int(out_tokens[-1]) in eos
-    # The loop fed every token but the last: positions top+1 .. top+n-1. The reply's end is owed to the cache.
-    self._slots += n - 1
-    self._history.extend(int(t) for t in out_tokens[:n - 1])
-    self._top = self._top + (n - 1)
-    self._offset = self._top + 1
-    self._pending = ([] if stop else [int(out_tokens[-1])]) + [self._fmt.id("<|im_end|>")] + self._text_ids("\n")
     text = self._text(out_tokens.tolist())
     if len(text) > len(shown):
       yield event("text", text[len(shown):])
     codes = None
     if speak:
       codes = yield from self._speak(prompt, out_tokens, speaker, dict(talker or {}), event, timings)
-    self.turn += 1
     timings["end"] = time.perf_counter() - t0
-    prompt_tokens = len(self._history) - (n - 1)
     yield event("done", Done(text, out_tokens, "stop" if stop else "length", prompt_tokens, codes, timings))
+
+  def _commit_reply(self, cache, tokens, lengths, eos) -> tuple[np.ndarray, bool]:
+    """Adopt the decode loop's cache; returns (the reply's ids, whether it ended with a stop id)."""
+    self._cache = cache
+    n = int(np.asarray(lengths)[0])
+    tokens = np.asarray(tokens)[0, :n]
+    stop = n > 0 and int(tokens[-1]) in eos
+    # The loop fed every token but the last: positions top+1 .. top+n-1. The reply's end is owed to the cache.
+    self._slots += n - 1
+    self._history.extend(int(t) for t in tokens[:n - 1])
+    self._top = self._top + (n - 1)
+    self._offset = self._top + 1
+    self._pending = ([] if stop else [int(tokens[-1])]) + [self._fmt.id("<|im_end|>")] + self._text_ids("\n")
+    self.turn += 1
+    return tokens, stop
 
   def _text(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids if int(i) not in self.model.stop_ids])
