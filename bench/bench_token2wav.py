@@ -1,0 +1,168 @@
+"""Token2Wav codes -> 24 kHz speech (DiT + BigVGAN): real-time factor vs transformers, and streaming latency.
+
+  .venv/bin/python bench/bench_token2wav.py [--size tiny] [--seconds 10] [--method rk4] [--iters 3]
+  .venv/bin/python bench/bench_token2wav.py --size 7b --dtype bfloat16 --method euler --no-reference   # on a GPU
+
+Both sides synthesise the same random codes for the same voice with the same weights (transformers'
+Qwen2_5OmniToken2WavModel with perturbed random init; ours converted from it: token2wav.from_torch_state_dict and
+bigvgan_weights.from_torch), float32, transformers' sampler (10 time points, guidance 0.5, sway -1; RK4, the
+only method transformers has). RTF = synthesis wall time / audio seconds (< 1: faster than real time); medians
+of --iters interleaved runs after a warm-up (compilation excluded). The ratio is transformers' time / ours
+(> 1: we are faster).
+
+Streaming (token2wav.streaming, config.generate.token2wav.streaming defaults or the flags): all codes pushed at
+once; "first chunk" is the time from push() to the first audio chunk (one DiT window + one vocoder window), the
+latency a listener sees once the first chunk's codes are in, against the whole utterance's time. It also prints
+the chunked audio's largest difference from the whole utterance's (same noise), relative to its peak.
+
+--size 7b: the released Token2Wav shapes (DiT 22 layers x 1024, BigVGAN 1536 channels), random weights
+(our init, parameters perturbed), our side only unless a reference is asked for (slow on CPU).
+Figures: docs/performance.md ("Token2Wav").
+"""
+
+import argparse
+import copy
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import common  # puts the repository and tests/ on sys.path; time_alternating
+import hf_reference as ref
+from omni_jax.config import Runtime
+from omni_jax.models.bigvgan import BigVGANConfig
+from omni_jax.models.dit import DiTConfig
+from omni_jax.models.token2wav_tower import Token2Wav, Token2WavView
+from omni_jax.token2wav import SamplerConfig, bigvgan_weights, from_torch_state_dict, sample, synthesis
+from omni_jax.token2wav.streaming import StreamingConfig, StreamingSynthesizer
+
+SIZES = {  # (transformers dit_config, bigvgan_config) overrides of the released values
+    # tests/hf_reference.py's tiny Token2Wav with the released 24-frame blocks, so that the streaming windows
+    # have the released geometry (its 4-frame blocks would give the vocoder 4 frames of look-ahead only).
+    "tiny": (dict(ref.TOKEN2WAV["dit_config"], block_size=24), ref.TOKEN2WAV["bigvgan_config"]),
+    "7b": ({}, {}),
+}
+VOICE = {"tiny": (8, 12), "7b": (192, 300)}  # (cond width, reference mel frames)
+vocode = nnx.jit(lambda vocoder, mel: vocoder(mel))
+
+
+def reference_and_ours(size: str, dtype, with_reference: bool):
+  """(transformers Token2Wav or None, our Token2Wav with the same weights)."""
+  from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniToken2WavConfig  # noqa: PLC0415
+  from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniToken2WavModel  # noqa: PLC0415
+
+  dit_kw, vocoder_kw = (copy.deepcopy(d) for d in SIZES[size])
+  hf_config = Qwen2_5OmniToken2WavConfig(dit_config=dit_kw, bigvgan_config=vocoder_kw)
+  rt = Runtime(dtype=dtype, param_dtype=jnp.float32)
+  dit_cfg = DiTConfig.from_hf(hf_config.dit_config.to_dict())
+  vocoder_cfg = BigVGANConfig.from_hf(hf_config.bigvgan_config.to_dict())
+  if not with_reference:  # our random init, perturbed (no torch model to build)
+    t2w = Token2Wav(Token2WavView(dit_cfg, vocoder_cfg, rt), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(t2w)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    state = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    return None, nnx.merge(graphdef, state)
+  import torch  # noqa: PLC0415
+
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  hf_model = ref.perturb(Qwen2_5OmniToken2WavModel(hf_config).eval(), 1)
+  state_dict = hf_model.state_dict()
+  t2w = nnx.eval_shape(lambda: Token2Wav(Token2WavView(dit_cfg, vocoder_cfg, rt), rngs=nnx.Rngs(0)))
+  from_torch_state_dict(t2w.code2wav_dit_model, state_dict, prefix="code2wav_dit_model.")
+  bigvgan_weights.load_torch(t2w.code2wav_bigvgan_model, {k: v.numpy() for k, v in state_dict.items()},
+                             disk_prefix="code2wav_bigvgan_model.")
+  return hf_model, t2w
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+  p.add_argument("--seconds", type=float, default=10.0, help="utterance length (50 codes per second)")
+  p.add_argument("--method", choices=("rk4", "euler"), default="rk4")
+  p.add_argument("--num_steps", type=int, default=10)
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--no-reference", dest="reference", action="store_false", help="skip transformers")
+  p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--first_chunk_blocks", type=int, default=StreamingConfig.first_chunk_blocks)
+  p.add_argument("--chunk_blocks", type=int, default=StreamingConfig.chunk_blocks)
+  args = p.parse_args()
+  if args.reference and (args.method != "rk4" or args.dtype != "float32"):
+    p.error("transformers' Token2Wav runs RK4 in float32 only: use --method rk4 --dtype float32, or --no-reference")
+
+  hf_model, t2w = reference_and_ours(args.size, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+                                     args.reference)
+  cfg = t2w.code2wav_dit_model.cfg
+  width, ref_frames = VOICE[args.size]
+  rng = np.random.default_rng(0)
+  n = int(round(args.seconds * 50))
+  codes = rng.integers(0, cfg.num_embeds, (1, n)).astype(np.int32)
+  cond = rng.normal(size=(1, width)).astype(np.float32)
+  ref_mel = rng.normal(-4.0, 2.0, size=(1, ref_frames, cfg.mel_dim)).astype(np.float32)
+  seconds = n * cfg.repeats * t2w.code2wav_bigvgan_model.cfg.hop_length / synthesis.SAMPLE_RATE
+  sampler = SamplerConfig(num_steps=args.num_steps, method=args.method)
+  streaming = StreamingConfig(first_chunk_blocks=args.first_chunk_blocks, chunk_blocks=args.chunk_blocks)
+  print(f"Token2Wav {args.size} ({jax.devices()[0].platform}), {n} codes = {seconds:.2f} s of speech, "
+        f"{args.method} x {args.num_steps} points, guidance 0.5, {args.dtype}")
+
+  probe = StreamingSynthesizer(t2w, cond, ref_mel, sampler=sampler, streaming=streaming, seed=0)
+  noise = probe.noise(n * cfg.repeats)
+  first = []
+
+  def ours_whole():
+    synthesis.synthesize(t2w, codes, cond, ref_mel, noise=noise, sampler=sampler)
+
+  def ours_chunked():
+    synth = StreamingSynthesizer(t2w, cond, ref_mel, sampler=sampler, streaming=streaming, noise=noise)
+    synth.push(codes)
+    synth.finish()
+    first.append(synth.first_chunk_latency)
+
+  dit, vocoder = t2w.code2wav_dit_model, t2w.code2wav_bigvgan_model
+  mel = sample(dit, jnp.asarray(codes), jnp.asarray(cond), jnp.asarray(ref_mel), noise=jnp.asarray(noise),
+               sampler=sampler)
+
+  def ours_dit():
+    jax.block_until_ready(sample(dit, jnp.asarray(codes), jnp.asarray(cond), jnp.asarray(ref_mel),
+                                 noise=jnp.asarray(noise), sampler=sampler))
+
+  def ours_vocoder():
+    jax.block_until_ready(vocode(vocoder, mel))
+
+  fns = [ours_whole, ours_chunked, ours_dit, ours_vocoder]
+  if hf_model is not None:
+    import torch  # noqa: PLC0415
+
+    hf_in = (torch.from_numpy(codes).long(), torch.from_numpy(cond), torch.from_numpy(ref_mel))
+
+    def reference():
+      with torch.no_grad():
+        hf_model(*hf_in, num_steps=args.num_steps, guidance_scale=0.5, sway_coefficient=-1.0)
+
+    fns.append(reference)
+  start = time.perf_counter()
+  times = common.time_alternating(fns, args.iters)
+  print(f"  (warm-up and {args.iters} interleaved runs: {time.perf_counter() - start:.0f} s)")
+  whole, chunked = times[0], times[1]
+  print(f"ours, whole utterance: {whole:.3f} s  RTF {whole / seconds:.4f} (DiT {times[2]:.3f} s, BigVGAN "
+        f"{times[3]:.3f} s)")
+  print(f"ours, chunked ({streaming.first_chunk_blocks} then {streaming.chunk_blocks} blocks, context "
+        f"{streaming.past_blocks}/{streaming.future_blocks} blocks): {chunked:.3f} s  RTF {chunked / seconds:.4f}; "
+        f"first chunk after {np.median(first[1:]):.3f} s = {np.median(first[1:]) / whole:.3f} x the whole utterance")
+  if hf_model is not None:
+    print(f"transformers, whole utterance: {times[4]:.3f} s  RTF {times[4] / seconds:.4f}  "
+          f"-> ours is {times[4] / whole:.1f}x faster (whole), {times[4] / np.median(first[1:]):.0f}x sooner to "
+          f"first audio (chunked)")
+  synth = StreamingSynthesizer(t2w, cond, ref_mel, sampler=sampler, streaming=streaming, noise=noise)
+  got = np.concatenate(synth.push(codes) + synth.finish(), axis=-1)
+  want = synthesis.synthesize(t2w, codes, cond, ref_mel, noise=noise, sampler=sampler)
+  print(f"chunked vs whole utterance (same noise): max |diff| {np.abs(got - want).max():.2e}, relative to the "
+        f"peak {np.abs(got - want).max() / np.abs(want).max():.2e}")
+
+
+if __name__ == "__main__":
+  main()
