@@ -32,7 +32,7 @@ ATOL = 2e-5  # float32 logits of differently shaped (chunked vs whole) matmuls
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def ckpt(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("ckpt"))
   c = tiny.get_config()
   c.mesh = {"data": 1}
@@ -40,7 +40,12 @@ def model(tmp_path_factory):
                       video_min_pixels=4 * 28 * 28, video_max_pixels=4 * 28 * 28, video_max_frames=4)
   _, state, _ = omni.create_sharded(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]), seed=5)
   checkpoint.save_params(path, state, c)
-  return generate.load(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+  return generate.load(ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +99,22 @@ def test_text_two_turns_equal_whole_prefill(model):
   batch = generate.prompts.prompt_batch([sample], pad_id=model.generator.ids.pad_token_id)
   whole = model.generator.generate(batch, max_new_tokens=1, return_logits=True, sampling=model.generator.sampling(**GREEDY))
   np.testing.assert_allclose(logits, whole.logits[0, 0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.slow  # a second model load and its programs on the 8-device mesh
+def test_session_on_a_mesh_equals_one_device(model, ckpt):
+  """Parameters over data x tensor (kv heads split over tensor, the batch-1 cache rows replicated)."""
+  got = {}
+  for name, m in (("one", model), ("mesh", generate.load(ckpt, mesh_shape={"data": 4, "tensor": 2}))):
+    s = OmniSession(m)
+    s.push_text("Hello there, how are you?")
+    got[name] = (s.end_turn(), s)
+  np.testing.assert_allclose(got["mesh"][0], got["one"][0], atol=ATOL, rtol=0)
+  for _, s in got.values():
+    s.reset()
+    s.push_text("Hello there, how are you?")
+  texts = [reply(s.respond(max_new_tokens=6, **GREEDY))[0] for _, s in got.values()]
+  assert texts[0] == texts[1]
 
 
 def test_streamed_audio_equals_whole_audio(model, media):
