@@ -62,6 +62,11 @@ case "${1:-}" in
     clip=$(ls "$HOME"/.cache/omni_jax/demo_corpus/media/digits/digit7_en-US-nyc_0.wav 2>/dev/null | head -n 1)
     .venv/bin/python generate.py --checkpoint "$workdir" --prompt "Which digit is spoken?" \
       ${clip:+--audio "$clip"} --max_new_tokens 8 --greedy
+    # The DiT (Token2Wav) on the same units: flow matching on the spoken replies' (codes, target mel, a clip of the
+    # speaker), starting from the main checkpoint with the Thinker and Talker frozen (configs/demo_token2wav.py),
+    # so $workdir/token2wav holds all three towers.
+    .venv/bin/python train.py --config configs/demo_token2wav.py --config.data.source=demo \
+      --config.data.speech_codes="$units/codes.json" --config.init_from="$workdir" --workdir "$workdir/token2wav"
     ;;
   test)
     setup test,tpu,serve  # tpu: libtpu for the AOT compile tests (tests/test_aot.py); serve: tests/test_server.py

@@ -24,8 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   t = c.train
   t.objectives = ml_collections.ConfigDict({"token2wav_flow": 1.0})
   t.freeze = ("thinker", "talker")  # frozen: no optimizer state, no weight decay on them
-  t.steps, t.warmup_steps, t.lr, t.weight_decay = 300, 20, 2e-3, 0.01
-  t.log_every, t.eval_every, t.checkpoint_every = 25, 100, 100
+  t.steps, t.warmup_steps, t.lr, t.weight_decay = 600, 20, 3e-3, 0.01
+  t.log_every, t.eval_every, t.checkpoint_every = 50, 200, 200
   e = c.eval
   e.tasks = e.train_tasks = "loss"  # eval/token2wav_flow/loss (conditional, fixed noise and times)
   e.at_start = True

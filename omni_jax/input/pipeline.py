@@ -153,6 +153,12 @@ def _split_name(data: Mapping, split: str) -> str:
   return data.get("eval_split", "validation") if split in ("eval", "test") else split
 
 
+def _trains(config, objective: str) -> bool:
+  """Whether config.train.objectives gives `objective` a positive weight (no objectives: every one trains)."""
+  weights = config.get("train", {}).get("objectives", None) if "train" in config else None
+  return weights is None or float(weights.get(objective, 0.0)) > 0
+
+
 def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = None, process_index: int = 0,
                   process_count: int = 1, worker_count: Optional[int] = None) -> grain.IterDataset:
   """The grain dataset of (batch, info) pairs of one split for this host.
@@ -176,11 +182,13 @@ def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = N
   opened = {n: sources.open_split(names[n], split, data_dir) for n in sorted(mixture)}
   tokenizer = Tokenizer(data.get("tokenizer"))
   fmt = chat_format(tokenizer, thinker, data)
-  speech = talker_targets.from_config(config)  # spoken replies -> Talker rows (config.data.speech_codes)
+  # Spoken replies -> Talker rows (config.data.speech_codes), unless the run does not train the Talker (a DiT-only
+  # run: configs/demo_token2wav.py); the Talker objective then sees no rows and adds nothing.
+  speech = talker_targets.from_config(config) if _trains(config, "talker_codes") else None
   flow = None
   if flow_targets.objective_on(config):  # spoken replies -> DiT rows; speakers' clips from the train split
-    train = {n: sources.open_split(names[n], _split_name(data, "train"), data_dir) for n in sorted(mixture)}
-    flow = flow_targets.from_config(config, train)
+    train_split = {n: sources.open_split(names[n], _split_name(data, "train"), data_dir) for n in sorted(mixture)}
+    flow = flow_targets.from_config(config, train_split)
   prep = preprocess.Preprocessor(tokenizer, fmt, preprocess.MediaOptions.from_config(data.get("media")),
                                  data.get("system_prompt"), speech, flow)
   seed = int(data.get("seed", config.get("seed", 0)))

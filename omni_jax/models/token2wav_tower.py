@@ -54,17 +54,13 @@ def view(config: ml_collections.ConfigDict) -> Token2WavView:
 
 
 def _flow_view(config: ml_collections.ConfigDict, dit: DiTConfig) -> flow_targets.FlowConfig:
-  """config.train.token2wav, checked against the DiT; the objective's data needs config.data.speech_codes."""
+  """config.train.token2wav, checked against the DiT (its data, config.data.speech_codes, is checked when the
+  pipeline starts: omni_jax.token2wav.targets.from_config)."""
   flow = flow_targets.FlowConfig.from_config(config)
   if "train" not in config:
     return flow
   # ECAPA's first convolution reflect-pads (kernel - 1) / 2 frames each side, which needs more frames than that.
   flow.check_model(dit.repeats, dit.block_size, min_ref=max(dit.enc_kernel_sizes) // 2 + 1)
-  weights = config.train.get("objectives", None)
-  named = weights is not None and float(weights.get(flow_targets.OBJECTIVE, 0.0)) > 0
-  if named and "data" in config and not config.data.get("speech_codes", None):
-    raise ConfigError(f"config.train.objectives.{flow_targets.OBJECTIVE}: the DiT trains on the codes of spoken "
-                      "replies; set config.data.speech_codes (a codes index: `python -m omni_jax.units encode`)")
   return flow
 
 

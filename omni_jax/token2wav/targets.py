@@ -262,6 +262,10 @@ def from_config(config, train_sources: Optional[Mapping[str, object]] = None) ->
     return None
   path = (config.get("data") or {}).get("speech_codes", None)
   if not path:
+    weights = config.train.get("objectives", None)
+    if weights is not None and float(weights.get(OBJECTIVE, 0.0)) > 0:  # named: a training run that needs data
+      raise ConfigError(f"config.train.objectives.{OBJECTIVE}: the DiT trains on the codes of spoken replies; set "
+                        "config.data.speech_codes (a codes index: `python -m omni_jax.units encode`)")
     return None
   flow = FlowConfig.from_config(config)
   dit = config.model.token2wav.dit
