@@ -285,3 +285,23 @@ def test_full_queue_is_429():
   assert e.value.status == 429 and e.value.body()["error"]["type"] == "rate_limit_error"
   stats = worker.stats()
   assert (stats["queued"], stats["rejected"], stats["active"]) == (2, 1, 0)
+
+
+def test_echoed_assistant_messages_are_accepted(tmp_path):
+  """A client that appends a previous response's message (refusal, annotations, audio with data) is served;
+  tool calls are refused; consecutive text parts become one (as chat.render joins them)."""
+  body = {"model": NAME, "messages": [
+      {"role": "user", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
+      {"role": "assistant", "content": None, "refusal": None, "annotations": [], "tool_calls": None,
+       "audio": {"id": "audio_1", "data": "AAAA", "expires_at": 1, "transcript": "Hi!"}},
+      {"role": "assistant", "audio": {"id": "audio_2"}}, {"role": "user", "content": "More."}]}
+  request = protocol.parse_request(json.dumps(body).encode(), protocol.Limits())
+  media = protocol.MediaWriter(str(tmp_path), protocol.Limits(), None)
+  assert protocol.conversation(request, media, {"audio_2": "Hello again."}) == [
+      {"role": "user", "content": [{"type": "text", "text": "Hello"}]}, {"role": "assistant", "content": "Hi!"},
+      {"role": "assistant", "content": "Hello again."}, {"role": "user", "content": "More."}]
+  with pytest.raises(protocol.ServeError, match="unknown or expired audio id"):
+    protocol.conversation(request, media, {})
+  body["messages"][1]["tool_calls"] = [{"id": "call_1"}]
+  with pytest.raises(protocol.ServeError, match="tool calls are not supported"):
+    protocol.parse_request(json.dumps(body).encode(), protocol.Limits())

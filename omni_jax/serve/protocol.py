@@ -21,7 +21,7 @@ import os
 import re
 import time
 import wave
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import numpy as np
 import pydantic
@@ -102,8 +102,12 @@ class VideoPart(_Strict):
 Part = Annotated[Union[TextPart, ImagePart, AudioPart, VideoPart], Field(discriminator="type")]
 
 
-class AssistantAudio(_Strict):
-  id: str  # a previous reply's audio id: its transcript stands for the turn (Server keeps recent ones)
+class AssistantAudio(BaseModel):
+  """A previous reply's audio: its id (the server keeps recent transcripts) or the whole object echoed back
+  (data, expires_at are ignored; a transcript given stands for the turn)."""
+  model_config = ConfigDict(extra="ignore")
+  id: str
+  transcript: Optional[str] = None
 
 
 class Message(_Strict):
@@ -111,9 +115,16 @@ class Message(_Strict):
   content: Union[str, list[Part], None] = None
   name: Optional[str] = None
   audio: Optional[AssistantAudio] = None
+  # What a client echoes when it appends a previous response's message: accepted when empty.
+  refusal: Optional[str] = None
+  annotations: Optional[list] = None
+  tool_calls: Optional[list] = None
+  function_call: Optional[dict] = None
 
   @pydantic.model_validator(mode="after")
   def _check(self):
+    if self.tool_calls or self.function_call:
+      raise ValueError("tool calls are not supported by this server")
     if self.role != "user" and isinstance(self.content, list):
       if any(p.type != "text" for p in self.content):
         raise ValueError(f"{self.role} messages take text parts only (media go in user messages)")
@@ -342,8 +353,8 @@ def conversation(request: ChatRequest, media: MediaWriter, transcripts: Optional
   out = []
   for i, m in enumerate(request.messages):
     role = "system" if m.role == "developer" else m.role
-    if m.content is None:  # an assistant turn given by its audio id
-      text = (transcripts or {}).get(m.audio.id)
+    if m.content is None:  # an assistant turn given by its audio (id, or the echoed object)
+      text = m.audio.transcript if m.audio.transcript is not None else (transcripts or {}).get(m.audio.id)
       if text is None:
         raise ServeError(400, f"messages.{i}.audio.id: unknown or expired audio id {m.audio.id!r}; send the "
                          "transcript as content", param=f"messages.{i}.audio.id", code="unknown_audio_id")

@@ -144,9 +144,10 @@ class ChatEngine(Engine):
     yield Event.now("done", Done(text, np.asarray(ids, np.int32), finish, prompt_tokens), session=sid)
 
 
-def _too_long(n: int, limits: protocol.Limits) -> ServeError:
-  return ServeError(400, f"the prompt is {n} tokens (chat markup and media included); this server takes at most "
-                    f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
+def _too_long(n: int, limits: protocol.Limits, at_least: bool = False) -> ServeError:
+  return ServeError(400, f"the prompt is {'over ' if at_least else ''}{n} tokens (chat markup and media included); "
+                    f"this server takes at most {limits.max_prompt_tokens}", param="messages",
+                    code="context_length_exceeded")
 
 
 class SessionEngine(ChatEngine):
@@ -174,8 +175,8 @@ class SessionEngine(ChatEngine):
       try:
         session.push_message(users[0])
       except ValueError as e:  # SessionError: the cache is full, or a media part is bad
-        if "max_len" in str(e):
-          raise _too_long(session.num_tokens, self.limits) from None
+        if "max_len" in str(e):  # the cache filled up while prefilling: longer than every limit
+          raise _too_long(session.num_tokens, self.limits, at_least=True) from None
         raise
       if session.num_tokens > self.limits.max_prompt_tokens:
         raise _too_long(session.num_tokens, self.limits)
@@ -184,22 +185,10 @@ class SessionEngine(ChatEngine):
       session.close()
 
 
-def session_available() -> bool:
-  """Whether omni_jax.serve.session.OmniSession is implemented (it lands in steps)."""
-  try:
-    from omni_jax.serve.session import OmniSession  # noqa: PLC0415
-  except ImportError:
-    return False
-  import inspect  # noqa: PLC0415
-
-  src = inspect.getsource(OmniSession.respond)
-  return "NotImplementedError" not in src
-
-
 def engine_for(model, limits: protocol.Limits, kind: str = "auto") -> Engine:
-  """kind: "session" (OmniSession), "chat" (OmniChat adapter), "auto" (the session when it is implemented)."""
+  """kind: "session" (OmniSession; "auto" is it) or "chat" (the OmniChat adapter)."""
   if kind == "auto":
-    kind = "session" if session_available() else "chat"
+    kind = "session"
   if kind not in ("session", "chat"):
     raise ValueError(f"--engine: {kind!r} is not one of auto, session, chat")
   return (SessionEngine if kind == "session" else ChatEngine)(model, limits)
@@ -242,7 +231,8 @@ class Worker:
     self._thread = threading.Thread(target=self._run, name="omni-worker", daemon=True)
 
   def start(self) -> "Worker":
-    self._thread.start()
+    if not self._thread.is_alive():
+      self._thread.start()
     return self
 
   def stop(self) -> None:
@@ -271,15 +261,26 @@ class Worker:
     reply reads counts that include it)."""
     it = running.pop(id(job), (None, None))[1]
     if it is not None:
-      it.close()  # the engine's finally: the session is freed
+      if outcome == "cancelled":  # OmniSession.respond waits for its decode loop to end: not on this thread
+        threading.Thread(target=self._close, args=(it,), name="omni-cancel", daemon=True).start()
+      else:
+        self._close(it)
     if job.workdir:
       shutil.rmtree(job.workdir, ignore_errors=True)
     with self.lock:
-      self.active -= it is not None
       self.counts[outcome] += 1
     if last is not None:
       job.send(*last)
     job.send("end", None)
+
+  def _close(self, it) -> None:
+    """Close a request's event iterator (the engine's finally frees its session); `active` counts it until then."""
+    try:
+      it.close()
+    except Exception:  # noqa: BLE001 - a failure while closing must not stop the worker
+      log.exception("closing a request's session failed")
+    with self.lock:
+      self.active -= 1
 
   def _fail(self, job: Job, e: BaseException, running: dict) -> None:
     err = e if isinstance(e, ServeError) else _user_error(e)
@@ -375,8 +376,7 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
 
   @contextlib.asynccontextmanager
   async def lifespan(_app):
-    if not worker._thread.is_alive():
-      worker.start()
+    worker.start()
     yield
     worker.stop()
 
@@ -439,8 +439,6 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
     if request.model != model_name:
       raise ServeError(404, f"The model {request.model!r} does not exist; this server has {model_name!r}",
                        param="model", code="model_not_found")
-    if request.speak and not worker.engine.can_speak:
-      worker.engine.check_voice(None)  # the 400 saying why
     job = await asyncio.to_thread(prepare, request)
     job.loop, job.out = asyncio.get_running_loop(), asyncio.Queue()
     try:
