@@ -171,6 +171,11 @@ def activate(mesh: Optional[Mesh], rules: Rules):
     _ACTIVE.reset(token)
 
 
+def active() -> Optional[tuple[Mesh, tuple]]:
+  """(mesh, rules) inside activate(), else None."""
+  return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
   """with_sharding_constraint by logical names; a no-op outside activate() or on a 1-device mesh."""
   active = _ACTIVE.get()

@@ -3,9 +3,12 @@
   python train.py --config configs/recipes/stage3.py --workdir workdirs/s3 --config.init_from=workdirs/s2
   python train.py --config configs/recipes/stage3.py:model=7b --workdir DIR --config.init_from=S2_WORKDIR
 
-Long rows cost activation memory: every layer is rematerialised (remat_policy=full). There is no context
-parallelism: attention runs over the whole sequence on each device, so the mesh's `context` axis does not
-split its cost; scale with data/fsdp/tensor instead.
+  python train.py --config configs/recipes/stage3.py:model=7b --workdir DIR --config.mesh.context=8 ...
+
+Long rows cost activation memory: every layer is rematerialised (remat_policy=full), attention never holds
+L x L scores (attention_impl="auto": splash on TPU, Pallas flash on GPU, blocked XLA elsewhere), and the
+mesh's `context` axis splits each row over devices (omni_jax/layers/context_parallel.py: load-balanced causal
+chunks, K/V all-gathered per layer), combined freely with data/fsdp/tensor.
 """
 
 from configs.recipes import common
@@ -16,6 +19,7 @@ def get_config(arg=None):
   c = common.base(a.model)
   c.train.freeze = ()
   c.model.remat_policy = "full"
+  c.model.attention_impl = "auto"
   c.data.synthetic.kinds = ("text", "image", "audio")
   if a.model == "tiny":
     c.train.steps, c.train.lr, c.train.seq_len, c.train.batch_size = 50, 5e-4, 512, 2

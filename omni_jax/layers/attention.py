@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from omni_jax.layers import context_parallel
 from omni_jax.layers import flash
 from omni_jax.layers import kernels
 from omni_jax.layers.linear import Linear
@@ -19,7 +20,9 @@ from omni_jax import sharding
 # config.model.attention_impl: None / "xla" / "cudnn" build the dense mask for jax.nn.dot_product_attention;
 # the others never materialise L x L (omni_jax/layers/flash.py, kernels.py).
 DENSE_IMPLS = (None, "xla", "cudnn")
-IMPLEMENTATIONS = DENSE_IMPLS + ("blocked", "splash", "pallas_gpu")
+IMPLEMENTATIONS = DENSE_IMPLS + ("blocked", "splash", "pallas_gpu", "auto")
+KERNELS = ("splash", "pallas_gpu")  # Pallas calls: XLA cannot partition them, so they run per shard
+_AUTO = {"tpu": "splash", "gpu": "pallas_gpu"}  # "auto": the platform's fused kernel, else blocked
 
 
 def attention_mask(q_segments: jax.Array, kv_segments: Optional[jax.Array] = None, *,
@@ -108,6 +111,13 @@ def _local_attention(q, k, v, local: LocalSegments, implementation: Optional[str
   return out.reshape(b, n * size, heads, dim)[:, :length]
 
 
+def resolve(implementation: Optional[str]) -> Optional[str]:
+  """Check an attention_impl and turn "auto" into the compiling platform's choice."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
+  return _AUTO.get(kernels.platform(), "blocked") if implementation == "auto" else implementation
+
+
 def _segment_attention(q, k, v, mask: SegmentMask, implementation: Optional[str]):
   plain = mask.q_index is None and mask.kv_index is None
   if implementation == "splash" and plain:
@@ -127,8 +137,7 @@ def dot_product_attention(q, k, v, mask: Union[jax.Array, SegmentMask, LocalSegm
   float32 whatever the input dtype. mask: a SegmentMask (dense, blocked or a fused kernel, by
   `implementation`), LocalSegments (neighbouring blocks only), or a boolean [B, 1, Lq, Lk] array.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
+  implementation = resolve(implementation)
   jax_impl = implementation if implementation in DENSE_IMPLS else None
   if isinstance(mask, SegmentMask):
     if implementation in DENSE_IMPLS:
@@ -227,6 +236,11 @@ class Attention(nnx.Module):
       v_cache = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1),
                                    names)
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    out = dot_product_attention(q, k, v, mask, implementation=self.implementation)
+    impl = resolve(self.implementation)
+    attend = lambda q, k, v, mask: dot_product_attention(q, k, v, mask, implementation=impl)
+    if kv_cache is None and isinstance(mask, SegmentMask) and context_parallel.per_shard(l, impl in KERNELS):
+      out = context_parallel.attention(q, k, v, mask, attend, heads=self.num_heads, kv_heads=self.num_kv_heads)
+    else:
+      out = attend(q, k, v, mask)
     out = self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
     return out if kv_cache is None else (out, (k_cache, v_cache))

@@ -18,8 +18,14 @@ import numpy as np
 _BLOCK_MULTIPLE = 128  # both kernels tile sequences in multiples of this
 
 
-def _platform() -> str:
-  return jax.devices()[0].platform
+def platform() -> str:
+  """The platform the computation is compiled for: the active mesh's devices (an AOT compile on a CPU host
+  for a TPU topology compiles for TPU), else the default backend's."""
+  from omni_jax import sharding  # noqa: PLC0415 - sharding imports nothing from layers, but keep it local
+
+  active = sharding.active()
+  devices = active[0].devices.flat if active is not None else jax.devices()
+  return next(iter(devices)).platform
 
 
 def _pad_to(a: jax.Array, length: int, axis: int) -> jax.Array:
@@ -47,7 +53,7 @@ def splash_attention(q, k, v, q_segments, kv_segments, *, causal: bool, block: i
   sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                             block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
   kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * h), block_sizes=sizes, head_shards=1,
-                                  q_seq_shards=1, interpret=_platform() != "tpu")
+                                  q_seq_shards=1, interpret=platform() != "tpu")
   heads_first = lambda a, n: jnp.moveaxis(_pad_to(a, n, 1), 2, 1)  # [B, H, L, D]
   qh = heads_first(q * jnp.asarray(1.0 / np.sqrt(d), q.dtype), lq_p)
   kh, vh = heads_first(k, lk_p), heads_first(v, lk_p)
@@ -74,5 +80,5 @@ def pallas_gpu_attention(q, k, v, q_segments, kv_segments, *, causal: bool, bloc
   sizes = gpu_attention.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=min(blk, 64), block_kv_dkv=min(blk, 64),
                                    block_q_dq=min(blk, 64), block_kv_dq=min(blk, 64))
   out = gpu_attention.mha(pad(q), pad(k), pad(v), segments, sm_scale=float(1.0 / np.sqrt(d)), causal=causal,
-                          block_sizes=sizes, interpret=_platform() != "gpu")
+                          block_sizes=sizes, interpret=platform() != "gpu")
   return out[:, :lq].astype(q.dtype)

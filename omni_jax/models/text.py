@@ -3,11 +3,14 @@
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from omni_jax import sharding
 from omni_jax.config import Runtime, TextConfig
+from omni_jax.layers import context_parallel
 from omni_jax.layers import (Attention, Embed, GatedMLP, KVCache, RMSNorm, SegmentMask, inv_frequencies,
                              mrope_cos_sin)
 from omni_jax.models.scan import create_stacked, run_stacked
@@ -71,8 +74,19 @@ class DecoderStack(nnx.Module):
                              self.cfg.mrope_section)
     x = sharding.constrain(x.astype(self.rt.dtype), ACT)
     if cache is None:
-      mask = SegmentMask(segment_ids, causal=True)
+      # Context parallelism: the row in load-balanced causal order (layers.context_parallel), positions and
+      # segments computed before; causality follows the original token indices. Undone after the stack.
+      order = context_parallel.balanced_order(x.shape[1], context_parallel.degree(x.shape[1]))
+      if order is None:
+        mask = SegmentMask(segment_ids, causal=True)
+      else:
+        x, cos, sin, segment_ids = (a[:, order] for a in (x, cos, sin, segment_ids))
+        x = sharding.constrain(x, ACT)
+        index = jnp.asarray(order, jnp.int32)[None]
+        mask = SegmentMask(segment_ids, causal=True, q_index=index, kv_index=index)
       x = run_stacked(self.layers, x, mask, cos, sin, scan=self.rt.scan_layers, remat_policy=self.rt.remat_policy)
+      if order is not None:
+        x = sharding.constrain(x[:, np.argsort(order)], ACT)
       return self.norm(x), None
     index = cache.index
     cache, mask = cache.append(segment_ids > 0)

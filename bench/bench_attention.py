@@ -1,0 +1,86 @@
+"""Dense vs blocked (and, on their hardware, fused) attention: compiled memory and fwd+bwd time, as ratios.
+
+  python bench/bench_attention.py                       # CPU: 2k, 8k, 32k tokens, one packed row
+  python bench/bench_attention.py --impls blocked,splash --dtype bfloat16      # on a TPU
+  python bench/bench_attention.py --impls blocked,pallas_gpu,cudnn --dtype bfloat16   # on a GPU
+
+Per length: one attention layer's forward + backward (q heads 4, KV heads 2, head_dim 64 by default) on a
+packed row of samples of up to --segment tokens, causal within each. Memory is the compiled program's
+temporaries (memory analysis; no run needed, so dense at 32k is reported even where it cannot run). Time is
+the median of interleaved runs, measured where the dense program's temporaries fit under --max_dense_gib.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.common import time_alternating  # noqa: E402
+from omni_jax.layers import SegmentMask, dot_product_attention  # noqa: E402
+
+
+def packed_segments(length: int, segment: int, rng) -> np.ndarray:
+  seg, at, sid = np.zeros((1, length), np.int32), 0, 1
+  while at < length:
+    n = int(rng.integers(segment // 4, segment + 1))
+    seg[0, at:at + n] = sid
+    at, sid = at + n, sid + 1
+  return seg
+
+
+def program(impl, length, heads, kv_heads, dim, dtype):
+  def loss(q, k, v, seg):
+    out = dot_product_attention(q, k, v, SegmentMask(seg, causal=True), implementation=impl)
+    return out.astype(jnp.float32).sum()
+
+  shapes = [jax.ShapeDtypeStruct((1, length, h, dim), dtype) for h in (heads, kv_heads, kv_heads)]
+  jitted = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  compiled = jitted.lower(*shapes, jax.ShapeDtypeStruct((1, length), jnp.int32)).compile()
+  return compiled, compiled.memory_analysis().temp_size_in_bytes
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--lengths", default="2048,8192,32768")
+  p.add_argument("--impls", default="blocked", help="compared against dense (None)")
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--kv_heads", type=int, default=2)
+  p.add_argument("--dim", type=int, default=64)
+  p.add_argument("--segment", type=int, default=2048, help="longest packed sample")
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--max_dense_gib", type=float, default=4.0, help="time dense only below this much temp memory")
+  a = p.parse_args()
+  dtype = jnp.dtype(a.dtype)
+  rng = np.random.default_rng(0)
+  impls = a.impls.split(",")
+  print(f"device {jax.devices()[0].device_kind}; heads {a.heads}/{a.kv_heads} x {a.dim}, {a.dtype}, "
+        f"packed samples of <= {a.segment} tokens")
+  print("| tokens | impl | temp memory (MiB) | memory vs dense | fwd+bwd ms | time vs dense |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for length in (int(x) for x in a.lengths.split(",")):
+    seg = jnp.asarray(packed_segments(length, a.segment, rng))
+    args = [jnp.asarray(rng.normal(size=(1, length, h, a.dim)), dtype) for h in (a.heads, a.kv_heads, a.kv_heads)]
+    dense, dense_mem = program(None, length, a.heads, a.kv_heads, a.dim, dtype)
+    runs = [(impl, *program(impl, length, a.heads, a.kv_heads, a.dim, dtype)) for impl in impls]
+    fns = [lambda c=c: jax.block_until_ready(c(*args, seg)) for _, c, _ in runs]
+    timed_dense = dense_mem < a.max_dense_gib * 2**30
+    if timed_dense:
+      fns = [lambda: jax.block_until_ready(dense(*args, seg))] + fns
+    times = time_alternating(fns, a.iters)
+    dense_t = times[0] if timed_dense else None
+    own = times[1:] if timed_dense else times
+    print(f"| {length} | dense | {dense_mem / 2**20:.1f} | 1 | "
+          f"{'%.1f' % (dense_t * 1e3) if dense_t else 'not run'} | 1 |")
+    for (impl, _, mem), t in zip(runs, own):
+      ratio = f"{dense_t / t:.2f}x faster" if dense_t else "-"
+      print(f"| {length} | {impl} | {mem / 2**20:.1f} | {dense_mem / max(mem, 1):.1f}x less | {t * 1e3:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+  main()
