@@ -119,7 +119,7 @@ def run_ours(model, wave, reply: int, codes: int, piece: int = 8000):
       last = e.t - t0
   rest = audio_s - first["audio_len"]
   rtf = (last - first["audio"]) / rest if rest > 0 else float("nan")
-  return dict(text=first["text"], audio=first["audio"], rtf=rtf, audio_s=audio_s, session=s)
+  return dict(text=first["text"], codes=first["codes"], audio=first["audio"], rtf=rtf, audio_s=audio_s, session=s)
 
 
 def run_theirs(model, prompt_ids, feats, reply: int, codes: int):
@@ -169,7 +169,8 @@ def main():
   med = lambda rows, k: float(np.median([r[k] for r in rows]))  # noqa: E731
   line = (f"size {args.size} ({n_params / 1e6:.0f} M params), {args.seconds:g} s question, {args.reply} tokens, "
           f"{args.codes} codes ({med(ours, 'audio_s'):.2f} s of speech), CPU: ours first text "
-          f"{med(ours, 'text') * 1e3:.0f} ms, first audio {med(ours, 'audio') * 1e3:.0f} ms, RTF "
+          f"{med(ours, 'text') * 1e3:.0f} ms, first code {med(ours, 'codes') * 1e3:.0f} ms, first audio "
+          f"{med(ours, 'audio') * 1e3:.0f} ms, RTF "
           f"{med(ours, 'rtf'):.2f}")
   if theirs:
     line += (f" | transformers first text {med(theirs, 'text') * 1e3:.0f} ms, first audio "

@@ -155,8 +155,13 @@ def test_vocoder_choice(ckpt, tmp_path):
   assert voice.converted_vocoder(str(run))
   (run / "config.json").write_text(json.dumps({"init_from": path}))
   assert not voice.converted_vocoder(str(run))
+  workdir = tmp_path / "workdir"  # a training workdir (config.json, checkpoints/N/params) from the converted one
+  (workdir / "checkpoints" / "3" / "params").mkdir(parents=True)
+  (workdir / "config.json").write_text(json.dumps({"init_from": str(conv)}))
+  assert voice.converted_vocoder(str(workdir))
   hf_dir = tmp_path / "hf"
   hf_dir.mkdir()
+  (hf_dir / "model.safetensors").write_bytes(b"")
   (hf_dir / "config.json").write_text(json.dumps({"token2wav_config": {"dit_config": {}}}))
   assert voice.converted_vocoder(str(hf_dir))
   (hf_dir / "config.json").write_text(json.dumps({"thinker_config": {}}))
