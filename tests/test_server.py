@@ -305,3 +305,16 @@ def test_echoed_assistant_messages_are_accepted(tmp_path):
   body["messages"][1]["tool_calls"] = [{"id": "call_1"}]
   with pytest.raises(protocol.ServeError, match="tool calls are not supported"):
     protocol.parse_request(json.dumps(body).encode(), protocol.Limits())
+
+
+def test_command_line_errors(tmp_path):
+  """python -m omni_jax.serve: a missing media root or checkpoint is one error line and exit status 2."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for args, message in ((["--checkpoint", str(tmp_path), "--media_root", str(tmp_path / "nope")],
+                         "--media_root"), (["--checkpoint", str(tmp_path / "nope")], "no such checkpoint")):
+    out = subprocess.run([sys.executable, "-m", "omni_jax.serve", *args], capture_output=True, text=True,
+                         cwd=root, timeout=300)
+    assert out.returncode == 2 and message in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
