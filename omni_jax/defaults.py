@@ -158,6 +158,9 @@ def talker(c: ml_collections.ConfigDict, thinker_width: int, **text) -> None:
       thinker_gradient=True, speakers=ml_collections.ConfigDict({"Chelsie": 151872, "Ethan": 151870}),
       default_speaker="Chelsie"))
   c.model.talker.units_version = ml_collections.config_dict.placeholder(str)
+  if "train" in c and "talker_codes" not in c.train.objectives:
+    # Built (generation, conversion) but not trained unless weighted: --config.train.objectives.talker_codes=1
+    c.train.objectives.talker_codes = 0.0
 
 
 def generation_ids_within(vocab_size: int) -> dict:
