@@ -297,7 +297,10 @@ def voice_codes(token2wav, codes, voice: Voice, *, vocoder: str = "griffin_lim",
 def settings_of(config: ml_collections.ConfigDict) -> tuple[sampling.SamplerConfig, VoiceSettings]:
   """(config.generate.token2wav as SamplerConfig, config.generate.voice as VoiceSettings); defaults when unset."""
   generate = config.get("generate", None)
-  sampler = sampling.SamplerConfig.from_config(generate.get("token2wav", None) if generate is not None else None)
+  section = generate.get("token2wav", None) if generate is not None else None
+  if section is not None and "streaming" in section:  # the chunked synthesizer's own subsection (streaming.py)
+    section = ml_collections.ConfigDict({k: v for k, v in section.items() if k != "streaming"})
+  sampler = sampling.SamplerConfig.from_config(section)
   sampler.validate("generate.token2wav")
   return sampler, VoiceSettings.from_config(generate.get("voice", None) if generate is not None else None)
 
