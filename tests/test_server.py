@@ -141,6 +141,7 @@ def _audio_of(delta) -> dict:
   return audio.model_dump() if hasattr(audio, "model_dump") else audio
 
 
+@pytest.mark.slow  # the Talker's and Token2Wav's first compiles: ~20 s idle, a minute on a loaded machine
 def test_streamed_speech_is_a_24khz_wav_of_the_text(client, hello):
   stream = client.chat.completions.create(
       model=NAME, messages=[{"role": "user", "content": "Hello there."}], stream=True,

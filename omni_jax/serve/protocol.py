@@ -19,6 +19,7 @@ import io
 import json
 import os
 import re
+import secrets
 import time
 import wave
 from typing import Annotated, Literal, Optional, Union
@@ -198,12 +199,16 @@ class ChatRequest(_Strict):
     return n
 
   def sampling(self) -> dict:
-    """OmniChat / OmniSession sampling keywords (the model's config.generate for what the request leaves)."""
-    out = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
+    """OmniChat / OmniSession sampling keywords (the model's config.generate for what the request leaves).
+    As OpenAI's: temperature 0 is greedy, a positive one samples, and without a seed each request draws its
+    own (config.generate.seed would give every client the same sample)."""
+    out = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
            if getattr(self, k) is not None}
-    if self.temperature == 0.0:  # OpenAI's greedy
-      out.pop("temperature")
-      out["do_sample"] = False
+    if self.temperature is not None:
+      out["do_sample"] = self.temperature > 0.0
+      if not out["do_sample"]:
+        out.pop("temperature")
+    out["seed"] = self.seed if self.seed is not None else secrets.randbits(31)
     return out
 
 

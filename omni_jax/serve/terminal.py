@@ -25,6 +25,9 @@ class Terminal:
     self.generation = {k: v for k, v in (generation or {}).items() if v is not None}
     self.out, self.err = out, err
     self.session = OmniSession(model, speaker=speaker)
+    if speak and model.config.model.get("talker", None) is None:
+      self.warn("this model has no Talker: replies are text only")
+      self.speak = False
     self.attached: list[dict] = []
     self.replies = 0  # spoken or not: reply_<n>.wav is numbered by the reply
 
