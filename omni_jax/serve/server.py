@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: FastAPI routes in front of one worker thread that owns the model.
 
   python -m omni_jax.serve --checkpoint workdirs/tiny_demo            # http://127.0.0.1:8000/v1
-  app = server.create_app(server.Worker(server.engine_for(model), limits), limits, model_name="tiny")
+  worker = server.Worker(server.engine_for(model, limits), limits, max_queue=8, max_batch=1)
+  app = server.create_app(worker, limits, model_name="tiny")      # uvicorn.run(app, host="127.0.0.1")
 
 Routes: POST /v1/chat/completions (protocol.py's request format; stream=true answers Server-Sent Events of
 chat.completion.chunk objects ending in `data: [DONE]`), GET /v1/models, GET /v1/stats (active, queued, served,
@@ -10,7 +11,8 @@ rejected, cancelled, failed: what the leak test reads), GET /health.
 Concurrency: the event loop only parses, validates and writes media files; every request that passes becomes a
 Job on a bounded queue (--max_queue; a full queue answers 429). One worker thread owns the model and advances
 up to --max_batch jobs in turn, one event each, so two clients stream side by side; a job whose client went
-away is closed at its next event (its session freed, `cancelled` counted). A request's error before its first
+away is dropped at its next event (`cancelled` counted; its session is closed on a thread of its own, since
+OmniSession waits for its decode loop to end). A request's error before its first
 event (an undecodable image, a prompt over --max_prompt_tokens, an unknown voice) is its HTTP status; a failure
 after the first streamed byte ends the stream with an error object.
 """
