@@ -141,6 +141,7 @@ def test_seeded_noise_is_drawn_per_block(model, voice, whole):
   codes, cond, ref_mel, noise = voice
   synth = StreamingSynthesizer(model, cond, ref_mel, seed=3, sampler=SAMPLERS["euler"], streaming=QWEN)
   chunks = synth.push(codes) + synth.finish()
+  assert np.concatenate(chunks, -1).shape == (1, 2 * N_CODES * HOP)
   seeded = synth.noise(2 * N_CODES)
   assert seeded.shape == (1, 62, 80) and abs(float(seeded.std()) - 1) < 0.05
   np.testing.assert_array_equal(streaming.utterance_noise(3, 1, 62, 4, 80, start=8), seeded[:, 8:])

@@ -20,12 +20,12 @@ block_size mel frames (24 = 12 codes = 0.24 s for the released model):
 - its DiT window is [a - past_blocks, b + future_blocks) blocks, cut at 0 and at the utterance end: the DiT sees
   whole blocks at their own block positions (RoPE is relative, so the window's offset does not matter), and a
   chunk is computed as soon as the codes of its window have arrived (finish() computes the rest);
-- one starting noise for the whole utterance (`noise` [B, >= T, mel], or N(0, 1) drawn per block from `seed`:
-  `utterance_noise`), sliced per window, so a window integrates the same ODE as the whole utterance with
-  truncated context (and no length limit: the windows' positions are their own): the output
-  of a window frame depends on `evaluations x (look-back / look-ahead layers)` blocks on each side (the ODE's
-  receptive field grows with every velocity evaluation), so chunked = whole exactly (to float rounding) once
-  past / future blocks cover it, and approximately with Qwen's 2 / 1 (measured: docs/token2wav.md);
+- one starting noise for the whole utterance (`noise` [B, >= T, mel], or N(0, 1) drawn per block from `seed`,
+  `utterance_noise`: no length limit), sliced per window, so a window integrates the same ODE as the whole
+  utterance with truncated context. A frame's output depends on `evaluations x look-back (look-ahead) layers`
+  blocks on each side (the ODE's receptive field grows with every velocity evaluation), so chunked = whole to
+  float rounding once past / future blocks cover that, and approximately with Qwen's 2 / 1 (measured:
+  docs/token2wav.md);
 - BigVGAN vocodes each chunk's mel with `vocoder_context` mel frames of context on each side (the final mel of
   earlier chunks on the left, the window's look-ahead mel on the right) and keeps the chunk's own samples
   (Qwen's trim; the vocoder's receptive field is about 14 frames, so 20 frames of context make the seam exact
@@ -33,11 +33,11 @@ block_size mel frames (24 = 12 codes = 0.24 s for the released model):
 
 Compiles stay bounded: every DiT window is right-padded to one of two lengths ((first + future) and
 (past + chunk + future) blocks) and the padding is masked out of attention (DiT `frames`), so it changes
-nothing; every vocoder window is one of two lengths (chunk + 2 x context), padded on the right by repeating the
-last frame when the window ends before the utterance does (the padding lies beyond the kept samples' receptive
-field), and the final window is moved left (more real context) to a bucket length so that the utterance's end
-is vocoded as the whole utterance's is. Only utterances shorter than a bucket compile their final vocoder window
-per length, as whole-utterance synthesis compiles every length.
+nothing; every vocoder window is one of two lengths (first chunk + context, chunk + 2 x context), padded on the
+right by repeating the last frame when the window ends before the utterance does (the padding lies beyond the
+kept samples' receptive field), and the final window is moved left (more real context) to a bucket length so
+that the utterance's end is vocoded as the whole utterance's is. Only utterances shorter than a bucket compile
+their final vocoder window per length, as whole-utterance synthesis compiles every length.
 """
 
 import dataclasses
@@ -53,8 +53,6 @@ from flax import nnx
 
 from omni_jax.config import ConfigError, from_config_dict
 from omni_jax.token2wav import sampling
-
-SAMPLE_RATE = 24000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +153,8 @@ class StreamingSynthesizer:
     self._dit_buckets = tuple(sorted({(s.first_chunk_blocks + s.future_blocks) * self.block,
                                       (s.past_blocks + s.chunk_blocks + s.future_blocks) * self.block}))
     v = s.vocoder_context
-    self._vocoder_buckets = tuple(sorted({s.first_chunk_blocks * self.block + 2 * v,
-                                          s.chunk_blocks * self.block + 2 * v}))
+    # (the first chunk has no left context: its window is shorter, and so is the first audio's wait)
+    self._vocoder_buckets = tuple(sorted({s.first_chunk_blocks * self.block + v, s.chunk_blocks * self.block + 2 * v}))
     if noise is None and seed is None:
       raise ValueError("StreamingSynthesizer: give noise or seed (the starting noise must be reproducible)")
     if noise is not None:
