@@ -60,7 +60,7 @@ def _flow_view(config: ml_collections.ConfigDict, dit: DiTConfig) -> flow_target
   if "train" not in config:
     return flow
   # ECAPA's first convolution reflect-pads (kernel - 1) / 2 frames each side, which needs more frames than that.
-  flow.check_model(dit.repeats, dit.block_size, min_ref=max(dit.enc_kernel_sizes) // 2 + 1)
+  flow.check_model(dit.repeats, min_ref=max(dit.enc_kernel_sizes) // 2 + 1)
   return flow
 
 

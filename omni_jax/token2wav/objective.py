@@ -5,7 +5,10 @@ The sign convention is the sampler's (token2wav.sampling: noise at t = 0, mel at
 
   x_t = (1 - t) x0 + t x1,   x0 ~ N(0, I),  x1 = the target mel,   target velocity  x1 - x0,
 
-  loss = mean over the real frames of each row (token2wav_lengths) and the 80 bins of (v(x_t, t) - (x1 - x0))^2.
+  loss = mean over the real frames of each row (token2wav_lengths) and the 80 bins of (v(x_t, t) - (x1 - x0))^2;
+
+the padding after a row's reply is masked out of the DiT's attention too (its `frames`), so a padded row trains
+exactly as the unpadded reply would.
 
 Time t per row from config.train.token2wav.time_sampling (targets.FlowConfig; default "cosine", the
 distribution of inference's sway-warped grid). Condition dropout per row, so that classifier-free guidance
@@ -49,6 +52,13 @@ def frame_mask(batch: Batch) -> jax.Array:
   return jnp.arange(frames)[None] < batch["token2wav_lengths"][:, None]
 
 
+def attended_frames(batch: Batch) -> jax.Array:
+  """[B]: the frames each DiT row attends to: its real frames, so the padding after a reply is invisible as at
+  inference; an empty row (no reply, no loss) attends to all, which keeps its softmax finite."""
+  lengths = batch["token2wav_lengths"]
+  return jnp.where(lengths > 0, lengths, batch["token2wav_mel"].shape[1])
+
+
 def flow_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> dict:
   """{"loss_sum": sum over real frames of the per-frame mean squared velocity error, "count": real frames}."""
   if "token2wav_mel" not in batch:  # a bucket without DiT rows
@@ -68,7 +78,7 @@ def flow_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> di
     drop_audio, drop_code = dropout_masks(k_drop, rows, flow)
   speaker = jnp.zeros((rows, dit.cfg.enc_emb_dim), jnp.float32)  # no x-vector model offline (targets.py)
   v = dit(xt, batch["token2wav_reference"], speaker, batch["token2wav_codes"], t, drop_audio=drop_audio,
-          drop_code=drop_code)
+          drop_code=drop_code, frames=attended_frames(batch))
   err = jnp.mean(jnp.square(v - (x1 - x0)), axis=-1)  # [B, T]
   mask = frame_mask(batch)
   return {"loss_sum": jnp.sum(jnp.where(mask, err, 0.0)), "count": jnp.sum(mask).astype(jnp.float32)}

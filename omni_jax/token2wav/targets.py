@@ -9,7 +9,8 @@ Talker trains on) has codes in config.data.speech_codes, the codes index the Tal
              to the first config.train.token2wav.max_frames frames (one DiT row per utterance);
   reference  the speaker's reference mel for ECAPA: the mel of ANOTHER spoken reply of the same speaker
              (picked by a hash of the sample name among the speaker's clips, so it is deterministic and
-             varies), tiled / cut to ref_frames. A speaker with a single clip uses that clip.
+             varies), tiled / cut to ref_frames. A speaker with a single clip (or none listed) uses the
+             reply's own clip.
   speaker    the `cond` vector is zero: there is no x-vector model offline, so the voice reaches the DiT
              through ECAPA over the reference mel only (a new voice needs nothing but a clip of it).
 
@@ -116,7 +117,7 @@ class FlowConfig:
       if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
         raise ConfigError(f"config.{k}.{name}: must be a positive integer, got {v!r}")
 
-  def check_model(self, repeats: int, block_size: int, min_ref: int):
+  def check_model(self, repeats: int, min_ref: int):
     """Against the DiT's config (config.model.token2wav.dit)."""
     if self.max_frames % repeats:
       raise ConfigError(f"config.{self.KEY}.max_frames: {self.max_frames} must be a multiple of the DiT's repeats "
@@ -124,7 +125,6 @@ class FlowConfig:
     if self.ref_frames < min_ref:
       raise ConfigError(f"config.{self.KEY}.ref_frames: {self.ref_frames} is too short for ECAPA's padding "
                         f"(at least {min_ref} frames)")
-    del block_size
 
 
 def objective_on(config) -> bool:
