@@ -151,6 +151,18 @@ def test_image_and_video_parts_equal_whole_prefill(model, media, aiv):
   assert sample.use_audio_in_video == aiv and len(sample.videos) == 1 and len(sample.audios) == int(aiv)
   np.testing.assert_array_equal(sample.input_ids, model.batch([messages])["input_ids"][0][-sample.num_tokens:])
   np.testing.assert_allclose(logits, first_logits(model, messages), atol=ATOL, rtol=0)
+  if aiv:
+    return
+  # Decoded frames (a camera's), then a second turn: chunked equals the conversation prefilled whole.
+  list(s.respond(max_new_tokens=2, **GREEDY))
+  frames = np.random.default_rng(2).integers(0, 256, (6, 64, 80, 3), dtype=np.uint8)
+  s.push_video(frames, fps=2.0)
+  s.push_text("And this one?")
+  logits = s.end_turn()
+  batch = generate.prompts.prompt_batch([s.prompt_sample()], pad_id=model.generator.ids.pad_token_id)
+  assert batch["video_grid_thw"].shape[1] == 2
+  whole = model.generator.generate(batch, max_new_tokens=1, return_logits=True, sampling=model.generator.sampling(**GREEDY))
+  np.testing.assert_allclose(logits, whole.logits[0, 0], atol=ATOL, rtol=0)
 
 
 def test_speech_codes_equal_speak(model):

@@ -188,6 +188,7 @@ class OmniSession:
     self._kinds: list[str] = []  # the conversation's media parts, in order ("Picture k" numbering)
     self._slots = 0  # cache slots used (padding included)
     self._in_turn = False
+    self._awaiting = False  # the turn is closed (end_turn) and its reply not yet decoded
     self._audio: Optional[_Audio] = None
     self._pending: list[int] = []  # tokens owed to the cache before the next user turn (the reply's end)
     self.turn = 0
@@ -320,10 +321,32 @@ class OmniSession:
     item = chat.ImageItem(tuple(int(g) for g in grid))
     self._append(chat.media_ids(item, self._fmt), {"images": [(rows, grid)]})
 
-  def push_video(self, video: str, *, use_audio_in_video: bool = False) -> None:
-    """A video file (frames sampled by config.data.media); use_audio_in_video interleaves its audio track."""
+  def push_video(self, video: Any, *, fps: Optional[float] = None, use_audio_in_video: bool = False) -> None:
+    """A video: a file (frames sampled by config.data.media; use_audio_in_video interleaves its audio track),
+    or decoded uint8 frames [F, H, W, 3] recorded at `fps` (a plain video: no audio track)."""
     self._check_open()
-    self._push_part({"type": "video", "path": video, "use_audio_in_video": use_audio_in_video})
+    if isinstance(video, (str, os.PathLike)):
+      return self._push_part({"type": "video", "path": video, "use_audio_in_video": use_audio_in_video})
+    if use_audio_in_video:
+      raise SessionError("push_video: use_audio_in_video needs a file with an audio track, not decoded frames")
+    if not fps or fps <= 0:
+      raise SessionError(f"push_video: decoded frames need their recording rate fps > 0, got {fps!r}")
+    from omni_jax.input.media import video as video_media  # noqa: PLC0415
+
+    self._end_audio()
+    m = self._pre.options
+    try:
+      clip = video_media.preprocess_frames(video, float(fps), fps=m.video_fps, min_frames=m.video_min_frames,
+                                           max_frames=m.video_max_frames, min_pixels=m.video_min_pixels,
+                                           max_pixels=m.video_max_pixels, max_total_pixels=m.video_max_total_pixels,
+                                           merge_size=self._fmt.spatial_merge_size)
+    except MediaError as e:
+      raise SessionError(f"session {self.id}: {e}") from None
+    self._open_turn()
+    self._label("video")
+    item = chat.VideoItem(tuple(int(g) for g in clip.grid_thw), float(clip.second_per_grid))
+    self._append(chat.media_ids(item, self._fmt),
+                 {"videos": [(clip.pixel_values, clip.grid_thw, float(clip.second_per_grid))]})
 
   def push_audio(self, wave: np.ndarray, sample_rate: int = audio_media.SAMPLE_RATE, *, final: bool = False) -> None:
     """Samples of the user's audio (mono or [n, channels]); consecutive pushes continue one audio part until
@@ -420,7 +443,7 @@ class OmniSession:
 
   def end_turn(self) -> np.ndarray:
     """Close the user's turn: prefill what is left and the assistant header. Returns the first token's
-    logits [V] (float32). respond() calls it; call it directly to inspect the prefill."""
+    logits [V] (float32). respond() calls it (or, called first, decodes from where it left off)."""
     self._check_open()
     if not self._in_turn:
       raise SessionError(f"session {self.id}: nothing to respond to (push the user's input first)")
@@ -428,6 +451,7 @@ class OmniSession:
     self._append([self._fmt.id("<|im_end|>")] + self._text_ids("\n") + [self._fmt.id("<|im_start|>")]
                  + self._text_ids("assistant\n"))
     self._in_turn = False
+    self._awaiting = True  # respond() decodes from here
     self.input_closed_at = time.perf_counter()
     return np.asarray(self._logits)[0]
 
@@ -467,7 +491,9 @@ class OmniSession:
       raise SessionError(f"max_new_tokens must be >= 1, got {n_new}")
     params = self._g.sampling(**sampling)
     seed = int(d.get("seed", 0) if seed is None else seed)
-    self.end_turn()
+    if not self._awaiting or self._in_turn:
+      self.end_turn()
+    self._awaiting = False
     prompt = self.prompt_sample() if speak else None
     if self._slots + n_new > self.max_len:
       raise SessionError(f"session {self.id}: {self._slots} cache slots used + max_new_tokens {n_new} exceed "
