@@ -31,8 +31,9 @@ audio seen so far, so frames more than 80 dB below a later, louder frame come ou
 
 Speech (speak=True): the Talker starts when the Thinker's reply is complete (SpeechGenerator over the whole
 conversation + reply, as OmniChat.speak), then streams its codes as they are decoded; audio chunks come from
-a streaming synthesizer (omni_jax.token2wav.streaming, when present). Talker decode interleaved with the
-Thinker's is not done (docs/serving.md).
+the synthesizer (default_synthesizer: omni_jax.token2wav.streaming with BigVGAN, the whole reply at its end with
+Griffin-Lim). Talker decode interleaved with the Thinker's, and batched sessions, are not done
+(docs/serving.md).
 """
 
 import logging
