@@ -69,7 +69,7 @@ case "${1:-}" in
       --config.data.speech_codes="$units/codes.json" --config.init_from="$workdir" --workdir "$workdir/token2wav"
     ;;
   test)
-    setup test,tpu,serve  # tpu: libtpu for the AOT compile tests (tests/test_aot.py); serve: tests/test_server.py
+    setup test,tpu,serve,eval  # tpu: libtpu for the AOT tests (tests/test_aot.py); serve: tests/test_server.py; eval: the speech judges
     .venv/bin/python -m pytest -q
     ;;
   *)

@@ -12,7 +12,8 @@ Datasets (each with a held-out `validation` split):
           README's main job learns)
 
 Evaluation tasks (omni_jax/evaluate, docs/evaluation.md) are written from the held-out split under
-OUT/tasks/<evaluator>/<task>.jsonl: asr/digits, asr/speech_en, mcq/{image,audio,video,text}, open/{image,video,text}.
+OUT/tasks/<evaluator>/<task>.jsonl: asr/digits, asr/speech_en, mcq/{image,audio,video,text}, open/{image,video,text},
+speech/voice_chat (the held-out voice-chat prompts with their recorded replies).
 
 The recipe writes media under OUT/media, conversations as JSONL under OUT/jsonl (both user formats, relative
 media paths), and converts them with the same TFDS builder users' JSONL goes through (OUT/tfds). Nothing here
@@ -247,15 +248,41 @@ def _tasks(out: str, w: _Writer):
   for r in held["text"]:
     tasks.setdefault(("open", "text"), []).append(
         {"id": r["id"], "task": "text", "messages": [r["messages"][0]], "references": [r["messages"][1]["content"]]})
+  _speech_tasks(out, held["speech"])
   for (evaluator, task), records in tasks.items():
     os.makedirs(os.path.join(out, "tasks", evaluator), exist_ok=True)
     with open(os.path.join(out, "tasks", evaluator, f"{task}.jsonl"), "w", encoding="utf-8") as f:
       f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def _speech_tasks(out: str, records: list[dict]):
+  """tasks/speech/voice_chat.jsonl: the held-out voice-chat prompts; each reference answer keeps its recording
+  (`speech`), which the speech evaluator's judges are measured on."""
+  def rebase(path):  # records sit in OUT/jsonl, task files one level deeper
+    return "../" + path
+
+  lines = []
+  for r in records:
+    reply = dict(r["messages"][-1], speech=rebase(r["messages"][-1]["speech"]))
+    item = {"id": r["id"], "task": "voice_chat", "messages": [r["messages"][0], reply]}
+    if r.get("audios"):
+      item["audios"] = [rebase(a) for a in r["audios"]]
+    lines.append(json.dumps(item, ensure_ascii=False) + "\n")
+  folder = os.path.join(out, "tasks", "speech")
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "voice_chat.jsonl.part"), "w", encoding="utf-8") as f:
+    f.write("".join(lines))
+  os.replace(os.path.join(folder, "voice_chat.jsonl.part"), os.path.join(folder, "voice_chat.jsonl"))
+
+
 def task_files(out: str, evaluator: str) -> list[str]:
-  """The bundled task files of one evaluator ("asr", "mcq", "open") in a built corpus."""
+  """The bundled task files of one evaluator ("asr", "mcq", "open", "speech") in a built corpus."""
   folder = os.path.join(os.path.expanduser(out), "tasks", evaluator)
+  held_speech = os.path.join(os.path.expanduser(out), "jsonl", "speech.validation.jsonl")
+  if evaluator == "speech" and not os.path.isdir(folder) and os.path.exists(held_speech):
+    # A corpus built before the speech task existed: written from its held-out split (no rebuild).
+    with open(held_speech, encoding="utf-8") as f:
+      _speech_tasks(os.path.expanduser(out), [json.loads(line) for line in f if line.strip()])
   return sorted(os.path.join(folder, f) for f in os.listdir(folder)) if os.path.isdir(folder) else []
 
 

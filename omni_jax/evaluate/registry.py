@@ -1,5 +1,5 @@
 """The evaluator registry (big_vision style): each evaluator is one module under omni_jax/evaluate/tasks that
-registers a class under its name; config.eval.tasks ("loss,asr,mcq,open") selects them.
+registers a class under its name; config.eval.tasks ("loss,asr,mcq,open,speech") selects them.
 
 An evaluator is constructed once per job with an evaluate.context.Context and called with the parameters to
 score; it returns a Scores (scalars for TensorBoard / JSONL, details for the JSON report).
@@ -12,10 +12,9 @@ from typing import Any, Callable
 from omni_jax.config import ConfigError
 
 _REGISTRY: dict[str, Callable] = {}
-_MODULES = ("loss", "asr", "mcq", "open")  # omni_jax.evaluate.tasks.<name>
+_MODULES = ("loss", "asr", "mcq", "open", "speech")  # omni_jax.evaluate.tasks.<name>
 # Names kept for evaluators that need parts of the model not built yet; selecting one fails with this reason.
-RESERVED = {"speech": "the spoken-reply evaluator needs the Talker and Token2Wav, which this build does not have "
-                      "yet (issue 13: judge the reply's audio with pocketsphinx / resemblyzer)"}
+RESERVED: dict[str, str] = {}
 
 
 @dataclasses.dataclass

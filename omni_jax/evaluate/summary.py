@@ -9,7 +9,8 @@ from typing import Optional
 
 # Headline metrics, in print order; per-modality and per-task variants follow each one.
 _HEADLINE = re.compile(r"^[^/]+/(loss|ppl|accuracy)(_\w+)?$|^[^/]+/(asr|mcq|open)/([^/]+/)?"
-                       r"(wer|cer|accuracy(_\w+)?|exact_match|bleu|chrf)$|^[^/]+/skipped$")
+                       r"(wer|cer|accuracy(_\w+)?|exact_match|bleu|chrf)$|^[^/]+/skipped$"
+                       r"|^[^/]+/speech/(wer|similarity|judge_\w+)$")
 _LOWER_IS_BETTER = ("loss", "ppl", "wer", "cer", "skipped")
 
 
@@ -49,6 +50,9 @@ def table(report: dict, first: Optional[dict] = None) -> str:
       better = (now < before) == any(k.split("/")[-1].startswith(m) for m in _LOWER_IS_BETTER)
       change = "better" if better else "worse"
     rows.append([k, _fmt(before) if first else None, _fmt(now), change])
+  for name, section in report.get("evaluators", {}).items():  # an evaluator that had nothing to score
+    if isinstance(section.get("skipped"), str):
+      rows.append([f"{report.get('split', 'eval')}/{name}", "-" if first else None, section["skipped"], ""])
   if first:
     head.append("")
   else:

@@ -10,7 +10,8 @@ parts, or strings with <image>/<audio>/<video> tags and parallel `images` / `aud
 `use_audio_in_video` and a `system` string work as in training records. A conversation that ends with an
 assistant message takes that message as its reference when `references` is absent (a training record is a
 valid task item). `task` names the row of the scores (default: the file's name without .jsonl); `answer` is
-a letter ("B") or a 0-based index. Relative media paths resolve against the file's folder.
+a letter ("B") or a 0-based index; `speech` on the closing assistant message is its recording (the speech
+evaluator's judge floor and voice reference). Relative media paths resolve against the file's folder.
 """
 
 import dataclasses
@@ -40,6 +41,7 @@ class Item:
   references: list = dataclasses.field(default_factory=list)
   choices: list = dataclasses.field(default_factory=list)
   answer: Optional[str] = None  # the right letter (mcq)
+  speech: Optional[str] = None  # the reference answer's recording (`speech` on it; the speech evaluator)
 
 
 def _text(content) -> str:
@@ -92,7 +94,7 @@ def parse(line: str, root: str, where: str, default_task: str) -> Item:
   kind = preprocess.sample_kind(messages)
   modality = next(k for k, v in batch_lib.KINDS.items() if v == kind)
   return Item(id=str(record.get("id", where)), task=str(record.get("task", default_task)), modality=modality,
-              messages=messages, references=references, choices=choices, answer=answer)
+              messages=messages, references=references, choices=choices, answer=answer, speech=last.get("speech"))
 
 
 def expand(spec) -> list[str]:
