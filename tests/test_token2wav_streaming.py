@@ -2,11 +2,12 @@
 to transformers'), on a tiny Token2Wav with perturbed random weights, float32, the same starting noise.
 
 Tolerances (docs/token2wav.md, "Streaming synthesis"), relative to the whole utterance's largest sample:
-- Qwen's context (2 past blocks, 1 look-ahead block, 20 vocoder frames): 2e-2; measured up to 9.0e-3 with this
-  model's 4-frame blocks, whose 1-block look-ahead gives the vocoder only 4 frames of right context (with the
-  released 24-frame blocks the vocoder has its full 20 and the measured error is ~2e-6);
-- context covering the ODE's receptive field (past = future = velocity evaluations x 1 block): 1e-5 (float
-  rounding; measured ~3e-7), while no context at all misses by more than 2e-2: the check can fail.
+- Qwen's context (2 past blocks, 1 look-ahead block, 20 vocoder frames): 2e-2; measured up to 4.0e-3 with this
+  model's 4-frame blocks, whose 1-block look-ahead gives the vocoder only 4 frames of real right context (with
+  24-frame blocks the vocoder has its full 20 and bench/bench_token2wav.py measures ~1e-5);
+- context covering the ODE's receptive field (past = velocity evaluations x 1 block, future 3 blocks more for
+  the vocoder): 1e-5 (float rounding; measured ~3e-7), while without left context the mel misses by > 1e-3
+  (measured 4e-3, against 2.4e-7): the check can fail.
 """
 
 import copy
@@ -106,10 +107,12 @@ def test_context_over_the_receptive_field_is_exact(model, voice, whole, method):
   want = sample(model.code2wav_dit_model, jnp.asarray(codes), jnp.asarray(cond), jnp.asarray(ref_mel),
                 noise=jnp.asarray(noise), sampler=SAMPLERS[method])
   np.testing.assert_allclose(synth.mel, np.asarray(want), atol=1e-5)  # the mel: the whole utterance's
-  # Without left context: visibly off (window shapes shared with the other tests: no new compiles).
+  # Without left context the mel is visibly off (measured 4e-3; window shapes shared with the other tests).
   blind = StreamingConfig(first_chunk_blocks=1, chunk_blocks=3, past_blocks=0, future_blocks=1, vocoder_context=12)
-  chunks = synthesize_chunked(model, codes, cond, ref_mel, noise=noise, sampler=SAMPLERS[method], streaming=blind)
-  assert relative_error([c[0] for c in chunks], whole[method]) > 100 * EXACT_TOL
+  synth = StreamingSynthesizer(model, cond, ref_mel, noise=noise, sampler=SAMPLERS[method], streaming=blind)
+  synth.push(codes)
+  synth.finish()
+  assert np.abs(synth.mel - np.asarray(want)).max() > 1e-3
 
 
 def test_codes_one_at_a_time_equal_all_at_once_and_chunks_are_timed(model, voice):

@@ -253,12 +253,14 @@ class StreamingSynthesizer:
     self._mel = np.concatenate([self._mel, window[:, start - lo:stop - lo]], axis=1)
     # The vocoder window: final mel on the left, this window's mel (its look-ahead included) on the right.
     v_lo, v_hi = max(0, start - s.vocoder_context), min(hi, stop + s.vocoder_context)
-    length = _bucket(v_hi - v_lo, self._vocoder_buckets)
     at_end = final and v_hi == total  # known only in finish(): push() never assumes the codes have ended
+    # Before the end, the vocoder always sees vocoder_context frames right of the chunk: the window's look-ahead
+    # mel, then its last frame repeated (closer to speech than the convolutions' zero padding of a hard edge).
+    length = _bucket((v_hi if at_end else stop + s.vocoder_context) - v_lo, self._vocoder_buckets)
     if at_end:  # no padding past the utterance's end (vocoded as the whole utterance's); more left context instead
       v_lo = max(0, total - length)
     mel = np.concatenate([self._mel[:, v_lo:start], window[:, start - lo:v_hi - lo]], axis=1)
-    if not at_end:  # right padding, beyond the kept samples' receptive field
+    if not at_end:  # right padding: the repeated last frame
       mel = np.pad(mel, ((0, 0), (0, length - mel.shape[1]), (0, 0)), mode="edge")
     wave = np.asarray(_vocode(*self._vocoder, jnp.asarray(mel)))
     audio = wave[:, (start - v_lo) * self.hop:(stop - v_lo) * self.hop]
