@@ -2,7 +2,7 @@
 recipe synthesises against that voice's reference and against another voice, beside the same measure on real
 recordings (the ceiling and the floor of this embedding on these voices), all in one process.
 
-  .venv/bin/pip install --no-deps resemblyzer webrtcvad-wheels   # optional; its weights ship in the wheel
+  .venv/bin/pip install -e ".[eval]"   # optional (or --no-deps resemblyzer webrtcvad-wheels); weights in the wheel
   .venv/bin/python bench/bench_new_voice.py --steps 300 [--voice en-GB-scotland --other en-US --count 16]
 
 Runs the recipe's own commands on eSpeak NG recordings of the demo sentences: new_voice example + prepare, units
@@ -48,7 +48,7 @@ def main():
   try:
     from resemblyzer import VoiceEncoder, preprocess_wav  # noqa: PLC0415
   except ImportError:
-    sys.exit("resemblyzer is not installed: .venv/bin/pip install --no-deps resemblyzer webrtcvad-wheels")
+    sys.exit("resemblyzer is not installed: .venv/bin/pip install -e '.[eval]'")
   from omni_jax.units import codes as codes_lib  # noqa: PLC0415
   from omni_jax.units import new_voice  # noqa: PLC0415
 
