@@ -80,9 +80,15 @@ def attention(q, k, v, mask, attend, *, heads: int, kv_heads: int):
   group = heads // kv_heads
   q_axes, kv_axes = q_spec[2], kv_spec[2]
 
+  # Token indices matter only when rows are split (global causality); without them the fused kernels apply.
+  split = degree(length) > 1
+  with_index = split or mask.q_index is not None or mask.kv_index is not None
+
   def local(q, k, v, q_seg, kv_seg, q_idx, kv_idx):
-    gather = lambda a: jax.lax.all_gather(a, AXIS, axis=1, tiled=True)
+    gather = lambda a: jax.lax.all_gather(a, AXIS, axis=1, tiled=True) if split else a
     k, v, kv_seg, kv_idx = gather(k), gather(v), gather(kv_seg), gather(kv_idx)
+    if not with_index:
+      q_idx = kv_idx = None
     local_heads, local_kv = q.shape[2], k.shape[2]
     if local_kv * group != local_heads:  # q heads split over `tensor`, k/v whole: take this shard's kv heads
       first = _axis_index(q_axes) * local_heads // group

@@ -5,7 +5,7 @@ softmax (running max and sum per query), the mask of each tile is computed from 
 indices (never a dense [L, L] array), and a custom backward pass recomputes each tile's probabilities from
 the saved log-sum-exp, as FlashAttention does. Memory is O(L * block) instead of the dense path's O(L^2).
 Tiles that the mask leaves empty (other samples of a packed row, the future of a causal one, padding) are
-skipped with lax.cond, so a packed row of many short samples costs about the sum of their own squares.
+never visited (a while loop over each tile's non-empty partners), so a packed row of many short samples costs about the sum of their own squares.
 
 This is the CPU implementation and the reference that the fused kernels (omni_jax/layers/kernels.py) are
 checked against; it is selected with config.model.attention_impl="blocked".
@@ -53,6 +53,30 @@ def _layout(q, k, v, q_seg, k_seg, q_idx, k_idx, bq: int, bk: int):
   return (qt, kt, vt, _tiles(q_seg, bq, 1), _tiles(k_seg, bk, 1), _tiles(q_idx, bq, 1), _tiles(k_idx, bk, 1))
 
 
+def _tile_table(qst, kst, qxt, kxt, causal: bool) -> jax.Array:
+  """[nq, nk] bool: tile (i, j) may hold an allowed pair (a superset test from each tile's segment range and
+  index bounds, exact for packed rows, whose segments are contiguous). Costs O(n^2) booleans, not O(L^2)."""
+  big = jnp.iinfo(jnp.int32).max
+
+  def summary(seg, idx):  # [n, B, block] -> per tile and row: min/max real segment, min/max index
+    real = seg > 0
+    return (jnp.where(real, seg, big).min(-1), jnp.where(real, seg, 0).max(-1), real.any(-1),
+            jnp.where(real, idx, big).min(-1), jnp.where(real, idx, -big).max(-1))
+
+  q_lo, q_hi, q_any, _, q_last = summary(qst, qxt)
+  k_lo, k_hi, k_any, k_first, _ = summary(kst, kxt)
+  pair = lambda a, b: (a[:, None], b[None, :])
+  ok = (pair(q_any, k_any)[0] & pair(q_any, k_any)[1] & (q_hi[:, None] >= k_lo[None]) & (k_hi[None] >= q_lo[:, None]))
+  if causal:
+    ok &= q_last[:, None] >= k_first[None]
+  return ok.any(-1)  # any row of the batch
+
+
+def _visit_order(table: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per row of `table` ([n, m] bool): the column indices with True first, and their count."""
+  return jnp.argsort(~table, axis=1, stable=True).astype(jnp.int32), table.sum(1).astype(jnp.int32)
+
+
 def _scores(qi, kj, scale):
   return jnp.einsum("bkgqd,bkcd->bkgqc", qi, kj, preferred_element_type=jnp.float32) * scale
 
@@ -63,33 +87,34 @@ def _forward(causal, bq, bk, q, k, v, q_seg, k_seg, q_idx, k_idx):
   scale = 1.0 / np.sqrt(d)
   qt, kt, vt, qst, kst, qxt, kxt = _layout(q, k, v, q_seg, k_seg, q_idx, k_idx, bq, bk)
 
+  # Only the tiles the mask leaves non-empty are visited (a while loop per query tile, not lax.cond: a cond
+  # inside a scanned, differentiated layer makes JAX keep every tile's scores as residuals).
+  order, count = _visit_order(_tile_table(qst, kst, qxt, kxt, causal))
+
   def one_query_tile(tile):
-    qi, qs, qx = tile
+    qi, qs, qx, visit, n = tile
 
-    def step(carry, kv):
-      kj, vj, ks, kx = kv
+    def step(t, carry):
+      m, l, acc = carry
+      j = visit[t]
+      kj, vj, ks, kx = kt[j], vt[j], kst[j], kxt[j]
       ok = _allowed(qs, qx, ks, kx, causal)[:, None, None]  # [B, 1, 1, bq, bk]
-
-      def update(carry):
-        m, l, acc = carry
-        s = jnp.where(ok, _scores(qi, kj, scale), _NEG)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
-        correction = jnp.exp(m - m_new)
-        acc = acc * correction[..., None] + jnp.einsum("bkgqc,bkcd->bkgqd", p.astype(vj.dtype), vj,
-                                                       preferred_element_type=jnp.float32)
-        return m_new, l * correction + p.sum(-1), acc
-
-      return jax.lax.cond(ok.any(), update, lambda c: c, carry), None
+      s = jnp.where(ok, _scores(qi, kj, scale), _NEG)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
+      correction = jnp.exp(m - m_new)
+      acc = acc * correction[..., None] + jnp.einsum("bkgqc,bkcd->bkgqd", p.astype(vj.dtype), vj,
+                                                     preferred_element_type=jnp.float32)
+      return m_new, l * correction + p.sum(-1), acc
 
     shape = (b, kh, h // kh, bq)
     init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (d,), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(step, init, (kt, vt, kst, kxt))
+    m, l, acc = jax.lax.fori_loop(0, n, step, init)
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]
     return out, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _NEG)
 
-  out_t, lse_t = jax.lax.map(one_query_tile, (qt, qst, qxt))  # [nq, B, K, G, bq, D], [nq, B, K, G, bq]
+  out_t, lse_t = jax.lax.map(one_query_tile, (qt, qst, qxt, order, count))  # [nq, B, K, G, bq, D], [nq, B, K, G, bq]
   return out_t, lse_t
 
 
@@ -127,31 +152,29 @@ def _flash_bwd(causal, bq, bk, residuals, d_out):
   dot = _tiles(jnp.moveaxis(d_out.reshape(b, lq, kh, h // kh, d), 1, 3), bq, 3).astype(jnp.float32)
   delta = (dot * out_t).sum(-1)  # rowsum(dO * O) [nq, B, K, G, bq]
 
+  order, count = _visit_order(_tile_table(qst, kst, qxt, kxt, causal).T)  # per key tile: its query tiles
+
   def one_key_tile(dq_t, tile):
-    kj, vj, ks, kx = tile
+    kj, vj, ks, kx, visit, n = tile
 
-    def step(carry, qtile):
-      dk, dv = carry
-      qi, doi, lse, dl, qs, qx = qtile
+    def step(t, carry):
+      dk, dv, dq_t = carry
+      i = visit[t]
+      qi, doi, lse, dl, qs, qx = qt[i], dot[i], lse_t[i], delta[i], qst[i], qxt[i]
       ok = _allowed(qs, qx, ks, kx, causal)[:, None, None]
-
-      def grads(carry):
-        dk, dv = carry
-        p = jnp.where(ok, jnp.exp(_scores(qi, kj, scale) - lse[..., None]), 0.0)
-        dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd", p, doi)
-        ds = p * (jnp.einsum("bkgqd,bkcd->bkgqc", doi, vj, preferred_element_type=jnp.float32) - dl[..., None])
-        dk = dk + jnp.einsum("bkgqc,bkgqd->bkcd", ds, qi, preferred_element_type=jnp.float32) * scale
-        dq = jnp.einsum("bkgqc,bkcd->bkgqd", ds, kj, preferred_element_type=jnp.float32) * scale
-        return (dk, dv), dq
-
-      skip = lambda carry: (carry, jnp.zeros(qi.shape, jnp.float32))
-      return jax.lax.cond(ok.any(), grads, skip, carry)
+      p = jnp.where(ok, jnp.exp(_scores(qi, kj, scale) - lse[..., None]), 0.0)
+      dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd", p, doi)
+      ds = p * (jnp.einsum("bkgqd,bkcd->bkgqc", doi, vj, preferred_element_type=jnp.float32) - dl[..., None])
+      dk = dk + jnp.einsum("bkgqc,bkgqd->bkcd", ds, qi, preferred_element_type=jnp.float32) * scale
+      dq = jnp.einsum("bkgqc,bkcd->bkgqd", ds, kj, preferred_element_type=jnp.float32) * scale
+      return dk, dv, dq_t.at[i].add(dq)
 
     zeros = jnp.zeros(kj.shape, jnp.float32)
-    (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), (qt, dot, lse_t, delta, qst, qxt))
-    return dq_t + dq, (dk, dv)
+    dk, dv, dq_t = jax.lax.fori_loop(0, n, step, (zeros, zeros, dq_t))
+    return dq_t, (dk, dv)
 
-  dq_t, (dk_t, dv_t) = jax.lax.scan(one_key_tile, jnp.zeros(qt.shape, jnp.float32), (kt, vt, kst, kxt))
+  dq_t, (dk_t, dv_t) = jax.lax.scan(one_key_tile, jnp.zeros(qt.shape, jnp.float32),
+                                    (kt, vt, kst, kxt, order, count))
   no_grad = lambda a: np.zeros(a.shape, jax.dtypes.float0)
   return (_untile_q(dq_t, lq).astype(q.dtype), _untile_kv(dk_t, k.shape[1]).astype(k.dtype),
           _untile_kv(dv_t, v.shape[1]).astype(v.dtype), no_grad(q_seg), no_grad(k_seg), no_grad(q_idx),
