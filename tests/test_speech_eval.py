@@ -89,26 +89,34 @@ def test_missing_judge_package_names_it(monkeypatch):
 
 
 @pytest.mark.slow
-def test_evaluator_end_to_end_in_range_and_deterministic(tiny_speech_checkpoint, demo_dir, tmp_path):
+def test_evaluator_end_to_end_in_range_and_deterministic(tiny_speech_checkpoint, demo_dir):
   from configs import tiny  # noqa: PLC0415
-  from omni_jax.evaluate import run  # noqa: PLC0415
+  from omni_jax.evaluate import context as context_lib  # noqa: PLC0415
+  from omni_jax.evaluate import job as job_lib  # noqa: PLC0415
   from omni_jax.evaluate import summary  # noqa: PLC0415
+  from omni_jax.generate import api  # noqa: PLC0415
 
   c = tiny.get_config()
-  c.mesh = {"data": 1}
+  c.mesh = {"data": 8}
   c.data.source, c.data.demo_dir = "demo", demo_dir
   e = c.eval
   e.tasks, e.max_items, e.generate_batch_size = "speech", 2, 2
   e.max_new_tokens = dict(speech=4)
   e.talker_max_new_tokens = 16
-  reports = [run.run(c, tiny_speech_checkpoint, output=str(tmp_path / f"r{k}.json")) for k in range(2)]
-  m = reports[0]["metrics"]
+  config, graphdef, params, shardings, mesh, tok_dir = api.restore(tiny_speech_checkpoint, c)
+  evaluation = job_lib.Evaluation(context_lib.Context(config, mesh, graphdef, shardings, tok_dir), ["speech"])
+  runs = [evaluation(params) for _ in range(2)]  # the same job twice: programs compiled once
+  m, sections = runs[0]
   assert m["eval/speech/samples"] == 2
   assert 0 <= m["eval/speech/wer"] <= 5 and -1 <= m["eval/speech/similarity"] <= 1
   assert 0 <= m["eval/speech/judge_wer"] <= 1.5 and m["eval/speech/judge_similarity"] > 0.5  # recordings vs clip
   assert m["eval/speech/seconds_of_audio"] > 0 and m["eval/speech/samples_per_s"] > 0
-  steady = lambda r: {k: v for k, v in r["metrics"].items() if "per_s" not in k}  # noqa: E731
-  assert steady(reports[0]) == steady(reports[1])
-  section = reports[0]["evaluators"]["speech"]
-  assert len(section["replies"]) == 2 and section["vocoder"] == "griffin_lim"
-  assert "eval/speech/wer" in summary.table(reports[0])
+  steady = lambda metrics: {k: v for k, v in metrics.items() if "per_s" not in k}  # noqa: E731
+  assert steady(runs[0][0]) == steady(runs[1][0])
+  assert [r["transcript"] for r in sections["speech"]["replies"]] == [
+      r["transcript"] for r in runs[1][1]["speech"]["replies"]]
+  assert len(sections["speech"]["replies"]) == 2 and sections["speech"]["vocoder"] == "griffin_lim"
+  table = summary.table(dict(metrics=m, evaluators=sections, split="eval", step=None))
+  assert "eval/speech/wer" in table and "eval/speech/judge_wer" in table
+  skipped = summary.table(dict(metrics={}, evaluators={"speech": {"skipped": speech_task.SKIPPED}}, step=None))
+  assert "skipped: no Talker/Token2Wav" in skipped
