@@ -117,9 +117,11 @@ def test_context_over_the_receptive_field_is_exact(model, voice, whole, method):
 
 def test_codes_one_at_a_time_equal_all_at_once_and_chunks_are_timed(model, voice):
   codes, cond, ref_mel, noise = voice
+  synth = StreamingSynthesizer(model, cond[0], ref_mel[0], noise=noise[0], sampler=SAMPLERS["euler"], streaming=QWEN)
+  synth.warm_up()  # every program a synthesis runs (this utterance is longer than the vocoder buckets)
+  programs = streaming._window_mel._cache_size(), streaming._vocode._cache_size()  # noqa: SLF001
   at_once = synthesize_chunked(model, codes[0], cond[0], ref_mel[0], noise=noise[0], sampler=SAMPLERS["euler"],
                                streaming=QWEN)
-  synth = StreamingSynthesizer(model, cond[0], ref_mel[0], noise=noise[0], sampler=SAMPLERS["euler"], streaming=QWEN)
   chunks, ready_after = [], []
   for i, code in enumerate(codes[0]):
     new = synth.push([code])
@@ -130,6 +132,7 @@ def test_codes_one_at_a_time_equal_all_at_once_and_chunks_are_timed(model, voice
   assert ready_after == [4, 10, 16, 22, 28]
   assert synth.mel.shape == (52, 80)
   chunks += synth.finish()
+  assert (streaming._window_mel._cache_size(), streaming._vocode._cache_size()) == programs  # noqa: SLF001
   assert len(chunks) == len(at_once)
   for a, b in zip(chunks, at_once):
     np.testing.assert_array_equal(a, b)

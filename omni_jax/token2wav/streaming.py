@@ -1,6 +1,7 @@
 """Chunked (streaming) Token2Wav: speech codes arrive in pieces, 24 kHz audio leaves chunk by chunk.
 
   synth = StreamingSynthesizer(model.token2wav, cond, ref_mel, sampler=SamplerConfig(method="euler"), seed=0)
+  synth.warm_up()                             # optional: compile the 4 window programs before the first codes
   for codes in talker_pieces:                 # any sizes, e.g. one code at a time
     for audio in synth.push(codes):           # np.float32 [S] (or [B, S] when cond is [B, D]), ready now
       play(audio)
@@ -213,6 +214,19 @@ class StreamingSynthesizer:
       if start >= self.frames:
         return out
       out.append(self._emit(start, min(stop, self.frames), final=True))
+
+  def warm_up(self) -> None:
+    """Compile the window programs now (2 DiT, 2 vocoder lengths), so that the first chunk pays no compile;
+    they are shared by every synthesizer of the same model, batch size and settings."""
+    repeats, mel_dim = self.cfg.repeats, self.cfg.mel_dim
+    sway = self.sampler.sway_coefficient
+    for length in self._dit_buckets:
+      jax.block_until_ready(_window_mel(
+          *self._dit, self._reference_mel, self._speaker, jnp.zeros((self.batch, length // repeats), jnp.int32),
+          jnp.zeros((self.batch, length, mel_dim), jnp.float32), jnp.int32(length), self.sampler.num_steps,
+          float(self.sampler.guidance_scale), None if sway is None else float(sway), self.sampler.method))
+    for length in self._vocoder_buckets:
+      jax.block_until_ready(_vocode(*self._vocoder, jnp.zeros((self.batch, length, mel_dim), jnp.float32)))
 
   @property
   def frames(self) -> int:
