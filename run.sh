@@ -70,7 +70,9 @@ case "${1:-}" in
     ;;
   test)
     setup test,tpu,serve,eval  # tpu: libtpu for the AOT tests (tests/test_aot.py); serve: tests/test_server.py; eval: the speech judges
-    .venv/bin/python -m pytest -q
+    # Two workers, one test file each at a time (module fixtures stay in one process): XLA compiles, most of
+    # the suite's time, are mostly single-threaded, so a 2-core machine runs two files at once.
+    .venv/bin/python -m pytest -q -n 2 --dist loadfile
     ;;
   *)
     echo "usage: bash run.sh main|test" >&2
