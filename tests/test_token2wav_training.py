@@ -314,10 +314,13 @@ def test_the_checkpoint_restores_and_its_mel_follows_the_codes(demo_run):
   l1 = lambda a, b: float(np.mean(np.abs(a - b)))  # noqa: E731 - L1 on the natural-log mel
   own = [l1(mel[i], target[i]) for i in range(4)]
   other = [l1(mel[i], target[(i + 1) % 4]) for i in range(4)]
-  without = [l1(blind[i], target[i]) for i in range(4)]
+  blind_own = [l1(blind[i], target[i]) for i in range(4)]
+  blind_other = [l1(blind[i], target[(i + 1) % 4]) for i in range(4)]
   # Its own target is the closest (a DiT that ignores its codes has no reason to land nearer its own target
-  # than another's), and the codes are what brings it there: the same model and noise without codes (guidance's
-  # unconditional input, as drop_code gives) is farther off.
+  # than another's).
   assert all(o < x for o, x in zip(own, other)) and np.mean(own) < 0.85 * np.mean(other), (own, other)
-  assert np.mean(own) < 0.95 * np.mean(without), (own, without)
+  # The control: the same model and noise without codes (guidance's unconditional input) tells the replies apart
+  # far less, so the gap comes from the codes. (Its L1 to the own target can be lower: an average-like mel.)
+  gap, blind_gap = np.mean(other) - np.mean(own), np.mean(blind_other) - np.mean(blind_own)
+  assert gap > blind_gap + 0.1 * np.mean(other), (own, other, blind_own, blind_other)
   del config
