@@ -24,6 +24,10 @@ def get_config() -> ml_collections.ConfigDict:
   media = dict(max_images=2, max_image_patches=512, max_videos=1, max_video_patches=512, max_audios=4,
                max_audio_frames=600)
   d.buckets = (dict(seq_len=192, **media), dict(seq_len=288, **media))
+  # The Talker learns on a fixed Thinker (Qwen's recipe): its code loss does not reach the Thinker's hidden
+  # states. Measured with the same 200 steps and speech codes: end to end the held-out digits stayed at chance
+  # (10%); with the gradient stopped they reached 30%, the Talker's held-out code loss as low (1.93 vs 1.96).
+  c.model.talker.thinker_gradient = False
   t = c.train
   t.steps, t.eval_every, t.checkpoint_every = 200, 100, 100
   e = c.eval
