@@ -134,6 +134,36 @@ class _Audio:
     return sum(f.shape[1] for f in self.frames)
 
 
+class _InOrder:
+  """Runs `work(put)` on a thread and iterates what it puts, in step order: a decode loop's host callbacks
+  (put(step, value)) may arrive out of order. An exception in `work` lands in result["error"] (re-raised by
+  the consumer after join())."""
+
+  def __init__(self, work, result: dict):
+    self._queue: queue.Queue = queue.Queue()
+
+    def run():
+      try:
+        work(lambda step, value: self._queue.put((step, value)))
+      except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
+        result["error"] = e
+      self._queue.put(None)
+
+    self._thread = threading.Thread(target=run, daemon=True)
+    self._thread.start()
+
+  def __iter__(self):
+    pending, expected = {}, 0
+    while (item := self._queue.get()) is not None:
+      pending[item[0]] = item[1]
+      while expected in pending:
+        yield pending.pop(expected)
+        expected += 1
+
+  def join(self) -> None:
+    self._thread.join()
+
+
 class OmniSession:
   """A real-time conversation with an OmniChat model (see the module doc): push input, respond() streams."""
 
@@ -520,38 +550,24 @@ class OmniSession:
     g = self._g
     tokens: list[int] = []
     shown = ""
-    steps: queue.Queue = queue.Queue()
     result: dict = {}
 
-    def run():
-      with decode.listening(lambda s, t, done: steps.put((s, int(t[0]), bool(done[0])))) as listener:
-        try:
-          result["out"] = program(g.params, self._cache, self._logits, seen, key_data, self._top + 1, listener)
-          jax.block_until_ready(result["out"])
-        except BaseException as e:  # re-raised in the consumer's thread
-          result["error"] = e
-      steps.put(None)
+    def run(put):
+      with decode.listening(lambda s, t, done: put(s, int(t[0]))) as listener:
+        result["out"] = program(g.params, self._cache, self._logits, seen, key_data, self._top + 1, listener)
+        jax.block_until_ready(result["out"])
 
     prompt_tokens = len(self._history)
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    pending, expected = {}, 0
+    steps = _InOrder(run, result)
     try:
-      while True:
-        item = steps.get()
-        if item is None:
-          break
-        pending[item[0]] = item[1:]
-        while expected in pending:
-          token, _ = pending.pop(expected)
-          expected += 1
-          tokens.append(token)
-          text = self._text(tokens)
-          if not text.endswith("\ufffd") and len(text) > len(shown):
-            yield event("text", text[len(shown):])
-            shown = text
+      for token in steps:
+        tokens.append(token)
+        text = self._text(tokens)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+          yield event("text", text[len(shown):])
+          shown = text
     finally:  # also when the consumer stops early (a dropped client): the loop runs on, its cache is kept
-      thread.join()
+      steps.join()
       if "error" in result:
         self.close()  # the cache was donated to the failed call
       else:
@@ -596,39 +612,25 @@ class OmniSession:
       raise TypeError(f"unknown talker generation arguments {sorted(unknown)}")
     batch = prompts.prompt_batch([prompt], pad_id=self.ids.pad_token_id, num_mel_bins=self.model.num_mel_bins)
     synth = self._make_synthesizer(speaker or self.speaker)
-    codes_q: queue.Queue = queue.Queue()
     result: dict = {}
     stop_ids = set(int(i) for i in talker.get("stop_ids", speech.stop_ids))
 
-    def run():
-      try:
-        result["out"] = speech.generate(batch, reply[None], speaker=speaker or self.speaker, sampling=sampling,
-                                        on_code=lambda s, c, done: codes_q.put((s, int(c[0]), bool(done[0]))),
-                                        **talker)
-      except BaseException as e:  # re-raised in the consumer's thread
-        result["error"] = e
-      codes_q.put(None)
+    def run(put):
+      result["out"] = speech.generate(batch, reply[None], speaker=speaker or self.speaker, sampling=sampling,
+                                      on_code=lambda s, c, done: put(s, int(c[0])), **talker)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    pending, expected, ended = {}, 0, False
-    while True:
-      item = codes_q.get()
-      if item is None:
-        break
-      pending[item[0]] = item[1:]
-      while expected in pending:
-        code, _ = pending.pop(expected)
-        expected += 1
-        if ended or code in stop_ids:
-          ended = True
-          continue
-        chunk = np.asarray([code], np.int32)
-        yield event("codes", chunk)
-        if synth is not None:
-          for audio in synth.push(chunk):
-            yield self._audio_event(event, audio, timings)
-    thread.join()
+    codes = _InOrder(run, result)
+    ended = False
+    for code in codes:
+      if ended or code in stop_ids:
+        ended = True
+        continue
+      chunk = np.asarray([code], np.int32)
+      yield event("codes", chunk)
+      if synth is not None:
+        for audio in synth.push(chunk):
+          yield self._audio_event(event, audio, timings)
+    codes.join()
     if "error" in result:
       raise result["error"]
     if synth is not None:
