@@ -14,6 +14,7 @@ text-only batch. --write_docs replaces the table between the fit-table markers o
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,24 +62,27 @@ def _gib(x):
 
 
 def render(rows) -> str:
-  head = ("| model | seq | remat | slice | mesh | fits | HBM/chip GiB (of) | est. step s | est. MFU | bound | compile s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+  head = ("| model | seq | remat | attention | slice | mesh | fits | HBM/chip GiB (of) | est. step s | est. MFU | bound "
+          "| compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
   lines = [head]
   order = lambda r: (r["model"], r["talker"], r["seq"], r["topology"], r["remat"], r.get("extra", ""))  # noqa: E731
   for r in sorted(rows, key=order):
     name = r["model"].upper() + (" + Talker" if r["talker"] else " Thinker")
+    extra = r.get("extra", "")
+    impl = re.search(r"attention_impl=(\w+)", extra)
+    name += f" | {r['seq']} | {r['remat']} | {impl.group(1) if impl else 'dense'}"
+    extra = re.sub(r"--config\.model\.attention_impl=\w+", "", extra).strip()
     if r["status"] != "ok":
-      lines.append(f"| {name} | {r['seq']} | {r['remat']} | {r['topology']} | {r.get('extra', '')} | {r['status']} "
-                   f"| | | | | {r['seconds']:.0f} |")
+      lines.append(f"| {name} | {r['topology']} | {extra} | {r['status']} | | | | | {r['seconds']:.0f} |")
       continue
     rep = r["report"]
     mesh = ", ".join(f"{k} {v}" for k, v in rep["mesh"].items() if v != 1) + f"; {rep['batch']['input_ids'][0]} rows"
     m, f = rep["memory"], rep["roofline"]
     if rep["error"] is not None:  # the compiler ran out of memory
-      lines.append(f"| {name} | {r['seq']} | {r['remat']} | {r['topology']} | {mesh} | no (compiler OOM) | "
+      lines.append(f"| {name} | {r['topology']} | {mesh} | no (compiler OOM) | "
                    f"args {_gib(m.get('argument'))} ({_gib(m['capacity'])}) | | | | {r['seconds']:.0f} |")
       continue
-    lines.append(f"| {name} | {r['seq']} | {r['remat']} | {r['topology']} | {mesh} | {'yes' if rep['fits'] else 'no'} | "
+    lines.append(f"| {name} | {r['topology']} | {mesh} | {'yes' if rep['fits'] else 'no'} | "
                  f"{_gib(m['total'])} ({_gib(m['capacity'])}) | {f['step_s']:.2f} | {100 * f['mfu']:.0f}% | "
                  f"{f['bound']} | {r['seconds']:.0f} |")
   return "\n".join(lines)
