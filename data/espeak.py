@@ -57,6 +57,9 @@ class _Library:
     self.lib.espeak_SetParameter(_RATE, int(speed), 0)
     self.lib.espeak_SetParameter(_PITCH, int(pitch), 0)
     self.chunks = []
+    # The library's callback is process-global: set ours again, in case other code in this process (a test
+    # driving libespeak-ng directly) installed its own since, which may be freed by now.
+    self.lib.espeak_SetSynthCallback(self._callback)
     data = text.encode("utf-8") + b"\0"
     if self.lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None) != 0:
       raise SpeechError(f"espeak_Synth failed for {text!r}")

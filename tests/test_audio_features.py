@@ -7,7 +7,6 @@ float64 and matches the numpy one to float32 rounding (< 1e-6). The torch path d
 max - 8 floor, not a difference of definition, so that comparison uses 1e-4.
 """
 
-import ctypes
 import glob
 import os
 
@@ -56,28 +55,10 @@ def _check(extractor, wave):
 
 def _espeak(text: str) -> tuple[np.ndarray, int]:
   """Speech from the espeak-ng library shipped in the espeakng-loader wheel (int16 -> float32, 22.05 kHz)."""
-  import espeakng_loader
+  from data import espeak
 
-  lib = ctypes.CDLL(espeakng_loader.get_library_path())
-  lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-  lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                               ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-  sr = lib.espeak_Initialize(2, 0, os.path.dirname(espeakng_loader.get_data_path()).encode(), 0)  # synchronous
-  assert sr > 0, "espeak-ng failed to initialise"
-  chunks = []
-
-  @ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-  def collect(wav, n, _events):
-    if n > 0:
-      chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
-    return 0
-
-  lib.espeak_SetSynthCallback(collect)
-  assert lib.espeak_SetVoiceByName(b"en") == 0
-  data = text.encode()
-  assert lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 0, None, None) == 0
-  lib.espeak_Synchronize()
-  return np.concatenate(chunks).astype(np.float32) / 32768.0, sr
+  wave, rate = espeak.synthesize(text, "en")
+  return wave.astype(np.float32) / 32768.0, rate
 
 
 def test_mel_filters_equal_transformers():
