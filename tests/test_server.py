@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import soundfile
 
-openai = pytest.importorskip("openai")  # the test and serve extras (run.sh test installs both)
-pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
+import openai  # noqa: E402 - the test and serve extras (run.sh test installs both): never skipped
+import fastapi  # noqa: E402,F401
+import uvicorn  # noqa: E402
 
 from omni_jax.serve import protocol  # noqa: E402
 from omni_jax.serve import server  # noqa: E402
