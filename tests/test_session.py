@@ -181,6 +181,73 @@ def test_speech_codes_equal_speak(model):
   assert "first_codes" in done.timings and done.timings["first_codes"] >= done.timings["first_text"]
 
 
+def teacher_forced_codes(model, prompt, reply, speaker, m):
+  """The non-streamed Talker (SpeechGenerator: one teacher-forced Thinker pass over the conversation + reply)."""
+  batch = generate.prompts.prompt_batch([prompt], pad_id=model.generator.ids.pad_token_id,
+                                        num_mel_bins=model.num_mel_bins)
+  out = model.speech.generate(batch, np.asarray(reply)[None], speaker=speaker, max_new_tokens=m,
+                              sampling=model.speech.sampling(do_sample=False), stop_ids=())
+  return out.row(0)
+
+
+def test_talker_speaks_while_the_thinker_writes_across_turns(model, media):
+  """Turn 1: audio pushed in pieces + text, spoken; turn 2: a text reply; turn 3: spoken again. Each spoken
+  turn's codes equal the non-streamed Talker's on the whole conversation so far (its prefix rows, media
+  zeroed, and the earlier replies' rows appended at the end of each turn), and the codes start before the
+  Thinker's reply ends."""
+  kw = dict(max_new_tokens=6, **GREEDY)
+  talker = dict(max_new_tokens=10, do_sample=False, stop_ids=())
+  s = OmniSession(model, speaker="Ethan")
+  for piece in np.array_split(media["wave"][:40000], 3):
+    s.push_audio(piece, 16000)
+  s.push_text("Say it again.")
+  s.end_turn()
+  prompt = s.prompt_sample()  # the conversation up to the reply
+  events = list(s.respond(speak=True, talker=talker, **kw))
+  done = events[-1].payload
+  np.testing.assert_array_equal(done.codes, teacher_forced_codes(model, prompt, done.tokens, "Ethan", 10))
+  kinds = [e.kind for e in events]
+  assert kinds.count("text") >= 3 and kinds.index("codes") < len(kinds) - 1 - kinds[::-1].index("text")
+  s.push_text("And in words?")
+  _, done2 = reply(s.respond(**kw))
+  assert done2.codes is None
+  s.push_text("Now speak.")
+  s.end_turn()
+  prompt = s.prompt_sample()
+  done3 = list(s.respond(speak=True, talker=talker, **kw))[-1].payload
+  np.testing.assert_array_equal(done3.codes, teacher_forced_codes(model, prompt, done3.tokens, "Ethan", 10))
+
+
+def test_batched_sessions_equal_solo(model):
+  """respond_together: two conversations of different lengths in one loop give each one's solo reply (text and
+  codes), and both sessions go on from there."""
+  from omni_jax.serve.session import respond_together  # noqa: PLC0415
+
+  kw = dict(max_new_tokens=5, **GREEDY)
+  talker = dict(max_new_tokens=8, do_sample=False)
+  prompts_ = ["Say hello.", "Tell me a much longer story about the sea, please."]
+
+  def sessions():
+    out = [OmniSession(model, speaker="Ethan") for _ in prompts_]
+    for s, p in zip(out, prompts_):
+      s.push_text(p)
+    return out
+
+  alone = sessions()
+  solo = [reply(s.respond(speak=True, talker=talker, **kw))[1] for s in alone]
+  batch = sessions()
+  events = list(respond_together(batch, speak=True, talker=talker, **kw))
+  for r, want in enumerate(solo):
+    _, got = reply(e for i, e in events if i == r)
+    assert got.text == want.text
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.codes, want.codes)
+  for a, b in zip(alone, batch):  # the next turn, alone, on the cache the batch left
+    a.push_text("Thanks.")
+    b.push_text("Thanks.")
+    np.testing.assert_allclose(b.end_turn(), a.end_turn(), atol=ATOL, rtol=0)
+
+
 class _Echo:
   """A stand-in synthesizer: 480 samples per code, emitted every 2 codes (checks the audio plumbing)."""
 

@@ -85,6 +85,34 @@ def sharded_cache(decoder, batch: int, length: int, dtype=None) -> KVCache:
   return cache._replace(k=sharding.constrain(cache.k, KVCache.NAMES), v=sharding.constrain(cache.v, KVCache.NAMES))
 
 
+def next_token(logits: jax.Array, seen: jax.Array, done: jax.Array, key: jax.Array, step: jax.Array, *,
+               sampling: SamplingParams, eos: jax.Array, pad_token_id: int,
+               suppress: Sequence[int] = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One decoding choice (inside jit): (token [B], done after it [B], seen after it).
+
+  logits [B, V] float32; seen [B, V] bool: ids the repetition penalty sees ([B, 0] without one); done [B]: rows
+  that stopped earlier (they get pad_token_id); suppress: ids never chosen (their logits -inf before the
+  processors, as transformers' SuppressTokens, whose place after the penalty gives the same scores); the draw
+  uses fold_in(key, step). Shared by every decode loop (the Thinker's, the Talker's, the session's duplex)."""
+  if len(suppress):
+    logits = logits.at[:, jnp.asarray(tuple(suppress), jnp.int32)].set(-jnp.inf)
+  token = choose(process(logits, seen, sampling), jax.random.fold_in(key, step), sampling)
+  token = jnp.where(done, pad_token_id, token)
+  if sampling.penalises:
+    seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
+  return token, done | jnp.isin(token, eos), seen
+
+
+def stream_step(listener: Optional[jax.Array], step: jax.Array, token: jax.Array, done: jax.Array,
+                replicated=None) -> None:
+  """Hand one step's tokens to the host listener (omni_jax.generate.decode.listening); None: no streaming."""
+  if listener is None:
+    return
+  if replicated is not None:  # the host reads whole arrays: gather a sharded batch first
+    token, done = (jax.lax.with_sharding_constraint(x, replicated) for x in (token, done))
+  io_callback(_dispatch, None, listener, step, token, done, ordered=False)
+
+
 def decode_loop(feed: Callable, cache: Any, logits: jax.Array, seen: jax.Array, key: jax.Array, *,
                 max_new_tokens: int, sampling: SamplingParams, eos: jax.Array, pad_token_id: int,
                 return_logits: bool = False, listener: Optional[jax.Array] = None, replicated=None,
@@ -92,27 +120,16 @@ def decode_loop(feed: Callable, cache: Any, logits: jax.Array, seen: jax.Array, 
   """The jitted decode loop shared by the Thinker's and the Talker's generation (call inside jit).
 
   feed(cache, token [B], step) -> (cache, next logits [B, V] float32) runs the chosen token through the model;
-  logits: the first token's logits; seen [B, V] bool: ids the repetition penalty sees ([B, 0] without one);
-  eos: stop ids; suppress: ids never chosen (their logits -inf before the processors, as transformers'
-  SuppressTokens, whose place after the penalty gives the same scores); listener: stream each step's tokens
+  logits: the first token's logits; seen, eos, suppress: as next_token; listener: stream each step's tokens
   through an io_callback (None: no streaming). Returns the final _Loop (tokens, lengths, all_logits).
   """
   b, vocab = logits.shape
-  rows = jnp.arange(b)
-  suppressed = jnp.asarray(tuple(suppress), jnp.int32)
 
   def body(c: _Loop) -> _Loop:
-    scores = c.logits if not len(suppress) else c.logits.at[:, suppressed].set(-jnp.inf)
-    scores = process(scores, c.seen, sampling)
-    token = choose(scores, jax.random.fold_in(key, c.step), sampling)
-    token = jnp.where(c.done, pad_token_id, token)
+    token, done, seen = next_token(c.logits, c.seen, c.done, key, c.step, sampling=sampling, eos=eos,
+                                   pad_token_id=pad_token_id, suppress=suppress)
     lengths = c.lengths + (~c.done).astype(jnp.int32)
-    done = c.done | jnp.isin(token, eos)
-    if listener is not None:
-      shown = token if replicated is None else jax.lax.with_sharding_constraint(token, replicated)
-      stopped = done if replicated is None else jax.lax.with_sharding_constraint(done, replicated)
-      io_callback(_dispatch, None, listener, c.step, shown, stopped, ordered=False)
-    seen = c.seen.at[rows, token].set(True) if sampling.penalises else c.seen
+    stream_step(listener, c.step, token, done, replicated)
     all_logits = c.all_logits.at[:, c.step].set(c.logits) if return_logits else c.all_logits
     # The last step (or one where every row stopped) needs no forward pass.
     more = (c.step + 1 < max_new_tokens) & ~jnp.all(done)

@@ -29,11 +29,13 @@ encoding 2 s at a time gives the whole audio's tokens. Log-mel features are the 
 for frame, except the processor's dynamic-range floor (max - 8 in log10 units): here it is the max over the
 audio seen so far, so frames more than 80 dB below a later, louder frame come out different.
 
-Speech (speak=True): the Talker starts when the Thinker's reply is complete (SpeechGenerator over the whole
-conversation + reply, as OmniChat.speak), then streams its codes as they are decoded; audio chunks come from
-the synthesizer (default_synthesizer: omni_jax.token2wav.streaming with BigVGAN, the whole reply at its end with
-Griffin-Lim). Talker decode interleaved with the Thinker's, and batched sessions, are not done
-(docs/serving.md).
+Speech (speak=True): the Talker speaks while the Thinker writes (omni_jax.generate.duplex): every prefill also
+appends the Talker's prompt rows (H + E of each token) to a Talker cache with the same slots, so a reply starts
+with the Talker's speaker and first-token rows after the Thinker's first step, and each loop iteration runs one
+Thinker step and one Talker step (the Talker one text token behind). Codes stream out as decoded; audio chunks
+come from the synthesizer (default_synthesizer: omni_jax.token2wav.streaming with BigVGAN, the whole reply at
+its end with Griffin-Lim). respond_together(sessions) decodes several conversations in one loop (batched
+sessions; docs/serving.md).
 """
 
 import logging
@@ -53,7 +55,9 @@ from flax import nnx
 from omni_jax import config as config_lib
 from omni_jax import sharding
 from omni_jax.generate import decode
+from omni_jax.generate import duplex
 from omni_jax.generate import prompts
+from omni_jax.generate.sampling import SamplingParams
 from omni_jax.input import chat
 from omni_jax.input import preprocess
 from omni_jax.input.media import audio as audio_media
@@ -75,48 +79,32 @@ class SessionError(ValueError):
   """A request the session cannot serve (full cache, nothing to respond to, a model without a Talker...)."""
 
 
-def _chunk_prefill(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, mesh, rules):
-  """jit: (params, cache, chunk batch, offset, last) -> (cache, logits [1, V] of token `last`, next offset, top).
+def _chunk_prefill(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, mesh, rules, talker: bool):
+  """jit: (params, cache, talker cache, chunk batch, offset, last, top) -> (cache, talker cache, logits [1, V]
+  of token `last`, next offset, top).
 
   positions: the chunk's own TMRoPE ids + offset (where the previous chunk's last token left off); next
   offset = the chunk's last real position + 1; top = its largest position (any row): decode starts at top + 1.
+  talker: also append the chunk's Talker prompt rows (H + E, omni_jax.generate.duplex) to the Talker's cache.
   """
 
-  def fn(params, cache, batch, offset, last, top):
-    thinker = nnx.merge(graphdef, params).thinker
+  def fn(params, cache, talker_cache, batch, offset, last, top):
+    model = nnx.merge(graphdef, params)
+    thinker = model.thinker
     with sharding.activate(mesh, rules):
       positions, media = step_lib.model_inputs(batch, ids)
       positions = positions + offset
       valid = batch["segment_ids"] > 0
-      hidden, cache = thinker.model(thinker.embed_inputs(batch["input_ids"], **media), positions,
-                                    batch["segment_ids"], cache)
+      embeds = thinker.embed_inputs(batch["input_ids"], **media)
+      hidden, cache = thinker.model(embeds, positions, batch["segment_ids"], cache)
       logits = thinker.logits(hidden[:, last][:, None])[:, 0].astype(jnp.float32)
       top = jnp.maximum(top, jnp.where(valid[None], positions, -1).max())
-    return cache, logits, positions[0, 0, last] + 1, top
+      if talker:
+        rows = duplex.talker_rows(model, batch["input_ids"], embeds, hidden)
+        talker_cache = duplex.talker_prefill(model, rows, positions, batch["segment_ids"], talker_cache)
+    return cache, talker_cache, logits, positions[0, 0, last] + 1, top
 
-  return jax.jit(fn, donate_argnums=(1,))
-
-
-def _reply_decode(graphdef: nnx.GraphDef, mesh, rules, eos: tuple, **static):
-  """jit: (params, cache, logits, seen, key data, start, listener) -> (cache, tokens [1, N], lengths [1]).
-
-  The k-th generated token sits at start + k on all three rows (spec §3.4: start = the largest position so
-  far + 1, as Generator's n_real + k + delta)."""
-
-  def fn(params, cache, logits, seen, key_data, start, listener):
-    thinker = nnx.merge(graphdef, params).thinker
-
-    def feed(cache, token, step):
-      pos = jnp.full((3, 1, 1), start + step, jnp.int32)
-      hidden, cache = thinker.model(thinker.embed(token[:, None]), pos, jnp.ones((1, 1), jnp.int32), cache)
-      return cache, thinker.logits(hidden)[:, 0].astype(jnp.float32)
-
-    with sharding.activate(mesh, rules):
-      out = decode.decode_loop(feed, cache, logits, seen, jax.random.wrap_key_data(key_data), listener=listener,
-                               eos=jnp.asarray(eos, jnp.int32), **static)
-    return out.cache, out.tokens, out.lengths
-
-  return jax.jit(fn, donate_argnums=(1,))
+  return jax.jit(fn, donate_argnums=(1, 2))
 
 
 class _Audio:
@@ -134,48 +122,23 @@ class _Audio:
     return sum(f.shape[1] for f in self.frames)
 
 
-class _InOrder:
-  """Runs `work(put)` on a thread and iterates what it puts, in step order: a decode loop's host callbacks
-  (put(step, value)) may arrive out of order. An exception in `work` lands in result["error"] (re-raised by
-  the consumer after join())."""
-
-  def __init__(self, work, result: dict):
-    self._queue: queue.Queue = queue.Queue()
-
-    def run():
-      try:
-        work(lambda step, value: self._queue.put((step, value)))
-      except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
-        result["error"] = e
-      self._queue.put(None)
-
-    self._thread = threading.Thread(target=run, daemon=True)
-    self._thread.start()
-
-  def __iter__(self):
-    pending, expected = {}, 0
-    while (item := self._queue.get()) is not None:
-      pending[item[0]] = item[1]
-      while expected in pending:
-        yield pending.pop(expected)
-        expected += 1
-
-  def join(self) -> None:
-    self._thread.join()
-
-
 class OmniSession:
   """A real-time conversation with an OmniChat model (see the module doc): push input, respond() streams."""
 
   def __init__(self, model, *, speaker: Optional[str] = None, max_len: Optional[int] = None,
                system: Optional[str] = None, session_id: Optional[str] = None, chunk_multiple: int = 16,
-               synthesizer: Optional[Callable[[], Any]] = None):
+               synthesizer: Optional[Callable[[], Any]] = None, speech: Optional[bool] = None,
+               max_codes: Optional[int] = None):
     """model: an OmniChat (omni_jax.generate.load). speaker: the Talker's voice (default_speaker if None).
     max_len: cache slots for the whole conversation (default config.generate.max_cache_len, else 4096).
     system: the system turn (default: config.data.system_prompt, else chat's default). chunk_multiple: chunk
     lengths are rounded up to it (padding slots are invalid in the cache; bounds compilations).
     synthesizer: () -> an object with push(codes) -> [audio chunks] and finish() -> [audio chunks] (the
-    StreamingSynthesizer interface) for the audio events; default: default_synthesizer(model, speaker)."""
+    StreamingSynthesizer interface) for the audio events; default: default_synthesizer(model, speaker).
+    speech: keep the Talker's prompt prefix as input arrives, so respond(speak=True) can start speaking with the
+    reply's first tokens (default: the model has a Talker; False saves that compute for text-only use).
+    max_codes: the most speech codes of one reply (default config.generate.talker.max_new_tokens, else 4096);
+    the Talker's cache has max_len + 2 + max_codes slots."""
     self.model, self.speaker, self.id = model, speaker, session_id or uuid.uuid4().hex
     g = model.generator
     self._g = g
@@ -197,6 +160,16 @@ class OmniSession:
     cache_dtype = generate_cfg.get("cache_dtype")
     cache_dtype = config_lib.dtype_of(cache_dtype, "generate.cache_dtype") if cache_dtype else None
     self._cache_dtype = cache_dtype
+    has_talker = model.config.model.get("talker") is not None
+    if speech and not has_talker:
+      raise SessionError("OmniSession(speech=True): this model has no Talker (config.model.talker)")
+    self.speech = has_talker if speech is None else bool(speech)
+    if self.speech:
+      speech_gen = model.speech
+      self._talker_cfg = speech_gen.cfg
+      self.max_codes = int(max_codes or speech_gen.defaults["max_new_tokens"])
+    else:
+      self._talker_cfg, self.max_codes = None, 0
     # Compiled programs are the model's, shared by all its sessions (a server opens one per conversation).
     self._programs = _PROGRAMS.setdefault(g, {})
     self._history: list[int] = []  # every real token in the cache, in order
@@ -211,7 +184,8 @@ class OmniSession:
 
   def reset(self) -> None:
     """Forget the conversation (a fresh cache; compiled programs are kept)."""
-    self._cache = self._empty_cache()
+    self._cache = self._empty_cache(1, self.max_len)
+    self._talker_cache = self._empty_cache(2, self.max_len + 2 + self.max_codes) if self.speech else None
     self._offset = jnp.zeros((), jnp.int32)  # where the next chunk's positions start
     self._top = jnp.full((), -1, jnp.int32)  # the largest position so far
     self._logits = None
@@ -224,15 +198,17 @@ class OmniSession:
     self._pending: list[int] = []  # tokens owed to the cache before the next user turn (the reply's end)
     self.turn = 0
 
-  def _empty_cache(self):
-    key = ("cache", self.max_len, str(self._cache_dtype))
+  def _empty_cache(self, which: int, length: int):
+    """An empty cache of the Thinker (which=1) or the Talker (2) decoder, [1, length] slots."""
+    key = ("cache", which, length, str(self._cache_dtype))
     if key not in self._programs:
       g = self._g
-      decoder = nnx.merge(g.graphdef, g.params).thinker.model  # its sizes only: no parameter enters the program
+      model = nnx.merge(g.graphdef, g.params)  # its sizes only: no parameter enters the program
+      decoder = model.thinker.model if which == 1 else model.talker.model
 
       def make():
         with sharding.activate(g.mesh, g.rules):
-          return decode.sharded_cache(decoder, 1, self.max_len, self._cache_dtype)
+          return decode.sharded_cache(decoder, 1, length, self._cache_dtype)
 
       self._programs[key] = jax.jit(make)
     return self._programs[key]()
@@ -248,7 +224,7 @@ class OmniSession:
 
   def close(self) -> None:
     """Release the cache (the session cannot be used afterwards)."""
-    self._cache, self._logits, self.closed = None, None, True
+    self._cache, self._talker_cache, self._logits, self.closed = None, None, None, True
 
   def _check_open(self):
     if self.closed:
@@ -274,13 +250,13 @@ class OmniSession:
     if self._slots + length > self.max_len:
       raise SessionError(f"session {self.id}: the conversation needs {self._slots + length} cache slots, more than "
                          f"max_len={self.max_len} (OmniSession(max_len=...) or config.generate.max_cache_len)")
-    key = ("prefill", tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())))
+    key = ("prefill", self.speech, tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())))
     if key not in self._programs:
       g = self._g
-      self._programs[key] = _chunk_prefill(g.graphdef, self.ids, g.mesh, g.rules)
+      self._programs[key] = _chunk_prefill(g.graphdef, self.ids, g.mesh, g.rules, self.speech)
     g = self._g
-    self._cache, self._logits, self._offset, self._top = self._programs[key](
-        g.params, self._cache, batch, self._offset, np.int32(length - 1), self._top)
+    self._cache, self._talker_cache, self._logits, self._offset, self._top = self._programs[key](
+        g.params, self._cache, self._talker_cache, batch, self._offset, np.int32(length - 1), self._top)
     self._slots += length
     self._history.extend(ids)
     for k in ("images", "videos", "audios"):
@@ -496,101 +472,29 @@ class OmniSession:
     return preprocess.Sample(f"session {self.id}", kind, ids, np.zeros_like(ids), list(m["images"]),
                              list(m["videos"]), list(m["audios"]), self._aiv)
 
-  def _decoder(self, **static):
-    key = ("decode", tuple(sorted(static.items())))
-    if key not in self._programs:
-      g = self._g
-      self._programs[key] = _reply_decode(g.graphdef, g.mesh, g.rules, **static)
-    return self._programs[key]
-
   def respond(self, *, speak: bool = False, max_new_tokens: Optional[int] = None, seed: Optional[int] = None,
               speaker: Optional[str] = None, talker: Optional[Mapping] = None, **sampling) -> Iterator[Event]:
     """Close the user's turn and stream the reply: "text" events as the Thinker decodes; with speak (a model
-    with a Talker) "codes" events as the Talker decodes and "audio" events from the synthesizer; "done" last.
+    with a Talker) "codes" events as the Talker decodes, from the reply's first token on, and "audio" events
+    from the synthesizer; "done" last.
 
     max_new_tokens, seed and the sampling keys (do_sample, temperature, top_k, top_p, repetition_penalty)
-    default to config.generate, as OmniChat.chat; talker: the same keys for the codes (config.generate.talker).
+    default to config.generate, as OmniChat.chat; talker: the same keys for the codes (config.generate.talker),
+    and max_new_tokens (at most the session's max_codes), seed, stop_ids (() runs to max_new_tokens: benchmarks).
     """
-    unknown = set(sampling) - set(_SAMPLING_KEYS)
-    if unknown:
-      raise TypeError(f"unknown generation arguments {sorted(unknown)}")
-    if speak and self.model.config.model.get("talker") is None:
-      raise SessionError("respond(speak=True): this model has no Talker (config.model.talker)")
-    d = self._g.defaults
-    n_new = int(d.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens)
-    if n_new < 1:
-      raise SessionError(f"max_new_tokens must be >= 1, got {n_new}")
-    params = self._g.sampling(**sampling)
-    seed = int(d.get("seed", 0) if seed is None else seed)
-    if not self._awaiting or self._in_turn:
-      self.end_turn()
-    self._awaiting = False
-    prompt = self.prompt_sample() if speak else None
-    if self._slots + n_new > self.max_len:
-      raise SessionError(f"session {self.id}: {self._slots} cache slots used + max_new_tokens {n_new} exceed "
-                         f"max_len={self.max_len}")
-    turn, t0 = self.turn, self.input_closed_at
-    timings: dict = {}
+    for _, event in respond_together([self], speak=speak, max_new_tokens=max_new_tokens, seed=seed,
+                                     speakers=[speaker], talker=talker, **sampling):
+      yield event
 
-    def event(kind, payload):
-      e = Event.now(kind, payload, session=self.id, turn=turn)
-      first = "first_" + kind
-      if kind != "done" and first not in timings:
-        timings[first] = e.t - t0
-      return e
-
-    eos = tuple(int(i) for i in self.ids.eos_token_ids)
-    program = self._decoder(max_new_tokens=n_new, sampling=params, eos=eos or (-1,),
-                            pad_token_id=int(self.ids.pad_token_id))
-    seen = np.zeros((1, 0), bool)
-    if params.penalises:
-      seen = np.zeros((1, self._logits.shape[-1]), bool)
-      seen[0, np.asarray(self._history, np.int64)] = True
-    key_data = jax.random.key_data(jax.random.key(seed))
-    g = self._g
-    tokens: list[int] = []
-    shown = ""
-    result: dict = {}
-
-    def run(put):
-      with decode.listening(lambda s, t, done: put(s, int(t[0]))) as listener:
-        result["out"] = program(g.params, self._cache, self._logits, seen, key_data, self._top + 1, listener)
-        jax.block_until_ready(result["out"])
-
-    prompt_tokens = len(self._history)
-    steps = _InOrder(run, result)
-    try:
-      for token in steps:
-        tokens.append(token)
-        text = self._text(tokens)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-          yield event("text", text[len(shown):])
-          shown = text
-    finally:  # also when the consumer stops early (a dropped client): the loop runs on, its cache is kept
-      steps.join()
-      if "error" in result:
-        self.close()  # the cache was donated to the failed call
-      else:
-        out_tokens, stop = self._commit_reply(*result["out"], eos)
-    if "error" in result:
-      raise result["error"]
-    text = self._text(out_tokens.tolist())
-    if len(text) > len(shown):
-      yield event("text", text[len(shown):])
-    codes = None
-    if speak:
-      codes = yield from self._speak(prompt, out_tokens, speaker, dict(talker or {}), event, timings)
-    timings["end"] = time.perf_counter() - t0
-    yield event("done", Done(text, out_tokens, "stop" if stop else "length", prompt_tokens, codes, timings))
-
-  def _commit_reply(self, cache, tokens, lengths, eos) -> tuple[np.ndarray, bool]:
-    """Adopt the decode loop's cache; returns (the reply's ids, whether it ended with a stop id)."""
-    self._cache = cache
-    n = int(np.asarray(lengths)[0])
-    tokens = np.asarray(tokens)[0, :n]
+  def _commit_reply(self, cache, talker_cache, tokens, length: int, eos) -> tuple[np.ndarray, bool]:
+    """Adopt the reply loop's caches; returns (the reply's ids, whether it ended with a stop id)."""
+    self._cache, self._talker_cache = cache, talker_cache
+    n = int(length)
+    tokens = np.asarray(tokens)[:n]
     stop = n > 0 and int(tokens[-1]) in eos
-    # The loop fed every token but the last: positions top+1 .. top+n-1. The reply's end is owed to the cache.
-    self._slots += n - 1
+    # The loop fed every token but the last (positions top+1 .. top+n-1), and wrote one slot per step of the
+    # batch (a row's slots past its own reply are invalid). The reply's end is owed to the cache.
+    self._slots = int(cache.index)
     self._history.extend(int(t) for t in tokens[:n - 1])
     self._top = self._top + (n - 1)
     self._offset = self._top + 1
@@ -601,53 +505,233 @@ class OmniSession:
   def _text(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids if int(i) not in self.model.stop_ids])
 
-  # ------------------------------------------------------------------------------------------------ speech
-
-  def _speak(self, prompt: preprocess.Sample, reply: np.ndarray, speaker, talker: dict, event, timings):
-    """The Talker's codes for the reply (streamed as decoded), voiced by the synthesizer when there is one."""
-    speech = self.model.speech
-    sampling = speech.sampling(**{k: talker.pop(k) for k in _SAMPLING_KEYS if k in talker})
-    unknown = set(talker) - {"max_new_tokens", "seed", "stop_ids"}  # stop_ids=(): every code to max (benchmarks)
-    if unknown:
-      raise TypeError(f"unknown talker generation arguments {sorted(unknown)}")
-    batch = prompts.prompt_batch([prompt], pad_id=self.ids.pad_token_id, num_mel_bins=self.model.num_mel_bins)
-    synth = self._make_synthesizer(speaker or self.speaker)
-    result: dict = {}
-    stop_ids = set(int(i) for i in talker.get("stop_ids", speech.stop_ids))
-
-    def run(put):
-      result["out"] = speech.generate(batch, reply[None], speaker=speaker or self.speaker, sampling=sampling,
-                                      on_code=lambda s, c, done: put(s, int(c[0])), **talker)
-
-    codes = _InOrder(run, result)
-    ended = False
-    for code in codes:
-      if ended or code in stop_ids:
-        ended = True
-        continue
-      chunk = np.asarray([code], np.int32)
-      yield event("codes", chunk)
-      if synth is not None:
-        for audio in synth.push(chunk):
-          yield self._audio_event(event, audio, timings)
-    codes.join()
-    if "error" in result:
-      raise result["error"]
-    if synth is not None:
-      for audio in synth.finish():
-        yield self._audio_event(event, audio, timings)
-    return result["out"].row(0)
-
-  @staticmethod
-  def _audio_event(event, audio, timings):
-    audio = np.asarray(audio, np.float32).reshape(-1)
-    timings["audio_seconds"] = timings.get("audio_seconds", 0.0) + audio.shape[0] / 24000
-    return event("audio", audio)
-
   def _make_synthesizer(self, speaker):
     if self._synthesizer is not None:
       return self._synthesizer()
     return default_synthesizer(self.model, speaker)
+
+
+class _Streams:
+  """Runs `work(put)` on a thread and iterates (kind, value) as it puts them, each kind in step order (a decode
+  loop's host callbacks, put(kind, step, value), may arrive out of order). An exception in `work` lands in
+  result["error"] (re-raised by the consumer after join())."""
+
+  def __init__(self, work, result: dict):
+    self._queue: queue.Queue = queue.Queue()
+
+    def run():
+      try:
+        work(lambda kind, step, value: self._queue.put((kind, step, value)))
+      except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
+        result["error"] = e
+      self._queue.put(None)
+
+    self._thread = threading.Thread(target=run, daemon=True)
+    self._thread.start()
+
+  def __iter__(self):
+    pending, expected = {}, {}
+    while (item := self._queue.get()) is not None:
+      kind, step, value = item
+      pending[kind, step] = value
+      while (kind, expected.get(kind, 0)) in pending:
+        yield kind, pending.pop((kind, expected.get(kind, 0)))
+        expected[kind] = expected.get(kind, 0) + 1
+
+  def join(self) -> None:
+    self._thread.join()
+
+
+class _Row:
+  """One session's reply while the loop runs: its text so far, its codes, its synthesizer, its timings."""
+
+  def __init__(self, session: OmniSession, synth, stop_ids: frozenset):
+    self.session, self.synth, self.stop_ids = session, synth, stop_ids
+    self.turn, self.t0 = session.turn, session.input_closed_at
+    self.prompt_tokens = session.num_tokens
+    self.tokens: list[int] = []
+    self.shown = ""
+    self.text_done = self.codes_done = False
+    self.timings: dict = {}
+
+  def event(self, kind, payload) -> Event:
+    e = Event.now(kind, payload, session=self.session.id, turn=self.turn)
+    if kind != "done":
+      self.timings.setdefault("first_" + kind, e.t - self.t0)
+    return e
+
+  def text(self, final: bool = False) -> list[Event]:
+    text = self.session._text(self.tokens)
+    if (final or not text.endswith("\ufffd")) and len(text) > len(self.shown):
+      piece, self.shown = text[len(self.shown):], text
+      return [self.event("text", piece)]
+    return []
+
+  def add_token(self, token: int, stopped: bool) -> list[Event]:
+    if self.text_done:
+      return []
+    self.tokens.append(token)
+    self.text_done = stopped
+    return self.text()
+
+  def add_code(self, code: int, stopped: bool) -> list[Event]:
+    if self.codes_done:
+      return []
+    self.codes_done = stopped or code in self.stop_ids
+    if code in self.stop_ids:
+      return []
+    chunk = np.asarray([code], np.int32)
+    out = [self.event("codes", chunk)]
+    if self.synth is not None:
+      out += [self.audio(a) for a in self.synth.push(chunk)]
+    return out
+
+  def audio(self, audio) -> Event:
+    audio = np.asarray(audio, np.float32).reshape(-1)
+    self.timings["audio_seconds"] = self.timings.get("audio_seconds", 0.0) + audio.shape[0] / 24000
+    return self.event("audio", audio)
+
+
+def respond_together(sessions, *, speak: bool = False, max_new_tokens: Optional[int] = None,
+                     seed: Optional[int] = None, speakers=None, talker: Optional[Mapping] = None,
+                     **sampling) -> Iterator[tuple[int, Event]]:
+  """Batched sessions: the replies of several conversations with one model, decoded in one loop (one row
+  each). Yields (index into sessions, Event) as any row produces it; each session's events, and its state
+  after the reply, are what its own respond() gives with greedy decoding (same arguments; speakers: one voice
+  per session, None for the session's own). Rows share the sampling settings and the seed; a sampled row's
+  draws depend on the batch (one draw per step for all rows), so only greedy replies equal the solo ones.
+  The sessions' caches are stacked for the call; each gets back the batch's cache index, so a session decoded
+  beside a longer conversation uses as many slots as that one (max_len bounds the longest)."""
+  sessions = list(sessions)
+  if not sessions:
+    raise ValueError("respond_together: no sessions")
+  first = sessions[0]
+  g = first._g
+  if any(s._g is not g for s in sessions):
+    raise SessionError("respond_together: the sessions belong to different models")
+  if len({(s.max_len, s.speech, s.max_codes) for s in sessions}) > 1:
+    raise SessionError("respond_together: the sessions differ in max_len, speech or max_codes (cache shapes)")
+  unknown = set(sampling) - set(_SAMPLING_KEYS)
+  if unknown:
+    raise TypeError(f"unknown generation arguments {sorted(unknown)}")
+  if speak and not first.speech:
+    why = "this model has no Talker (config.model.talker)" if first.model.config.model.get("talker") is None \
+        else "the session was opened with speech=False"
+    raise SessionError(f"respond(speak=True): {why}")
+  d = g.defaults
+  n_new = int(d.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens)
+  if n_new < 1:
+    raise SessionError(f"max_new_tokens must be >= 1, got {n_new}")
+  params = g.sampling(**sampling)
+  seed = int(d.get("seed", 0) if seed is None else seed)
+  speakers = list(speakers) if speakers is not None else [None] * len(sessions)
+  if len(speakers) != len(sessions):
+    raise ValueError(f"{len(speakers)} speakers for {len(sessions)} sessions")
+  settings, talker_seed, stop_ids, speaker_ids = None, 0, frozenset(), np.zeros((len(sessions),), np.int32)
+  if first.speech:
+    speech = first.model.speech
+    if speak:
+      talker = dict(talker or {})
+      t_sampling = speech.sampling(**{k: talker.pop(k) for k in _SAMPLING_KEYS if k in talker})
+      unknown = set(talker) - {"max_new_tokens", "seed", "stop_ids"}
+      if unknown:
+        raise TypeError(f"unknown talker generation arguments {sorted(unknown)}")
+      m = int(talker.get("max_new_tokens", first.max_codes))
+      if not 1 <= m <= first.max_codes:
+        raise SessionError(f"talker max_new_tokens must be in [1, {first.max_codes}] (OmniSession(max_codes=...)), "
+                           f"got {m}")
+      stop_ids = tuple(int(i) for i in talker.get("stop_ids", speech.stop_ids))
+      settings = duplex.TalkerSettings(t_sampling, m, stop_ids, True)
+      talker_seed = int(speech.defaults.get("seed", 0) if talker.get("seed") is None else talker["seed"])
+      names = [name or s.speaker for name, s in zip(speakers, sessions)]
+      try:
+        speaker_ids = np.asarray(speech.speaker_tokens(names, len(names)), np.int32)
+      except config_lib.ConfigError as e:
+        raise SessionError(str(e)) from None
+    else:  # a text reply: the Talker's prefix still takes the reply's rows
+      settings = duplex.TalkerSettings(SamplingParams(), 0, (), False)
+  for s in sessions:
+    s._check_open()
+  for s in sessions:
+    if not s._awaiting or s._in_turn:
+      s.end_turn()
+    s._awaiting = False
+  used = max(s._slots for s in sessions)  # the batch writes from its largest index
+  if used + n_new > first.max_len:
+    raise SessionError(f"session {sessions[0].id if len(sessions) == 1 else '(batch)'}: {used} cache slots used + "
+                       f"max_new_tokens {n_new} exceed max_len={first.max_len}")
+  eos = tuple(int(i) for i in first.ids.eos_token_ids)
+  key = ("reply", n_new, params, eos, settings)
+  if key not in first._programs:
+    fn = duplex.make_reply_fn(g.graphdef, first._talker_cfg, max_new_tokens=n_new, sampling=params, eos=eos,
+                              pad_token_id=int(first.ids.pad_token_id), talker=settings, mesh=g.mesh,
+                              rules=g.rules, replicated=_replicated(g.mesh))
+    first._programs[key] = jax.jit(fn, donate_argnums=(1, 5))
+  program = first._programs[key]
+  b = len(sessions)
+  vocab = first._logits.shape[-1]
+  seen = np.zeros((b, vocab if params.penalises else 0), bool)
+  if params.penalises:
+    for r, s in enumerate(sessions):
+      seen[r, np.asarray(s._history, np.int64)] = True
+  start = np.asarray([int(s._top) + 1 for s in sessions], np.int32)
+  cache = duplex.stack_caches([s._cache for s in sessions])
+  talker_cache = duplex.stack_caches([s._talker_cache for s in sessions]) if first.speech else None
+  logits = jnp.concatenate([s._logits for s in sessions], axis=0) if b > 1 else first._logits
+  keys = [jax.random.key_data(jax.random.key(x)) for x in (seed, talker_seed)]
+  rows = [_Row(s, s._make_synthesizer(name or s.speaker) if speak else None, frozenset(stop_ids))
+          for s, name in zip(sessions, speakers)]
+  result: dict = {}
+
+  def run(put):
+    with decode.listening(lambda step, t, done: put("text", step, (t, done))) as text_listener, \
+        decode.listening(lambda step, c, done: put("codes", step, (c, done))) as code_listener:
+      result["out"] = program(g.params, cache, logits, seen, start, talker_cache, speaker_ids, *keys, text_listener,
+                              code_listener)
+      jax.block_until_ready(result["out"])
+
+  streams = _Streams(run, result)
+  try:
+    for kind, (values, stopped) in streams:
+      for r, row in enumerate(rows):
+        add = row.add_token if kind == "text" else row.add_code
+        for e in add(int(values[r]), bool(stopped[r])):
+          yield r, e
+  finally:  # also when the consumer stops early (a dropped client): the loop runs on, its caches are kept
+    streams.join()
+    if "error" in result:
+      for s in sessions:
+        s.close()  # the caches were donated to the failed call
+    else:
+      out = result["out"]
+      caches = duplex.split_cache(out.cache, b)
+      talker_caches = duplex.split_cache(out.talker_cache, b) if first.speech else [None] * b
+      tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+      codes, code_lengths = np.asarray(out.codes), np.asarray(out.code_lengths)
+      replies = [s._commit_reply(caches[r], talker_caches[r], tokens[r], lengths[r], eos)
+                 for r, s in enumerate(sessions)]
+  if "error" in result:
+    raise result["error"]
+  for r, (row, (reply, stop)) in enumerate(zip(rows, replies)):
+    row.tokens = [int(t) for t in reply]
+    for e in row.text(final=True):
+      yield r, e
+    row_codes = None
+    if speak:
+      row_codes = codes[r, :code_lengths[r]]
+      if len(row_codes) and int(row_codes[-1]) in stop_ids:
+        row_codes = row_codes[:-1]
+      if row.synth is not None:
+        for a in row.synth.finish():
+          yield r, row.audio(a)
+    row.timings["end"] = time.perf_counter() - row.t0
+    text = row.session._text(reply.tolist())
+    yield r, row.event("done", Done(text, reply, "stop" if stop else "length", row.prompt_tokens, row_codes,
+                                    row.timings))
+
+
+def _replicated(mesh):
+  return None if mesh is None or mesh.size == 1 else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 class WholeUtterance:
