@@ -10,13 +10,16 @@ omni_jax.generate.load, so both sides run the same weights. The question: `--sec
 
 ours: OmniSession pushes the audio in 0.5 s pieces (every complete 2 s is encoded and prefilled as it
   arrives); the clock starts before the last piece is pushed; respond(speak=True) then streams text, the
-  Talker's codes (the Talker starts when the reply is complete) and 24 kHz audio from the streaming Token2Wav.
+  Talker's codes (the Talker decodes beside the Thinker from the reply's first token: omni_jax.generate.duplex)
+  and 24 kHz audio from the streaming Token2Wav.
 transformers: the whole input at once (features precomputed, not timed); generate returns text and audio at
   the end, so its first text and first audio are both the whole call.
 Both decode greedily `--reply` text tokens and `--codes` speech codes (stops disabled: the same work on both
 sides). RTF = seconds to produce the speech after the first chunk / its duration (ours: last audio event - first
 audio event over the remaining audio; transformers: the whole call / the whole audio). Medians of --iters runs
 after a warm-up (compilation excluded); the ratio is transformers / ours (> 1: we are earlier).
+--batch N: throughput of batched sessions instead: N conversations (the same question) answered by one
+respond_together call vs N respond() calls one after another (text + codes, no audio), as a ratio.
 Figures: docs/performance.md ("Streaming"). The 7B-shaped GPU run of the issue is not wired here (no GPU was
 lent to this task): --no-reference times our side only, on the same small configs.
 """
@@ -107,6 +110,8 @@ def run_ours(model, wave, reply: int, codes: int, piece: int = 8000):
   t0 = time.perf_counter()
   s.push_audio(wave[cut:], final=True)
   s.push_text("Answer the question.")
+  s.end_turn()
+  prompt = s.prompt_sample()  # the conversation up to the reply: transformers' input
   first = {}
   audio_s, last = 0.0, None
   for e in s.respond(speak=True, max_new_tokens=reply, do_sample=False,
@@ -119,7 +124,36 @@ def run_ours(model, wave, reply: int, codes: int, piece: int = 8000):
       last = e.t - t0
   rest = audio_s - first["audio_len"]
   rtf = (last - first["audio"]) / rest if rest > 0 else float("nan")
-  return dict(text=first["text"], codes=first["codes"], audio=first["audio"], rtf=rtf, audio_s=audio_s, session=s)
+  return dict(text=first["text"], codes=first["codes"], audio=first["audio"], rtf=rtf, audio_s=audio_s,
+              prompt=prompt)
+
+
+def run_batch(model, wave, reply: int, codes: int, n: int) -> tuple[float, float]:
+  """Seconds for n replies (text + codes) one after another, and in one respond_together call."""
+  from omni_jax.serve import OmniSession  # noqa: PLC0415
+  from omni_jax.serve.session import respond_together  # noqa: PLC0415
+
+  def sessions():
+    out = [OmniSession(model, speaker=SPEAKER, synthesizer=lambda: None) for _ in range(n)]
+    for s in out:
+      s.push_audio(wave, final=True)
+      s.push_text("Answer the question.")
+      s.end_turn()
+    return out
+
+  kw = dict(speak=True, max_new_tokens=reply, do_sample=False,
+            talker=dict(max_new_tokens=codes, do_sample=False, repetition_penalty=1.05, stop_ids=()))
+  alone = sessions()
+  t0 = time.perf_counter()
+  for s in alone:
+    for _ in s.respond(**kw):
+      pass
+  one_by_one = time.perf_counter() - t0
+  together = sessions()
+  t0 = time.perf_counter()
+  for _ in respond_together(together, **kw):
+    pass
+  return one_by_one, time.perf_counter() - t0
 
 
 def run_theirs(model, prompt_ids, feats, reply: int, codes: int):
@@ -146,6 +180,7 @@ def main():
   p.add_argument("--codes", type=int, default=96, help="speech codes (50 per second of speech)")
   p.add_argument("--iters", type=int, default=2)
   p.add_argument("--no-reference", dest="reference", action="store_false")
+  p.add_argument("--batch", type=int, default=0, help="measure batched sessions' throughput (N conversations)")
   args = p.parse_args()
   import torch  # noqa: PLC0415
 
@@ -156,10 +191,16 @@ def main():
   model = generate.load(directory)
   n_params = sum(p.numel() for p in hf_model.parameters())
   wave = question(args.seconds)
+  if args.batch:
+    runs = [run_batch(model, wave, args.reply, args.codes, args.batch) for _ in range(args.iters + 1)][1:]
+    alone, together = (float(np.median([r[i] for r in runs])) for i in (0, 1))
+    print(f"size {args.size}, {args.batch} conversations x ({args.reply} tokens + {args.codes} codes), CPU: one after "
+          f"another {alone:.2f} s, batched {together:.2f} s: {alone / together:.2f}x the throughput", flush=True)
+    return
   ours, theirs = [], []
   for i in range(args.iters + 1):  # run 0 compiles / warms up
     o = run_ours(model, wave, args.reply, args.codes)
-    sample = o.pop("session").prompt_sample()
+    sample = o.pop("prompt")
     if i:
       ours.append(o)
     if args.reference:

@@ -252,6 +252,36 @@ def test_two_concurrent_clients(client, srv, hello):
   assert srv.stats()["served"] == before["served"] + 2
 
 
+class _Collect(server.Job):
+  """A job whose items land in a list (the worker driven directly, without HTTP)."""
+
+  def send(self, kind, item):
+    self.items.append((kind, item))
+
+
+def test_requests_taken_together_decode_in_one_batch(model, hello):
+  """Two requests waiting when the worker starts are prefilled one by one and decoded in one respond_together
+  batch; each gets its own solo reply, and both sessions are freed."""
+  limits = protocol.Limits(max_prompt_tokens=256, max_new_tokens=400)
+  worker = server.Worker(server.engine_for(model, limits), limits, max_queue=4, max_batch=2)
+  options = dict(speak=False, voice=None, max_new_tokens=NEW, sampling={"do_sample": False})
+  prompts = ["Hello there.", "Tell me a story."]
+  jobs = [_Collect([{"role": "user", "content": p}], dict(options), loop=None, out=None) for p in prompts]
+  for job in jobs:
+    job.items = []
+    worker.submit(job)
+  worker.start()
+  deadline = time.time() + 300
+  while not all(j.items and j.items[-1][0] == "end" for j in jobs):
+    assert time.time() < deadline, [j.items for j in jobs]
+    time.sleep(0.05)
+  worker.stop()
+  texts = ["".join(e.payload for kind, e in j.items if kind == "event" and e.kind == "text") for j in jobs]
+  assert texts == [hello, model.chat(prompts[1], max_new_tokens=NEW, do_sample=False)]
+  stats = worker.stats()
+  assert (stats["batched"], stats["served"], stats["active"]) == (2, 2, 0)
+
+
 def test_dropped_stream_frees_its_session(client, srv):
   before = srv.stats()
   stream = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Tell me a story."}],

@@ -6,11 +6,13 @@
 
 Routes: POST /v1/chat/completions (protocol.py's request format; stream=true answers Server-Sent Events of
 chat.completion.chunk objects ending in `data: [DONE]`), GET /v1/models, GET /v1/stats (active, queued, served,
-rejected, cancelled, failed: what the leak test reads), GET /health.
+rejected, cancelled, failed: what the leak test reads; batched: requests decoded in a batch), GET /health.
 
 Concurrency: the event loop only parses, validates and writes media files; every request that passes becomes a
-Job on a bounded queue (--max_queue; a full queue answers 429). One worker thread owns the model and advances
-up to --max_batch jobs in turn, one event each, so two clients stream side by side; a job whose client went
+Job on a bounded queue (--max_queue; a full queue answers 429). One worker thread owns the model and takes up
+to --max_batch jobs at a time: requests waiting together are prefilled one by one and decoded in one batch
+(respond_together) when their decoding settings agree, others advance in turn, one event each, so two clients
+stream side by side; a job whose client went
 away is dropped at its next event (`cancelled` counted; its session is closed on a thread of its own, since
 OmniSession waits for its decode loop to end). A request's error before its first
 event (an undecodable image, a prompt over --max_prompt_tokens, an unknown voice) is its HTTP status; a failure
@@ -158,13 +160,13 @@ class SessionEngine(ChatEngine):
   is stateless: the client resends the history) is rendered whole by ChatEngine, since a session writes its
   own replies."""
 
-  def respond(self, conversation, *, speak, voice, max_new_tokens, sampling):
+  def open_session(self, conversation, *, speak, voice, max_new_tokens, sampling):
+    """A session holding the request's prefilled input, or None for a conversation with earlier assistant
+    turns (ChatEngine renders those whole)."""
     system = [m for m in conversation if m["role"] == "system"]
     users = [m for m in conversation if m["role"] == "user"]
     if len(users) != 1 or len(system) > 1 or len(system) + 1 != len(conversation):
-      yield from super().respond(conversation, speak=speak, voice=voice, max_new_tokens=max_new_tokens,
-                                 sampling=sampling)
-      return
+      return None
     from omni_jax.serve.session import OmniSession  # noqa: PLC0415
 
     if speak:
@@ -182,9 +184,34 @@ class SessionEngine(ChatEngine):
         raise
       if session.num_tokens > self.limits.max_prompt_tokens:
         raise _too_long(session.num_tokens, self.limits)
+    except BaseException:
+      session.close()
+      raise
+    return session
+
+  def respond(self, conversation, *, speak, voice, max_new_tokens, sampling):
+    session = self.open_session(conversation, speak=speak, voice=voice, max_new_tokens=max_new_tokens,
+                                sampling=sampling)
+    if session is None:
+      yield from super().respond(conversation, speak=speak, voice=voice, max_new_tokens=max_new_tokens,
+                                 sampling=sampling)
+      return
+    try:
       yield from session.respond(speak=speak, max_new_tokens=max_new_tokens, **sampling)
     finally:
       session.close()
+
+  def respond_batch(self, sessions, *, speak, voice, max_new_tokens, sampling, voices):
+    """(index, Event) of several opened sessions' replies, decoded in one loop; closes them at the end."""
+    from omni_jax.serve.session import respond_together  # noqa: PLC0415
+
+    del voice  # one per session: voices
+    try:
+      yield from respond_together(sessions, speak=speak, max_new_tokens=max_new_tokens, speakers=voices,
+                                  **sampling)
+    finally:
+      for s in sessions:
+        s.close()
 
 
 def engine_for(model, limits: protocol.Limits, kind: str = "auto") -> Engine:
@@ -219,7 +246,9 @@ class Job:
 
 
 class Worker:
-  """Runs jobs on an Engine: up to max_batch at a time, one event each in turn."""
+  """Runs jobs on an Engine: up to max_batch at a time. With a session engine the requests taken together
+  decode in one batch (OmniSession's respond_together) when their settings agree; others advance in turn, one
+  event each."""
 
   def __init__(self, engine: Engine, limits: protocol.Limits, *, max_queue: int = 8, max_batch: int = 1):
     if max_queue < 1 or max_batch < 1:
@@ -227,7 +256,7 @@ class Worker:
     self.engine, self.limits, self.max_batch = engine, limits, max_batch
     self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
     self.lock = threading.Lock()
-    self.counts = collections.Counter(served=0, rejected=0, cancelled=0, failed=0)
+    self.counts = collections.Counter(served=0, rejected=0, cancelled=0, failed=0, batched=0)
     self.active = 0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="omni-worker", daemon=True)
@@ -258,15 +287,11 @@ class Worker:
       raise ServeError(429, f"the server is busy ({self.jobs.maxsize} requests queued); retry later",
                        type="rate_limit_error", code="queue_full") from None
 
-  def _finish(self, job: Job, outcome: str, running: dict, last: Optional[tuple] = None) -> None:
-    """Free the job's session and files and count it, then send its last item (so a client that has its
-    reply reads counts that include it)."""
-    it = running.pop(id(job), (None, None))[1]
-    if it is not None:
-      if outcome == "cancelled":  # OmniSession.respond waits for its decode loop to end: not on this thread
-        threading.Thread(target=self._close, args=(it,), name="omni-cancel", daemon=True).start()
-      else:
-        self._close(it)
+  def _finish(self, unit: "_Unit", job: Job, outcome: str, last: Optional[tuple] = None) -> None:
+    """Count a job and send its last item (so a client that has its reply reads counts that include it); the
+    unit's iterator is closed (its sessions freed) once none of its jobs is left."""
+    if job in unit.left:
+      unit.left.remove(job)
     if job.workdir:
       shutil.rmtree(job.workdir, ignore_errors=True)
     with self.lock:
@@ -274,61 +299,132 @@ class Worker:
     if last is not None:
       job.send(*last)
     job.send("end", None)
+    if not unit.left and not unit.closed:
+      unit.closed = True
+      if outcome == "cancelled":  # OmniSession waits for its decode loop to end: not on this thread
+        threading.Thread(target=self._close, args=(unit,), name="omni-cancel", daemon=True).start()
+      else:
+        self._close(unit)
 
-  def _close(self, it) -> None:
-    """Close a request's event iterator (the engine's finally frees its session); `active` counts it until then."""
+  def _close(self, unit: "_Unit") -> None:
+    """Close a unit's event iterator (the engine's finally frees its sessions); `active` counts its jobs until then."""
     try:
-      it.close()
+      if unit.it is not None:
+        unit.it.close()
+      for session in unit.sessions:  # a batch closed before its first event never ran its own finally
+        session.close()
     except Exception:  # noqa: BLE001 - a failure while closing must not stop the worker
       log.exception("closing a request's session failed")
     with self.lock:
-      self.active -= 1
+      self.active -= len(unit.jobs)
 
-  def _fail(self, job: Job, e: BaseException, running: dict) -> None:
+  def _fail(self, unit: "_Unit", job: Job, e: BaseException) -> None:
     err = e if isinstance(e, ServeError) else _user_error(e)
     if err is None:
       log.exception("request failed", exc_info=e)
       err = ServeError(500, f"the server failed on this request ({type(e).__name__}: {e})", type="server_error",
                        code="internal_error")
-    self._finish(job, "failed", running, last=("error", err))
+    self._finish(unit, job, "failed", last=("error", err))
+
+  def _admit(self, jobs: list) -> list["_Unit"]:
+    """Start newly taken jobs: with --max_batch > 1 and a session engine, the requests a session can serve
+    are prefilled one by one and those with the same decoding settings decode together (respond_together);
+    the others run alone."""
+    units, groups = [], collections.defaultdict(list)
+    batching = self.max_batch > 1 and hasattr(self.engine, "open_session")
+    for job in jobs:
+      with self.lock:
+        self.active += 1
+      if job.cancelled.is_set():
+        unit = _Unit(None, [job])
+        self._finish(unit, job, "cancelled")
+        continue
+      try:
+        session = self.engine.open_session(job.conversation, **job.options) if batching else None
+        if session is None:
+          units.append(_Unit(_solo(self.engine.respond(job.conversation, **job.options)), [job]))
+        else:
+          groups[_batch_key(job.options)].append((job, session))
+      except Exception as e:  # noqa: BLE001 - the worker outlives every request
+        self._fail(_Unit(None, [job]), job, e)
+    for members in groups.values():
+      jobs_, sessions = zip(*members)
+      voices = [j.options["voice"] for j in jobs_]
+      if len(jobs_) > 1:
+        with self.lock:
+          self.counts["batched"] += len(jobs_)  # requests decoded in a batch of two or more
+      units.append(_Unit(self.engine.respond_batch(list(sessions), **jobs_[0].options, voices=voices), jobs_,
+                         sessions=sessions))
+    return units
 
   def _run(self) -> None:
-    running: dict = {}  # id(job) -> (job, iterator)
+    units: list[_Unit] = []
     while not self._stop.is_set():
-      while len(running) < self.max_batch:  # admit queued jobs (wait for one only when idle)
+      taken = []
+      while sum(len(u.left) for u in units) + len(taken) < self.max_batch:  # wait for a job only when idle
         try:
-          job = self.jobs.get(timeout=0.05) if not running else self.jobs.get_nowait()
+          taken.append(self.jobs.get(timeout=0.05) if not (units or taken) else self.jobs.get_nowait())
         except queue.Empty:
           break
-        if job.cancelled.is_set():
-          self._finish(job, "cancelled", running)
-          continue
-        try:
-          it = self.engine.respond(job.conversation, **job.options)
-        except Exception as e:  # noqa: BLE001 - the worker outlives every request
-          self._fail(job, e, running)
-          continue
-        running[id(job)] = (job, it)
-        with self.lock:
-          self.active += 1
-      for job, it in list(running.values()):
-        if job.cancelled.is_set():
-          self._finish(job, "cancelled", running)
-          continue
-        try:
-          event = next(it)
-        except StopIteration:
-          self._finish(job, "served", running)
-          continue
-        except Exception as e:  # noqa: BLE001 - one request's failure never stops the worker
-          self._fail(job, e, running)
-          continue
-        if event.kind == "done":
-          self._finish(job, "served", running, last=("event", event))
-        else:
-          job.send("event", event)
-    for job, _ in list(running.values()):
-      self._finish(job, "cancelled", running)
+      units += self._admit(taken)
+      for unit in list(units):
+        for job in list(unit.left):
+          if job.cancelled.is_set():
+            self._finish(unit, job, "cancelled")
+        if unit.left:
+          self._advance(unit)
+      units = [u for u in units if u.left]
+    for unit in units:
+      for job in list(unit.left):
+        self._finish(unit, job, "cancelled")
+
+  def _advance(self, unit: "_Unit") -> None:
+    """One event of a unit, to its job."""
+    try:
+      i, event = next(unit.it)
+    except StopIteration:
+      for job in list(unit.left):
+        self._finish(unit, job, "served")
+      return
+    except Exception as e:  # noqa: BLE001 - one request's failure never stops the worker
+      for job in list(unit.left):
+        self._fail(unit, job, e)
+      return
+    job = unit.jobs[i]
+    if job not in unit.left:  # cancelled: the batch goes on for the others
+      return
+    if event.kind == "done":
+      self._finish(unit, job, "served", last=("event", event))
+    else:
+      job.send("event", event)
+
+
+@dataclasses.dataclass(eq=False)
+class _Unit:
+  """What the worker advances: one job's events, or a batch of jobs decoded together; `it` yields
+  (index into jobs, Event)."""
+  it: Any
+  jobs: tuple
+  sessions: tuple = ()  # a batch's sessions, closed with it
+  left: list = None
+  closed: bool = False
+
+  def __post_init__(self):
+    self.jobs = tuple(self.jobs)
+    self.left = list(self.jobs)
+
+
+def _solo(events: Iterator[Event]) -> Iterator[tuple[int, Event]]:
+  try:
+    for e in events:
+      yield 0, e
+  finally:
+    events.close()
+
+
+def _batch_key(options: dict):
+  """Requests decoded together share every decoding setting but the voice."""
+  return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in options.items() if k != "voice"))
 
 
 # ---------------------------------------------------------------------------------------------------------
