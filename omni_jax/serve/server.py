@@ -173,8 +173,9 @@ class SessionEngine(ChatEngine):
       self._voiceable(voice)
     # One cache length for every request (the compiled programs are shared; the markup respond() adds fits the
     # 16 spare slots); the prompt limit is checked below.
+    # A request is one turn: the Talker's prefix is kept only when this turn speaks.
     session = OmniSession(self.model, speaker=voice, system=system[0]["content"] if system else None,
-                          max_len=self.limits.max_prompt_tokens + self.limits.max_new_tokens + 16)
+                          max_len=self.limits.max_prompt_tokens + self.limits.max_new_tokens + 16, speech=speak)
     try:
       try:
         session.push_message(users[0])
