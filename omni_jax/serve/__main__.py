@@ -25,7 +25,8 @@ _PORT = flags.DEFINE_integer("port", 8000, "Port to bind.")
 _MEDIA_ROOT = flags.DEFINE_string("media_root", None, "The only directory whose files requests may name "
                                   "(default: none; media come as data URLs).")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 8, "Requests waiting for the model; more get 429.")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 1, "Requests in flight at once; those waiting together decode in one batch.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 1,
+                                  "Requests in flight at once; those waiting together decode in one batch.")
 _MAX_PROMPT = flags.DEFINE_integer("max_prompt_tokens", None, "Longest rendered prompt (default: the model's "
                                    "max_position_embeddings minus --max_new_tokens, at most 32768).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 1024, "Ceiling (and default) of a request's max_tokens.")
