@@ -39,7 +39,7 @@ EOF
 
 case "${1:-}" in
   main)
-    setup ""
+    setup eval  # eval: the speech evaluator's offline judges (pocketsphinx, resemblyzer), its last step
     workdir="${WORKDIR:-workdirs/tiny_demo}"
     # configs/demo.py: the tiny model on the demo corpus for 200 steps, evaluated untrained (step 0), at step 100
     # and at the end (held-out loss + spoken digits); one grain worker decodes media while the step computes.
@@ -67,6 +67,11 @@ case "${1:-}" in
     # so $workdir/token2wav holds all three towers.
     .venv/bin/python train.py --config configs/demo_token2wav.py --config.data.source=demo \
       --config.data.speech_codes="$units/codes.json" --config.init_from="$workdir" --workdir "$workdir/token2wav"
+    # Spoken replies from all three towers: the held-out voice-chat prompts answered in text, Talker codes and
+    # audio; pocketsphinx's transcript of the audio vs the reply's text (WER) and resemblyzer's similarity to the
+    # voice's clip, beside the judges' own scores on the task's recordings (judge_wer, judge_similarity).
+    .venv/bin/python eval.py --config configs/demo_token2wav.py --config.data.source=demo \
+      --config.data.speech_codes="$units/codes.json" --config.eval.tasks=speech --checkpoint "$workdir/token2wav"
     ;;
   test)
     setup test,tpu,serve,eval  # tpu: libtpu for the AOT tests (tests/test_aot.py); serve: tests/test_server.py; eval: the speech judges

@@ -40,5 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   e.at_start = True  # the untrained baseline: step 0 in metrics.jsonl, the first column of eval.py's table
   e.samples_per_dataset = 8
   e.steps, e.batch_size = 64, 4  # at most; the loss evaluator reads eval.samples_per_dataset of each dataset
-  e.max_new_tokens = ml_collections.ConfigDict(dict(asr=32, mcq=8, open=24))
+  e.max_new_tokens = ml_collections.ConfigDict(dict(asr=32, mcq=8, open=24, speech=32))
+  # speech (run.sh main's last step, on WORKDIR/token2wav): the spoken replies are at most 4.4 s (220 codes at
+  # 50 Hz); a Talker that never stops would otherwise run to config.generate's 4096.
+  e.talker_max_new_tokens = 256
   return c
