@@ -223,8 +223,8 @@ def test_batched_sessions_equal_solo(model):
   codes), and both sessions go on from there."""
   from omni_jax.serve.session import respond_together  # noqa: PLC0415
 
-  kw = dict(max_new_tokens=5, **GREEDY)
-  talker = dict(max_new_tokens=8, do_sample=False)
+  kw = dict(max_new_tokens=6, **GREEDY)  # the settings of the test above: its solo program serves here
+  talker = dict(max_new_tokens=10, do_sample=False, stop_ids=())
   prompts_ = ["Say hello.", "Tell me a much longer story about the sea, please."]
 
   def sessions():
