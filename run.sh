@@ -55,13 +55,6 @@ case "${1:-}" in
       --out "$units/codes.json"
     demo+=(--config.data.speech_codes="$units/codes.json")
     .venv/bin/python train.py "${demo[@]}" --workdir "$workdir"
-    # Every evaluator on the last checkpoint; the table sets it beside the untrained step 0, then one reply per
-    # modality to a held-out prompt.
-    .venv/bin/python eval.py "${demo[@]}" --checkpoint "$workdir"
-    # Ask the trained model about a held-out clip: a digit spoken by a voice it never heard (the reply streams).
-    clip=$(ls "$HOME"/.cache/omni_jax/demo_corpus/media/digits/digit7_en-US-nyc_0.wav 2>/dev/null | head -n 1)
-    .venv/bin/python generate.py --checkpoint "$workdir" --prompt "Which digit is spoken?" \
-      ${clip:+--audio "$clip"} --max_new_tokens 8 --greedy
     # The DiT (Token2Wav) on the same units: flow matching on the spoken replies' (codes, target mel, a clip of the
     # speaker), starting from the main checkpoint with the Thinker and Talker frozen (configs/demo_token2wav.py),
     # so $workdir/token2wav holds all three towers.
@@ -72,6 +65,13 @@ case "${1:-}" in
     # voice's clip, beside the judges' own scores on the task's recordings (judge_wer, judge_similarity).
     .venv/bin/python eval.py --config configs/demo_token2wav.py --config.data.source=demo \
       --config.data.speech_codes="$units/codes.json" --config.eval.tasks=speech --checkpoint "$workdir/token2wav"
+    # Last, every other evaluator on the main checkpoint: the table sets it beside the untrained step 0, then one
+    # reply per modality to a held-out prompt.
+    .venv/bin/python eval.py "${demo[@]}" --checkpoint "$workdir"
+    # Ask the trained model about a held-out clip: a digit spoken by a voice it never heard (the reply streams).
+    clip=$(ls "$HOME"/.cache/omni_jax/demo_corpus/media/digits/digit7_en-US-nyc_0.wav 2>/dev/null | head -n 1)
+    .venv/bin/python generate.py --checkpoint "$workdir" --prompt "Which digit is spoken?" \
+      ${clip:+--audio "$clip"} --max_new_tokens 8 --greedy
     ;;
   test)
     setup test,tpu,serve,eval  # tpu: libtpu for the AOT tests (tests/test_aot.py); serve: tests/test_server.py; eval: the speech judges
