@@ -1,4 +1,4 @@
-"""OmniSession: one real-time conversation with an OmniChat model, its Thinker KV cache kept across turns.
+"""OmniSession: one real-time conversation with an OmniChat model, its KV caches kept across turns.
 
     session = OmniSession(model, speaker="Chelsie")
     session.push_audio(chunk, 16000)          # as the user speaks: every 2 s are encoded and prefilled at once
@@ -18,7 +18,7 @@ What is prefilled when (the cache grows left to right; each append is one jitted
                          n_window=100) as soon as its samples (+ 40 samples of STFT lookahead) are in; the
                          rest and `<|audio_eos|>` when the audio ends (final=True, another part, respond())
   respond()              `<|im_end|>\\n<|im_start|>assistant\\n`, whose last logits choose the first token;
-                         then the decode loop (omni_jax.generate.decode.decode_loop) on the same cache
+                         then the reply loop (omni_jax.generate.duplex) on the same caches
 So when the user stops, only the last audio chunk (< 2 s) and the turn's closing markup are left to prefill.
 
 Exactness (tests/test_session.py): the chunks' positions are the whole-input TMRoPE ids. Chunk boundaries
