@@ -76,7 +76,8 @@ case "${1:-}" in
   test)
     setup test,tpu,serve,eval  # tpu: libtpu for the AOT tests (tests/test_aot.py); serve: tests/test_server.py; eval: the speech judges
     # Two workers, one test file each at a time (module fixtures stay in one process): XLA compiles, most of
-    # the suite's time, are mostly single-threaded, so a 2-core machine runs two files at once.
+    # the suite's time, are mostly single-threaded, so a 2-core machine runs two files at once. Files run in
+    # collection order, the longest first (tests/conftest.py LONGEST_FIRST).
     # One persistent XLA compilation cache for the run (both workers and every process the tests start): the
     # tests build the same tiny programs again and again (train steps in subprocesses, the same model in several
     # files), so most compiles become cache reads. A fresh folder each run, removed at the end.
@@ -84,7 +85,7 @@ case "${1:-}" in
     export JAX_COMPILATION_CACHE_DIR JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
     trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
     # --durations: the slowest tests in every log, to keep the suite inside its 30 minutes.
-    .venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=25
+    .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
     ;;
   *)
     echo "usage: bash run.sh main|test" >&2

@@ -1,6 +1,21 @@
-"""Shared fixtures: the demo corpus, built once per test session into a temporary folder (a few seconds)."""
+"""Shared fixtures: the demo corpus, built once per test session into a temporary folder (a few seconds); and
+the order in which the files run."""
+
+import os
 
 import pytest
+
+# The files that take minutes in one process (a whole training run in a module fixture or a subprocess) run
+# first, so that the two xdist workers (run.sh test: --dist loadfile --no-loadscope-reorder) finish together
+# instead of one of them starting the longest file last. The --durations list in every CI log says which.
+LONGEST_FIRST = ("test_demo_learns.py", "test_new_voice.py", "test_token2wav_training.py",
+                 "test_reliability_multiprocess.py", "test_attention_impls.py", "test_reliability_data.py",
+                 "test_talker_training.py", "test_session.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable: file order kept
 
 
 @pytest.fixture(scope="session")
