@@ -7,13 +7,14 @@ the packer turns it into a skip that is counted and reported, never a stopped ru
 
 import dataclasses
 import os
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from omni_jax import batch as batch_lib
 from omni_jax.input import chat
 from omni_jax.input import sources
+from omni_jax.input.media import MediaBudget
 from omni_jax.input.media import MediaError
 from omni_jax.input.media import audio as audio_media
 from omni_jax.input.media import image as image_media
@@ -40,7 +41,8 @@ class SampleError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MediaOptions:
-  """How media are sampled and sized (the released processor's values unless a config lowers them)."""
+  """How media are sampled and sized (the released processor's values unless a config lowers them), and the
+  budget every decode is held to (omni_jax.input.media.MediaBudget)."""
   image_min_pixels: int = patches.IMAGE_MIN_PIXELS
   image_max_pixels: int = patches.IMAGE_MAX_PIXELS
   video_fps: float = video_media.DEFAULT_FPS
@@ -50,14 +52,32 @@ class MediaOptions:
   video_max_pixels: int = patches.VIDEO_MAX_PIXELS
   video_max_total_pixels: Optional[int] = None
   num_mel_bins: int = audio_media.NUM_MEL_BINS
+  budget: MediaBudget = MediaBudget()
 
   @classmethod
   def from_config(cls, cfg: Optional[Mapping]) -> "MediaOptions":
+    """config.data.media: the fields above; `budget`, if given, is a mapping of MediaBudget fields (those it
+    leaves out keep their defaults), e.g. media.budget = dict(max_audio_seconds=120.0)."""
     cfg = dict(cfg or {})
     unknown = set(cfg) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"config.data.media: unknown keys {sorted(unknown)}")
+    budget = cfg.pop("budget", None)
+    if isinstance(budget, MediaBudget):
+      cfg["budget"] = budget
+    elif budget is not None:
+      budget = dict(budget)
+      unknown = set(budget) - {f.name for f in dataclasses.fields(MediaBudget)}
+      if unknown:
+        raise ValueError(f"config.data.media.budget: unknown keys {sorted(unknown)}")
+      cfg["budget"] = MediaBudget(**budget)
     return cls(**cfg)
+
+
+class DecodedPart(NamedTuple):
+  """One media part decoded and preprocessed (Preprocessor.decode_part), ready for load_part as {"decoded": ...}."""
+  item: chat.MediaItem
+  media: dict  # {"images": [...], "videos": [...], "audios": [...]}: what load_part appends to a sample's lists
 
 
 @dataclasses.dataclass
@@ -77,6 +97,10 @@ class Sample:
   @property
   def num_tokens(self) -> int:
     return int(self.input_ids.shape[0])
+
+
+def _media(images=(), videos=(), audios=()) -> dict:
+  return {"images": list(images), "videos": list(videos), "audios": list(audios)}
 
 
 def sample_kind(messages) -> int:
@@ -102,35 +126,66 @@ class Preprocessor:
     self.flow = flow  # None: spoken replies do not train the DiT
 
   def load_part(self, part: Mapping, aiv: bool, name: str, media: dict) -> chat.MediaItem:
-    """Decode and preprocess one media part into the `media` lists; returns its chat item."""
-    path, kind, m = part["path"], part["type"], self.options
-    if not os.path.exists(path):
-      raise SampleError("missing_media", f"{name}: {kind} file {path} does not exist")
+    """Decode and preprocess one media part (see decode_part) into the `media` lists; returns its chat item."""
+    decoded = self.decode_part(part, aiv, name)
+    for key, values in decoded.media.items():
+      media[key].extend(values)
+    return decoded.item
+
+  def decode_part(self, part: Mapping, aiv: bool, name: str) -> DecodedPart:
+    """One media part -> DecodedPart, every decode held to options.budget. Raises SampleError.
+
+    A part is {"type", "path"[, "use_audio_in_video"]}, {"type": "audio", "array": float samples [n] or
+    [n, channels], "sample_rate": int}, {"type": "image", "array": uint8 [H, W(, 1|3|4)]}, or any part
+    carrying "decoded": a DecodedPart made earlier (e.g. on another thread), returned as it is (aiv was applied
+    when it was made).
+    """
+    kind, m = part["type"], self.options
+    if "decoded" in part:
+      if not isinstance(part["decoded"], DecodedPart):
+        raise SampleError("malformed", f"{name}: {kind} part's 'decoded' is a {type(part['decoded']).__name__}, "
+                          "not a DecodedPart")
+      return part["decoded"]
+    if "array" in part:
+      source, label = part["array"], f"<{kind} array>"
+      if kind not in ("image", "audio"):
+        raise SampleError("malformed", f"{name}: a {kind} part cannot carry an array; give its path")
+    elif "path" in part:
+      source = label = part["path"]
+      if not os.path.exists(source):
+        raise SampleError("missing_media", f"{name}: {kind} file {source} does not exist")
+    else:
+      raise SampleError("malformed", f"{name}: {kind} part has no path, array or decoded data")
     try:
       if kind == "image":
-        rows, grid = image_media.preprocess_image(path, min_pixels=m.image_min_pixels, max_pixels=m.image_max_pixels,
-                                                  merge_size=self.fmt.spatial_merge_size)
-        media["images"].append((rows, grid))
-        return chat.ImageItem(tuple(int(g) for g in grid))
+        rows, grid = image_media.preprocess_image(source, min_pixels=m.image_min_pixels,
+                                                  max_pixels=m.image_max_pixels,
+                                                  merge_size=self.fmt.spatial_merge_size, budget=m.budget)
+        return DecodedPart(chat.ImageItem(tuple(int(g) for g in grid)), _media(images=[(rows, grid)]))
       if kind == "audio":
-        feats = audio_media.features_from_file(path, m.num_mel_bins)
+        if "array" in part:
+          wave = audio_media.waveform_from_array(source, part.get("sample_rate", audio_media.SAMPLE_RATE),
+                                                 budget=m.budget, name=label)
+          feats = audio_media.log_mel(wave, m.num_mel_bins)
+        else:
+          feats = audio_media.features_from_file(source, m.num_mel_bins, budget=m.budget)
         if feats.shape[1] == 0:
-          raise MediaError(f"{path}: audio is empty")
-        media["audios"].append(feats)
-        return chat.AudioItem(int(feats.shape[1]))
-      video = video_media.preprocess_video(path, fps=m.video_fps, min_frames=m.video_min_frames,
+          raise MediaError(f"{label}: audio is empty")
+        return DecodedPart(chat.AudioItem(int(feats.shape[1])), _media(audios=[feats]))
+      video = video_media.preprocess_video(source, fps=m.video_fps, min_frames=m.video_min_frames,
                                            max_frames=m.video_max_frames, min_pixels=m.video_min_pixels,
                                            max_pixels=m.video_max_pixels, max_total_pixels=m.video_max_total_pixels,
-                                           merge_size=self.fmt.spatial_merge_size)
-      media["videos"].append((video.pixel_values, video.grid_thw, float(video.second_per_grid)))
+                                           merge_size=self.fmt.spatial_merge_size, budget=m.budget)
+      media = _media(videos=[(video.pixel_values, video.grid_thw, float(video.second_per_grid))])
       frames = None
       if part.get("use_audio_in_video", aiv):
-        track = audio_media.video_audio_features(path, m.num_mel_bins)
+        track = audio_media.video_audio_features(source, m.num_mel_bins, budget=m.budget)
         if track.shape[1] == 0:
-          raise MediaError(f"{path}: the video's audio track is empty")
+          raise MediaError(f"{source}: the video's audio track is empty")
         media["audios"].append(track)  # the track's audio slot sits at its video's place in the order
         frames = int(track.shape[1])
-      return chat.VideoItem(tuple(int(g) for g in video.grid_thw), float(video.second_per_grid), frames)
+      return DecodedPart(chat.VideoItem(tuple(int(g) for g in video.grid_thw), float(video.second_per_grid), frames),
+                         media)
     except MediaError as e:
       raise SampleError("bad_media", f"{name}: {e}") from None
 

@@ -2,6 +2,11 @@
 
 numpy (+ soundfile / PyAV / scipy) only, no jax: this runs in data-loader workers.
 
+Decoding is held to a MediaBudget (omni_jax.input.media): the header's sample rate and length are checked
+before anything is decoded, and decoding stops once the samples pass the budget's length, because a header
+can understate or leave out the length. Resampling comes last, so a tiny file with a 1 Hz header can never
+expand into gigabytes.
+
 Features are transformers' WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160,
 n_fft=400, chunk_length=300) called with padding="max_length", as the Omni processor does (spec §5.1,
 pitfall 13): the waveform is zero-padded to 300 s before a centred (reflect-padded) STFT, the last frame is
@@ -27,6 +32,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from omni_jax import sizes
+from omni_jax.input.media import MediaBudget
 from omni_jax.input.media import MediaError
 
 SAMPLE_RATE = 16000
@@ -40,6 +46,53 @@ PathLike = Union[str, os.PathLike]
 
 
 # --------------------------------------------------------------------------------------- decoding
+
+# Samples (over all channels) read per block: bounds what one read allocates, whatever the channel count.
+_BLOCK_SAMPLES = 1 << 20
+# libsndfile reports a length it does not know (a FLAC without a sample count, a stream) as SF_COUNT_MAX.
+_UNKNOWN_FRAMES = 1 << 62
+
+
+def _budget(budget: Optional[MediaBudget]) -> MediaBudget:
+  return MediaBudget() if budget is None else budget
+
+
+def _check_rate(name: str, rate: int, budget: MediaBudget) -> None:
+  """Refuse a rate outside the budget: 0 would divide by zero, an absurd one makes resampling explode."""
+  if not budget.min_sample_rate <= rate <= budget.max_sample_rate:
+    raise MediaError(f"{name}: sample rate {rate} Hz; allowed {budget.min_sample_rate}..{budget.max_sample_rate} Hz")
+
+
+def _check_seconds(name: str, seconds: float, budget: MediaBudget) -> None:
+  if seconds > budget.max_audio_seconds:
+    raise MediaError(f"{name}: {seconds:.1f} s of audio; at most {budget.max_audio_seconds:g} s")
+
+
+class _CappedWave:
+  """Mono float32 blocks decoded so far; refuses to grow past the budget's seconds at the source rate.
+
+  Headers can understate or leave out the length, so the count of decoded samples is what bounds memory:
+  at most the budget plus one block is ever held.
+  """
+
+  def __init__(self, name: str, rate: int, budget: MediaBudget):
+    self.name, self.rate, self.budget = name, rate, budget
+    self.cap = int(budget.max_audio_seconds * rate)
+    self.blocks: list[np.ndarray] = []
+    self.total = 0
+
+  def add(self, samples: np.ndarray) -> None:
+    """samples: [n, channels] float32, averaged to mono per block (the same per-row mean as the whole)."""
+    self.blocks.append(_mono(samples))
+    self.total += samples.shape[0]
+    if self.total > self.cap:
+      raise MediaError(f"{self.name}: audio runs past {self.budget.max_audio_seconds:g} s (decoding stopped at "
+                       f"{self.total / self.rate:.1f} s); at most {self.budget.max_audio_seconds:g} s")
+
+  def wave(self) -> np.ndarray:
+    if not self.blocks:
+      return np.zeros((0,), np.float32)
+    return self.blocks[0] if len(self.blocks) == 1 else np.concatenate(self.blocks)
 
 
 def resample(wave: np.ndarray, orig_sr: int, sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -58,43 +111,103 @@ def _mono(samples: np.ndarray) -> np.ndarray:
   return samples.mean(axis=1) if samples.ndim == 2 else samples
 
 
-def _decode_soundfile(path: PathLike) -> tuple[np.ndarray, int]:
+def _decode_soundfile(path: PathLike, budget: MediaBudget) -> tuple[np.ndarray, int]:
+  """Header checked first, then decoded under the budget's cap. A stream of unknown length is left to PyAV."""
   import soundfile  # pylint: disable=import-outside-toplevel
 
-  data, sr = soundfile.read(os.fspath(path), dtype="float32", always_2d=True)
-  return _mono(data), int(sr)
+  name = os.fspath(path)
+  with soundfile.SoundFile(name) as f:
+    rate = int(f.samplerate)
+    _check_rate(name, rate, budget)
+    if not 0 <= f.frames < _UNKNOWN_FRAMES:
+      # soundfile fails at the end of such a stream (its position update seeks past the end), so these files
+      # have always been decoded by PyAV, which counts samples against the budget as it goes.
+      raise ValueError("libsndfile does not know the length")
+    _check_seconds(name, f.frames / rate, budget)
+    wave = _CappedWave(name, rate, budget)
+    if f.channels <= 2:
+      # One read of the header's (checked) length from frame 0, as soundfile.read does: libsndfile's MP3
+      # decoder rounds differently when read in blocks, and mono or stereo cannot outgrow the budget.
+      if f.seekable():
+        f.seek(0)
+      wave.add(f.read(f.frames, dtype="float32", always_2d=True))
+    else:
+      # Many channels (up to 255 in Ogg): blocks, averaged to mono as they come, bound memory to the mono size.
+      block = max(1, _BLOCK_SAMPLES // f.channels)
+      while True:
+        data = f.read(block, dtype="float32", always_2d=True)
+        if not data.shape[0]:
+          break
+        wave.add(data)
+  return wave.wave(), rate
 
 
-def _decode_av(path: PathLike, stream_kind: str) -> tuple[np.ndarray, int]:
-  """Decode the first audio stream with PyAV into float32 mono at the stream's own rate."""
+def _av_seconds(stream, container) -> Optional[float]:
+  """The audio stream's duration from the header (the container's if the stream has none), or None."""
   import av  # pylint: disable=import-outside-toplevel
 
-  with av.open(os.fspath(path)) as container:
+  if stream.duration and stream.time_base:
+    return float(stream.duration * stream.time_base)
+  if container.duration:
+    return container.duration / av.time_base
+  return None
+
+
+def _check_video_frames(path: PathLike, budget: MediaBudget) -> None:
+  """Refuse video frames over the budget before a file is opened for its audio: FFmpeg's stream probe (inside
+  av.open) decodes a few video frames even when only the audio is wanted. This probe is told to decode none."""
+  import av  # pylint: disable=import-outside-toplevel
+  from omni_jax.input.media import video as video_media  # pylint: disable=import-outside-toplevel
+
+  with av.open(os.fspath(path), options={"skip_frame": "all"}) as container:
+    for stream in container.streams.video:
+      video_media.check_frame_size(os.fspath(path), *video_media.header_frame_size(stream), budget)
+
+
+def _decode_av(path: PathLike, stream_kind: str, budget: MediaBudget) -> tuple[np.ndarray, int]:
+  """Decode the first audio stream with PyAV into float32 mono at the stream's own rate, within the budget."""
+  import av  # pylint: disable=import-outside-toplevel
+
+  name = os.fspath(path)
+  _check_video_frames(name, budget)
+  with av.open(name) as container:
     if not container.streams.audio:
-      raise MediaError(f"{os.fspath(path)}: {stream_kind} has no audio stream")
+      raise MediaError(f"{name}: {stream_kind} has no audio stream")
     stream = container.streams.audio[0]
-    sr = stream.codec_context.sample_rate or stream.rate
-    # Interleaved float32 in the source layout; channels are averaged below, as for files read by soundfile.
+    sr = int(stream.codec_context.sample_rate or stream.rate or 0)
+    _check_rate(name, sr, budget)
+    seconds = _av_seconds(stream, container)
+    if seconds is not None:
+      _check_seconds(name, seconds, budget)
+    wave = _CappedWave(name, sr, budget)
+    # Interleaved float32 in the source layout; channels are averaged, as for files read by soundfile.
     converter = av.AudioResampler(format="flt", layout=stream.codec_context.layout, rate=sr)
-    chunks = []
     for frame in container.decode(stream):
+      # A rate that changes mid-stream is converted to sr: bounded, so one frame cannot expand without limit.
+      if frame.sample_rate:
+        _check_rate(name, int(frame.sample_rate), budget)
       for out in converter.resample(frame):
-        chunks.append(out.to_ndarray().reshape(-1, out.layout.nb_channels))
+        wave.add(out.to_ndarray().reshape(-1, out.layout.nb_channels))
     for out in converter.resample(None):
-      chunks.append(out.to_ndarray().reshape(-1, out.layout.nb_channels))
-  if not chunks:
-    raise MediaError(f"{os.fspath(path)}: audio stream decodes to no samples")
-  return _mono(np.concatenate(chunks, axis=0)), int(sr)
+      wave.add(out.to_ndarray().reshape(-1, out.layout.nb_channels))
+  if not wave.total:
+    raise MediaError(f"{name}: audio stream decodes to no samples")
+  return wave.wave(), sr
 
 
-def load_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
-  """A wav/flac/ogg/mp3/... file as float32 mono at `sr`: soundfile first, PyAV for what it cannot read."""
+def load_audio(path: PathLike, sr: int = SAMPLE_RATE, budget: Optional[MediaBudget] = None) -> np.ndarray:
+  """A wav/flac/ogg/mp3/... file as float32 mono at `sr`: soundfile first, PyAV for what it cannot read.
+
+  The header's rate and length are checked against the budget before decoding, and decoding stops at the
+  budget's length whatever the header says; resampling comes last.
+  """
+  budget = _budget(budget)
   if not os.path.exists(path):
     raise MediaError(f"{os.fspath(path)}: no such audio file")
   errors = []
-  for decode in (_decode_soundfile, lambda p: _decode_av(p, "audio file")):
+  for decode in (_decode_soundfile, lambda p, b: _decode_av(p, "audio file", b)):
     try:
-      wave, orig_sr = decode(path)
+      wave, orig_sr = decode(path, budget)
       break
     except MediaError:
       raise
@@ -107,17 +220,18 @@ def load_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
   return resample(wave, orig_sr, sr)
 
 
-def load_video_audio(path: PathLike, sr: int = SAMPLE_RATE, start: float = 0.0,
-                     end: Optional[float] = None) -> np.ndarray:
+def load_video_audio(path: PathLike, sr: int = SAMPLE_RATE, start: float = 0.0, end: Optional[float] = None,
+                     budget: Optional[MediaBudget] = None) -> np.ndarray:
   """The audio track of a video file (PyAV) as float32 mono at `sr`, optionally cut to [start, end) seconds.
 
   Cut the same span the video frames were sampled from, so that audio and video tokens of an audio-in-video
-  prompt describe the same clip.
+  prompt describe the same clip. The whole track is held to the budget's audio limits.
   """
   if not os.path.exists(path):
     raise MediaError(f"{os.fspath(path)}: no such video file")
+  budget = _budget(budget)
   try:
-    wave, orig_sr = _decode_av(path, "video")
+    wave, orig_sr = _decode_av(path, "video", budget)
   except MediaError:
     raise
   except Exception as e:  # noqa: BLE001
@@ -126,6 +240,24 @@ def load_video_audio(path: PathLike, sr: int = SAMPLE_RATE, start: float = 0.0,
   lo = int(round(start * sr))
   hi = wave.shape[0] if end is None else int(round(end * sr))
   return wave[lo:hi]
+
+
+def waveform_from_array(samples: np.ndarray, sample_rate: int, sr: int = SAMPLE_RATE,
+                        budget: Optional[MediaBudget] = None, name: str = "<array>") -> np.ndarray:
+  """Float samples [n] or [n, channels] recorded at sample_rate -> float32 mono at `sr`, held to the budget."""
+  budget = _budget(budget)
+  samples = np.asarray(samples)
+  if samples.dtype.kind != "f" or samples.ndim not in (1, 2) or (samples.ndim == 2 and samples.shape[1] < 1):
+    raise MediaError(f"{name}: expected float samples [n] or [n, channels], got {samples.dtype} {samples.shape}")
+  try:
+    rate = int(sample_rate)
+  except (TypeError, ValueError):
+    raise MediaError(f"{name}: sample rate {sample_rate!r} is not a number") from None
+  _check_rate(name, rate, budget)
+  _check_seconds(name, samples.shape[0] / rate, budget)
+  if samples.shape[0] == 0:
+    raise MediaError(f"{name}: audio has no samples")
+  return resample(_mono(samples), rate, sr)
 
 
 # --------------------------------------------------------------------------------------- log-mel
@@ -214,15 +346,16 @@ def log_mel(wave: np.ndarray, num_mel_bins: int = NUM_MEL_BINS, *, block_frames:
   return feats.astype(np.float32)
 
 
-def features_from_file(path: PathLike, num_mel_bins: int = NUM_MEL_BINS) -> np.ndarray:
-  """log_mel(load_audio(path)); a corrupt file raises MediaError naming it."""
-  return log_mel(load_audio(path), num_mel_bins)
+def features_from_file(path: PathLike, num_mel_bins: int = NUM_MEL_BINS,
+                       budget: Optional[MediaBudget] = None) -> np.ndarray:
+  """log_mel(load_audio(path)); a corrupt or over-budget file raises MediaError naming it."""
+  return log_mel(load_audio(path, budget=budget), num_mel_bins)
 
 
 def video_audio_features(path: PathLike, num_mel_bins: int = NUM_MEL_BINS, start: float = 0.0,
-                         end: Optional[float] = None) -> np.ndarray:
+                         end: Optional[float] = None, budget: Optional[MediaBudget] = None) -> np.ndarray:
   """Features of a video's audio track for the clip [start, end) s: the audio half of audio-in-video."""
-  return log_mel(load_video_audio(path, start=start, end=end), num_mel_bins)
+  return log_mel(load_video_audio(path, start=start, end=end, budget=budget), num_mel_bins)
 
 
 def pad_batch(features: Sequence[np.ndarray], max_audios: Optional[int] = None,
@@ -249,5 +382,6 @@ def pad_batch(features: Sequence[np.ndarray], max_audios: Optional[int] = None,
   return buf, lengths
 
 
-__all__ = ["MediaError", "SAMPLE_RATE", "load_audio", "load_video_audio", "resample", "mel_filters", "log_mel",
-           "num_frames", "num_tokens", "chunk_count", "features_from_file", "video_audio_features", "pad_batch"]
+__all__ = ["MediaBudget", "MediaError", "SAMPLE_RATE", "load_audio", "load_video_audio", "waveform_from_array",
+           "resample", "mel_filters", "log_mel", "num_frames", "num_tokens", "chunk_count", "features_from_file",
+           "video_audio_features", "pad_batch"]

@@ -13,6 +13,10 @@ temporal group k at k * second_per_grid * 25 ids, so audio and video stay aligne
 frame count (pitfall 26).
 
 Every sampled frame is resized as soon as it is decoded, so memory holds only the model-sized frames.
+
+The container is probed before any frame is decoded: a duration, frame count or frame size over the
+MediaBudget raises MediaError naming the file. Headers can lie, so decoding also stops at the budget's frame
+count and at any frame larger than the budget allows.
 """
 
 import math
@@ -21,6 +25,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
+from omni_jax.input.media import MediaBudget
 from omni_jax.input.media import MediaError
 from omni_jax.input.media import patches
 
@@ -110,11 +115,17 @@ def preprocess_frames(frames: np.ndarray, video_fps: float, *, fps: Optional[flo
                           patch_size=patch_size, merge_size=merge_size)
 
 
-def _open(path: str):
+def _open(path: str, probe: bool = False):
+  """The container, with a video stream. probe: FFmpeg's stream probe (inside av.open) decodes no frame.
+
+  That probe otherwise decodes a few frames to learn the stream's parameters, which for a hostile header means
+  allocating frames before the budget could look at their size; the option reaches only the probe, not
+  the decoders PyAV opens afterwards.
+  """
   import av  # local: only video workers need PyAV
 
   try:
-    container = av.open(path)
+    container = av.open(path, options={"skip_frame": "all"} if probe else None)
   except (av.FFmpegError, OSError, ValueError) as e:
     raise MediaError(f"{path}: cannot open video ({type(e).__name__}: {e})") from e
   if not container.streams.video:
@@ -123,21 +134,54 @@ def _open(path: str):
   return container
 
 
-def _frame_count_and_rate(path: str) -> tuple[int, float]:
-  """(number of frames, frames per second) from the container; counts packets when the header has no count."""
+def check_frame_size(path: str, width: int, height: int, budget: MediaBudget) -> None:
+  """MediaError naming the file if one frame's width * height is over the budget."""
+  if width * height > budget.max_video_frame_pixels:
+    raise MediaError(f"{path}: video frames of {width}x{height} = {width * height} pixels; at most "
+                     f"{budget.max_video_frame_pixels} pixels")
+
+
+def _check_frame_count(path: str, frames: int, budget: MediaBudget) -> None:
+  if frames > budget.max_video_frames:
+    raise MediaError(f"{path}: {frames} video frames; at most {budget.max_video_frames}")
+
+
+def header_frame_size(stream) -> tuple[int, int]:
+  """(width, height) of a PyAV video stream from its header; (0, 0) when unknown (then frames are checked)."""
+  context = stream.codec_context
+  return (int(context.width or 0), int(context.height or 0)) if context is not None else (0, 0)
+
+
+def _probe(path: str, budget: MediaBudget) -> tuple[int, float]:
+  """(number of frames, frames per second) from the container, held to the budget before any frame is decoded.
+
+  Counts packets (stopping past the budget) when the header has no frame count.
+  """
   import av
 
-  with _open(path) as container:
+  with _open(path, probe=True) as container:
     stream = container.streams.video[0]
+    check_frame_size(path, *header_frame_size(stream), budget)
     rate = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+    if stream.duration and stream.time_base:
+      seconds = float(stream.duration * stream.time_base)
+    else:
+      seconds = container.duration / av.time_base if container.duration else None
+    if seconds is not None and seconds > budget.max_video_seconds:
+      raise MediaError(f"{path}: {seconds:.1f} s of video; at most {budget.max_video_seconds:g} s")
     total = int(stream.frames or 0)
+    _check_frame_count(path, total, budget)
     if total <= 0:
       try:
-        total = sum(1 for packet in container.demux(stream) if packet.size)
+        for packet in container.demux(stream):
+          total += 1 if packet.size else 0
+          _check_frame_count(path, total, budget)
       except (av.FFmpegError, OSError) as e:
         raise MediaError(f"{path}: cannot read video ({type(e).__name__}: {e})") from e
   if total <= 0 or rate <= 0:
     raise MediaError(f"{path}: no decodable video frames (frames={total}, fps={rate})")
+  if seconds is None and total / rate > budget.max_video_seconds:  # no duration in the header: frames / fps
+    raise MediaError(f"{path}: {total / rate:.1f} s of video; at most {budget.max_video_seconds:g} s")
   return total, rate
 
 
@@ -145,12 +189,17 @@ def preprocess_video(source: VideoSource, *, fps: Optional[float] = DEFAULT_FPS,
                      max_frames: int = MAX_FRAMES, min_pixels: int = patches.VIDEO_MIN_PIXELS,
                      max_pixels: int = patches.VIDEO_MAX_PIXELS, max_total_pixels: Optional[int] = None,
                      patch_size: int = patches.PATCH_SIZE, merge_size: int = patches.MERGE_SIZE,
-                     temporal_patch_size: int = patches.TEMPORAL_PATCH_SIZE) -> Video:
-  """Decode a video file with PyAV, sample frames at about `fps` (None: all frames), resize, patchify."""
+                     temporal_patch_size: int = patches.TEMPORAL_PATCH_SIZE,
+                     budget: Optional[MediaBudget] = None) -> Video:
+  """Decode a video file with PyAV, sample frames at about `fps` (None: all frames), resize, patchify.
+
+  A video over the budget (MediaBudget() when None) raises MediaError, from its header when it can.
+  """
   import av
 
+  budget = MediaBudget() if budget is None else budget
   path = os.fspath(source)
-  total, video_fps = _frame_count_and_rate(path)
+  total, video_fps = _probe(path, budget)
   n = total if fps is None else num_frames_to_sample(total, video_fps, fps=fps, min_frames=min_frames,
                                                      max_frames=max_frames, temporal_patch_size=temporal_patch_size)
   wanted = frame_indices(total, n)
@@ -163,6 +212,9 @@ def preprocess_video(source: VideoSource, *, fps: Optional[float] = DEFAULT_FPS,
       for i, frame in enumerate(container.decode(stream)):
         if len(frames) == n:
           break
+        # The header passed the budget, but the stream may hold more or larger frames than it says.
+        _check_frame_count(path, i + 1, budget)
+        check_frame_size(path, frame.width, frame.height, budget)
         if i != wanted[len(frames)]:
           continue
         rgb = frame.to_ndarray(format="rgb24")
@@ -171,6 +223,8 @@ def preprocess_video(source: VideoSource, *, fps: Optional[float] = DEFAULT_FPS,
                             max_total_pixels=max_total_pixels, factor=patch_size * merge_size,
                             temporal_patch_size=temporal_patch_size)
         frames.append(patches.resize(rgb, *size))
+    except MediaError:
+      raise
     except (av.FFmpegError, OSError) as e:
       raise MediaError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from e
     except ValueError as e:  # smart_resize: degenerate frame size or aspect ratio
