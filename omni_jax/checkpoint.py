@@ -9,9 +9,11 @@ A training run keeps a CheckpointManager under WORKDIR/checkpoints. Each step di
   data/    the data iterator's state, one JSON per process (grain's handler for grain iterators, else the
            get_state()/set_state() protocol below)
   config/  config.json: the config the step was written with (find_config prefers it to the workdir's)
-and, once the step is complete on disk, files.json (every file's size) so that a truncated or missing file is
-found without reading the arrays. step_problem() says why a step cannot be restored; the run and params_dir
-skip such steps and take the newest intact one. WORKDIR/lock keeps a second run out of a workdir.
+and, once the step is complete on disk, files.json (every file's size but config/'s) so that a truncated or
+missing file is found without reading the arrays; config/config.json, which may be edited by hand, must parse
+as a JSON object instead (any step, whatever its files.json lists). step_problem() says why a step cannot be
+restored; the run and params_dir skip such steps and take the newest intact one. WORKDIR/lock keeps a second
+run out of a workdir.
 Restores take abstract targets carrying the current mesh's shardings, so arrays land directly in the
 layout of whatever devices are present (resharding on restore: save on fsdp=8, resume on fsdp=4 x tensor=2).
 """
@@ -59,8 +61,45 @@ def save_config(path: str, config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
-  with open(os.path.join(path, "config.json")) as f:
+  """path/config.json; CheckpointError (one line from the CLIs) when it does not parse as a JSON object."""
+  file = os.path.join(path, "config.json")
+  problem = _config_problem(file)
+  if problem:
+    raise CheckpointError(f"{file} is unreadable ({problem})")
+  with open(file) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+def _config_problem(file: str) -> Optional[str]:
+  """Why a config.json does not parse as a JSON object (a truncated write, say), or None."""
+  try:
+    with open(file) as f:
+      value = json.load(f)
+  except FileNotFoundError:  # no config is no damage: the caller decides (load_config: as open() would)
+    raise
+  except (OSError, ValueError) as e:
+    return _first_line(e)
+  return None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+
+
+# Top-level keys of a transformers config.json (Qwen2.5-Omni's sub-configs included); the configs stored here
+# (ml_collections: model, data, train, ...) have none of them.
+_TRANSFORMERS_KEYS = ("model_type", "architectures", "thinker_config", "talker_config", "token2wav_config")
+
+
+def is_transformers_dir(path: str) -> bool:
+  """Whether `path` is a transformers checkpoint directory, by its config.json's content (a transformers config,
+  not ours) and no params/: other files do not decide (a workdir keeps speakers.safetensors beside its own
+  config.json)."""
+  file = os.path.join(path, "config.json")
+  if not os.path.isfile(file) or os.path.isdir(os.path.join(path, "params")):
+    return False
+  try:
+    with open(file) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(value, dict) and any(k in value for k in _TRANSFORMERS_KEYS)
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -137,6 +176,7 @@ def restore_params(path: str, abstract_state, shardings: Optional[Any] = None):
 
 
 _LISTING = "files.json"
+_STEP_CONFIG = os.path.join("config", "config.json")  # a step's own config (ConfigHandler)
 
 
 def _listing(step_dir: str) -> dict:
@@ -182,6 +222,12 @@ def step_problem(step_dir: str, items=("params",)) -> Optional[str]:
         return f"{rel} is missing"
       if os.path.getsize(full) != size:
         return f"{rel} is truncated or changed ({os.path.getsize(full)} bytes, {size} were written)"
+  # Not in files.json (hand edits are allowed), but find_config reads it before the parameters: a truncated
+  # one makes the step unusable.
+  if os.path.isfile(os.path.join(step_dir, _STEP_CONFIG)):
+    problem = _config_problem(os.path.join(step_dir, _STEP_CONFIG))
+    if problem:
+      return f"{_STEP_CONFIG} is unreadable ({problem})"
   for item in items:
     item_dir = os.path.join(step_dir, item)
     if not os.path.isdir(item_dir):

@@ -88,10 +88,14 @@ def save_tensors(directory: str, table: dict) -> Optional[str]:
 
 
 def tensors_file(params_path: str) -> Optional[str]:
-  """speakers.safetensors stored with a checkpoint (beside params/ or beside its config.json), if any."""
+  """speakers.safetensors stored with a checkpoint (beside params/ or beside its config.json, or in the
+  workdir of a training step: where `python -m omni_jax.units.new_voice voices` writes it), if any."""
   from omni_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
-  for d in (params_path, checkpoint.find_config(params_path)):
+  places = [params_path, checkpoint.find_config(params_path)]
+  if os.path.basename(os.path.dirname(params_path)) == "checkpoints":
+    places.append(os.path.dirname(os.path.dirname(params_path)))
+  for d in places:
     if d is not None and os.path.isfile(os.path.join(d, TENSORS_FILE)):
       return os.path.join(d, TENSORS_FILE)
   return None

@@ -116,14 +116,13 @@ def converted_vocoder(path: Optional[str], _depth: int = 0) -> bool:
   if path is None or _depth > 8 or not os.path.exists(path):
     return False
   path = os.path.abspath(os.path.expanduser(path))
-  if (os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "params"))
-      and any(f.endswith(".safetensors") for f in os.listdir(path))):  # a transformers directory
+  from omni_jax import checkpoint  # pylint: disable=import-outside-toplevel
+
+  if checkpoint.is_transformers_dir(path):
     import json  # noqa: PLC0415
 
     with open(os.path.join(path, "config.json")) as f:
       return json.load(f).get("token2wav_config") is not None
-  from omni_jax import checkpoint  # pylint: disable=import-outside-toplevel
-
   try:
     params_path = checkpoint.params_dir(path)
   except FileNotFoundError:  # CheckpointError is one
