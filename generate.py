@@ -82,4 +82,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, also=(ValueError,))  # a bad prompt or setting is a ValueError: one line, exit status 2
+  # A bad prompt or setting (a prompt past the model's positions: limits.ContextLengthError) is a ValueError: one
+  # `error: ...` line, exit status 2.
+  cli.run(main, also=(ValueError,))

@@ -13,7 +13,9 @@
 
 Conversations are lists of {"role", "content"} messages whose content is a string or a list of parts
 ({"type": "text", "text"}, {"type": "image" | "audio" | "video", "path"}, video parts may set
-"use_audio_in_video"), rendered with the project's ChatML template and tokenizer.
+"use_audio_in_video"), rendered with the project's ChatML template and tokenizer. A rendered prompt whose
+tokens plus max_new_tokens exceed the model's positions raises limits.ContextLengthError before anything is
+prefilled; replies hold only ids the tokenizer knows (the LM head's padding rows are never generated).
 """
 
 import logging
@@ -61,8 +63,8 @@ class Speech(NamedTuple):
 
 
 def _is_hf_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(os.path.join(path, "params"))
-          and any(f.endswith(".safetensors") for f in os.listdir(path)))
+  # By config.json's content: a workdir's speakers.safetensors beside its own config.json is no transformers dir.
+  return checkpoint.is_transformers_dir(path)
 
 
 def _has_tokenizer(d: Optional[str]) -> bool:
@@ -120,8 +122,11 @@ class OmniChat:
   def __init__(self, generator: Generator, tokenizer: Tokenizer, config: ml_collections.ConfigDict,
                checkpoint_path: Optional[str] = None):
     """checkpoint_path: where the parameters came from; the voices (speakers.safetensors, spk_dict.pt) and the
-    vocoder's provenance are read from there (token2wav/voice.py)."""
+    vocoder's provenance are read from there (token2wav/voice.py). The generator's vocab_limit, unless set
+    already, becomes the tokenizer's size: no reply holds an id it cannot decode."""
     self.generator, self.tokenizer, self.config = generator, tokenizer, config
+    if generator.vocab_limit is None:
+      generator.vocab_limit = tokenizer.vocab_size
     self.checkpoint_path = checkpoint_path
     data = config.get("data", ml_collections.ConfigDict())
     thinker = {k: v for k, v in config.model.thinker.items() if not isinstance(v, (dict, ml_collections.ConfigDict))}
@@ -169,10 +174,18 @@ class OmniChat:
     """Speech codes [M] -> a 24 kHz waveform in a voice (default: config.model.talker.default_speaker)."""
     return self.voicer(codes, speaker, seed=seed)
 
-  def batch(self, conversations: Sequence[Sequence[dict]]) -> dict:
-    """The left-padded prompt batch of several conversations (media decoded and preprocessed)."""
+  def batch(self, conversations: Sequence[Sequence[dict]], max_new_tokens: Optional[int] = None) -> dict:
+    """The left-padded prompt batch of several conversations (media decoded and preprocessed). With
+    max_new_tokens, the longest rendered prompt is checked first: limits.ContextLengthError when it and the
+    reply exceed the model's positions (before any array is sized by the prompts)."""
     samples = [prompts.prompt_sample(c, self.preprocessor, name=f"prompt{i}") for i, c in enumerate(conversations)]
+    if max_new_tokens is not None and samples:
+      self.generator.check_context(max(s.num_tokens for s in samples), max_new_tokens)
     return prompts.prompt_batch(samples, pad_id=self.generator.ids.pad_token_id, num_mel_bins=self.num_mel_bins)
+
+  def _checked_batch(self, conversations: Sequence[Sequence[dict]], settings: dict) -> dict:
+    """batch(), checked against the reply's budget of generate() settings (its default when unset)."""
+    return self.batch(conversations, self.generator.new_tokens(settings.get("max_new_tokens")))
 
   def _settings(self, kw: dict) -> dict:
     sampling = self.generator.sampling(**{k: kw.pop(k) for k in _SAMPLING_KEYS if k in kw})
@@ -186,7 +199,8 @@ class OmniChat:
 
   def chat_batch(self, conversations: Sequence[Sequence[dict]], **kw) -> list[str]:
     """Replies to several conversations, generated together (one padded batch)."""
-    out = self.generator.generate(self.batch(conversations), **self._settings(kw))
+    settings = self._settings(kw)
+    out = self.generator.generate(self._checked_batch(conversations, settings), **settings)
     return [self._text(row[:n]) for row, n in zip(out.tokens, out.lengths)]
 
   def _request(self, prompt, messages, image, audio, video, use_audio_in_video, system, kw) -> tuple[dict, dict]:
@@ -197,7 +211,8 @@ class OmniChat:
       as_list = lambda x: [x] if isinstance(x, (str, os.PathLike)) else list(x)  # noqa: E731
       messages = prompts.conversation(prompt, system=system, images=as_list(image), audios=as_list(audio),
                                       videos=as_list(video), use_audio_in_video=use_audio_in_video)
-    return self.batch([messages]), self._settings(kw)
+    settings = self._settings(kw)
+    return self._checked_batch([messages], settings), settings
 
   def chat(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
            image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,
@@ -222,7 +237,8 @@ class OmniChat:
     talker_temperature, talker_top_k, talker_top_p, talker_repetition_penalty for the codes (defaults:
     config.generate.talker, the released decoding)."""
     talker = {k[len(_TALKER_PREFIX):]: kw.pop(k) for k in list(kw) if k.startswith(_TALKER_PREFIX)}
-    return self._speak(self.batch(conversations), self._settings(kw), speaker, talker, voice)
+    settings = self._settings(kw)
+    return self._speak(self._checked_batch(conversations, settings), settings, speaker, talker, voice)
 
   def speak(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
             image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omni_jax import config as config_lib
 from omni_jax import positions as positions_lib
 from omni_jax import sharding
+from omni_jax.generate import limits
 from omni_jax.generate.sampling import SamplingParams, choose, process
 from omni_jax.layers import KVCache
 from omni_jax.train import step as step_lib
@@ -85,15 +86,30 @@ def sharded_cache(decoder, batch: int, length: int, dtype=None) -> KVCache:
   return cache._replace(k=sharding.constrain(cache.k, KVCache.NAMES), v=sharding.constrain(cache.v, KVCache.NAMES))
 
 
+def allowed_ids(logits: jax.Array, vocab_limit: Optional[int], keep: Sequence[int] = ()) -> jax.Array:
+  """logits [B, V] with every id >= vocab_limit but those in `keep` at -inf (None, or a limit of V or more:
+  unchanged). The tables' padded rows (omni_jax.generate.limits) are never chosen, greedy or sampled."""
+  vocab = logits.shape[-1]
+  if vocab_limit is None or vocab_limit >= vocab:
+    return logits
+  ids = jnp.arange(vocab)
+  allowed = ids < vocab_limit
+  if len(keep):
+    allowed = allowed | jnp.isin(ids, jnp.asarray(tuple(keep), jnp.int32))
+  return jnp.where(allowed[None], logits, -jnp.inf)
+
+
 def next_token(logits: jax.Array, seen: jax.Array, done: jax.Array, key: jax.Array, step: jax.Array, *,
-               sampling: SamplingParams, eos: jax.Array, pad_token_id: int,
-               suppress: Sequence[int] = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
+               sampling: SamplingParams, eos: jax.Array, pad_token_id: int, suppress: Sequence[int] = (),
+               vocab_limit: Optional[int] = None, keep: Sequence[int] = ()) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decoding choice (inside jit): (token [B], done after it [B], seen after it).
 
   logits [B, V] float32; seen [B, V] bool: ids the repetition penalty sees ([B, 0] without one); done [B]: rows
   that stopped earlier (they get pad_token_id); suppress: ids never chosen (their logits -inf before the
-  processors, as transformers' SuppressTokens, whose place after the penalty gives the same scores); the draw
+  processors, as transformers' SuppressTokens, whose place after the penalty gives the same scores);
+  vocab_limit, keep: ids >= vocab_limit are never chosen either, but those in keep (allowed_ids); the draw
   uses fold_in(key, step). Shared by every decode loop (the Thinker's, the Talker's, the session's duplex)."""
+  logits = allowed_ids(logits, vocab_limit, keep)
   if len(suppress):
     logits = logits.at[:, jnp.asarray(tuple(suppress), jnp.int32)].set(-jnp.inf)
   token = choose(process(logits, seen, sampling), jax.random.fold_in(key, step), sampling)
@@ -116,18 +132,20 @@ def stream_step(listener: Optional[jax.Array], step: jax.Array, token: jax.Array
 def decode_loop(feed: Callable, cache: Any, logits: jax.Array, seen: jax.Array, key: jax.Array, *,
                 max_new_tokens: int, sampling: SamplingParams, eos: jax.Array, pad_token_id: int,
                 return_logits: bool = False, listener: Optional[jax.Array] = None, replicated=None,
-                suppress: Sequence[int] = ()) -> _Loop:
+                suppress: Sequence[int] = (), vocab_limit: Optional[int] = None, keep: Sequence[int] = ()) -> _Loop:
   """The jitted decode loop shared by the Thinker's and the Talker's generation (call inside jit).
 
   feed(cache, token [B], step) -> (cache, next logits [B, V] float32) runs the chosen token through the model;
-  logits: the first token's logits; seen, eos, suppress: as next_token; listener: stream each step's tokens
-  through an io_callback (None: no streaming). Returns the final _Loop (tokens, lengths, all_logits).
+  logits: the first token's logits; seen, eos, suppress, vocab_limit, keep: as next_token; listener: stream
+  each step's tokens through an io_callback (None: no streaming). Returns the final _Loop (tokens, lengths,
+  all_logits: the raw logits, before any id is masked).
   """
   b, vocab = logits.shape
 
   def body(c: _Loop) -> _Loop:
     token, done, seen = next_token(c.logits, c.seen, c.done, key, c.step, sampling=sampling, eos=eos,
-                                   pad_token_id=pad_token_id, suppress=suppress)
+                                   pad_token_id=pad_token_id, suppress=suppress, vocab_limit=vocab_limit,
+                                   keep=keep)
     lengths = c.lengths + (~c.done).astype(jnp.int32)
     stream_step(listener, c.step, token, done, replicated)
     all_logits = c.all_logits.at[:, c.step].set(c.logits) if return_logits else c.all_logits
@@ -146,8 +164,9 @@ def decode_loop(feed: Callable, cache: Any, logits: jax.Array, seen: jax.Array, 
 def make_generate_fn(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, *, max_new_tokens: int,
                      sampling: SamplingParams, eos_token_ids: Sequence[int], pad_token_id: int,
                      cache_len: int, cache_dtype=None, return_logits: bool = False, stream: bool = False,
-                     mesh: Optional[Mesh] = None, rules=()) -> Callable:
-  """The pure function (params, prompt batch, key data, listener id) -> (tokens, lengths, logits)."""
+                     vocab_limit: Optional[int] = None, mesh: Optional[Mesh] = None, rules=()) -> Callable:
+  """The pure function (params, prompt batch, key data, listener id) -> (tokens, lengths, logits).
+  vocab_limit: ids at or past it (the embedding table's padding rows) are never chosen, the stop ids aside."""
   eos = jnp.asarray(tuple(eos_token_ids) or (-1,), jnp.int32)
   replicated = None if mesh is None or mesh.size == 1 else NamedSharding(mesh, PartitionSpec())
 
@@ -178,7 +197,8 @@ def make_generate_fn(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, *, max_ne
 
       out = decode_loop(feed, cache, logits, seen, key, max_new_tokens=max_new_tokens, sampling=sampling,
                         eos=eos, pad_token_id=pad_token_id, return_logits=return_logits,
-                        listener=listener if stream else None, replicated=replicated)
+                        listener=listener if stream else None, replicated=replicated, vocab_limit=vocab_limit,
+                        keep=tuple(eos_token_ids))
     return out.tokens, out.lengths, out.all_logits
 
   return fn
@@ -189,19 +209,36 @@ class Generator:
 
   graphdef/params: the split model (params placed by param_shardings on `mesh`). Programs are compiled per
   prompt shape and decoding settings and kept (pad prompts to a few lengths to bound compilations).
+  vocab_limit: ids at or past it are never generated (the tokenizer's size: the LM head's rows past it are
+  padding no tokenizer can decode; OmniChat sets it from its tokenizer); None: every row of the head.
+  context_limit: the most positions, prompt + reply (omni_jax.generate.limits.context_limit of the config).
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, params: Any, config, mesh: Mesh, param_shardings: Any):
+  def __init__(self, graphdef: nnx.GraphDef, params: Any, config, mesh: Mesh, param_shardings: Any,
+               vocab_limit: Optional[int] = None):
     self.graphdef, self.params, self.config, self.mesh = graphdef, params, config, mesh
     self.param_shardings = param_shardings
     self.rules = tuple(config.sharding_rules)
     self.ids = config_lib.TokenIds.from_config(config.model.thinker)
     self.defaults = dict(config.get("generate", {}))
+    self.vocab_limit = None if vocab_limit is None else int(vocab_limit)
+    self.context_limit = limits.context_limit(config)
     self._compiled = {}
 
   def sampling(self, **overrides) -> SamplingParams:
     """config.generate's rule with the given (non-None) overrides."""
     return SamplingParams.from_config(self.defaults, **overrides)
+
+  def new_tokens(self, max_new_tokens: Optional[int] = None) -> int:
+    """A reply's token budget: max_new_tokens, else config.generate.max_new_tokens (256); at least 1."""
+    n = int(self.defaults.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens)
+    if n < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {n}")
+    return n
+
+  def check_context(self, prompt_tokens: int, max_new_tokens: Optional[int] = None) -> None:
+    """ContextLengthError unless a prompt of prompt_tokens and its reply fit the model's positions."""
+    limits.check_context(prompt_tokens, self.new_tokens(max_new_tokens), limit=self.context_limit)
 
   def _program(self, batch, **static):
     key = (tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items())),
@@ -224,14 +261,14 @@ class Generator:
     Defaults come from config.generate (max_new_tokens, the sampling rule, seed, max_cache_len,
     cache_dtype) and config.model.thinker (eos_token_ids, pad_token_id). on_token(step, tokens, stopped) is
     called from the running program after each step (streaming); the loop itself never waits on the host.
+    A row whose real tokens and max_new_tokens exceed context_limit raises limits.ContextLengthError first.
     """
     d = self.defaults
-    max_new_tokens = int(d.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens)
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new_tokens = self.new_tokens(max_new_tokens)
     sampling = sampling or self.sampling()
     batch = {k: np.asarray(v) for k, v in batch.items()}
     length = batch["input_ids"].shape[1]
+    self.check_context(int((batch["segment_ids"] > 0).sum(axis=1).max(initial=0)), max_new_tokens)
     cache_len = length + max_new_tokens
     if d.get("max_cache_len"):
       if int(d["max_cache_len"]) < cache_len:
@@ -242,7 +279,8 @@ class Generator:
     program = self._program(
         batch, max_new_tokens=max_new_tokens, sampling=sampling, cache_len=cache_len, cache_dtype=cache_dtype,
         eos_token_ids=tuple(int(i) for i in (self.ids.eos_token_ids if eos_token_ids is None else eos_token_ids)),
-        pad_token_id=int(self.ids.pad_token_id), return_logits=return_logits, stream=on_token is not None)
+        pad_token_id=int(self.ids.pad_token_id), return_logits=return_logits, stream=on_token is not None,
+        vocab_limit=self.vocab_limit)
     seed = int(d.get("seed", 0) if seed is None else seed)
     key_data = jax.random.key_data(jax.random.key(seed))
     listener = 0

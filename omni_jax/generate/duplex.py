@@ -38,6 +38,7 @@ class TalkerSettings(NamedTuple):
   max_codes: int  # most codes per reply
   stop_ids: tuple  # codes that end a row (codec pad and end by default)
   speak: bool = True  # False: keep the prefix only (a text reply on a conversation that may speak later)
+  code_limit: Optional[int] = None  # codes at or past it, the stop ids aside, are never chosen (limits.py)
 
 
 class Reply(NamedTuple):
@@ -69,16 +70,18 @@ def talker_prefill(model, rows: jax.Array, positions: jax.Array, segment_ids: ja
 
 def make_reply_fn(graphdef: nnx.GraphDef, talker_cfg: Optional[TalkerConfig], *, max_new_tokens: int,
                   sampling: SamplingParams, eos: Sequence[int], pad_token_id: int,
-                  talker: Optional[TalkerSettings] = None, stream: bool = True, mesh=None, rules=(),
-                  replicated=None):
+                  talker: Optional[TalkerSettings] = None, stream: bool = True, vocab_limit: Optional[int] = None,
+                  mesh=None, rules=(), replicated=None):
   """The pure function
       (params, cache, logits [B, V], seen, start [B], talker_cache, speaker [B], key data, talker key data,
        text listener, codes listener) -> Reply
   start: the position of each row's first reply token (its largest position so far + 1, spec §3.4); seen: the
   Thinker's repetition-penalty ids ([B, 0] without one). talker=None: the Thinker alone (talker_cache,
   speaker and the talker key are ignored). Listeners: ids of omni_jax.generate.decode.listening (stream=False:
-  none are called, no host callback in the loop)."""
+  none are called, no host callback in the loop). vocab_limit: Thinker ids at or past it (the LM head's
+  padding rows) are never chosen, the stop ids aside; the Talker's codes are bounded by talker.code_limit."""
   n = int(max_new_tokens)
+  allowed = dict(vocab_limit=vocab_limit, keep=tuple(int(i) for i in eos))
   eos = jnp.asarray(tuple(eos) or (-1,), jnp.int32)
   with_talker = talker is not None
   speak = with_talker and talker.speak
@@ -112,7 +115,7 @@ def make_reply_fn(graphdef: nnx.GraphDef, talker_cfg: Optional[TalkerConfig], *,
       # stop id, or max_new_tokens=1) leaves its slot invalid below, so the cache holds what the reply owes.
       done = jnp.zeros((b,), bool)
       token, done, seen = next_token(logits, seen, done, key, jnp.int32(0), sampling=sampling, eos=eos,
-                                     pad_token_id=pad_token_id)
+                                     pad_token_id=pad_token_id, **allowed)
       stream_step(listener, jnp.int32(0), token, done, replicated)
       tokens = jnp.full((b, n), pad_token_id, jnp.int32).at[:, 0].set(token)
       lengths = jnp.ones((b,), jnp.int32)
@@ -155,7 +158,7 @@ def make_reply_fn(graphdef: nnx.GraphDef, talker_cfg: Optional[TalkerConfig], *,
       def think(c):
         t, before = c["t"], c["done"]
         token, done, seen = next_token(c["logits"], c["seen"], before, key, t, sampling=sampling, eos=eos,
-                                       pad_token_id=pad_token_id)
+                                       pad_token_id=pad_token_id, **allowed)
         stream_step(listener, t, token, done, replicated)
         more = (t + 1 < n) & ~jnp.all(done)
         fed = lambda cache: feed(cache, token, t, ~done)
@@ -173,7 +176,8 @@ def make_reply_fn(graphdef: nnx.GraphDef, talker_cfg: Optional[TalkerConfig], *,
         s, before = c["s"], c["k_done"]
         code, done, k_seen = next_token(c["k_logits"], c["k_seen"], before, talker_key, s,
                                         sampling=talker.sampling, eos=stop, pad_token_id=cfg.tts_codec_pad_token_id,
-                                        suppress=(cfg.tts_codec_start_token_id,))
+                                        suppress=(cfg.tts_codec_start_token_id,), vocab_limit=talker.code_limit,
+                                        keep=tuple(talker.stop_ids))
         stream_step(code_listener, s, code, done, replicated)
         more = (s + 1 < talker.max_codes) & ~jnp.all(done)
 

@@ -7,7 +7,9 @@ The program: one teacher-forced Thinker forward over prompt + generated ids give
 (omni_jax.talker.inputs), the Talker prefills the L + 2 rows of spec §7.2 into its KV cache, and the shared
 decode loop (omni_jax.generate.decode.decode_loop, sampling.py's processors) chooses a code per step, feeding
 codec_embed(code) + the next text-track row at the next position, until every row chose a stop id (codec pad
-or end) or max_new_tokens. The codec bos is never chosen; the repetition penalty also sees the prompt's mask
+or end) or max_new_tokens. The codec bos is never chosen, nor, the stop ids in effect aside, any id at or past
+code_limit (omni_jax.generate.limits.talker_code_limit: ids the Token2Wav's code table lacks, or without one
+the codec table's padding rows past the codes and special ids); the repetition penalty also sees the prompt's mask
 ids, codec pad and bos, as transformers' Talker generate does. Runs on the mesh like the Thinker's generation.
 Defaults: config.generate.talker (the released ones: sampling, top-k 40, top-p 0.8, temperature 0.9, penalty
 1.05, 4096 codes).
@@ -25,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omni_jax import config as config_lib
 from omni_jax import sharding
 from omni_jax.generate import decode
+from omni_jax.generate import limits
 from omni_jax.generate.decode import decode_loop, sharded_cache
 from omni_jax.generate.sampling import SamplingParams
 from omni_jax.models.talker import talker_config
@@ -50,10 +53,11 @@ class SpeechOutput(NamedTuple):
 
 def make_speech_fn(graphdef: nnx.GraphDef, *, prompt_len: int, max_new_tokens: int, sampling: SamplingParams,
                    stop_ids: Sequence[int], pad_id: int, suppress: Sequence[int], cache_len: int,
-                   cache_dtype=None, return_logits: bool = False, stream: bool = False, mesh: Optional[Mesh] = None,
-                   rules=()):
+                   cache_dtype=None, return_logits: bool = False, stream: bool = False,
+                   code_limit: Optional[int] = None, mesh: Optional[Mesh] = None, rules=()):
   """The pure function (params, speech batch, key data, listener id) -> (codes, counts incl. the stop id,
-  logits); with stream, each step's codes go to the listener (omni_jax.generate.decode.listening)."""
+  logits); with stream, each step's codes go to the listener (omni_jax.generate.decode.listening).
+  code_limit: codes at or past it are never chosen, but the stop ids."""
   stop = jnp.asarray(tuple(stop_ids), jnp.int32)
   replicated = None if mesh is None or mesh.size == 1 else NamedSharding(mesh, PartitionSpec())
 
@@ -78,7 +82,8 @@ def make_speech_fn(graphdef: nnx.GraphDef, *, prompt_len: int, max_new_tokens: i
       sampling_seen = pre["seen"] if sampling.penalises else jnp.zeros((b, 0), bool)
       out = decode_loop(feed, cache, logits[:, -1], sampling_seen, key, max_new_tokens=max_new_tokens,
                         sampling=sampling, eos=stop, pad_token_id=pad_id, return_logits=return_logits,
-                        suppress=suppress, listener=listener if stream else None, replicated=replicated)
+                        suppress=suppress, listener=listener if stream else None, replicated=replicated,
+                        vocab_limit=code_limit, keep=tuple(i for i in stop_ids if i >= 0))
     return out.tokens, out.lengths, out.all_logits
 
   return fn
@@ -99,6 +104,7 @@ class SpeechGenerator:
     talker = generate.get("talker", None) if generate is not None else None
     self.defaults = dict(RELEASED, **(dict(talker) if talker is not None else {}))
     self.cache_dtype = generate.get("cache_dtype") if generate is not None else None
+    self.code_limit = limits.talker_code_limit(config)
     self._compiled = {}
 
   def sampling(self, **overrides) -> SamplingParams:
@@ -134,7 +140,8 @@ class SpeechGenerator:
     left-padded batch they were generated from). speaker: a name of config.model.talker.speakers, one per row,
     or None (default_speaker). eos_token_ids: the Thinker's stop ids (default: its config's), which end each
     row's text track (transformers' batched first-eos rule). stop_ids: the codes that end a row (default codec
-    pad and end; () runs every row to max_new_tokens, e.g. to benchmark). on_code(step, codes [B], stopped [B])
+    pad and end; () runs every row to max_new_tokens, e.g. to benchmark: every code is then a speech code).
+    Only codes below code_limit and the stop ids are ever chosen. on_code(step, codes [B], stopped [B])
     is called from the running program after each step (streaming; rows that stopped show codec pad)."""
     d = self.defaults
     max_new_tokens = int(d["max_new_tokens"] if max_new_tokens is None else max_new_tokens)
@@ -152,7 +159,7 @@ class SpeechGenerator:
         batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids or (-1,),
         pad_id=self.cfg.tts_codec_pad_token_id, suppress=(self.cfg.tts_codec_start_token_id,),
         cache_len=prompt_len + 2 + max_new_tokens, cache_dtype=cache_dtype, return_logits=return_logits,
-        stream=on_code is not None)
+        stream=on_code is not None, code_limit=self.code_limit)
     seed = int(d.get("seed", 0) if seed is None else seed)
     with decode.listening(on_code) if on_code is not None else contextlib.nullcontext(np.int32(0)) as listener:
       codes, counts, logits = program(self.params, batch, jax.random.key_data(jax.random.key(seed)), listener)

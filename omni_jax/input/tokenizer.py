@@ -9,18 +9,23 @@ Two interchangeable backends give the same ids:
   dependencies are not wanted; an installed dashscope package is looked in too.
 
 `encode` treats its input as plain text: a user who types "<|im_end|>" gets the characters, not the control
-token. Control tokens enter a sequence only as ids, placed by input.chat. Instances pickle without their
-backend (rebuilt lazily), so they can be shipped to data-loader worker processes.
+token. Control tokens enter a sequence only as ids, placed by input.chat. `decode` never raises: an id the
+tokenizer lacks (the model's embedding table has rows past its last token) has no text, and the first one
+seen is logged. Instances pickle without their backend (rebuilt lazily), so they can be shipped to
+data-loader worker processes.
 """
 
 import base64
 import importlib.util
+import logging
 import os
 import sys
 import unicodedata
 from typing import Optional, Sequence
 
 from omni_jax import special_tokens
+
+log = logging.getLogger(__name__)
 
 NUM_RANKS = special_tokens.NUM_RANKS  # regular byte-level BPE tokens; specials start here
 SPECIAL_TOKENS = special_tokens.TOKENS  # released ids (spec §1.8; the checkpoint's added_tokens.json)
@@ -71,6 +76,7 @@ class _Tiktoken:
 
     self.enc = tiktoken.Encoding("qwen2_5_omni", pat_str=QWEN2_PATTERN, mergeable_ranks=load_ranks(path),
                                  special_tokens=SPECIAL_TOKENS)
+    self.size = self.enc.n_vocab  # ids 0 .. size - 1 all decode
 
   def encode(self, text: str) -> list[int]:
     return self.enc.encode_ordinary(text)
@@ -105,6 +111,7 @@ class _HFTokenizers:
     wrong = {t: (tok.token_to_id(t), i) for t, i in SPECIAL_TOKENS.items() if tok.token_to_id(t) != i}
     if wrong:
       raise TokenizerError(f"{directory}: special tokens disagree with the released ids ((got, expected): {wrong})")
+    self.size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
 
   def encode(self, text: str) -> list[int]:
     return self.tok.encode(text, add_special_tokens=False).ids
@@ -132,6 +139,7 @@ class Tokenizer:
     self.path = path
     self._backend = None
     self.special = dict(SPECIAL_TOKENS)
+    self._warned = False  # an undecodable id was logged once already
 
   @property
   def backend(self):
@@ -144,20 +152,47 @@ class Tokenizer:
 
   def __setstate__(self, state):
     self.path, self.special, self._backend = state["path"], state["special"], None
+    self._warned = False
 
   def encode(self, text: str) -> list[int]:
     """Ids of plain text (NFC-normalised, as the released tokenizer does); never produces special tokens."""
     return self.backend.encode(unicodedata.normalize("NFC", text))
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Text of ids; special tokens decode to their names."""
-    return self.backend.decode([int(i) for i in ids])
+    """Text of ids; special tokens decode to their names. Never raises: an id outside 0 .. vocab_size - 1 (or
+    one the backend cannot decode) has no text; the first such id is logged once per tokenizer."""
+    ids = [int(i) for i in ids]
+    size = self.vocab_size
+    known = [i for i in ids if 0 <= i < size]
+    if len(known) < len(ids):
+      self._unknown(next(i for i in ids if not 0 <= i < size))
+    try:
+      return self.backend.decode(known)
+    except Exception:  # noqa: BLE001 - a gap inside the backend's range: find the ids it rejects, drop them
+      good = []
+      for i in known:
+        try:
+          self.backend.decode([i])
+          good.append(i)
+        except Exception:  # noqa: BLE001
+          self._unknown(i)
+      try:
+        return self.backend.decode(good)  # together, so that multi-byte characters split over ids stay whole
+      except Exception:  # noqa: BLE001
+        return ""
+
+  def _unknown(self, token: int) -> None:
+    if not self._warned:
+      self._warned = True
+      log.warning("tokenizer %s has no id %d (the model's vocabulary is larger): such ids decode to no text "
+                  "(logged once)", self.path, token)
 
   def token_id(self, name: str) -> int:
     return self.special[name]
 
   @property
   def vocab_size(self) -> int:
-    """Ids this tokenizer can produce (the model's embedding table is larger: 151,936 / 152,064 rows)."""
-    return max(self.special.values()) + 1
+    """Ids this tokenizer knows, 0 .. vocab_size - 1, special tokens included (151,665 for the released one; the
+    model's embedding table is larger: 151,936 / 152,064 rows, and generation never emits the rest)."""
+    return max(self.backend.size, max(self.special.values()) + 1)
 

@@ -21,6 +21,13 @@ What is prefilled when (the cache grows left to right; each append is one jitted
                          then the reply loop (omni_jax.generate.duplex) on the same caches
 So when the user stops, only the last audio chunk (< 2 s) and the turn's closing markup are left to prefill.
 
+Limits: a push is counted whole before any of it is prefilled (a message with all its parts, the turn's
+header and the closing markup respond() adds), as is a reply (the conversation + max_new_tokens); one that
+would exceed the session's context_limit (its max_len cache, or the model's positions where fewer) raises
+SessionContextLengthError (a SessionError and an omni_jax.generate.limits.ContextLengthError) whose
+prompt_tokens is that whole count. Replies never hold the LM head's padding rows (ids the tokenizer lacks)
+nor codes the Token2Wav cannot embed (omni_jax.generate.limits).
+
 Exactness (tests/test_session.py): the chunks' positions are the whole-input TMRoPE ids. Chunk boundaries
 sit on group boundaries (or inside an audio run, whose ids are consecutive), so each chunk's ids are its own
 rope_index offset by where the previous chunk's last token left off (pitfall 2's "last block" rule never
@@ -56,6 +63,7 @@ from omni_jax import config as config_lib
 from omni_jax import sharding
 from omni_jax.generate import decode
 from omni_jax.generate import duplex
+from omni_jax.generate import limits
 from omni_jax.generate import prompts
 from omni_jax.generate.sampling import SamplingParams
 from omni_jax.input import chat
@@ -75,8 +83,19 @@ _CONTEXT = 2 * audio_media.HOP_LENGTH  # samples before a chunk: its first frame
 _PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Generator -> {key: jitted program}
 
 
+def _round_up(n: int, multiple: int) -> int:
+  """A chunk's row length: prompts.prompt_batch's rounding."""
+  return max(multiple, -(-n // multiple) * multiple)
+
+
 class SessionError(ValueError):
   """A request the session cannot serve (full cache, nothing to respond to, a model without a Talker...)."""
+
+
+class SessionContextLengthError(SessionError, limits.ContextLengthError):
+  """Input or a reply that would not fit the session: its cache (max_len) or the model's positions. Raised
+  before anything of the push (or reply) is prefilled; prompt_tokens counts the whole conversation as it
+  would stand, the pushed message whole and the markup respond() adds included."""
 
 
 def _chunk_prefill(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, mesh, rules, talker: bool):
@@ -115,6 +134,7 @@ class _Audio:
     self.frames: list[np.ndarray] = []  # [mels, n] blocks, in order
     self.encoded = 0  # samples covered by the encoded frames
     self.sent = 0  # blocks prefilled (a block of no token is not)
+    self.tokens = 0  # AUDIO tokens prefilled
     self.floor = audio_media.LOG_FLOOR  # the running max of the raw log10 features (the processor's floor - 8)
 
   @property
@@ -145,10 +165,18 @@ class OmniSession:
     self.ids = g.ids
     generate_cfg = g.defaults
     self.max_len = int(max_len or generate_cfg.get("max_cache_len") or 4096)
+    # Prompt + reply: the cache, and the model's positions where they are fewer.
+    self.context_limit = limits.context_limit(model.config, cache_len=self.max_len)
     self.chunk_multiple = int(chunk_multiple)
     pre = model.preprocessor
     self._pre, self._tok, self._fmt = pre, model.tokenizer, pre.fmt
     self.system = system if system is not None else (pre.system_prompt or chat.SYSTEM_DEFAULT)
+    self._system_ids = chat.render([{"role": "system", "content": self.system}], [], self._tok,
+                                   self._fmt).input_ids.tolist()
+    # What end_turn() prefills: the user's turn closed, the assistant's opened.
+    self._close_ids = ([self._fmt.id("<|im_end|>")] + self._text_ids("\n") + [self._fmt.id("<|im_start|>")]
+                       + self._text_ids("assistant\n"))
+    self._projected = 0  # the conversation's tokens as the push being prefilled leaves it (with the close)
     self._synthesizer = synthesizer
     audio_cfg = model.config.model.thinker.get("audio")
     n_window = int(audio_cfg.n_window) if audio_cfg is not None else 100
@@ -237,6 +265,13 @@ class OmniSession:
     ids = [int(i) for i in ids]
     if not ids:
       return
+    length = _round_up(len(ids), self.chunk_multiple)  # prompt_batch's row length, known before any array
+    if self._slots + length > self.max_len:
+      # The tokens fit (checked when the input was pushed) but the chunks' padding does not.
+      raise SessionContextLengthError(
+          max(self._projected, self.num_tokens + len(ids)), 0, self.context_limit, subject=f"session {self.id}",
+          hint=f"the conversation needs {self._slots + length} cache slots (chunk padding included), more than "
+               f"max_len={self.max_len} (OmniSession(max_len=...) or config.generate.max_cache_len)")
     media = media or {}
     sample = preprocess.Sample("session", 0, np.asarray(ids, np.int32), np.zeros(len(ids), np.int32),
                                list(media.get("images", ())), list(media.get("videos", ())),
@@ -247,9 +282,6 @@ class OmniSession:
     if not aiv:
       batch.pop("use_audio_in_video", None)
     length = batch["input_ids"].shape[1]
-    if self._slots + length > self.max_len:
-      raise SessionError(f"session {self.id}: the conversation needs {self._slots + length} cache slots, more than "
-                         f"max_len={self.max_len} (OmniSession(max_len=...) or config.generate.max_cache_len)")
     key = ("prefill", self.speech, tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())))
     if key not in self._programs:
       g = self._g
@@ -266,16 +298,55 @@ class OmniSession:
   def _text_ids(self, text: str) -> list[int]:
     return [int(i) for i in self._tok.encode(text)] if text else []
 
+  # ------------------------------------------------------------------------------------------------ limits
+
+  def _turn_header(self) -> list[int]:
+    """What opening the user's turn prefills (nothing inside a turn): the last reply's end, the system turn at
+    the start, `<|im_start|>user\\n`."""
+    if self._in_turn:
+      return []
+    ids = list(self._pending) + (list(self._system_ids) if not self._history else [])
+    return ids + [self._fmt.id("<|im_start|>")] + self._text_ids("user\n")
+
+  def _audio_owed(self, more_samples: int = 0) -> int:
+    """Tokens the open audio part still adds (its remaining AUDIO tokens and `<|audio_eos|>`) once
+    more_samples more arrive; 0 when none is open. The chunks' tokens add up to the whole audio's count."""
+    a = self._audio
+    if a is None:
+      return 0
+    whole = int(audio_media.num_tokens(audio_media.num_frames(a.samples.shape[0] + more_samples)))
+    return max(0, whole - a.tokens) + 1
+
+  def _label_ids(self, kind: str, number: int) -> list[int]:
+    """"Picture k: " / "Audio k: " when the chat format numbers media (add_vision_id / add_audio_id)."""
+    fmt = self._fmt
+    if (kind == "audio" and fmt.add_audio_id) or (kind != "audio" and fmt.add_vision_id):
+      label = {"image": "Picture", "audio": "Audio", "video": "Video"}[kind]
+      return self._text_ids(f"{label} {number}: ")
+    return []
+
+  def _check_fits(self, tokens: int, more_samples: int = 0) -> None:
+    """SessionContextLengthError unless the conversation still fits once `tokens` more of this turn are in:
+    with the turn's header, what an open audio part owes (more_samples: samples this push adds to it) and the
+    markup end_turn() adds. Nothing is prefilled before this check."""
+    total = (self.num_tokens + len(self._turn_header()) + self._audio_owed(more_samples) + int(tokens)
+             + len(self._close_ids))
+    self._projected = total
+    limits.check_context(total, 0, limit=self.context_limit, subject=f"session {self.id}", hint=self._limit_hint(),
+                         error=SessionContextLengthError)
+
+  def _limit_hint(self) -> str:
+    return (f"max_len={self.max_len} (OmniSession(max_len=...) or config.generate.max_cache_len), or the model's "
+            "positions (config.model.thinker.text.max_position_embeddings) where fewer")
+
+  # ------------------------------------------------------------------------------------------------ prefill
+
   def _open_turn(self) -> None:
     """The user turn's header (after what the last reply owes, and the system turn at the start)."""
     if self._in_turn:
       return
-    ids = list(self._pending)
+    ids = self._turn_header()
     self._pending = []
-    if not self._history:
-      system = chat.render([{"role": "system", "content": self.system}], [], self._tok, self._fmt)
-      ids += system.input_ids.tolist()
-    ids += [self._fmt.id("<|im_start|>")] + self._text_ids("user\n")
     self._append(ids)
     self._in_turn = True
 
@@ -284,30 +355,42 @@ class OmniSession:
     self._check_open()
     if not isinstance(text, str):
       raise TypeError(f"push_text takes a str, got {type(text).__name__}")
+    ids = self._text_ids(text)
+    self._check_fits(len(ids))
+    self._prefill_text(ids)
+
+  def _prefill_text(self, ids: list[int]) -> None:
     self._end_audio()
     self._open_turn()
-    self._append(self._text_ids(text))
+    self._append(ids)
 
   def _label(self, kind: str) -> None:
-    """"Picture k: " / "Audio k: " when the chat format numbers media (add_vision_id / add_audio_id)."""
-    fmt = self._fmt
     self._kinds.append(kind)
-    if (kind == "audio" and fmt.add_audio_id) or (kind != "audio" and fmt.add_vision_id):
-      label = {"image": "Picture", "audio": "Audio", "video": "Video"}[kind]
-      self._append(self._text_ids(f"{label} {self._kinds.count(kind)}: "))
+    self._append(self._label_ids(kind, self._kinds.count(kind)))
 
-  def _push_part(self, part: Mapping) -> None:
-    """An image / video part ({"type", "path"[, "use_audio_in_video"]}): preprocessed, prefilled whole."""
-    self._end_audio()
+  def _load_part(self, part: Mapping) -> tuple[list[int], dict, bool]:
+    """An image / video part ({"type", "path"[, "use_audio_in_video"]}) preprocessed: (its ids without the
+    label, its media lists, use_audio_in_video)."""
     media = {"images": [], "videos": [], "audios": []}
     aiv = bool(part.get("use_audio_in_video", False)) and part["type"] == "video"
     try:
       item = self._pre.load_part(part, aiv, f"session {self.id}", media)
     except preprocess.SampleError as e:
       raise SessionError(str(e)) from None
+    return chat.media_ids(item, self._fmt), media, aiv
+
+  def _push_media(self, kind: str, ids: list[int], media: Mapping, aiv: bool = False, checked: bool = False) -> None:
+    """A preprocessed media part, labelled, prefilled whole (checked: its fit was counted with a message)."""
+    if not checked:
+      self._check_fits(len(self._label_ids(kind, self._kinds.count(kind) + 1)) + len(ids))
+    self._end_audio()
     self._open_turn()
-    self._label(part["type"])
-    self._append(chat.media_ids(item, self._fmt), media, aiv)
+    self._label(kind)
+    self._append(ids, media, aiv)
+
+  def _push_part(self, part: Mapping) -> None:
+    """An image / video part ({"type", "path"[, "use_audio_in_video"]}): preprocessed, prefilled whole."""
+    self._push_media(part["type"], *self._load_part(part))
 
   def push_image(self, image: Any) -> None:
     """An image: a path, or an array / PIL image / encoded bytes (omni_jax.input.media.image.load_image)."""
@@ -316,17 +399,14 @@ class OmniSession:
       return self._push_part({"type": "image", "path": image})
     from omni_jax.input.media import image as image_media  # noqa: PLC0415
 
-    self._end_audio()
     m = self._pre.options
     try:
       rows, grid = image_media.preprocess_image(image, min_pixels=m.image_min_pixels, max_pixels=m.image_max_pixels,
-                                                merge_size=self._fmt.spatial_merge_size)
+                                                merge_size=self._fmt.spatial_merge_size, budget=m.budget)
     except MediaError as e:
       raise SessionError(f"session {self.id}: {e}") from None
-    self._open_turn()
-    self._label("image")
     item = chat.ImageItem(tuple(int(g) for g in grid))
-    self._append(chat.media_ids(item, self._fmt), {"images": [(rows, grid)]})
+    self._push_media("image", chat.media_ids(item, self._fmt), {"images": [(rows, grid)]})
 
   def push_video(self, video: Any, *, fps: Optional[float] = None, use_audio_in_video: bool = False) -> None:
     """A video: a file (frames sampled by config.data.media; use_audio_in_video interleaves its audio track),
@@ -340,7 +420,6 @@ class OmniSession:
       raise SessionError(f"push_video: decoded frames need their recording rate fps > 0, got {fps!r}")
     from omni_jax.input.media import video as video_media  # noqa: PLC0415
 
-    self._end_audio()
     m = self._pre.options
     try:
       clip = video_media.preprocess_frames(video, float(fps), fps=m.video_fps, min_frames=m.video_min_frames,
@@ -349,16 +428,12 @@ class OmniSession:
                                            merge_size=self._fmt.spatial_merge_size)
     except MediaError as e:
       raise SessionError(f"session {self.id}: {e}") from None
-    self._open_turn()
-    self._label("video")
     item = chat.VideoItem(tuple(int(g) for g in clip.grid_thw), float(clip.second_per_grid))
-    self._append(chat.media_ids(item, self._fmt),
-                 {"videos": [(clip.pixel_values, clip.grid_thw, float(clip.second_per_grid))]})
+    self._push_media("video", chat.media_ids(item, self._fmt),
+                     {"videos": [(clip.pixel_values, clip.grid_thw, float(clip.second_per_grid))]})
 
-  def push_audio(self, wave: np.ndarray, sample_rate: int = audio_media.SAMPLE_RATE, *, final: bool = False) -> None:
-    """Samples of the user's audio (mono or [n, channels]); consecutive pushes continue one audio part until
-    final=True, another part or respond(). Each complete 2 s is encoded and prefilled at once."""
-    self._check_open()
+  def _wave(self, wave: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Mono float32 samples at 16 kHz."""
     wave = np.asarray(wave, np.float32)
     if wave.ndim == 2:
       wave = wave.mean(axis=1)
@@ -367,6 +442,26 @@ class OmniSession:
     if sample_rate != audio_media.SAMPLE_RATE:
       # Resampling per push is exact only at whole-period boundaries; resample whole audios for exactness.
       wave = audio_media.resample(wave, int(sample_rate))
+    return wave
+
+  def _audio_tokens(self, num_samples: int, number: int) -> int:
+    """The tokens of a whole new audio part, the conversation's number-th: its label, `<|audio_bos|>`, AUDIO
+    tokens, `<|audio_eos|>`."""
+    label = self._label_ids("audio", number)
+    return len(label) + 2 + int(audio_media.num_tokens(audio_media.num_frames(num_samples)))
+
+  def push_audio(self, wave: np.ndarray, sample_rate: int = audio_media.SAMPLE_RATE, *, final: bool = False) -> None:
+    """Samples of the user's audio (mono or [n, channels]); consecutive pushes continue one audio part until
+    final=True, another part or respond(). Each complete 2 s is encoded and prefilled at once."""
+    self._check_open()
+    wave = self._wave(wave, sample_rate)
+    if self._audio is None:
+      self._check_fits(self._audio_tokens(wave.shape[0], self._kinds.count("audio") + 1))
+    else:
+      self._check_fits(0, more_samples=wave.shape[0])
+    self._prefill_audio(wave, final)
+
+  def _prefill_audio(self, wave: np.ndarray, final: bool) -> None:
     if self._audio is None:
       self._open_turn()
       self._label("audio")
@@ -404,6 +499,7 @@ class OmniSession:
     if n:  # a last piece of 1-2 frames yields no token (the whole audio's count agrees)
       self._append([self.ids.audio_token_id] * n, {"audios": [block]})
       a.sent += 1
+      a.tokens += n
 
   def _end_audio(self) -> None:
     a = self._audio
@@ -422,29 +518,44 @@ class OmniSession:
   def push_message(self, message: Mapping) -> None:
     """A user message in OmniChat's content-part format: {"role": "user", "content": str | [parts]}; parts
     {"type": "text", "text"}, {"type": "image" | "audio" | "video", "path"} (video: "use_audio_in_video"),
-    or {"type": "audio", "array": samples, "sample_rate": sr}."""
+    or {"type": "audio", "array": samples, "sample_rate": sr}. Every part is read and counted first: a message
+    that would not fit raises SessionContextLengthError with nothing of it prefilled."""
     self._check_open()
     role = message.get("role", "user")
     if role != "user":
       raise SessionError(f"push_message: only user messages are pushed (got role {role!r}); the session writes the "
                          "assistant's turns itself")
+    steps, tokens = [], 0
+    numbers = {k: self._kinds.count(k) for k in ("image", "audio", "video")}
     for part in chat.content_parts(message.get("content")):
       kind = part.get("type") if isinstance(part, Mapping) else None
       if kind == "text":
-        self.push_text(part["text"])
-      elif kind == "audio":
+        ids = self._text_ids(part["text"])
+        tokens += len(ids)
+        steps.append(lambda ids=ids: self._prefill_text(ids))
+        continue
+      if kind not in ("image", "audio", "video"):
+        raise SessionError(f"push_message: unknown content part type {kind!r}")
+      numbers[kind] += 1
+      if kind == "audio":
         if "array" in part:
-          self.push_audio(part["array"], int(part.get("sample_rate", audio_media.SAMPLE_RATE)), final=True)
+          wave = self._wave(part["array"], int(part.get("sample_rate", audio_media.SAMPLE_RATE)))
         else:
           try:
-            wave = audio_media.load_audio(part["path"])
+            wave = audio_media.load_audio(part["path"], budget=self._pre.options.budget)
+            wave = self._wave(wave, audio_media.SAMPLE_RATE)
           except (MediaError, OSError) as e:
             raise SessionError(f"session {self.id}: {e}") from None
-          self.push_audio(wave, final=True)
-      elif kind in ("image", "video"):
-        self._push_part(part)
+        tokens += self._audio_tokens(wave.shape[0], numbers[kind])
+        # Its own part: an audio streamed before the message ends first.
+        steps.append(lambda wave=wave: (self._end_audio(), self._prefill_audio(wave, final=True)))
       else:
-        raise SessionError(f"push_message: unknown content part type {kind!r}")
+        ids, media, aiv = self._load_part(part)
+        tokens += len(self._label_ids(kind, numbers[kind])) + len(ids)
+        steps.append(lambda kind=kind, ids=ids, media=media, aiv=aiv: self._push_media(kind, ids, media, aiv, True))
+    self._check_fits(tokens)
+    for step in steps:
+      step()
 
   # ------------------------------------------------------------------------------------------------ respond
 
@@ -455,8 +566,7 @@ class OmniSession:
     if not self._in_turn:
       raise SessionError(f"session {self.id}: nothing to respond to (push the user's input first)")
     self._end_audio()
-    self._append([self._fmt.id("<|im_end|>")] + self._text_ids("\n") + [self._fmt.id("<|im_start|>")]
-                 + self._text_ids("assistant\n"))
+    self._append(self._close_ids)
     self._in_turn = False
     self._awaiting = True  # respond() decodes from here
     self.input_closed_at = time.perf_counter()
@@ -485,6 +595,18 @@ class OmniSession:
     for _, event in respond_together([self], speak=speak, max_new_tokens=max_new_tokens, seed=seed,
                                      speakers=[speaker], talker=talker, **sampling):
       yield event
+
+  def _check_reply(self, max_new_tokens: int) -> None:
+    """SessionContextLengthError unless the conversation, its turn closed, and max_new_tokens fit (a session
+    with nothing to respond to is left to end_turn's error)."""
+    if self._in_turn:
+      prompt = self.num_tokens + self._audio_owed() + len(self._close_ids)
+    elif self._awaiting:
+      prompt = self.num_tokens
+    else:
+      return
+    limits.check_context(prompt, max_new_tokens, limit=self.context_limit, subject=f"session {self.id}",
+                         hint=self._limit_hint(), error=SessionContextLengthError)
 
   def _commit_reply(self, cache, talker_cache, tokens, length: int, eos) -> tuple[np.ndarray, bool]:
     """Adopt the reply loop's caches; returns (the reply's ids, whether it ended with a stop id)."""
@@ -641,7 +763,7 @@ def respond_together(sessions, *, speak: bool = False, max_new_tokens: Optional[
         raise SessionError(f"talker max_new_tokens must be in [1, {first.max_codes}] (OmniSession(max_codes=...)), "
                            f"got {m}")
       stop_ids = tuple(int(i) for i in talker.get("stop_ids", speech.stop_ids))
-      settings = duplex.TalkerSettings(t_sampling, m, stop_ids, True)
+      settings = duplex.TalkerSettings(t_sampling, m, stop_ids, True, speech.code_limit)
       talker_seed = int(speech.defaults.get("seed", 0) if talker.get("seed") is None else talker["seed"])
       names = [name or s.speaker for name, s in zip(speakers, sessions)]
       try:
@@ -652,20 +774,26 @@ def respond_together(sessions, *, speak: bool = False, max_new_tokens: Optional[
       settings = duplex.TalkerSettings(SamplingParams(), 0, (), False)
   for s in sessions:
     s._check_open()
+  for s in sessions:  # before the turns are closed: nothing is prefilled for a reply that cannot fit
+    s._check_reply(n_new)
   for s in sessions:
     if not s._awaiting or s._in_turn:
       s.end_turn()
     s._awaiting = False
   used = max(s._slots for s in sessions)  # the batch writes from its largest index
   if used + n_new > first.max_len:
-    raise SessionError(f"session {sessions[0].id if len(sessions) == 1 else '(batch)'}: {used} cache slots used + "
-                       f"max_new_tokens {n_new} exceed max_len={first.max_len}")
+    worst = max(sessions, key=lambda s: s._slots)
+    raise SessionContextLengthError(
+        worst.num_tokens, n_new, worst.context_limit,
+        subject=f"session {worst.id if len(sessions) == 1 else '(batch)'}",
+        hint=f"{used} cache slots used (chunk padding included) + max_new_tokens {n_new} exceed "
+             f"max_len={first.max_len}")
   eos = tuple(int(i) for i in first.ids.eos_token_ids)
-  key = ("reply", n_new, params, eos, settings)
+  key = ("reply", n_new, params, eos, settings, g.vocab_limit)
   if key not in first._programs:
     fn = duplex.make_reply_fn(g.graphdef, first._talker_cfg, max_new_tokens=n_new, sampling=params, eos=eos,
-                              pad_token_id=int(first.ids.pad_token_id), talker=settings, mesh=g.mesh,
-                              rules=g.rules, replicated=_replicated(g.mesh))
+                              pad_token_id=int(first.ids.pad_token_id), talker=settings, vocab_limit=g.vocab_limit,
+                              mesh=g.mesh, rules=g.rules, replicated=_replicated(g.mesh))
     first._programs[key] = jax.jit(fn, donate_argnums=(1, 5))
   program = first._programs[key]
   b = len(sessions)
