@@ -8,6 +8,10 @@
   > /quit
 
 Lines may also come from a pipe: `printf '/image a.png\\nDescribe it.\\n' | python chat.py --checkpoint ...`.
+
+Ctrl-C while a reply streams stops that reply and brings the prompt back (the conversation goes on); Ctrl-C at
+the prompt leaves (exit status 0); Ctrl-C while the model loads leaves once it has loaded (status 130; twice:
+at once). A message whose attachment cannot be decoded is not sent (omni_jax/serve/terminal.py).
 """
 
 import os
@@ -37,11 +41,20 @@ def main(argv):
   from omni_jax.serve import terminal  # noqa: PLC0415
 
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  model = api.load(_CHECKPOINT.value, _CONFIG.value)
   generation = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                     seed=_SEED.value, do_sample=False if _GREEDY.value else None)
-  terminal.Terminal(model, speaker=_SPEAKER.value, out_dir=_OUT_DIR.value, speak=_SPEAK.value,
-                    generation=generation).run(sys.stdin)
+  # Ctrl-C only sets a flag from here on (terminal.Interrupts): while the model loads and compiles, a
+  # KeyboardInterrupt inside jax could crash the process. A press while loading leaves once it is done.
+  with terminal.Interrupts() as interrupts:
+    interrupts.second_leaves = True
+    model = api.load(_CHECKPOINT.value, _CONFIG.value)
+    chat = terminal.Terminal(model, speaker=_SPEAKER.value, out_dir=_OUT_DIR.value, speak=_SPEAK.value,
+                             generation=generation, interrupts=interrupts)
+    interrupts.second_leaves = False
+    if interrupts.pressed:
+      print("[interrupted while loading]", file=sys.stderr, flush=True)
+      raise SystemExit(130)
+    chat.run(sys.stdin)
 
 
 if __name__ == "__main__":
