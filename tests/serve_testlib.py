@@ -5,8 +5,10 @@ import os
 import numpy as np
 
 
-def make_checkpoint(path: str) -> str:
-  """The tiny config with a small Token2Wav and random voices (speakers.safetensors beside params/)."""
+def make_checkpoint(path: str, padded_rows_gain: float = 1.0) -> str:
+  """The tiny config with a small Token2Wav and random voices (speakers.safetensors beside params/).
+  padded_rows_gain: the LM head's columns of the ids past the tokenizer's vocabulary (the padded rows) are
+  scaled by it, so that a random model picks those ids often unless decoding masks them."""
   import jax  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
 
@@ -33,6 +35,12 @@ def make_checkpoint(path: str) -> str:
   c.generate.talker.max_new_tokens, c.generate.talker.seed = 48, 1
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   _, state, _ = omni.create_sharded(c, mesh, seed=3)
+  if padded_rows_gain != 1.0:
+    from omni_jax.input.tokenizer import Tokenizer  # noqa: PLC0415
+
+    head = state["thinker"]["lm_head"]["kernel"]
+    real = Tokenizer(c.data.tokenizer).vocab_size
+    head.value = head.value.at[:, real:].multiply(padded_rows_gain)
   checkpoint.save_params(path, state, c)
   rng = np.random.default_rng(0)
   voice.write_voices(os.path.join(path, "speakers.safetensors"),

@@ -213,7 +213,8 @@ def test_bad_requests(client, srv, media):
   body = _refused(client, 400, "invalid_value", messages=_user(
       {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aiff"}}))
   assert body["param"] == "messages.0.content.0.input_audio.format"
-  _refused(client, 400, "context_length_exceeded", messages=[{"role": "user", "content": "word " * 600}])
+  body = _refused(client, 400, "context_length_exceeded", messages=[{"role": "user", "content": "word " * 600}])
+  assert int(body["message"].split("the prompt is ")[1].split()[0]) > 600, body  # all of it, not what fitted
   _refused(client, 400, "invalid_value", modalities=["text", "audio"], audio={"voice": "Ethan", "format": "mp3"})
   _refused(client, 400, "unknown_voice", modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
   _refused(client, 400, "invalid_value", max_tokens=0)
@@ -228,8 +229,9 @@ def test_bad_requests(client, srv, media):
     _refused(client, 403, "outside_media_root", messages=_user({"type": "image_url", "image_url": {"url": url}}))
   _refused(client, 400, "unsupported_url",
            messages=_user({"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}))
-  _refused(client, 400, "invalid_request", messages=_user(  # not an image: the preprocessor's error, a 400
+  body = _refused(client, 400, "invalid_media", messages=_user(  # not an image: the decoder's error, a 400
       {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"nope").decode()}}))
+  assert body["param"] == "messages.0.content.0.image_url" and "omni_serve" not in body["message"], body
   after = srv.stats()
   assert after["active"] == after["queued"] == 0 and after["served"] == before["served"]
 

@@ -4,9 +4,11 @@
   python -m omni_jax.serve --checkpoint ckpt/omni7b --media_root /srv/media --max_queue 16 --port 9000
 
 --checkpoint: anything omni_jax.generate.load reads. --config (optional): runtime, mesh and generation
-defaults (config.generate), as generate.py. Binds to 127.0.0.1 unless --host says otherwise (the server has
-no authentication: put it behind one before exposing it). Local media paths are off unless --media_root names
-the one directory clients may read from. docs/serving.md.
+defaults (config.generate), as generate.py. Binds to 127.0.0.1 unless --host says otherwise; --api_key (or
+OMNI_JAX_API_KEY) makes every route ask for `Authorization: Bearer <key>`. Requests must name one of
+--allowed_hosts in their Host header, and browsers on other sites are refused unless --cors_origins lists them
+(omni_jax/serve/guard.py). Local media paths are off unless --media_root names the one directory clients may
+read from. docs/serving.md.
 """
 
 import ipaddress
@@ -33,6 +35,19 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 1024, "Ceiling (and default) o
 _MAX_MEDIA = flags.DEFINE_integer("max_media_mb", 16, "Largest media part, MiB (decoded).")
 _MAX_BODY = flags.DEFINE_integer("max_body_mb", 64, "Largest request body, MiB.")
 _NAME = flags.DEFINE_string("model_name", None, "The model id clients send (default: the checkpoint's name).")
+_API_KEY = flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer <key>' on every route "
+                               "(default: $OMNI_JAX_API_KEY; unset: no key).")
+_ALLOWED_HOSTS = flags.DEFINE_list("allowed_hosts", None, "Host header names the server answers to (default: "
+                                   "localhost names, plus --host when it is a specific address; '*': any).")
+_CORS = flags.DEFINE_list("cors_origins", [], "Web origins whose pages may call the server (e.g. "
+                          "https://app.example; '*': any). Default: none (cross-site requests are refused).")
+_READ_TIMEOUT = flags.DEFINE_float("read_timeout", 30.0, "Seconds a request's headers, or the next piece of its "
+                                   "body, may take before the connection is dropped.")
+_DECODE_WORKERS = flags.DEFINE_integer("decode_workers", 2, "Threads decoding requests' media (off the model's).")
+_MAX_AUDIO_S = flags.DEFINE_float("max_audio_seconds", None, "Longest audio part (default: what "
+                                  "--max_prompt_tokens holds at 25 tokens a second, at most 300).")
+_MAX_IMAGE_MP = flags.DEFINE_float("max_image_megapixels", 16.8, "Largest image (width x height, from its header).")
+_MAX_VIDEO_S = flags.DEFINE_float("max_video_seconds", 600.0, "Longest video part.")
 _ENGINE = flags.DEFINE_enum("engine", "auto", ["auto", "session", "chat"],
                             "session: OmniSession (speech streams in chunks); chat: the OmniChat adapter.")
 flags.mark_flags_as_required(["checkpoint"])
@@ -43,6 +58,7 @@ def main(argv):
   import uvicorn  # noqa: PLC0415 - the serve extra
 
   from omni_jax.generate import api  # noqa: PLC0415
+  from omni_jax.serve import guard  # noqa: PLC0415
   from omni_jax.serve import protocol  # noqa: PLC0415
   from omni_jax.serve import server  # noqa: PLC0415
 
@@ -53,21 +69,33 @@ def main(argv):
     loopback = ipaddress.ip_address(_HOST.value).is_loopback
   except ValueError:
     loopback = _HOST.value == "localhost"
-  if not loopback:
-    logging.warning("--host %s: the server has no authentication and is reachable from other machines",
-                    _HOST.value)
+  api_key = _API_KEY.value if _API_KEY.value is not None else os.environ.get("OMNI_JAX_API_KEY") or None
+  if not loopback and api_key is None:
+    logging.warning("--host %s: the server is reachable from other machines and has no --api_key", _HOST.value)
+  hosts = _ALLOWED_HOSTS.value
+  if hosts is None:
+    hosts = list(guard.LOCAL_HOSTS) + ([_HOST.value] if _HOST.value not in ("0.0.0.0", "::", "") else [])
+  gate = guard.GateConfig(allowed_hosts=tuple(hosts), cors_origins=tuple(_CORS.value), api_key=api_key,
+                          read_timeout=_READ_TIMEOUT.value)
   model = api.load(_CHECKPOINT.value, _CONFIG.value)
   positions = int(model.config.model.thinker.text.get("max_position_embeddings", 32768))
   max_prompt = _MAX_PROMPT.value or max(1, min(32768, positions - _MAX_NEW.value))
+  if max_prompt + _MAX_NEW.value > positions:
+    cli.fail(f"--max_prompt_tokens {max_prompt} + --max_new_tokens {_MAX_NEW.value} is over the model's "
+             f"{positions} positions")
   limits = protocol.Limits(max_body_bytes=_MAX_BODY.value << 20, max_media_bytes=_MAX_MEDIA.value << 20,
-                           max_prompt_tokens=max_prompt, max_new_tokens=_MAX_NEW.value)
+                           max_prompt_tokens=max_prompt, max_new_tokens=_MAX_NEW.value,
+                           max_audio_seconds=_MAX_AUDIO_S.value,
+                           max_image_pixels=int(_MAX_IMAGE_MP.value * 1e6), max_video_seconds=_MAX_VIDEO_S.value)
   engine = server.engine_for(model, limits, _ENGINE.value)
   worker = server.Worker(engine, limits, max_queue=_MAX_QUEUE.value, max_batch=_MAX_BATCH.value)
   name = _NAME.value or os.path.basename(os.path.normpath(_CHECKPOINT.value))
-  app = server.create_app(worker, limits, model_name=name, media_root=_MEDIA_ROOT.value)
+  app = server.create_app(worker, limits, model_name=name, media_root=_MEDIA_ROOT.value, gate=gate,
+                          decode_workers=_DECODE_WORKERS.value)
   logging.info("serving %s as %r (%s engine) on http://%s:%d/v1", _CHECKPOINT.value, name,
                type(engine).__name__, _HOST.value, _PORT.value)
-  uvicorn.run(app, host=_HOST.value, port=_PORT.value, log_level="info")
+  uvicorn.run(app, host=_HOST.value, port=_PORT.value, log_level="info", http=guard.timed_h11(_READ_TIMEOUT.value),
+              timeout_keep_alive=5)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 AUDIO_IN_FORMATS = ("wav", "mp3", "flac", "ogg")  # what omni_jax.input.media.audio decodes
 AUDIO_OUT_FORMATS = ("wav", "pcm16")
 OUT_SAMPLE_RATE = 24000  # Token2Wav's rate
+AUDIO_TOKENS_PER_SECOND = 25  # the audio tower's 40 ms tokens
+MAX_SEED = 2 ** 63 - 1  # seeds are 64-bit signed, as OpenAI's
 
 # OpenAI request fields that change nothing here: accepted and ignored, so stock clients keep working.
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
@@ -60,6 +62,16 @@ class Limits:
   max_media_parts: int = 16  # media parts in one request
   max_prompt_tokens: int = 4096  # the rendered prompt (chat markup and media tokens included)
   max_new_tokens: int = 1024  # max_tokens / max_completion_tokens ceiling (and the default)
+  # Media budgets, checked from a file's header before it is decoded (omni_jax.serve.media).
+  max_audio_seconds: Optional[float] = None  # None: what max_prompt_tokens can hold (25 tokens a second), <= 300
+  max_image_pixels: int = 4096 * 4096  # width * height of an image
+  max_video_seconds: float = 600.0
+  max_video_frame_pixels: int = 4096 * 2304  # width * height of a video frame
+
+  def audio_seconds(self) -> float:
+    if self.max_audio_seconds is not None:
+      return float(self.max_audio_seconds)
+    return min(300.0, self.max_prompt_tokens / AUDIO_TOKENS_PER_SECOND + 2.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,7 +79,8 @@ class Limits:
 
 
 class _Strict(BaseModel):
-  model_config = ConfigDict(extra="forbid")
+  # strict: JSON types as sent ("8" is not a number, 1 is not a boolean); unknown fields are named in a 400.
+  model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _URL(_Strict):
@@ -106,7 +119,7 @@ Part = Annotated[Union[TextPart, ImagePart, AudioPart, VideoPart], Field(discrim
 class AssistantAudio(BaseModel):
   """A previous reply's audio: its id (the server keeps recent transcripts) or the whole object echoed back
   (data, expires_at are ignored; a transcript given stands for the turn)."""
-  model_config = ConfigDict(extra="ignore")
+  model_config = ConfigDict(extra="ignore", strict=True)
   id: str
   transcript: Optional[str] = None
 
@@ -157,16 +170,16 @@ class ChatRequest(_Strict):
   max_completion_tokens: Optional[int] = Field(None, ge=1)
   temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
   top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-  seed: Optional[int] = None
+  seed: Optional[int] = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED)
   n: Optional[int] = Field(None, ge=1, le=1)
   stop: Union[str, list[str], None] = None
   frequency_penalty: Optional[float] = None
   presence_penalty: Optional[float] = None
   logprobs: Optional[bool] = None
-  top_logprobs: Optional[int] = None
+  top_logprobs: Optional[int] = Field(None, ge=0, le=20)
   response_format: Optional[dict] = None
   # Beyond OpenAI (extra_body in the openai client), as vLLM / Qwen-Omni servers take them.
-  top_k: Optional[int] = Field(None, ge=0)
+  top_k: Optional[int] = Field(None, ge=0, le=2 ** 31 - 1)
   repetition_penalty: Optional[float] = Field(None, gt=0.0)
   use_audio_in_video: bool = False
 
@@ -317,6 +330,8 @@ class MediaWriter:
     return path
 
   def url(self, url: str, kind: str, param: str) -> str:
+    if "\x00" in url:
+      raise ServeError(400, f"{param}: the url holds a NUL character", param=param, code="invalid_media")
     self.count += 1
     if self.count > self.limits.max_media_parts:
       raise ServeError(400, f"more than {self.limits.max_media_parts} media parts in one request", param=param,
@@ -353,8 +368,8 @@ class MediaWriter:
 
 
 def conversation(request: ChatRequest, media: MediaWriter, transcripts: Optional[dict] = None) -> list[dict]:
-  """The request's messages as a project conversation (omni_jax.generate.prompts: parts with local paths).
-  transcripts: audio id -> text of earlier spoken replies (an assistant turn given only by its audio id)."""
+  """The request's messages as a project conversation (omni_jax.generate.prompts: parts with local paths; media
+  parts also carry "param", the request field they came from, for error messages). transcripts: audio id -> text of earlier spoken replies (an assistant turn given only by its audio id)."""
   out = []
   for i, m in enumerate(request.messages):
     role = "system" if m.role == "developer" else m.role
@@ -375,13 +390,15 @@ def conversation(request: ChatRequest, media: MediaWriter, transcripts: Optional
         parts.append({"type": "text", "text": p.text})
       elif p.type == "image_url":
         url = p.image_url if isinstance(p.image_url, str) else p.image_url.url
-        parts.append({"type": "image", "path": media.url(url, "image", param + ".image_url")})
+        parts.append({"type": "image", "path": media.url(url, "image", param + ".image_url"),
+                      "param": param + ".image_url"})
       elif p.type == "input_audio":
-        parts.append({"type": "audio", "path": media.audio(p.input_audio, param + ".input_audio")})
+        parts.append({"type": "audio", "path": media.audio(p.input_audio, param + ".input_audio"),
+                      "param": param + ".input_audio"})
       else:
         url = p.video_url if isinstance(p.video_url, str) else p.video_url.url
         parts.append({"type": "video", "path": media.url(url, "video", param + ".video_url"),
-                      "use_audio_in_video": request.use_audio_in_video})
+                      "use_audio_in_video": request.use_audio_in_video, "param": param + ".video_url"})
     if role != "user":  # system / assistant text parts: one string
       out.append({"role": role, "content": "".join(p["text"] for p in parts)})
       continue

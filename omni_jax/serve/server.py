@@ -8,15 +8,16 @@ Routes: POST /v1/chat/completions (protocol.py's request format; stream=true ans
 chat.completion.chunk objects ending in `data: [DONE]`), GET /v1/models, GET /v1/stats (active, queued, served,
 rejected, cancelled, failed: what the leak test reads; batched: requests decoded in a batch), GET /health.
 
-Concurrency: the event loop only parses, validates and writes media files; every request that passes becomes a
-Job on a bounded queue (--max_queue; a full queue answers 429). One worker thread owns the model and takes up
-to --max_batch jobs at a time: requests waiting together are prefilled one by one and decoded in one batch
-(respond_together) when their decoding settings agree, others advance in turn, one event each, so two clients
-stream side by side; a job whose client went
-away is dropped at its next event (`cancelled` counted; its session is closed on a thread of its own, since
-OmniSession waits for its decode loop to end). A request's error before its first
-event (an undecodable image, a prompt over --max_prompt_tokens, an unknown voice) is its HTTP status; a failure
-after the first streamed byte ends the stream with an error object.
+Every request first passes the gate (guard.py: Host, Origin, API key, JSON body within its size and read
+timeouts). Concurrency: the event loop only parses and validates; a request's media are decoded on the
+decoder's threads (media.py, under the budgets of protocol.Limits; its files removed at once), and then it
+becomes a Job on a bounded queue (--max_queue; a full queue answers 429). One worker thread owns the model and
+takes up to --max_batch jobs at a time: requests waiting together are prefilled one by one and decoded in one
+batch (respond_together) when their decoding settings agree, others advance in turn, one event each, so two
+clients stream side by side; a job whose client went away is dropped at its next event (`cancelled` counted;
+its session is closed on a thread of its own, since OmniSession waits for its decode loop to end). A request's
+error before its first event (an undecodable image, a prompt over --max_prompt_tokens, an unknown voice) is
+its HTTP status; a failure after the first streamed byte ends the stream with an error object.
 """
 
 import asyncio
@@ -36,6 +37,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from omni_jax.serve import guard
+from omni_jax.serve import media as media_lib
 from omni_jax.serve import protocol
 from omni_jax.serve.events import Done, Event
 from omni_jax.serve.protocol import ServeError
@@ -51,8 +54,11 @@ AUDIO_DELTA_SECONDS = 0.5  # longer audio events go out as several deltas (bound
 
 def _user_error(e: Exception) -> Optional[ServeError]:
   """The 400 of a model-side error caused by the request (bad media, a setting, a voice), else None."""
-  from omni_jax.input import preprocess  # noqa: PLC0415 - jax-free, but only needed with a model
+  from omni_jax.generate import limits as limits_lib  # noqa: PLC0415 - only needed with a model
+  from omni_jax.input import preprocess  # noqa: PLC0415
 
+  if isinstance(e, limits_lib.ContextLengthError):
+    return ServeError(400, " ".join(str(e).split()), param="messages", code="context_length_exceeded")
   if isinstance(e, (preprocess.SampleError, ValueError, TypeError)):
     return ServeError(400, " ".join(str(e).split()), code="invalid_request")
   return None
@@ -148,10 +154,9 @@ class ChatEngine(Engine):
     yield Event.now("done", Done(text, np.asarray(ids, np.int32), finish, prompt_tokens), session=sid)
 
 
-def _too_long(n: int, limits: protocol.Limits, at_least: bool = False) -> ServeError:
-  return ServeError(400, f"the prompt is {'over ' if at_least else ''}{n} tokens (chat markup and media included); "
-                    f"this server takes at most {limits.max_prompt_tokens}", param="messages",
-                    code="context_length_exceeded")
+def _too_long(n: int, limits: protocol.Limits) -> ServeError:
+  return ServeError(400, f"the prompt is {n} tokens (chat markup and media included); this server takes at most "
+                    f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
 
 
 class SessionEngine(ChatEngine):
@@ -167,6 +172,7 @@ class SessionEngine(ChatEngine):
     users = [m for m in conversation if m["role"] == "user"]
     if len(users) != 1 or len(system) > 1 or len(system) + 1 != len(conversation):
       return None
+    from omni_jax.generate import limits as limits_lib  # noqa: PLC0415
     from omni_jax.serve.session import OmniSession  # noqa: PLC0415
 
     if speak:
@@ -179,10 +185,8 @@ class SessionEngine(ChatEngine):
     try:
       try:
         session.push_message(users[0])
-      except ValueError as e:  # SessionError: the cache is full, or a media part is bad
-        if "max_len" in str(e):  # the cache filled up while prefilling: longer than every limit
-          raise _too_long(session.num_tokens, self.limits, at_least=True) from None
-        raise
+      except limits_lib.ContextLengthError as e:  # refused before prefilling: longer than the cache
+        raise _too_long(e.prompt_tokens, self.limits) from None
       if session.num_tokens > self.limits.max_prompt_tokens:
         raise _too_long(session.num_tokens, self.limits)
     except BaseException:
@@ -235,7 +239,6 @@ class Job:
   options: dict  # Engine.respond keywords
   loop: Any
   out: Any  # asyncio.Queue of ("event", Event) | ("error", ServeError) | ("end", None)
-  workdir: Optional[str] = None  # the request's media files, removed when the job ends
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
   def send(self, kind: str, item: Any) -> None:
@@ -293,8 +296,6 @@ class Worker:
     unit's iterator is closed (its sessions freed) once none of its jobs is left."""
     if job in unit.left:
       unit.left.remove(job)
-    if job.workdir:
-      shutil.rmtree(job.workdir, ignore_errors=True)
     with self.lock:
       self.counts[outcome] += 1
     if last is not None:
@@ -461,8 +462,10 @@ def _sse(obj: dict) -> str:
 
 
 def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, media_root: Optional[str] = None,
-               started: Optional[float] = None):
-  """The FastAPI app. worker: started and stopped with the app (lifespan)."""
+               started: Optional[float] = None, gate: Optional[guard.GateConfig] = None, decode_workers: int = 2):
+  """The FastAPI app behind its gate (guard.Gate: hosts, origins, API key, body size and timeouts; default
+  GateConfig()). worker: started and stopped with the app (lifespan). decode_workers: threads that decode
+  requests' media (serve/media.py), so the model's thread only prefills and decodes tokens."""
   import contextlib  # noqa: PLC0415
 
   from fastapi import FastAPI, Request  # noqa: PLC0415 - the serve extra
@@ -472,14 +475,19 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
   transcripts: collections.OrderedDict = collections.OrderedDict()  # audio id -> transcript, for later turns
   if media_root is not None and not os.path.isdir(media_root):
     raise ValueError(f"--media_root {media_root}: no such directory")
+  model = getattr(worker.engine, "model", None)
+  decoder = media_lib.MediaDecoder(getattr(model, "preprocessor", None), limits, workers=decode_workers,
+                                   max_pending=max(worker.jobs.maxsize, 1) * 2)
 
   @contextlib.asynccontextmanager
   async def lifespan(_app):
     worker.start()
     yield
     worker.stop()
+    decoder.close()
 
   app = FastAPI(title="omni_jax", lifespan=lifespan)
+  app.add_middleware(guard.Gate, config=gate or guard.GateConfig(), max_body_bytes=limits.max_body_bytes)
 
   def error(e: ServeError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
@@ -519,17 +527,18 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
     return {"status": "ok"}
 
   def prepare(request: protocol.ChatRequest) -> Job:
-    """Media files and the job (on a thread: base64 decoding and file writes stay off the loop)."""
+    """The job with its media decoded (on the decoder's pool: base64, files and decoding stay off the loop
+    and off the model's thread). The request's own settings are checked before anything is written; its
+    files are removed when decoding ends, whatever happened."""
+    options = dict(speak=request.speak, voice=worker.engine.check_voice(request.audio.voice) if request.speak
+                   else None, max_new_tokens=request.new_tokens(limits), sampling=request.sampling())
     workdir = tempfile.mkdtemp(prefix="omni_serve_")
     try:
-      media = protocol.MediaWriter(workdir, limits, media_root)
-      conversation = protocol.conversation(request, media, transcripts)
+      conversation = protocol.conversation(request, protocol.MediaWriter(workdir, limits, media_root), transcripts)
     except BaseException:
       shutil.rmtree(workdir, ignore_errors=True)
       raise
-    options = dict(speak=request.speak, voice=worker.engine.check_voice(request.audio.voice) if request.speak
-                   else None, max_new_tokens=request.new_tokens(limits), sampling=request.sampling())
-    return Job(conversation, options, loop=None, out=None, workdir=workdir)
+    return Job(decoder.decode(conversation, workdir), options, loop=None, out=None)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(http: Request):
@@ -538,13 +547,9 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
     if request.model != model_name:
       raise ServeError(404, f"The model {request.model!r} does not exist; this server has {model_name!r}",
                        param="model", code="model_not_found")
-    job = await asyncio.to_thread(prepare, request)
+    job = await decoder.run(prepare, request)
     job.loop, job.out = asyncio.get_running_loop(), asyncio.Queue()
-    try:
-      worker.submit(job)
-    except ServeError:
-      shutil.rmtree(job.workdir, ignore_errors=True)
-      raise
+    worker.submit(job)
     reply = _Reply(request, model_name)
     try:
       first = await _next(job, http)
