@@ -60,6 +60,11 @@ case "${1:-}" in
     # so $workdir/token2wav holds all three towers.
     .venv/bin/python train.py --config configs/demo_token2wav.py --config.data.source=demo \
       --config.data.speech_codes="$units/codes.json" --config.init_from="$workdir" --workdir "$workdir/token2wav"
+    # Its voice: the spoken replies are one eSpeak voice, trained as the Talker's default speaker (Chelsie). One
+    # of its clips, as training conditioned on it, goes into $workdir/token2wav/speakers.safetensors, where
+    # generate.py --speak, chat.py and the server find the voice (omni_jax/units/new_voice.py, "voices").
+    .venv/bin/python -m omni_jax.units.new_voice voices --checkpoint "$workdir/token2wav" \
+      --clip "$corpus/media/speech/a000.wav"
     # Spoken replies from all three towers: the held-out voice-chat prompts answered in text, Talker codes and
     # audio; pocketsphinx's transcript of the audio vs the reply's text (WER) and resemblyzer's similarity to the
     # voice's clip, beside the judges' own scores on the task's recordings (judge_wer, judge_similarity).
@@ -72,6 +77,10 @@ case "${1:-}" in
     clip=$(ls "$HOME"/.cache/omni_jax/demo_corpus/media/digits/digit7_en-US-nyc_0.wav 2>/dev/null | head -n 1)
     .venv/bin/python generate.py --checkpoint "$workdir" --prompt "Which digit is spoken?" \
       ${clip:+--audio "$clip"} --max_new_tokens 8 --greedy
+    # And a spoken reply from all three towers: text, speech codes and a 24 kHz WAV (Griffin-Lim: the tiny
+    # BigVGAN is untrained; at most 256 codes, configs/demo.py), written into the workdir.
+    .venv/bin/python generate.py --checkpoint "$workdir/token2wav" --prompt "How do I make tea?" --speak \
+      --wav_out "$workdir/reply.wav" --codes_out "$workdir/reply.codes.json"
     ;;
   test)
     setup test,tpu,serve,eval  # tpu: libtpu for the AOT tests (tests/test_aot.py); serve: tests/test_server.py; eval: the speech judges

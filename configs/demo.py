@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   e.steps, e.batch_size = 64, 4  # at most; the loss evaluator reads eval.samples_per_dataset of each dataset
   e.max_new_tokens = ml_collections.ConfigDict(dict(asr=32, mcq=8, open=24, speech=32))
   # speech (run.sh main's last step, on WORKDIR/token2wav): the spoken replies are at most 4.4 s (220 codes at
-  # 50 Hz); a Talker that never stops would otherwise run to config.generate's 4096.
+  # 50 Hz); a Talker that never stops would otherwise run to config.generate's 4096. The same bound for
+  # generate.py --speak, chat.py and the server, which read config.generate.talker from the checkpoint.
   e.talker_max_new_tokens = 256
+  c.generate.talker.max_new_tokens = 256
   return c

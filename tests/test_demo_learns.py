@@ -2,7 +2,10 @@
 trains it (speech units fitted on the spoken replies and every reply encoded, with the same commands and
 settings, so the Thinker and the Talker both train), evaluated before the first step (untrained) and at the end.
 The held-out loss of every modality the Thinker trains falls, and so does the Talker's held-out code loss; the
-held-out spoken digits (2 voices never heard in training) go from chance (10%) to clearly better.
+held-out spoken digits (2 voices never heard in training) go from chance (10%) to clearly better. Then the rest
+of run.sh main's speech steps on that checkpoint (the DiT, for 2 steps here, and the voices step) leave a
+Token2Wav checkpoint with which `generate.py --checkpoint WORKDIR/token2wav --prompt ... --speak`, with no other
+flag, writes a 24 kHz WAV in the default voice.
 
 The only departures from run.sh, none of which changes what is trained (the figures below are the main job's):
 no evaluation at step 100 (the assertions read step 0 and the end), one checkpoint (at the end), the asr
@@ -18,7 +21,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import soundfile
 
 from configs import demo
 
@@ -32,8 +37,9 @@ def _run(cmd, what, env):
 
 
 @pytest.fixture(scope="module")
-def evaluations(tmp_path_factory, demo_dir):
-  """(step-0 eval scalars, last-step eval scalars) of the main job's training."""
+def trained(tmp_path_factory, demo_dir):
+  """The main job's training: {"evals": (step-0 eval scalars, last-step eval scalars), "workdir", "units",
+  "env"}."""
   work = tmp_path_factory.mktemp("demo_learns")
   units = work / "units"
   # One CPU device, as run.sh. The three processes share a JAX compilation cache (this test's own folder): the
@@ -57,7 +63,12 @@ def evaluations(tmp_path_factory, demo_dir):
   rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
   evals = {r["step"]: r for r in rows if "eval/loss" in r}
   assert sorted(evals) == [0, steps]
-  return evals[0], evals[steps]
+  return {"evals": (evals[0], evals[steps]), "workdir": run, "units": units, "env": env}
+
+
+@pytest.fixture(scope="module")
+def evaluations(trained):
+  return trained["evals"]
 
 
 @pytest.mark.slow
@@ -85,3 +96,34 @@ def test_held_out_digits_go_from_chance_to_clearly_better(evaluations):
   # Measured 2026-12-01: 0% -> 47.5% (the README's main job measured the same; 42.5-55% on earlier commits,
   # which trained the Thinker alone).
   assert digits_after >= 0.3 and digits_after >= digits_before + 0.25
+
+
+@pytest.mark.slow
+def test_the_main_jobs_dit_checkpoint_speaks_with_no_extra_flags(trained, demo_dir, tmp_path):
+  from omni_jax import checkpoint  # noqa: PLC0415
+  from omni_jax.token2wav import voice  # noqa: PLC0415
+
+  work, env = trained["workdir"], trained["env"]
+  dit = work / "token2wav"
+  _run(["train.py", "--config", "configs/demo_token2wav.py", "--config.data.source=demo",
+        f"--config.data.demo_dir={demo_dir}", f"--config.data.speech_codes={trained['units'] / 'codes.json'}",
+        "--config.train.steps=2", "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
+        "--config.eval.at_start=False", "--config.data.worker_count=0", f"--config.init_from={work}",
+        "--workdir", str(dit)], "train.py (DiT)", env)
+  out = _run(["-m", "omni_jax.units.new_voice", "voices", "--checkpoint", str(dit), "--clip",
+              f"{demo_dir}/media/speech/a000.wav"], "voices", env)
+  assert "voices Chelsie (" in out, out
+  # The workdir keeps its own config.json beside speakers.safetensors: no transformers directory for that.
+  assert (dit / "speakers.safetensors").is_file() and (dit / "config.json").is_file()
+  assert not checkpoint.is_transformers_dir(str(dit))
+  assert sorted(voice.voices_of(str(dit))[0]) == ["Chelsie"]
+  # generate.py exactly as the README shows it (outputs in the current folder), from another folder.
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--checkpoint", str(dit), "--prompt",
+                         "How do I make tea?", "--speak"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  wave, rate = soundfile.read(tmp_path / "reply.wav", dtype="int16")
+  assert rate == 24000 and wave.ndim == 1 and wave.size > 0 and np.abs(wave).max() > 0
+  reply = json.loads((tmp_path / "reply.codes.json").read_text())
+  assert reply["speaker"] == "Chelsie" and 0 < len(reply["codes"]) <= 256  # configs/demo.py's bound
+  assert wave.size == len(reply["codes"]) * 480  # 20 ms of audio per code

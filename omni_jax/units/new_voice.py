@@ -16,6 +16,14 @@ prepare writes into --out:
       recording of at most 10 s): what synthesis conditions on;
   new_voice.json  {speaker, bos_token, reference, train, validation, clips}: configs/recipes/new_voice.py reads it.
 No jax: this runs anywhere; audio is decoded only to check it and to measure durations.
+
+A checkpoint's voices, for a DiT trained here on clips whose run config names no references (the main job's,
+configs/demo_token2wav.py: its spoken replies have one voice, the default speaker):
+  python -m omni_jax.units.new_voice voices --checkpoint WORKDIR/token2wav --clip [NAME=]CLIP ...
+writes CHECKPOINT/speakers.safetensors (merged into one already there), where generate.py, chat.py and the
+server look for voices (omni_jax/token2wav/voice.py): each NAME (default: the Talker's default_speaker) voiced
+as training conditioned on its clip (zero cond, the clip's mel tiled to config.train.token2wav.ref_frames).
+This step imports jax (the Token2Wav voice module).
 """
 
 import argparse
@@ -164,6 +172,47 @@ def example(voice: str, out: str, count: int = 12) -> list[str]:
   return names
 
 
+def voices(checkpoint_path: str, clips: list[str]) -> dict:
+  """The voices step (see the module doc): {name: clip} written to CHECKPOINT/speakers.safetensors."""
+  from omni_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from omni_jax.token2wav import voice  # pylint: disable=import-outside-toplevel
+
+  path = os.path.abspath(os.path.expanduser(checkpoint_path))
+  where = checkpoint.find_config(checkpoint.params_dir(path))
+  if where is None:
+    raise RecipeError(f"--checkpoint {checkpoint_path}: no config.json stored with it")
+  config = checkpoint.load_config(where)
+  t2w = config.model.get("token2wav", None)
+  if t2w is None:
+    raise RecipeError(f"--checkpoint {checkpoint_path}: the model has no Token2Wav (config.model.token2wav)")
+  talker = config.model.get("talker", None)
+  known = dict(talker.get("speakers", None) or {}) if talker is not None else {}
+  default = talker.get("default_speaker", None) if talker is not None else None
+  ref_frames = ((config.get("train", None) or {}).get("token2wav", None) or {}).get("ref_frames", None)
+  table, named = {}, {}
+  for spec in clips:
+    name, sep, clip = spec.partition("=")
+    if not sep or os.sep in name or not name.replace("_", "").replace("-", "").isalnum():
+      name, clip = default, spec  # a path (that may hold "=" itself)
+    if not name:
+      raise RecipeError(f"--clip {spec}: name the voice (NAME=CLIP): the model has no default speaker")
+    if not os.path.isfile(clip):
+      raise RecipeError(f"--clip {spec}: {clip} does not exist")
+    if known and name not in known:
+      print(f"warning: {name!r} is not one of the Talker's speakers {sorted(known)}: only Token2Wav can voice it",
+            file=sys.stderr)
+    try:
+      table[name] = voice.voice_from_clip(clip, enc_emb_dim=int(t2w.dit.enc_emb_dim), ref_frames=ref_frames,
+                                          name=name)
+    except voice.VoiceError as e:
+      raise RecipeError(str(e)) from None
+    named[name] = os.path.abspath(clip)
+  if not table:
+    raise RecipeError("--clip: give at least one clip of a voice")
+  voice.write_voices(os.path.join(path, voice.SPEAKERS_FILE), table)
+  return named
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +227,10 @@ def main(argv=None) -> int:
   e.add_argument("--voice", default="en-GB-scotland")
   e.add_argument("--count", type=int, default=12)
   e.add_argument("--out", required=True)
+  v = sub.add_parser("voices", help="a checkpoint's voices from clips: CHECKPOINT/speakers.safetensors")
+  v.add_argument("--checkpoint", required=True, help="training workdir, step directory or parameters checkpoint")
+  v.add_argument("--clip", action="append", required=True,
+                 help="[NAME=]CLIP: a recording of the voice NAME (default: the Talker's default_speaker); repeatable")
   args = p.parse_args(argv)
   try:
     if args.command == "prepare":
@@ -185,10 +238,14 @@ def main(argv=None) -> int:
                   bos_token=args.bos_token)
       print(f"voice {r['speaker']}: {r['train']} train + {r['validation']} validation recordings ({r['seconds']} s), "
             f"reference {r['reference']} ({r['reference_seconds']} s) -> {args.out}")
+    elif args.command == "voices":
+      named = voices(args.checkpoint, args.clip)
+      print(f"voices {', '.join(f'{n} ({c})' for n, c in sorted(named.items()))} -> "
+            f"{os.path.join(args.checkpoint, 'speakers.safetensors')}")
     else:
       names = example(args.voice, args.out, args.count)
       print(f"{len(names)} recordings in eSpeak NG voice {args.voice} -> {args.out}")
-  except RecipeError as err:
+  except (RecipeError, FileNotFoundError) as err:  # FileNotFoundError: no checkpoint (CheckpointError is one)
     print(f"error: {err}", file=sys.stderr)
     return 2
   return 0
