@@ -324,8 +324,9 @@ class Worker:
     err = e if isinstance(e, ServeError) else _user_error(e)
     if err is None:
       log.exception("request failed", exc_info=e)
-      err = ServeError(500, f"the server failed on this request ({type(e).__name__}: {e})", type="server_error",
-                       code="internal_error")
+      # The exception's text may name the server's files: it goes to the log, the client gets its type.
+      err = ServeError(500, f"the server failed on this request ({type(e).__name__}; details in the server's log)",
+                       type="server_error", code="internal_error")
     self._finish(unit, job, "failed", last=("error", err))
 
   def _admit(self, jobs: list) -> list["_Unit"]:

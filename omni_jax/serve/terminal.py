@@ -156,17 +156,17 @@ class Terminal:
     return True
 
   def _decoded(self, part: dict) -> dict:
-    """An attachment checked before anything is prefilled: decoded as the session will decode it (audio once,
-    handed over as samples; images and video decoded here and again by the session). Raises ValueError."""
+    """An attachment decoded before anything is prefilled (once: the session takes the result), so a bad file
+    fails here: audio as 16 kHz samples, images and videos preprocessed. Raises ValueError."""
     from omni_jax.input.media import audio as audio_media  # noqa: PLC0415
 
+    pre = self.model.preprocessor
     if part["type"] == "audio":
-      wave = audio_media.load_audio(part["path"])
+      wave = audio_media.load_audio(part["path"], budget=pre.options.budget)
       if wave.size == 0:
         raise ValueError(f"{part['path']}: audio is empty")
       return {"type": "audio", "array": wave, "sample_rate": audio_media.SAMPLE_RATE}
-    self.model.preprocessor.load_part(part, False, "chat", {"images": [], "videos": [], "audios": []})
-    return part
+    return dict(part, decoded=pre.decode_part(part, False, "chat"))
 
   def message(self, text: str) -> None:
     """One user turn: push the attachments and the text, stream the reply (and write its speech)."""
