@@ -548,7 +548,10 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
     if request.model != model_name:
       raise ServeError(404, f"The model {request.model!r} does not exist; this server has {model_name!r}",
                        param="model", code="model_not_found")
-    job = await decoder.run(prepare, request)
+    if _has_media(request):
+      job = await decoder.run(prepare, request)
+    else:  # nothing to decode: no place taken on the decoders, which slow media may hold
+      job = await asyncio.to_thread(prepare, request)
     job.loop, job.out = asyncio.get_running_loop(), asyncio.Queue()
     worker.submit(job)
     reply = _Reply(request, model_name)
@@ -565,6 +568,10 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
     return await _complete(job, reply, first, http, transcripts)
 
   return app
+
+
+def _has_media(request: protocol.ChatRequest) -> bool:
+  return any(isinstance(m.content, list) and any(p.type != "text" for p in m.content) for m in request.messages)
 
 
 async def _next(job: Job, http=None, poll: float = 0.5) -> tuple:
