@@ -369,7 +369,8 @@ class MediaWriter:
 
 def conversation(request: ChatRequest, media: MediaWriter, transcripts: Optional[dict] = None) -> list[dict]:
   """The request's messages as a project conversation (omni_jax.generate.prompts: parts with local paths; media
-  parts also carry "param", the request field they came from, for error messages). transcripts: audio id -> text of earlier spoken replies (an assistant turn given only by its audio id)."""
+  parts also carry "param", the request field they came from, for error messages). transcripts: audio id ->
+  text of earlier spoken replies (an assistant turn given only by its audio id)."""
   out = []
   for i, m in enumerate(request.messages):
     role = "system" if m.role == "developer" else m.role
