@@ -46,7 +46,7 @@ def prompt_sample(messages: Sequence, preprocessor: preprocess.Preprocessor, nam
                            media["audios"], aiv)
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
@@ -70,14 +70,14 @@ def prompt_batch(samples: Sequence[preprocess.Sample], *, pad_id: int, length_mu
   most = lambda f: max(f(s) for s in samples)  # noqa: E731
   patches_of = lambda items: sum(len(i[0]) for i in items)  # noqa: E731
   bucket = packing.Bucket(
-      seq_len=_round_up(most(lambda s: s.num_tokens), length_multiple), batch_size=len(samples),
+      seq_len=round_up(most(lambda s: s.num_tokens), length_multiple), batch_size=len(samples),
       max_images=most(lambda s: len(s.images)), max_videos=most(lambda s: len(s.videos)),
       max_audios=most(lambda s: len(s.audios)),
-      max_image_patches=_round_up(most(lambda s: patches_of(s.images)), length_multiple) if most(
+      max_image_patches=round_up(most(lambda s: patches_of(s.images)), length_multiple) if most(
           lambda s: len(s.images)) else 0,
-      max_video_patches=_round_up(most(lambda s: patches_of(s.videos)), length_multiple) if most(
+      max_video_patches=round_up(most(lambda s: patches_of(s.videos)), length_multiple) if most(
           lambda s: len(s.videos)) else 0,
-      max_audio_frames=_round_up(most(lambda s: max((a.shape[1] for a in s.audios), default=0)), 200) if most(
+      max_audio_frames=round_up(most(lambda s: max((a.shape[1] for a in s.audios), default=0)), 200) if most(
           lambda s: len(s.audios)) else 0,
       num_mel_bins=num_mel_bins)
   return left_pad(packing.assemble([[s] for s in samples], bucket, pad_id))

@@ -28,10 +28,12 @@ import numpy as np
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from omni_jax import sizes
+
 AUDIO_IN_FORMATS = ("wav", "mp3", "flac", "ogg")  # what omni_jax.input.media.audio decodes
 AUDIO_OUT_FORMATS = ("wav", "pcm16")
 OUT_SAMPLE_RATE = 24000  # Token2Wav's rate
-AUDIO_TOKENS_PER_SECOND = 25  # the audio tower's 40 ms tokens
+AUDIO_TOKENS_PER_SECOND = sizes.audio_token_count(30000) / 300  # the audio tower's tokens per second of audio
 MAX_SEED = 2 ** 63 - 1  # seeds are 64-bit signed, as OpenAI's
 
 # OpenAI request fields that change nothing here: accepted and ignored, so stock clients keep working.

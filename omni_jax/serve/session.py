@@ -83,11 +83,6 @@ _CONTEXT = 2 * audio_media.HOP_LENGTH  # samples before a chunk: its first frame
 _PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Generator -> {key: jitted program}
 
 
-def _round_up(n: int, multiple: int) -> int:
-  """A chunk's row length: prompts.prompt_batch's rounding."""
-  return max(multiple, -(-n // multiple) * multiple)
-
-
 class SessionError(ValueError):
   """A request the session cannot serve (full cache, nothing to respond to, a model without a Talker...)."""
 
@@ -265,7 +260,7 @@ class OmniSession:
     ids = [int(i) for i in ids]
     if not ids:
       return
-    length = _round_up(len(ids), self.chunk_multiple)  # prompt_batch's row length, known before any array
+    length = prompts.round_up(len(ids), self.chunk_multiple)  # prompt_batch's row length, known before any array
     if self._slots + length > self.max_len:
       # The tokens fit (checked when the input was pushed) but the chunks' padding does not.
       raise SessionContextLengthError(
