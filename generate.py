@@ -23,6 +23,8 @@ from omni_jax import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional Python config file (get_config()).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, step directory, converter output or HF directory.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapters merged into the checkpoint: a PEFT adapter directory or "
+                               "a LoRA run of train.py (docs/training.md).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The user's message.")
 _SYSTEM = flags.DEFINE_string("system", None, "System prompt (default: the chat template's).")
 _IMAGE = flags.DEFINE_multi_string("image", [], "Image file (repeatable).")
@@ -61,7 +63,7 @@ def main(argv):
   settings = dict(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                   top_p=_TOP_P.value, repetition_penalty=_PENALTY.value, seed=_SEED.value,
                   do_sample=False if _GREEDY.value else None)
-  model = api.load(_CHECKPOINT.value, _CONFIG.value)
+  model = api.load(_CHECKPOINT.value, _CONFIG.value, adapter=_ADAPTER.value)
   if _SPEAK.value:
     model.set_voice_options(vocoder=_VOCODER.value, dtype=_VOICE_DTYPE.value)
     explicit = flags.FLAGS["wav_out"].present or _MEL_PNG.value is not None or _REFERENCE.value is not None

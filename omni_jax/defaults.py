@@ -23,6 +23,7 @@ SHARDING_RULES = (
     ("vocab", ("tensor",)),
     ("norm", ()),
     ("layers", ()),
+    ("lora_rank", ()),  # the rank of a LoRA adapter (omni_jax.layers.lora): small, replicated
     ("vision_patch", ()),  # values of a vision patch row (C * T * p * p)
     ("conv_width", ()),  # convolution taps
     ("mel", ()),  # mel-spectrogram bins (audio encoder input)

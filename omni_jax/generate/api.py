@@ -27,12 +27,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from omni_jax import adapters
 from omni_jax import checkpoint
 from omni_jax import defaults
 from omni_jax import sharding
 from omni_jax import towers
+from omni_jax.config import ConfigError
 from omni_jax.convert import export
 from omni_jax.convert import hf
+from omni_jax.convert import peft
 from omni_jax.convert import speakers
 from omni_jax.generate import prompts
 from omni_jax.generate.decode import Generator
@@ -72,17 +75,23 @@ def _has_tokenizer(d: Optional[str]) -> bool:
                             or all(os.path.isfile(os.path.join(d, f)) for f in ("vocab.json", "merges.txt")))
 
 
-def restore(path: str, config: Optional[ml_collections.ConfigDict] = None, mesh_shape=None):
+def restore(path: str, config: Optional[ml_collections.ConfigDict] = None, mesh_shape=None,
+            adapter: Optional[str] = None):
   """(config, graphdef, params, param_shardings, mesh, tokenizer directory or None) for any checkpoint.
 
   path: a transformers directory (config.json + *.safetensors), a converter output, a training step
   directory or a training workdir (its latest step). config: runtime, mesh and generation settings (default:
   the config saved with a training run, else the defaults); the model architecture always comes from the
   checkpoint. Parameters are placed directly in their sharded layout on the mesh.
+
+  A LoRA run's checkpoint loads with its base (the one it recorded) and the adapters merged in. adapter: LoRA
+  adapters to merge into the model at `path`: a PEFT adapter directory (adapter_config.json) or a LoRA run of
+  this project (its workdir or step; `path` then replaces the base it recorded).
   """
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: no such checkpoint")
+  merged = None  # the parameters of a LoRA checkpoint, merged on the host
   if _is_hf_dir(path):
     config = hf.config_from_hf(hf.read_config(path), base=config)
     speakers.import_from(path, config)  # the voices' bos ids (spk_dict.pt) when the model has a Talker
@@ -100,6 +109,15 @@ def restore(path: str, config: Optional[ml_collections.ConfigDict] = None, mesh_
         if key not in config:
           fill(config)
       config.mesh = defaults.base_config().mesh  # the training mesh need not fit the devices present
+    if adapter is not None and not peft.is_adapter_dir(adapter):
+      params_path, base = checkpoint.params_dir(adapter), params_path
+      config = checkpoint.load_config(checkpoint.find_config(params_path))
+      if not adapters.is_lora(config):
+        raise ConfigError(f"--adapter {adapter}: neither a PEFT adapter directory nor a LoRA run (its config has "
+                          f"no lora section)")
+      config, merged = adapters.restore_merged(params_path, config, base=base)
+    elif adapters.is_lora(config):  # a LoRA run's step holds adapters only: rebuild its base, fold them in
+      config, merged = adapters.restore_merged(params_path, config)
     config = export.complete_token_ids(checkpoint.adopt_model_config(config, params_path))
     assets = export.assets_of(params_path)
     tokenizer_dir = assets if _has_tokenizer(assets) else None
@@ -109,7 +127,14 @@ def restore(path: str, config: Optional[ml_collections.ConfigDict] = None, mesh_
   mesh = sharding.make_mesh(config.mesh)
   graphdef, abstract = omni.abstract_model(config)
   shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
-  if _is_hf_dir(path):
+  if adapter is not None and peft.is_adapter_dir(adapter):
+    base = hf.load_state(path, abstract) if _is_hf_dir(path) else checkpoint.restore_params(params_path, abstract)
+    merged = peft.merged(adapter, config, jax.device_get(nnx.to_pure_dict(base)))
+  if merged is not None:
+    params = jax.tree.map(lambda x: x, abstract)
+    nnx.replace_by_pure_dict(params, merged)
+    params = jax.device_put(params, shardings)
+  elif _is_hf_dir(path):
     params = jax.device_put(hf.load_state(path, abstract), shardings)
   else:
     params = checkpoint.restore_params(params_path, abstract, shardings)
@@ -332,10 +357,11 @@ def speak_to_file(model: OmniChat, prompt: str, path: str, *, speaker: Optional[
 
 
 def load(path: str, config: Optional[ml_collections.ConfigDict] = None, *, mesh_shape=None,
-         tokenizer: Optional[str] = None) -> OmniChat:
+         tokenizer: Optional[str] = None, adapter: Optional[str] = None) -> OmniChat:
   """Load a checkpoint for chatting. tokenizer: a tokenizer directory or .tiktoken file (default: the one
-  carried with the checkpoint, else config.data.tokenizer, else the bundled Qwen BPE ranks)."""
-  config, graphdef, params, shardings, mesh, tokenizer_dir = restore(path, config, mesh_shape)
+  carried with the checkpoint, else config.data.tokenizer, else the bundled Qwen BPE ranks). adapter: LoRA
+  adapters merged in (see restore)."""
+  config, graphdef, params, shardings, mesh, tokenizer_dir = restore(path, config, mesh_shape, adapter)
   if tokenizer is None:
     tokenizer = tokenizer_dir or (config.get("data", {}) or {}).get("tokenizer")
   return OmniChat(Generator(graphdef, params, config, mesh, shardings), Tokenizer(tokenizer), config,

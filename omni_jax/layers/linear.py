@@ -42,11 +42,20 @@ class Linear(nnx.Module):
     self.bias = (param(rngs, jax.nn.initializers.zeros, (out_features,), names[1:], param_dtype, units[1:])
                  if use_bias else None)
     self.dtype = dtype
+    self.kernel_scale = nnx.data(None)  # per-output-channel scale of an int8 kernel (omni_jax.layers.lora)
+    self.lora = nnx.data(None)  # a low-rank adapter (omni_jax.layers.lora.attach)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    kernel = self.kernel[...].astype(self.dtype)
+    if self.kernel_scale is not None:
+      kernel = kernel * self.kernel_scale[...].astype(self.dtype)[..., None, :]
+    y = jnp.dot(x.astype(self.dtype), kernel)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      delta = self.lora(x, self.dtype)
+      if delta is not None:
+        y = y + delta
     return y
 
 

@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 
 from omni_jax import config as config_lib
 from omni_jax import sharding, towers
+from omni_jax.layers import lora
 
 
 class OmniModel(nnx.Module):
@@ -19,6 +20,9 @@ class OmniModel(nnx.Module):
     rt = config_lib.Runtime.from_config(config.model)
     for tower in towers.built(config):
       setattr(self, tower.name, tower.build(config, rt, rngs))
+    adapters = lora.LoraConfig.from_config(config)
+    if adapters is not None:
+      lora.attach(self, adapters, rngs)
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:

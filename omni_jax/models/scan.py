@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from omni_jax.layers import lora
+
 _POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.dots_saveable,
@@ -42,13 +44,14 @@ def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_polic
   graphdef, state = nnx.split(layers)
 
   def body(carry, xs):
-    layer_state, extra = xs
-    out = nnx.merge(graphdef, layer_state)(carry, *args, *extra)
+    layer_state, extra, index = xs
+    with lora.layer(index):  # each layer draws its own adapter-dropout masks
+      out = nnx.merge(graphdef, layer_state)(carry, *args, *extra)
     return out if layer_outputs else (out, None)
 
   if remat_policy != "none":
     body = jax.checkpoint(body, policy=_POLICIES[remat_policy], prevent_cse=not scan)
-  xs = (state, tuple(per_layer))
+  xs = (state, tuple(per_layer), jnp.arange(jax.tree.leaves(state)[0].shape[0]))
   if scan:
     x, ys = jax.lax.scan(body, x, xs)
   else:

@@ -22,6 +22,8 @@ from omni_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Optional Python config file (get_config()).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, step directory, converter output or HF directory.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "LoRA adapters merged into the checkpoint: a PEFT adapter directory or "
+                               "a LoRA run of train.py (docs/training.md).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (default: localhost only).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to bind.")
 _MEDIA_ROOT = flags.DEFINE_string("media_root", None, "The only directory whose files requests may name "
@@ -77,7 +79,7 @@ def main(argv):
     hosts = list(guard.LOCAL_HOSTS) + ([_HOST.value] if _HOST.value not in ("0.0.0.0", "::", "") else [])
   gate = guard.GateConfig(allowed_hosts=tuple(hosts), cors_origins=tuple(_CORS.value), api_key=api_key,
                           read_timeout=_READ_TIMEOUT.value)
-  model = api.load(_CHECKPOINT.value, _CONFIG.value)
+  model = api.load(_CHECKPOINT.value, _CONFIG.value, adapter=_ADAPTER.value)
   positions = int(model.config.model.thinker.text.get("max_position_embeddings", 32768))
   max_prompt = _MAX_PROMPT.value or max(1, min(32768, positions - _MAX_NEW.value))
   if max_prompt + _MAX_NEW.value > positions:

@@ -23,9 +23,10 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from omni_jax import checkpoint
+from omni_jax import adapters, checkpoint
 from omni_jax import sharding, towers
 from omni_jax.evaluate import loss as eval_lib
+from omni_jax.layers import lora
 from omni_jax.evaluate import run as eval_run
 from omni_jax.evaluate.tasks import loss as loss_task
 from omni_jax.talker import targets as talker_targets
@@ -116,17 +117,37 @@ class _Preemption:
       _packing().clear_interrupt()
 
 
+def _lora_base(setup: state_lib.Setup, init_from: Optional[str]) -> Optional[dict]:
+  """The frozen base of a LoRA run (None without config.lora): init_from's parameters, else a seeded random
+  initialisation (tests), in the base's layout and shardings."""
+  if setup.lora is None:
+    return None
+  if init_from:
+    base = adapters.load_base(init_from, setup.abstract_params, setup.param_shardings)
+    log.info("LoRA base: %s (%s)", checkpoint.params_dir(init_from), setup.lora.base_dtype)
+    return base
+  log.warning("config.lora without config.init_from: the adapters train over a randomly initialised base")
+  return lora.without_adapters(setup.init().params)
+
+
 def _initial_state(setup: state_lib.Setup, ckpt: checkpoint.TrainCheckpointer, init_from: Optional[str],
-                   data) -> state_lib.TrainState:
+                   data, base: Optional[dict] = None) -> state_lib.TrainState:
   """Resume from the workdir's newest intact checkpoint (damaged ones are skipped with a warning and moved
-  aside), else start from init_from's parameters, else from scratch."""
+  aside), else start from init_from's parameters, else from scratch. A LoRA run (`base` given) stores and
+  restores its adapters only; its base is the one given."""
   target = setup.abstract_with_shardings()
-  resumed = ckpt.restore_newest_intact(target.params, dict(step=target.step, opt_state=target.opt_state,
-                                                           rng=target.rng), data)
+  stored = target.params if base is None else lora.adapters(target.params)
+  resumed = ckpt.restore_newest_intact(stored, dict(step=target.step, opt_state=target.opt_state,
+                                                    rng=target.rng), data)
   if resumed is not None:
     step, params, train = resumed
+    if base is not None:
+      adapters.check_base(os.path.join(ckpt.directory, str(step)), adapters.fingerprint(base))
+      params = state_lib.combine(base, params)
     log.info("resumed from %s/%d", ckpt.directory, step)
     return state_lib.TrainState(params=params, **train)
+  if base is not None:
+    return setup.init(state_lib.combine(base, adapters.init_adapters(setup.config, setup.param_shardings)))
   if init_from:
     path = checkpoint.params_dir(init_from)
     target = setup.abstract_with_shardings().params
@@ -215,10 +236,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         data_lib.close(eval_source)
       raise
 
-  # State: resume, or start.
+  # State: resume, or start. A LoRA run's checkpoints record its base (path and fingerprint), not the base.
+  base = _lora_base(setup, config.get("init_from"))
+  if base is not None:
+    config = adapters.record_base(config, config.get("init_from"), adapters.fingerprint(base))
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                       keep_every=t.keep_every, async_save=t.async_checkpointing, config=config)
-  state = _initial_state(setup, ckpt, config.get("init_from"), train_data)
+  state = _initial_state(setup, ckpt, config.get("init_from"), train_data, base)
+  del base  # the state holds it
   if primary:  # only now: a resume that fails leaves the workdir's config.json as it was
     checkpoint.save_config(workdir, config)
   start = int(jax.device_get(state.step))
@@ -272,7 +297,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   save_data = [train_data]  # what the checkpoint's data state comes from
 
   def save(step: int) -> None:
-    ckpt.save(step, state.params, dict(step=state.step, opt_state=state.opt_state, rng=state.rng), save_data[0])
+    params = state.params if setup.lora is None else lora.adapters(state.params)
+    ckpt.save(step, params, dict(step=state.step, opt_state=state.opt_state, rng=state.rng), save_data[0])
     saved[0] = step
 
   writer = metrics_lib.Writer(workdir, enabled=primary)

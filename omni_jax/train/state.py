@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from omni_jax import sharding
 from omni_jax.config import ConfigError
+from omni_jax.layers import lora
 from omni_jax.models import omni
 from omni_jax.train import optim
 
@@ -105,6 +106,9 @@ class Setup:
     self.abstract_params = nnx.to_pure_dict(abstract)
     self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, config.sharding_rules))
     self.frozen = frozen_paths(self.abstract_params, tuple(config.train.freeze))
+    self.lora = lora.LoraConfig.from_config(config)
+    if self.lora is not None:  # the base is frozen whole: only adapters (and nothing freeze names) train
+      self.frozen |= frozenset(k for k in traverse_util.flatten_dict(self.abstract_params) if not lora.is_adapter(k))
     trainable_mask, _ = partition(decay_mask(abstract), self.frozen)
     self.schedule = optim.schedule(config.train)
     self.tx = optim.make(config.train, trainable_mask)

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from omni_jax import batch as batch_lib
 from omni_jax import sharding, towers
+from omni_jax.layers import lora
 from omni_jax.models.thinker_tower import label_mask, logits_of, model_inputs, token_stats  # noqa: F401
 from omni_jax.train import state as state_lib
 
@@ -88,7 +89,9 @@ def make_train_step(setup: state_lib.Setup) -> Callable:
 
     def loss_fn(trainable, micro, key):
       model = nnx.merge(graphdef, state_lib.combine(trainable, frozen))
-      sums = objective_sums(model, micro, key, objectives, mesh, rules)
+      # Adapter dropout draws apart from the objectives' keys (fold_in(key, i) for objective i).
+      with lora.dropout_key(jax.random.fold_in(key, len(objectives)) if setup.lora is not None else None):
+        sums = objective_sums(model, micro, key, objectives, mesh, rules)
       loss = sum(w * jnp.sum(sums[o.name]["loss_sum"]) / n for (o, w), n in zip(weighted, norms))
       return loss * scale, sums
 
