@@ -32,6 +32,17 @@ holding at most one spoken reply (its last spoken message's triple); F = the buc
   token2wav_mel        [B, F, 80] float32       target log mel (100 frames/s; the silence level past its end)
   token2wav_lengths    [B] int32                real mel frames (0: the row carries no reply; the loss skips it)
   token2wav_reference  [B, R, 80] float32       the speaker's reference mel for ECAPA (R = token2wav_ref_frames)
+Preference pairs (present in every batch of a DPO run: config.dpo; omni_jax.input.pairs). A pair is two
+segments of one row, the prompt + the chosen reply and the same prompt + the rejected reply, side by side; their
+labels are the usual SFT labels on the reply only (IGNORE on the prompt, earlier assistant turns included). A
+row holds at most config.dpo.max_pairs_per_row = P pairs, numbered p = 1..P within the row:
+  dpo_pair         [B, L] int32   2p-1 on every token of pair p's chosen segment, 2p on its rejected one, 0
+                                  elsewhere (SFT samples, padding, and pairs whose two texts are the same)
+  talker_dpo_pair  [B, T] int32   the same numbering on the Talker positions (talker_segment_ids) of a pair
+                                  whose two replies are spoken; present when the Talker fields are
+A pair is marked in dpo_pair when its reply texts differ (a Thinker preference) and in talker_dpo_pair when
+both replies are spoken (a Talker preference: the same text with two code sequences, for a voice or a pace);
+it may be both. A pair's number is the same in both fields; some numbers may appear in one field only.
 """
 
 from typing import Mapping
@@ -46,6 +57,8 @@ TEXT_FIELDS = ("input_ids", "labels", "segment_ids", "kind")
 TALKER_FIELDS = ("talker_text_src", "talker_text_id", "talker_codes_in", "talker_labels", "talker_segment_ids",
                  "talker_anchor", "talker_offset")
 TOKEN2WAV_FIELDS = {"token2wav_codes": 2, "token2wav_mel": 3, "token2wav_lengths": 1, "token2wav_reference": 3}
+# Per-token like the text / Talker fields they follow (field -> the field whose shape it has).
+DPO_FIELDS = {"dpo_pair": "input_ids", "talker_dpo_pair": "talker_segment_ids"}
 MEDIA_FIELDS = {
     "pixel_values": 3, "image_grid_thw": 3, "pixel_values_videos": 3, "video_grid_thw": 3,
     "second_per_grids": 2, "audio_features": 4, "audio_lengths": 2,
@@ -85,7 +98,18 @@ def check(batch: Mapping[str, np.ndarray]) -> None:
     if codes == 0 or frames % codes:
       raise ValueError(f"batch['token2wav_codes'] has {codes} codes per row for {frames} mel frames: expected a "
                        "whole number of frames per code (the DiT's repeats)")
+  for f, like in DPO_FIELDS.items():
+    if f not in batch:
+      continue
+    if like not in batch:
+      raise ValueError(f"batch[{f!r}] is given without {like!r}, whose positions it numbers")
+    if np.shape(batch[f]) != np.shape(batch[like]):
+      raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}, expected {np.shape(batch[like])} like {like!r}")
+  if "talker_dpo_pair" in batch and "dpo_pair" not in batch:
+    raise ValueError("batch has 'talker_dpo_pair' but not 'dpo_pair'")
+  if "dpo_pair" in batch and "talker_segment_ids" in batch and "talker_dpo_pair" not in batch:
+    raise ValueError("batch has 'dpo_pair' and the Talker fields but not 'talker_dpo_pair'")
   unknown = (set(batch) - set(TEXT_FIELDS) - set(MEDIA_FIELDS) - set(TALKER_FIELDS) - set(TOKEN2WAV_FIELDS)
-             - {"use_audio_in_video"})
+             - set(DPO_FIELDS) - {"use_audio_in_video"})
   if unknown:
     raise ValueError(f"batch has unknown fields {sorted(unknown)}")

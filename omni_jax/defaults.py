@@ -125,6 +125,8 @@ def training(c: ml_collections.ConfigDict) -> None:
   d.skip_ratio_min_records = 1000  # counted once this many records were read
   # The codes index of the spoken replies (`python -m omni_jax.units encode`): with a Talker, they train it.
   d.speech_codes = ml_collections.config_dict.placeholder(str)
+  # Datasets whose records are preference pairs (chosen / rejected replies) for config.dpo: docs/data.md.
+  d.preference = ()
   s = d.synthetic = ml_collections.ConfigDict()  # omni_jax.input.synthetic only
   s.vocab_size = 512  # token ids are drawn below min(this, model vocab)
   s.min_segment_len = 16  # documents are packed, several per row

@@ -8,6 +8,10 @@ no bucket can hold is skipped as too long. A bucket whose oldest waiting sample 
 reads ago is emitted as it is (partly filled), which bounds both the staleness of rare buckets and the work
 of a restore.
 
+A preference pair (preprocess.Pair) is one unit: its two samples (prompt + chosen reply, prompt + rejected reply)
+go into the same row, side by side, or the pair is skipped as too long; a row holds at most the bucket's
+max_pairs pairs. assemble numbers the pairs of each row in `dpo_pair` / `talker_dpo_pair` (omni_jax.batch).
+
 Checkpointing (grain's get_state / set_state) replays instead of serialising tensors: the state is the
 upstream state just before the oldest still-waiting sample, how many records were read since, and which of
 them are still waiting. A restore re-reads those records and preprocesses only the waiting ones, so the
@@ -25,7 +29,7 @@ import collections
 import dataclasses
 import logging
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import grain
 import numpy as np
@@ -35,13 +39,14 @@ from omni_jax import special_tokens
 from omni_jax.input.media import audio as audio_media
 from omni_jax.input.media import patches
 from omni_jax.input import sources
-from omni_jax.input.preprocess import Sample, SampleError
+from omni_jax.input.preprocess import Pair, Sample, SampleError
 from omni_jax.talker import layout as talker_layout
 from omni_jax.token2wav import mel as mel_lib
 
 PAD_ID = special_tokens.PAD  # <|endoftext|>
 PATCH_DIM = 3 * patches.TEMPORAL_PATCH_SIZE * patches.PATCH_SIZE * patches.PATCH_SIZE
 LOG_EVERY = 1000  # records read without a batch between two "still no batch" warnings
+Unit = Union[Sample, Pair]  # what the packer places: a sample, or a pair's two samples together
 
 
 class TooManySkips(sources.DataError):
@@ -100,10 +105,15 @@ class Bucket:
   token2wav_frames: int = 0
   token2wav_ref_frames: int = 0
   token2wav_repeats: int = 2
+  # Preference pairs per row (config.dpo.max_pairs_per_row); > 0 adds dpo_pair (and, with talker_seq_len,
+  # talker_dpo_pair) to every batch of the bucket; 0: the bucket takes no pair.
+  max_pairs: int = 0
 
   def __post_init__(self):
     if self.seq_len <= 0 or self.batch_size <= 0:
       raise ValueError(f"bucket {self}: seq_len and batch_size must be positive")
+    if self.max_pairs < 0:
+      raise ValueError(f"bucket {self}: max_pairs must be >= 0")
     if self.talker_seq_len < 0:
       raise ValueError(f"bucket {self}: talker_seq_len must be >= 0")
     if self.token2wav_frames and (self.token2wav_frames % self.token2wav_repeats or self.token2wav_ref_frames <= 0):
@@ -124,15 +134,23 @@ class _Load:
   audios: int = 0
   talker: int = 0  # Talker positions
   flows: int = 0  # DiT triples
+  pairs: int = 0  # preference pairs
 
   def __add__(self, o):
     return _Load(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
 
 
-def _need(s: Sample) -> _Load:
-  return _Load(s.num_tokens, len(s.images), sum(len(r) for r, _ in s.images), len(s.videos),
-               sum(len(v[0]) for v in s.videos), len(s.audios), s.spoken.talker_len if s.spoken else 0,
-               int(s.flow is not None))
+def _samples(u: Unit) -> tuple[Sample, ...]:
+  return u.samples if isinstance(u, Pair) else (u,)
+
+
+def _need(u: Unit) -> _Load:
+  out = _Load(pairs=int(isinstance(u, Pair)))
+  for s in _samples(u):
+    out = out + _Load(s.num_tokens, len(s.images), sum(len(r) for r, _ in s.images), len(s.videos),
+                      sum(len(v[0]) for v in s.videos), len(s.audios), s.spoken.talker_len if s.spoken else 0,
+                      int(s.flow is not None))
+  return out
 
 
 def _fits(load: _Load, b: Bucket, longest_audio: int, flow_frames: int = 0) -> bool:
@@ -140,24 +158,25 @@ def _fits(load: _Load, b: Bucket, longest_audio: int, flow_frames: int = 0) -> b
           and load.videos <= b.max_videos and load.video_patches <= b.max_video_patches
           and load.audios <= b.max_audios and longest_audio <= b.max_audio_frames
           and load.talker <= b.talker_seq_len and load.flows <= int(b.token2wav_frames > 0)
-          and flow_frames <= b.token2wav_frames)
+          and flow_frames <= b.token2wav_frames and load.pairs <= b.max_pairs)
 
 
-def _flow_frames(s: Sample) -> int:
-  return s.flow.frames if s.flow is not None else 0
+def _flow_frames(u: Unit) -> int:
+  return max((s.flow.frames for s in _samples(u) if s.flow is not None), default=0)
 
 
-def _longest_audio(s: Sample) -> int:
-  return max((a.shape[1] for a in s.audios), default=0)
+def _longest_audio(u: Unit) -> int:
+  return max((a.shape[1] for s in _samples(u) for a in s.audios), default=0)
 
 
-def _talker_need(s: Sample) -> str:
-  talker = f" (+ {s.spoken.talker_len} Talker positions)" if s.spoken else ""
-  return talker + (f" (+ {s.flow.frames} DiT mel frames)" if s.flow is not None else "")
+def _talker_need(u: Unit) -> str:
+  need = _need(u)
+  talker = f" (+ {need.talker} Talker positions)" if need.talker else ""
+  return talker + (f" (+ {_flow_frames(u)} DiT mel frames)" if need.flows else "")
 
 
-def bucket_for(sample: Sample, buckets: Sequence[Bucket]) -> Optional[int]:
-  """Index of the smallest bucket (buckets sorted by seq_len) whose empty row holds the sample."""
+def bucket_for(sample: Unit, buckets: Sequence[Bucket]) -> Optional[int]:
+  """Index of the smallest bucket (buckets sorted by seq_len) whose empty row holds the sample (or pair)."""
   need, longest = _need(sample), _longest_audio(sample)
   for i, b in enumerate(buckets):
     if _fits(need, b, longest, _flow_frames(sample)):
@@ -167,7 +186,8 @@ def bucket_for(sample: Sample, buckets: Sequence[Bucket]) -> Optional[int]:
 
 def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) -> dict:
   """Rows of samples -> a batch dict of bucket b's static shapes (omni_jax.batch); with b.talker_seq_len, the
-  Talker rows of the samples' spoken replies too."""
+  Talker rows of the samples' spoken replies too; with b.max_pairs, the numbering of the rows' preference pairs
+  (a pair's chosen sample directly followed by its rejected one, as Packer places them)."""
   n, l = b.batch_size, b.seq_len
   out = {"input_ids": np.full((n, l), pad_id, np.int32), "labels": np.full((n, l), batch_lib.IGNORE, np.int32),
          "segment_ids": np.zeros((n, l), np.int32), "kind": np.zeros((n, l), np.int32),
@@ -183,6 +203,10 @@ def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) 
     out["audio_features"] = np.zeros((n, b.max_audios, b.num_mel_bins, b.max_audio_frames), np.float32)
     out["audio_lengths"] = np.zeros((n, b.max_audios), np.int32)
   talker_rows = [talker_layout.empty_row(b.talker_seq_len) for _ in range(n)] if b.talker_seq_len else None
+  if b.max_pairs:
+    out["dpo_pair"] = np.zeros((n, l), np.int32)
+    if talker_rows is not None:
+      out["talker_dpo_pair"] = np.zeros((n, b.talker_seq_len), np.int32)
   if b.token2wav_frames:
     frames = b.token2wav_frames
     out["token2wav_codes"] = np.zeros((n, frames // b.token2wav_repeats), np.int32)
@@ -192,11 +216,19 @@ def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) 
     out["token2wav_lengths"] = np.zeros((n,), np.int32)
     out["token2wav_reference"] = np.zeros((n, b.token2wav_ref_frames, mel_lib.N_MELS), np.float32)
   for r, row in enumerate(rows):
-    pos = at = 0
+    pos = at = pair = 0
     for seg, s in enumerate(row, 1):
       k = s.num_tokens
+      talker_at = at
       if s.spoken is not None and talker_rows is not None:
         at = talker_layout.write(talker_rows[r], at, pos, seg, s.spoken)
+      if s.pair is not None and b.max_pairs:
+        pair += s.pair.chosen
+        number = 2 * pair - 1 if s.pair.chosen else 2 * pair
+        if s.pair.text:
+          out["dpo_pair"][r, pos:pos + k] = number
+        if s.pair.speech and "talker_dpo_pair" in out:
+          out["talker_dpo_pair"][r, talker_at:at] = number
       if s.flow is not None and b.token2wav_frames:
         f = s.flow
         out["token2wav_codes"][r, :len(f.codes)] = f.codes
@@ -235,16 +267,17 @@ class _OpenBatch:
     self.reads: list[int] = []  # absolute read index of each waiting sample
     self.states: list[Any] = []  # upstream state just before each waiting sample was read
 
-  def place(self, s: Sample, b: Bucket) -> bool:
-    """First-fit into an existing row or a new one; False when the batch is full for this sample."""
+  def place(self, s: Unit, b: Bucket) -> bool:
+    """First-fit into an existing row or a new one (a pair's two samples together); False when the batch is full
+    for this sample."""
     need, longest = _need(s), _longest_audio(s)
     for i, load in enumerate(self.loads):
       if _fits(load + need, b, longest, _flow_frames(s)):
-        self.rows[i].append(s)
+        self.rows[i].extend(_samples(s))
         self.loads[i] = load + need
         return True
     if len(self.rows) < b.batch_size:
-      self.rows.append([s])
+      self.rows.append(list(_samples(s)))
       self.loads.append(need)
       return True
     return False
@@ -259,17 +292,18 @@ class Packer:
     self.pad_id = pad_id
     self.open = [_OpenBatch() for _ in self.buckets]
 
-  def add(self, s: Sample, read: int, state: Any = None) -> Optional[tuple]:
-    """Place a sample; returns (batch, samples, bucket index) of a batch it did not fit, else None.
+  def add(self, s: Unit, read: int, state: Any = None) -> Optional[tuple]:
+    """Place a sample or a pair; returns (batch, samples, bucket index) of a batch it did not fit, else None.
 
     Raises SampleError (too_long) when no bucket can hold it.
     """
     i = bucket_for(s, self.buckets)
     if i is None:
-      b = self.buckets[-1]
-      raise SampleError("too_long", f"{s.name}: {s.num_tokens} tokens{_talker_need(s)}, {len(s.images)} images, {len(s.videos)} "
-                                    f"videos, {len(s.audios)} audios (longest {_longest_audio(s)} mel frames) fit no "
-                                    f"bucket (largest: {b.seq_len} tokens, {b.max_images} images / "
+      b, need = self.buckets[-1], _need(s)
+      what = f"a preference pair (2 segments, {b.max_pairs} pairs a row): " if need.pairs else ""
+      raise SampleError("too_long", f"{s.name}: {what}{need.tokens} tokens{_talker_need(s)}, {need.images} images, "
+                                    f"{need.videos} videos, {need.audios} audios (longest {_longest_audio(s)} mel "
+                                    f"frames) fit no bucket (largest: {b.seq_len} tokens, {b.max_images} images / "
                                     f"{b.max_image_patches} patches, {b.max_videos} videos / {b.max_video_patches} "
                                     f"patches, {b.max_audios} audios / {b.max_audio_frames} frames)")
     done = None
@@ -308,6 +342,7 @@ _KIND_NAMES = {v: k for k, v in batch_lib.KINDS.items()}
 def batch_info(samples: Sequence[Sample], skipped: Sequence[tuple], bucket: Bucket) -> dict:
   """Accounting that travels with a batch: what was packed and what was skipped since the previous batch."""
   return {"samples": [s.name for s in samples],
+          "pairs": sum(1 for s in samples if s.pair is not None and s.pair.chosen),
           "kinds": dict(collections.Counter(_KIND_NAMES[s.kind] for s in samples)),
           "tokens": int(sum(s.num_tokens for s in samples)),
           "loss_tokens": int(sum(int((s.labels != batch_lib.IGNORE).sum()) for s in samples)),
@@ -356,7 +391,7 @@ class _PackedIterator(grain.DatasetIterator):
     self._reasons: collections.Counter = collections.Counter()  # (dataset, reason) -> skips
     self._example: dict = {}  # reason -> the first skip message of that reason
 
-  def _process(self, record) -> Optional[Sample]:
+  def _process(self, record) -> Optional[Unit]:
     dataset, example = record
     try:
       return self._preprocess(dataset, example)

@@ -89,14 +89,15 @@ def _data_dir(data: Mapping) -> str:
 
 
 def buckets_from_config(data: Mapping, *, seq_len: int, batch_size: int, process_count: int = 1,
-                        talker: bool = False,
-                        flow: Optional[flow_targets.FlowTargets] = None) -> list[packing.Bucket]:
+                        talker: bool = False, flow: Optional[flow_targets.FlowTargets] = None,
+                        max_pairs: int = 0) -> list[packing.Bucket]:
   """Length buckets with this host's rows: config batch sizes (default `batch_size`) are global rows.
 
   Media limits a bucket leaves out scale with its length: seq_len // 256 images (at least one) of up to
   seq_len patches in all, one video of seq_len patches, seq_len // 128 audios of up to 30 s; with talker (the
   run trains the Talker on spoken replies), 2 * seq_len Talker positions per row; with flow (the run trains
-  the DiT), one DiT row of config.train.token2wav.max_frames mel frames per row.
+  the DiT), one DiT row of config.train.token2wav.max_frames mel frames per row; max_pairs (a DPO run:
+  config.dpo.max_pairs_per_row) preference pairs per row.
   """
   mels = int(data.get("media", {}).get("num_mel_bins", 128))
   given = list(data.get("buckets") or ()) or [{"seq_len": seq_len}]
@@ -113,7 +114,7 @@ def buckets_from_config(data: Mapping, *, seq_len: int, batch_size: int, process
       raise ValueError(f"config.data.buckets[{i}]: batch_size {rows} is not divisible by {process_count} processes")
     defaults = dict(max_images=max(1, n // 256), max_image_patches=n, max_videos=1, max_video_patches=n,
                     max_audios=max(1, n // 128), max_audio_frames=3000, num_mel_bins=mels,
-                    talker_seq_len=2 * n if talker else 0)
+                    talker_seq_len=2 * n if talker else 0, max_pairs=max_pairs)
     if flow is not None:
       defaults.update(token2wav_frames=flow.max_frames, token2wav_ref_frames=flow.ref_frames,
                       token2wav_repeats=flow.repeats)
@@ -159,6 +160,38 @@ def _trains(config, objective: str) -> bool:
   return weights is None or float(weights.get(objective, 0.0)) > 0
 
 
+def preference_datasets(config, names, mixture) -> tuple[frozenset, int]:
+  """(names of the mixture's preference datasets, pairs per row) of a run: config.data.preference names the
+  datasets whose records are preference pairs; they need config.dpo, whose max_pairs_per_row bounds the pairs
+  of a row (0 without config.dpo: no pair fields in the batches). Raises ConfigError when the two disagree."""
+  data = config.get("data") or {}
+  named = data.get("preference", None) or ()
+  named = (named,) if isinstance(named, str) else tuple(named)
+  dpo = config.get("dpo", None)
+  if not named and dpo is None:
+    return frozenset(), 0
+  # Only a run that uses preference data pays for this import (omni_jax.config loads jax).
+  from omni_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+
+  unknown = sorted(set(named) - set(names))
+  if unknown:
+    raise ConfigError(f"config.data.preference: {unknown} are not datasets of config.data.datasets "
+                      f"{sorted(names)}")
+  used = frozenset(n for n in named if n in mixture)
+  if dpo is None:
+    raise ConfigError(f"config.data.preference: the datasets {sorted(named)} hold preference pairs, which train "
+                      "only the DPO objectives: set config.dpo (configs/recipes/dpo.py), or drop them from "
+                      "config.data.preference and config.data.mixture")
+  if not used:
+    raise ConfigError(f"config.dpo: set, but no dataset of config.data.mixture {sorted(mixture)} is a preference "
+                      "dataset: name the pair datasets in config.data.preference (docs/data.md, \"Preference "
+                      "pairs\")")
+  pairs = dpo.get("max_pairs_per_row", 8)
+  if not isinstance(pairs, int) or isinstance(pairs, bool) or pairs <= 0:
+    raise ConfigError(f"config.dpo.max_pairs_per_row: must be a positive integer, got {pairs!r}")
+  return used, pairs
+
+
 def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = None, process_index: int = 0,
                   process_count: int = 1, worker_count: Optional[int] = None) -> grain.IterDataset:
   """The grain dataset of (batch, info) pairs of one split for this host.
@@ -180,17 +213,21 @@ def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = N
   split = _split_name(data, split)
   # The mixture names the datasets to read (train and eval alike); leave a dataset out to skip it.
   opened = {n: sources.open_split(names[n], split, data_dir) for n in sorted(mixture)}
+  preference, max_pairs = preference_datasets(config, names, mixture)
   tokenizer = Tokenizer(data.get("tokenizer"))
   fmt = chat_format(tokenizer, thinker, data)
   # Spoken replies -> Talker rows (config.data.speech_codes), unless the run does not train the Talker (a DiT-only
-  # run: configs/demo_token2wav.py); the Talker objective then sees no rows and adds nothing.
-  speech = talker_targets.from_config(config) if _trains(config, "talker_codes") else None
+  # run: configs/demo_token2wav.py); the Talker objective then sees no rows and adds nothing. A run that prefers
+  # between spoken replies (talker_dpo) builds them too, from replies given as codes if there is no index.
+  talker_dpo = bool(preference) and _trains(config, "talker_dpo")
+  speech = (talker_targets.from_config(config, without_index=talker_dpo)
+            if _trains(config, "talker_codes") or talker_dpo else None)
   flow = None
   if flow_targets.objective_on(config):  # spoken replies -> DiT rows; speakers' clips from the train split
     train_split = {n: sources.open_split(names[n], _split_name(data, "train"), data_dir) for n in sorted(mixture)}
     flow = flow_targets.from_config(config, train_split)
   prep = preprocess.Preprocessor(tokenizer, fmt, preprocess.MediaOptions.from_config(data.get("media")),
-                                 data.get("system_prompt"), speech, flow)
+                                 data.get("system_prompt"), speech, flow, preference)
   seed = int(data.get("seed", config.get("seed", 0)))
   if split == "train":
     streams = {n: mixing.train_stream(src, n, seed=seed, shuffle=bool(data.get("shuffle", True)),
@@ -205,7 +242,7 @@ def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = N
                                  per_dataset=per_dataset)
   buckets = buckets_from_config(data, seq_len=int(train.get("seq_len", 512)),
                                 batch_size=int(batch_size or train.get("batch_size", 8)), process_count=process_count,
-                                talker=speech is not None, flow=flow)
+                                talker=speech is not None, flow=flow, max_pairs=max_pairs)
   ds = packing.PackedDataset(records, prep, buckets, max_lag=int(data.get("max_lag", 512)),
                              pad_id=tokenizer.special["<|endoftext|>"], limits=packing.SkipLimits.from_config(data))
   workers = int(data.get("worker_count", 0) if worker_count is None else worker_count)
@@ -222,8 +259,9 @@ class DataIterator:
   """Batches for the train/eval step, plus counters; get_state()/set_state() for the training checkpoint.
 
   metrics(): cumulative counters: batches, samples, tokens (real), loss_tokens, slots (B x L), samples/<kind>,
-  skipped, skipped/<reason>. A skipped sample is logged as a warning naming it once per (sample, reason):
-  the next epoch's skips of the same bad line are counted but not logged again.
+  pairs (preference pairs; each also counts as two samples), skipped, skipped/<reason>. A skipped sample is
+  logged as a warning naming it once per (sample, reason): the next epoch's skips of the same bad line are
+  counted but not logged again.
   """
 
   MAX_LOGGED = 100_000  # (sample, reason) pairs remembered; past that, skips are counted and not logged
@@ -253,6 +291,8 @@ class DataIterator:
       c["tokens"] += info["tokens"]
       c["loss_tokens"] += info["loss_tokens"]
       c["slots"] += info["seq_len"] * info["rows"]
+      if info.get("pairs"):
+        c["pairs"] += info["pairs"]
       self.last_info = info
     for kind, n in info["kinds"].items():
       c[f"samples/{kind}"] += n

@@ -3,16 +3,20 @@
 Runs in the data workers (numpy, PIL, PyAV; no jax). Every way a record can be bad raises SampleError with
 a reason (REASONS) and a message naming the sample;
 the packer turns it into a skip that is counted and reported, never a stopped run.
+
+A record of a preference dataset (Preprocessor.preference) becomes a Pair instead: two samples, prompt + chosen
+reply and prompt + rejected reply, whose labels cover the reply only; the packer puts both in one row.
 """
 
 import dataclasses
 import os
-from typing import Mapping, NamedTuple, Optional
+from typing import Collection, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 
 from omni_jax import batch as batch_lib
 from omni_jax.input import chat
+from omni_jax.input import pairs as pairs_lib
 from omni_jax.input import sources
 from omni_jax.input.media import MediaBudget
 from omni_jax.input.media import MediaError
@@ -24,11 +28,12 @@ from omni_jax.talker import targets as talker_targets
 from omni_jax.talker.layout import SpokenReply
 from omni_jax.token2wav import targets as flow_targets
 
-REASONS = ("malformed", "unknown_tag", "missing_media", "bad_media", "too_long",
-           "error") + sources.LINE_REASONS + talker_targets.REASONS + flow_targets.REASONS
+REASONS = ("malformed", "unknown_tag", "missing_media", "bad_media", "too_long", "error",
+           sources.PairError.reason) + sources.LINE_REASONS + talker_targets.REASONS + flow_targets.REASONS
 # error: unforeseen; not_utf8, blank_line: JSONL lines that are no record; no_speech_codes, bad_speaker: a spoken
 # reply that cannot train the Talker (omni_jax.talker.targets); bad_speech_audio: a spoken reply (or its
-# speaker's reference clip) whose mel cannot be computed for the DiT (omni_jax.token2wav.targets)
+# speaker's reference clip) whose mel cannot be computed for the DiT (omni_jax.token2wav.targets); bad_pair: a
+# preference record that is no usable pair, or a pair in a dataset of conversations (omni_jax.input.pairs)
 
 
 class SampleError(ValueError):
@@ -80,6 +85,14 @@ class DecodedPart(NamedTuple):
   media: dict  # {"images": [...], "videos": [...], "audios": [...]}: what load_part appends to a sample's lists
 
 
+@dataclasses.dataclass(frozen=True)
+class PairRole:
+  """A sample's place in a preference pair; the packer numbers the pairs of a row (omni_jax.batch)."""
+  chosen: bool  # the chosen reply (else the rejected one)
+  text: bool  # the replies' texts differ: the pair is marked in dpo_pair (the Thinker's preference)
+  speech: bool  # both replies are spoken: the pair is marked in talker_dpo_pair (the Talker's preference)
+
+
 @dataclasses.dataclass
 class Sample:
   """A rendered conversation and its media, ready to pack."""
@@ -93,10 +106,23 @@ class Sample:
   use_audio_in_video: bool = False
   spoken: Optional[SpokenReply] = None  # the Talker's targets (omni_jax.talker.targets), if the reply is spoken
   flow: Optional[flow_targets.FlowTriple] = None  # the DiT's (codes, mel, reference) (omni_jax.token2wav.targets)
+  pair: Optional[PairRole] = None  # set on the two samples of a preference pair
 
   @property
   def num_tokens(self) -> int:
     return int(self.input_ids.shape[0])
+
+
+@dataclasses.dataclass
+class Pair:
+  """A preference pair: its chosen and rejected samples, packed side by side in one row (chosen first)."""
+  name: str  # "<dataset>/<record id>"
+  chosen: Sample
+  rejected: Sample
+
+  @property
+  def samples(self) -> tuple[Sample, Sample]:
+    return self.chosen, self.rejected
 
 
 def _media(images=(), videos=(), audios=()) -> dict:
@@ -117,13 +143,14 @@ class Preprocessor:
 
   def __init__(self, tokenizer, fmt: chat.ChatFormat, media: MediaOptions = MediaOptions(),
                system_prompt: Optional[str] = None, speech: Optional[talker_targets.SpeechTargets] = None,
-               flow: Optional[flow_targets.FlowTargets] = None):
+               flow: Optional[flow_targets.FlowTargets] = None, preference: Collection[str] = ()):
     self.tokenizer = tokenizer
     self.fmt = fmt
     self.options = media
     self.system_prompt = system_prompt
     self.speech = speech  # None: spoken replies train the Thinker only
     self.flow = flow  # None: spoken replies do not train the DiT
+    self.preference = frozenset(preference)  # names of the datasets whose records are preference pairs
 
   def load_part(self, part: Mapping, aiv: bool, name: str, media: dict) -> chat.MediaItem:
     """Decode and preprocess one media part (see decode_part) into the `media` lists; returns its chat item."""
@@ -189,21 +216,33 @@ class Preprocessor:
     except MediaError as e:
       raise SampleError("bad_media", f"{name}: {e}") from None
 
-  def __call__(self, dataset: str, example: Mapping) -> Sample:
+  def __call__(self, dataset: str, example: Mapping) -> Union[Sample, Pair]:
     rid, record, root = sources.decode_example(example)
     name = f"{dataset}/{rid}"
+    if dataset in self.preference:
+      return self.pair(name, record, root)
     try:
       conv = sources.normalize(record, root, name)
     except sources.RecordError as e:
       raise SampleError(e.reason, str(e)) from None
-    media = {"images": [], "videos": [], "audios": []}
+    media = _media()
     items = [self.load_part(part, conv["use_audio_in_video"], name, media)
              for m in conv["messages"] for part in m["content"] if part["type"] != "text"]
-    messages = chat.with_system(conv["messages"], conv["speech_output"], self.system_prompt)
+    return self._sample(name, conv["messages"], items, media, conv["speech_output"])
+
+  def _sample(self, name: str, conversation, items, media: dict, speech_output: bool, pair: bool = False) -> Sample:
+    """A conversation (media decoded into items / media) -> Sample. pair: the last message is a preference
+    pair's reply: only it carries labels, and it gets no DiT triple (a DiT row holds one reply)."""
+    messages = chat.with_system(conversation, speech_output, self.system_prompt)
     try:
       rendered = chat.render(messages, items, self.tokenizer, self.fmt)
     except chat.ChatError as e:
       raise SampleError("malformed", f"{name}: {e}") from None
+    labels = rendered.labels
+    if pair:  # the prompt's earlier assistant turns are the same in both: no loss there
+      start, end = rendered.assistant_spans[-1]
+      labels = np.full_like(labels, batch_lib.IGNORE)
+      labels[start:end] = rendered.labels[start:end]
     aiv = any(isinstance(i, chat.VideoItem) and i.audio_frames is not None for i in items)
     spoken = None
     if self.speech is not None:
@@ -212,10 +251,49 @@ class Preprocessor:
       except talker_targets.SpeechTargetError as e:
         raise SampleError(e.reason, str(e)) from None
     flow = None
-    if self.flow is not None:
+    if self.flow is not None and not pair:
       try:
         flow = self.flow.triple(name, messages)
       except flow_targets.FlowTargetError as e:
         raise SampleError(e.reason, str(e)) from None
-    return Sample(name, sample_kind(conv["messages"]), rendered.input_ids, rendered.labels, media["images"],
-                  media["videos"], media["audios"], aiv, spoken, flow)
+    return Sample(name, sample_kind(conversation), rendered.input_ids, labels, media["images"], media["videos"],
+                  media["audios"], aiv, spoken, flow)
+
+  def pair(self, name: str, record: str, root: str) -> Pair:
+    """A preference record -> Pair (omni_jax.input.pairs). The prompt's media are decoded once and shared."""
+    try:
+      p = pairs_lib.normalize_pair(record, root, name)
+    except sources.RecordError as e:
+      raise SampleError(e.reason, str(e)) from None
+    if self.speech is not None and not self.speech.codes_path:
+      for side in ("chosen", "rejected"):
+        if p[side].get("speech"):
+          raise SampleError(talker_targets.NO_CODES, f"{name}: field `{side}`: the speech {p[side]['speech']} needs "
+                                                     "a codes index (config.data.speech_codes: `python -m "
+                                                     "omni_jax.units encode`), or give the reply's `codes`")
+    prompt = [pairs_lib.unspoken(m) for m in p["prompt"]]
+    aiv = p["use_audio_in_video"]
+    media = _media()
+    items = [self.load_part(part, aiv, name, media) for m in prompt for part in m["content"] if part["type"] != "text"]
+    sides = []
+    for side in ("chosen", "rejected"):
+      reply = p[side]
+      own = {k: list(v) for k, v in media.items()}  # each segment of the row carries its own media slots
+      own_items = items + [self.load_part(part, aiv, name, own) for part in reply["content"] if part["type"] != "text"]
+      sides.append(self._sample(f"{name}#{side}", prompt + [reply], own_items, own, p["speech_output"], pair=True))
+    chosen, rejected = sides
+    if self.speech is not None and (chosen.spoken is None) != (rejected.spoken is None):
+      one = "chosen" if chosen.spoken is not None else "rejected"
+      raise SampleError("bad_pair", f"{name}: only the {one} reply is spoken; a pair that trains the Talker needs "
+                                    "both replies spoken (`speech` or `codes`), or neither")
+    text = not np.array_equal(chosen.input_ids, rejected.input_ids)
+    speech = chosen.spoken is not None and rejected.spoken is not None
+    if not text and not (speech and not np.array_equal(chosen.spoken.codes, rejected.spoken.codes)):
+      why = ("their speeches have the same codes" if speech else
+             "they differ only in their speech, and this run does not train the Talker (config.data.speech_codes, "
+             "a `talker_dpo` objective)")
+      raise SampleError("bad_pair", f"{name}: the chosen and rejected replies have the same text and {why}: "
+                                    "nothing to prefer")
+    chosen.pair = PairRole(True, text, speech)
+    rejected.pair = PairRole(False, text, speech)
+    return Pair(name, chosen, rejected)

@@ -10,8 +10,14 @@ Two JSONL formats are accepted (one conversation a line, mixed freely in one fil
 
 Optional keys: `use_audio_in_video` (record, or per video part), `speech_output` (record), and `speech` on an
 assistant message: the path of that reply spoken aloud (Talker targets; it also selects the speech system
-prompt) and `speaker` (on that message or the record): the voice's name in config.model.talker.speakers.
-Relative media paths resolve against the JSONL file's folder; `file://` prefixes are stripped.
+prompt), or `codes`: that reply's speech-unit ids themselves (a list of ints, made with the run's unit set),
+and `speaker` (on that message or the record): the voice's name in config.model.talker.speakers. A media part
+without a path ({"type": "image"}, as TRL writes them) takes the next path of the record's `images` / `audios`
+/ `videos` list, as a tag does. Relative media paths resolve against the JSONL file's folder; `file://`
+prefixes are stripped.
+
+Preference pairs (chosen / rejected replies to one prompt) have their own normal form
+(omni_jax.input.preference); `normalize` refuses them (reason bad_pair) so that a pair never trains as SFT.
 
 The TFDS builder stores each line untouched (with its id and folder) in ArrayRecord; `normalize` runs in the
 data workers, so a malformed line becomes a counted, skipped sample at training time instead of a failed
@@ -36,7 +42,7 @@ import tensorflow_datasets as tfds
 MEDIA_KINDS = ("image", "audio", "video")
 _TAG = re.compile(r"<(image|audio|video)>")
 _ANY_TAG = re.compile(r"<([a-z][a-z_]*)>")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system"}
 BUILDER_NAME = "omni_conversations"
 
@@ -49,6 +55,12 @@ class RecordError(ValueError):
   """A malformed conversation record; the pipeline skips it and counts it."""
 
   reason = "malformed"
+
+
+class PairError(RecordError):
+  """A preference record that cannot become a pair (omni_jax.input.preference), or one in an SFT dataset."""
+
+  reason = "bad_pair"
 
 
 class UnknownTagError(RecordError):
@@ -114,7 +126,7 @@ def _split_tags(text: str, lists: dict, used: dict, root: str, where: str, recor
   return parts
 
 
-def _content_list(content: list, root: str, where: str) -> list[dict]:
+def _content_list(content: list, root: str, where: str, lists: dict, used: dict) -> list[dict]:
   parts = []
   for j, part in enumerate(content):
     if not isinstance(part, Mapping):
@@ -128,6 +140,9 @@ def _content_list(content: list, root: str, where: str) -> list[dict]:
       parts.append({"type": "text", "text": part["text"]})
     elif kind in MEDIA_KINDS:
       path = part.get(kind, part.get(kind + "_url", part.get("path")))
+      if path is None and used[kind] < len(lists[kind]):  # TRL's bare {"type": "image"}: the list's next path
+        path = lists[kind][used[kind]]
+        used[kind] += 1
       item = {"type": kind, "path": _resolve(path, root, where)}
       if kind == "video" and "use_audio_in_video" in part:
         item["use_audio_in_video"] = bool(part["use_audio_in_video"])
@@ -138,9 +153,8 @@ def _content_list(content: list, root: str, where: str) -> list[dict]:
   return parts
 
 
-def normalize(record: Union[str, bytes, Mapping], root: str = "", name: str = "?") -> dict:
-  """One raw record -> {"id", "messages": [{"role", "content": [parts], ("speech")}], "use_audio_in_video",
-  "speech_output"}; media parts carry absolute paths. Raises RecordError / UnknownTagError naming `name`."""
+def parse(record: Union[str, bytes, Mapping], name: str = "?") -> Mapping:
+  """A raw record (JSON text or an object) -> its JSON object; raises LineError / RecordError naming `name`."""
   if isinstance(record, str) and record.startswith(_BAD_LINE):
     reason, _, message = record[len(_BAD_LINE):].partition("\x00")
     if reason in LINE_REASONS:
@@ -152,6 +166,34 @@ def normalize(record: Union[str, bytes, Mapping], root: str = "", name: str = "?
       raise RecordError(f"{name}: not valid JSON ({e})") from None
   if not isinstance(record, Mapping):
     raise RecordError(f"{name}: a record must be a JSON object, got {type(record).__name__}")
+  return record
+
+
+PAIR_KEYS = ("chosen", "rejected", "rejected_response", "rejected_messages")  # TRL's and ms-swift's
+
+
+def is_pair(record: Mapping) -> bool:
+  """Whether a parsed record is a preference pair (TRL's chosen / rejected, ms-swift's rejected_*)."""
+  return isinstance(record, Mapping) and any(k in record for k in PAIR_KEYS)
+
+
+def _codes(value: Any, where: str) -> list[int]:
+  ok = (isinstance(value, list) and value
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in value))
+  if not ok:
+    raise RecordError(f"{where}: `codes` must be a non-empty list of speech-unit ids (ints >= 0)")
+  return list(value)
+
+
+def normalize(record: Union[str, bytes, Mapping], root: str = "", name: str = "?") -> dict:
+  """One raw record -> {"id", "messages": [{"role", "content": [parts], ("speech" | "codes", "speaker")}],
+  "use_audio_in_video", "speech_output"}; media parts carry absolute paths. Raises RecordError /
+  UnknownTagError naming `name` (PairError for a preference pair: omni_jax.input.preference reads those)."""
+  record = parse(record, name)
+  if is_pair(record):
+    keys = [k for k in PAIR_KEYS if k in record]
+    raise PairError(f"{name}: a preference pair (field `{keys[0]}`) in a dataset of conversations; name its "
+                    "dataset in config.data.preference to train on it (DPO)")
   raw = record.get("messages", record.get("conversations"))
   if not isinstance(raw, list) or not raw:
     raise RecordError(f"{name}: needs a non-empty `messages` (or `conversations`) list")
@@ -170,21 +212,27 @@ def normalize(record: Union[str, bytes, Mapping], root: str = "", name: str = "?
     where = f"{name} message {i}"
     if not isinstance(m, Mapping):
       raise RecordError(f"{where}: not an object")
-    role = m.get("role", _SHAREGPT_ROLES.get(m.get("from")))
+    role = m.get("role", SHAREGPT_ROLES.get(m.get("from")))
     if role not in ("system", "user", "assistant"):
       raise RecordError(f"{where}: unknown role {m.get('role', m.get('from'))!r}")
     content = m.get("content", m.get("value"))
     if isinstance(content, str):
       parts = _split_tags(content, lists, used, root, where, record)
     elif isinstance(content, list):
-      parts = _content_list(content, root, where)
+      parts = _content_list(content, root, where, lists, used)
     else:
       raise RecordError(f"{where}: content must be a string or a list of parts")
     msg = {"role": role, "content": parts}
-    if m.get("speech") is not None:
-      if role != "assistant":
-        raise RecordError(f"{where}: only assistant messages can carry `speech`")
-      msg["speech"] = _resolve(m["speech"], root, where)
+    for key in ("speech", "codes"):
+      if m.get(key) is not None and role != "assistant":
+        raise RecordError(f"{where}: only assistant messages can carry `{key}`")
+    if m.get("speech") is not None and m.get("codes") is not None:
+      raise RecordError(f"{where}: give a reply's `speech` or its `codes`, not both")
+    if m.get("speech") is not None or m.get("codes") is not None:
+      if m.get("speech") is not None:
+        msg["speech"] = _resolve(m["speech"], root, where)
+      else:
+        msg["codes"] = _codes(m["codes"], where)
       speaker = m.get("speaker", record.get("speaker"))
       if speaker is not None:
         if not isinstance(speaker, str):
@@ -198,7 +246,7 @@ def normalize(record: Union[str, bytes, Mapping], root: str = "", name: str = "?
       raise RecordError(f"{name}: `{kind}s` has {len(lists[kind])} entries but no <{kind}> tag uses them")
   if not any(m["role"] == "assistant" for m in messages):
     raise RecordError(f"{name}: no assistant message (nothing to learn)")
-  speech = bool(record.get("speech_output", any("speech" in m for m in messages)))
+  speech = bool(record.get("speech_output", any("speech" in m or "codes" in m for m in messages)))
   return {"id": str(record.get("id", name)), "messages": messages,
           "use_audio_in_video": bool(record.get("use_audio_in_video", False)), "speech_output": speech}
 

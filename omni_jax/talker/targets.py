@@ -2,9 +2,10 @@
 the data workers), and the startup rule that keeps one speech-unit set per run.
 
 A sample trains the Talker when an assistant message carries `speech` (its audio) and config.data.speech_codes
-names a codes index (`python -m omni_jax.units encode`) holding that audio's ids. The LAST such message is the
-Talker's reply; everything before it (earlier turns, spoken or not) is its prompt. A spoken reply whose audio is
-not in the index is skipped and counted (reason no_speech_codes), so a forgotten encode step shows up at once.
+names a codes index (`python -m omni_jax.units encode`) holding that audio's ids, or carries `codes` (the ids
+themselves, made with the run's unit set). The LAST such message is the Talker's reply; everything before it
+(earlier turns, spoken or not) is its prompt. A spoken reply whose audio is not in the index is skipped and
+counted (reason no_speech_codes), so a forgotten encode step shows up at once.
 
 One unit set per run (settle_units): config.model.talker.units_version is the hash of the unit set the Talker is
 trained on; it is taken from the codes index when unset, checked against the checkpoint the run resumes or
@@ -53,19 +54,24 @@ class SpeechTargets:
 
   def reply(self, name: str, messages: Sequence[Mapping], spans: Sequence[tuple[int, int]]) -> Optional[SpokenReply]:
     """The sample's Talker reply (None when no assistant message is spoken). spans: the rendered assistant
-    messages' [start, end) token spans, in order (omni_jax.input.chat.Rendered.assistant_spans)."""
+    messages' [start, end) token spans, in order (omni_jax.input.chat.Rendered.assistant_spans). Without a
+    codes index (codes_path ""), only replies given as `codes` are spoken: a `speech` path trains the Thinker
+    only, as in a run without config.data.speech_codes."""
     replies = [m for m in messages if m["role"] == "assistant"]
-    spoken = [i for i, m in enumerate(replies) if m.get("speech")]
+    spoken = [i for i, m in enumerate(replies) if m.get("codes") or (m.get("speech") and self.codes_path)]
     if not spoken:
       return None
     j = spoken[-1]
     message = replies[j]
-    ids = self._index().lookup(message["speech"])
+    if message.get("codes"):
+      ids, what = np.asarray(message["codes"], np.int64), "the reply's `codes`"
+    else:
+      ids, what = self._index().lookup(message["speech"]), f"the codes of {message['speech']}"
     if ids is None:
       raise SpeechTargetError(NO_CODES, f"{name}: the speech {message['speech']} is not in the codes index "
                                         f"{self.codes_path} (run `python -m omni_jax.units encode` over this data)")
     if ids.size == 0 or (ids.max() >= self.num_codes):
-      raise SpeechTargetError(NO_CODES, f"{name}: the codes of {message['speech']} are empty or exceed "
+      raise SpeechTargetError(NO_CODES, f"{name}: {what} are empty or exceed "
                                         f"config.model.talker.num_codes={self.num_codes}")
     speaker = message.get("speaker", self.default_speaker)
     table = dict(self.speakers)
@@ -90,15 +96,16 @@ def codec_ids(talker) -> CodecIds:
                   text_pad=int(get("tts_text_pad_token_id")))
 
 
-def from_config(config) -> Optional[SpeechTargets]:
-  """The run's SpeechTargets (None without a Talker or without config.data.speech_codes). settle_units must
-  have run (train.py / eval.py at startup), so units_version is set. Plain Python: the data path imports no jax."""
+def from_config(config, without_index: bool = False) -> Optional[SpeechTargets]:
+  """The run's SpeechTargets (None without a Talker or without config.data.speech_codes, unless without_index:
+  then replies given as `codes` need no index). settle_units must have run (train.py / eval.py at startup), so
+  units_version is set. Plain Python: the data path imports no jax."""
   talker = (config.get("model") or {}).get("talker", None)
   path = (config.get("data") or {}).get("speech_codes", None)
-  if talker is None or not path:
+  if talker is None or not (path or without_index):
     return None
   speakers = tuple(sorted((str(k), int(v)) for k, v in dict(talker.get("speakers") or {}).items()))
-  return SpeechTargets(os.path.abspath(os.path.expanduser(path)), talker.get("units_version"),
+  return SpeechTargets(os.path.abspath(os.path.expanduser(path)) if path else "", talker.get("units_version"),
                        int(talker.get("num_codes", 8192)), speakers, str(talker.get("default_speaker", "Chelsie")),
                        codec_ids(talker))
 

@@ -48,7 +48,7 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules) -> dict:
   """Rows over data/fsdp (activation_batch), text over context (activation_length); media rows likewise."""
   out = {}
   for k, v in batch.items():
-    per_token = k in batch_lib.TEXT_FIELDS or k in batch_lib.TALKER_FIELDS
+    per_token = k in batch_lib.TEXT_FIELDS or k in batch_lib.TALKER_FIELDS or k in batch_lib.DPO_FIELDS
     names = ("activation_batch", "activation_length") if per_token else ("activation_batch",)
     names = names + (None,) * (len(v.shape) - len(names))
     out[k] = NamedSharding(mesh, sharding.logical_to_spec(names, v.shape, mesh, rules))
