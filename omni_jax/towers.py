@@ -45,11 +45,17 @@ class Objective:
     micro-batches), so grad accumulation and sharding give the same update.
   metrics: scalar-name prefix under train/ and eval/ ("" keeps today's names: train/loss, eval/ppl, ...;
     default: the objective's name, e.g. train/talker_codes/loss).
+  summary(sums, prefix) -> {scalar name: value}: the scalars of its sums (summed over batches, as numpy);
+    default: omni_jax.train.metrics' loss / ppl / accuracy, per modality.
+  default: whether it trains when config.train.objectives is absent (False: only when named there, e.g. the
+    DPO objectives, which need config.dpo).
   """
   name: str
   loss: Callable[..., dict]
   normalizer: Callable[[Mapping[str, Any]], Any]
   metrics: Optional[str] = None
+  summary: Optional[Callable[[Mapping[str, Any], str], dict]] = None
+  default: bool = True
 
   @property
   def metric_prefix(self) -> str:
@@ -135,10 +141,11 @@ _SHARED: list[dict] = []
 
 
 @contextlib.contextmanager
-def shared_outputs():
+def shared_outputs(memo: Optional[dict] = None):
   """A scope in which objectives of one (micro-)batch share forward passes (see shared()): the Talker's code
-  loss reads the Thinker's hidden states from the same forward that gives the text loss."""
-  _SHARED.append({})
+  loss reads the Thinker's hidden states from the same forward that gives the text loss. memo: the scope's
+  store (default: a fresh one); the DPO reference keeps its own, so its forwards are shared apart."""
+  _SHARED.append({} if memo is None else memo)
   try:
     yield
   finally:
@@ -161,10 +168,10 @@ def _all_objectives(towers: Sequence[Tower]) -> dict[str, Objective]:
 
 
 def objective_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """{objective name: weight} from config.train.objectives (default: every built tower's objective, 1.0)."""
+  """{objective name: weight} from config.train.objectives (default: every built tower's default objective, 1.0)."""
   weights = config.train.get("objectives", None) if "train" in config else None
   if weights is None:
-    return {name: 1.0 for name in _all_objectives(built(config))}
+    return {name: 1.0 for name, o in _all_objectives(built(config)).items() if o.default}
   return {k: float(v) for k, v in weights.items()}
 
 

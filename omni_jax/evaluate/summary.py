@@ -10,8 +10,9 @@ from typing import Optional
 # Headline metrics, in print order; per-modality and per-task variants follow each one.
 _HEADLINE = re.compile(r"^[^/]+/(loss|ppl|accuracy)(_\w+)?$|^[^/]+/(asr|mcq|open)/([^/]+/)?"
                        r"(wer|cer|accuracy(_\w+)?|exact_match|bleu|chrf)$|^[^/]+/skipped$"
-                       r"|^[^/]+/speech/(wer|similarity|judge_\w+)$")
-_LOWER_IS_BETTER = ("loss", "ppl", "wer", "cer", "skipped")
+                       r"|^[^/]+/speech/(wer|similarity|judge_\w+)$"
+                       r"|^[^/]+/\w+_dpo/(loss|accuracy|margin|rewards_chosen|rewards_rejected)$")
+_LOWER_IS_BETTER = ("loss", "ppl", "wer", "cer", "skipped", "rewards_rejected")
 
 
 def first_evaluation(workdir: str, split: str) -> Optional[dict]:

@@ -1,6 +1,6 @@
 """The whole model: one attribute per tower the config builds (omni_jax.towers), and its sharded creation."""
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import ml_collections
@@ -16,33 +16,44 @@ class OmniModel(nnx.Module):
   """Top-level container; attribute names are the towers' names, which are the checkpoint's top-level
   prefixes (thinker., talker., ...). A tower whose config section is absent is not built."""
 
-  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, reference: Sequence[str] = ()):
     rt = config_lib.Runtime.from_config(config.model)
     for tower in towers.built(config):
       setattr(self, tower.name, tower.build(config, rt, rngs))
+    if reference:  # full DPO's frozen reference: copies of the towers that train (omni_jax.dpo.copied_towers)
+      self.reference = Towers({name: nnx.clone(getattr(self, name)) for name in reference})
     adapters = lora.LoraConfig.from_config(config)
     if adapters is not None:
       lora.attach(self, adapters, rngs)
 
 
-def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx.State]:
+class Towers(nnx.Module):
+  """A named group of tower modules (model.reference.<tower>)."""
+
+  def __init__(self, modules: dict):
+    for name, module in modules.items():
+      setattr(self, name, module)
+
+
+def abstract_model(config: ml_collections.ConfigDict, reference: Sequence[str] = ()) -> tuple[nnx.GraphDef, nnx.State]:
   """graphdef + abstract state (shapes/dtypes, no memory), e.g. to build shardings or restore targets."""
-  return nnx.split(nnx.eval_shape(lambda: OmniModel(config, rngs=nnx.Rngs(0))))
+  return nnx.split(nnx.eval_shape(lambda: OmniModel(config, rngs=nnx.Rngs(0), reference=reference)))
 
 
-def create_sharded(config: ml_collections.ConfigDict, mesh: Mesh, seed: Optional[int] = None):
+def create_sharded(config: ml_collections.ConfigDict, mesh: Mesh, seed: Optional[int] = None,
+                   reference: Sequence[str] = ()):
   """(graphdef, state, shardings): parameters initialised directly in their sharded layout on `mesh`.
 
   The initialiser runs under jit with out_shardings, so no host or device ever holds a full copy of a
   sharded parameter.
   """
   seed = config.get("seed", 0) if seed is None else seed
-  graphdef, abstract = abstract_model(config)
+  graphdef, abstract = abstract_model(config, reference)
   shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
 
   @jax.jit(out_shardings=shardings)
   def init():
-    return nnx.split(OmniModel(config, rngs=nnx.Rngs(seed)))[1]
+    return nnx.split(OmniModel(config, rngs=nnx.Rngs(seed), reference=reference))[1]
 
   with sharding.activate(mesh, config.sharding_rules):
     state = init()

@@ -1,5 +1,5 @@
-"""The Talker's registry entry (omni_jax.towers): typed view of config.model.talker, constructor, FLOPs, and the
-next-code objective `talker_codes` (omni_jax.talker.objective).
+"""The Talker's registry entry (omni_jax.towers): typed view of config.model.talker, constructor, FLOPs, the
+next-code objective `talker_codes` and the preference objective `talker_dpo` (omni_jax.talker.objective).
 
 Its checkpoint names follow transformers' on-disk layout (talker.thinker_to_talker_proj, talker.model.*,
 talker.codec_head), so the generic leaf rules of the converter map it without exceptions.
@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from omni_jax import config as config_lib
+from omni_jax import dpo as dpo_lib
 from omni_jax import towers
 from omni_jax.config import ConfigError
 from omni_jax.models.talker import Talker, TalkerConfig, talker_config
@@ -31,7 +32,9 @@ def view(config: ml_collections.ConfigDict) -> TalkerConfig:
 
 
 def build(config: ml_collections.ConfigDict, rt: config_lib.Runtime, rngs) -> Talker:
-  return Talker(talker_config(config), rt, rngs=rngs)
+  talker = Talker(talker_config(config), rt, rngs=rngs)
+  talker.dpo = dpo_lib.DpoConfig.from_config(config)  # static: talker_dpo's settings (None: no DPO)
+  return talker
 
 
 class TalkerFlops:
@@ -61,7 +64,9 @@ class TalkerFlops:
 def _objectives():
   from omni_jax.talker import objective  # pylint: disable=import-outside-toplevel
 
-  return (towers.Objective("talker_codes", objective.code_loss, objective.num_codes),)
+  return (towers.Objective("talker_codes", objective.code_loss, objective.num_codes),
+          towers.Objective("talker_dpo", objective.dpo_loss, objective.num_dpo_pairs, summary=dpo_lib.summary,
+                           default=False))
 
 
 TOWER = towers.Tower(

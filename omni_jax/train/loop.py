@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from omni_jax import adapters, checkpoint
 from omni_jax import sharding, towers
+from omni_jax.config import ConfigError
 from omni_jax.evaluate import loss as eval_lib
 from omni_jax.layers import lora
 from omni_jax.evaluate import run as eval_run
@@ -117,12 +118,23 @@ class _Preemption:
       _packing().clear_interrupt()
 
 
-def _lora_base(setup: state_lib.Setup, init_from: Optional[str]) -> Optional[dict]:
-  """The frozen base of a LoRA run (None without config.lora): init_from's parameters, else a seeded random
-  initialisation (tests), in the base's layout and shardings."""
+def _external(setup: state_lib.Setup, init_from: Optional[str]) -> Optional[dict]:
+  """The parameters a run never saves and reloads at each start (None: every parameter is saved): a LoRA run's
+  frozen base (init_from's parameters, else a seeded random initialisation), or a full DPO run's reference
+  (model.reference: copies of init_from's trained towers)."""
+  if setup.reference:
+    if not init_from:
+      raise ConfigError("config.dpo without config.lora trains against a frozen copy of the starting weights: "
+                        "set config.init_from (the checkpoint to tune)")
+    target = setup.abstract_with_shardings().params["reference"]
+    return {"reference": checkpoint.restore_pure(checkpoint.params_dir(init_from), target)}
   if setup.lora is None:
     return None
   if init_from:
+    where = checkpoint.find_config(checkpoint.params_dir(init_from))
+    if where is not None and checkpoint.load_config(where).get("lora") is not None:
+      raise ConfigError(f"config.init_from={init_from}: a LoRA run's adapters, not a base. Merge them first "
+                        f"(python -m omni_jax.convert --orbax_dir {init_from} --out_dir MERGED) and start from that")
     base = adapters.load_base(init_from, setup.abstract_params, setup.param_shardings)
     log.info("LoRA base: %s (%s)", checkpoint.params_dir(init_from), setup.lora.base_dtype)
     return base
@@ -130,27 +142,34 @@ def _lora_base(setup: state_lib.Setup, init_from: Optional[str]) -> Optional[dic
   return lora.without_adapters(setup.init().params)
 
 
+def _saved(setup: state_lib.Setup, params: dict) -> dict:
+  """What a checkpoint stores of the parameters: all but the external ones (_external)."""
+  if setup.lora is not None:
+    return lora.adapters(params)
+  return {k: v for k, v in params.items() if k != "reference"}
+
+
 def _initial_state(setup: state_lib.Setup, ckpt: checkpoint.TrainCheckpointer, init_from: Optional[str],
-                   data, base: Optional[dict] = None) -> state_lib.TrainState:
+                   data, external: Optional[dict] = None) -> state_lib.TrainState:
   """Resume from the workdir's newest intact checkpoint (damaged ones are skipped with a warning and moved
-  aside), else start from init_from's parameters, else from scratch. A LoRA run (`base` given) stores and
-  restores its adapters only; its base is the one given."""
+  aside), else start from init_from's parameters, else from scratch. The `external` parameters (a LoRA run's
+  base, a DPO run's reference) are never in a checkpoint: they are the ones given."""
   target = setup.abstract_with_shardings()
-  stored = target.params if base is None else lora.adapters(target.params)
-  resumed = ckpt.restore_newest_intact(stored, dict(step=target.step, opt_state=target.opt_state,
-                                                    rng=target.rng), data)
+  resumed = ckpt.restore_newest_intact(_saved(setup, target.params), dict(
+      step=target.step, opt_state=target.opt_state, rng=target.rng), data)
   if resumed is not None:
     step, params, train = resumed
-    if base is not None:
-      adapters.check_base(os.path.join(ckpt.directory, str(step)), adapters.fingerprint(base))
-      params = state_lib.combine(base, params)
+    if setup.lora is not None:
+      adapters.check_base(os.path.join(ckpt.directory, str(step)), adapters.fingerprint(external))
+    if external is not None:
+      params = state_lib.combine(external, params)
     log.info("resumed from %s/%d", ckpt.directory, step)
     return state_lib.TrainState(params=params, **train)
-  if base is not None:
-    return setup.init(state_lib.combine(base, adapters.init_adapters(setup.config, setup.param_shardings)))
+  if setup.lora is not None:
+    return setup.init(state_lib.combine(external, adapters.init_adapters(setup.config, setup.param_shardings)))
   if init_from:
     path = checkpoint.params_dir(init_from)
-    target = setup.abstract_with_shardings().params
+    target = _saved(setup, setup.abstract_with_shardings().params)
     # A tower the checkpoint does not hold (a Talker added to a converted Thinker) starts from scratch.
     stored = {k.split(".")[0] for k in checkpoint.stored_tree(os.path.join(path, "params"))}
     absent = sorted(k for k in target if k not in stored)
@@ -160,7 +179,7 @@ def _initial_state(setup: state_lib.Setup, ckpt: checkpoint.TrainCheckpointer, i
       fresh = setup.init().params
       params = {**params, **{k: fresh[k] for k in absent}}
     log.info("initialised parameters from %s", path)
-    return setup.init(params)
+    return setup.init(params if external is None else state_lib.combine(external, params))
   return setup.init()
 
 
@@ -218,6 +237,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
            dict(mesh.shape), mesh.size, jax.process_count(), setup.num_params() / 1e6,
            setup.num_params(trainable_only=True) / 1e6)
 
+  # The parameters no checkpoint holds (a LoRA run's base, a DPO run's reference): loaded first, so that a
+  # missing base fails before any data opens. A LoRA run's checkpoints record its base's path and fingerprint.
+  external = _external(setup, config.get("init_from"))
+  if setup.lora is not None:
+    config = adapters.record_base(config, config.get("init_from"), adapters.fingerprint(external))
+
   # Data: this process builds only the rows its devices hold.
   rows = data_lib.process_rows(mesh, rules, t.batch_size, t.seq_len)
   train_data = data_lib.make_source(config, "train", t.batch_size, rows)
@@ -236,14 +261,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         data_lib.close(eval_source)
       raise
 
-  # State: resume, or start. A LoRA run's checkpoints record its base (path and fingerprint), not the base.
-  base = _lora_base(setup, config.get("init_from"))
-  if base is not None:
-    config = adapters.record_base(config, config.get("init_from"), adapters.fingerprint(base))
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                       keep_every=t.keep_every, async_save=t.async_checkpointing, config=config)
-  state = _initial_state(setup, ckpt, config.get("init_from"), train_data, base)
-  del base  # the state holds it
+  state = _initial_state(setup, ckpt, config.get("init_from"), train_data, external)
+  del external  # the state holds it
   if primary:  # only now: a resume that fails leaves the workdir's config.json as it was
     checkpoint.save_config(workdir, config)
   start = int(jax.device_get(state.step))
@@ -297,8 +318,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   save_data = [train_data]  # what the checkpoint's data state comes from
 
   def save(step: int) -> None:
-    params = state.params if setup.lora is None else lora.adapters(state.params)
-    ckpt.save(step, params, dict(step=state.step, opt_state=state.opt_state, rng=state.rng), save_data[0])
+    ckpt.save(step, _saved(setup, state.params), dict(step=state.step, opt_state=state.opt_state, rng=state.rng), save_data[0])
     saved[0] = step
 
   writer = metrics_lib.Writer(workdir, enabled=primary)

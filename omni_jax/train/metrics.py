@@ -81,11 +81,13 @@ def _objective_summary(sums: Mapping[str, np.ndarray], prefix: str) -> dict:
 def summarize(sums: Mapping[str, Mapping[str, np.ndarray]], prefix: str) -> dict:
   """Scalars from per-objective sums {objective: {loss_sum, count[, correct]}} (a step's
   metrics["objectives"], or the eval step's output): each objective under its metric prefix (the
-  thinker_text objective's is empty: {prefix}/loss, {prefix}/loss_text, {prefix}/ppl, ...)."""
+  thinker_text objective's is empty: {prefix}/loss, {prefix}/loss_text, {prefix}/ppl, ...), by its own
+  summary where it has one (the DPO objectives: rewards, margin, accuracy)."""
   out = {}
   for name, s in sums.items():
-    sub = towers.objective(name).metric_prefix
-    out.update(_objective_summary(s, f"{prefix}/{sub}" if sub else prefix))
+    objective = towers.objective(name)
+    sub = objective.metric_prefix
+    out.update((objective.summary or _objective_summary)(s, f"{prefix}/{sub}" if sub else prefix))
   return {k: float(v) for k, v in out.items()}
 
 

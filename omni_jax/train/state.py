@@ -16,7 +16,7 @@ import ml_collections
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from omni_jax import sharding
+from omni_jax import dpo, sharding
 from omni_jax.config import ConfigError
 from omni_jax.layers import lora
 from omni_jax.models import omni
@@ -102,13 +102,17 @@ class Setup:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
     self.config, self.mesh = config, mesh
-    self.graphdef, abstract = omni.abstract_model(config)
+    # Full DPO trains against frozen copies of its towers (model.reference), never saved (train/loop.py).
+    self.reference = dpo.copied_towers(config)
+    self.graphdef, abstract = omni.abstract_model(config, self.reference)
     self.abstract_params = nnx.to_pure_dict(abstract)
     self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, config.sharding_rules))
     self.frozen = frozen_paths(self.abstract_params, tuple(config.train.freeze))
     self.lora = lora.LoraConfig.from_config(config)
+    flat = traverse_util.flatten_dict(self.abstract_params)
     if self.lora is not None:  # the base is frozen whole: only adapters (and nothing freeze names) train
-      self.frozen |= frozenset(k for k in traverse_util.flatten_dict(self.abstract_params) if not lora.is_adapter(k))
+      self.frozen |= frozenset(k for k in flat if not lora.is_adapter(k))
+    self.frozen |= frozenset(k for k in flat if k[0] == "reference")
     trainable_mask, _ = partition(decay_mask(abstract), self.frozen)
     self.schedule = optim.schedule(config.train)
     self.tx = optim.make(config.train, trainable_mask)
@@ -133,7 +137,7 @@ class Setup:
   def init(self, params: Params | None = None) -> TrainState:
     """A fresh state: parameters initialised on their devices (or the given ones), zeroed optimizer state."""
     if params is None:
-      _, state, _ = omni.create_sharded(self.config, self.mesh)
+      _, state, _ = omni.create_sharded(self.config, self.mesh, reference=self.reference)
       params = nnx.to_pure_dict(state)
 
     if self._init is None:
