@@ -4,11 +4,15 @@ estimated MFU, from `python -m omni_jax.aot` (one subprocess per row, --json).
   .venv/bin/python bench/fit_table.py --out /tmp/fit.jsonl                 # the whole grid (slow: ~1-4 min a row)
   .venv/bin/python bench/fit_table.py --out /tmp/fit.jsonl --models 3b --seqs 8192 --remat full,dots
   .venv/bin/python bench/fit_table.py --out /tmp/fit.jsonl --render --write_docs   # table -> docs/performance.md
+  .venv/bin/python bench/fit_table.py --out /tmp/fit.jsonl --recipe lora --models 7b --seqs 8192 --remat full \
+      --topologies v6e:1x1 --extra="--config.model.attention_impl=auto"    # a recipe's step (LoRA at 7B)
 
 Rows already in --out are not compiled again (an interrupted run resumes). Each row: the released 3B / 7B
 Thinker (config.model.talker removed; --talker keeps the Talker and trains its objective too), bfloat16
 compute, scanned layers, one row of seq_len tokens per chip (train.batch_size = chips, mesh fsdp = all chips),
-text-only batch. --write_docs replaces the table between the fit-table markers of docs/performance.md.
+text-only batch. --recipe NAME[:ARGS] compiles configs/recipes/NAME.py:model=MODEL[,ARGS] instead (e.g. lora,
+lora:quant=int8: the recipe decides the towers, so --talker does not apply). --write_docs replaces the table
+between the fit-table markers of docs/performance.md.
 """
 
 import argparse
@@ -21,6 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"3b": "configs/qwen2_5_omni_3b.py", "7b": "configs/qwen2_5_omni_7b.py"}
+RECIPE_NAMES = {"lora": "LoRA", "dpo": "DPO"}
 BEGIN, END = "<!-- fit_table:begin (bench/fit_table.py --write_docs) -->", "<!-- fit_table:end -->"
 
 
@@ -31,16 +36,26 @@ def chips_of(topology: str) -> int:
   return n
 
 
-def row_key(model, seq, remat, topology, talker, extra=""):
-  return f"{model}|{seq}|{remat}|{topology}|{int(talker)}" + (f"|{extra}" if extra else "")
+def row_key(model, seq, remat, topology, talker, extra="", recipe=""):
+  return (f"{model}|{seq}|{remat}|{topology}|{int(talker)}" + (f"|{extra}" if extra else "")
+          + (f"|recipe={recipe}" if recipe else ""))
 
 
-def compile_row(model, seq, remat, topology, talker, timeout, extra=""):
+def recipe_config(recipe: str, model: str) -> str:
+  """'lora:quant=int8', '7b' -> 'ROOT/configs/recipes/lora.py:model=7b,quant=int8'."""
+  name, _, args = recipe.partition(":")
+  return os.path.join(ROOT, "configs", "recipes", f"{name}.py") + f":model={model}" + (f",{args}" if args else "")
+
+
+def compile_row(model, seq, remat, topology, talker, timeout, extra="", recipe=""):
   chips = chips_of(topology)
-  cmd = [sys.executable, "-m", "omni_jax.aot", "--config", os.path.join(ROOT, CONFIGS[model]),
+  config = recipe_config(recipe, model) if recipe else os.path.join(ROOT, CONFIGS[model])
+  cmd = [sys.executable, "-m", "omni_jax.aot", "--config", config,
          "--topology", topology, "--json", f"--config.train.seq_len={seq}", f"--config.train.batch_size={chips}",
          f"--config.model.remat_policy={remat}", "--config.model.scan_layers=True", *extra.split()]
-  if talker:
+  if recipe:
+    pass  # the recipe builds the towers it trains
+  elif talker:
     cmd.append("--config.train.objectives.talker_codes=1.0")
   else:
     cmd.append("--without=talker")
@@ -65,9 +80,15 @@ def render(rows) -> str:
   head = ("| model | seq | remat | attention | slice | mesh | fits | HBM/chip GiB (of) | est. step s | est. MFU | bound "
           "| compile s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
   lines = [head]
-  order = lambda r: (r["model"], r["talker"], r["seq"], r["topology"], r["remat"], r.get("extra", ""))  # noqa: E731
+  def order(r):
+    return r["model"], r.get("recipe", ""), r["talker"], r["seq"], r["topology"], r["remat"], r.get("extra", "")
+
   for r in sorted(rows, key=order):
     name = r["model"].upper() + (" + Talker" if r["talker"] else " Thinker")
+    if r.get("recipe"):
+      recipe, _, args = r["recipe"].partition(":")
+      args = f":{args}" if args else ""
+      name = f"{r['model'].upper()} {RECIPE_NAMES.get(recipe, recipe)} (recipes/{recipe}.py{args})"
     extra = r.get("extra", "")
     impl = re.search(r"attention_impl=(\w+)", extra)
     name += f" | {r['seq']} | {r['remat']} | {impl.group(1) if impl else 'dense'}"
@@ -76,7 +97,8 @@ def render(rows) -> str:
       lines.append(f"| {name} | {r['topology']} | {extra} | {r['status']} | | | | | {r['seconds']:.0f} |")
       continue
     rep = r["report"]
-    mesh = ", ".join(f"{k} {v}" for k, v in rep["mesh"].items() if v != 1) + f"; {rep['batch']['input_ids'][0]} rows"
+    mesh = (", ".join(f"{k} {v}" for k, v in rep["mesh"].items() if v != 1) or "1 chip") + \
+        f"; {rep['batch']['input_ids'][0]} rows"
     m, f = rep["memory"], rep["roofline"]
     if rep["error"] is not None:  # the compiler ran out of memory
       lines.append(f"| {name} | {r['topology']} | {mesh} | no (compiler OOM) | "
@@ -105,6 +127,8 @@ def main():
   p.add_argument("--remat", default="full,dots,none")
   p.add_argument("--topologies", default="v5p:4x4x4,v6e:4x4")
   p.add_argument("--talker", action="store_true", help="Thinker + Talker rows instead of Thinker rows")
+  p.add_argument("--recipe", default="", help="compile configs/recipes/NAME.py:model=M[,ARGS] (NAME[:ARGS], e.g. "
+                 "lora or lora:quant=int8) instead of the model config")
   p.add_argument("--extra", default="", help="more overrides for every row, e.g. '--config.mesh.context=8'")
   p.add_argument("--timeout", type=int, default=1200, help="seconds per row")
   p.add_argument("--render", action="store_true", help="print the markdown table of --out (no compiling)")
@@ -115,7 +139,8 @@ def main():
     with open(args.out) as f:
       for line in f:
         r = json.loads(line)
-        done[row_key(r["model"], r["seq"], r["remat"], r["topology"], r["talker"], r.get("extra", ""))] = r
+        done[row_key(r["model"], r["seq"], r["remat"], r["topology"], r["talker"], r.get("extra", ""),
+                     r.get("recipe", ""))] = r
   if args.render:
     table = render(done.values())
     print(table)
@@ -127,11 +152,12 @@ def main():
     for model in args.models.split(","):
       for seq in map(int, args.seqs.split(",")):
         for topology in args.topologies.split(","):
-          key = row_key(model, seq, remat, topology, args.talker, args.extra)
+          key = row_key(model, seq, remat, topology, args.talker, args.extra, args.recipe)
           if key in done:
             continue
           r = dict(model=model, seq=seq, remat=remat, topology=topology, talker=args.talker, extra=args.extra,
-                   **compile_row(model, seq, remat, topology, args.talker, args.timeout, args.extra))
+                   **({"recipe": args.recipe} if args.recipe else {}),
+                   **compile_row(model, seq, remat, topology, args.talker, args.timeout, args.extra, args.recipe))
           with open(args.out, "a") as f:
             f.write(json.dumps(r) + "\n")
           rep = r.get("report") or {}

@@ -10,10 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
+import train_testlib as tl
 from configs import tiny
+from configs.recipes import dpo as dpo_recipe
+from configs.recipes import lora as lora_recipe
 from omni_jax import aot
-from omni_jax.aot import hardware, hlo
+from omni_jax.aot import compile as compile_lib
+from omni_jax.aot import hardware, hlo, report
+from omni_jax.layers import lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -88,6 +94,50 @@ def test_too_large_is_reported_as_not_fitting():
 def test_cpu_compile_reports_memory_without_libtpu():
   r = aot.analyse(tiny.get_config(), "cpu:2")
   assert r.fits and r.memory["argument"] > 0 and r.memory["capacity"] is None and r.cost["flops"] > 0
+
+
+def _lora_recipe(adapters=True):
+  """configs/recipes/lora.py (tiny) with a 256-token vocabulary, so that the adapters are a visible share."""
+  c = lora_recipe.get_config()
+  c.model.thinker.text.vocab_size = 256
+  c.model.thinker.update(tl.SMALL_IDS)
+  c.train.update(dict(batch_size=2, seq_len=32))
+  if not adapters:  # the same model fine-tuned in full: float32 weights, each with two AdamW moments
+    del c["lora"]
+  return c
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def test_lora_step_arguments_are_the_base_plus_adapters_and_their_moments():
+  """The compiled LoRA step's inputs: the frozen bfloat16 base, the float32 adapters and AdamW's two moments of
+  the adapters only (plus the batch and a few counters), far below the full fine-tune's state."""
+  c = _lora_recipe()
+  compiled = compile_lib.compile_train_step(c, jax.devices("cpu")[:1])
+  r = report.build(compiled, hardware.parse("cpu:1"))
+  flat = traverse_util.flatten_dict(compiled.setup.abstract_params)
+  base = _nbytes([v for k, v in flat.items() if not lora.is_adapter(k)])
+  adapters = _nbytes([v for k, v in flat.items() if lora.is_adapter(k)])
+  assert all(v.dtype == jnp.bfloat16 for k, v in flat.items() if not lora.is_adapter(k))
+  moments = [x for x in jax.tree.leaves(compiled.setup.abstract.opt_state) if x.ndim > 0]
+  assert _nbytes(moments) == 2 * adapters
+  batch = sum(b for name, b in compile_lib.argument_buffers(compiled) if name.startswith("batch."))
+  counters = r.memory["argument"] - (base + 3 * adapters + batch)
+  assert 0 <= counters <= 64, (r.memory, base, adapters, batch)  # step, rng, AdamW's count
+  full = aot.analyse(_lora_recipe(adapters=False), "cpu:1")
+  assert full.memory["argument"] >= 3 * 2 * base  # float32 weights (2x the bfloat16 base) and two moments
+  assert r.memory["argument"] < full.memory["argument"] / 3
+
+
+def test_dpo_steps_compile_with_their_pair_fields():
+  """A DPO recipe's representative batch numbers its pairs (else the objectives would compile to nothing)."""
+  shapes, _ = compile_lib.representative_batch(dpo_recipe.get_config())
+  assert "dpo_pair" in shapes and "talker_dpo_pair" not in shapes
+  shapes, _ = compile_lib.representative_batch(dpo_recipe.get_config("tower=talker"))
+  assert {"dpo_pair", "talker_dpo_pair", "talker_labels"} <= set(shapes)
+  assert "dpo_pair" not in compile_lib.representative_batch(_lora_recipe())[0]
 
 
 def test_bad_topology_is_one_line_error():

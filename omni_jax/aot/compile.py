@@ -95,11 +95,16 @@ def representative_batch(config: ml_collections.ConfigDict, media: bool = False)
   shapes = {k: jax.ShapeDtypeStruct((b, l), jnp.int32) for k in batch_lib.TEXT_FIELDS}
   meta = {"input_ids": np.zeros((b, l), np.int32)}
   objectives = dict(config.train.get("objectives", {}))
-  if config.model.get("talker") is not None and objectives.get("talker_codes", 0):
+  dpo = config.get("dpo", None) is not None
+  if dpo:  # preference pairs (omni_jax.batch): their numbering on the Thinker's tokens
+    shapes["dpo_pair"] = jax.ShapeDtypeStruct((b, l), jnp.int32)
+  if config.model.get("talker") is not None and (objectives.get("talker_codes", 0) or objectives.get("talker_dpo", 0)):
     # The Talker trains: its rows (omni_jax.batch.TALKER_FIELDS), as long as a bucket allows, else seq_len.
     t = max([int(dict(b_).get("talker_seq_len", 0)) for b_ in (config.get("data", {}).get("buckets") or ())]
             or [0]) or l
     shapes.update({k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in batch_lib.TALKER_FIELDS})
+    if dpo:
+      shapes["talker_dpo_pair"] = jax.ShapeDtypeStruct((b, t), jnp.int32)
   if not media:
     return shapes, meta
   thinker = config.model.thinker
@@ -138,6 +143,11 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, media: 
   Raises DoesNotFit when the compiler runs out of device memory (its message lists the biggest buffers)."""
   import time
 
+  if config.get("require_init_from", False) and not config.get("init_from"):
+    # Compile-only: no weights are read, so a fine-tuning recipe's starting checkpoint is not needed.
+    config = copy.deepcopy(config)
+    with config.unlocked():
+      config.require_init_from = False
   towers.validate(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   setup = state_lib.Setup(config, mesh)
