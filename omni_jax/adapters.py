@@ -73,13 +73,8 @@ def load_base(path: str, abstract_params: dict, shardings: Optional[dict] = None
   stored = checkpoint.restore_pure(params_path, base_target(abstract))
   if shardings is None:
     return lora.base_layout(stored, abstract)
-  out_shardings = lora.without_adapters(shardings)
-  return jax.jit(lora.base_layout, static_argnums=(), out_shardings=out_shardings)(stored, _shapes(abstract))
-
-
-def _shapes(tree: dict) -> dict:
-  # Plain ShapeDtypeStructs are not jit arguments; base_layout only reads their dtypes, so pass dtype holders.
-  return jax.tree.map(lambda a: jnp.zeros((), a.dtype), tree)
+  # On the devices, each parameter cast (or quantised) where its shards lie.
+  return jax.jit(lambda x: lora.base_layout(x, abstract), out_shardings=lora.without_adapters(shardings))(stored)
 
 
 def init_adapters(config: ml_collections.ConfigDict, shardings: dict, seed: Optional[int] = None) -> dict:

@@ -157,9 +157,10 @@ def test_step_trains_adapters_only_and_keeps_the_base_bit_identical():
   assert setup.num_params(trainable_only=True) * 4 == adapter_bytes
 
 
-@pytest.mark.parametrize("shape", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2),
-                                   dict(data=1, fsdp=2, tensor=4)], ids=["8x1x1", "2x2x2", "1x2x4"])
-def test_meshes_give_the_one_device_losses(shape):
+def test_a_mesh_gives_the_one_device_losses_with_dropout():
+  """(tests/test_dpo.py runs LoRA on both towers on the (8,1,1), (2,2,2) and (1,2,4) meshes; here the
+  adapters' dropout and an encoder's projection, sharded over data, fsdp and tensor at once.)"""
+  shape = dict(data=2, fsdp=2, tensor=2)
   c = _config(dropout=0.1)
   c.lora.targets = {"thinker": [LM, "proj"]}  # the audio projection too
   one, _, _, _ = tl.train_steps(c, tl.mesh_of(dict(data=1)), 2)
@@ -210,3 +211,20 @@ def test_run_saves_adapters_with_a_checked_pointer_to_the_base(tmp_path):
     loop.run(c, workdir)
   with pytest.raises(ConfigError, match="fingerprint"):
     api.restore(workdir)
+
+
+def test_a_runtime_config_still_loads_a_lora_run_merged(tmp_path):
+  """generate.py --checkpoint RUN --config CONFIG: the run's own config says it holds adapters."""
+  c = _config(base_dtype="float32")
+  c.train.steps = 1
+  plain = towers.without(tl.config(), "talker")
+  _, state, _ = omni.create_sharded(plain, tl.mesh_of(dict(data=1)))
+  checkpoint.save_params(str(tmp_path / "base"), _perturbed(nnx.to_pure_dict(state), 6), plain)
+  c.init_from = str(tmp_path / "base")
+  loop.run(c, str(tmp_path / "run"))
+  config, graphdef, params, _, _, _ = api.restore(str(tmp_path / "run"), config=plain)
+  assert config.get("lora") is None and not any(lora.is_adapter(k) for k in traverse_util.flatten_dict(
+      nnx.to_pure_dict(params)))
+  checkpoint.save_params(str(tmp_path / "other"), state, plain)  # a whole model is no adapter
+  with pytest.raises(ConfigError, match="neither a PEFT adapter directory"):
+    api.restore(str(tmp_path / "base"), adapter=str(tmp_path / "other"))

@@ -93,6 +93,10 @@ def restore(path: str, config: Optional[ml_collections.ConfigDict] = None, mesh_
     raise FileNotFoundError(f"{path}: no such checkpoint")
   merged = None  # the parameters of a LoRA checkpoint, merged on the host
   if _is_hf_dir(path):
+    if adapter is not None and not peft.is_adapter_dir(adapter):
+      raise ConfigError(f"--adapter {adapter}: a LoRA run of train.py merges into the orbax checkpoint it trained "
+                        f"over (its own --checkpoint); over a transformers directory give its PEFT export "
+                        f"(python -m omni_jax.convert --orbax_dir RUN --peft_out DIR)")
     config = hf.config_from_hf(hf.read_config(path), base=config)
     speakers.import_from(path, config)  # the voices' bos ids (spk_dict.pt) when the model has a Talker
     generation = export.read_generation(path)
@@ -109,15 +113,17 @@ def restore(path: str, config: Optional[ml_collections.ConfigDict] = None, mesh_
         if key not in config:
           fill(config)
       config.mesh = defaults.base_config().mesh  # the training mesh need not fit the devices present
-    if adapter is not None and not peft.is_adapter_dir(adapter):
-      params_path, base = checkpoint.params_dir(adapter), params_path
-      config = checkpoint.load_config(checkpoint.find_config(params_path))
-      if not adapters.is_lora(config):
-        raise ConfigError(f"--adapter {adapter}: neither a PEFT adapter directory nor a LoRA run (its config has "
-                          f"no lora section)")
-      config, merged = adapters.restore_merged(params_path, config, base=base)
-    elif adapters.is_lora(config):  # a LoRA run's step holds adapters only: rebuild its base, fold them in
-      config, merged = adapters.restore_merged(params_path, config)
+    # A LoRA run's step holds adapters only (`path` itself, or --adapter over the base at `path`): its base and
+    # adapters, merged. The run's own config says so, whatever runtime config was given.
+    run = checkpoint.params_dir(adapter) if adapter is not None and not peft.is_adapter_dir(adapter) else params_path
+    run_saved = checkpoint.find_config(run)
+    run_config = checkpoint.load_config(run_saved) if run_saved else None
+    if run_config is not None and adapters.is_lora(run_config):
+      _, merged = adapters.restore_merged(run, run_config, base=None if run == params_path else params_path)
+      config = adapters.without_lora(config) if adapters.is_lora(config) else config
+    elif run != params_path:
+      raise ConfigError(f"--adapter {adapter}: neither a PEFT adapter directory (adapter_config.json) nor a LoRA "
+                        f"run (its config has no lora section)")
     config = export.complete_token_ids(checkpoint.adopt_model_config(config, params_path))
     assets = export.assets_of(params_path)
     tokenizer_dir = assets if _has_tokenizer(assets) else None

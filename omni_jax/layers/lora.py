@@ -275,16 +275,14 @@ def base_layout(params: Mapping, abstract: Mapping) -> dict:
   flat, want = traverse_util.flatten_dict(params), traverse_util.flatten_dict(abstract)
   out = {}
   for k, target in want.items():
-    if is_adapter(k):
+    if is_adapter(k) or k[-1] == "kernel_scale":
       continue
-    if k[-1] == "kernel_scale":
-      continue
-    v = flat[k]
     if target.dtype == jnp.int8 and k[-1] == "kernel":
-      out[k], out[k[:-1] + ("kernel_scale",)] = _quantize(jnp.asarray(v))
-      out[k[:-1] + ("kernel_scale",)] = out[k[:-1] + ("kernel_scale",)].astype(want[k[:-1] + ("kernel_scale",)].dtype)
+      scale_key = k[:-1] + ("kernel_scale",)
+      out[k], scale = _quantize(jnp.asarray(flat[k]))
+      out[scale_key] = scale.astype(want[scale_key].dtype)
     else:
-      out[k] = jnp.asarray(v).astype(target.dtype)
+      out[k] = jnp.asarray(flat[k]).astype(target.dtype)
   return traverse_util.unflatten_dict(out)
 
 
