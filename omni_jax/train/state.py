@@ -110,7 +110,7 @@ class Setup:
     self.frozen = frozen_paths(self.abstract_params, tuple(config.train.freeze))
     self.lora = lora.LoraConfig.from_config(config)
     flat = traverse_util.flatten_dict(self.abstract_params)
-    if self.lora is not None:  # the base is frozen whole: only adapters (and nothing freeze names) train
+    if self.lora is not None:  # the base is frozen whole: only adapters train (those freeze names excepted)
       self.frozen |= frozenset(k for k in flat if not lora.is_adapter(k))
     self.frozen |= frozenset(k for k in flat if k[0] == "reference")
     trainable_mask, _ = partition(decay_mask(abstract), self.frozen)
