@@ -350,7 +350,6 @@ def _set_adapters(model, seed):
 
 
 def test_with_lora_the_reference_is_the_base_under_disabled():
-  pytest.importorskip("omni_jax.layers.lora")
   c = _config(lora={"thinker": ["q_proj", "v_proj", "down_proj"]})
   model = omni.OmniModel(c, rngs=nnx.Rngs(0))
   assert dpo_lib.settings(model.thinker).reference == dpo_lib.ADAPTERS_OFF
@@ -373,7 +372,6 @@ def test_with_lora_the_reference_is_the_base_under_disabled():
 def test_lora_dpo_steps_raise_the_margin_and_chosen_equal_rejected_steps_have_no_gradient():
   """The train step (omni_jax.train.step) on the objective alone, LoRA on the Thinker: a batch whose pairs have
   chosen == rejected gives a zero gradient; otherwise the margin and the accuracy rise."""
-  pytest.importorskip("omni_jax.layers.lora")
   from omni_jax.train import state as state_lib  # noqa: PLC0415
   from omni_jax.train import step as step_lib  # noqa: PLC0415
 
@@ -474,7 +472,6 @@ def test_talker_dpo_and_its_gradients_equal_the_direct_formula():
 def test_talker_reference_with_lora_on_the_talker_shares_the_thinker_forward():
   """LoRA on the Talker only: the Thinker does not train, so the reference reuses the policy's Thinker forward,
   and the reference Talker is the base Talker."""
-  pytest.importorskip("omni_jax.layers.lora")
   c = _config(lora={"talker": ["q_proj", "v_proj"]})
   model = omni.OmniModel(c, rngs=nnx.Rngs(0))
   plain = _config()
@@ -594,7 +591,6 @@ def _lora_dpo_step(shape):
 
 @pytest.fixture(scope="module")
 def one_device_step():
-  pytest.importorskip("omni_jax.layers.lora")
   return _lora_dpo_step(dict(data=1))
 
 

@@ -25,7 +25,7 @@ from omni_jax.convert import peft as peft_io
 from omni_jax.layers import lora
 from omni_jax.models import omni
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (the test extra installs it: a parity test never skips)
 
 pytestmark = pytest.mark.parity
 
