@@ -26,6 +26,7 @@ flags.mark_flags_as_required(["config", "checkpoint"])
 def main(argv):
   del argv
   distributed.start_process()  # before anything touches a device
+  from data import demo_corpus  # noqa: F401 - registers config.data.source = "demo"
   from omni_jax.evaluate import run
 
   report = run.run(_CONFIG.value, _CHECKPOINT.value, _OUTPUT.value)  # a user error: one line, exit status 2

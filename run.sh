@@ -62,8 +62,8 @@ case "${1:-}" in
       --config.data.speech_codes="$units/codes.json" --config.init_from="$workdir" --workdir "$workdir/token2wav"
     # Its voice: the spoken replies are one eSpeak voice, trained as the Talker's default speaker (Chelsie). One
     # of its clips, as training conditioned on it, goes into $workdir/token2wav/speakers.safetensors, where
-    # generate.py --speak, chat.py and the server find the voice (omni_jax/units/new_voice.py, "voices").
-    .venv/bin/python -m omni_jax.units.new_voice voices --checkpoint "$workdir/token2wav" \
+    # generate.py --speak, chat.py and the server find the voice (omni_jax/token2wav/new_voice.py, "voices").
+    .venv/bin/python -m omni_jax.token2wav.new_voice voices --checkpoint "$workdir/token2wav" \
       --clip "$corpus/media/speech/a000.wav"
     # Spoken replies from all three towers: the held-out voice-chat prompts answered in text, Talker codes and
     # audio; pocketsphinx's transcript of the audio vs the reply's text (WER) and resemblyzer's similarity to the

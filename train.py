@@ -22,9 +22,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   distributed.start_process()  # before anything touches a device
+  from data import demo_corpus  # noqa: F401 - registers config.data.source = "demo"
+  from omni_jax.evaluate import hook as eval_hook
+  from omni_jax.talker import targets as talker_targets
   from omni_jax.train import loop
 
-  loop.run(_CONFIG.value, _WORKDIR.value)  # a user error: one line, exit status 2 (omni_jax.cli)
+  hooks = [
+      # One speech-unit set per run: the codes index, the config and the checkpoint resumed or started from agree.
+      loop.Settle(talker_targets.settle_units),
+      eval_hook.Evaluate(),  # config.eval.tasks every config.train.eval_every steps
+  ]
+  loop.run(_CONFIG.value, _WORKDIR.value, hooks)  # a user error: one line, exit status 2 (omni_jax.cli)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import time_alternating  # noqa: E402
-from omni_jax.layers import SegmentMask, dot_product_attention  # noqa: E402
+from omni_jax.layers.attention import SegmentMask, dot_product_attention  # noqa: E402
 
 
 def packed_segments(length: int, segment: int, rng) -> np.ndarray:

@@ -6,9 +6,11 @@
 --dtype bfloat16 stores our weights and computes in bf16 (transformers stays float32: its CPU bf16 kernels are
 slow), so that row measures what serving in bf16 gains, not a like-for-like ratio.
 
-Both sides get identical weights (ours imported from the transformers model), the same left-padded prompts,
-greedy decoding without an eos (every row runs max_new_tokens). Time to first token = generate with one new
-token; decode tokens/s = rows * (new - 1) / (time(new) - time(1)). Medians of --iters runs after a warm-up
+Both sides get identical weights (ours imported from the transformers model), the same prompts, greedy
+decoding without an eos (every row runs max_new_tokens). Ours is the library's path (the conversation engine,
+as OmniChat.chat_batch drives it: each prompt prefilled alone, the replies decoded together in one slot per
+row); transformers gets them as one left-padded batch. Time to first token = a reply of one new token; decode
+tokens/s = rows * (new - 1) / (time(new) - time(1)). Medians of --iters runs after a warm-up
 (compilation excluded). Prints each side and the ratios (ours / transformers: > 1 means we are faster).
 --size 7b builds the 7B-shaped Thinker LM with random weights for a GPU (our side only: --no-reference).
 Figures are recorded in docs/performance.md.
@@ -21,9 +23,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import left_padded_prompts, reference_thinker, time_alternating  # noqa: E402
+import reply_testlib  # noqa: E402  (tests/, on sys.path through common)
 from omni_jax import sharding  # noqa: E402
 from omni_jax.convert import hf  # noqa: E402
-from omni_jax.generate import Generator, SamplingParams  # noqa: E402
+from omni_jax.generate import Generator  # noqa: E402
 from omni_jax.models import omni  # noqa: E402
 
 SIZES = {
@@ -88,12 +91,13 @@ def main():
   n_params = sum(np.size(x) for x in jax.tree.leaves(gen.params))
   print(f"size {args.size} ({n_params / 1e6:.1f} M params), {args.dtype}, devices {jax.devices()[0].platform} "
         f"x{jax.device_count()}, prompt {args.prompt}, new {args.new}")
-  greedy = SamplingParams()
+  chat = reply_testlib.chat(gen, eos_token_ids=())
   for rows in args.batch:
     batch = left_padded_prompts(rows, args.prompt, 10, SIZES[args.size]["vocab_size"])
+    samples = [reply_testlib.text_sample(ids[seg > 0]) for ids, seg in zip(batch["input_ids"], batch["segment_ids"])]
 
     def ours(n):
-      return lambda: gen.generate(batch, max_new_tokens=n, sampling=greedy, eos_token_ids=())
+      return lambda: [r.tokens for r in reply_testlib.replies(chat, samples, max_new_tokens=n)]
 
     if torch_model is None:
       t1, tn = time_alternating([ours(1), ours(args.new)], args.iters)
@@ -115,7 +119,7 @@ def main():
       t1, tn, h1, hn = time_alternating([ours(1), ours(args.new), theirs(1), theirs(args.new)], args.iters)
       ours_tps, hf_tps = rows * (args.new - 1) / (tn - t1), rows * (args.new - 1) / (hn - h1)
       check = theirs(args.new)()[:, args.prompt:].numpy()
-      same = np.array_equal(check, ours(args.new)().tokens) if args.dtype == "float32" else "n/a (bf16)"
+      same = np.array_equal(check, ours(args.new)()) if args.dtype == "float32" else "n/a (bf16)"
       print(f"batch {rows}: ours TTFT {t1 * 1e3:.1f} ms, decode {ours_tps:.1f} tok/s"
             f" | transformers TTFT {h1 * 1e3:.1f} ms, decode {hf_tps:.1f} tok/s | TTFT ratio "
             f"{h1 / t1:.2f}x, decode ratio {ours_tps / hf_tps:.2f}x | same tokens: {same}", flush=True)

@@ -5,8 +5,8 @@ recordings (the ceiling and the floor of this embedding on these voices), all in
   .venv/bin/pip install -e ".[eval]"   # optional (or --no-deps resemblyzer webrtcvad-wheels); weights in the wheel
   .venv/bin/python bench/bench_new_voice.py --steps 300 [--voice en-GB-scotland --other en-US --count 16]
 
-Runs the recipe's own commands on eSpeak NG recordings of the demo sentences: new_voice example + prepare, units
-fit + encode, train.py (configs/recipes/new_voice.py, the tiny model from scratch, Talker + DiT), then voices
+Runs the recipe's own commands on eSpeak NG recordings of the demo sentences: data.new_voice_example, new_voice
+prepare, units fit + encode, train.py (configs/recipes/new_voice.py, the tiny model from scratch, Talker + DiT), then voices
 (a) each held-out recording's own units with the trained DiT ("resynthesis": the DiT's voice alone) and (b) a
 full spoken reply (Thinker text -> Talker codes -> DiT), through the Griffin-Lim fallback.
 """
@@ -50,13 +50,14 @@ def main():
   except ImportError:
     sys.exit("resemblyzer is not installed: .venv/bin/pip install -e '.[eval]'")
   from omni_jax.units import codes as codes_lib  # noqa: PLC0415
-  from omni_jax.units import new_voice  # noqa: PLC0415
+  from data import new_voice_example  # noqa: PLC0415
+  from omni_jax.token2wav import new_voice  # noqa: PLC0415
 
   work = args.workdir or tempfile.mkdtemp(prefix="bench_new_voice_")
   rec, other, out, run = (os.path.join(work, d) for d in ("recordings", "other", "voice", "run"))
-  new_voice.example(args.voice, rec, args.count)
+  new_voice_example.example(args.voice, rec, args.count)
   shutil.rmtree(other, ignore_errors=True)
-  new_voice.example(args.other, other, 4)
+  new_voice_example.example(args.other, other, 4)
   record = new_voice.prepare(rec, "NewVoice", out, validation=args.validation)
   cfg = f"configs/recipes/new_voice.py:dir={out}"
   times = {}
@@ -89,7 +90,7 @@ def main():
   times["synthesis"] = time.perf_counter() - t
   # The same voicing with an untrained Token2Wav (random init of the same config): what training added.
   from flax import nnx  # noqa: PLC0415
-  from omni_jax.models import token2wav_tower  # noqa: PLC0415
+  from omni_jax.token2wav import tower as token2wav_tower  # noqa: PLC0415
 
   fresh = token2wav_tower.Token2Wav(token2wav_tower.view(model.config), rngs=nnx.Rngs(0))
   untrained = voice_lib.Voicer(fresh, model.voicer.voices, vocoder="griffin_lim", sampler=model.voicer.sampler)

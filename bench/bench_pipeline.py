@@ -85,6 +85,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   from configs import tiny
+  from data import demo_corpus  # noqa: F401 - registers config.data.source = "demo"
 
   config = tiny.get_config()
   config.data.source = "demo"

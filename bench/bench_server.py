@@ -9,9 +9,17 @@ Griffin-Lim voice). Both sides decode `--reply` tokens greedily for a short text
 starts before the request is sent, the session's before push_message); spoken: the same with modalities text +
 audio. Medians of --iters runs after a warm-up (compilation excluded), interleaved; the ratio is server /
 session (1.0: no overhead). Figures: docs/performance.md ("Server overhead").
+
+Continuous batching (--clients 8): that many streaming clients at once against a server of --clients slots and
+against a one-at-a-time server (--max_batch 1), each asking for --long_reply tokens of a different prompt:
+aggregate tokens/s of both and their ratio; then a request sent while the others decode, whose time to its first
+token is set against one prefill plus a few decode steps; every reply is checked against its solo greedy reply
+(OmniChat.chat). Figures: docs/performance.md ("Continuous batching").
 """
 
 import argparse
+import concurrent.futures
+import json
 import statistics
 import tempfile
 import threading
@@ -52,32 +60,108 @@ def _server_turn(client, name, prompt, reply, speak):
   return first_text, first_audio, time.perf_counter() - t0
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", default=None)
-  parser.add_argument("--reply", type=int, default=16)
-  parser.add_argument("--iters", type=int, default=5)
-  args = parser.parse_args()
+PROMPTS = ["Hello there, how are you today?", "Tell me a story about a cat.", "What is two plus two?",
+           "Name three colours.", "Describe the sea.", "Why is the sky blue?", "Count to ten.", "Say something kind."]
 
-  import openai  # noqa: PLC0415
+
+def _serve(model, limits, max_batch):
   import uvicorn  # noqa: PLC0415
 
-  import serve_testlib  # noqa: PLC0415
-  from omni_jax import generate  # noqa: PLC0415
-  from omni_jax.serve import protocol  # noqa: PLC0415
   from omni_jax.serve import server  # noqa: PLC0415
 
-  path = args.checkpoint or serve_testlib.make_checkpoint(tempfile.mkdtemp())
-  model = generate.load(path)
-  limits = protocol.Limits(max_prompt_tokens=512, max_new_tokens=args.reply)
-  worker = server.Worker(server.engine_for(model, limits), limits)
+  worker = server.Worker(server.Backend(model, limits), limits, max_batch=max_batch, max_queue=32)
   app = server.create_app(worker, limits, model_name="bench")
   srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
   thread = threading.Thread(target=srv.run, daemon=True)
   thread.start()
   while not srv.started:
     time.sleep(0.05)
-  port = srv.servers[0].sockets[0].getsockname()[1]
+  return srv, thread, srv.servers[0].sockets[0].getsockname()[1]
+
+
+def _stream_text(port, prompt, reply):
+  """(text, first-token seconds, end seconds, completion tokens) of one streamed greedy reply, read with a bare
+  HTTP client (its parsing costs the server's CPU little: 8 clients share the cores with the server)."""
+  import httpx  # noqa: PLC0415 - the openai client's transport
+
+  body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": reply,
+          "temperature": 0, "stream_options": {"include_usage": True}}
+  t0 = time.perf_counter()
+  text, first, tokens = "", None, 0
+  with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=900) as r:
+    for line in r.iter_lines():
+      if not line.startswith("data: {"):
+        continue
+      chunk = json.loads(line[6:])
+      if chunk.get("usage"):
+        tokens = chunk["usage"]["completion_tokens"]
+      for choice in chunk.get("choices", ()):
+        if choice["delta"].get("content"):
+          first = first if first is not None else time.perf_counter() - t0
+          text += choice["delta"]["content"]
+  return text, first, time.perf_counter() - t0, tokens
+
+
+def _concurrency(model, args):
+  from omni_jax.serve import protocol  # noqa: PLC0415
+
+  n, reply = args.clients, args.long_reply
+  prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+  solo = [model.chat(p, max_new_tokens=reply, do_sample=False) for p in prompts]
+  limits = protocol.Limits(max_prompt_tokens=512, max_new_tokens=reply)
+  rates = {}
+  for slots in (1, n):
+    srv, thread, port = _serve(model, limits, slots)
+    client = lambda p: pool.submit(_stream_text, port, p, reply)  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(n + 1) as pool:
+      [f.result() for f in [client(p) for p in prompts]]  # warm-up: compiles every shape, starts the clients
+      t0 = time.perf_counter()
+      results = [f.result() for f in [client(p) for p in prompts]]
+      wall = time.perf_counter() - t0
+      tokens = sum(r[3] for r in results)
+      rates[slots] = tokens / wall
+      equal = sum(r[0] == want for r, want in zip(results, solo))
+      print(f"{n} clients, {slots} slot(s): {tokens} tokens in {wall:.2f} s = {rates[slots]:.1f} tokens/s; "
+            f"replies equal to solo: {equal}/{n}")
+      if slots == n:
+        # One more request while n - 1 decode: its first token after one prefill and a few steps, not at their end.
+        others = [client(p) for p in prompts[:n - 1]]
+        time.sleep(0.2)
+        late = client("Tell me a story about a cat.").result()
+        busy_end = max(f.result()[2] for f in others)
+        alone = statistics.median(client("Tell me a story about a cat.").result()[1] for _ in range(3))
+        print(f"a request arriving mid-decode: first token {late[1] * 1e3:.0f} ms (alone: {alone * 1e3:.0f} ms; "
+              f"the running replies ended {busy_end:.2f} s after they started); equal to solo: "
+              f"{late[0] == model.chat('Tell me a story about a cat.', max_new_tokens=reply, do_sample=False)}")
+    srv.should_exit = True
+    thread.join(timeout=30)
+  print(f"aggregate tokens/s, {n} slots / 1 slot: {rates[n] / rates[1]:.2f}x")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", default=None)
+  parser.add_argument("--reply", type=int, default=16)
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--clients", type=int, default=8)
+  parser.add_argument("--long_reply", type=int, default=64)
+  parser.add_argument("--only", choices=("overhead", "batching"), default=None)
+  args = parser.parse_args()
+
+  import openai  # noqa: PLC0415
+
+  import serve_testlib  # noqa: PLC0415
+  from omni_jax import generate  # noqa: PLC0415
+  from omni_jax.serve import protocol  # noqa: PLC0415
+
+  path = args.checkpoint or serve_testlib.make_checkpoint(tempfile.mkdtemp())
+  model = generate.load(path)
+  if args.only != "overhead":
+    _concurrency(model, args)
+  if args.only == "batching":
+    return
+  limits = protocol.Limits(max_prompt_tokens=512, max_new_tokens=args.reply)
+  srv, thread, port = _serve(model, limits, max_batch=1)
   client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
 
   prompt = "Hello there, how are you today?"

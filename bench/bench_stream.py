@@ -10,7 +10,7 @@ omni_jax.generate.load, so both sides run the same weights. The question: `--sec
 
 ours: OmniSession pushes the audio in 0.5 s pieces (every complete 2 s is encoded and prefilled as it
   arrives); the clock starts before the last piece is pushed; respond(speak=True) then streams text, the
-  Talker's codes (the Talker decodes beside the Thinker from the reply's first token: omni_jax.generate.duplex)
+  Talker's codes (the Talker decodes beside the Thinker from the reply's first token: omni_jax.generate.engine)
   and 24 kHz audio from the streaming Token2Wav.
 transformers: the whole input at once (features precomputed, not timed); generate returns text and audio at
   the end, so its first text and first audio are both the whole call.

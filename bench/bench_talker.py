@@ -4,13 +4,17 @@
   .venv/bin/python bench/bench_talker.py --size 7b --no-reference --dtype bfloat16      # on a GPU
 
 Both sides decode the same Thinker output (transformers' greedy reply to left-padded random prompts, its Talker
-inputs built by Qwen2_5OmniForConditionalGeneration.generate, ours by omni_jax.generate.talker), greedily with
+inputs built by Qwen2_5OmniForConditionalGeneration.generate, ours by omni_jax.talker.inputs), greedily with
 the released repetition penalty and suppressed codec bos, without stop codes (every row runs --new codes).
 Decode codes/s = rows * (new - 1) / (time(new) - time(1)): the prefill (ours: with its teacher-forced Thinker
 forward) cancels out. Medians of --iters interleaved runs after a warm-up (compilation excluded); the ratio is
 ours / transformers (> 1: we are faster). Real-time speech needs well over 50 codes/s per row at batch 1
 (50 codes = 1 s of audio). --size 7b: the released Talker shape (and the 7B Thinker feeding it), random weights,
 our side only. Figures: docs/performance.md ("Talker decode").
+
+Ours is the teacher-forced Talker of tests/decode_oracle.py (the Talker alone on a given reply, as
+transformers' talker.generate); the library speaks through the conversation engine, the Talker one text token
+behind the Thinker in the same loop: bench/bench_stream.py and bench/bench_server.py measure that.
 """
 
 import argparse
@@ -22,11 +26,11 @@ import jax
 import numpy as np
 
 import common  # puts the repository and tests/ on sys.path; left_padded_prompts
+import decode_oracle
 import hf_reference as ref
 from omni_jax import sharding
 from omni_jax.convert import hf
-from omni_jax.generate import SamplingParams
-from omni_jax.generate.talker import SpeechGenerator
+from omni_jax.generate import Generator, SamplingParams
 from omni_jax.models import omni
 
 THINKERS = {  # Thinker text decoders that feed the Talker (its width = the Talker's embedding_size)
@@ -106,7 +110,7 @@ def thinker_reply(model, prompts: dict, reply: int) -> np.ndarray:
   return out[:, ids.shape[1]:].numpy().astype(np.int32)
 
 
-def speech_generator(config, directory=None) -> SpeechGenerator:
+def speech_generator(config, directory=None) -> Generator:
   mesh = sharding.make_mesh({"data": -1})
   if directory is None:  # random weights in place (no reference)
     graphdef, state, shardings = omni.create_sharded(config, mesh)
@@ -114,7 +118,7 @@ def speech_generator(config, directory=None) -> SpeechGenerator:
     graphdef, abstract = omni.abstract_model(config)
     shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
     state = jax.device_put(hf.load_state(directory, abstract), shardings)
-  return SpeechGenerator(graphdef, state, config, mesh, shardings)
+  return Generator(graphdef, state, config, mesh, shardings)
 
 
 def released_config(dtype: str):
@@ -166,7 +170,8 @@ def main():
                    if "talker" in jax.tree_util.keystr(path))
 
     def ours(n):
-      return lambda: speech.generate(prompts, reply, max_new_tokens=n, sampling=greedy, stop_ids=()).codes
+      return lambda: decode_oracle.speech_codes(speech, prompts, reply, max_new_tokens=n, sampling=greedy,
+                                                stop_ids=()).codes
 
     if not args.reference:
       t1, tn = time_alternating([ours(1), ours(args.new)], args.iters)

@@ -4,8 +4,8 @@
   .venv/bin/python bench/bench_token2wav.py --size 7b --dtype bfloat16 --method euler --no-reference   # on a GPU
 
 Both sides synthesise the same random codes for the same voice with the same weights (transformers'
-Qwen2_5OmniToken2WavModel with perturbed random init; ours converted from it: token2wav.from_torch_state_dict and
-bigvgan_weights.from_torch), float32, transformers' sampler (10 time points, guidance 0.5, sway -1; RK4, the
+Qwen2_5OmniToken2WavModel with perturbed random init; ours converted from it: tests/torch_weights.py's load_dit
+and load_bigvgan), float32, transformers' sampler (10 time points, guidance 0.5, sway -1; RK4, the
 only method transformers has). RTF = synthesis wall time / audio seconds (< 1: faster than real time); medians
 of --iters interleaved runs after a warm-up (compilation excluded). The ratio is transformers' time / ours
 (> 1: we are faster).
@@ -32,11 +32,13 @@ from flax import nnx
 
 import common  # puts the repository and tests/ on sys.path; time_alternating
 import hf_reference as ref
+import torch_weights
 from omni_jax.config import Runtime
 from omni_jax.models.bigvgan import BigVGANConfig
 from omni_jax.models.dit import DiTConfig
-from omni_jax.models.token2wav_tower import Token2Wav, Token2WavView
-from omni_jax.token2wav import SamplerConfig, bigvgan_weights, from_torch_state_dict, sample, synthesis
+from omni_jax.token2wav.tower import Token2Wav, Token2WavView
+from omni_jax.token2wav import synthesis, vocoding
+from omni_jax.token2wav.sampling import SamplerConfig, sample
 from omni_jax.token2wav.streaming import StreamingConfig, StreamingSynthesizer
 
 SIZES = {  # (transformers dit_config, bigvgan_config) overrides of the released values
@@ -46,7 +48,6 @@ SIZES = {  # (transformers dit_config, bigvgan_config) overrides of the released
     "7b": ({}, {}),
 }
 VOICE = {"tiny": (8, 12), "7b": (192, 300)}  # (cond width, reference mel frames)
-vocode = nnx.jit(lambda vocoder, mel: vocoder(mel))
 
 
 def reference_and_ours(size: str, dtype, with_reference: bool):
@@ -73,8 +74,8 @@ def reference_and_ours(size: str, dtype, with_reference: bool):
   hf_model = ref.perturb(Qwen2_5OmniToken2WavModel(hf_config).eval(), 1)
   state_dict = hf_model.state_dict()
   t2w = nnx.eval_shape(lambda: Token2Wav(Token2WavView(dit_cfg, vocoder_cfg, rt), rngs=nnx.Rngs(0)))
-  from_torch_state_dict(t2w.code2wav_dit_model, state_dict, prefix="code2wav_dit_model.")
-  bigvgan_weights.load_torch(t2w.code2wav_bigvgan_model, {k: v.numpy() for k, v in state_dict.items()},
+  torch_weights.load_dit(t2w.code2wav_dit_model, state_dict, prefix="code2wav_dit_model.")
+  torch_weights.load_bigvgan(t2w.code2wav_bigvgan_model, {k: v.numpy() for k, v in state_dict.items()},
                              disk_prefix="code2wav_bigvgan_model.")
   return hf_model, t2w
 
@@ -103,7 +104,7 @@ def main():
   codes = rng.integers(0, cfg.num_embeds, (1, n)).astype(np.int32)
   cond = rng.normal(size=(1, width)).astype(np.float32)
   ref_mel = rng.normal(-4.0, 2.0, size=(1, ref_frames, cfg.mel_dim)).astype(np.float32)
-  seconds = n * cfg.repeats * t2w.code2wav_bigvgan_model.cfg.hop_length / synthesis.SAMPLE_RATE
+  seconds = n * cfg.repeats * t2w.code2wav_bigvgan_model.cfg.hop_length / vocoding.SAMPLE_RATE
   sampler = SamplerConfig(num_steps=args.num_steps, method=args.method)
   streaming = StreamingConfig(first_chunk_blocks=args.first_chunk_blocks, chunk_blocks=args.chunk_blocks)
   print(f"Token2Wav {args.size} ({jax.devices()[0].platform}), {n} codes = {seconds:.2f} s of speech, "
@@ -122,7 +123,7 @@ def main():
     synth.finish()
     first.append(synth.first_chunk_latency)
 
-  dit, vocoder = t2w.code2wav_dit_model, t2w.code2wav_bigvgan_model
+  dit, vocoder = t2w.code2wav_dit_model, nnx.split(t2w.code2wav_bigvgan_model)
   mel = sample(dit, jnp.asarray(codes), jnp.asarray(cond), jnp.asarray(ref_mel), noise=jnp.asarray(noise),
                sampler=sampler)
 
@@ -131,7 +132,7 @@ def main():
                                  noise=jnp.asarray(noise), sampler=sampler))
 
   def ours_vocoder():
-    jax.block_until_ready(vocode(vocoder, mel))
+    jax.block_until_ready(vocoding.vocode(vocoder, mel))
 
   fns = [ours_whole, ours_chunked, ours_dit, ours_vocoder]
   if hf_model is not None:
@@ -159,7 +160,7 @@ def main():
           f"first audio (chunked)")
   synth = StreamingSynthesizer(t2w, cond, ref_mel, sampler=sampler, streaming=streaming, noise=noise)
   got = np.concatenate(synth.push(codes) + synth.finish(), axis=-1)
-  want = synthesis.synthesize(t2w, codes, cond, ref_mel, noise=noise, sampler=sampler)
+  want = synthesis.synthesize(t2w, codes, cond, ref_mel, noise=noise, sampler=sampler).audio
   print(f"chunked vs whole utterance (same noise): max |diff| {np.abs(got - want).max():.2e}, relative to the "
         f"peak {np.abs(got - want).max() / np.abs(want).max():.2e}")
 

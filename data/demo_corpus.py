@@ -18,17 +18,25 @@ speech/voice_chat (the held-out voice-chat prompts with their recorded replies).
 The recipe writes media under OUT/media, conversations as JSONL under OUT/jsonl (both user formats, relative
 media paths), and converts them with the same TFDS builder users' JSONL goes through (OUT/tfds). Nothing here
 goes into git. Building takes well under a minute on 2 cores.
+
+Importing this module registers config.data.source = "demo" (omni_jax.input.sources.register_source): the
+corpus under config.data.demo_dir, built on first use unless config.data.build_demo is False.
 """
 
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
 import time
 
 import numpy as np
+
+from omni_jax.input import sources
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIR = "~/.cache/omni_jax/demo_corpus"
 VERSION = 2
@@ -288,8 +296,6 @@ def task_files(out: str, evaluator: str) -> list[str]:
 
 def build(out: str = DEFAULT_DIR) -> dict[str, str]:
   """Build the corpus into `out` (replacing an older build); returns {dataset: TFDS name}."""
-  from omni_jax.input import sources  # pylint: disable=import-outside-toplevel
-
   out = os.path.abspath(os.path.expanduser(out))
   tmp = out + f".building-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -354,6 +360,28 @@ def tfds_names(out: str) -> dict[str, str]:
 def record_counts(out: str) -> dict[str, int]:
   with open(os.path.join(os.path.expanduser(out), _MARKER)) as f:
     return json.load(f)["records"]
+
+
+def _out(data) -> str:
+  return os.path.expanduser(data.get("demo_dir", DEFAULT_DIR))
+
+
+def _datasets(data) -> dict[str, str]:
+  out = _out(data)
+  if not is_built(out):
+    if not data.get("build_demo", True):
+      raise sources.DataError(f"demo corpus not found in {out}: run `python -m data.demo_corpus --out {out}`")
+    log.warning("building the demo corpus in %s (once, well under a minute)", out)
+  return ensure(out)
+
+
+def _task_files(data, evaluator: str) -> list[str]:
+  ensure(_out(data))
+  return task_files(_out(data), evaluator)
+
+
+sources.register_source("demo", sources.Recipe(datasets=_datasets, data_dir=lambda data: tfds_dir(_out(data)),
+                                                task_files=_task_files))
 
 
 def main(argv=None):

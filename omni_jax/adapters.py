@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from omni_jax import checkpoint
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.layers import lora
 from omni_jax.models import omni
 

@@ -22,30 +22,22 @@ padding). Flattening the first two axes gives transformers' global row-major ite
   audio_features      [B, NA, num_mel_bins, T] float32   log-mel (omni_jax.input.media.audio)
   audio_lengths       [B, NA] int32                 valid mel frames per audio
 Media fields are optional: a text-only pipeline omits them.
-Talker rows, [B, T] int32 (T = the bucket's talker_seq_len; present when the bucket trains the Talker): one
-Talker row per Thinker row, laid out by omni_jax.talker.layout (its docstring defines each field):
-  talker_text_src, talker_text_id, talker_codes_in, talker_labels, talker_segment_ids, talker_anchor,
-  talker_offset
-DiT rows (present when the bucket trains the DiT: omni_jax.token2wav.targets / objective): one per Thinker row,
-holding at most one spoken reply (its last spoken message's triple); F = the bucket's token2wav_frames:
-  token2wav_codes      [B, F / repeats] int32   the reply's speech codes (0 past its end)
-  token2wav_mel        [B, F, 80] float32       target log mel (100 frames/s; the silence level past its end)
-  token2wav_lengths    [B] int32                real mel frames (0: the row carries no reply; the loss skips it)
-  token2wav_reference  [B, R, 80] float32       the speaker's reference mel for ECAPA (R = token2wav_ref_frames)
+Tower fields: a tower that trains on more than the text adds its own fields through its data hook
+(omni_jax.towers.TowerData: names, dims, which buckets carry them); the built-in ones document theirs in their
+`data` modules. A tower's fields are all present in a bucket that gives the tower room, or all absent.
 Preference pairs (present in every batch of a DPO run: config.dpo; omni_jax.input.pairs). A pair is two
 segments of one row, the prompt + the chosen reply and the same prompt + the rejected reply, side by side; their
 labels are the usual SFT labels on the reply only (IGNORE on the prompt, earlier assistant turns included). A
 row holds at most config.dpo.max_pairs_per_row = P pairs, numbered p = 1..P within the row:
   dpo_pair         [B, L] int32   2p-1 on every token of pair p's chosen segment, 2p on its rejected one, 0
                                   elsewhere (SFT samples, padding, and pairs whose two texts are the same)
-  talker_dpo_pair  [B, T] int32   the same numbering on the Talker positions (talker_segment_ids) of a pair
-                                  whose two replies are spoken; present when the Talker fields are
-A pair is marked in dpo_pair when its reply texts differ (a Thinker preference) and in talker_dpo_pair when
-both replies are spoken (a Talker preference: the same text with two code sequences, for a voice or a pace);
-it may be both. A pair's number is the same in both fields; some numbers may appear in one field only.
+A pair is marked in dpo_pair when its reply texts differ (a preference between texts); a tower that learns the
+preference from its own targets of the two replies (e.g. the speech codes of two spoken replies) numbers the
+pair in a pair field of its own (TowerData.pair_fields), with the same number, present with dpo_pair; some
+numbers may appear in one field only.
 """
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -54,19 +46,20 @@ KIND_TEXT, KIND_IMAGE, KIND_AUDIO, KIND_VIDEO = 0, 1, 2, 3
 KINDS = {"text": KIND_TEXT, "image": KIND_IMAGE, "audio": KIND_AUDIO, "video": KIND_VIDEO}
 
 TEXT_FIELDS = ("input_ids", "labels", "segment_ids", "kind")
-TALKER_FIELDS = ("talker_text_src", "talker_text_id", "talker_codes_in", "talker_labels", "talker_segment_ids",
-                 "talker_anchor", "talker_offset")
-TOKEN2WAV_FIELDS = {"token2wav_codes": 2, "token2wav_mel": 3, "token2wav_lengths": 1, "token2wav_reference": 3}
-# Per-token like the text / Talker fields they follow (field -> the field whose shape it has).
-DPO_FIELDS = {"dpo_pair": "input_ids", "talker_dpo_pair": "talker_segment_ids"}
+PAIR_FIELD = "dpo_pair"  # [B, L] like input_ids
+TOKEN_FIELDS = TEXT_FIELDS + (PAIR_FIELD,)  # per token: [B, L]
 MEDIA_FIELDS = {
     "pixel_values": 3, "image_grid_thw": 3, "pixel_values_videos": 3, "video_grid_thw": 3,
     "second_per_grids": 2, "audio_features": 4, "audio_lengths": 2,
 }
 
 
-def check(batch: Mapping[str, np.ndarray]) -> None:
-  """Raise ValueError naming the field when a batch breaks the contract (shapes, not values)."""
+def check(batch: Mapping[str, np.ndarray], towers: Sequence = ()) -> None:
+  """Raise ValueError naming the field when a batch breaks the contract (shapes, not values).
+
+  towers: the data hooks of the towers whose fields the batch may hold (omni_jax.towers.data_hooks(); each with
+  `name`, `fields` {field: dims}, `pair_fields` and check(batch)): any other field is unknown.
+  """
   missing = [f for f in TEXT_FIELDS if f not in batch]
   if missing:
     raise ValueError(f"batch is missing fields {missing}")
@@ -79,37 +72,25 @@ def check(batch: Mapping[str, np.ndarray]) -> None:
   for f, ndim in MEDIA_FIELDS.items():
     if f in batch and (np.ndim(batch[f]) != ndim or np.shape(batch[f])[0] != b):
       raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}: expected {ndim} dims with {b} rows first")
-  talker = [f for f in TALKER_FIELDS if f in batch]
-  if talker and len(talker) != len(TALKER_FIELDS):
-    raise ValueError(f"batch has Talker fields {talker} but not all of {list(TALKER_FIELDS)}")
-  for f in talker:
-    if np.ndim(batch[f]) != 2 or np.shape(batch[f]) != np.shape(batch["talker_segment_ids"]) or np.shape(batch[f])[0] != b:
-      raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}: expected [{b}, talker_seq_len] like "
-                       "talker_segment_ids")
-  dit = [f for f in TOKEN2WAV_FIELDS if f in batch]
-  if dit and len(dit) != len(TOKEN2WAV_FIELDS):
-    raise ValueError(f"batch has DiT fields {dit} but not all of {list(TOKEN2WAV_FIELDS)}")
-  for f in dit:
-    if np.ndim(batch[f]) != TOKEN2WAV_FIELDS[f] or np.shape(batch[f])[0] != b:
-      raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}: expected {TOKEN2WAV_FIELDS[f]} dims with {b} "
-                       "rows first")
-  if dit:
-    frames, codes = np.shape(batch["token2wav_mel"])[1], np.shape(batch["token2wav_codes"])[1]
-    if codes == 0 or frames % codes:
-      raise ValueError(f"batch['token2wav_codes'] has {codes} codes per row for {frames} mel frames: expected a "
-                       "whole number of frames per code (the DiT's repeats)")
-  for f, like in DPO_FIELDS.items():
-    if f not in batch:
-      continue
-    if like not in batch:
-      raise ValueError(f"batch[{f!r}] is given without {like!r}, whose positions it numbers")
-    if np.shape(batch[f]) != np.shape(batch[like]):
-      raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}, expected {np.shape(batch[like])} like {like!r}")
-  if "talker_dpo_pair" in batch and "dpo_pair" not in batch:
-    raise ValueError("batch has 'talker_dpo_pair' but not 'dpo_pair'")
-  if "dpo_pair" in batch and "talker_segment_ids" in batch and "talker_dpo_pair" not in batch:
-    raise ValueError("batch has 'dpo_pair' and the Talker fields but not 'talker_dpo_pair'")
-  unknown = (set(batch) - set(TEXT_FIELDS) - set(MEDIA_FIELDS) - set(TALKER_FIELDS) - set(TOKEN2WAV_FIELDS)
-             - set(DPO_FIELDS) - {"use_audio_in_video"})
+  if PAIR_FIELD in batch and np.shape(batch[PAIR_FIELD]) != (b, l):
+    raise ValueError(f"batch[{PAIR_FIELD!r}] has shape {np.shape(batch[PAIR_FIELD])}, expected {(b, l)} like "
+                     "'input_ids'")
+  known = set(TEXT_FIELDS) | set(MEDIA_FIELDS) | {PAIR_FIELD, "use_audio_in_video"}
+  for tower in towers:
+    known |= set(tower.fields)
+    always = [f for f in tower.fields if f not in tower.pair_fields]
+    present = [f for f in always if f in batch]
+    if present and len(present) != len(always):
+      raise ValueError(f"batch has {tower.name} fields {present} but not all of {always}")
+    for f, ndim in tower.fields.items():
+      if f in batch and (np.ndim(batch[f]) != ndim or np.shape(batch[f])[0] != b):
+        raise ValueError(f"batch[{f!r}] has shape {np.shape(batch[f])}: expected {ndim} dims with {b} rows first")
+    for f in sorted(tower.pair_fields):
+      if f in batch and PAIR_FIELD not in batch:
+        raise ValueError(f"batch has {f!r} but not {PAIR_FIELD!r}")
+      if f not in batch and PAIR_FIELD in batch and present:
+        raise ValueError(f"batch has {PAIR_FIELD!r} and the {tower.name} fields but not {f!r}")
+    tower.check(batch)
+  unknown = set(batch) - known
   if unknown:
     raise ValueError(f"batch has unknown fields {sorted(unknown)}")

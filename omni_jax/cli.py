@@ -1,10 +1,10 @@
 """What the entry points (train.py, eval.py, generate.py, `python -m omni_jax.convert`) do with a user's mistake:
 one `error: ...` line on stderr and exit status 2 (USER_ERROR), instead of a traceback.
 
-User errors are the project's own exception types for bad input (config, data, checkpoints, converter
-inputs, tokenizer files, a prompt's media) and files that do not exist; any other exception is a bug and keeps
-its traceback. Flag parsing goes through parse_flags, so a misspelled `--config.x.y` key is named with the
-closest existing key (difflib).
+User errors are omni_jax.errors.UserError (the base of the project's own exception types for bad input:
+config, data, checkpoints, converter inputs, tokenizer files, a prompt's media) and files that do not exist;
+any other exception is a bug and keeps its traceback. Flag parsing goes through parse_flags, so a misspelled
+`--config.x.y` key is named with the closest existing key (difflib).
 """
 
 import contextlib
@@ -12,27 +12,10 @@ import difflib
 import sys
 from typing import Callable, Iterator, Optional, Sequence
 
+from omni_jax.errors import UserError
+
 USER_ERROR = 2  # exit status of a user error (argparse's, too)
-
-# (module, exception type); looked up only in modules the run imported: an error of a module that was never
-# imported cannot have been raised, and importing one here would pull in its dependencies.
-_USER_ERROR_TYPES = (
-    ("omni_jax.config", "ConfigError"),  # also checkpoint.CheckpointError and WorkdirLocked
-    ("omni_jax.input.sources", "DataError"),  # also packing.TooManySkips
-    ("omni_jax.convert.rules", "CheckpointMismatch"),
-    ("omni_jax.input.tokenizer", "TokenizerError"),
-    ("omni_jax.input.preprocess", "SampleError"),
-    ("omni_jax.train.loop", "NonFiniteLoss"),
-)
-
-
-def user_error_types() -> tuple[type, ...]:
-  types = [FileNotFoundError, NotADirectoryError]
-  for module, name in _USER_ERROR_TYPES:
-    m = sys.modules.get(module)
-    if m is not None and isinstance(getattr(m, name, None), type):
-      types.append(getattr(m, name))
-  return tuple(types)
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError)
 
 
 def one_line(e: BaseException) -> str:
@@ -52,7 +35,7 @@ def user_errors(also: Sequence[type] = ()) -> Iterator[None]:
   try:
     yield
   except Exception as e:  # noqa: BLE001 - only user errors are caught; the rest re-raises with its traceback
-    if not isinstance(e, user_error_types() + tuple(also)):
+    if not isinstance(e, USER_ERRORS + tuple(also)):
       raise
     fail(str(e))
 

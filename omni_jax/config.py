@@ -13,10 +13,7 @@ import ml_collections
 import numpy as np
 
 from omni_jax import special_tokens
-
-
-class ConfigError(ValueError):
-  """A configuration value is missing or inconsistent; the message names the key."""
+from omni_jax.errors import ConfigError
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -134,13 +131,11 @@ class Runtime:
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "Runtime":
     _require(cfg.get("remat_policy", "none") in REMAT_POLICIES, "model.remat_policy",
              f"unknown policy {cfg.get('remat_policy')!r}; choose one of {REMAT_POLICIES}")
-    impl = cfg.get("attention_impl", None)
-    from omni_jax.layers.attention import IMPLEMENTATIONS  # noqa: PLC0415 - config must not import layers at load
-    _require(impl in IMPLEMENTATIONS, "model.attention_impl", f"must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    # attention_impl is checked by omni_jax.layers.attention, which knows the implementations (towers.validate).
     return cls(dtype=dtype_of(cfg.get("dtype", "float32"), "model.dtype"),
                param_dtype=dtype_of(cfg.get("param_dtype", "float32"), "model.param_dtype"),
                scan_layers=bool(cfg.get("scan_layers", True)), remat_policy=cfg.get("remat_policy", "none"),
-               attention_impl=impl)
+               attention_impl=cfg.get("attention_impl", None))
 
 
 def thinker_text(config: ml_collections.ConfigDict) -> TextConfig:
@@ -150,19 +145,10 @@ def thinker_text(config: ml_collections.ConfigDict) -> TextConfig:
 
 
 def validate_common(config: ml_collections.ConfigDict) -> None:
-  """The keys every model shares (runtime, mesh, rules, trainer). The whole config is checked by
-  omni_jax.towers.validate, which adds each built tower's section (train.py / eval.py call that one)."""
+  """The keys every model shares that this module knows (runtime, trainer). The whole config is checked by
+  omni_jax.towers.validate, which adds the attention implementation, the mesh and sharding rules, and each
+  built tower's section (train.py / eval.py call that one)."""
   Runtime.from_config(config.model)
-  from omni_jax import sharding  # local: keep config importable without jax device state
-
-  if "mesh" in config:
-    unknown = set(config.mesh.keys()) - set(sharding.MESH_AXES)
-    _require(not unknown, "mesh", f"unknown axes {sorted(unknown)}; known {sharding.MESH_AXES}")
-  if "sharding_rules" in config:
-    try:
-      sharding._rule_table(config.sharding_rules)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
   if "train" in config:
     validate_train(config)
 

@@ -14,7 +14,7 @@ SHARDING_RULES = (
     ("activation_kv_heads", ("tensor",)),
     ("activation_mlp", ("tensor",)),
     ("activation_vocab", ("tensor",)),
-    ("cache_length", ()),  # KV-cache slots (omni_jax.layers.KVCache); rows and kv heads follow the activations
+    ("cache_length", ()),  # KV-cache slots (layers.attention.KVCache); rows and kv heads follow the activations
     ("embed", ("fsdp",)),
     ("thinker_embed", ()),  # the Thinker's width inside the Talker (codec table, input projection)
     ("heads", ("tensor",)),
@@ -101,7 +101,7 @@ def training(c: ml_collections.ConfigDict) -> None:
   # Objective name -> weight: the step minimises sum(weight * loss); names come from the towers' entries
   # (omni_jax.towers; the Thinker's next-token loss is "thinker_text"). Weight 0: computed by eval only.
   t.objectives = ml_collections.ConfigDict({"thinker_text": 1.0})
-  # The LM head + cross-entropy (omni_jax.models.thinker_tower.LossLayout): positions per chunk (0: all at
+  # The LM head + cross-entropy (omni_jax.thinker.objective.LossLayout): positions per chunk (0: all at
   # once, [B, L, V] float32 logits) and labelled positions gathered per row before the head (0: every position).
   t.loss_chunk_size = 0
   t.label_budget = 0

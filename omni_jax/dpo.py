@@ -1,6 +1,6 @@
 """Preference tuning (DPO) of the Thinker and the Talker: config.dpo, its frozen reference model, and the summary
 of the objectives' sums. The losses are omni_jax.preference's; the objectives are the towers' own:
-`thinker_dpo` (omni_jax.models.thinker_tower) on text replies and `talker_dpo` (omni_jax.talker.objective) on
+`thinker_dpo` (omni_jax.thinker.objective) on text replies and `talker_dpo` (omni_jax.talker.objective) on
 spoken replies (two code sequences for the same text).
 
 config.dpo (absent: no DPO), read into DpoConfig, which each tower's module carries as `.dpo` (static):
@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from omni_jax import preference, towers
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 
 OBJECTIVES = ("thinker_dpo", "talker_dpo")
 KEYS = ("beta", "label_smoothing", "loss", "max_pairs_per_row", "reference", "sft_weight")
@@ -158,8 +158,8 @@ def reference(model, cfg: DpoConfig, key: str, compute: Callable[[Any], Any], na
   key; ref has the reference module of each tower in `names` as an attribute.
 
   The reference's own forwards are shared between the objectives apart from the policy's (a memo of their own:
-  thinker_tower.outputs(ref.thinker, ...) is the reference's forward). policy_outputs: the policy's shared
-  outputs by tower name (e.g. {"thinker": thinker_tower.outputs(model.thinker, batch)}), reused for a tower
+  thinker.inputs.outputs(ref.thinker, ...) is the reference's forward). policy_outputs: the policy's shared
+  outputs by tower name (e.g. {"thinker": thinker.inputs.outputs(model.thinker, batch)}), reused for a tower
   that does not train instead of a second forward.
   """
   def run():

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
@@ -59,9 +59,22 @@ def make_mesh(shape: Mapping[str, int], devices: Optional[Sequence[jax.Device]] 
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def check_config(config) -> None:
+  """config.mesh and config.sharding_rules name only known mesh axes (towers.validate, at startup)."""
+  if "mesh" in config:
+    unknown = set(config.mesh.keys()) - set(MESH_AXES)
+    if unknown:
+      raise ConfigError(f"config.mesh: unknown axes {sorted(unknown)}; known {MESH_AXES}")
+  if "sharding_rules" in config:
+    _rule_table(config.sharding_rules)
+
+
 def _rule_table(rules: Rules) -> dict[str, tuple[str, ...]]:
   table = {}
-  for name, axes in rules:
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+      raise ConfigError(f"config.sharding_rules: {rule!r} is not a (logical name, mesh axes) pair")
+    name, axes = rule
     if axes is None:
       axes = ()
     elif isinstance(axes, str):

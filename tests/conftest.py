@@ -11,7 +11,7 @@ import pytest
 LONGEST_FIRST = ("test_demo_learns.py", "test_new_voice.py", "test_token2wav_training.py",
                  "test_reliability_multiprocess.py", "test_attention_impls.py", "test_reliability_data.py",
                  "test_talker_training.py", "test_server_hostile.py", "test_session.py", "test_dpo.py",
-                 "test_lora.py", "test_dpo_runs.py")
+                 "test_lora.py", "test_dpo_runs.py", "test_engine.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -21,6 +21,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
+  """The demo corpus, built once per session; importing data.demo_corpus registers config.data.source = "demo"."""
   from data import demo_corpus
 
   out = tmp_path_factory.mktemp("demo") / "corpus"

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import train_testlib as lib
-from omni_jax.config import ConfigError, Runtime
-from omni_jax.layers import SegmentMask, attention_mask, dot_product_attention
+from omni_jax import towers
+from omni_jax.errors import ConfigError
+from omni_jax.layers.attention import SegmentMask, attention_mask, dot_product_attention
 from omni_jax.layers import flash, kernels
 
 
@@ -115,10 +116,10 @@ def test_kernel_cases_they_do_not_cover_fall_back_to_blocked():
   for impl in ("splash", "pallas_gpu"):
     np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, mask, implementation=impl)),
                                np.asarray(dot_product_attention(q, k, v, mask, implementation="blocked")), atol=1e-6)
-  bad = lib.config().model
-  bad.attention_impl = "flash2"
+  bad = lib.config()
+  bad.model.attention_impl = "flash2"
   with pytest.raises(ConfigError, match="model.attention_impl"):
-    Runtime.from_config(bad)
+    towers.validate(bad)
 
 
 @pytest.mark.slow
@@ -144,7 +145,7 @@ def test_kernels_run_per_shard_on_a_mesh():
   through layers.Attention give the one-device result."""
   from flax import nnx
   from omni_jax import sharding
-  from omni_jax.layers import Attention
+  from omni_jax.layers.attention import Attention
 
   layer = Attention(32, num_heads=4, num_kv_heads=2, head_dim=8, bias=(True, True, True, False),
                     rngs=nnx.Rngs(0), implementation="splash")

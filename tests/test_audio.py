@@ -18,6 +18,7 @@ from omni_jax import config as config_lib
 from omni_jax import towers
 from omni_jax import sharding
 from omni_jax.convert import hf
+from omni_jax.errors import ConfigError
 from omni_jax.input.media import audio as features
 from omni_jax.models import omni
 from omni_jax.models.audio import AudioConfig, AudioEncoder, thinker_audio
@@ -219,7 +220,7 @@ def test_freeze_stops_gradients_at_the_encoder_output():
 def test_bad_audio_config_names_the_key(key, value, message):
   c = tiny.get_config()
   c.model.thinker.audio = ml_collections.ConfigDict(dict(c.model.thinker.audio.to_dict(), **{key: value}))
-  with pytest.raises(config_lib.ConfigError, match=message):
+  with pytest.raises(ConfigError, match=message):
     towers.validate(c)
 
 

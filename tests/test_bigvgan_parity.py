@@ -13,11 +13,13 @@ from flax import nnx
 
 from hf_reference import TOKEN2WAV, perturb
 from omni_jax import defaults, sharding
-from omni_jax.config import ConfigError, Runtime
+from omni_jax.config import Runtime
 from omni_jax.convert.rules import CheckpointMismatch
-from omni_jax.layers import Conv1d, ConvTranspose1d
+from omni_jax.errors import ConfigError
+from omni_jax.layers.conv import Conv1d, ConvTranspose1d
 from omni_jax.models import bigvgan
 from omni_jax.token2wav import bigvgan_weights
+from torch_weights import bigvgan_from_torch, bigvgan_to_torch, load_bigvgan
 
 PREFIX = bigvgan_weights.DISK_PREFIX
 run = nnx.jit(lambda model, mel: model(mel))
@@ -44,7 +46,7 @@ def _hf_vocoder(seed: int = 0):
 def pair():
   hf = _hf_vocoder()
   state_dict = {PREFIX + k: v.detach().numpy() for k, v in hf.state_dict().items()}
-  ours = bigvgan_weights.from_torch(bigvgan.BigVGANConfig.from_hf(hf.config.to_dict()), state_dict)
+  ours = bigvgan_from_torch(bigvgan.BigVGANConfig.from_hf(hf.config.to_dict()), state_dict)
   return hf, ours, state_dict
 
 
@@ -69,7 +71,7 @@ def test_waveform_matches_transformers(pair, frames):
 @pytest.mark.parity
 def test_bfloat16_runtime_is_close(pair):
   hf, ours, state_dict = pair
-  low = bigvgan_weights.from_torch(ours.cfg, state_dict, Runtime(dtype=jnp.bfloat16))
+  low = bigvgan_from_torch(ours.cfg, state_dict, Runtime(dtype=jnp.bfloat16))
   mel = _mel(6, 1)
   full, half = np.asarray(run(ours, jnp.asarray(mel))), np.asarray(run(low, jnp.asarray(mel)))
   assert half.dtype == np.float32 and half.shape == full.shape
@@ -120,7 +122,7 @@ def test_dilated_conv_matches_torch():
 
 def test_weights_round_trip_bit_exact(pair):
   _, ours, state_dict = pair
-  back = bigvgan_weights.to_torch(ours)
+  back = bigvgan_to_torch(ours)
   assert set(back) == set(state_dict)
   for key, value in state_dict.items():
     np.testing.assert_array_equal(back[key], value, err_msg=key)
@@ -132,10 +134,10 @@ def test_weight_mismatch_names_the_tensor(pair):
   _, ours, state_dict = pair
   missing = {k: v for k, v in state_dict.items() if not k.endswith("resblocks.4.activations.3.act.beta")}
   with pytest.raises(CheckpointMismatch, match=r"missing .*resblocks\.4\.activations\.3\.act\.beta"):
-    bigvgan_weights.load_torch(ours, missing)
+    load_bigvgan(ours, missing)
   wrong = dict(state_dict, **{PREFIX + "conv_pre.weight": np.zeros((64, 80, 5), np.float32)})
   with pytest.raises(CheckpointMismatch, match=r"conv_pre\.weight: shape \(64, 80, 5\)"):
-    bigvgan_weights.load_torch(ours, wrong)
+    load_bigvgan(ours, wrong)
 
 
 def test_every_parameter_has_logical_names_in_the_rule_table(pair):

@@ -1,5 +1,6 @@
 """Configs build, carry the released dimensions, accept command-line overrides and fail fast when wrong."""
 
+import os
 import subprocess
 import sys
 
@@ -9,8 +10,11 @@ import pytest
 from flax import nnx
 
 from configs import qwen2_5_omni_3b, qwen2_5_omni_7b, tiny
+from omni_jax import cli
 from omni_jax import config as config_lib
 from omni_jax import towers
+from omni_jax.errors import ConfigError
+from omni_jax.input import preprocess, sources
 from omni_jax.models import omni
 
 
@@ -43,23 +47,38 @@ def test_3b_thinker_text_dimensions():
 def test_invalid_text_config_names_the_key(key, value, message):
   c = tiny.get_config()
   c.model.thinker.text[key] = value
-  with pytest.raises(config_lib.ConfigError, match=message):
+  with pytest.raises(ConfigError, match=message):
     towers.validate(c)
 
 
 def test_invalid_runtime_and_sharding_config_names_the_key():
   c = tiny.get_config()
   c.model.dtype = "float8"
-  with pytest.raises(config_lib.ConfigError, match=r"config.model.dtype: unknown dtype 'float8'"):
+  with pytest.raises(ConfigError, match=r"config.model.dtype: unknown dtype 'float8'"):
     towers.validate(c)
   c = tiny.get_config()
   c.model.remat_policy = "sometimes"
-  with pytest.raises(config_lib.ConfigError, match=r"config.model.remat_policy: unknown policy"):
+  with pytest.raises(ConfigError, match=r"config.model.remat_policy: unknown policy"):
     towers.validate(c)
   c = tiny.get_config()
   c.sharding_rules = c.sharding_rules + (("embed", ("pipeline",)),)
-  with pytest.raises(config_lib.ConfigError, match=r"rule for 'embed' names unknown mesh axes \['pipeline'\]"):
+  with pytest.raises(ConfigError, match=r"rule for 'embed' names unknown mesh axes \['pipeline'\]"):
     towers.validate(c)
+  c = tiny.get_config()
+  c.mesh.pipeline = 2
+  with pytest.raises(ConfigError, match=r"config.mesh: unknown axes \['pipeline'\]"):
+    towers.validate(c)
+  c = tiny.get_config()
+  c.model.attention_impl = "flash2"
+  with pytest.raises(ConfigError, match=r"config.model.attention_impl: must be one of .*got 'flash2'"):
+    towers.validate(c)
+
+
+def test_config_and_errors_import_no_higher_floor():
+  """omni_jax.errors imports nothing (no jax); omni_jax.config imports neither layers nor sharding."""
+  code = ("import sys, omni_jax.errors; assert 'jax' not in sys.modules; import omni_jax.config; "
+          "assert not [m for m in sys.modules if m.startswith(('omni_jax.layers', 'omni_jax.sharding'))]")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
 
 
 def test_all_shipped_configs_validate():
@@ -82,3 +101,21 @@ def test_command_line_override(tmp_path):
                      capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
   assert r.returncode == 0, r.stderr
   assert r.stdout.split() == ["5", "bfloat16"]
+
+
+@pytest.mark.parametrize("error", [
+    ConfigError("config.train.steps: must be a positive integer"),
+    sources.DataError("dataset 'x': nope.jsonl does not exist"),
+    preprocess.SampleError("malformed", "x.jsonl:3: no messages"),
+    FileNotFoundError("no such checkpoint"),
+])
+def test_user_errors_end_with_one_line(error, capsys):
+  """The entry points print a UserError (or a missing file) as one line and exit 2; anything else is a bug."""
+  with pytest.raises(SystemExit) as exit_info:
+    with cli.user_errors():
+      raise error
+  assert exit_info.value.code == cli.USER_ERROR
+  assert capsys.readouterr().err == f"error: {error}\n"
+  with pytest.raises(KeyError):
+    with cli.user_errors():
+      raise KeyError("a bug keeps its traceback")

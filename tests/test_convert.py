@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import hf_reference as ref
 from omni_jax.convert import hf
+from omni_jax.convert.rules import CheckpointMismatch
 from omni_jax.models import omni
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,13 +109,13 @@ def _corrupt(hf_dir, tmp_path, edit):
 
 def test_missing_key_is_listed(hf_dir, tmp_path):
   d, abstract = _corrupt(hf_dir, tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-  with pytest.raises(hf.CheckpointMismatch, match=r"1 missing: \['thinker.model.layers.1.mlp.up_proj.weight'\]"):
+  with pytest.raises(CheckpointMismatch, match=r"1 missing: \['thinker.model.layers.1.mlp.up_proj.weight'\]"):
     hf.load_state(str(d), abstract)
 
 
 def test_unknown_key_is_listed(hf_dir, tmp_path):
   d, abstract = _corrupt(hf_dir, tmp_path, lambda t: t.update({"model.layers.0.mystery.weight": np.zeros(3, np.float32)}))
-  with pytest.raises(hf.CheckpointMismatch, match=r"1 unknown: \['thinker.model.layers.0.mystery.weight'\]"):
+  with pytest.raises(CheckpointMismatch, match=r"1 unknown: \['thinker.model.layers.0.mystery.weight'\]"):
     hf.load_state(str(d), abstract)
 
 
@@ -122,7 +123,7 @@ def test_shape_mismatch_is_listed(hf_dir, tmp_path):
   def shrink(t):
     t["model.norm.weight"] = t["model.norm.weight"][:-1]
   d, abstract = _corrupt(hf_dir, tmp_path, shrink)
-  with pytest.raises(hf.CheckpointMismatch, match=r"model.norm.weight: checkpoint \(31,\) vs model \(32,\)"):
+  with pytest.raises(CheckpointMismatch, match=r"model.norm.weight: checkpoint \(31,\) vs model \(32,\)"):
     hf.load_state(str(d), abstract)
 
 

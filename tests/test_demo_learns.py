@@ -110,7 +110,7 @@ def test_the_main_jobs_dit_checkpoint_speaks_with_no_extra_flags(trained, demo_d
         "--config.train.steps=2", "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
         "--config.eval.at_start=False", "--config.data.worker_count=0", f"--config.init_from={work}",
         "--workdir", str(dit)], "train.py (DiT)", env)
-  out = _run(["-m", "omni_jax.units.new_voice", "voices", "--checkpoint", str(dit), "--clip",
+  out = _run(["-m", "omni_jax.token2wav.new_voice", "voices", "--checkpoint", str(dit), "--clip",
               f"{demo_dir}/media/speech/a000.wav"], "voices", env)
   assert "voices Chelsie (" in out, out
   # The workdir keeps its own config.json beside speakers.safetensors: no transformers directory for that.

@@ -20,10 +20,10 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniTo
 
 from hf_reference import TOKEN2WAV, perturb
 from omni_jax import defaults, sharding
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.models import dit as dit_lib
-from omni_jax.token2wav import SamplerConfig, from_torch_state_dict, sample
-from omni_jax.token2wav.state_dict import torch_shapes
+from omni_jax.token2wav.sampling import SamplerConfig, sample
+from torch_weights import dit_torch_shapes, load_dit
 
 ATOL = 1e-4
 
@@ -55,7 +55,7 @@ def models():
   hf = perturb(Qwen2_5OmniToken2WavDiTModel(hf_config).eval(), 1)
   # abstract parameters, filled by the loader (no random init to pay for)
   ours = nnx.eval_shape(lambda: dit_lib.DiT(dit_lib.DiTConfig.from_hf(hf_config.to_dict()), rngs=nnx.Rngs(0)))
-  from_torch_state_dict(ours, hf.state_dict())
+  load_dit(ours, hf.state_dict())
   return hf, Jitted(ours)
 
 
@@ -261,7 +261,7 @@ def test_state_dict_mismatch_is_one_error(models):
   tensors.pop("proj_out.bias")
   tensors["extra.weight"] = torch.zeros(1)
   with pytest.raises(ValueError, match=r"missing \['proj_out.bias'\], unused \['extra.weight'\]"):
-    from_torch_state_dict(fresh, tensors)
+    load_dit(fresh, tensors)
 
 
 @pytest.mark.parametrize("length", [3, 8, 11])
@@ -283,7 +283,7 @@ def test_released_size_tensors_match_transformers():
   with torch.device("meta"):
     hf = Qwen2_5OmniToken2WavDiTModel(Qwen2_5OmniDiTConfig())
   want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
-  ours = torch_shapes(nnx.eval_shape(lambda: dit_lib.DiT(dit_lib.DiTConfig(), rngs=nnx.Rngs(0))))
+  ours = dit_torch_shapes(nnx.eval_shape(lambda: dit_lib.DiT(dit_lib.DiTConfig(), rngs=nnx.Rngs(0))))
   assert ours == want
   assert len(ours) == 359 and ours["text_embed.codec_embed.weight"] == (8194, 512)
 

@@ -14,15 +14,18 @@ import train_testlib as lib
 from omni_jax import batch as batch_lib
 from omni_jax import dpo as dpo_lib
 from omni_jax import preference, towers
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.evaluate import summary as summary_lib
 from omni_jax.input import packing
 from omni_jax.input.preprocess import Sample
-from omni_jax.models import omni, thinker_tower
-from omni_jax.models.thinker_tower import LossLayout
+from omni_jax.models import omni
+from omni_jax.models.thinker import Thinker
 from omni_jax.talker import layout as talker_layout
 from omni_jax.talker import objective as talker_objective
 from omni_jax.talker import targets as talker_targets
+from omni_jax.thinker import inputs as thinker_inputs
+from omni_jax.thinker import objective as thinker_objective
+from omni_jax.thinker.objective import LossLayout
 from omni_jax.train import metrics as metrics_lib
 
 IGNORE = batch_lib.IGNORE
@@ -180,7 +183,7 @@ def _thinker_batch(seed=0, identical=False):
 
 def _direct_thinker_logps(thinker, batch):
   """{(row, pair id): sum of log softmax(full logits)[label]} by explicit positions (no objective code)."""
-  logp = jax.nn.log_softmax(thinker_tower.logits_of(thinker, batch).astype(jnp.float32), axis=-1)
+  logp = jax.nn.log_softmax(thinker_inputs.outputs(thinker, batch)["logits"].astype(jnp.float32), axis=-1)
   labels, seg, pair = (np.asarray(batch[k]) for k in ("labels", "segment_ids", "dpo_pair"))
   where = {}
   for r in range(labels.shape[0]):
@@ -238,7 +241,7 @@ def test_thinker_dpo_and_its_gradients_equal_the_direct_formula(loss, ls, layout
   policy.thinker.loss_layout = layout
   cfg = dpo_lib.settings(policy.thinker)
   batch = _thinker_batch()
-  assert float(thinker_tower.num_dpo_pairs(batch)) == 3
+  assert float(thinker_objective.num_dpo_pairs(batch)) == 3
 
   def direct(model):
     ref = _direct_thinker_logps(model.reference.thinker, batch)
@@ -269,11 +272,11 @@ def test_thinker_dpo_takes_the_text_loss_logits():
   batch = _thinker_batch(seed=3)
   layout = LossLayout(chunk=5, label_budget=12)
   with towers.shared_outputs():
-    hidden = thinker_tower.outputs(policy.thinker, batch)["hidden"]
-    text = thinker_tower.hidden_token_stats(policy.thinker, hidden, batch, layout)
-    pairs = thinker_tower.pair_logprobs(policy.thinker, hidden, batch, layout, 3)
+    hidden = thinker_inputs.outputs(policy.thinker, batch)["hidden"]
+    text = thinker_objective.hidden_token_stats(policy.thinker, hidden, batch, layout)
+    pairs = thinker_objective.pair_logprobs(policy.thinker, hidden, batch, layout, 3)
     no_pair = {**batch, "dpo_pair": jnp.where(batch["dpo_pair"] > 0, 0, 1)}  # the SFT sample as "pair 1 chosen"
-    sft = thinker_tower.pair_logprobs(policy.thinker, hidden, no_pair, layout, 1)
+    sft = thinker_objective.pair_logprobs(policy.thinker, hidden, no_pair, layout, 1)
   total = float(jnp.sum(pairs.chosen) + jnp.sum(pairs.rejected) + jnp.sum(sft.chosen))
   np.testing.assert_allclose(total, -float(jnp.sum(text["loss_sum"])), rtol=1e-6)
 
@@ -296,7 +299,7 @@ def _reference_logps(model, batch, key="thinker"):
   layout = LossLayout()
 
   def thinker_ref(ref):
-    return thinker_tower.pair_logprobs(ref.thinker, thinker_tower.outputs(ref.thinker, batch)["hidden"], batch,
+    return thinker_objective.pair_logprobs(ref.thinker, thinker_inputs.outputs(ref.thinker, batch)["hidden"], batch,
                                        layout, cfg.max_pairs_per_row)
 
   def talker_ref(ref):
@@ -305,14 +308,14 @@ def _reference_logps(model, batch, key="thinker"):
   with towers.shared_outputs():
     if key == "thinker":
       return dpo_lib.reference(model, cfg, key, thinker_ref, ("thinker",))
-    policy_thinker = thinker_tower.outputs(model.thinker, batch)
+    policy_thinker = thinker_inputs.outputs(model.thinker, batch)
     return dpo_lib.reference(model, cfg, key, talker_ref, ("thinker", "talker"), {"thinker": policy_thinker})
 
 
 def _policy_logps(model, batch):
   with towers.shared_outputs():
-    hidden = thinker_tower.outputs(model.thinker, batch)["hidden"]
-    return thinker_tower.pair_logprobs(model.thinker, hidden, batch, LossLayout(), 3)
+    hidden = thinker_inputs.outputs(model.thinker, batch)["hidden"]
+    return thinker_objective.pair_logprobs(model.thinker, hidden, batch, LossLayout(), 3)
 
 
 def test_the_reference_is_the_frozen_copy():
@@ -409,8 +412,8 @@ def _talker_batch(seed=0, rows=2, texts_differ=False):
   def spoken(toks, big_l, codes, name):
     labels = np.full(len(toks), IGNORE, np.int32)
     labels[big_l:] = toks[big_l:]
-    return Sample(name, batch_lib.KIND_TEXT, toks, labels, [], [], [], spoken=talker_layout.SpokenReply(
-        big_l, len(toks) - big_l, codes, 253, ids))
+    return Sample(name, batch_lib.KIND_TEXT, toks, labels, [], [], [], targets={"talker": talker_layout.SpokenReply(
+        big_l, len(toks) - big_l, codes, 253, ids)})
 
   packed = []
   for r in range(rows):
@@ -424,7 +427,7 @@ def _talker_batch(seed=0, rows=2, texts_differ=False):
       lone = rng.integers(10, 200, 8).astype(np.int32)
       row.append(spoken(lone, 5, rng.integers(0, 64, 5).astype(np.int32), "lone"))
     packed.append(row)
-  out = packing.assemble(packed, packing.Bucket(seq_len=48, batch_size=rows, talker_seq_len=72), pad_id=0)
+  out = packing.assemble(packed, packing.Bucket(seq_len=48, batch_size=rows, sizes={"talker_seq_len": 72}), pad_id=0)
   number = lambda seg: np.where(seg == 1, 1, np.where(seg == 2, 2, 0)).astype(np.int32)  # noqa: E731
   out["talker_dpo_pair"] = number(out["talker_segment_ids"])
   out.pop("dpo_pair", None)
@@ -488,17 +491,17 @@ def test_talker_reference_with_lora_on_the_talker_shares_the_thinker_forward():
   assert abs(float(moved[(0, 1)] - want[(0, 1)])) > 1e-3
 
   calls = []
-  forward = thinker_tower.Thinker.__call__
+  forward = Thinker.__call__
 
   def counting(self, *a, **k):
     calls.append(1)
     return forward(self, *a, **k)
 
-  thinker_tower.Thinker.__call__ = counting
+  Thinker.__call__ = counting
   try:
     _objective_mean("talker_dpo", model, batch)
   finally:
-    thinker_tower.Thinker.__call__ = forward
+    Thinker.__call__ = forward
   assert len(calls) == 1  # one Thinker forward for the policy and the reference
 
 
@@ -561,7 +564,7 @@ def test_batches_without_pairs_give_zero_sums():
   with towers.shared_outputs():
     sums = towers.objective("thinker_dpo").loss(policy, batch, jax.random.key(0))
   assert set(sums) == set(preference.SUM_KEYS) and all(float(v) == 0 for v in sums.values())
-  assert float(thinker_tower.num_dpo_pairs(batch)) == 0
+  assert float(thinker_objective.num_dpo_pairs(batch)) == 0
 
 
 # --------------------------------------------------------------------------------------- meshes

@@ -55,7 +55,7 @@ def test_eval_on_a_converted_checkpoint_matches_transformers(tmp_path):
 @pytest.mark.slow
 def test_eval_py_on_a_training_workdir(tmp_path):
   workdir = tmp_path / "work"
-  loop.run(lib.config(steps=3, eval_every=3), str(workdir))
+  loop.run(lib.config(steps=3, eval_every=3), str(workdir), lib.hooks())
   cmd = [sys.executable, os.path.join(lib.ROOT, "eval.py"), "--checkpoint", str(workdir), *lib.flags()]
   out = subprocess.run(cmd, cwd=lib.ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]

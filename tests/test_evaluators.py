@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.evaluate import normalize
 from omni_jax.evaluate import registry
 from omni_jax.evaluate import taskfile
@@ -114,6 +114,17 @@ def test_bad_task_lines_name_the_file_and_line(tmp_path, record, message):
     taskfile.expand(str(tmp_path / "missing*.jsonl"))
 
 
+def test_bundled_task_files_come_from_the_registered_recipe(demo_dir):
+  import ml_collections  # noqa: PLC0415
+
+  c = ml_collections.ConfigDict(dict(eval=dict(files=dict(asr="")), data=dict(source="demo", demo_dir=demo_dir)))
+  files = taskfile.files_for(c, "asr")
+  assert files and all(f.startswith(os.path.join(demo_dir, "tasks", "asr")) for f in files)
+  c.data.source = "jsonl"  # no recipe: the evaluator needs its files named
+  with pytest.raises(taskfile.TaskFileError, match="config.eval.files.asr is empty"):
+    taskfile.files_for(c, "asr")
+
+
 def test_registry_selects_and_refuses(tmp_path):
   import ml_collections  # noqa: PLC0415
 
@@ -170,7 +181,7 @@ def test_scores_identical_across_runs_and_meshes(tiny_ckpt, demo_dir, tmp_path):
   from omni_jax.evaluate import context as context_lib  # noqa: PLC0415
   from omni_jax.evaluate import job as job_lib  # noqa: PLC0415
   from omni_jax.evaluate import run  # noqa: PLC0415
-  from omni_jax.generate import api  # noqa: PLC0415
+  from omni_jax import loader  # noqa: PLC0415
 
   c = _tiny_config(demo_dir, tmp_path)
   c.mesh = {"data": 8}
@@ -188,7 +199,7 @@ def test_scores_identical_across_runs_and_meshes(tiny_ckpt, demo_dir, tmp_path):
   # Mesh (2,2,2), evaluated twice by the same job: the scores and replies of the (8,1,1) run, both times.
   c = _tiny_config(demo_dir, tmp_path)
   c.mesh = {"data": 2, "fsdp": 2, "tensor": 2}
-  config, graphdef, params, shardings, mesh, tok_dir = api.restore(tiny_ckpt, c)
+  config, graphdef, params, shardings, mesh, tok_dir = loader.restore(tiny_ckpt, c)
   evaluation = job_lib.Evaluation(context_lib.Context(config, mesh, graphdef, shardings, tok_dir),
                                   ["loss", "asr", "mcq", "open"])
   try:
@@ -240,9 +251,9 @@ def test_eval_py_transcripts_equal_transformers_greedy_generate(tmp_path, demo_d
   # The same prompts, built the way the evaluator builds them, through transformers.
   items = taskfile.load([c.eval.files.asr], max_items=2)
   import jax  # noqa: PLC0415
-  from omni_jax.generate import api  # noqa: PLC0415
+  from omni_jax import loader  # noqa: PLC0415
 
-  config_ours, graphdef, _, shardings, mesh, tok_dir = api.restore(str(tmp_path / "orbax"), c)
+  config_ours, graphdef, _, shardings, mesh, tok_dir = loader.restore(str(tmp_path / "orbax"), c)
   ctx = context_lib.Context(config_ours, mesh, graphdef, shardings, tok_dir)
   del jax
   theirs = []

@@ -1,9 +1,11 @@
 """Thinker generation (omni_jax.generate) against transformers' generate, on tiny perturbed models.
 
-Greedy tokens equal transformers' token for token and per-step logits agree within 1e-4 (float32), for
-batches of left-padded prompts of different lengths mixing text, images, videos, audio and audio-in-video;
-prefill + decode steps equal one full forward pass; sampling is reproducible and its processors equal
-transformers'; meshes give the one-device tokens; streaming yields generate()'s tokens.
+Greedy tokens equal transformers' token for token, for batches of prompts of different lengths mixing text,
+images, videos, audio and audio-in-video: the conversation engine's replies (the library's only decode path)
+and the whole-batch oracle's (tests/decode_oracle.py, left-padded), whose per-step logits also agree within
+1e-4 (float32); prefill + decode steps equal one full forward pass; the engine's sampling is reproducible and
+its processors equal transformers'; meshes give the one-device tokens; the engine streams its replies' tokens
+in order.
 """
 
 import numpy as np
@@ -12,11 +14,14 @@ import torch
 import jax
 import jax.numpy as jnp
 
+import decode_oracle as oracle
 import hf_reference as ref
+import reply_testlib
 from omni_jax import positions as positions_lib
 from omni_jax import sharding
 from omni_jax.config import TokenIds
 from omni_jax.generate import Generator, SamplingParams, prompts
+from omni_jax.generate import engine as engine_lib
 from omni_jax.generate import sampling as sampling_lib
 from omni_jax.input import chat, preprocess
 from omni_jax.input.media import audio as audio_media
@@ -97,6 +102,13 @@ def hf_greedy(hf_model, inputs, max_new_tokens, eos, **kw):
   return r.sequences[:, length:].numpy(), torch.stack(r.logits, 1).numpy()
 
 
+def assert_same_replies(replies, hf_tokens):
+  """The engine's replies are transformers' rows (which end in pad after the row's eos)."""
+  for b, r in enumerate(replies):
+    np.testing.assert_array_equal(r.tokens, hf_tokens[b, :len(r.tokens)])
+    assert (hf_tokens[b, len(r.tokens):] == 0).all(), f"row {b} ended early"
+
+
 def assert_same_generation(ours, hf_tokens, hf_logits, max_new_tokens, tol=1e-4):
   n = hf_tokens.shape[1]
   np.testing.assert_array_equal(ours.tokens[:, :n], hf_tokens)
@@ -130,9 +142,12 @@ def test_greedy_generation_matches_transformers(variant, case, tmp_path):
   free, _ = hf_greedy(hf_model, inputs, n, eos=None)
   eos = int(free[0, 3])
   hf_tokens, hf_logits = hf_greedy(hf_model, inputs, n, eos=eos)
-  ours = gen.generate(batch, max_new_tokens=n, sampling=SamplingParams(), eos_token_ids=(eos,), return_logits=True)
+  ours = oracle.generate(gen, batch, max_new_tokens=n, sampling=SamplingParams(), eos_token_ids=(eos,),
+                         return_logits=True)
   assert ours.lengths[0] <= 4
   assert_same_generation(ours, hf_tokens, hf_logits, n)
+  replies = reply_testlib.replies(reply_testlib.chat(gen, (eos,)), samples, max_new_tokens=n)
+  assert_same_replies(replies, hf_tokens)
 
 
 def test_prefill_and_decode_steps_equal_one_forward_pass(tmp_path):
@@ -172,18 +187,17 @@ def test_prefill_and_decode_steps_equal_one_forward_pass(tmp_path):
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(tmp_path):
   gen, config = load(ref.build_thinker("gqa2", seed=11), tmp_path)
   rng = np.random.default_rng(4)
-  batch = prompts.prompt_batch([make_sample(rng, 200, [], 4), make_sample(rng, 200, [], 9)], pad_id=0)
+  samples = [make_sample(rng, 200, [], 4), make_sample(rng, 200, [], 9)]
+  chat = reply_testlib.chat(gen, ())
+  tokens = lambda sampling, seed=0: [r.tokens for r in reply_testlib.replies(  # noqa: E731
+      chat, samples, max_new_tokens=12, sampling=sampling, seed=seed)]
   hot = SamplingParams(do_sample=True, temperature=1.5, top_k=50, top_p=0.95)
-  a = gen.generate(batch, max_new_tokens=12, sampling=hot, seed=1, eos_token_ids=())
-  b = gen.generate(batch, max_new_tokens=12, sampling=hot, seed=1, eos_token_ids=())
-  c = gen.generate(batch, max_new_tokens=12, sampling=hot, seed=2, eos_token_ids=())
-  np.testing.assert_array_equal(a.tokens, b.tokens)
-  assert (a.tokens != c.tokens).any(), "another seed must draw other tokens"
-  greedy = gen.generate(batch, max_new_tokens=12, sampling=SamplingParams(), eos_token_ids=())
-  top1 = gen.generate(batch, max_new_tokens=12, sampling=SamplingParams(do_sample=True, top_k=1, temperature=0.7),
-                      seed=3, eos_token_ids=())
-  np.testing.assert_array_equal(top1.tokens, greedy.tokens)
-  assert (a.tokens != greedy.tokens).any()
+  a, b, c = tokens(hot, 1), tokens(hot, 1), tokens(hot, 2)
+  assert a == b
+  assert a != c, "another seed must draw other tokens"
+  greedy = tokens(SamplingParams())
+  assert tokens(SamplingParams(do_sample=True, top_k=1, temperature=0.7), 3) == greedy
+  assert a != greedy
 
 
 def test_repetition_penalty_matches_transformers(tmp_path):
@@ -196,9 +210,12 @@ def test_repetition_penalty_matches_transformers(tmp_path):
   plain, _ = hf_greedy(hf_model, inputs, 16, eos=None)
   penalised, logits = hf_greedy(hf_model, inputs, 16, eos=None, repetition_penalty=1.8)
   assert (plain != penalised).any(), "the case must be one where the penalty changes the output"
-  ours = gen.generate(batch, max_new_tokens=16, sampling=SamplingParams(repetition_penalty=1.8), eos_token_ids=(),
-                      return_logits=True)
+  ours = oracle.generate(gen, batch, max_new_tokens=16, sampling=SamplingParams(repetition_penalty=1.8),
+                         eos_token_ids=(), return_logits=True)
   assert_same_generation(ours, penalised, logits, 16)
+  replies = reply_testlib.replies(reply_testlib.chat(gen, ()), samples, max_new_tokens=16,
+                                  sampling=SamplingParams(repetition_penalty=1.8))
+  assert_same_replies(replies, penalised)
 
 
 def test_logit_processors_equal_transformers():
@@ -218,7 +235,8 @@ def test_logit_processors_equal_transformers():
       procs += [lp.TopKLogitsWarper(params.top_k)] if params.top_k else []
       procs += [lp.TopPLogitsWarper(params.top_p)] if params.top_p < 1 else []
     expected = procs(torch.tensor(prompt), torch.tensor(logits)).numpy()
-    got = np.asarray(sampling_lib.process(jnp.asarray(logits), jnp.asarray(seen), params))
+    rows = sampling_lib.RowSampling(*(np.repeat(np.asarray(v)[None], 4) for v in sampling_lib.RowSampling.of(params)))
+    got = np.asarray(sampling_lib.process_rows(jnp.asarray(logits), jnp.asarray(seen), rows))  # the engine's rule
     np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
     np.testing.assert_allclose(got[~np.isinf(got)], expected[~np.isinf(expected)], rtol=1e-6)
 
@@ -228,33 +246,40 @@ def test_meshes_give_the_one_device_tokens(shape, tmp_path):
   hf_model = ref.build_thinker("gqa4", seed=9)
   rng = np.random.default_rng(8)
   samples = [make_sample(rng, 160, ["image"] if i % 3 == 0 else [], n_text=i) for i in range(8)]
-  batch = prompts.prompt_batch(samples, pad_id=0, length_multiple=8)
   params = SamplingParams(do_sample=True, temperature=1.3, top_k=40)
+  kw = dict(max_new_tokens=8, sampling=params, seed=5)
   one, _ = load(hf_model, tmp_path / "one")
-  expected = one.generate(batch, max_new_tokens=8, sampling=params, seed=5, eos_token_ids=())
+  expected = [r.tokens for r in reply_testlib.replies(reply_testlib.chat(one, ()), samples, **kw)]
   mesh = dict(zip(("data", "fsdp", "tensor"), shape))
   gen, _ = load(hf_model, tmp_path / "mesh", mesh_shape=mesh)
-  got = gen.generate(batch, max_new_tokens=8, sampling=params, seed=5, eos_token_ids=())
-  np.testing.assert_array_equal(got.tokens, expected.tokens)
+  got = [r.tokens for r in reply_testlib.replies(reply_testlib.chat(gen, ()), samples, **kw)]
+  assert got == expected
 
 
-def test_stream_yields_the_generated_tokens_step_by_step(tmp_path):
+def test_the_engine_streams_each_reply_in_order(tmp_path):
+  """engine.run's events, per reply, are its tokens in order, and the stream ends at each reply's eos."""
   gen, _ = load(ref.build_thinker("gqa2", seed=1), tmp_path)
   rng = np.random.default_rng(2)
-  batch = prompts.prompt_batch([make_sample(rng, 200, [], 3), make_sample(rng, 200, [], 6)], pad_id=0)
-  full = gen.generate(batch, max_new_tokens=9, sampling=SamplingParams(), eos_token_ids=())
-  eos = int(full.tokens[1, 4])
-  expected = gen.generate(batch, max_new_tokens=9, sampling=SamplingParams(), eos_token_ids=(eos,))
-  steps = list(gen.stream(batch, max_new_tokens=9, sampling=SamplingParams(), eos_token_ids=(eos,)))
-  tokens = np.stack([t for t, _ in steps], axis=1)
-  np.testing.assert_array_equal(tokens, expected.tokens[:, :tokens.shape[1]])
-  assert steps[-1][1].all() or tokens.shape[1] == 9  # ends when every row stopped, or at max_new_tokens
+  samples = [make_sample(rng, 200, [], 3), make_sample(rng, 200, [], 6)]
+  full = reply_testlib.replies(reply_testlib.chat(gen, ()), samples, max_new_tokens=9)
+  row = full[1].tokens
+  k = next(i for i in range(3, 9) if row[i] not in row[:i])  # an eos that ends row 1 mid-reply
+  chat = reply_testlib.chat(gen, (row[k],))
+  expected = [r.tokens for r in reply_testlib.replies(chat, samples, max_new_tokens=9)]
+  assert expected[1] == row[:k + 1]
+  engine = chat.engine(max_len=64, slots=2, max_new_tokens=9)
+  replies = [engine_lib.Reply(chat.prefilled(engine, s), engine_lib.ReplySettings(9), keep=False) for s in samples]
+  streamed = [[], []]
+  for reply, kind, token in engine.run(replies):
+    assert kind == "token"
+    streamed[replies.index(reply)].append(token)
+  assert streamed == expected
 
 
 def test_cache_is_sharded_by_the_rule_table():
   """Rows over data/fsdp, kv heads over tensor, slots and head_dim replicated (config.sharding_rules)."""
   from configs import tiny
-  from omni_jax.layers import KVCache
+  from omni_jax.layers.attention import KVCache
 
   rules = tiny.get_config().sharding_rules
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
@@ -264,10 +289,13 @@ def test_cache_is_sharded_by_the_rule_table():
 
 def test_cache_dtype_is_configurable(tmp_path):
   """config.generate.cache_dtype: a bfloat16 cache holds bf16 keys/values and stays close to float32."""
-  gen32, _ = load(ref.build_thinker("gqa2", seed=4), tmp_path / "f32")
-  gen16, _ = load(ref.build_thinker("gqa2", seed=4), tmp_path / "bf16", cache_dtype="bfloat16")
-  batch = prompts.prompt_batch([make_sample(np.random.default_rng(1), 200, ["image"], 3)], pad_id=0)
-  kw = dict(max_new_tokens=6, sampling=SamplingParams(), eos_token_ids=(), return_logits=True)
-  a, b = gen32.generate(batch, **kw), gen16.generate(batch, **kw)
-  err = np.abs(a.logits[0, 0] - b.logits[0, 0]).max()
+  sample = make_sample(np.random.default_rng(1), 200, ["image"], 3)
+  logits = []
+  for name, kw in (("f32", {}), ("bf16", dict(cache_dtype="bfloat16"))):
+    gen, _ = load(ref.build_thinker("gqa2", seed=4), tmp_path / name, **kw)
+    chat = reply_testlib.chat(gen)
+    conv = chat.prefilled(chat.engine(max_len=64, max_new_tokens=6), sample)
+    assert conv.cache.k.dtype == (jnp.bfloat16 if kw else jnp.float32)
+    logits.append(np.asarray(conv.logits[0]))
+  err = np.abs(logits[0] - logits[1]).max()
   assert 0 < err < 0.05, err  # rounded keys/values: different, but close

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 
+import decode_oracle as oracle
 from configs import tiny
 from omni_jax import checkpoint
 from omni_jax import generate
@@ -92,24 +93,25 @@ def test_tokenizer_decode_never_raises(caplog, tmp_path):
   assert tok.decode([0, 3, 1, 99]) == "ab"
 
 
+def reply_ids(model, conversations, settings) -> list[list[int]]:
+  """The token ids of chat_batch's replies (what it decodes to text)."""
+  return [r.tokens for r in model._decode_all(conversations, dict(settings))]  # noqa: SLF001
+
+
 def test_padded_rows_win_without_the_mask(model):
-  """The fixture's bias works: an unmasked loop's first choice is a padding row."""
-  batch = model.batch([prompts.conversation("Hello")])
-  out = model.generator.generate(batch, max_new_tokens=1, return_logits=True,
-                                 sampling=model.generator.sampling(do_sample=False))
-  assert int(np.argmax(out.logits[0, 0])) >= model.tokenizer.vocab_size
-  assert int(out.tokens[0, 0]) < model.tokenizer.vocab_size
+  """The fixture's bias works: the prompt's last logits favour a padding row, which the reply never takes."""
+  engine = model.engine(max_len=64, max_new_tokens=4)
+  sample = prompts.prompt_sample(prompts.conversation("Hello"), model.preprocessor)
+  assert int(np.argmax(model.prefilled(engine, sample).logits[0])) >= model.tokenizer.vocab_size
+  assert reply_ids(model, [prompts.conversation("Hello")], GREEDY)[0][0] < model.tokenizer.vocab_size
 
 
 @pytest.mark.parametrize("settings", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_chat_never_emits_padded_rows(model, settings):
-  g, vocab = model.generator, model.tokenizer.vocab_size
-  assert g.vocab_limit == vocab
+  vocab = model.tokenizer.vocab_size
+  assert model.generator.vocab_limit == vocab
   conversations = [prompts.conversation("Hello"), prompts.conversation("Say something else, please.")]
-  kw = dict(settings)
-  sampling = g.sampling(**{k: kw.pop(k) for k in ("do_sample", "temperature", "top_k", "top_p") if k in kw})
-  out = g.generate(model.batch(conversations), sampling=sampling, **kw)
-  assert (out.tokens < vocab).all()
+  assert all(max(ids) < vocab for ids in reply_ids(model, conversations, settings))
   reply = model.chat("Hello", **settings)
   assert "".join(model.stream_chat("Hello", **settings)) == reply
   assert model.chat_batch(conversations, **settings)[0] == reply
@@ -123,11 +125,13 @@ def test_speech_codes_stay_in_the_codec_range(model):
   assert limits.talker_code_limit(config) == config.model.token2wav.dit.num_embeds + 1 == 65
   speech = model.speak("Hello", talker_max_new_tokens=6, **GREEDY)  # the codes: the released sampling
   assert len(speech.codes) and (np.asarray(speech.codes) < limit).all()
+  # The bias works on the Talker too: an unmasked loop would speak a padding row (the oracle's raw logits).
   batch = model.batch([prompts.conversation("Hello")])
-  text = model.generator.generate(batch, max_new_tokens=4, sampling=model.generator.sampling(do_sample=False))
-  out = model.speech.generate(batch, text.tokens, max_new_tokens=6, stop_ids=(), seed=1, return_logits=True)
+  text = oracle.generate(model.generator, batch, max_new_tokens=4, sampling=model.generator.sampling(do_sample=False))
+  out = oracle.speech_codes(model.generator, batch, text.tokens, max_new_tokens=6, stop_ids=(), seed=1,
+                            return_logits=True)
   assert (out.codes < limit).all()
-  assert int(np.argmax(out.logits[0, 0])) >= limit  # what an unmasked loop would have spoken
+  assert int(np.argmax(out.logits[0, 0])) >= limit
 
 
 @pytest.mark.parametrize("speak,settings", [(False, GREEDY), (False, SAMPLED), (True, SAMPLED)],

@@ -11,12 +11,10 @@ import pytest
 from flax import nnx, traverse_util
 
 import train_testlib as tl
-from omni_jax import adapters, checkpoint, towers
-from omni_jax.config import ConfigError
-from omni_jax.generate import api
+from omni_jax import adapters, checkpoint, loader, towers
+from omni_jax.errors import ConfigError
 from omni_jax.layers import lora
 from omni_jax.models import omni
-from omni_jax.models.thinker_tower import logits_of
 from omni_jax.train import loop
 from omni_jax.train import state as state_lib
 from omni_jax.train import step as step_lib
@@ -75,8 +73,8 @@ def test_fresh_adapters_give_the_base_logits_exactly(models):
   assert flat and all(k[0] == "thinker" and k[1] == "model" for k in flat)  # only the LM's projections
   assert all(not np.any(np.asarray(v)) for k, v in flat.items() if k[-1] == "b")
   batch = _batch()
-  want = logits_of(nnx.merge(g, base).thinker, batch)
-  got = logits_of(nnx.merge(g_lora, _with(base, fresh)).thinker, batch)
+  want = tl.thinker_logits(nnx.merge(g, base).thinker, batch)
+  got = tl.thinker_logits(nnx.merge(g_lora, _with(base, fresh)).thinker, batch)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -85,13 +83,14 @@ def test_merged_equals_unmerged_and_disabled_is_the_base(models):
   trained = _perturbed(fresh, 2, scale=0.2)  # b != 0
   params = _with(base, trained)
   batch = _batch(1)
-  unmerged = np.asarray(logits_of(nnx.merge(g_lora, params).thinker, batch))
-  merged = np.asarray(logits_of(nnx.merge(g, lora.merge(params, lora.LoraConfig.from_config(c))).thinker, batch))
-  base_logits = np.asarray(logits_of(nnx.merge(g, base).thinker, batch))
+  unmerged = np.asarray(tl.thinker_logits(nnx.merge(g_lora, params).thinker, batch))
+  merged_params = lora.merge(params, lora.LoraConfig.from_config(c))
+  merged = np.asarray(tl.thinker_logits(nnx.merge(g, merged_params).thinker, batch))
+  base_logits = np.asarray(tl.thinker_logits(nnx.merge(g, base).thinker, batch))
   assert np.max(np.abs(unmerged - base_logits)) > 1e-2  # the adapters do something
   np.testing.assert_allclose(merged, unmerged, atol=1e-5, rtol=0)
   with lora.disabled():
-    np.testing.assert_array_equal(np.asarray(logits_of(nnx.merge(g_lora, params).thinker, batch)), base_logits)
+    np.testing.assert_array_equal(np.asarray(tl.thinker_logits(nnx.merge(g_lora, params).thinker, batch)), base_logits)
 
 
 def test_rslora_scale_and_int8_base_dequantises_per_matmul(models):
@@ -106,13 +105,13 @@ def test_rslora_scale_and_int8_base_dequantises_per_matmul(models):
   assert ("thinker", "lm_head", "kernel") in linear and all(d == jnp.int8 for d in linear.values())
   params = _with(lora.base_layout(base, lora.without_adapters(abstract)), _perturbed(fresh, 3, 0.2))
   batch = _batch(2)
-  got = np.asarray(logits_of(nnx.merge(g8, params).thinker, batch))
+  got = np.asarray(tl.thinker_logits(nnx.merge(g8, params).thinker, batch))
   # The same model with every int8 kernel dequantised once: what each matmul computes.
-  want = np.asarray(logits_of(nnx.merge(g, lora.merge(params, lora.LoraConfig.from_config(c8))).thinker, batch))
+  want = np.asarray(tl.thinker_logits(nnx.merge(g, lora.merge(params, lora.LoraConfig.from_config(c8))).thinker, batch))
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-3)  # int8 * scale in float32, then the same dots
-  full = np.asarray(logits_of(nnx.merge(g, base).thinker, batch))
+  full = np.asarray(tl.thinker_logits(nnx.merge(g, base).thinker, batch))
   with lora.disabled():
-    quantised = np.asarray(logits_of(nnx.merge(g8, params).thinker, batch))
+    quantised = np.asarray(tl.thinker_logits(nnx.merge(g8, params).thinker, batch))
   assert np.max(np.abs(quantised - full)) < 0.05 * np.max(np.abs(full))  # int8 error stays small
 
 
@@ -188,21 +187,21 @@ def test_run_saves_adapters_with_a_checked_pointer_to_the_base(tmp_path):
   assert checkpoint.params_dir(workdir).endswith("/4")
 
   # Loading merges: the served model is the adapted one.
-  config, graphdef, params, _, _, _ = api.restore(workdir)
+  config, graphdef, params, _, _, _ = loader.restore(workdir)
   assert config.get("lora") is None
   batch = _batch(3)
-  served = np.asarray(logits_of(nnx.merge(graphdef, params).thinker, batch))
+  served = np.asarray(tl.thinker_logits(nnx.merge(graphdef, params).thinker, batch))
   cfg = lora.LoraConfig.from_config(saved)
   g_lora, setup_abstract = nnx.split(nnx.eval_shape(lambda: omni.OmniModel(saved, rngs=nnx.Rngs(0))))
   setup_abstract = nnx.to_pure_dict(setup_abstract)
   base = adapters.load_base(base_dir, setup_abstract)
   trained = checkpoint.restore_pure(checkpoint.params_dir(workdir), lora.adapters(setup_abstract))
-  adapted = np.asarray(logits_of(nnx.merge(g_lora, jax.device_get(_with(base, trained))).thinker, batch))
+  adapted = np.asarray(tl.thinker_logits(nnx.merge(g_lora, jax.device_get(_with(base, trained))).thinker, batch))
   np.testing.assert_allclose(served, adapted, atol=2e-2 * np.max(np.abs(adapted)))  # bf16 base vs merged f32
   assert cfg.base_fingerprint == adapters.fingerprint(base)
   # --checkpoint BASE --adapter RUN: the same model.
-  _, graphdef, again, _, _, _ = api.restore(base_dir, adapter=workdir)
-  np.testing.assert_array_equal(np.asarray(logits_of(nnx.merge(graphdef, again).thinker, batch)), served)
+  _, graphdef, again, _, _, _ = loader.restore(base_dir, adapter=workdir)
+  np.testing.assert_array_equal(np.asarray(tl.thinker_logits(nnx.merge(graphdef, again).thinker, batch)), served)
 
   # Another base under the same adapters is refused, naming both fingerprints.
   checkpoint.save_params(base_dir, _perturbed(nnx.to_pure_dict(state), 5), towers.without(tl.config(), "talker"))
@@ -210,7 +209,7 @@ def test_run_saves_adapters_with_a_checked_pointer_to_the_base(tmp_path):
   with pytest.raises(ConfigError, match="fingerprint"):
     loop.run(c, workdir)
   with pytest.raises(ConfigError, match="fingerprint"):
-    api.restore(workdir)
+    loader.restore(workdir)
 
 
 def test_a_runtime_config_still_loads_a_lora_run_merged(tmp_path):
@@ -222,9 +221,9 @@ def test_a_runtime_config_still_loads_a_lora_run_merged(tmp_path):
   checkpoint.save_params(str(tmp_path / "base"), _perturbed(nnx.to_pure_dict(state), 6), plain)
   c.init_from = str(tmp_path / "base")
   loop.run(c, str(tmp_path / "run"))
-  config, graphdef, params, _, _, _ = api.restore(str(tmp_path / "run"), config=plain)
+  config, graphdef, params, _, _, _ = loader.restore(str(tmp_path / "run"), config=plain)
   assert config.get("lora") is None and not any(lora.is_adapter(k) for k in traverse_util.flatten_dict(
       nnx.to_pure_dict(params)))
   checkpoint.save_params(str(tmp_path / "other"), state, plain)  # a whole model is no adapter
   with pytest.raises(ConfigError, match="neither a PEFT adapter directory"):
-    api.restore(str(tmp_path / "base"), adapter=str(tmp_path / "other"))
+    loader.restore(str(tmp_path / "base"), adapter=str(tmp_path / "other"))

@@ -17,10 +17,9 @@ from flax import nnx, traverse_util
 from safetensors.numpy import load_file, save_file
 
 import hf_reference as ref
-from omni_jax import adapters, checkpoint, towers
+from omni_jax import adapters, checkpoint, loader, towers
 from omni_jax.convert import cli
 from omni_jax.convert import hf
-from omni_jax.generate import api
 from omni_jax.convert import peft as peft_io
 from omni_jax.layers import lora
 from omni_jax.models import omni
@@ -260,7 +259,7 @@ def test_peft_adapter_imports_and_gives_transformers_logits(thinker, tmp_path, v
   err = np.abs(got - want).max()
   assert err <= 1e-4, err
   if variant == "plain":  # generate.py / the server: --checkpoint HF_DIR --adapter PEFT_DIR, merged on load
-    _, graphdef, served, _, _, _ = api.restore(hf_dir, adapter=str(tmp_path / "adapter"))
+    _, graphdef, served, _, _, _ = loader.restore(hf_dir, adapter=str(tmp_path / "adapter"))
     assert np.abs(_our_logits(nnx.merge(graphdef, served), ids) - want).max() <= 1e-4
   if variant == "patterns":
     assert lora_config.rank == 6 and lora_config.rslora

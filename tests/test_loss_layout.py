@@ -1,5 +1,6 @@
-"""The Thinker's loss without [B, L, V] logits (thinker_tower.LossLayout): chunked head + cross-entropy and the
-labelled-positions budget give the full loss, accuracy and gradients; the compiled step's temporaries shrink."""
+"""The Thinker's loss without [B, L, V] logits (omni_jax.thinker.objective.LossLayout): chunked head +
+cross-entropy and the labelled-positions budget give the full loss, accuracy and gradients; the compiled step's
+temporaries shrink."""
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,10 @@ from flax import nnx
 import train_testlib as lib
 from omni_jax import batch as batch_lib
 from omni_jax.input.synthetic import SyntheticSource
-from omni_jax.models import omni, thinker_tower
-from omni_jax.models.thinker_tower import LossLayout
+from omni_jax.models import omni
+from omni_jax.thinker import inputs as thinker_inputs
+from omni_jax.thinker import objective as thinker_objective
+from omni_jax.thinker.objective import LossLayout
 
 
 def _sft_batch(rows=4, length=48, seed=0):
@@ -29,8 +32,8 @@ def _loss_and_grads(c, batch, layout):
 
   def loss(state):
     model = nnx.merge(graphdef, state)
-    hidden = thinker_tower.outputs(model.thinker, batch)["hidden"]
-    sums = thinker_tower.hidden_token_stats(model.thinker, hidden, batch, layout, with_accuracy=True)
+    hidden = thinker_inputs.outputs(model.thinker, batch)["hidden"]
+    sums = thinker_objective.hidden_token_stats(model.thinker, hidden, batch, layout, with_accuracy=True)
     return jnp.sum(sums["loss_sum"]) / jnp.sum(sums["count"]), sums
 
   (value, sums), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
@@ -49,7 +52,7 @@ def reference():
                          ids=["chunk7", "chunk16", "budget", "budget+chunk", "over-budget"])
 def test_layouts_give_the_full_loss_accuracy_and_gradients(reference, layout):
   c, batch, (want, want_sums, want_grads) = reference
-  counts = np.asarray(jnp.sum(thinker_tower.label_mask(batch), axis=1))
+  counts = np.asarray(jnp.sum(thinker_inputs.label_mask(batch), axis=1))
   if layout.label_budget == 2:
     assert counts.max() > 2  # this case takes the every-position fallback
   else:
@@ -76,8 +79,8 @@ def test_chunked_loss_needs_less_temporary_memory():
   def temp_bytes(layout):
     def loss(state):
       model = nnx.merge(graphdef, state)
-      hidden = thinker_tower.outputs(model.thinker, batch)["hidden"]
-      return jnp.sum(thinker_tower.hidden_token_stats(model.thinker, hidden, batch, layout)["loss_sum"])
+      hidden = thinker_inputs.outputs(model.thinker, batch)["hidden"]
+      return jnp.sum(thinker_objective.hidden_token_stats(model.thinker, hidden, batch, layout)["loss_sum"])
 
     return jax.jit(jax.grad(loss)).lower(state).compile().memory_analysis().temp_size_in_bytes
 

@@ -1,5 +1,5 @@
 """The new-voice recipe (docs/new_voice.md): recordings + transcripts -> spoken-reply conversations and a reference
-clip (omni_jax.units.new_voice), configs/recipes/new_voice.py, and end to end on one eSpeak NG voice of the demo
+clip (omni_jax.token2wav.new_voice), configs/recipes/new_voice.py, and end to end on one eSpeak NG voice of the demo
 corpus: units -> Talker + DiT training (a few steps) -> the reply in that voice as a 24 kHz WAV."""
 
 import json
@@ -13,9 +13,10 @@ import pytest
 import soundfile
 
 from omni_jax import checkpoint
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.input import sources
-from omni_jax.units import new_voice
+from data import new_voice_example
+from omni_jax.token2wav import new_voice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +90,7 @@ def _run(*args, timeout=600):
 @pytest.mark.slow  # three processes, a train step compile, a decode: ~3 min of CPU (2.5 idle, 9 min at load 10)
 def test_recipe_end_to_end_on_one_espeak_voice(tmp_path):
   rec, out, work = tmp_path / "rec", tmp_path / "voice", tmp_path / "work"
-  assert new_voice.main(["example", "--voice", "en-GB-scotland", "--count", "6", "--out", str(rec)]) == 0
+  assert new_voice_example.main(["--voice", "en-GB-scotland", "--count", "6", "--out", str(rec)]) == 0
   assert new_voice.main(["prepare", "--recordings", str(rec), "--speaker", "Scot", "--out", str(out)]) == 0
   cfg = f"configs/recipes/new_voice.py:dir={out}"
   _run("-m", "omni_jax.units", "fit", "--config", cfg, "--data", str(out / "voice.train.jsonl"), "--vocab_size", "64",

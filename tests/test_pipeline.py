@@ -141,6 +141,8 @@ def test_startup_errors_are_clear(demo_dir, tmp_path):
     pipeline.make_iterator(config(demo_dir, mixture={"asr": 1.0, "asrr": 2.0}))
   with pytest.raises(sources.DataError, match="demo corpus not found"):
     pipeline.make_iterator(config(str(tmp_path / "none"), build_demo=False))
+  with pytest.raises(sources.DataError, match=r"config.data.source: unknown source 'demo2'.*recipes are \[.*'demo'"):
+    pipeline.make_iterator(config(demo_dir, source="demo2"))
   with pytest.raises(ValueError, match="unknown keys"):
     pipeline.make_iterator(config(demo_dir, buckets=(dict(seq_len=64, max_pictures=1),)))
 

@@ -13,9 +13,11 @@ import soundfile
 from PIL import Image
 
 from omni_jax import batch as batch_lib
-from omni_jax.config import ConfigError
+from omni_jax import towers
+from omni_jax.errors import ConfigError
 from omni_jax.input import chat, packing, pairs, pipeline, preprocess, sources
 from omni_jax.input.tokenizer import Tokenizer
+from omni_jax.talker import layout as talker_layout
 from omni_jax.talker import targets
 from omni_jax.units import corpus
 
@@ -81,7 +83,7 @@ def test_trl_and_ms_swift_field_names_give_the_same_segments(tok, tmp_path):
       np.testing.assert_array_equal(a.input_ids, b.input_ids, err_msg=name)
       np.testing.assert_array_equal(a.labels, b.labels, err_msg=name)
       np.testing.assert_array_equal(a.images[0][0], b.images[0][0], err_msg=name)
-    assert p.chosen.pair == preprocess.PairRole(True, True, False) and not p.rejected.pair.chosen, name
+    assert p.chosen.pair == preprocess.PairRole(True, True) and not p.rejected.pair.chosen, name
   # Text only: a string prompt and string replies are one user turn and two assistant turns.
   text = [prep("prefs", _example(r)) for r in (
       {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."},
@@ -297,12 +299,14 @@ def test_batch_check_knows_the_pair_fields():
   batch_lib.check(dict(b, dpo_pair=np.zeros((2, 8), np.int32)))
   with pytest.raises(ValueError, match="dpo_pair"):
     batch_lib.check(dict(b, dpo_pair=np.zeros((2, 7), np.int32)))
-  talker = {f: np.zeros((2, 16), np.int32) for f in batch_lib.TALKER_FIELDS}
+  talker = dict(b, dpo_pair=np.zeros((2, 8), np.int32), **{f: np.zeros((2, 16), np.int32) for f in talker_layout.FIELDS})
   with pytest.raises(ValueError, match="talker_dpo_pair"):
-    batch_lib.check(dict(b, **talker, dpo_pair=np.zeros((2, 8), np.int32)))
-  batch_lib.check(dict(b, **talker, dpo_pair=np.zeros((2, 8), np.int32), talker_dpo_pair=np.zeros((2, 16), np.int32)))
+    towers.check_batch(talker)
+  towers.check_batch(dict(talker, talker_dpo_pair=np.zeros((2, 16), np.int32)))
   with pytest.raises(ValueError, match="talker_dpo_pair"):
-    batch_lib.check(dict(b, **talker, dpo_pair=np.zeros((2, 8), np.int32), talker_dpo_pair=np.zeros((2, 8), np.int32)))
+    towers.check_batch(dict(talker, talker_dpo_pair=np.zeros((2, 8), np.int32)))
+  with pytest.raises(ValueError, match="unknown fields"):  # without the Talker's data hook, its fields are unknown
+    batch_lib.check(talker)
 
 
 # --------------------------------------------------------------------------------------- spoken pairs
@@ -358,7 +362,7 @@ def test_a_spoken_pair_given_as_codes_is_marked_on_the_talker_rows(tmp_path):
   c = _talker_config(tmp_path, _write(tmp_path / "prefs.jsonl", records))
   it = pipeline.make_iterator(c)
   batch = next(it)
-  batch_lib.check(batch)
+  towers.check_batch(batch)
   assert batch["talker_dpo_pair"].shape == batch["talker_segment_ids"].shape
   eos = c.model.talker.tts_codec_end_token_id
   spoken = _talker_pairs(batch)

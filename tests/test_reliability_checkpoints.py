@@ -18,6 +18,7 @@ import pytest
 import train_testlib as lib
 from omni_jax import checkpoint
 from omni_jax.train import loop
+from omni_jax.train import workdir as workdir_lib
 
 RUN = dict(steps=6, checkpoint_every=3, async_checkpointing=False)
 
@@ -174,12 +175,12 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(base, tmp_path, caplog):
 
 def test_a_live_or_foreign_lock_is_never_taken_over(tmp_path):
   (tmp_path / "lock").write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))
-  with pytest.raises(checkpoint.WorkdirLocked, match=f"pid {os.getpid()} on host"):
-    checkpoint.WorkdirLock(str(tmp_path)).acquire()
+  with pytest.raises(workdir_lib.WorkdirLocked, match=f"pid {os.getpid()} on host"):
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire()
   (tmp_path / "lock").write_text(json.dumps(dict(pid=1 << 30, host="elsewhere")))  # no such pid here
-  with pytest.raises(checkpoint.WorkdirLocked, match="pid 1073741824 on host elsewhere"):
-    checkpoint.WorkdirLock(str(tmp_path)).acquire()
+  with pytest.raises(workdir_lib.WorkdirLocked, match="pid 1073741824 on host elsewhere"):
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire()
   os.remove(tmp_path / "lock")
-  with checkpoint.WorkdirLock(str(tmp_path)):
+  with workdir_lib.WorkdirLock(str(tmp_path)):
     assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
   assert not os.path.exists(tmp_path / "lock")

@@ -20,6 +20,7 @@ import pytest
 
 from omni_jax import config as config_lib
 from omni_jax import defaults
+from omni_jax.errors import ConfigError
 from omni_jax.input import packing
 from omni_jax.input.preprocess import Sample, SampleError
 
@@ -103,7 +104,7 @@ def test_limits_are_validated(key, value, match):
   c = defaults.base_config()
   c.data.max_lag = 512
   c.data[key] = value
-  with pytest.raises(config_lib.ConfigError, match=f"config.data.{key}: .*{match}"):
+  with pytest.raises(ConfigError, match=f"config.data.{key}: .*{match}"):
     config_lib.validate_train(c)
 
 

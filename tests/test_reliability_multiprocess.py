@@ -23,6 +23,7 @@ import pytest
 
 import train_testlib as lib
 from omni_jax import checkpoint
+from omni_jax.checkpoint import handlers
 from omni_jax.train import loop
 
 
@@ -103,8 +104,8 @@ def _saved_by_two(tmp_path):
 def test_a_per_process_data_state_restarts_with_a_warning_on_another_process_count(tmp_path, caplog):
   d = _saved_by_two(tmp_path)
   item = _PerProcessState()
-  with caplog.at_level(logging.WARNING, logger="omni_jax.checkpoint"):
-    checkpoint.IteratorHandler().restore(d, checkpoint.IteratorRestore(item))
+  with caplog.at_level(logging.WARNING, logger="omni_jax.checkpoint.handlers"):
+    handlers.IteratorHandler().restore(d, handlers.IteratorRestore(item))
   assert item.state == {"position": 0}  # starts again
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert len(warnings) == 1
@@ -114,15 +115,15 @@ def test_a_per_process_data_state_restarts_with_a_warning_on_another_process_cou
 
 def test_a_global_data_state_continues_on_another_process_count(tmp_path, caplog):
   item = _GlobalState()
-  with caplog.at_level(logging.WARNING, logger="omni_jax.checkpoint"):
-    checkpoint.IteratorHandler().restore(_saved_by_two(tmp_path), checkpoint.IteratorRestore(item))
+  with caplog.at_level(logging.WARNING, logger="omni_jax.checkpoint.handlers"):
+    handlers.IteratorHandler().restore(_saved_by_two(tmp_path), handlers.IteratorRestore(item))
   assert item.state == {"position": 7} and not caplog.records
 
 
 def test_no_data_state_at_all_is_still_an_error(tmp_path):
   (tmp_path / "data").mkdir()
   with pytest.raises(FileNotFoundError, match="no iterator state for this process"):
-    checkpoint.IteratorHandler().restore(tmp_path / "data", checkpoint.IteratorRestore(_PerProcessState()))
+    handlers.IteratorHandler().restore(tmp_path / "data", handlers.IteratorRestore(_PerProcessState()))
 
 
 SOAK = dict(steps=14, checkpoint_every=2, eval_every=3, async_checkpointing=True)
@@ -131,7 +132,7 @@ SOAK = dict(steps=14, checkpoint_every=2, eval_every=3, async_checkpointing=True
 @pytest.mark.slow
 def test_kill_9_at_random_points_then_restart_reproduces_the_uninterrupted_losses(tmp_path):
   reference = tmp_path / "reference"
-  loop.run(lib.config(**SOAK), str(reference))
+  loop.run(lib.config(**SOAK), str(reference), lib.hooks())
   expected = lib.jsonl_losses(reference)
   assert sorted(expected) == list(range(1, SOAK["steps"] + 1))
 
@@ -150,7 +151,7 @@ def test_kill_9_at_random_points_then_restart_reproduces_the_uninterrupted_losse
       proc.wait()
     assert reached, lib.log_text(tmp_path / f"run{seed}")
     kills.append(max(lib.jsonl_losses(workdir)))
-  loop.run(lib.config(**SOAK), str(workdir))  # the last restart runs to the end
+  loop.run(lib.config(**SOAK), str(workdir), lib.hooks())  # the last restart runs to the end
   losses = lib.jsonl_losses(workdir)
   assert sorted(losses) == list(range(1, SOAK["steps"] + 1)), kills
   for step in expected:

@@ -43,7 +43,7 @@ def _free_port() -> int:
 class _Server:
   def __init__(self, model, media_root):
     self.limits = protocol.Limits(max_media_bytes=256 << 10, max_prompt_tokens=256, max_new_tokens=400)
-    self.worker = server.Worker(server.engine_for(model, self.limits), self.limits, max_queue=4, max_batch=2)
+    self.worker = server.Worker(server.Backend(model, self.limits), self.limits, max_queue=4, max_batch=2)
     app = server.create_app(self.worker, self.limits, model_name=NAME, media_root=media_root)
     self.port = _free_port()
     self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -262,10 +262,10 @@ class _Collect(server.Job):
 
 
 def test_requests_taken_together_decode_in_one_batch(model, hello):
-  """Two requests waiting when the worker starts are prefilled one by one and decoded in one respond_together
-  batch; each gets its own solo reply, and both sessions are freed."""
+  """Two requests waiting when the worker starts are prefilled one by one and decoded together in the engine's
+  slots; each gets its own solo reply, and both slots are freed."""
   limits = protocol.Limits(max_prompt_tokens=256, max_new_tokens=400)
-  worker = server.Worker(server.engine_for(model, limits), limits, max_queue=4, max_batch=2)
+  worker = server.Worker(server.Backend(model, limits), limits, max_queue=4, max_batch=2)
   options = dict(speak=False, voice=None, max_new_tokens=NEW, sampling={"do_sample": False})
   prompts = ["Hello there.", "Tell me a story."]
   jobs = [_Collect([{"role": "user", "content": p}], dict(options), loop=None, out=None) for p in prompts]
@@ -282,6 +282,37 @@ def test_requests_taken_together_decode_in_one_batch(model, hello):
   assert texts == [hello, model.chat(prompts[1], max_new_tokens=NEW, do_sample=False)]
   stats = worker.stats()
   assert (stats["batched"], stats["served"], stats["active"]) == (2, 2, 0)
+
+
+def test_a_request_joins_replies_already_decoding(model, hello):
+  """Continuous batching: a request submitted while a long reply decodes gets its first token and its whole
+  (short) reply before the long one ends, both equal to their solo replies, and every slot is freed."""
+  limits = protocol.Limits(max_prompt_tokens=256, max_new_tokens=400)
+  worker = server.Worker(server.Backend(model, limits), limits, max_queue=4, max_batch=2)
+  options = lambda n: dict(speak=False, voice=None, max_new_tokens=n, sampling={"do_sample": False})  # noqa: E731
+  long = _Collect([{"role": "user", "content": "Tell me a story."}], options(300), loop=None, out=None)
+  short = _Collect([{"role": "user", "content": "Hello there."}], options(NEW), loop=None, out=None)
+  long.items, short.items = [], []
+  worker.start()
+  worker.submit(long)
+  deadline = time.time() + 300
+  while len(long.items) < 3:  # the long reply is decoding
+    assert time.time() < deadline, long.items
+    time.sleep(0.01)
+  worker.submit(short)
+  while not (short.items and short.items[-1][0] == "end"):
+    assert time.time() < deadline, short.items
+    time.sleep(0.01)
+  assert not (long.items and long.items[-1][0] == "end"), "the short request waited for the long reply"
+  while not (long.items and long.items[-1][0] == "end"):
+    assert time.time() < deadline
+    time.sleep(0.05)
+  worker.stop()
+  text = lambda job: "".join(e.payload for kind, e in job.items if kind == "event" and e.kind == "text")  # noqa: E731
+  assert text(short) == hello
+  assert text(long) == model.chat("Tell me a story.", max_new_tokens=300, do_sample=False)
+  stats = worker.stats()
+  assert (stats["served"], stats["active"], stats["batched"]) == (2, 0, 2)
 
 
 def test_dropped_stream_frees_its_session(client, srv):
@@ -305,7 +336,7 @@ def test_dropped_stream_frees_its_session(client, srv):
 def test_full_queue_is_429():
   """The bounded queue, without a model: a worker that never starts takes max_queue jobs, then refuses."""
 
-  class _NoModel(server.Engine):
+  class _NoModel(server.Backend):
     def __init__(self):
       self.voices, self.default_voice = [], None
 

@@ -2,7 +2,7 @@
 
 A tiny model with the real Qwen tokenizer and random weights, greedy decoding. Chunk-by-chunk prefill
 (text, audio pushed in uneven pieces, an image, a video, a video with its own audio track; two turns) gives
-the logits of one whole-input prefill of the same conversation (Generator, return_logits), the streamed text
+the logits of one whole-input prefill of the same conversation (tests/decode_oracle.py), the streamed text
 is OmniChat.chat's, the streamed codes are OmniChat.speak's.
 """
 
@@ -17,6 +17,7 @@ import soundfile
 from flax import nnx
 from PIL import Image
 
+import decode_oracle as oracle
 from configs import tiny
 from omni_jax import checkpoint
 from omni_jax import generate
@@ -62,11 +63,15 @@ def media(tmp_path_factory):
   return {"image": image, "audio": audio, "wave": wave}
 
 
-def first_logits(model, messages) -> np.ndarray:
-  """The whole-input prefill's logits of the first reply token (one Generator call)."""
-  out = model.generator.generate(model.batch([messages]), max_new_tokens=1, return_logits=True,
-                                 sampling=model.generator.sampling(**GREEDY))
+def whole_logits(model, batch) -> np.ndarray:
+  """The logits of the first reply token after one prefill of a whole prompt batch (the oracle's)."""
+  out = oracle.generate(model.generator, batch, max_new_tokens=1, return_logits=True,
+                        sampling=model.generator.sampling(**GREEDY))
   return out.logits[0, 0]
+
+
+def first_logits(model, messages) -> np.ndarray:
+  return whole_logits(model, model.batch([messages]))
 
 
 def reply(events) -> tuple[str, Done]:
@@ -99,8 +104,7 @@ def test_text_two_turns_equal_whole_prefill(model):
   assert ids.count(im_start) == 5  # system, user, assistant, user, assistant
   assert ids[-len(done.tokens) - 10:].count(im_start) >= 1
   batch = generate.prompts.prompt_batch([sample], pad_id=model.generator.ids.pad_token_id)
-  whole = model.generator.generate(batch, max_new_tokens=1, return_logits=True, sampling=model.generator.sampling(**GREEDY))
-  np.testing.assert_allclose(logits, whole.logits[0, 0], atol=ATOL, rtol=0)
+  np.testing.assert_allclose(logits, whole_logits(model, batch), atol=ATOL, rtol=0)
 
 
 @pytest.mark.slow  # a second model load and its programs on the 8-device mesh
@@ -163,8 +167,7 @@ def test_image_and_video_parts_equal_whole_prefill(model, media, aiv):
   logits = s.end_turn()
   batch = generate.prompts.prompt_batch([s.prompt_sample()], pad_id=model.generator.ids.pad_token_id)
   assert batch["video_grid_thw"].shape[1] == 2
-  whole = model.generator.generate(batch, max_new_tokens=1, return_logits=True, sampling=model.generator.sampling(**GREEDY))
-  np.testing.assert_allclose(logits, whole.logits[0, 0], atol=ATOL, rtol=0)
+  np.testing.assert_allclose(logits, whole_logits(model, batch), atol=ATOL, rtol=0)
 
 
 def test_speech_codes_equal_speak(model):
@@ -184,11 +187,11 @@ def test_speech_codes_equal_speak(model):
 
 
 def teacher_forced_codes(model, prompt, reply, speaker, m):
-  """The non-streamed Talker (SpeechGenerator: one teacher-forced Thinker pass over the conversation + reply)."""
+  """The non-streamed Talker (the oracle: one teacher-forced Thinker pass over the conversation + reply)."""
   batch = generate.prompts.prompt_batch([prompt], pad_id=model.generator.ids.pad_token_id,
                                         num_mel_bins=model.num_mel_bins)
-  out = model.speech.generate(batch, np.asarray(reply)[None], speaker=speaker, max_new_tokens=m,
-                              sampling=model.speech.sampling(do_sample=False), stop_ids=())
+  out = oracle.speech_codes(model.generator, batch, np.asarray(reply)[None], speaker=speaker, max_new_tokens=m,
+                            sampling=model.speech.sampling(do_sample=False), stop_ids=())
   return out.row(0)
 
 
@@ -258,24 +261,28 @@ def test_batched_sessions_equal_solo(model):
 def test_a_row_that_stops_early_in_a_batch_equals_its_solo_reply(model):
   """One row of the batch chooses a stop id at its third token while the other decodes on: the stopped row
   writes no valid slot and its Talker reads tts-eos / tts-pad rows, as alone; both next turns see solo caches.
-  (The stop id is the token the first conversation's reply has at step 2, made an eos for this test.)"""
+  (The stop id is the token the first conversation's reply has at step 2, made the eos of a copy of the model.)"""
+  import copy  # noqa: PLC0415
   import dataclasses  # noqa: PLC0415
 
   prompts_ = ["Say hello.", "Tell me a much longer story about the sea, please."]
   probe = OmniSession(model)
   probe.push_text(prompts_[0])
   stop = int(reply(probe.respond(**SPOKEN))[1].tokens[2])
+  stopping = copy.copy(model)
+  stopping.generator = copy.copy(model.generator)
+  stopping.generator.ids = dataclasses.replace(model.generator.ids, eos_token_ids=(stop,))
+  stopping.stop_ids, stopping._engines = {stop}, {}  # noqa: SLF001
 
   def sessions():
     out = []
     for p in prompts_:
-      s = OmniSession(model, speaker="Ethan")
-      s.ids = dataclasses.replace(s.ids, eos_token_ids=(stop,))
+      s = OmniSession(stopping, speaker="Ethan")
       s.push_text(p)
       out.append(s)
     return out
 
-  solo = assert_batch_equals_solo(model, sessions, speak=True, talker=SPOKEN_TALKER, **SPOKEN)
+  solo = assert_batch_equals_solo(stopping, sessions, speak=True, talker=SPOKEN_TALKER, **SPOKEN)
   assert len(solo[0].tokens) == 3 and solo[0].finish_reason == "stop" and stop not in solo[1].tokens[:-1]
 
 
@@ -337,8 +344,9 @@ def test_streamed_audio_equals_chunked_synthesis(model):
   from omni_jax.config import Runtime  # noqa: PLC0415
   from omni_jax.models.bigvgan import BigVGANConfig  # noqa: PLC0415
   from omni_jax.models.dit import DiTConfig  # noqa: PLC0415
-  from omni_jax.models.token2wav_tower import Token2Wav, Token2WavView  # noqa: PLC0415
-  from omni_jax.token2wav import SamplerConfig, streaming  # noqa: PLC0415
+  from omni_jax.token2wav.tower import Token2Wav, Token2WavView  # noqa: PLC0415
+  from omni_jax.token2wav import streaming  # noqa: PLC0415
+  from omni_jax.token2wav.sampling import SamplerConfig  # noqa: PLC0415
 
   cfg = DiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, emb_dim=16, block_size=4,
                   look_ahead_layers=(1,), look_backward_layers=(0,), num_embeds=120, enc_emb_dim=8, enc_dim=8,

@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -117,3 +120,35 @@ def test_missing_paths_fail_at_startup(tmp_path):
   with pytest.raises(DataError, match="use letters"):
     sources.build("bad name", {"train": []}, str(tmp_path))
   assert not os.path.exists(tmp_path / "omni_conversations" / "x")
+
+
+def test_recipe_sources_register_themselves(monkeypatch):
+  monkeypatch.setattr(sources, "_RECIPES", {})
+  recipe = sources.Recipe(datasets=lambda data: {"toy": "omni_conversations/toy"}, data_dir=lambda data: data["dir"])
+  sources.register_source("toy", recipe)
+  assert sources.find_recipe("toy") is recipe and recipe.task_files({}, "asr") == []
+  with pytest.raises(DataError, match=r"config.data.source: unknown source 'nope'; .*registered recipes are \['toy'\]"):
+    sources.find_recipe("nope")
+  with pytest.raises(ValueError, match="library's own"):
+    sources.register_source("jsonl", recipe)
+
+
+def test_the_library_imports_no_recipe():
+  """"demo" is a source only once data/demo_corpus.py (the repository's, not the library's) is imported."""
+  code = textwrap.dedent("""
+      import sys
+      from omni_jax.input import pipeline, sources
+      from omni_jax.evaluate import taskfile
+      assert "data" not in sys.modules
+      try:
+        pipeline.resolve_datasets({"source": "demo"})
+        raise AssertionError("demo resolved without its recipe")
+      except sources.DataError as e:
+        assert "unknown source 'demo'" in str(e) and "data.demo_corpus" in str(e), e
+      import data.demo_corpus
+      assert sources.find_recipe("demo").data_dir({"demo_dir": "/x"}) == "/x/tfds"
+      print("ok")
+  """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+  assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -94,7 +94,7 @@ def test_evaluator_end_to_end_in_range_and_deterministic(tiny_speech_checkpoint,
   from omni_jax.evaluate import context as context_lib  # noqa: PLC0415
   from omni_jax.evaluate import job as job_lib  # noqa: PLC0415
   from omni_jax.evaluate import summary  # noqa: PLC0415
-  from omni_jax.generate import api  # noqa: PLC0415
+  from omni_jax import loader  # noqa: PLC0415
 
   c = tiny.get_config()
   c.mesh = {"data": 8}
@@ -103,7 +103,7 @@ def test_evaluator_end_to_end_in_range_and_deterministic(tiny_speech_checkpoint,
   e.tasks, e.max_items, e.generate_batch_size = "speech", 2, 2
   e.max_new_tokens = dict(speech=4)
   e.talker_max_new_tokens = 16
-  config, graphdef, params, shardings, mesh, tok_dir = api.restore(tiny_speech_checkpoint, c)
+  config, graphdef, params, shardings, mesh, tok_dir = loader.restore(tiny_speech_checkpoint, c)
   evaluation = job_lib.Evaluation(context_lib.Context(config, mesh, graphdef, shardings, tok_dir), ["speech"])
   runs = [evaluation(params) for _ in range(2)]  # the same job twice: programs compiled once
   m, sections = runs[0]

@@ -3,12 +3,17 @@
 A full tiny transformers checkpoint (Thinker + Talker + Token2Wav, spk_dict.pt) -> orbax -> HF is bit-exact for
 every Thinker and Talker tensor and for the speaker table (names, bos ids, tensor dtypes and values); the
 talker_config round-trips; transformers' Qwen2_5OmniForConditionalGeneration loads the export with the same
-weights; a spk_dict.pt holding pickled code is refused without running it.
+weights; spk_dict.pt is read without torch (equal to torch.load, dtypes kept); a spk_dict.pt holding pickled
+code is refused without running it.
 """
 
+import ast
 import json
 import os
+import pathlib
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,9 +22,10 @@ from safetensors import safe_open
 
 import hf_reference as ref
 from omni_jax import checkpoint
-from omni_jax.convert import cli, hf, speakers
+from omni_jax.convert import cli, hf, speakers, torch_pickle
 
 pytestmark = pytest.mark.parity
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tensors(directory) -> dict:
@@ -78,7 +84,7 @@ def test_full_model_round_trip_is_bit_exact_and_loads_in_transformers(hf_dir, tm
   for name, entry in original.items():
     assert table[name]["bos_token"] == entry["bos_token"]
     for k in ("cond", "ref_mel"):
-      assert table[name][k].dtype == entry[k].dtype and torch.equal(table[name][k], entry[k]), (name, k)
+      assert_same_tensor(table[name][k], entry[k])
 
   from transformers import Qwen2_5OmniForConditionalGeneration  # noqa: PLC0415
 
@@ -100,6 +106,62 @@ def test_speakers_edited_in_the_config_are_exported(hf_dir, tmp_path):
   table = speakers.read_spk_dict(tmp_path / "hf" / speakers.SPK_FILE)
   assert {n: e["bos_token"] for n, e in table.items()} == dict(ref.SPEAKERS, Nova=149)
   assert "cond" not in table["Nova"] and "cond" in table["Ethan"]
+
+
+def assert_same_tensor(got: np.ndarray, want: torch.Tensor):
+  assert got.dtype.name == str(want.dtype).removeprefix("torch.") and got.shape == tuple(want.shape)
+  np.testing.assert_array_equal(got.astype(np.float64), want.double().numpy())
+
+
+def test_spk_dict_reads_without_torch_as_torch_load_does(tmp_path):
+  """The restricted reader (omni_jax.convert.torch_pickle) against torch.load: dtypes, a strided view, a scalar
+  tensor, shared storages; and write_spk_dict gives back the same file contents."""
+  g = torch.Generator().manual_seed(0)
+  base = torch.randn(3, 8, generator=g)
+  table = {"Chelsie": {"bos_token": 151870, "cond": base[0:1], "ref_mel": torch.randn(1, 5, 4, generator=g).bfloat16()},
+           "Ethan": {"bos_token": torch.tensor(151871), "cond": base[1:2, ::2],
+                     "ref_mel": torch.randn(1, 5, 4, generator=g).half()}}
+  torch.save(table, tmp_path / "spk_dict.pt")
+  got = torch_pickle.load(tmp_path / "spk_dict.pt")
+  for name, entry in table.items():
+    for k, v in entry.items():
+      if isinstance(v, torch.Tensor):
+        assert_same_tensor(got[name][k], v)
+      else:
+        assert got[name][k] == v
+  read = speakers.read_spk_dict(tmp_path / "spk_dict.pt")
+  speakers.write_spk_dict(str(tmp_path / "again.pt"), read)
+  again = torch.load(tmp_path / "again.pt", weights_only=True)
+  for name, entry in table.items():
+    assert again[name]["bos_token"] == int(entry["bos_token"])
+    for k in ("cond", "ref_mel"):
+      assert again[name][k].dtype == entry[k].dtype and torch.equal(again[name][k], entry[k]), (name, k)
+  # Where torch cannot be imported (it is no dependency of the library), the table still reads.
+  code = ("import sys; sys.modules['torch'] = None; from omni_jax.convert import speakers; "
+          f"print(sorted(speakers.read_spk_dict({str(tmp_path / 'spk_dict.pt')!r})))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == "['Chelsie', 'Ethan']", out.stderr[-2000:]
+
+
+def test_the_library_imports_torch_only_to_write_spk_dict():
+  """torch is a test dependency: no module of omni_jax imports it, except the export's spk_dict.pt writer."""
+  found = []
+  for path in sorted(pathlib.Path(ROOT, "omni_jax").rglob("*.py")):
+    tree = ast.parse(path.read_text())
+    parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+      else:
+        continue
+      if any(n == "torch" or n.startswith("torch.") or n == "safetensors.torch" for n in names):
+        owner = node
+        while owner in parent and not isinstance(owner, (ast.FunctionDef, ast.AsyncFunctionDef)):
+          owner = parent[owner]
+        found.append((path.relative_to(ROOT).as_posix(), getattr(owner, "name", "<module>")))
+  assert sorted(set(found)) == [("omni_jax/convert/speakers.py", "write_spk_dict")]
 
 
 class _Exploit:

@@ -1,9 +1,11 @@
-"""Speech-code generation (omni_jax.generate.talker) against transformers' greedy Talker generation.
+"""Speech codes against transformers' greedy Talker generation.
 
-Greedy codes from the same Thinker outputs equal those of transformers' Qwen2_5OmniForConditionalGeneration
-.generate (talker_do_sample=False), for one prompt and for a left-padded batch whose rows stop at different
-steps; sampling with the released defaults is reproducible, never chooses the codec bos and cuts the codes at
-the first stop id; meshes give the one-device codes; OmniChat.speak and generate.py --speak return the codes.
+Greedy codes equal those of transformers' Qwen2_5OmniForConditionalGeneration.generate (talker_do_sample=False),
+for one prompt and for a batch whose rows stop at different steps: the conversation engine's spoken replies
+(the Talker one text token behind the Thinker, in one loop) and the teacher-forced oracle's codes for the same
+Thinker outputs (tests/decode_oracle.py, whose per-step logits also agree); the engine's sampling with the
+released defaults is reproducible, never chooses the codec bos and ends a reply at the first stop id; meshes
+give the one-device codes; OmniChat.speak and generate.py --speak return the codes.
 """
 
 import json
@@ -16,10 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+import decode_oracle as oracle
 import hf_reference as ref
+import reply_testlib
 from omni_jax import sharding
 from omni_jax.generate import Generator, SamplingParams
-from omni_jax.generate.talker import SpeechGenerator
+from omni_jax.generate.talker import TalkerSettings
 
 pytestmark = pytest.mark.parity
 
@@ -32,13 +36,22 @@ def _prompt(ids, mask) -> dict:
               labels=np.full(ids.shape, -100, np.int32), kind=np.zeros(ids.shape, np.int32))
 
 
-def _load(config, graphdef, state, mesh_shape=None):
+def _load(config, graphdef, state, mesh_shape=None) -> Generator:
   devices = jax.devices() if mesh_shape else jax.devices()[:1]
   mesh = sharding.make_mesh(mesh_shape or {"data": 1}, devices)
   shardings = sharding.state_shardings(state, mesh, config.sharding_rules)
-  params = jax.device_put(state, shardings)
-  return (Generator(graphdef, params, config, mesh, shardings),
-          SpeechGenerator(graphdef, params, config, mesh, shardings))
+  return Generator(graphdef, jax.device_put(state, shardings), config, mesh, shardings)
+
+
+def _spoken(generator, ids, mask, *, max_new_tokens: int, speaker="Chelsie", **talker) -> list:
+  """The engine's spoken replies (greedy text) to the rows of a left-padded id batch, decoded together.
+  speaker: a name or one per row; talker: ReplySettings' Talker fields (max_codes, talker_sampling, ...; stop:
+  default codec pad and end)."""
+  settings = TalkerSettings(generator.config)
+  samples = [reply_testlib.text_sample(row[m > 0]) for row, m in zip(ids, mask)]
+  talker.setdefault("stop", settings.stop_ids)
+  rows = [dict(talker, speaker=t) for t in settings.speaker_tokens(speaker, len(samples))]
+  return reply_testlib.replies(reply_testlib.chat(generator), samples, max_new_tokens=max_new_tokens, talker=rows)
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +93,13 @@ def test_greedy_codes_equal_transformers(omni, rows):
   config.model.thinker.eos_token_ids = (eos,)
   config.model.talker.tts_codec_end_token_id = end
   config.model.talker.num_codes = min(end, PAD)
-  generator, speech = _load(config, graphdef, state)
+  generator = _load(config, graphdef, state)
   prompt = _prompt(ids, mask)
-  thinker = generator.generate(prompt, max_new_tokens=8, sampling=SamplingParams())
+  thinker = oracle.generate(generator, prompt, max_new_tokens=8, sampling=SamplingParams())
   # transformers stops when every row has stopped; our rows then hold pad to max_new_tokens.
   np.testing.assert_array_equal(thinker.tokens[:, :hf["thinker_tokens"].shape[1]], hf["thinker_tokens"])
-  out = speech.generate(prompt, thinker.tokens, max_new_tokens=16, sampling=SamplingParams(repetition_penalty=1.05),
-                        return_logits=True)
+  greedy = SamplingParams(repetition_penalty=1.05)
+  out = oracle.speech_codes(generator, prompt, thinker.tokens, max_new_tokens=16, sampling=greedy, return_logits=True)
   hf_codes = hf["codes"]
   np.testing.assert_allclose(out.logits[:, :hf_codes.shape[1]], hf["logits"].numpy(), atol=1e-4, rtol=0)
   np.testing.assert_array_equal(out.codes[:, :hf_codes.shape[1]], hf_codes)
@@ -97,36 +110,38 @@ def test_greedy_codes_equal_transformers(omni, rows):
   assert out.lengths[0] < 16  # row 0 did stop
   if rows > 1:
     assert len(set(out.lengths.tolist())) > 1 or len(set(thinker.lengths.tolist())) > 1
+  # The engine: each row's text and codes (the stop code ends the codes; transformers' rows go on in pad).
+  for b, r in enumerate(_spoken(generator, ids, mask, max_new_tokens=8, max_codes=16, talker_sampling=greedy)):
+    np.testing.assert_array_equal(r.tokens, thinker.tokens[b, :thinker.lengths[b]])
+    np.testing.assert_array_equal(r.codes, hf_codes[b, :len(r.codes)])
+    assert len(r.codes) == hf_lengths[b] + 1 or len(r.codes) == hf_lengths[b] == 16
 
 
 def test_sampling_defaults_reproducible_no_bos_cut_at_stop(omni):
   _, config, graphdef, state = omni
-  generator, speech = _load(config, graphdef, state)
+  generator = _load(config, graphdef, state)
+  speech = TalkerSettings(config)
   rng = np.random.default_rng(7)
   ids = ref.text_ids(rng, 2, 8, 200)
   mask = np.ones_like(ids)
-  prompt = _prompt(ids, mask)
-  tokens = generator.generate(prompt, max_new_tokens=5, sampling=SamplingParams()).tokens
   released = speech.sampling()
   assert (released.do_sample, released.top_k, released.top_p, released.temperature,
           released.repetition_penalty) == (True, 40, 0.8, 0.9, 1.05)
-  a = speech.generate(prompt, tokens, max_new_tokens=24, seed=1)
-  np.testing.assert_array_equal(a.codes, speech.generate(prompt, tokens, max_new_tokens=24, seed=1).codes)
-  assert not np.array_equal(a.codes, speech.generate(prompt, tokens, max_new_tokens=24, seed=2).codes)
+  codes = lambda n, sampling, seed=0: [r.codes for r in _spoken(  # noqa: E731
+      generator, ids, mask, max_new_tokens=5, max_codes=n, talker_sampling=sampling, talker_seed=seed)]
+  a = codes(24, released, 1)
+  assert a == codes(24, released, 1)
+  assert a != codes(24, released, 2)
   # A flat distribution (temperature 50, no filters) would pick the bos 24*2/120 times on average: never here.
-  hot = speech.generate(prompt, tokens, max_new_tokens=24, seed=3,
-                        sampling=SamplingParams(do_sample=True, temperature=50.0))
-  assert not np.isin(hot.codes, BOS).any()
-  for out in (a, hot):
-    for row, n in zip(out.codes, out.lengths):
-      assert not np.isin(row[:n], speech.stop_ids).any()
-      assert n == len(row) or row[n] in speech.stop_ids
-  top1 = speech.generate(prompt, tokens, max_new_tokens=12, sampling=SamplingParams(do_sample=True, top_k=1,
-                                                                                    repetition_penalty=1.05))
-  greedy = speech.generate(prompt, tokens, max_new_tokens=12, sampling=SamplingParams(repetition_penalty=1.05))
-  np.testing.assert_array_equal(top1.codes, greedy.codes)
+  hot = codes(24, SamplingParams(do_sample=True, temperature=50.0), 3)
+  assert not np.isin(np.concatenate(hot), BOS).any()
+  for row in a + hot:  # a reply's codes end at its first stop id, or at the budget
+    assert not np.isin(row[:-1], speech.stop_ids).any()
+    assert len(row) == 24 or row[-1] in speech.stop_ids
+  top1 = codes(12, SamplingParams(do_sample=True, top_k=1, repetition_penalty=1.05))
+  assert top1 == codes(12, SamplingParams(repetition_penalty=1.05))
   with pytest.raises(Exception, match="no speaker 'Nobody'"):
-    speech.generate(prompt, tokens, speaker="Nobody", max_new_tokens=2)
+    speech.speaker_tokens("Nobody", 1)
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 2)])
@@ -136,14 +151,11 @@ def test_meshes_give_the_one_device_codes(omni, shape):
   ids = ref.text_ids(rng, 4, 8, 200)
   mask = np.ones_like(ids)
   mask[1, :3], mask[3, :5] = 0, 0
-  prompt = _prompt(ids, mask)
-  generator, one = _load(config, graphdef, state)
-  tokens = generator.generate(prompt, max_new_tokens=4, sampling=SamplingParams()).tokens
-  params = SamplingParams(do_sample=True, temperature=1.3, top_k=40, repetition_penalty=1.05)
-  expected = one.generate(prompt, tokens, max_new_tokens=8, sampling=params, seed=4, speaker=["Chelsie", "Ethan"] * 2)
-  _, mesh = _load(config, graphdef, state, dict(zip(("data", "fsdp", "tensor"), shape)))
-  got = mesh.generate(prompt, tokens, max_new_tokens=8, sampling=params, seed=4, speaker=["Chelsie", "Ethan"] * 2)
-  np.testing.assert_array_equal(got.codes, expected.codes)
+  kw = dict(max_new_tokens=4, max_codes=8, speaker=["Chelsie", "Ethan"] * 2, talker_seed=4,
+            talker_sampling=SamplingParams(do_sample=True, temperature=1.3, top_k=40, repetition_penalty=1.05))
+  expected = [r.codes for r in _spoken(_load(config, graphdef, state), ids, mask, **kw)]
+  mesh = _load(config, graphdef, state, dict(zip(("data", "fsdp", "tensor"), shape)))
+  assert [r.codes for r in _spoken(mesh, ids, mask, **kw)] == expected
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,11 @@ import pytest
 import torch
 from flax import nnx
 
+import decode_oracle as oracle
 import hf_reference as ref
 from omni_jax import sharding
 from omni_jax.generate import Generator, SamplingParams
-from omni_jax.generate.talker import SpeechGenerator
+from omni_jax.generate.talker import TalkerSettings
 from omni_jax.talker import inputs as inputs_lib
 from omni_jax.talker import layout, objective
 
@@ -70,12 +71,10 @@ def omni(tmp_path_factory):
   return get
 
 
-def _generators(config, graphdef, state):
+def _generator(config, graphdef, state) -> Generator:
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   shardings = sharding.state_shardings(state, mesh, config.sharding_rules)
-  params = jax.device_put(state, shardings)
-  return (Generator(graphdef, params, config, mesh, shardings), SpeechGenerator(graphdef, params, config, mesh,
-                                                                               shardings))
+  return Generator(graphdef, jax.device_put(state, shardings), config, mesh, shardings)
 
 
 @pytest.mark.parametrize("variant", list(TALKER_VARIANTS))
@@ -116,13 +115,14 @@ def test_inputs_and_generation_logits_match_transformers(omni, variant, with_ima
   finally:
     model.thinker.generation_config.eos_token_id = None
   config.model.thinker.eos_token_ids = (eos,)
-  generator, speech = _generators(config, graphdef, state)
+  generator = _generator(config, graphdef, state)
   prompt = _our_prompt(ids, mask, media)
-  thinker = generator.generate(prompt, max_new_tokens=n_text, sampling=SamplingParams())
+  thinker = oracle.generate(generator, prompt, max_new_tokens=n_text, sampling=SamplingParams())
   np.testing.assert_array_equal(thinker.tokens, hf["thinker_tokens"])
 
   # The per-step input vectors.
-  batch = inputs_lib.speech_batch(prompt, thinker.tokens, speech.cfg, [ref.SPEAKERS["Chelsie"]] * 2, (eos,))
+  cfg = TalkerSettings(config).cfg
+  batch = inputs_lib.speech_batch(prompt, thinker.tokens, cfg, [ref.SPEAKERS["Chelsie"]] * 2, (eos,))
   pre = jax.jit(lambda s, b: inputs_lib.prefill_inputs(nnx.merge(graphdef, s), b, ids.shape[1]))(state, batch)
   with torch.no_grad():
     codec = model.talker.get_input_embeddings()
@@ -135,8 +135,8 @@ def test_inputs_and_generation_logits_match_transformers(omni, variant, with_ima
   np.testing.assert_allclose(np.asarray(pre["queue"])[:, 1:], queue, atol=TOL, rtol=0)
 
   # Prefill + decode logits with the KV cache, and the greedy codes.
-  out = speech.generate(prompt, thinker.tokens, max_new_tokens=n_codes,
-                        sampling=SamplingParams(repetition_penalty=1.05), return_logits=True)
+  out = oracle.speech_codes(generator, prompt, thinker.tokens, max_new_tokens=n_codes,
+                            sampling=SamplingParams(repetition_penalty=1.05), return_logits=True)
   steps = hf["logits"].shape[1]
   np.testing.assert_allclose(out.logits[:, :steps], hf["logits"].numpy(), atol=TOL, rtol=0)
   np.testing.assert_array_equal(out.codes[:, :steps], hf["codes"])
@@ -152,7 +152,7 @@ def test_inference_inputs_equal_the_training_layout(omni):
   """The Talker rows inference feeds (prefill + codec(previous code) + queue row) equal the teacher-forced
   sequence training lays out for the same reply and codes, and so do the logits."""
   _, config, graphdef, state = omni("gqa")
-  speech = _generators(config, graphdef, state)[1]
+  cfg = TalkerSettings(config).cfg
   rng = np.random.default_rng(4)
   ids = ref.text_ids(rng, 1, 8, 200).astype(np.int32)
   reply = ref.text_ids(rng, 1, 5, 200).astype(np.int32)
@@ -160,10 +160,10 @@ def test_inference_inputs_equal_the_training_layout(omni):
   codes = rng.integers(0, 100, 6).astype(np.int32)
   spk = ref.SPEAKERS["Ethan"]
   # Inference: reply of 5 tokens (its last one counts as the stop id), codes fed one per decode step.
-  batch = inputs_lib.speech_batch(prompt, reply, speech.cfg, [spk], (int(reply[0, -1]),))
+  batch = inputs_lib.speech_batch(prompt, reply, cfg, [spk], (int(reply[0, -1]),))
   # Training: layout.write with the same codes, through the objective's input builder.
   row = layout.empty_row(8 + 2 + len(codes))
-  layout.write(row, 0, 0, 1, layout.SpokenReply(8, 5, codes, spk, inputs_lib.codec_ids(speech.cfg)))
+  layout.write(row, 0, 0, 1, layout.SpokenReply(8, 5, codes, spk, inputs_lib.codec_ids(cfg)))
   train = {k: v[None] for k, v in row.items()}
   train.update(input_ids=np.concatenate([ids, reply], axis=1), segment_ids=np.ones((1, 13), np.int32))
 
@@ -197,10 +197,10 @@ def test_media_ids_are_zeroed_in_the_prompt_only(omni):
   (a random Thinker may emit a placeholder id): the reply row keeps H + E."""
   _, config, graphdef, state = omni("gqa")
   model = nnx.merge(graphdef, state)
-  speech = _generators(config, graphdef, state)[1]
+  cfg = TalkerSettings(config).cfg
   ids = np.array([[11, 12, 3, 13, 14]], np.int32)  # a VIDEO id in the prompt (no video given) ...
   reply = np.array([[15, 3, 16, 17]], np.int32)  # ... and in the reply
-  batch = inputs_lib.speech_batch(dict(input_ids=ids, segment_ids=np.ones_like(ids)), reply, speech.cfg, [150], ())
+  batch = inputs_lib.speech_batch(dict(input_ids=ids, segment_ids=np.ones_like(ids)), reply, cfg, [150], ())
   pre = inputs_lib.prefill_inputs(model, batch, 5)
   full = np.concatenate([ids, reply], axis=1)
   hidden = model.thinker(jnp.asarray(full), pre["positions"][:, :, :1] * 0 + jnp.arange(9), jnp.ones((1, 9), jnp.int32),

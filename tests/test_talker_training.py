@@ -14,6 +14,7 @@ from flax import nnx, traverse_util
 
 import train_testlib as lib
 from omni_jax import batch as batch_lib
+from omni_jax import towers
 from omni_jax.input import packing
 from omni_jax.input.preprocess import Sample
 from omni_jax.talker import layout, objective, targets
@@ -70,8 +71,8 @@ def test_teacher_forced_talker_equals_transformers_inference_construction(tmp_pa
   labels[big_l:] = reply
   spoken = layout.SpokenReply(big_l, n, codes, 150, targets.codec_ids(config.model.talker))
   sample = Sample("hf", batch_lib.KIND_AUDIO, np.asarray(prompt + reply, np.int32), labels, [], [], [feats[0]],
-                  spoken=spoken)
-  bucket = packing.Bucket(seq_len=48, batch_size=1, max_audios=1, max_audio_frames=200, talker_seq_len=64)
+                  targets={"talker": spoken})
+  bucket = packing.Bucket(seq_len=48, batch_size=1, max_audios=1, max_audio_frames=200, sizes={"talker_seq_len": 64})
   batch = {k: jnp.asarray(v) for k, v in packing.assemble([[sample]], bucket, pad_id=0).items()}
   got_x, got_pos = objective.talker_inputs(ours, batch)
   got = ours.talker(got_x, got_pos, batch["talker_segment_ids"])
@@ -103,10 +104,10 @@ def _batch(seed=0, rows=8):
     labels = np.full(big_l + n, batch_lib.IGNORE, np.int32)
     labels[big_l:] = toks[big_l:]
     codes = rng.integers(0, 8, m).astype(np.int32)  # few codes: learnable in a few steps
-    return Sample(f"s{i}", batch_lib.KIND_TEXT, toks, labels, [], [], [], spoken=layout.SpokenReply(
-        big_l, n, codes, 253, ids))
+    return Sample(f"s{i}", batch_lib.KIND_TEXT, toks, labels, [], [], [], targets={"talker": layout.SpokenReply(
+        big_l, n, codes, 253, ids)})
 
-  b = packing.Bucket(seq_len=32, batch_size=rows, talker_seq_len=64)
+  b = packing.Bucket(seq_len=32, batch_size=rows, sizes={"talker_seq_len": 64})
   return packing.assemble([[sample(2 * r)] + ([sample(2 * r + 1)] if r % 2 else []) for r in range(rows)], b,
                           pad_id=0)
 
@@ -235,7 +236,7 @@ def test_spoken_replies_become_talker_rows_through_the_pipeline(tmp_path):
   assert targets.settle_units(c) == "unitsA" and c.model.talker.units_version == "unitsA"
   it = iter(pipeline.build_dataset(c, split="train"))
   batch, info = next(it)
-  batch_lib.check(batch)
+  towers.check_batch(batch)
   ethan = c.model.talker.speakers.Ethan
   seen = 0
   for r in range(batch["input_ids"].shape[0]):
@@ -270,7 +271,7 @@ def test_a_checkpoint_trained_on_one_unit_set_refuses_data_of_another(tmp_path):
   from omni_jax.train import loop  # noqa: PLC0415
 
   workdir = str(tmp_path / "run")
-  loop.run(c, workdir)
+  loop.run(c, workdir, lib.hooks())
   # Re-encoded with another unit set: same files, other version.
   other = codes_lib.CodeIndex.load(codes_path)
   other.units_version = "unitsB"
@@ -278,7 +279,7 @@ def test_a_checkpoint_trained_on_one_unit_set_refuses_data_of_another(tmp_path):
   again = _pipeline_config(tmp_path, jsonl, tmp_path / "codes_b.json")
   again.train.update(dict(steps=2, checkpoint_every=1, async_checkpointing=False))
   with pytest.raises(codes_lib.UnitsMismatch, match="unitsA"):
-    loop.run(again, workdir)
+    loop.run(again, workdir, lib.hooks())
 
 
 # --------------------------------------------------------------------------------------- adoption, FLOPs
@@ -329,7 +330,7 @@ def test_init_from_a_thinker_only_checkpoint_restores_the_thinker_and_starts_the
   checkpoint.save_params(str(tmp_path / "thinker"), state, thinker_only)
   c = _talker_config(steps=1, checkpoint_every=1, async_checkpointing=False, lr=0.0, warmup_steps=0)
   c.init_from = str(tmp_path / "thinker")
-  loop.run(c, str(tmp_path / "run"))
+  loop.run(c, str(tmp_path / "run"), lib.hooks())
   after = traverse_util.flatten_dict(checkpoint.restore_pure(str(tmp_path / "run" / "checkpoints" / "1"), None))
   before = traverse_util.flatten_dict(nnx.to_pure_dict(state))
   for k, v in before.items():  # lr 0: the Thinker is exactly the checkpoint's

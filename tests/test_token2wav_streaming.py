@@ -1,5 +1,6 @@
 """Chunked Token2Wav (token2wav.streaming) against whole-utterance synthesis (token2wav.synthesis, itself equal
-to transformers'), on a tiny Token2Wav with perturbed random weights, float32, the same starting noise.
+to transformers'), on a tiny Token2Wav with perturbed random weights, float32, the same starting noise; and the
+synthesizer a model's voice settings pick (synthesis.synthesizer_for), over the same DiT and BigVGAN programs.
 
 Tolerances (docs/token2wav.md, "Streaming synthesis"), relative to the whole utterance's largest sample:
 - Qwen's context (2 past blocks, 1 look-ahead block, 20 vocoder frames): 2e-2; measured up to 4.0e-3 with this
@@ -20,11 +21,14 @@ import pytest
 from flax import nnx
 
 from hf_reference import TOKEN2WAV, perturb
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.models.bigvgan import BigVGANConfig
 from omni_jax.models.dit import DiT, DiTConfig
-from omni_jax.token2wav import SamplerConfig, bigvgan_weights, from_torch_state_dict, sample, streaming, synthesis
+from omni_jax.token2wav import griffin_lim, sampling, streaming, synthesis, vocoding
+from omni_jax.token2wav import voice as voice_lib
+from omni_jax.token2wav.sampling import SamplerConfig, sample
 from omni_jax.token2wav.streaming import StreamingConfig, StreamingSynthesizer, synthesize_chunked
+from torch_weights import DISK_PREFIX, bigvgan_from_torch, load_dit
 
 QWEN_TOL = 2e-2  # relative; Qwen's context
 EXACT_TOL = 1e-5  # relative; context over the receptive field
@@ -52,9 +56,9 @@ def model():
   hf_dit = perturb(Qwen2_5OmniToken2WavDiTModel(Qwen2_5OmniDiTConfig(**copy.deepcopy(TOKEN2WAV["dit_config"]))), 1)
   hf_vocoder = perturb(Qwen2_5OmniToken2WavBigVGANModel(Qwen2_5OmniBigVGANConfig(**VOCODER)), 2)
   dit = nnx.eval_shape(lambda: DiT(DiTConfig.from_hf(hf_dit.config.to_dict()), rngs=nnx.Rngs(0)))
-  from_torch_state_dict(dit, hf_dit.state_dict())
-  vocoder = bigvgan_weights.from_torch(BigVGANConfig.from_hf(VOCODER), {
-      bigvgan_weights.DISK_PREFIX + k: v.detach().numpy() for k, v in hf_vocoder.state_dict().items()})
+  load_dit(dit, hf_dit.state_dict())
+  vocoder = bigvgan_from_torch(BigVGANConfig.from_hf(VOCODER), {
+      DISK_PREFIX + k: v.detach().numpy() for k, v in hf_vocoder.state_dict().items()})
   return types.SimpleNamespace(code2wav_dit_model=dit, code2wav_bigvgan_model=vocoder)  # a Token2Wav's parts
 
 
@@ -70,7 +74,8 @@ def voice():
 @pytest.fixture(scope="module")
 def whole(model, voice):
   codes, cond, ref_mel, noise = voice
-  return {m: synthesis.synthesize(model, codes, cond, ref_mel, noise=noise, sampler=s)[0] for m, s in SAMPLERS.items()}
+  return {m: synthesis.synthesize(model, codes, cond, ref_mel, noise=noise, sampler=s).audio[0]
+          for m, s in SAMPLERS.items()}
 
 
 def relative_error(chunks, want):
@@ -119,7 +124,7 @@ def test_codes_one_at_a_time_equal_all_at_once_and_chunks_are_timed(model, voice
   codes, cond, ref_mel, noise = voice
   synth = StreamingSynthesizer(model, cond[0], ref_mel[0], noise=noise[0], sampler=SAMPLERS["euler"], streaming=QWEN)
   synth.warm_up()  # every program a synthesis runs (this utterance is longer than the vocoder buckets)
-  programs = streaming._window_mel._cache_size(), streaming._vocode._cache_size()  # noqa: SLF001
+  programs = sampling._flow._cache_size(), vocoding._bigvgan._cache_size()  # noqa: SLF001
   at_once = synthesize_chunked(model, codes[0], cond[0], ref_mel[0], noise=noise[0], sampler=SAMPLERS["euler"],
                                streaming=QWEN)
   chunks, ready_after = [], []
@@ -132,7 +137,7 @@ def test_codes_one_at_a_time_equal_all_at_once_and_chunks_are_timed(model, voice
   assert ready_after == [4, 10, 16, 22, 28]
   assert synth.mel.shape == (52, 80)
   chunks += synth.finish()
-  assert (streaming._window_mel._cache_size(), streaming._vocode._cache_size()) == programs  # noqa: SLF001
+  assert (sampling._flow._cache_size(), vocoding._bigvgan._cache_size()) == programs  # noqa: SLF001
   assert len(chunks) == len(at_once)
   for a, b in zip(chunks, at_once):
     np.testing.assert_array_equal(a, b)
@@ -157,6 +162,39 @@ def test_seeded_noise_is_drawn_per_block(model, voice, whole):
   short = StreamingSynthesizer(model, cond, ref_mel, noise=noise[:, :40], sampler=SAMPLERS["euler"], streaming=QWEN)
   with pytest.raises(ValueError, match="longer noise"):
     short.push(codes)
+
+
+def test_synthesizer_for_picks_the_vocoders_synthesizer(model, voice):
+  codes, cond, ref_mel, _ = voice
+  voices = {"Ada": voice_lib.Voice("Ada", cond[0], ref_mel[0])}
+  settings = voice_lib.VoiceSettings(seed=3, griffin_lim_iters=2)
+  bigvgan = voice_lib.Voicer(model, voices, vocoder="bigvgan", sampler=SAMPLERS["euler"], settings=settings,
+                             streaming=QWEN, default_speaker="Ada")
+  synth = synthesis.synthesizer_for(bigvgan)
+  assert isinstance(synth, StreamingSynthesizer)
+  chunks = synth.push(codes[0]) + synth.finish()
+  np.testing.assert_array_equal(np.concatenate(chunks), np.concatenate(synthesize_chunked(
+      model, codes[0], cond[0], ref_mel[0], seed=3, sampler=SAMPLERS["euler"], streaming=QWEN)))
+  whole = synthesis.synthesize(model, codes, cond, ref_mel, noise=synth.noise(2 * N_CODES), sampler=SAMPLERS["euler"])
+  assert relative_error(chunks, whole.audio[0]) < QWEN_TOL
+  # A whole utterance as long as a streaming vocoder window runs the program streaming compiled for it.
+  programs = vocoding._bigvgan._cache_size()  # noqa: SLF001
+  synthesis.synthesize(model, codes[:, :12], cond, ref_mel, seed=0, sampler=SAMPLERS["euler"])  # 24 frames
+  assert vocoding._bigvgan._cache_size() == programs  # noqa: SLF001
+
+  gl = voice_lib.Voicer(model, voices, vocoder="griffin_lim", sampler=SAMPLERS["euler"], settings=settings,
+                        streaming=QWEN, default_speaker="Ada")
+  synth = synthesis.synthesizer_for(gl, "Ada")
+  assert isinstance(synth, synthesis.WholeUtterance)
+  assert synth.push(codes[0, :10]) == [] and synth.push(codes[0, 10:]) == []
+  (audio,) = synth.finish()
+  assert synth.finish() == []
+  np.testing.assert_array_equal(audio, gl(codes[0], "Ada").audio)
+  mel = sample(model.code2wav_dit_model, jnp.asarray(codes), jnp.asarray(cond), jnp.asarray(ref_mel), seed=3,
+               sampler=SAMPLERS["euler"])
+  np.testing.assert_allclose(audio, griffin_lim.mel_to_audio(np.asarray(mel[0]), n_iter=2, seed=3), atol=1e-6)
+  with pytest.raises(voice_lib.VoiceError, match="speaker 'Bo'"):
+    synthesis.synthesizer_for(gl, "Bo")
 
 
 def test_config_keys():

@@ -50,6 +50,6 @@ def test_codes_to_speech_equal_transformers(converted, monkeypatch):
   monkeypatch.setattr(torch, "randn", lambda *a, **k: noise.clone())
   with torch.no_grad():
     want = model.token2wav(codes, cond, ref_mel).reshape(-1).numpy()
-  got = synthesis.synthesize(ours.token2wav, codes.numpy(), cond.numpy(), ref_mel.numpy(), noise=noise.numpy())
+  got = synthesis.synthesize(ours.token2wav, codes.numpy(), cond.numpy(), ref_mel.numpy(), noise=noise.numpy()).audio
   assert got.shape == (1, 14 * 240)
   np.testing.assert_allclose(got[0], want, atol=1e-4)

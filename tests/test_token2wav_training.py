@@ -16,9 +16,8 @@ import pytest
 import soundfile
 from flax import nnx
 
-from omni_jax import batch as batch_lib
 from omni_jax import checkpoint, towers
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.models import omni
 from omni_jax.token2wav import mel as mel_lib
 from omni_jax.token2wav import objective, sampling
@@ -149,6 +148,7 @@ def test_bad_config_keys_fail_at_startup(key, value, message):
 
 
 def test_training_the_dit_without_a_codes_index_fails_when_the_data_starts():
+  from data import demo_corpus  # noqa: F401, PLC0415 - registers the config's source, as train.py does
   from omni_jax.input import pipeline  # noqa: PLC0415
 
   with pytest.raises(ConfigError, match="config.train.objectives.token2wav_flow: .* config.data.speech_codes"):
@@ -213,7 +213,7 @@ def test_spoken_replies_become_dit_rows_through_the_pipeline(tmp_path):
   talker_targets.settle_units(c)
   it = pipeline.DataIterator(pipeline.build_dataset(c, split="train"))
   batch = next(it)
-  batch_lib.check(batch)
+  towers.check_batch(batch)
   assert batch["token2wav_mel"].shape == (4, 96, 80) and batch["token2wav_codes"].shape == (4, 48)
   assert batch["token2wav_reference"].shape == (4, 40, 80)
   lengths = sorted(int(x) for x in batch["token2wav_lengths"])
@@ -245,6 +245,7 @@ def test_spoken_replies_become_dit_rows_through_the_pipeline(tmp_path):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   """train.py's loop: the tiny DiT on the demo corpus's 12 spoken replies (the Thinker and Talker frozen)."""
+  import train_testlib as lib  # noqa: PLC0415
   from data import demo_corpus  # noqa: PLC0415
   from omni_jax.train import loop  # noqa: PLC0415
 
@@ -266,7 +267,7 @@ def demo_run(tmp_path_factory):
                       checkpoint_every=STEPS, async_checkpointing=False))
   c.eval.update(dict(at_start=True, samples_per_dataset=6, batch_size=4, steps=2))  # the held-out replies
   c.data.speech_codes = str(work / "codes.json")
-  loop.run(c, str(work / "run"))
+  loop.run(c, str(work / "run"), lib.hooks())
   with open(work / "run" / "metrics.jsonl") as f:
     metrics = [json.loads(line) for line in f]
   return work, clips, metrics

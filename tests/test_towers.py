@@ -1,7 +1,9 @@
 """The tower registry (omni_jax.towers): a toy tower registered here, and nowhere else, is built, trained
-through its own objective, converted both ways and validated; objectives get a fresh key every step; a
-mesh axis dropped from a parameter dimension is logged."""
+through its own objective, converted both ways and validated; a tower registered here adds its own batch field
+through its data hook, which the data pipeline packs into the batches the step trains on; objectives get a
+fresh key every step; a mesh axis dropped from a parameter dimension is logged."""
 
+import json
 import logging
 
 import jax
@@ -14,10 +16,12 @@ from safetensors.numpy import save_file
 
 import train_testlib as lib
 from omni_jax import sharding, towers
-from omni_jax.config import ConfigError
 from omni_jax.convert import hf
 from omni_jax.convert.rules import Rule, transpose
-from omni_jax.layers import Linear
+from omni_jax import batch as batch_lib
+from omni_jax.errors import ConfigError
+from omni_jax.input.tokenizer import Tokenizer
+from omni_jax.layers.linear import Linear
 from omni_jax.models import omni
 from omni_jax.train import data as data_lib
 from omni_jax.train import metrics as metrics_lib
@@ -169,6 +173,112 @@ def test_weight_zero_objective_is_left_out_of_training(toy):
   towers.validate(c)
   assert [o.name for o, _ in towers.weighted_objectives(c)] == ["thinker_text"]
   assert set(_steps(c, 1)[0][0]["objectives"]) == {"thinker_text"}
+
+
+# --------------------------------------------------------------------------------------- a tower with its own data
+
+
+class WordCounts(towers.Targets):
+  """The target of a sample: the number of words of its last reply."""
+
+  def sample(self, name, messages, spans, pair):
+    reply = [m for m in messages if m["role"] == "assistant"][-1]
+    return len(" ".join(p["text"] for p in reply["content"] if p["type"] == "text").split())
+
+  def bucket_sizes(self, seq_len):
+    return {"words_slots": 4}
+
+
+class WordsData(towers.TowerData):
+  """words [B, words_slots] int32: the word counts of a row's samples, one slot per sample (0: no sample)."""
+  name = "words"
+  fields = {"words": 2}
+  sizes = {"words_slots": 0}
+
+  def targets(self, config, preference, train_sources):
+    return WordCounts() if towers.trains(config, "words_l2") else None
+
+  def fits(self, targets, sizes):
+    return len(targets) <= sizes.get("words_slots", 0)
+
+  def empty(self, rows, sizes, pairs):
+    return {"words": np.zeros((rows, sizes["words_slots"]), np.int32)} if sizes.get("words_slots") else {}
+
+  def write(self, batch, row, cursor, at, segment, target, pair):
+    batch["words"][row, cursor] = target
+    return cursor + 1
+
+
+class Words(nnx.Module):
+  def __init__(self, rt, rngs):
+    self.proj = Linear(1, 1, use_bias=True, names=("embed", "mlp"), rngs=rngs, dtype=rt.dtype,
+                       param_dtype=rt.param_dtype)
+
+
+def _words_loss(model, batch, rng, evaluate=False):
+  """Squared error of one learned guess (proj of 1) at every filled word-count slot."""
+  words = batch["words"].astype(jnp.float32)
+  guess = model.words.proj(jnp.ones((1, 1), jnp.float32))[0, 0].astype(jnp.float32)
+  filled = words > 0
+  return {"loss_sum": jnp.sum(jnp.where(filled, (guess - words) ** 2, 0.0)),
+          "count": jnp.sum(filled, dtype=jnp.float32)}
+
+
+WORDS = towers.Tower(
+    name="words", section="model.words", view=lambda config: None, build=lambda config, rt, rngs: Words(rt, rngs),
+    objectives=(towers.Objective("words_l2", _words_loss, lambda batch: jnp.sum(batch["words"] > 0)),),
+    data=WordsData())
+
+
+@pytest.fixture
+def words():
+  towers.register(WORDS)
+  yield WORDS
+  towers.unregister("words")
+
+
+def test_a_tower_adds_its_own_batch_field_through_its_data_hook(words, tmp_path):
+  from configs import tiny  # noqa: PLC0415
+
+  lines = [{"messages": [{"role": "user", "content": f"Count {i}."},
+                         {"role": "assistant", "content": " ".join(["word"] * (i + 1))}]} for i in range(6)]
+  (tmp_path / "t.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  c = tiny.get_config()
+  c.model.words = ml_collections.ConfigDict()
+  c.train.objectives = ml_collections.ConfigDict({"words_l2": 1.0})
+  c.train.update(dict(batch_size=2, warmup_steps=1))
+  c.data.update(dict(source="jsonl", shuffle=False, tfds_data_dir=str(tmp_path / "tfds"), worker_count=0,
+                     buckets=(dict(seq_len=64, max_images=0, max_image_patches=0, max_videos=0, max_video_patches=0,
+                                   max_audios=0, max_audio_frames=0),)))
+  c.data.datasets = ml_collections.ConfigDict({"t": str(tmp_path / "t.jsonl")})
+  c.data.mixture = ml_collections.ConfigDict({"t": 1.0})
+  towers.validate(c)
+  mesh = lib.mesh_of(dict(data=1))
+  setup = state_lib.Setup(c, mesh)
+  state = setup.init()
+  rows = data_lib.process_rows(mesh, c.sharding_rules, c.train.batch_size, c.train.seq_len)
+  source = data_lib.make_source(c, "train", c.train.batch_size, rows)
+  host = next(source)
+  # Packing wrote each sample's word count into its row's slots, in the row's segment order.
+  tok = Tokenizer()
+  assert host["words"].shape == (2, 4) and host["words"].dtype == np.int32
+  for r in range(2):
+    segments = int(host["segment_ids"][r].max())
+    assert 1 <= segments <= 4 and not host["words"][r, segments:].any()
+    for seg in range(1, segments + 1):
+      labels = host["labels"][r][host["segment_ids"][r] == seg]
+      reply = tok.decode([int(t) for t in labels if t != batch_lib.IGNORE and t < tok.special["<|endoftext|>"]])
+      assert host["words"][r, seg - 1] == len(reply.split()) > 0
+  # The step trains on it: its objective counts the filled slots, and its parameters move (after the first step,
+  # whose learning rate the warmup makes 0).
+  first = jax.device_get(state.params["words"])
+  step = step_lib.jit_train_step(setup)
+  for batch in (host, next(source)):
+    state, m = step(state, data_lib.to_global(batch, mesh, c.sharding_rules, c.train.batch_size))
+    assert float(m["objectives"]["words_l2"]["count"]) == (batch["words"] > 0).sum()
+    assert float(m["objectives"]["words_l2"]["loss_sum"]) > 0
+  assert not np.array_equal(jax.device_get(state.params["words"])["proj"]["bias"], first["proj"]["bias"])
+  data_lib.close(source)
 
 
 class _Wide(nnx.Module):

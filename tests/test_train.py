@@ -7,10 +7,10 @@ from flax import traverse_util
 
 import train_testlib as lib
 from omni_jax import batch as batch_lib
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
+from omni_jax.thinker import inputs as thinker_inputs
 from omni_jax.towers import validate
 from omni_jax.train import state as state_lib
-from omni_jax.train import step as step_lib
 
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)]
 
@@ -50,7 +50,7 @@ def test_bfloat16_compute_with_remat_tracks_float32(one_device):
 def test_label_mask_never_crosses_segments():
   seg = np.array([[1, 1, 1, 2, 2, 0, 0]])
   labels = np.array([[5, 6, 7, 8, batch_lib.IGNORE, 0, 0]])
-  mask = np.asarray(step_lib.label_mask({"segment_ids": seg, "labels": labels}))
+  mask = np.asarray(thinker_inputs.label_mask({"segment_ids": seg, "labels": labels}))
   # position i predicts labels[i+1]: 0->6, 1->7 ok; 2->8 crosses into segment 2; 3->IGNORE; padding never.
   np.testing.assert_array_equal(mask, [[True, True, False, False, False, False]])
 

@@ -8,8 +8,8 @@ from flax import traverse_util
 import train_testlib as lib
 from omni_jax import batch as batch_lib
 from omni_jax.input.synthetic import SyntheticSource
+from omni_jax.thinker import inputs as thinker_inputs
 from omni_jax.train import data as data_lib
-from omni_jax.train import step as step_lib
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_loss_is_normalised_by_the_global_label_count(one_device):
   device computes on the whole batch), not a mean of per-device or per-micro-batch means."""
   c = one_device[0]
   host = _uneven_batch()
-  mask = np.asarray(step_lib.label_mask(host))
+  mask = np.asarray(thinker_inputs.label_mask(host))
   out = {}
   for name, cfg, shape in (("one", c, dict(data=1)), ("accum", lib.config(grad_accum_steps=4),
                                                       dict(data=2, fsdp=2, tensor=2))):

@@ -15,7 +15,7 @@ from flax import nnx, traverse_util
 import hf_reference as ref
 import train_testlib as lib
 from omni_jax import checkpoint
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.layers import lora
 from omni_jax.models import omni
 from omni_jax.towers import validate

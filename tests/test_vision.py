@@ -19,10 +19,11 @@ from transformers import vision_utils
 
 import hf_reference as ref
 from configs import tiny
-from omni_jax.config import ConfigError, Runtime
+from omni_jax.config import Runtime
 from omni_jax.convert import hf
+from omni_jax.errors import ConfigError
 from omni_jax.input.media import patches
-from omni_jax.layers import LocalSegments, attention_mask, dot_product_attention
+from omni_jax.layers.attention import LocalSegments, attention_mask, dot_product_attention
 from omni_jax.models import omni
 from omni_jax.models.vision import VisionConfig, VisionEncoder, layout, thinker_vision
 

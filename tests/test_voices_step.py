@@ -1,4 +1,4 @@
-"""`python -m omni_jax.units.new_voice voices`: the step of run.sh main that gives a trained Token2Wav checkpoint
+"""`python -m omni_jax.token2wav.new_voice voices`: the step of run.sh main that gives a trained Token2Wav checkpoint
 its voices (speakers.safetensors: a zero speaker vector and a clip's mel tiled to the DiT's reference length,
 what training conditioned on). The whole main job, this step included, ending with `generate.py --speak`
 writing a WAV: tests/test_demo_learns.py."""
@@ -12,7 +12,7 @@ import soundfile
 
 def test_the_voices_step_writes_what_training_conditions_on(tmp_path, capsys):
   from omni_jax.token2wav import voice  # noqa: PLC0415
-  from omni_jax.units import new_voice  # noqa: PLC0415
+  from omni_jax.token2wav import new_voice  # noqa: PLC0415
 
   ckpt = tmp_path / "ckpt"  # a parameters checkpoint's layout: params/ + config.json (nothing is restored)
   (ckpt / "params").mkdir(parents=True)

@@ -8,7 +8,11 @@ import numpy as np
 
 from configs import tiny
 from omni_jax import sharding
+from omni_jax.evaluate import hook as eval_hook
+from omni_jax.talker import targets as talker_targets
+from omni_jax.thinker import inputs as thinker_inputs
 from omni_jax.train import data as data_lib
+from omni_jax.train import loop
 from omni_jax.train import state as state_lib
 from omni_jax.train import step as step_lib
 
@@ -44,6 +48,17 @@ def config(**train):
   c.train.update(train)
   c.eval.update(dict(steps=1, batch_size=8))
   return c
+
+
+def hooks():
+  """train.py's training-loop hooks: the Talker's speech-unit check and the evaluation."""
+  return [loop.Settle(talker_targets.settle_units), eval_hook.Evaluate()]
+
+
+def thinker_logits(thinker, batch):
+  """Logits [B, L, V] of a Thinker on a batch (under sharding.activate on a mesh)."""
+  positions, media = thinker_inputs.model_inputs(batch, thinker.ids)
+  return thinker(batch["input_ids"], positions, batch["segment_ids"], **media)
 
 
 def mesh_of(shape):

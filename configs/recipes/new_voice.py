@@ -1,6 +1,6 @@
 """A new voice (docs/new_voice.md): fine-tune the Talker and the Token2Wav DiT on one speaker's recordings, the
 Thinker frozen, so the model answers in that voice. `dir` is the output of the data step
-(`python -m omni_jax.units.new_voice prepare`), whose new_voice.json names the speaker, its Thinker row and
+(`python -m omni_jax.token2wav.new_voice prepare`), whose new_voice.json names the speaker, its Thinker row and
 its reference clip.
 
   python train.py --config configs/recipes/new_voice.py:dir=voices/ada --workdir workdirs/ada \
@@ -25,12 +25,13 @@ SPLITS = ("train", "validation")
 def get_config(arg=None):
   a = common.parse(arg, model="tiny", dir="")
   if not a.dir:
-    raise ValueError("configs/recipes/new_voice.py needs :dir=OUT (the output of `python -m omni_jax.units.new_voice "
-                     "prepare ... --out OUT`)")
+    raise ValueError("configs/recipes/new_voice.py needs :dir=OUT (the output of "
+                     "`python -m omni_jax.token2wav.new_voice prepare ... --out OUT`)")
   out = os.path.abspath(os.path.expanduser(a.dir))
   record_path = os.path.join(out, "new_voice.json")
   if not os.path.isfile(record_path):
-    raise ValueError(f"{record_path}: missing; run `python -m omni_jax.units.new_voice prepare --out {a.dir}` first")
+    raise ValueError(f"{record_path}: missing; run "
+                     f"`python -m omni_jax.token2wav.new_voice prepare --out {a.dir}` first")
   with open(record_path, encoding="utf-8") as f:
     record = json.load(f)
   if a.model not in common.MODELS:

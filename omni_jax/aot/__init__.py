@@ -13,7 +13,8 @@ import ml_collections
 
 from omni_jax.aot import compile as compile_lib
 from omni_jax.aot import hardware, report
-from omni_jax.aot.compile import DoesNotFit, TpuUnavailable  # noqa: F401
+from omni_jax.aot.compile import DoesNotFit
+from omni_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,6 @@ def without_towers(config: ml_collections.ConfigDict, names) -> ml_collections.C
   if not names:
     return config
   from omni_jax import towers
-  from omni_jax.config import ConfigError
 
   def objective_names(c):
     return {o.name for t in towers.built(c) for o in t.objectives}

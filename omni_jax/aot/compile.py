@@ -21,6 +21,7 @@ import numpy as np
 from omni_jax import batch as batch_lib
 from omni_jax import sharding, sizes, towers
 from omni_jax.aot import hardware
+from omni_jax.talker import layout as talker_layout
 from omni_jax.train import state as state_lib
 from omni_jax.train import step as step_lib
 
@@ -99,10 +100,10 @@ def representative_batch(config: ml_collections.ConfigDict, media: bool = False)
   if dpo:  # preference pairs (omni_jax.batch): their numbering on the Thinker's tokens
     shapes["dpo_pair"] = jax.ShapeDtypeStruct((b, l), jnp.int32)
   if config.model.get("talker") is not None and (objectives.get("talker_codes", 0) or objectives.get("talker_dpo", 0)):
-    # The Talker trains: its rows (omni_jax.batch.TALKER_FIELDS), as long as a bucket allows, else seq_len.
+    # The Talker trains: its rows (omni_jax.talker.layout.FIELDS), as long as a bucket allows, else seq_len.
     t = max([int(dict(b_).get("talker_seq_len", 0)) for b_ in (config.get("data", {}).get("buckets") or ())]
             or [0]) or l
-    shapes.update({k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in batch_lib.TALKER_FIELDS})
+    shapes.update({k: jax.ShapeDtypeStruct((b, t), jnp.int32) for k in talker_layout.FIELDS})
     if dpo:
       shapes["talker_dpo_pair"] = jax.ShapeDtypeStruct((b, t), jnp.int32)
   if not media:

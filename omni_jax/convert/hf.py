@@ -5,8 +5,8 @@ module is the converter core; the per-tower tables are registered with omni_jax.
   * stacked (per tower): module paths whose children are a stack of layers; on disk each layer has an index.
   * LEAF_RULES (here): how a leaf of ours becomes a tensor on disk (kernel -> weight transposed, ...).
   * rules (per tower): exceptions (regex on our dotted path -> on-disk name and transform), tried first.
-  * parts (per tower, + towers.PLANNED): on-disk prefixes of towers or encoders, so a checkpoint with parts
-    the config does not build reports what it leaves out instead of failing on "unknown" keys.
+  * parts (per tower): on-disk prefixes of towers or encoders, so a checkpoint with parts the config does not
+    build reports what it leaves out instead of failing on "unknown" keys.
 """
 
 import dataclasses
@@ -24,7 +24,7 @@ from safetensors import numpy as st_numpy
 from safetensors import safe_open
 
 from omni_jax import defaults, towers
-from omni_jax.convert.rules import CheckpointMismatch, Rule, Transform, transpose  # noqa: F401 (re-exported)
+from omni_jax.convert.rules import CheckpointMismatch, Rule, transpose
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,10 @@ def _special() -> list[Rule]:
 
 
 def _parts(built: frozenset = frozenset()) -> dict[str, str]:
-  """On-disk prefix -> description of the checkpoint parts a model may leave out: planned towers, registered
-  towers the config does not build (`built`: names of those it builds), and their optional parts."""
-  out = dict(towers.PLANNED)
+  """On-disk prefix -> description of the checkpoint parts a model may leave out: registered towers the config
+  does not build (`built`: names of those it builds), and their optional parts."""
+  out = {}
   for t in towers.registered():
-    out.pop(t.name + ".", None)
     if t.name not in built:
       out[t.name + "."] = t.name
     out.update(t.parts)

@@ -7,10 +7,12 @@ from typing import Callable, Optional
 import ml_collections
 import numpy as np
 
+from omni_jax.errors import UserError
+
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
   """The checkpoint's tensors do not match the model the config describes; the message lists them."""
 
 

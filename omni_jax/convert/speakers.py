@@ -1,10 +1,11 @@
 """The speaker table: transformers' spk_dict.pt <-> config.model.talker.speakers + speakers.safetensors.
 
 spk_dict.pt maps a voice name to {"bos_token": Thinker-vocabulary id opening the Talker's text track, "cond":
-the speaker vector Token2Wav conditions on, "ref_mel": its reference mel}. It is a torch pickle; it is read
-with torch.load(weights_only=True), torch's restricted unpickler, which builds tensors and plain containers
-only and runs no pickled code (the same call transformers makes). torch is needed only here, on import and
-export of a checkpoint with a Talker.
+the speaker vector Token2Wav conditions on, "ref_mel": its reference mel}. It is a torch pickle, read without
+torch by omni_jax.convert.torch_pickle, a restricted unpickler that builds arrays and plain containers only and
+runs no pickled code (as torch.load(weights_only=True), the call transformers makes): converting or loading a
+released checkpoint needs no torch. Writing spk_dict.pt (export) imports torch, optionally: the export is for
+transformers, which runs on torch.
 
 In our checkpoint the bos ids live in the config (config.model.talker.speakers, what generation needs) and
 the tensors in speakers.safetensors beside params/ (keys "<name>.cond", "<name>.ref_mel", dtypes kept), which
@@ -17,6 +18,10 @@ import os
 from typing import Optional
 
 import ml_collections
+import ml_dtypes
+import numpy as np
+
+from omni_jax.convert import torch_pickle
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +34,11 @@ class SpeakerTableError(ValueError):
   """spk_dict.pt / speakers.safetensors do not hold a speaker table; the message names the file and entry."""
 
 
-def _torch():
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    raise SpeakerTableError(f"reading or writing {SPK_FILE} needs torch (pip install torch): the file is a torch "
-                            "pickle") from None
-  return torch
-
-
 def read_spk_dict(path: str) -> dict:
-  """{name: {"bos_token": int, "cond": torch.Tensor, "ref_mel": torch.Tensor}} from a spk_dict.pt file."""
-  torch = _torch()
+  """{name: {"bos_token": int, "cond": np.ndarray, "ref_mel": np.ndarray}} from a spk_dict.pt file (the
+  tensors' dtypes kept: float32, bfloat16 as ml_dtypes.bfloat16, float16)."""
   try:
-    table = torch.load(path, map_location="cpu", weights_only=True)
+    table = torch_pickle.load(path)
   except Exception as e:  # noqa: BLE001 - the unpickler refuses code; a damaged file raises its own errors
     raise SpeakerTableError(f"{path}: not a loadable speaker table ({type(e).__name__}: {e})") from None
   if not isinstance(table, dict) or not table:
@@ -55,15 +51,27 @@ def read_spk_dict(path: str) -> dict:
     bos = int(bos.item()) if hasattr(bos, "item") else int(bos)
     tensors = {k: entry[k] for k in _TENSORS if k in entry}
     for k, v in tensors.items():
-      if not isinstance(v, torch.Tensor):
+      if not isinstance(v, np.ndarray):
         raise SpeakerTableError(f"{path}: speaker {name!r}: {k} is a {type(v).__name__}, expected a tensor")
     out[str(name)] = dict(bos_token=bos, **tensors)
   return out
 
 
 def write_spk_dict(path: str, table: dict) -> None:
-  torch = _torch()
-  torch.save({name: dict(entry) for name, entry in table.items()}, path)
+  """A spk_dict.pt for transformers: the table's arrays as torch tensors of the same dtypes (torch needed)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise SpeakerTableError(f"writing {SPK_FILE} (a torch pickle, for transformers) needs torch: pip install "
+                            "torch") from None
+
+  def tensor(a: np.ndarray):
+    if a.dtype == ml_dtypes.bfloat16:  # torch.from_numpy knows no bfloat16: through its bits
+      return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+  torch.save({name: {k: tensor(v) if isinstance(v, np.ndarray) else v for k, v in entry.items()}
+              for name, entry in table.items()}, path)
 
 
 def adopt(config: ml_collections.ConfigDict, table: dict) -> None:
@@ -77,19 +85,19 @@ def adopt(config: ml_collections.ConfigDict, table: dict) -> None:
 
 def save_tensors(directory: str, table: dict) -> Optional[str]:
   """cond / ref_mel of each speaker into directory/speakers.safetensors (None when the table has none)."""
-  from safetensors import torch as st_torch  # pylint: disable=import-outside-toplevel
+  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
 
-  tensors = {f"{name}.{k}": e[k].contiguous() for name, e in table.items() for k in _TENSORS if k in e}
+  tensors = {f"{name}.{k}": np.ascontiguousarray(e[k]) for name, e in table.items() for k in _TENSORS if k in e}
   if not tensors:
     return None
   path = os.path.join(directory, TENSORS_FILE)
-  st_torch.save_file(tensors, path, metadata={"speakers": ",".join(sorted(table))})
+  st_numpy.save_file(tensors, path, metadata={"speakers": ",".join(sorted(table))})
   return path
 
 
 def tensors_file(params_path: str) -> Optional[str]:
   """speakers.safetensors stored with a checkpoint (beside params/ or beside its config.json, or in the
-  workdir of a training step: where `python -m omni_jax.units.new_voice voices` writes it), if any."""
+  workdir of a training step: where `python -m omni_jax.token2wav.new_voice voices` writes it), if any."""
   from omni_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
   places = [params_path, checkpoint.find_config(params_path)]
@@ -103,9 +111,9 @@ def tensors_file(params_path: str) -> Optional[str]:
 
 def table_of(config: ml_collections.ConfigDict, tensors_path: Optional[str]) -> dict:
   """The speaker table of a checkpoint: bos ids from the config, cond / ref_mel from speakers.safetensors."""
-  from safetensors import torch as st_torch  # pylint: disable=import-outside-toplevel
+  from safetensors import numpy as st_numpy  # pylint: disable=import-outside-toplevel
 
-  tensors = st_torch.load_file(tensors_path) if tensors_path else {}
+  tensors = st_numpy.load_file(tensors_path) if tensors_path else {}
   table = {}
   for name, bos in dict(config.model.talker.speakers).items():
     entry = {"bos_token": int(bos)}

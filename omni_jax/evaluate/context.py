@@ -1,6 +1,6 @@
 """What every evaluator of one job shares: the config, the mesh, the model's graph and parameter layout, and
-(built on first use) one generator with its tokenizer and prompt builder, so compiled programs are reused
-from one evaluation to the next."""
+(built on first use) one OmniChat with its tokenizer and prompt builder, so the engine's compiled programs are
+reused from one evaluation to the next."""
 
 import functools
 from typing import Any, Optional, Sequence
@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from omni_jax.evaluate import taskfile
 from omni_jax.generate.api import OmniChat
-from omni_jax.generate.decode import Generator
+from omni_jax.generate.model import Generator
 from omni_jax.input.tokenizer import Tokenizer
 
 
@@ -36,22 +36,16 @@ class Context:
                prompts: Optional[Sequence[list]] = None) -> list[str]:
     """Greedy replies to the items' prompts (or to `prompts`, one conversation per item), in item order.
 
-    Prompts go in fixed-size batches (config.eval.generate_batch_size; the last one padded by repeating its
-    final prompt) in file order, so the batch shapes, and thus the compilations, repeat from one evaluation to
-    the next. Greedy decoding without a repetition penalty: the reply depends on the parameters only.
+    The prompts share the engine's config.eval.generate_batch_size slots (continuous batching: a slot freed by
+    a short reply takes the next prompt). Greedy decoding without a repetition penalty: the reply depends on
+    the parameters only.
     """
     conversations = list(prompts) if prompts is not None else [i.messages for i in items]
     chat = self.chat
     chat.generator.params = params
     size = int(self.config.eval.get("generate_batch_size", 8))
-    replies = []
-    for start in range(0, len(conversations), size):
-      chunk = conversations[start:start + size]
-      padded = chunk + [chunk[-1]] * (size - len(chunk))
-      out = chat.generator.generate(chat.batch(padded), max_new_tokens=max_new_tokens,
-                                    sampling=chat.generator.sampling(do_sample=False, repetition_penalty=1.0))
-      replies += [self.decode(row[:n]) for row, n in zip(out.tokens[:len(chunk)], out.lengths)]
-    return replies
+    return chat.chat_batch(conversations, slots=size, max_new_tokens=max_new_tokens, do_sample=False,
+                           repetition_penalty=1.0)
 
   def decode(self, ids) -> str:
     """A reply's text: stop ids, and ids past the tokenizer's (the embedding table's padding rows, which an

@@ -9,7 +9,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
+
 
 _REGISTRY: dict[str, Callable] = {}
 _MODULES = ("loss", "asr", "mcq", "open", "speech")  # omni_jax.evaluate.tasks.<name>

@@ -1,7 +1,7 @@
 """The eval.py job: restore any checkpoint on the devices present, run the evaluators of config.eval.tasks,
 write the report (JSON, TensorBoard, JSONL) and return it.
 
-Accepts what omni_jax.generate.restore accepts: a training workdir (its latest step), a step directory, a
+Accepts what omni_jax.loader.restore accepts: a training workdir (its latest step), a step directory, a
 converter output (params/ + config.json) or a transformers directory. The model architecture stored with the
 checkpoint is used; the config gives the data, the evaluators and the mesh.
 """
@@ -14,28 +14,22 @@ from typing import Optional
 import jax
 import ml_collections
 
-from omni_jax import checkpoint
+from omni_jax import loader
 from omni_jax.evaluate import context as context_lib
 from omni_jax.evaluate import job as job_lib
 from omni_jax.evaluate import registry
-from omni_jax.generate import api
 from omni_jax.talker import targets as talker_targets
 from omni_jax.train import metrics as metrics_lib
 
 log = logging.getLogger(__name__)
 
 
-def _params_path(path: str) -> str:
-  path = os.path.abspath(os.path.expanduser(path))
-  return path if api._is_hf_dir(path) else checkpoint.params_dir(path)  # pylint: disable=protected-access
-
-
 def run(config: ml_collections.ConfigDict, checkpoint_path: str, output: Optional[str] = None) -> dict:
   """Evaluate the checkpoint with config.eval.tasks; returns (and writes) the report."""
   names = registry.selected(config)  # a bad task name fails before anything loads
-  path = _params_path(checkpoint_path)
+  path = loader.locate(checkpoint_path)
   config = ml_collections.ConfigDict(config.to_dict())  # unlocked: restore adopts the checkpoint's model
-  config, graphdef, params, shardings, mesh, tokenizer_dir = api.restore(path, config)
+  config, graphdef, params, shardings, mesh, tokenizer_dir = loader.restore(path, config)
   talker_targets.settle_units(config, None)  # the data's speech codes must come from the checkpoint's units
   log.info("restored %s onto mesh %s", path, dict(mesh.shape))
   ctx = context_lib.Context(config, mesh, graphdef, shardings, tokenizer_dir)

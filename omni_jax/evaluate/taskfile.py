@@ -21,7 +21,7 @@ import os
 from typing import Optional, Sequence
 
 from omni_jax import batch as batch_lib
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.input import preprocess
 from omni_jax.input import sources
 
@@ -130,18 +130,14 @@ def load(paths: Sequence[str], max_items: int = 0) -> list[Item]:
 
 
 def files_for(config, evaluator: str) -> list[str]:
-  """The task files of one evaluator: config.eval.files.<evaluator> (comma-separated paths / globs), else,
-  with config.data.source = "demo", the demo corpus's bundled tasks (OUT/tasks/<evaluator>/*.jsonl)."""
+  """The task files of one evaluator: config.eval.files.<evaluator> (comma-separated paths / globs), else
+  the tasks bundled with a recipe source (config.data.source = "demo": the demo corpus's OUT/tasks/<evaluator>/)."""
   spec = (config.eval.get("files") or {}).get(evaluator) or ""
   if spec:
     return expand(spec)
-  if config.data.get("source") == "demo":
-    from omni_jax.input import pipeline  # local: the demo recipe lives in the repository's data/ package
-
-    demo_dir = os.path.expanduser(config.data.get("demo_dir", "~/.cache/omni_jax/demo_corpus"))
-    recipe = pipeline._demo_recipe()  # pylint: disable=protected-access
-    recipe.ensure(demo_dir)
-    files = recipe.task_files(demo_dir, evaluator)
+  source = config.data.get("source")
+  if source and source not in sources.READERS:
+    files = sources.find_recipe(source).task_files(config.data, evaluator)
     if files:
       return files
   raise TaskFileError(f"config.eval.files.{evaluator} is empty: give the {evaluator} evaluator's task files "

@@ -1,4 +1,4 @@
-"""Running a model: Thinker text generation with a KV cache (decode), the Talker's speech codes (talker),
+"""Running a model: the conversation engine (engine), the model handle (model), the Talker's settings (talker),
 sampling rules, prompts, the Python API.
 
     from omni_jax import generate
@@ -8,10 +8,8 @@ sampling rules, prompts, the Python API.
 """
 
 from omni_jax.generate import prompts
-from omni_jax.generate.api import OmniChat, Speech, load, restore
-from omni_jax.generate.decode import Generator, Output
+from omni_jax.generate.api import OmniChat, Speech, load
+from omni_jax.generate.model import Generator
 from omni_jax.generate.sampling import SamplingParams
-from omni_jax.generate.talker import SpeechGenerator, SpeechOutput
 
-__all__ = ["Generator", "OmniChat", "Output", "SamplingParams", "Speech", "SpeechGenerator", "SpeechOutput", "load",
-           "prompts", "restore"]
+__all__ = ["Generator", "OmniChat", "SamplingParams", "Speech", "load", "prompts"]

@@ -1,11 +1,11 @@
-"""The Python front door: load any checkpoint, chat with it.
+"""The Python front door: load any checkpoint (omni_jax.loader), chat with it.
 
     from omni_jax import generate
     model = generate.load("workdirs/tiny_demo")     # training workdir, step directory, converter output or HF dir
     print(model.chat("Describe the picture.", image="photo.jpg", max_new_tokens=64))
     for piece in model.stream_chat("Transcribe this.", audio="clip.wav"):
       print(piece, end="", flush=True)
-    replies = model.chat_batch([conversation_a, conversation_b])   # one padded batch, one decode loop
+    replies = model.chat_batch([conversation_a, conversation_b])   # decoded together in the engine
     speech = model.speak("Say hello.", speaker="Ethan")   # a model with a Talker: text + speech codes
     speech.text, speech.codes                               # codes: int32 [M], cut at the first stop id
     speech.audio, speech.sample_rate                        # with a Token2Wav: float32 [M * 480] at 24 kHz
@@ -18,37 +18,30 @@ tokens plus max_new_tokens exceed the model's positions raises limits.ContextLen
 prefilled; replies hold only ids the tokenizer knows (the LM head's padding rows are never generated).
 """
 
+import dataclasses
 import logging
 import os
 from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from omni_jax import adapters
-from omni_jax import checkpoint
-from omni_jax import defaults
-from omni_jax import sharding
-from omni_jax import towers
-from omni_jax.config import ConfigError
-from omni_jax.convert import export
-from omni_jax.convert import hf
-from omni_jax.convert import peft
-from omni_jax.convert import speakers
+from omni_jax import config as config_lib
+from omni_jax import loader
+from omni_jax.generate import engine as engine_lib
 from omni_jax.generate import prompts
-from omni_jax.generate.decode import Generator
-from omni_jax.generate.talker import SpeechGenerator
+from omni_jax.generate.settings import reply_settings
+from omni_jax.generate.model import Generator
+from omni_jax.generate.talker import TalkerSettings
+from omni_jax.generate.text_stream import TextStream
 from omni_jax.input import pipeline
 from omni_jax.input import preprocess
 from omni_jax.input.tokenizer import Tokenizer
-from omni_jax.models import omni
 from omni_jax.token2wav import voice as voice_lib
 
 log = logging.getLogger(__name__)
 
-_SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 _TALKER_PREFIX = "talker_"  # speak(): talker_top_k=..., as transformers' generate(talker_top_k=...)
 
 
@@ -63,88 +56,6 @@ class Speech(NamedTuple):
   mel: Optional[np.ndarray] = None
   vocoder: Optional[str] = None
   speaker: Optional[str] = None
-
-
-def _is_hf_dir(path: str) -> bool:
-  # By config.json's content: a workdir's speakers.safetensors beside its own config.json is no transformers dir.
-  return checkpoint.is_transformers_dir(path)
-
-
-def _has_tokenizer(d: Optional[str]) -> bool:
-  return d is not None and (os.path.isfile(os.path.join(d, "tokenizer.json"))
-                            or all(os.path.isfile(os.path.join(d, f)) for f in ("vocab.json", "merges.txt")))
-
-
-def restore(path: str, config: Optional[ml_collections.ConfigDict] = None, mesh_shape=None,
-            adapter: Optional[str] = None):
-  """(config, graphdef, params, param_shardings, mesh, tokenizer directory or None) for any checkpoint.
-
-  path: a transformers directory (config.json + *.safetensors), a converter output, a training step
-  directory or a training workdir (its latest step). config: runtime, mesh and generation settings (default:
-  the config saved with a training run, else the defaults); the model architecture always comes from the
-  checkpoint. Parameters are placed directly in their sharded layout on the mesh.
-
-  A LoRA run's checkpoint loads with its base (the one it recorded) and the adapters merged in. adapter: LoRA
-  adapters to merge into the model at `path`: a PEFT adapter directory (adapter_config.json) or a LoRA run of
-  this project (its workdir or step; `path` then replaces the base it recorded).
-  """
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such checkpoint")
-  merged = None  # the parameters of a LoRA checkpoint, merged on the host
-  if _is_hf_dir(path):
-    if adapter is not None and not peft.is_adapter_dir(adapter):
-      raise ConfigError(f"--adapter {adapter}: a LoRA run of train.py merges into the orbax checkpoint it trained "
-                        f"over (its own --checkpoint); over a transformers directory give its PEFT export "
-                        f"(python -m omni_jax.convert --orbax_dir RUN --peft_out DIR)")
-    config = hf.config_from_hf(hf.read_config(path), base=config)
-    speakers.import_from(path, config)  # the voices' bos ids (spk_dict.pt) when the model has a Talker
-    generation = export.read_generation(path)
-    if generation is not None:
-      export.adopt_generation(config, generation)
-    tokenizer_dir = path if _has_tokenizer(path) else None
-  else:
-    params_path = checkpoint.params_dir(path)
-    saved = checkpoint.find_config(params_path)
-    if config is None:
-      config = checkpoint.load_config(saved) if saved else defaults.base_config()
-      config = ml_collections.ConfigDict(checkpoint.tuples(config.to_dict()))
-      for key, fill in (("generate", defaults.generation), ("train", defaults.training)):
-        if key not in config:
-          fill(config)
-      config.mesh = defaults.base_config().mesh  # the training mesh need not fit the devices present
-    # A LoRA run's step holds adapters only (`path` itself, or --adapter over the base at `path`): its base and
-    # adapters, merged. The run's own config says so, whatever runtime config was given.
-    run = checkpoint.params_dir(adapter) if adapter is not None and not peft.is_adapter_dir(adapter) else params_path
-    run_saved = checkpoint.find_config(run)
-    run_config = checkpoint.load_config(run_saved) if run_saved else None
-    if run_config is not None and adapters.is_lora(run_config):
-      _, merged = adapters.restore_merged(run, run_config, base=None if run == params_path else params_path)
-      config = adapters.without_lora(config) if adapters.is_lora(config) else config
-    elif run != params_path:
-      raise ConfigError(f"--adapter {adapter}: neither a PEFT adapter directory (adapter_config.json) nor a LoRA "
-                        f"run (its config has no lora section)")
-    config = export.complete_token_ids(checkpoint.adopt_model_config(config, params_path))
-    assets = export.assets_of(params_path)
-    tokenizer_dir = assets if _has_tokenizer(assets) else None
-  if mesh_shape is not None:
-    config.mesh = ml_collections.ConfigDict(dict(mesh_shape))
-  towers.validate(config)
-  mesh = sharding.make_mesh(config.mesh)
-  graphdef, abstract = omni.abstract_model(config)
-  shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
-  if adapter is not None and peft.is_adapter_dir(adapter):
-    base = hf.load_state(path, abstract) if _is_hf_dir(path) else checkpoint.restore_params(params_path, abstract)
-    merged = peft.merged(adapter, config, jax.device_get(nnx.to_pure_dict(base)))
-  if merged is not None:
-    params = jax.tree.map(lambda x: x, abstract)
-    nnx.replace_by_pure_dict(params, merged)
-    params = jax.device_put(params, shardings)
-  elif _is_hf_dir(path):
-    params = jax.device_put(hf.load_state(path, abstract), shardings)
-  else:
-    params = checkpoint.restore_params(params_path, abstract, shardings)
-  return config, graphdef, params, shardings, mesh, tokenizer_dir
 
 
 class OmniChat:
@@ -170,13 +81,13 @@ class OmniChat:
     self.num_mel_bins = int(audio.num_mel_bins) if audio is not None else 128
     self._speech = None
     self._voicer, self._voice_overrides = None, {}
+    self._engines: dict = {}
 
   @property
-  def speech(self) -> SpeechGenerator:
-    """The Talker's code generation on the same parameters (built on first use)."""
+  def speech(self) -> TalkerSettings:
+    """The Talker's settings (ValueError for a model without a Talker; built on first use)."""
     if self._speech is None:
-      g = self.generator
-      self._speech = SpeechGenerator(g.graphdef, g.params, self.config, g.mesh, g.param_shardings)
+      self._speech = TalkerSettings(self.config)
     return self._speech
 
   @property
@@ -209,41 +120,89 @@ class OmniChat:
     """The left-padded prompt batch of several conversations (media decoded and preprocessed). With
     max_new_tokens, the longest rendered prompt is checked first: limits.ContextLengthError when it and the
     reply exceed the model's positions (before any array is sized by the prompts)."""
+    samples = self._samples(conversations, max_new_tokens)
+    return prompts.prompt_batch(samples, pad_id=self.generator.ids.pad_token_id, num_mel_bins=self.num_mel_bins)
+
+  def _samples(self, conversations, max_new_tokens: Optional[int]) -> list[preprocess.Sample]:
     samples = [prompts.prompt_sample(c, self.preprocessor, name=f"prompt{i}") for i, c in enumerate(conversations)]
     if max_new_tokens is not None and samples:
       self.generator.check_context(max(s.num_tokens for s in samples), max_new_tokens)
-    return prompts.prompt_batch(samples, pad_id=self.generator.ids.pad_token_id, num_mel_bins=self.num_mel_bins)
+    return samples
 
-  def _checked_batch(self, conversations: Sequence[Sequence[dict]], settings: dict) -> dict:
-    """batch(), checked against the reply's budget of generate() settings (its default when unset)."""
-    return self.batch(conversations, self.generator.new_tokens(settings.get("max_new_tokens")))
+  # ------------------------------------------------------------------------------------------------ the engine
 
-  def _settings(self, kw: dict) -> dict:
-    sampling = self.generator.sampling(**{k: kw.pop(k) for k in _SAMPLING_KEYS if k in kw})
-    unknown = set(kw) - {"max_new_tokens", "seed"}
-    if unknown:
-      raise TypeError(f"unknown generation arguments {sorted(unknown)}")
-    return dict(kw, sampling=sampling)
+  def engine(self, *, speech: bool = False, max_len: int = 4096, slots: int = 1, max_new_tokens: int = 256,
+             max_codes: int = 0) -> engine_lib.Engine:
+    """The conversation engine of this model for these shapes (built once; its programs are kept)."""
+    key = (bool(speech), int(max_len), int(slots), int(max_new_tokens), int(max_codes))
+    if key not in self._engines:
+      g = self.generator
+      cache_dtype = g.defaults.get("cache_dtype")
+      self._engines[key] = engine_lib.Engine(
+          g.graphdef, g.params, self.config, g.mesh, num_slots=slots, max_len=max_len, max_new_tokens=max_new_tokens,
+          speech=speech, max_codes=max_codes, vocab_limit=g.vocab_limit, ids=g.ids,
+          cache_dtype=config_lib.dtype_of(cache_dtype, "generate.cache_dtype") if cache_dtype else None)
+    engine = self._engines[key]
+    engine.params = self.generator.params  # evaluation swaps the parameters between calls
+    return engine
+
+  def prefilled(self, engine: engine_lib.Engine, sample: preprocess.Sample) -> engine_lib.Conversation:
+    """A new conversation of `engine` holding a whole rendered prompt (one prefill call)."""
+    conv = engine.conversation()
+    batch = prompts.prompt_batch([sample], pad_id=self.generator.ids.pad_token_id, num_mel_bins=self.num_mel_bins)
+    batch = {k: v for k, v in batch.items() if k not in ("labels", "kind")}
+    if not sample.use_audio_in_video:
+      batch.pop("use_audio_in_video", None)
+    engine.prefill(conv, batch, sample.input_ids)
+    return conv
+
+  def _replies(self, conversations, options: dict, talker_options: Optional[dict] = None, speakers=None,
+               slots: Optional[int] = None):
+    """Decode the replies of several conversations in one engine (slots: as many as the conversations, up to
+    config.generate.max_batch, 8 by default; talker_options: spoken replies with these Talker settings): yields
+    (row, reply, kind, id) as decoded; the replies end as engine.Reply."""
+    g = self.generator
+    talker = self.speech if talker_options is not None else None
+    settings = reply_settings(g, options, talker=talker, talker_options=talker_options, prefix=_TALKER_PREFIX)
+    samples = self._samples(conversations, settings.max_new_tokens)
+    per_row = [settings] * len(samples)
+    if talker is not None:
+      names = list(speakers) if isinstance(speakers, (list, tuple)) else [speakers] * len(samples)
+      per_row = [dataclasses.replace(settings, speaker=t) for t in talker.speaker_tokens(names, len(samples))]
+    longest = max(prompts.round_up(s.num_tokens, 32) for s in samples)
+    slots = min(len(samples), int(slots or g.defaults.get("max_batch", 8)))
+    engine = self.engine(speech=talker is not None, max_len=_bucket(longest + settings.max_new_tokens, 256),
+                         slots=_bucket(slots, 1), max_new_tokens=_bucket(settings.max_new_tokens, 64),
+                         max_codes=_bucket(settings.max_codes, 64) if talker is not None else 0)
+    replies = [engine_lib.Reply(self.prefilled(engine, s), row, keep=False) for s, row in zip(samples, per_row)]
+    index = {id(r): i for i, r in enumerate(replies)}
+    for reply, kind, value in engine.run(replies):
+      if id(reply) in index:
+        yield index[id(reply)], reply, kind, value
 
   def _text(self, ids: Sequence[int]) -> str:
     return self.tokenizer.decode([int(i) for i in ids if int(i) not in self.stop_ids])
 
-  def chat_batch(self, conversations: Sequence[Sequence[dict]], **kw) -> list[str]:
-    """Replies to several conversations, generated together (one padded batch)."""
-    settings = self._settings(kw)
-    out = self.generator.generate(self._checked_batch(conversations, settings), **settings)
-    return [self._text(row[:n]) for row, n in zip(out.tokens, out.lengths)]
+  def _decode_all(self, conversations, options, talker_options=None, speakers=None,
+                  slots=None) -> list[engine_lib.Reply]:
+    replies = {}
+    for row, reply, _, _ in self._replies(conversations, options, talker_options, speakers, slots):
+      replies[row] = reply
+    return [replies[i] for i in range(len(conversations))]
 
-  def _request(self, prompt, messages, image, audio, video, use_audio_in_video, system, kw) -> tuple[dict, dict]:
-    """(prompt batch, generate() settings) of one chat call."""
-    if messages is None:
-      if prompt is None:
-        raise ValueError("give a prompt or messages")
-      as_list = lambda x: [x] if isinstance(x, (str, os.PathLike)) else list(x)  # noqa: E731
-      messages = prompts.conversation(prompt, system=system, images=as_list(image), audios=as_list(audio),
-                                      videos=as_list(video), use_audio_in_video=use_audio_in_video)
-    settings = self._settings(kw)
-    return self._checked_batch([messages], settings), settings
+  def chat_batch(self, conversations: Sequence[Sequence[dict]], *, slots: Optional[int] = None, **kw) -> list[str]:
+    """Replies to several conversations, decoded together in the engine's slots (slots: how many at once,
+    default config.generate.max_batch or 8; more conversations take slots as earlier replies end)."""
+    return [self._text(r.tokens) for r in self._decode_all(conversations, kw, slots=slots)]
+
+  def _messages(self, prompt, messages, image, audio, video, use_audio_in_video, system) -> list:
+    if messages is not None:
+      return list(messages)
+    if prompt is None:
+      raise ValueError("give a prompt or messages")
+    as_list = lambda x: [x] if isinstance(x, (str, os.PathLike)) else list(x)  # noqa: E731
+    return prompts.conversation(prompt, system=system, images=as_list(image), audios=as_list(audio),
+                                videos=as_list(video), use_audio_in_video=use_audio_in_video)
 
   def chat(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
            image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,
@@ -253,14 +212,13 @@ class OmniChat:
     Keyword arguments: max_new_tokens, seed, do_sample, temperature, top_k, top_p, repetition_penalty
     (defaults: config.generate).
     """
-    batch, settings = self._request(prompt, messages, image, audio, video, use_audio_in_video, system, kw)
-    out = self.generator.generate(batch, **settings)
-    return self._text(out.tokens[0, :out.lengths[0]])
+    conversation = self._messages(prompt, messages, image, audio, video, use_audio_in_video, system)
+    return self.chat_batch([conversation], **kw)[0]
 
   def speak_batch(self, conversations: Sequence[Sequence[dict]], *, speaker=None, voice: Optional[bool] = None,
                   **kw) -> list[Speech]:
-    """Spoken replies to several conversations: the Thinker's replies (one padded batch), then their speech
-    codes (one Talker batch), then each row's audio (Token2Wav, one utterance at a time).
+    """Spoken replies to several conversations: the Thinker writes and the Talker speaks in one loop (the
+    engine), then each row's codes are voiced (Token2Wav, one utterance at a time).
     speaker: a voice of config.model.talker.speakers (or one per conversation). voice: None voices the codes
     when the model has a Token2Wav and the speaker's cond / ref_mel (else says why, once, and returns codes
     only); True requires the audio (VoiceError otherwise); False: codes only.
@@ -268,8 +226,21 @@ class OmniChat:
     talker_temperature, talker_top_k, talker_top_p, talker_repetition_penalty for the codes (defaults:
     config.generate.talker, the released decoding)."""
     talker = {k[len(_TALKER_PREFIX):]: kw.pop(k) for k in list(kw) if k.startswith(_TALKER_PREFIX)}
-    settings = self._settings(kw)
-    return self._speak(self._checked_batch(conversations, settings), settings, speaker, talker, voice)
+    replies = self._decode_all(conversations, kw, talker, speaker)
+    speech = self.speech
+    names = list(speaker) if isinstance(speaker, (list, tuple)) else [speaker] * len(replies)
+    names = [n or speech.cfg.default_speaker for n in names]
+    stop = set(speech.stop_ids)
+    out = []
+    for r, name in zip(replies, names):
+      codes = r.codes
+      cut = next((i for i, c in enumerate(codes) if c in stop), len(codes))
+      out.append(Speech(self._text(r.tokens), np.asarray(codes[:cut], np.int32), speaker=name))
+    if not self._can_voice(sorted(set(names)), voice):
+      return out
+    voiced = [self.voicer(r.codes, r.speaker) for r in out]
+    return [r._replace(audio=v.audio, sample_rate=v.sample_rate, mel=v.mel, vocoder=v.vocoder)
+            for r, v in zip(out, voiced)]
 
   def speak(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
             image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,
@@ -277,9 +248,8 @@ class OmniChat:
             **kw) -> Speech:
     """chat(), spoken: the reply's text, its speech codes and, with a Token2Wav, its audio (see speak_batch for
     `voice` and the talker_* arguments)."""
-    talker = {k[len(_TALKER_PREFIX):]: kw.pop(k) for k in list(kw) if k.startswith(_TALKER_PREFIX)}
-    batch, settings = self._request(prompt, messages, image, audio, video, use_audio_in_video, system, kw)
-    return self._speak(batch, settings, speaker, talker, voice)[0]
+    conversation = self._messages(prompt, messages, image, audio, video, use_audio_in_video, system)
+    return self.speak_batch([conversation], speaker=speaker, voice=voice, **kw)[0]
 
   def _can_voice(self, speakers: Sequence[str], voice: Optional[bool]) -> bool:
     if voice is False:
@@ -294,39 +264,24 @@ class OmniChat:
       return False
     return True
 
-  def _speak(self, batch: dict, settings: dict, speaker, talker: dict, voice: Optional[bool] = None) -> list[Speech]:
-    speech = self.speech
-    sampling = speech.sampling(**{k: talker.pop(k) for k in _SAMPLING_KEYS if k in talker})
-    unknown = set(talker) - {"max_new_tokens", "seed"}
-    if unknown:
-      raise TypeError(f"unknown talker generation arguments {sorted(_TALKER_PREFIX + k for k in unknown)}")
-    out = self.generator.generate(batch, **settings)
-    codes = speech.generate(batch, out.tokens, speaker=speaker, sampling=sampling, **talker)
-    rows = len(out.lengths)
-    names = list(speaker) if isinstance(speaker, (list, tuple)) else [speaker or speech.cfg.default_speaker] * rows
-    replies = [Speech(self._text(row[:n]), codes.row(i), speaker=names[i])
-               for i, (row, n) in enumerate(zip(out.tokens, out.lengths))]
-    if not self._can_voice(sorted(set(names)), voice):
-      return replies
-    voiced = [self.voicer(r.codes, r.speaker) for r in replies]
-    return [r._replace(audio=v.audio, sample_rate=v.sample_rate, mel=v.mel, vocoder=v.vocoder)
-            for r, v in zip(replies, voiced)]
-
   def stream_chat(self, prompt: Optional[str] = None, *, messages: Optional[Sequence[dict]] = None,
                   image: Any = (), audio: Any = (), video: Any = (), use_audio_in_video: bool = False,
                   system: Optional[str] = None, **kw) -> Iterator[str]:
-    """chat(), yielding the reply's text as the tokens are generated (a piece that ends inside a multi-byte
+    """chat(), yielding the reply's text as the tokens are decoded (a piece that ends inside a multi-byte
     character is held back until the character is complete)."""
-    batch, settings = self._request(prompt, messages, image, audio, video, use_audio_in_video, system, kw)
-    ids, shown = [], ""
-    for tokens, _ in self.generator.stream(batch, **settings):
-      ids.append(int(tokens[0]))
-      text = self._text(ids)
-      if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-        continue
-      if len(text) > len(shown):
-        yield text[len(shown):]
-      shown = text
+    conversation = self._messages(prompt, messages, image, audio, video, use_audio_in_video, system)
+    stream = TextStream(self.tokenizer.decode, self.stop_ids)
+    for _, _, kind, token in self._replies([conversation], kw):
+      if kind == "token" and (piece := stream.add(token)):
+        yield piece
+    if piece := stream.finish():
+      yield piece
+
+
+def _bucket(n: int, least: int) -> int:
+  """n rounded up to a power of two (at least `least`): engine shapes shared by similar requests."""
+  n = max(int(n), int(least), 1)
+  return 1 << (n - 1).bit_length()
 
 
 def speak_to_file(model: OmniChat, prompt: str, path: str, *, speaker: Optional[str] = None,
@@ -366,8 +321,8 @@ def load(path: str, config: Optional[ml_collections.ConfigDict] = None, *, mesh_
          tokenizer: Optional[str] = None, adapter: Optional[str] = None) -> OmniChat:
   """Load a checkpoint for chatting. tokenizer: a tokenizer directory or .tiktoken file (default: the one
   carried with the checkpoint, else config.data.tokenizer, else the bundled Qwen BPE ranks). adapter: LoRA
-  adapters merged in (see restore)."""
-  config, graphdef, params, shardings, mesh, tokenizer_dir = restore(path, config, mesh_shape, adapter)
+  adapters merged in (see omni_jax.loader.restore)."""
+  config, graphdef, params, shardings, mesh, tokenizer_dir = loader.restore(path, config, mesh_shape, adapter)
   if tokenizer is None:
     tokenizer = tokenizer_dir or (config.get("data", {}) or {}).get("tokenizer")
   return OmniChat(Generator(graphdef, params, config, mesh, shardings), Tokenizer(tokenizer), config,

@@ -6,9 +6,9 @@ ids a decode loop may choose.
 
 The embedding tables are padded past the ids that mean something (the Thinker's 151,936 / 152,064 rows against
 the tokenizer's 151,665 ids; the Talker's codec rows past its speech codes and special ids), and a model can
-still put weight on those rows. The decode loops give them -inf logits (omni_jax.generate.decode.next_token's
-vocab_limit): for the Thinker every id at or past the tokenizer's size (the stop ids aside), for the Talker
-every id its Token2Wav cannot embed, or without one every id past the codec's codes and special ids
+still put weight on those rows. The engine's decode loop gives them -inf logits (omni_jax.generate.engine's
+vocab_limit and code_limit): for the Thinker every id at or past the tokenizer's size (the stop ids aside), for
+the Talker every id its Token2Wav cannot embed, or without one every id past the codec's codes and special ids
 (talker_code_limit), the stop ids that end a reply aside.
 """
 

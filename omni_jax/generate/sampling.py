@@ -1,14 +1,17 @@
 """Choosing the next token: repetition penalty, temperature, top-k, top-p, then greedy or a random draw.
 
-The rules and their order are transformers' logits processors (RepetitionPenalty, then for sampling
-Temperature -> TopK -> TopP), so greedy decoding and the penalty agree with `generate` token for token.
+SamplingParams is a request's rule; RowSampling holds one per slot of the conversation engine, so replies with
+different rules decode in one program. The rules and their order are transformers' logits processors
+(RepetitionPenalty, then for sampling Temperature -> TopK -> TopP), so greedy decoding and the penalty agree
+with `generate` token for token.
 """
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,49 +48,78 @@ class SamplingParams:
     return self.repetition_penalty != 1.0
 
 
-def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
-  """Logits of tokens already in the sequence: divided by `penalty` when positive, multiplied when negative."""
-  penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
-  return jnp.where(seen, penalised, logits)
+class RowSampling(NamedTuple):
+  """SamplingParams per row ([B] arrays): the engine's slots each decode with their request's settings in one
+  program (no recompile per setting). Rows with do_sample=False are greedy, as SamplingParams."""
+  do_sample: jax.Array  # bool
+  temperature: jax.Array  # float32
+  top_k: jax.Array  # int32, 0: off
+  top_p: jax.Array  # float32, 1.0: off
+  repetition_penalty: jax.Array  # float32, 1.0: off
+
+  @classmethod
+  def of(cls, params: SamplingParams) -> "RowSampling":
+    """One row's values (numpy scalars; stacked by the engine)."""
+    return cls(np.bool_(params.do_sample), np.float32(params.temperature), np.int32(params.top_k),
+               np.float32(params.top_p), np.float32(params.repetition_penalty))
+
+  @classmethod
+  def empty(cls, rows: int) -> "RowSampling":
+    return cls(np.zeros(rows, bool), np.ones(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
+               np.ones(rows, np.float32))
 
 
-def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
-  """Keep the k largest logits of each row (ties with the k-th kept), the rest -inf."""
-  k = min(k, logits.shape[-1])
-  kth = jax.lax.top_k(logits, k)[0][..., -1:]
-  return jnp.where(logits < kth, -jnp.inf, logits)
-
-
-def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
-  """Keep the smallest set of most likely tokens whose probability reaches p (at least one), the rest -inf.
-
-  transformers' rule: sorted ascending, drop tokens whose cumulative probability is <= 1 - p.
-  """
-  order = jnp.argsort(logits, axis=-1)
-  ascending = jnp.take_along_axis(logits, order, axis=-1)
-  cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
-  drop_sorted = (cumulative <= 1 - p).at[..., -1].set(False)
-  drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-  return jnp.where(drop, -jnp.inf, logits)
-
-
-def process(logits: jax.Array, seen: Optional[jax.Array], params: SamplingParams) -> jax.Array:
-  """[B, V] float32 logits -> the scores tokens are chosen from."""
+def process_rows(logits: jax.Array, seen: jax.Array, params: RowSampling) -> jax.Array:
+  """process() with per-row settings: [B, V] float32 logits -> scores. The same operations in the same order,
+  so a row's scores equal process() with its own SamplingParams (a penalty, temperature or top-p of 1.0 and a
+  top-k of 0 leave the row unchanged). The sort behind top-k / top-p runs only when some row samples."""
   logits = logits.astype(jnp.float32)
-  if params.penalises:
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-  if params.do_sample:
-    if params.temperature != 1.0:
-      logits = logits / params.temperature
-    if params.top_k > 0:
-      logits = top_k_filter(logits, params.top_k)
-    if params.top_p < 1.0:
-      logits = top_p_filter(logits, params.top_p)
-  return logits
+  penalty = params.repetition_penalty[:, None]
+
+  def penalised(logits):
+    return jnp.where(seen & (penalty != 1.0), jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+  # Each pass over [B, V] costs as much as a small model's LM head: only when some row asks for it.
+  logits = jax.lax.cond(jnp.any(params.repetition_penalty != 1.0), penalised, lambda x: x, logits)
+
+  def filtered(logits):
+    sample = params.do_sample[:, None]
+    scaled = jnp.where(sample & (params.temperature[:, None] != 1.0), logits / params.temperature[:, None], logits)
+    vocab = logits.shape[-1]
+    descending = -jnp.sort(-scaled, axis=-1)
+    k = jnp.clip(params.top_k, 1, vocab)
+    kth = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
+    top_k = sample & (params.top_k[:, None] > 0)
+    scaled = jnp.where(top_k & (scaled < kth), -jnp.inf, scaled)
+    # top-p on the top-k-filtered scores (transformers' order), by the ascending rule of top_p_filter.
+    order = jnp.argsort(scaled, axis=-1)
+    ascending = jnp.take_along_axis(scaled, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    drop_sorted = (cumulative <= 1 - params.top_p[:, None]).at[..., -1].set(False)
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    top_p = sample & (params.top_p[:, None] < 1.0)
+    return jnp.where(top_p & drop, -jnp.inf, scaled)
+
+  return jax.lax.cond(jnp.any(params.do_sample), filtered, lambda x: x, logits)
 
 
-def choose(scores: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
-  """Next token [B] int32: argmax (greedy) or a draw from softmax(scores) with `key`."""
-  if not params.do_sample:
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
+def first_max(scores: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first of equal maxima), as two plain reductions: XLA's CPU argmax is a
+  variadic reduce several times slower than a max, which on a small model costs more than its LM head. A row of
+  NaN gives its last id (argmax: the NaN's)."""
+  top = jnp.max(scores, axis=-1, keepdims=True)
+  ids = jax.lax.broadcasted_iota(jnp.int32, scores.shape, scores.ndim - 1)
+  vocab = scores.shape[-1]
+  return jnp.minimum(jnp.min(jnp.where(scores == top, ids, vocab), axis=-1), vocab - 1)
+
+
+def choose_rows(scores: jax.Array, keys: jax.Array, params: RowSampling) -> jax.Array:
+  """Next token [B] int32: argmax on greedy rows, a draw from softmax(scores) with the row's own key on the
+  others (keys [B]: typed keys), so a row's draw never depends on its neighbours."""
+  greedy = first_max(scores)
+
+  def drawn(scores):  # the noise of a draw costs as much as the LM head on a small model: only when one samples
+    out = jax.vmap(lambda k, s: jax.random.categorical(k, s).astype(jnp.int32))(keys, scores)
+    return jnp.where(params.do_sample, out, greedy)
+
+  return jax.lax.cond(jnp.any(params.do_sample), drawn, lambda _: greedy, scores)

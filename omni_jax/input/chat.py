@@ -106,6 +106,17 @@ def media_ids(item: MediaItem, fmt: ChatFormat) -> list[int]:
   return [fmt.id("<|vision_bos|>")] + [fmt.id("<|VIDEO|>")] * n + [fmt.id("<|vision_eos|>")]
 
 
+def media_label(fmt: ChatFormat, kind: str, number: int) -> str:
+  """"Picture k: " / "Video k: " / "Audio k: " before the conversation's number-th media part of its kind, when
+  the format numbers media (add_vision_id / add_audio_id); "" otherwise."""
+  if (kind == "audio" and fmt.add_audio_id) or (kind != "audio" and fmt.add_vision_id):
+    return f"{_LABELS[kind]} {number}: "
+  return ""
+
+
+_LABELS = {"image": "Picture", "audio": "Audio", "video": "Video"}
+
+
 def _media_text(kind: str) -> str:
   """The template's unexpanded placeholder (what apply_chat_template prints)."""
   return {"image": "<|vision_bos|><|IMAGE|><|vision_eos|>", "audio": "<|audio_bos|><|AUDIO|><|audio_eos|>",
@@ -149,9 +160,9 @@ def _walk(messages: Sequence[Mapping], add_generation_prompt: bool, fmt: ChatFor
         yield "text", part["text"], role, True
       elif kind in counts:
         counts[kind] += 1
-        if (kind == "audio" and fmt.add_audio_id) or (kind != "audio" and fmt.add_vision_id):
-          label = {"image": "Picture", "audio": "Audio", "video": "Video"}[kind]
-          yield "text", f"{label} {counts[kind]}: ", role, True
+        label = media_label(fmt, kind, counts[kind])
+        if label:
+          yield "text", label, role, True
         yield "media", kind, role, True
       else:
         raise ChatError(f"message {i}: unknown content part type {kind!r}")
@@ -181,6 +192,72 @@ class Rendered:
   assistant_spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
+class ChatWriter:
+  """ChatML written piece by piece: each call appends its ids (and loss labels) and returns the ids it added.
+  render() is a loop of these calls over a whole conversation; a real-time session makes them as input
+  arrives (omni_jax.serve.session), so both write the same markup.
+
+    open(role)      <|im_start|> + "role\n" (encoded on its own)
+    text(s)         content text (encoded as one run: join a message's consecutive text parts first)
+    media_label(k)  the "Picture k: " / "Audio k: " text before a media part, when the format numbers media
+                    ("" otherwise); call it once per media part, it counts them
+    media(k, item)  bos + placeholders + eos of one preprocessed item
+    close()         <|im_end|> (content) + "\n"
+  train_on: roles whose content (+ <|im_end|>) carries labels.
+  """
+
+  def __init__(self, tokenizer, fmt: ChatFormat, train_on: Sequence[str] = ("assistant",)):
+    self.tokenizer, self.fmt, self.train_on = tokenizer, fmt, tuple(train_on)
+    self.ids: list[int] = []
+    self.labels: list[int] = []
+    self.kinds: list[str] = []
+    self.spans: list[list[int]] = []
+    self.role: Optional[str] = None
+    self._counts = {"image": 0, "audio": 0, "video": 0}
+    self._span_open = False
+
+  def _add(self, ids: Sequence[int], content: bool) -> list[int]:
+    ids = [int(i) for i in ids]
+    if content and self.role == "assistant" and not self._span_open:
+      self.spans.append([len(self.ids), len(self.ids)])
+      self._span_open = True
+    self.ids.extend(ids)
+    self.labels.extend(ids if content and self.role in self.train_on else [IGNORE] * len(ids))
+    return ids
+
+  def open(self, role: str) -> list[int]:
+    if role not in ROLES:
+      raise ChatError(f"unknown role {role!r}; expected one of {ROLES}")
+    self.role, self._span_open = role, False
+    return self._add([self.fmt.id("<|im_start|>")], False) + self._add(self.tokenizer.encode(f"{role}\n"), False)
+
+  def text(self, text: str) -> list[int]:
+    return self._add(self.tokenizer.encode(text) if text else [], True)
+
+  def media_label(self, kind: str) -> str:
+    self._counts[kind] += 1
+    return media_label(self.fmt, kind, self._counts[kind])
+
+  def media(self, kind: str, item: MediaItem) -> list[int]:
+    expected = {"image": ImageItem, "audio": AudioItem, "video": VideoItem}[kind]
+    if not isinstance(item, expected):
+      raise ChatError(f"media part {len(self.kinds)} is {kind!r} but its item is {type(item).__name__}")
+    self.kinds.append(kind)
+    return self._add(media_ids(item, self.fmt), False)
+
+  def close(self) -> list[int]:
+    out = self._add([self.fmt.id("<|im_end|>")], True)
+    if self.role == "assistant":
+      self.spans[-1][1] = len(self.ids)
+    out += self._add(self.tokenizer.encode("\n"), False)
+    self.role = None
+    return out
+
+  def rendered(self) -> Rendered:
+    return Rendered(np.asarray(self.ids, np.int32), np.asarray(self.labels, np.int32), list(self.kinds),
+                    [tuple(x) for x in self.spans])
+
+
 def render(messages: Sequence[Mapping], media: Sequence[MediaItem], tokenizer, fmt: ChatFormat, *,
            add_generation_prompt: bool = False, train_on: Sequence[str] = ("assistant",)) -> Rendered:
   """Token ids and labels of a conversation (system turn already settled: see with_system).
@@ -188,56 +265,38 @@ def render(messages: Sequence[Mapping], media: Sequence[MediaItem], tokenizer, f
   media: one preprocessed item per media part, in order of appearance; a part's kind must match its item.
   train_on: roles whose content (+ <|im_end|>) carries labels.
   """
-  ids: list[int] = []
-  labels: list[int] = []
-  kinds: list[str] = []
+  writer = ChatWriter(tokenizer, fmt, train_on)
+  media = list(media)
   run: list[str] = []  # consecutive content text of one message, encoded as one string
-  run_label = False
 
   def flush():
     if run:
-      toks = tokenizer.encode("".join(run))
-      ids.extend(toks)
-      labels.extend(toks if run_label else [IGNORE] * len(toks))
+      writer.text("".join(run))
       run.clear()
 
-  media = list(media)
-  spans: list[list[int]] = []
-  in_reply = False
-  for kind, value, role, is_content in _walk(messages, add_generation_prompt, fmt):
-    label = is_content and role in train_on
-    reply = is_content and role == "assistant"
-    if reply != in_reply:
-      flush()
-      if reply:
-        spans.append([len(ids), len(ids)])
-      in_reply = reply
-    if kind == "text" and is_content:
-      run.append(value)
-      run_label = label
-      continue
+  for i, m in enumerate(messages):
+    role = m.get("role")
+    if role not in ROLES:
+      raise ChatError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
+    writer.open(role)
+    for part in content_parts(m.get("content")):
+      kind = part.get("type") if isinstance(part, Mapping) else None
+      if kind == "text":
+        if not isinstance(part.get("text"), str):
+          raise ChatError(f"message {i}: text part without a string 'text'")
+        run.append(part["text"])
+      elif kind in ("image", "audio", "video"):
+        run.append(writer.media_label(kind))
+        flush()
+        if len(writer.kinds) >= len(media):
+          raise ChatError(f"the conversation has more media parts than the {len(media)} items given")
+        writer.media(kind, media[len(writer.kinds)])
+      else:
+        raise ChatError(f"message {i}: unknown content part type {kind!r}")
     flush()
-    if kind == "text":  # role header or turn separator: its own run
-      run.append(value)
-      run_label = False
-      flush()
-    elif kind == "special":
-      ids.append(fmt.id(value))
-      labels.append(fmt.id(value) if label else IGNORE)
-      if reply:
-        spans[-1][1] = len(ids)
-    else:
-      if len(kinds) >= len(media):
-        raise ChatError(f"the conversation has more media parts than the {len(media)} items given")
-      item = media[len(kinds)]
-      expected = {"image": ImageItem, "audio": AudioItem, "video": VideoItem}[value]
-      if not isinstance(item, expected):
-        raise ChatError(f"media part {len(kinds)} is {value!r} but its item is {type(item).__name__}")
-      toks = media_ids(item, fmt)
-      ids.extend(toks)
-      labels.extend([IGNORE] * len(toks))
-      kinds.append(value)
-  flush()
-  if len(kinds) != len(media):
-    raise ChatError(f"{len(media)} media items given for {len(kinds)} media parts")
-  return Rendered(np.asarray(ids, np.int32), np.asarray(labels, np.int32), kinds, [tuple(x) for x in spans])
+    writer.close()
+  if add_generation_prompt:
+    writer.open("assistant")
+  if len(writer.kinds) != len(media):
+    raise ChatError(f"{len(media)} media items given for {len(writer.kinds)} media parts")
+  return writer.rendered()

@@ -10,7 +10,12 @@ of a restore.
 
 A preference pair (preprocess.Pair) is one unit: its two samples (prompt + chosen reply, prompt + rejected reply)
 go into the same row, side by side, or the pair is skipped as too long; a row holds at most the bucket's
-max_pairs pairs. assemble numbers the pairs of each row in `dpo_pair` / `talker_dpo_pair` (omni_jax.batch).
+max_pairs pairs. assemble numbers the pairs of each row in `dpo_pair` (and in the pair fields of the towers that
+learn the pair's preference: omni_jax.batch).
+
+A tower that trains on more than the text has its own room in each row (Bucket.sizes) and its own fields; its
+data hook (omni_jax.towers.TowerData) says whether a row holds a sample's targets and writes them, so this
+module knows no tower.
 
 Checkpointing (grain's get_state / set_state) replays instead of serialising tensors: the state is the
 upstream state just before the oldest still-waiting sample, how many records were read since, and which of
@@ -29,19 +34,18 @@ import collections
 import dataclasses
 import logging
 import threading
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import grain
 import numpy as np
 
 from omni_jax import batch as batch_lib
 from omni_jax import special_tokens
+from omni_jax import towers
 from omni_jax.input.media import audio as audio_media
 from omni_jax.input.media import patches
 from omni_jax.input import sources
 from omni_jax.input.preprocess import Pair, Sample, SampleError
-from omni_jax.talker import layout as talker_layout
-from omni_jax.token2wav import mel as mel_lib
 
 PAD_ID = special_tokens.PAD  # <|endoftext|>
 PATCH_DIM = 3 * patches.TEMPORAL_PATCH_SIZE * patches.PATCH_SIZE * patches.PATCH_SIZE
@@ -97,33 +101,23 @@ class Bucket:
   max_audios: int = 0
   max_audio_frames: int = 0
   num_mel_bins: int = 128
-  # Talker positions per row (prompt + 2 + codes of each spoken reply: omni_jax.talker.layout); 0: this bucket
-  # carries no Talker rows, so it takes no sample with a spoken reply that trains the Talker.
-  talker_seq_len: int = 0
-  # DiT rows (omni_jax.token2wav): mel frames per row (0: no DiT rows, so the bucket takes no sample with a DiT
-  # triple), reference-mel frames, mel frames per code. A row holds at most one reply (ECAPA sees one speaker).
-  token2wav_frames: int = 0
-  token2wav_ref_frames: int = 0
-  token2wav_repeats: int = 2
-  # Preference pairs per row (config.dpo.max_pairs_per_row); > 0 adds dpo_pair (and, with talker_seq_len,
-  # talker_dpo_pair) to every batch of the bucket; 0: the bucket takes no pair.
+  # Preference pairs per row (config.dpo.max_pairs_per_row); > 0 adds dpo_pair (and the towers' pair fields) to
+  # every batch of the bucket; 0: the bucket takes no pair.
   max_pairs: int = 0
+  # The towers' room per row ({key of a TowerData.sizes: value}, e.g. the positions of a second sequence); a
+  # tower given no room has no fields in this bucket's batches, and the bucket takes no sample with its targets.
+  sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.seq_len <= 0 or self.batch_size <= 0:
       raise ValueError(f"bucket {self}: seq_len and batch_size must be positive")
     if self.max_pairs < 0:
       raise ValueError(f"bucket {self}: max_pairs must be >= 0")
-    if self.talker_seq_len < 0:
-      raise ValueError(f"bucket {self}: talker_seq_len must be >= 0")
-    if self.token2wav_frames and (self.token2wav_frames % self.token2wav_repeats or self.token2wav_ref_frames <= 0):
-      raise ValueError(f"bucket {self}: token2wav_frames must be a multiple of token2wav_repeats, with "
-                       "token2wav_ref_frames > 0")
     if self.max_audio_frames % 200:
       raise ValueError(f"bucket {self}: max_audio_frames must be a multiple of 200 (one 2 s encoder chunk)")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Load:
   """What a row has used (or a sample needs)."""
   tokens: int = 0
@@ -132,12 +126,12 @@ class _Load:
   videos: int = 0
   video_patches: int = 0
   audios: int = 0
-  talker: int = 0  # Talker positions
-  flows: int = 0  # DiT triples
   pairs: int = 0  # preference pairs
+  targets: tuple = ()  # (tower name, target) of the samples, in order
 
   def __add__(self, o):
-    return _Load(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
+    counts = [getattr(self, f.name) + getattr(o, f.name) for f in dataclasses.fields(self) if f.name != "targets"]
+    return _Load(*counts, targets=self.targets + o.targets)
 
 
 def _samples(u: Unit) -> tuple[Sample, ...]:
@@ -148,46 +142,61 @@ def _need(u: Unit) -> _Load:
   out = _Load(pairs=int(isinstance(u, Pair)))
   for s in _samples(u):
     out = out + _Load(s.num_tokens, len(s.images), sum(len(r) for r, _ in s.images), len(s.videos),
-                      sum(len(v[0]) for v in s.videos), len(s.audios), s.spoken.talker_len if s.spoken else 0,
-                      int(s.flow is not None))
+                      sum(len(v[0]) for v in s.videos), len(s.audios), targets=tuple(s.targets.items()))
   return out
 
 
-def _fits(load: _Load, b: Bucket, longest_audio: int, flow_frames: int = 0) -> bool:
+def _of(load: _Load, tower: str) -> list:
+  return [t for name, t in load.targets if name == tower]
+
+
+def _fits(load: _Load, b: Bucket, longest_audio: int, hooks: Sequence[towers.TowerData]) -> bool:
   return (load.tokens <= b.seq_len and load.images <= b.max_images and load.image_patches <= b.max_image_patches
           and load.videos <= b.max_videos and load.video_patches <= b.max_video_patches
-          and load.audios <= b.max_audios and longest_audio <= b.max_audio_frames
-          and load.talker <= b.talker_seq_len and load.flows <= int(b.token2wav_frames > 0)
-          and flow_frames <= b.token2wav_frames and load.pairs <= b.max_pairs)
-
-
-def _flow_frames(u: Unit) -> int:
-  return max((s.flow.frames for s in _samples(u) if s.flow is not None), default=0)
+          and load.audios <= b.max_audios and longest_audio <= b.max_audio_frames and load.pairs <= b.max_pairs
+          and all(h.fits(_of(load, h.name), b.sizes) for h in hooks))
 
 
 def _longest_audio(u: Unit) -> int:
   return max((a.shape[1] for s in _samples(u) for a in s.audios), default=0)
 
 
-def _talker_need(u: Unit) -> str:
+def _tower_need(u: Unit, hooks: Sequence[towers.TowerData]) -> str:
   need = _need(u)
-  talker = f" (+ {need.talker} Talker positions)" if need.talker else ""
-  return talker + (f" (+ {_flow_frames(u)} DiT mel frames)" if need.flows else "")
+  return "".join(f" (+ {h.describe(_of(need, h.name))})" for h in hooks if _of(need, h.name))
 
 
-def bucket_for(sample: Unit, buckets: Sequence[Bucket]) -> Optional[int]:
-  """Index of the smallest bucket (buckets sorted by seq_len) whose empty row holds the sample (or pair)."""
+def bucket_for(sample: Unit, buckets: Sequence[Bucket], hooks: Optional[Sequence[towers.TowerData]] = None
+               ) -> Optional[int]:
+  """Index of the smallest bucket (buckets sorted by seq_len) whose empty row holds the sample (or pair).
+  hooks: the towers' data hooks (default: every registered tower's)."""
+  hooks = towers.data_hooks() if hooks is None else hooks
   need, longest = _need(sample), _longest_audio(sample)
   for i, b in enumerate(buckets):
-    if _fits(need, b, longest, _flow_frames(sample)):
+    if _fits(need, b, longest, hooks):
       return i
   return None
 
 
-def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) -> dict:
-  """Rows of samples -> a batch dict of bucket b's static shapes (omni_jax.batch); with b.talker_seq_len, the
-  Talker rows of the samples' spoken replies too; with b.max_pairs, the numbering of the rows' preference pairs
-  (a pair's chosen sample directly followed by its rejected one, as Packer places them)."""
+def check_bucket(b: Bucket, hooks: Sequence[towers.TowerData]) -> None:
+  """Raise ValueError when a bucket's tower sizes are unknown to the hooks or inconsistent."""
+  unknown = set(b.sizes) - {k for h in hooks for k in h.sizes}
+  if unknown:
+    raise ValueError(f"bucket {b}: unknown sizes {sorted(unknown)}")
+  for h in hooks:
+    try:
+      h.check_sizes(b.sizes)
+    except ValueError as e:
+      raise ValueError(f"bucket {b}: {e}") from None
+
+
+def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID,
+             hooks: Optional[Sequence[towers.TowerData]] = None) -> dict:
+  """Rows of samples -> a batch dict of bucket b's static shapes (omni_jax.batch); the fields of each tower that
+  b.sizes gives room, with the samples' targets written by its data hook (hooks; default: every registered
+  tower's); with b.max_pairs, the numbering of the rows' preference pairs (a pair's chosen sample directly
+  followed by its rejected one, as Packer places them)."""
+  hooks = towers.data_hooks() if hooks is None else hooks
   n, l = b.batch_size, b.seq_len
   out = {"input_ids": np.full((n, l), pad_id, np.int32), "labels": np.full((n, l), batch_lib.IGNORE, np.int32),
          "segment_ids": np.zeros((n, l), np.int32), "kind": np.zeros((n, l), np.int32),
@@ -202,39 +211,29 @@ def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) 
   if b.max_audios:
     out["audio_features"] = np.zeros((n, b.max_audios, b.num_mel_bins, b.max_audio_frames), np.float32)
     out["audio_lengths"] = np.zeros((n, b.max_audios), np.int32)
-  talker_rows = [talker_layout.empty_row(b.talker_seq_len) for _ in range(n)] if b.talker_seq_len else None
   if b.max_pairs:
-    out["dpo_pair"] = np.zeros((n, l), np.int32)
-    if talker_rows is not None:
-      out["talker_dpo_pair"] = np.zeros((n, b.talker_seq_len), np.int32)
-  if b.token2wav_frames:
-    frames = b.token2wav_frames
-    out["token2wav_codes"] = np.zeros((n, frames // b.token2wav_repeats), np.int32)
-    # Past a reply's end: the silence level (no loss there; the DiT has no padding mask, so the last real
-    # frames see silence as their right context, as after a pause).
-    out["token2wav_mel"] = np.full((n, frames, mel_lib.N_MELS), np.log(mel_lib.LOG_FLOOR), np.float32)
-    out["token2wav_lengths"] = np.zeros((n,), np.int32)
-    out["token2wav_reference"] = np.zeros((n, b.token2wav_ref_frames, mel_lib.N_MELS), np.float32)
+    out[batch_lib.PAIR_FIELD] = np.zeros((n, l), np.int32)
+  carried = []  # the hooks of the towers this bucket gives room
+  for h in hooks:
+    fields = h.empty(n, b.sizes, pairs=b.max_pairs > 0)
+    if fields:
+      out.update(fields)
+      carried.append(h)
   for r, row in enumerate(rows):
-    pos = at = pair = 0
+    pos = pair = 0
+    cursors = {h.name: 0 for h in carried}
     for seg, s in enumerate(row, 1):
       k = s.num_tokens
-      talker_at = at
-      if s.spoken is not None and talker_rows is not None:
-        at = talker_layout.write(talker_rows[r], at, pos, seg, s.spoken)
+      number = 0
       if s.pair is not None and b.max_pairs:
         pair += s.pair.chosen
         number = 2 * pair - 1 if s.pair.chosen else 2 * pair
         if s.pair.text:
-          out["dpo_pair"][r, pos:pos + k] = number
-        if s.pair.speech and "talker_dpo_pair" in out:
-          out["talker_dpo_pair"][r, talker_at:at] = number
-      if s.flow is not None and b.token2wav_frames:
-        f = s.flow
-        out["token2wav_codes"][r, :len(f.codes)] = f.codes
-        out["token2wav_mel"][r, :f.frames] = f.mel
-        out["token2wav_lengths"][r] = f.frames
-        out["token2wav_reference"][r] = f.reference
+          out[batch_lib.PAIR_FIELD][r, pos:pos + k] = number
+      for h in carried:
+        if h.name in s.targets:
+          marked = number if s.pair is not None and h.name in s.pair.towers else 0
+          cursors[h.name] = h.write(out, r, cursors[h.name], pos, seg, s.targets[h.name], marked)
       out["input_ids"][r, pos:pos + k] = s.input_ids
       out["labels"][r, pos:pos + k] = s.labels
       out["segment_ids"][r, pos:pos + k] = seg
@@ -253,8 +252,6 @@ def assemble(rows: Sequence[Sequence[Sample]], b: Bucket, pad_id: int = PAD_ID) 
     if audios:
       out["audio_features"][r], out["audio_lengths"][r] = audio_media.pad_batch(audios, b.max_audios,
                                                                                 b.max_audio_frames)
-  if talker_rows is not None:
-    out.update({f: np.stack([t[f] for t in talker_rows]) for f in talker_layout.FIELDS})
   return out
 
 
@@ -267,12 +264,12 @@ class _OpenBatch:
     self.reads: list[int] = []  # absolute read index of each waiting sample
     self.states: list[Any] = []  # upstream state just before each waiting sample was read
 
-  def place(self, s: Unit, b: Bucket) -> bool:
+  def place(self, s: Unit, b: Bucket, hooks: Sequence[towers.TowerData]) -> bool:
     """First-fit into an existing row or a new one (a pair's two samples together); False when the batch is full
     for this sample."""
     need, longest = _need(s), _longest_audio(s)
     for i, load in enumerate(self.loads):
-      if _fits(load + need, b, longest, _flow_frames(s)):
+      if _fits(load + need, b, longest, hooks):
         self.rows[i].extend(_samples(s))
         self.loads[i] = load + need
         return True
@@ -286,10 +283,15 @@ class _OpenBatch:
 class Packer:
   """The packing policy, free of grain: add samples, collect finished batches."""
 
-  def __init__(self, buckets: Sequence[Bucket], max_lag: int = 512, pad_id: int = PAD_ID):
+  def __init__(self, buckets: Sequence[Bucket], max_lag: int = 512, pad_id: int = PAD_ID,
+               hooks: Optional[Sequence[towers.TowerData]] = None):
+    """hooks: the towers' data hooks (default: every registered tower's)."""
     self.buckets = sorted(buckets, key=lambda b: b.seq_len)
     self.max_lag = max_lag
     self.pad_id = pad_id
+    self.hooks = tuple(towers.data_hooks() if hooks is None else hooks)
+    for b in self.buckets:
+      check_bucket(b, self.hooks)
     self.open = [_OpenBatch() for _ in self.buckets]
 
   def add(self, s: Unit, read: int, state: Any = None) -> Optional[tuple]:
@@ -297,21 +299,22 @@ class Packer:
 
     Raises SampleError (too_long) when no bucket can hold it.
     """
-    i = bucket_for(s, self.buckets)
+    i = bucket_for(s, self.buckets, self.hooks)
     if i is None:
       b, need = self.buckets[-1], _need(s)
       what = f"a preference pair (2 segments, {b.max_pairs} pairs a row): " if need.pairs else ""
-      raise SampleError("too_long", f"{s.name}: {what}{need.tokens} tokens{_talker_need(s)}, {need.images} images, "
-                                    f"{need.videos} videos, {need.audios} audios (longest {_longest_audio(s)} mel "
+      raise SampleError("too_long", f"{s.name}: {what}{need.tokens} tokens{_tower_need(s, self.hooks)}, "
+                                    f"{need.images} images, {need.videos} videos, {need.audios} audios (longest "
+                                    f"{_longest_audio(s)} mel "
                                     f"frames) fit no bucket (largest: {b.seq_len} tokens, {b.max_images} images / "
                                     f"{b.max_image_patches} patches, {b.max_videos} videos / {b.max_video_patches} "
                                     f"patches, {b.max_audios} audios / {b.max_audio_frames} frames)")
     done = None
     ob = self.open[i]
-    if not ob.place(s, self.buckets[i]):
+    if not ob.place(s, self.buckets[i], self.hooks):
       done = self.emit(i) + (i,)
       ob = self.open[i]
-      ob.place(s, self.buckets[i])
+      ob.place(s, self.buckets[i], self.hooks)
     ob.reads.append(read)
     ob.states.append(state)
     return done
@@ -326,7 +329,7 @@ class Packer:
   def emit(self, i: int) -> tuple:
     """(batch, samples in row order) of bucket i; its open batch starts empty."""
     ob, self.open[i] = self.open[i], _OpenBatch()
-    return assemble(ob.rows, self.buckets[i], self.pad_id), [s for row in ob.rows for s in row]
+    return assemble(ob.rows, self.buckets[i], self.pad_id, self.hooks), [s for row in ob.rows for s in row]
 
   def first_nonempty(self) -> Optional[int]:
     return next((i for i, ob in enumerate(self.open) if ob.rows), None)
@@ -357,17 +360,20 @@ class PackedDataset(grain.IterDataset):
 
   def __init__(self, parent: grain.IterDataset, preprocess: Callable[[str, Any], Sample],
                buckets: Sequence[Bucket], max_lag: int = 512, pad_id: int = PAD_ID,
-               limits: Optional[SkipLimits] = None):
+               limits: Optional[SkipLimits] = None, hooks: Optional[Sequence[towers.TowerData]] = None):
+    """hooks: the towers' data hooks (default: every registered tower's), carried to the workers with the
+    dataset: a tower registered by code packs there too."""
     super().__init__(parent)
     self._preprocess = preprocess
     self._buckets = tuple(buckets)
     self._max_lag = max_lag
     self._pad_id = pad_id
     self._limits = limits or SkipLimits()
+    self._hooks = tuple(towers.data_hooks() if hooks is None else hooks)
 
   def __iter__(self):
     return _PackedIterator(self._parent.__iter__(), self._preprocess, self._buckets, self._max_lag, self._pad_id,
-                           self._limits)
+                           self._limits, self._hooks)
 
   def __str__(self):
     return f"PackedDataset(buckets={[(b.seq_len, b.batch_size) for b in self._buckets]}, max_lag={self._max_lag})"
@@ -376,10 +382,11 @@ class PackedDataset(grain.IterDataset):
 class _PackedIterator(grain.DatasetIterator):
   """Reads records, preprocesses, packs; one batch per __next__ (see the module doc for the state)."""
 
-  def __init__(self, parent, preprocess, buckets, max_lag, pad_id, limits: Optional[SkipLimits] = None):
+  def __init__(self, parent, preprocess, buckets, max_lag, pad_id, limits: Optional[SkipLimits] = None,
+               hooks: Optional[Sequence[towers.TowerData]] = None):
     super().__init__(parent)
     self._preprocess = preprocess
-    self._packer = Packer(buckets, max_lag, pad_id)
+    self._packer = Packer(buckets, max_lag, pad_id, hooks)
     self._limits = limits or SkipLimits()
     self._reads = 0  # records read from upstream so far
     self._skipped: list[tuple] = []  # (name, reason, message) not yet reported with a batch
@@ -485,7 +492,7 @@ class _PackedIterator(grain.DatasetIterator):
             "exhausted": self._exhausted}
 
   def set_state(self, state: dict):
-    self._packer = Packer(self._packer.buckets, self._packer.max_lag, self._packer.pad_id)
+    self._packer = Packer(self._packer.buckets, self._packer.max_lag, self._packer.pad_id, self._packer.hooks)
     self._parent.set_state(state["parent"])
     waiting = set(state["waiting"])
     for offset in range(state["reads"] - state["base_read"]):

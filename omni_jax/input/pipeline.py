@@ -14,18 +14,18 @@ import dataclasses
 import gc
 import logging
 import os
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import grain
 
+from omni_jax import towers
+from omni_jax.errors import ConfigError
 from omni_jax.input import chat
 from omni_jax.input import mixing
 from omni_jax.input import packing
 from omni_jax.input import preprocess
 from omni_jax.input import sources
 from omni_jax.input.tokenizer import Tokenizer
-from omni_jax.talker import targets as talker_targets
-from omni_jax.token2wav import targets as flow_targets
 
 log = logging.getLogger(__name__)
 
@@ -40,32 +40,16 @@ def _plain(value):
   return value
 
 
-def _demo_recipe():
-  try:
-    from data import demo_corpus  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise sources.DataError("config.data.source = 'demo' needs the recipe in data/demo_corpus.py of the omni_jax "
-                            f"repository: run from the repository root ({e})") from None
-  return demo_corpus
-
-
 def resolve_datasets(data: Mapping) -> dict[str, str]:
   """{dataset name: TFDS name under data.tfds_data_dir}, building ArrayRecord stores from JSONL as needed.
 
-  data.source = "demo": the embedded demo corpus under data.demo_dir (built on first use).
+  data.source = a registered recipe (sources.register_source; "demo": the demo corpus): its own datasets.
   data.source = "jsonl": data.datasets = {name: path | glob | [paths] | {split: paths}} (a plain path is the
   train split). data.source = "tfds": data.datasets = {name: "omni_conversations/<config>"} already built.
   """
   source = data.get("source", "demo")
-  if source == "demo":
-    demo_corpus = _demo_recipe()
-    demo_dir = os.path.expanduser(data.get("demo_dir", demo_corpus.DEFAULT_DIR))
-    if not demo_corpus.is_built(demo_dir):
-      if not data.get("build_demo", True):
-        raise sources.DataError(f"demo corpus not found in {demo_dir}: run `python -m data.demo_corpus --out "
-                                f"{demo_dir}`")
-      log.warning("building the demo corpus in %s (once, well under a minute)", demo_dir)
-    return demo_corpus.ensure(demo_dir)
+  if source not in sources.READERS:
+    return sources.find_recipe(source).datasets(data)
   specs = data.get("datasets") or {}
   if not specs:
     raise sources.DataError(f"config.data.datasets is empty (config.data.source = {source!r})")
@@ -77,31 +61,35 @@ def resolve_datasets(data: Mapping) -> dict[str, str]:
       splits = spec if isinstance(spec, Mapping) else {"train": spec}
       out[name] = sources.build(name, splits, _data_dir(data))
     else:
-      raise sources.DataError(f"config.data.source: unknown source {source!r}; use 'demo', 'jsonl' or 'tfds'")
+      raise sources.DataError(f"config.data.source: the pipeline reads 'jsonl', 'tfds' or a registered recipe, "
+                              f"not {source!r}")
   return out
 
 
 def _data_dir(data: Mapping) -> str:
-  if data.get("source", "demo") == "demo":
-    demo_corpus = _demo_recipe()
-    return demo_corpus.tfds_dir(os.path.expanduser(data.get("demo_dir", demo_corpus.DEFAULT_DIR)))
+  source = data.get("source", "demo")
+  if source not in sources.READERS:
+    return sources.find_recipe(source).data_dir(data)
   return os.path.expanduser(data.get("tfds_data_dir", "~/.cache/omni_jax/tfds"))
 
 
 def buckets_from_config(data: Mapping, *, seq_len: int, batch_size: int, process_count: int = 1,
-                        talker: bool = False, flow: Optional[flow_targets.FlowTargets] = None,
-                        max_pairs: int = 0) -> list[packing.Bucket]:
+                        targets: Optional[Mapping[str, towers.Targets]] = None, max_pairs: int = 0,
+                        hooks: Optional[Sequence[towers.TowerData]] = None) -> list[packing.Bucket]:
   """Length buckets with this host's rows: config batch sizes (default `batch_size`) are global rows.
 
   Media limits a bucket leaves out scale with its length: seq_len // 256 images (at least one) of up to
-  seq_len patches in all, one video of seq_len patches, seq_len // 128 audios of up to 30 s; with talker (the
-  run trains the Talker on spoken replies), 2 * seq_len Talker positions per row; with flow (the run trains
-  the DiT), one DiT row of config.train.token2wav.max_frames mel frames per row; max_pairs (a DPO run:
-  config.dpo.max_pairs_per_row) preference pairs per row.
+  seq_len patches in all, one video of seq_len patches, seq_len // 128 audios of up to 30 s; max_pairs (a DPO
+  run: config.dpo.max_pairs_per_row) preference pairs per row. A tower's room (its keys of TowerData.sizes,
+  which config.data.buckets may set) is what the run's targets of it ask for a bucket of that length
+  (Targets.bucket_sizes; targets: {tower name: the run's Targets}), else none.
   """
+  hooks = towers.data_hooks() if hooks is None else hooks
+  targets = targets or {}
   mels = int(data.get("media", {}).get("num_mel_bins", 128))
   given = list(data.get("buckets") or ()) or [{"seq_len": seq_len}]
-  fields = {f.name for f in dataclasses.fields(packing.Bucket)}
+  tower_sizes = {k: v for h in hooks for k, v in h.sizes.items()}
+  fields = {f.name for f in dataclasses.fields(packing.Bucket)} - {"sizes"} | set(tower_sizes)
   out = []
   for i, b in enumerate(given):
     b = dict(b)
@@ -113,12 +101,15 @@ def buckets_from_config(data: Mapping, *, seq_len: int, batch_size: int, process
     if rows % process_count:
       raise ValueError(f"config.data.buckets[{i}]: batch_size {rows} is not divisible by {process_count} processes")
     defaults = dict(max_images=max(1, n // 256), max_image_patches=n, max_videos=1, max_video_patches=n,
-                    max_audios=max(1, n // 128), max_audio_frames=3000, num_mel_bins=mels,
-                    talker_seq_len=2 * n if talker else 0, max_pairs=max_pairs)
-    if flow is not None:
-      defaults.update(token2wav_frames=flow.max_frames, token2wav_ref_frames=flow.ref_frames,
-                      token2wav_repeats=flow.repeats)
-    out.append(packing.Bucket(**{**defaults, **b, "seq_len": n, "batch_size": rows // process_count}))
+                    max_audios=max(1, n // 128), max_audio_frames=3000, num_mel_bins=mels, max_pairs=max_pairs)
+    sizes = dict(tower_sizes)
+    for t in targets.values():
+      sizes.update(t.bucket_sizes(n))
+    sizes.update({k: int(v) for k, v in b.items() if k in tower_sizes})
+    b = {k: v for k, v in b.items() if k not in tower_sizes}
+    bucket = packing.Bucket(**{**defaults, **b, "seq_len": n, "batch_size": rows // process_count, "sizes": sizes})
+    packing.check_bucket(bucket, hooks)
+    out.append(bucket)
   return sorted(out, key=lambda b: b.seq_len)
 
 
@@ -154,12 +145,6 @@ def _split_name(data: Mapping, split: str) -> str:
   return data.get("eval_split", "validation") if split in ("eval", "test") else split
 
 
-def _trains(config, objective: str) -> bool:
-  """Whether config.train.objectives gives `objective` a positive weight (no objectives: every one trains)."""
-  weights = config.get("train", {}).get("objectives", None) if "train" in config else None
-  return weights is None or float(weights.get(objective, 0.0)) > 0
-
-
 def preference_datasets(config, names, mixture) -> tuple[frozenset, int]:
   """(names of the mixture's preference datasets, pairs per row) of a run: config.data.preference names the
   datasets whose records are preference pairs; they need config.dpo, whose max_pairs_per_row bounds the pairs
@@ -170,9 +155,6 @@ def preference_datasets(config, names, mixture) -> tuple[frozenset, int]:
   dpo = config.get("dpo", None)
   if not named and dpo is None:
     return frozenset(), 0
-  # Only a run that uses preference data pays for this import (omni_jax.config loads jax).
-  from omni_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
-
   unknown = sorted(set(named) - set(names))
   if unknown:
     raise ConfigError(f"config.data.preference: {unknown} are not datasets of config.data.datasets "
@@ -216,18 +198,18 @@ def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = N
   preference, max_pairs = preference_datasets(config, names, mixture)
   tokenizer = Tokenizer(data.get("tokenizer"))
   fmt = chat_format(tokenizer, thinker, data)
-  # Spoken replies -> Talker rows (config.data.speech_codes), unless the run does not train the Talker (a DiT-only
-  # run: configs/demo_token2wav.py); the Talker objective then sees no rows and adds nothing. A run that prefers
-  # between spoken replies (talker_dpo) builds them too, from replies given as codes if there is no index.
-  talker_dpo = bool(preference) and _trains(config, "talker_dpo")
-  speech = (talker_targets.from_config(config, without_index=talker_dpo)
-            if _trains(config, "talker_codes") or talker_dpo else None)
-  flow = None
-  if flow_targets.objective_on(config):  # spoken replies -> DiT rows; speakers' clips from the train split
-    train_split = {n: sources.open_split(names[n], _split_name(data, "train"), data_dir) for n in sorted(mixture)}
-    flow = flow_targets.from_config(config, train_split)
+  # The towers that train on more than the text (e.g. on spoken replies) make their targets for this run; a
+  # tower whose objectives do not train here makes none, and its objectives see no rows.
+  hooks = towers.data_hooks()
+  train_split = lambda: {n: sources.open_split(names[n], _split_name(data, "train"), data_dir)  # noqa: E731
+                         for n in sorted(mixture)}
+  targets = {}
+  for hook in hooks:
+    made = hook.targets(config, bool(preference), train_split)
+    if made is not None:
+      targets[hook.name] = made
   prep = preprocess.Preprocessor(tokenizer, fmt, preprocess.MediaOptions.from_config(data.get("media")),
-                                 data.get("system_prompt"), speech, flow, preference)
+                                 data.get("system_prompt"), targets, preference)
   seed = int(data.get("seed", config.get("seed", 0)))
   if split == "train":
     streams = {n: mixing.train_stream(src, n, seed=seed, shuffle=bool(data.get("shuffle", True)),
@@ -242,9 +224,10 @@ def build_dataset(config, *, split: str = "train", batch_size: Optional[int] = N
                                  per_dataset=per_dataset)
   buckets = buckets_from_config(data, seq_len=int(train.get("seq_len", 512)),
                                 batch_size=int(batch_size or train.get("batch_size", 8)), process_count=process_count,
-                                talker=speech is not None, flow=flow, max_pairs=max_pairs)
+                                targets=targets, max_pairs=max_pairs, hooks=hooks)
   ds = packing.PackedDataset(records, prep, buckets, max_lag=int(data.get("max_lag", 512)),
-                             pad_id=tokenizer.special["<|endoftext|>"], limits=packing.SkipLimits.from_config(data))
+                             pad_id=tokenizer.special["<|endoftext|>"], limits=packing.SkipLimits.from_config(data),
+                             hooks=hooks)
   workers = int(data.get("worker_count", 0) if worker_count is None else worker_count)
   if workers > 0:
     _ensure_flags_parsed()

@@ -1,7 +1,8 @@
-"""One stored record -> one model-ready sample: normalise, decode and preprocess media, render ChatML.
+"""One stored record -> one model-ready sample: normalise, decode and preprocess media, render ChatML, and ask
+each tower that trains on more than the text for its targets (omni_jax.towers.Targets, e.g. a spoken reply's).
 
 Runs in the data workers (numpy, PIL, PyAV; no jax). Every way a record can be bad raises SampleError with
-a reason (REASONS) and a message naming the sample;
+a reason (REASONS, or a tower's) and a message naming the sample;
 the packer turns it into a skip that is counted and reported, never a stopped run.
 
 A record of a preference dataset (Preprocessor.preference) becomes a Pair instead: two samples, prompt + chosen
@@ -15,6 +16,8 @@ from typing import Collection, Mapping, NamedTuple, Optional, Union
 import numpy as np
 
 from omni_jax import batch as batch_lib
+from omni_jax import towers
+from omni_jax.errors import UserError
 from omni_jax.input import chat
 from omni_jax.input import pairs as pairs_lib
 from omni_jax.input import sources
@@ -24,20 +27,16 @@ from omni_jax.input.media import audio as audio_media
 from omni_jax.input.media import image as image_media
 from omni_jax.input.media import patches
 from omni_jax.input.media import video as video_media
-from omni_jax.talker import targets as talker_targets
-from omni_jax.talker.layout import SpokenReply
-from omni_jax.token2wav import targets as flow_targets
 
 REASONS = ("malformed", "unknown_tag", "missing_media", "bad_media", "too_long", "error",
-           sources.PairError.reason) + sources.LINE_REASONS + talker_targets.REASONS + flow_targets.REASONS
-# error: unforeseen; not_utf8, blank_line: JSONL lines that are no record; no_speech_codes, bad_speaker: a spoken
-# reply that cannot train the Talker (omni_jax.talker.targets); bad_speech_audio: a spoken reply (or its
-# speaker's reference clip) whose mel cannot be computed for the DiT (omni_jax.token2wav.targets); bad_pair: a
-# preference record that is no usable pair, or a pair in a dataset of conversations (omni_jax.input.pairs)
+           sources.PairError.reason) + sources.LINE_REASONS
+# error: unforeseen; not_utf8, blank_line: JSONL lines that are no record; bad_pair: a preference record that
+# is no usable pair, or a pair in a dataset of conversations (omni_jax.input.pairs). A tower's targets add
+# their own reasons (omni_jax.towers.TargetError, e.g. a spoken reply without speech codes).
 
 
-class SampleError(ValueError):
-  """A sample that cannot be used; `reason` is one of REASONS."""
+class SampleError(UserError, ValueError):
+  """A sample that cannot be used; `reason` is one of REASONS or a tower's (omni_jax.towers.TargetError)."""
 
   def __init__(self, reason: str, message: str):
     super().__init__(message)
@@ -89,8 +88,8 @@ class DecodedPart(NamedTuple):
 class PairRole:
   """A sample's place in a preference pair; the packer numbers the pairs of a row (omni_jax.batch)."""
   chosen: bool  # the chosen reply (else the rejected one)
-  text: bool  # the replies' texts differ: the pair is marked in dpo_pair (the Thinker's preference)
-  speech: bool  # both replies are spoken: the pair is marked in talker_dpo_pair (the Talker's preference)
+  text: bool  # the replies' texts differ: the pair is marked in dpo_pair (a preference between texts)
+  towers: frozenset = frozenset()  # the towers that learn the preference from their targets (Targets.prefers)
 
 
 @dataclasses.dataclass
@@ -104,8 +103,8 @@ class Sample:
   videos: list  # [(pixel rows, grid (3,), second_per_grid)]
   audios: list  # [log-mel [mels, frames] f32], in order of appearance (audio-in-video tracks included)
   use_audio_in_video: bool = False
-  spoken: Optional[SpokenReply] = None  # the Talker's targets (omni_jax.talker.targets), if the reply is spoken
-  flow: Optional[flow_targets.FlowTriple] = None  # the DiT's (codes, mel, reference) (omni_jax.token2wav.targets)
+  # {tower name: its target of this sample} (omni_jax.towers.Targets), e.g. a spoken reply's codes
+  targets: dict = dataclasses.field(default_factory=dict)
   pair: Optional[PairRole] = None  # set on the two samples of a preference pair
 
   @property
@@ -142,14 +141,13 @@ class Preprocessor:
   """Picklable callable: (dataset name, stored example) -> Sample. Raises SampleError."""
 
   def __init__(self, tokenizer, fmt: chat.ChatFormat, media: MediaOptions = MediaOptions(),
-               system_prompt: Optional[str] = None, speech: Optional[talker_targets.SpeechTargets] = None,
-               flow: Optional[flow_targets.FlowTargets] = None, preference: Collection[str] = ()):
+               system_prompt: Optional[str] = None, targets: Optional[Mapping[str, towers.Targets]] = None,
+               preference: Collection[str] = ()):
     self.tokenizer = tokenizer
     self.fmt = fmt
     self.options = media
     self.system_prompt = system_prompt
-    self.speech = speech  # None: spoken replies train the Thinker only
-    self.flow = flow  # None: spoken replies do not train the DiT
+    self.targets = dict(targets or {})  # {tower name: the run's maker of its targets}; none: text only
     self.preference = frozenset(preference)  # names of the datasets whose records are preference pairs
 
   def load_part(self, part: Mapping, aiv: bool, name: str, media: dict) -> chat.MediaItem:
@@ -232,7 +230,7 @@ class Preprocessor:
 
   def _sample(self, name: str, conversation, items, media: dict, speech_output: bool, pair: bool = False) -> Sample:
     """A conversation (media decoded into items / media) -> Sample. pair: the last message is a preference
-    pair's reply: only it carries labels, and it gets no DiT triple (a DiT row holds one reply)."""
+    pair's reply: only it carries labels (the towers' targets are told, Targets.sample)."""
     messages = chat.with_system(conversation, speech_output, self.system_prompt)
     try:
       rendered = chat.render(messages, items, self.tokenizer, self.fmt)
@@ -244,20 +242,16 @@ class Preprocessor:
       labels = np.full_like(labels, batch_lib.IGNORE)
       labels[start:end] = rendered.labels[start:end]
     aiv = any(isinstance(i, chat.VideoItem) and i.audio_frames is not None for i in items)
-    spoken = None
-    if self.speech is not None:
+    found = {}
+    for tower, maker in self.targets.items():
       try:
-        spoken = self.speech.reply(name, messages, rendered.assistant_spans)
-      except talker_targets.SpeechTargetError as e:
+        target = maker.sample(name, messages, rendered.assistant_spans, pair)
+      except towers.TargetError as e:
         raise SampleError(e.reason, str(e)) from None
-    flow = None
-    if self.flow is not None and not pair:
-      try:
-        flow = self.flow.triple(name, messages)
-      except flow_targets.FlowTargetError as e:
-        raise SampleError(e.reason, str(e)) from None
+      if target is not None:
+        found[tower] = target
     return Sample(name, sample_kind(conversation), rendered.input_ids, labels, media["images"], media["videos"],
-                  media["audios"], aiv, spoken, flow)
+                  media["audios"], aiv, found)
 
   def pair(self, name: str, record: str, root: str) -> Pair:
     """A preference record -> Pair (omni_jax.input.pairs). The prompt's media are decoded once and shared."""
@@ -265,12 +259,6 @@ class Preprocessor:
       p = pairs_lib.normalize_pair(record, root, name)
     except sources.RecordError as e:
       raise SampleError(e.reason, str(e)) from None
-    if self.speech is not None and not self.speech.codes_path:
-      for side in ("chosen", "rejected"):
-        if p[side].get("speech"):
-          raise SampleError(talker_targets.NO_CODES, f"{name}: field `{side}`: the speech {p[side]['speech']} needs "
-                                                     "a codes index (config.data.speech_codes: `python -m "
-                                                     "omni_jax.units encode`), or give the reply's `codes`")
     prompt = [pairs_lib.unspoken(m) for m in p["prompt"]]
     aiv = p["use_audio_in_video"]
     media = _media()
@@ -282,18 +270,18 @@ class Preprocessor:
       own_items = items + [self.load_part(part, aiv, name, own) for part in reply["content"] if part["type"] != "text"]
       sides.append(self._sample(f"{name}#{side}", prompt + [reply], own_items, own, p["speech_output"], pair=True))
     chosen, rejected = sides
-    if self.speech is not None and (chosen.spoken is None) != (rejected.spoken is None):
-      one = "chosen" if chosen.spoken is not None else "rejected"
-      raise SampleError("bad_pair", f"{name}: only the {one} reply is spoken; a pair that trains the Talker needs "
-                                    "both replies spoken (`speech` or `codes`), or neither")
     text = not np.array_equal(chosen.input_ids, rejected.input_ids)
-    speech = chosen.spoken is not None and rejected.spoken is not None
-    if not text and not (speech and not np.array_equal(chosen.spoken.codes, rejected.spoken.codes)):
-      why = ("their speeches have the same codes" if speech else
-             "they differ only in their speech, and this run does not train the Talker (config.data.speech_codes, "
-             "a `talker_dpo` objective)")
-      raise SampleError("bad_pair", f"{name}: the chosen and rejected replies have the same text and {why}: "
-                                    "nothing to prefer")
-    chosen.pair = PairRole(True, text, speech)
-    rejected.pair = PairRole(False, text, speech)
+    prefers = set()
+    for tower, maker in self.targets.items():
+      try:
+        if maker.prefers(name, chosen.targets.get(tower), rejected.targets.get(tower), text):
+          prefers.add(tower)
+      except towers.TargetError as e:
+        raise SampleError(e.reason, str(e)) from None
+    if not text and not prefers:  # normalize_pair refused equal replies: they differ in their speech only
+      raise SampleError("bad_pair", f"{name}: the chosen and rejected replies have the same text and they differ "
+                                    "only in their speech, which no objective of this run learns from (docs/data.md, "
+                                    "\"Preference pairs\"): nothing to prefer")
+    chosen.pair = PairRole(True, text, frozenset(prefers))
+    rejected.pair = PairRole(False, text, frozenset(prefers))
     return Pair(name, chosen, rejected)

@@ -25,9 +25,14 @@ build. A line that is not UTF-8 or is blank is stored as a marker that `normaliz
 `not_utf8` / `blank_line` (never decoded with replacement characters, never dropped uncounted), so every line
 of a file is either trained on or counted as skipped. A split whose files hold no line at all fails the build
 with a DataError naming them. grain reads the store through `tfds.data_source`.
+
+Besides the JSONL and TFDS sources the library reads, config.data.source may name a recipe that builds its
+own datasets, registered with register_source by its module when imported (the repository's demo corpus,
+data/demo_corpus.py, registers "demo"; train.py and eval.py import it): the library never imports a recipe.
 """
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import io
@@ -35,9 +40,11 @@ import json
 import logging
 import os
 import re
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import tensorflow_datasets as tfds
+
+from omni_jax.errors import UserError
 
 MEDIA_KINDS = ("image", "audio", "video")
 _TAG = re.compile(r"<(image|audio|video)>")
@@ -47,8 +54,39 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 BUILDER_NAME = "omni_conversations"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A dataset that cannot be opened (missing path, unknown spec): raised at startup."""
+
+
+READERS = ("synthetic", "jsonl", "tfds")  # config.data.source values the library reads itself
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A config.data.source that builds its datasets itself; each callable takes config.data (a mapping)."""
+  datasets: Callable[[Mapping], dict[str, str]]  # {dataset name: TFDS name}, built on first use
+  data_dir: Callable[[Mapping], str]  # the TFDS data directory those datasets are in
+  task_files: Callable[[Mapping, str], list[str]] = lambda data, evaluator: []  # bundled evaluation tasks
+
+
+_RECIPES: dict[str, Recipe] = {}
+
+
+def register_source(name: str, recipe: Recipe) -> None:
+  """Make `name` a config.data.source value, read through `recipe`."""
+  if name in READERS:
+    raise ValueError(f"data source {name!r} is the library's own; register the recipe under another name")
+  _RECIPES[name] = recipe
+
+
+def find_recipe(name: str) -> Recipe:
+  """The registered recipe config.data.source names; a DataError naming the registered ones if none is."""
+  if name not in _RECIPES:
+    raise DataError(f"config.data.source: unknown source {name!r}; the library reads {list(READERS)} and the "
+                    f"registered recipes are {sorted(_RECIPES)} (a recipe registers itself when its module is "
+                    "imported: the demo corpus by `import data.demo_corpus`, as train.py and eval.py do from the "
+                    "repository root)")
+  return _RECIPES[name]
 
 
 class RecordError(ValueError):

@@ -24,6 +24,7 @@ import unicodedata
 from typing import Optional, Sequence
 
 from omni_jax import special_tokens
+from omni_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
   """No usable tokenizer files, or files that disagree with the released special ids."""
 
 

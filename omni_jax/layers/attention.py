@@ -16,6 +16,7 @@ from omni_jax.layers import kernels
 from omni_jax.layers.linear import Linear
 from omni_jax.layers.rotary import apply_rotary
 from omni_jax import sharding
+from omni_jax.errors import ConfigError
 
 # config.model.attention_impl: None / "xla" / "cudnn" build the dense mask for jax.nn.dot_product_attention;
 # the others never materialise L x L (omni_jax/layers/flash.py, kernels.py).
@@ -111,10 +112,15 @@ def _local_attention(q, k, v, local: LocalSegments, implementation: Optional[str
   return out.reshape(b, n * size, heads, dim)[:, :length]
 
 
+def check_implementation(implementation: Optional[str]) -> None:
+  """Raise a ConfigError naming config.model.attention_impl unless it is one of IMPLEMENTATIONS."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ConfigError(f"config.model.attention_impl: must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
 def resolve(implementation: Optional[str]) -> Optional[str]:
   """Check an attention_impl and turn "auto" into the compiling platform's choice."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}")
+  check_implementation(implementation)
   return _AUTO.get(kernels.platform(), "blocked") if implementation == "auto" else implementation
 
 
@@ -151,14 +157,16 @@ def dot_product_attention(q, k, v, mask: Union[jax.Array, SegmentMask, LocalSegm
 class KVCache(NamedTuple):
   """Functional key/value cache of a decoder stack (a pytree; it flows through the layer scan).
 
-  Slots are written left to right at the same index for every row: prefill writes [0, L) (left-padded
-  prompts), each decode step the next slot(s). `valid` marks the slots that hold a real token, so left
+  Slots are written left to right. With a scalar `index` every row writes at the same slot: prefill writes
+  [0, L) (left-padded prompts), each decode step the next slot(s). With an index per row ([B]: the engine's
+  slots, where each row is its own conversation) row b writes at index[b] and advances by its valid tokens
+  only, so a row that is not fed this step keeps its slot. `valid` marks the slots that hold a real token, so
   padding and per-row lengths never leak into attention.
   """
   k: jax.Array  # [layers, B, max_len, kv_heads, head_dim], cache dtype
   v: jax.Array  # same
   valid: jax.Array  # [B, max_len] bool
-  index: jax.Array  # int32 scalar: the next slot to write
+  index: jax.Array  # int32 scalar, or [B]: the next slot to write (of every row, or of each)
 
   NAMES = ("layers", "activation_batch", "cache_length", "activation_kv_heads", None)  # logical axes of k, v
 
@@ -179,11 +187,27 @@ class KVCache(NamedTuple):
     of the new tokens are written per layer by Attention.
     """
     lq = valid.shape[1]
-    all_valid = jax.lax.dynamic_update_slice_in_dim(self.valid, valid.astype(bool), self.index, axis=1)
+    all_valid = write_slots(self.valid, valid.astype(bool), self.index)
     slots = jnp.arange(self.max_len, dtype=jnp.int32)
-    causal = slots[None, :] <= (self.index + jnp.arange(lq, dtype=jnp.int32))[:, None]  # [L, max_len]
-    mask = causal[None] & all_valid[:, None, :]
-    return self._replace(valid=all_valid, index=self.index + lq), mask[:, None]
+    new = jnp.arange(lq, dtype=jnp.int32)
+    if jnp.ndim(self.index) == 0:
+      causal = (slots[None, :] <= (self.index + new)[:, None])[None]  # [1, L, max_len]
+      index = self.index + lq
+    else:
+      causal = slots[None, None, :] <= (self.index[:, None] + new[None])[:, :, None]  # [B, L, max_len]
+      index = self.index + valid.sum(axis=1, dtype=jnp.int32)
+    mask = causal & all_valid[:, None, :]
+    return self._replace(valid=all_valid, index=index), mask[:, None]
+
+
+def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """cache [B, max_len, ...] with new [B, L, ...] written from slot `index` (scalar: every row; [B]: each row
+  its own). Writes past max_len are dropped (a full row's masked-out step)."""
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
+  b, lq = new.shape[:2]
+  rows = jnp.arange(b)[:, None]
+  return cache.at[rows, index[:, None] + jnp.arange(lq)[None]].set(new, mode="drop")
 
 
 class Attention(nnx.Module):
@@ -231,10 +255,8 @@ class Attention(nnx.Module):
     if kv_cache is not None:
       k_cache, v_cache, index = kv_cache
       names = ("activation_batch", "cache_length", "activation_kv_heads", None)
-      k_cache = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1),
-                                   names)
-      v_cache = sharding.constrain(jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1),
-                                   names)
+      k_cache = sharding.constrain(write_slots(k_cache, k.astype(k_cache.dtype), index), names)
+      v_cache = sharding.constrain(write_slots(v_cache, v.astype(v_cache.dtype), index), names)
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     impl = resolve(self.implementation)
     attend = lambda q, k, v, mask: dot_product_attention(q, k, v, mask, implementation=impl)

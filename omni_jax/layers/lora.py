@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx, traverse_util
 
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
+
 
 BASE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 

@@ -28,8 +28,13 @@ import numpy as np
 from flax import nnx
 
 from omni_jax import sharding, sizes
-from omni_jax.config import ConfigError, Runtime, from_config_dict, require_positive_ints
-from omni_jax.layers import Attention, Conv1d, Embed, LayerNorm, Linear, MLP, SegmentMask, activation
+from omni_jax.config import Runtime, from_config_dict, require_positive_ints
+from omni_jax.errors import ConfigError
+from omni_jax.layers.attention import Attention, SegmentMask
+from omni_jax.layers.conv import Conv1d
+from omni_jax.layers.linear import Embed, Linear
+from omni_jax.layers.mlp import MLP, activation
+from omni_jax.layers.norms import LayerNorm
 from omni_jax.models.scan import create_stacked, run_stacked
 
 ACT = ("activation_batch", "activation_length", "activation_embed")

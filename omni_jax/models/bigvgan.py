@@ -22,8 +22,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from omni_jax.config import ConfigError, Runtime, from_config_dict, require_positive_ints
-from omni_jax.layers import Conv1d, ConvTranspose1d, param
+from omni_jax.config import Runtime, from_config_dict, require_positive_ints
+from omni_jax.errors import ConfigError
+from omni_jax.layers.conv import Conv1d, ConvTranspose1d
+from omni_jax.layers.linear import param
 
 SAMPLE_RATE = 24000  # not in transformers' config: the released examples write the waveform at 24 kHz
 CHANNELS = "vocoder_channels"

@@ -27,9 +27,12 @@ import ml_collections
 from flax import nnx
 
 from omni_jax import sharding
-from omni_jax.config import ConfigError, Runtime, from_config_dict, require_positive_ints
-from omni_jax.layers import Embed, LayerNorm, Linear, apply_rotary, dot_product_attention, inv_frequencies
-from omni_jax.layers import mrope_cos_sin
+from omni_jax.config import Runtime, from_config_dict, require_positive_ints
+from omni_jax.errors import ConfigError
+from omni_jax.layers.attention import dot_product_attention
+from omni_jax.layers.linear import Embed, Linear
+from omni_jax.layers.norms import LayerNorm
+from omni_jax.layers.rotary import apply_rotary, inv_frequencies, mrope_cos_sin
 from omni_jax.models.ecapa import EcapaTimeDelayNet
 from omni_jax.models.scan import create_stacked, run_stacked
 

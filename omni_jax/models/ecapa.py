@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omni_jax.config import Runtime
-from omni_jax.layers import Conv1d
+from omni_jax.layers.conv import Conv1d
 
 CHANNELS = "speaker_channels"  # logical name of every ECAPA channel axis (a small encoder: replicated)
 

@@ -17,8 +17,10 @@ import ml_collections
 from flax import nnx
 
 from omni_jax import special_tokens
-from omni_jax.config import ConfigError, Runtime, TextConfig, from_config_dict
-from omni_jax.layers import KVCache, Linear
+from omni_jax.config import Runtime, TextConfig, from_config_dict
+from omni_jax.errors import ConfigError
+from omni_jax.layers.attention import KVCache
+from omni_jax.layers.linear import Linear
 from omni_jax.models.text import TextDecoder
 
 

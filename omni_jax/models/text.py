@@ -11,8 +11,11 @@ from flax import nnx
 from omni_jax import sharding
 from omni_jax.config import Runtime, TextConfig
 from omni_jax.layers import context_parallel
-from omni_jax.layers import (Attention, Embed, GatedMLP, KVCache, RMSNorm, SegmentMask, inv_frequencies,
-                             mrope_cos_sin)
+from omni_jax.layers.attention import Attention, KVCache, SegmentMask
+from omni_jax.layers.linear import Embed
+from omni_jax.layers.mlp import GatedMLP
+from omni_jax.layers.norms import RMSNorm
+from omni_jax.layers.rotary import inv_frequencies, mrope_cos_sin
 from omni_jax.models.scan import create_stacked, run_stacked
 
 ACT = ("activation_batch", "activation_length", "activation_embed")

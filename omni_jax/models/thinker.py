@@ -8,7 +8,8 @@ from flax import nnx
 
 from omni_jax import sharding
 from omni_jax.config import Runtime, TextConfig, TokenIds
-from omni_jax.layers import KVCache, Linear
+from omni_jax.layers.attention import KVCache
+from omni_jax.layers.linear import Linear
 from omni_jax.models.audio import AudioConfig, AudioEncoder
 from omni_jax.models.text import TextDecoder
 from omni_jax.models.vision import VisionConfig, VisionEncoder

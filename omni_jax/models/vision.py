@@ -26,9 +26,13 @@ import ml_collections
 from flax import nnx
 
 from omni_jax import sharding, sizes
-from omni_jax.config import ConfigError, Runtime, from_config_dict, require_positive_ints
-from omni_jax.layers import (Attention, GatedMLP, Linear, LocalSegments, RMSNorm, SegmentMask, activation,
-                             inv_frequencies, mrope_cos_sin)
+from omni_jax.config import Runtime, from_config_dict, require_positive_ints
+from omni_jax.errors import ConfigError
+from omni_jax.layers.attention import Attention, LocalSegments, SegmentMask
+from omni_jax.layers.linear import Linear
+from omni_jax.layers.mlp import GatedMLP, activation
+from omni_jax.layers.norms import RMSNorm
+from omni_jax.layers.rotary import inv_frequencies, mrope_cos_sin
 from omni_jax.models.scan import create_stacked, run_stacked
 
 ACT = ("activation_batch", "activation_length", "activation_embed")

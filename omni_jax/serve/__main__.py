@@ -29,8 +29,8 @@ _PORT = flags.DEFINE_integer("port", 8000, "Port to bind.")
 _MEDIA_ROOT = flags.DEFINE_string("media_root", None, "The only directory whose files requests may name "
                                   "(default: none; media come as data URLs).")
 _MAX_QUEUE = flags.DEFINE_integer("max_queue", 8, "Requests waiting for the model; more get 429.")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 1,
-                                  "Requests in flight at once; those waiting together decode in one batch.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 4, "Replies decoded at once (the engine's slots): a request that "
+                                  "arrives while others decode joins them at the next step.")
 _MAX_PROMPT = flags.DEFINE_integer("max_prompt_tokens", None, "Longest rendered prompt (default: the model's "
                                    "max_position_embeddings minus --max_new_tokens, at most 32768).")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 1024, "Ceiling (and default) of a request's max_tokens.")
@@ -50,8 +50,6 @@ _MAX_AUDIO_S = flags.DEFINE_float("max_audio_seconds", None, "Longest audio part
                                   "--max_prompt_tokens holds at 25 tokens a second, at most 300).")
 _MAX_IMAGE_MP = flags.DEFINE_float("max_image_megapixels", 16.8, "Largest image (width x height, from its header).")
 _MAX_VIDEO_S = flags.DEFINE_float("max_video_seconds", 600.0, "Longest video part.")
-_ENGINE = flags.DEFINE_enum("engine", "auto", ["auto", "session", "chat"],
-                            "session: OmniSession (speech streams in chunks); chat: the OmniChat adapter.")
 flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -89,13 +87,13 @@ def main(argv):
                            max_prompt_tokens=max_prompt, max_new_tokens=_MAX_NEW.value,
                            max_audio_seconds=_MAX_AUDIO_S.value,
                            max_image_pixels=int(_MAX_IMAGE_MP.value * 1e6), max_video_seconds=_MAX_VIDEO_S.value)
-  engine = server.engine_for(model, limits, _ENGINE.value)
-  worker = server.Worker(engine, limits, max_queue=_MAX_QUEUE.value, max_batch=_MAX_BATCH.value)
+  worker = server.Worker(server.Backend(model, limits), limits, max_queue=_MAX_QUEUE.value,
+                         max_batch=_MAX_BATCH.value)
   name = _NAME.value or os.path.basename(os.path.normpath(_CHECKPOINT.value))
   app = server.create_app(worker, limits, model_name=name, media_root=_MEDIA_ROOT.value, gate=gate,
                           decode_workers=_DECODE_WORKERS.value)
-  logging.info("serving %s as %r (%s engine) on http://%s:%d/v1", _CHECKPOINT.value, name,
-               type(engine).__name__, _HOST.value, _PORT.value)
+  logging.info("serving %s as %r (%d slots) on http://%s:%d/v1", _CHECKPOINT.value, name, _MAX_BATCH.value,
+               _HOST.value, _PORT.value)
   uvicorn.run(app, host=_HOST.value, port=_PORT.value, log_level="info", http=guard.timed_h11(_READ_TIMEOUT.value),
               timeout_keep_alive=5)
 

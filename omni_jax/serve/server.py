@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server: FastAPI routes in front of one worker thread that owns the model.
 
   python -m omni_jax.serve --checkpoint workdirs/tiny_demo            # http://127.0.0.1:8000/v1
-  worker = server.Worker(server.engine_for(model, limits), limits, max_queue=8, max_batch=1)
+  worker = server.Worker(server.Backend(model, limits), limits, max_queue=8, max_batch=4)
   app = server.create_app(worker, limits, model_name="tiny")      # uvicorn.run(app, host="127.0.0.1")
 
 Routes: POST /v1/chat/completions (protocol.py's request format; stream=true answers Server-Sent Events of
@@ -12,10 +12,9 @@ Every request first passes the gate (guard.py: Host, Origin, API key, JSON body 
 timeouts). Concurrency: the event loop only parses and validates; a request's media are decoded on the
 decoder's threads (media.py, under the budgets of protocol.Limits; its files removed at once), and then it
 becomes a Job on a bounded queue (--max_queue; a full queue answers 429). One worker thread owns the model and
-takes up to --max_batch jobs at a time: requests waiting together are prefilled one by one and decoded in one
-batch (respond_together) when their decoding settings agree, others advance in turn, one event each, so two
-clients stream side by side; a job whose client went away is dropped at its next event (`cancelled` counted;
-its session is closed on a thread of its own, since OmniSession waits for its decode loop to end). A request's
+drives the conversation engine's --max_batch slots (continuous batching): a job is prefilled when a slot is
+free and joins the running batch at the next step, whatever its decoding settings; a finished reply frees its
+slot at once; a job whose client went away is cancelled at the next step (`cancelled` counted). A request's
 error before its first event (an undecodable image, a prompt over --max_prompt_tokens, an unknown voice) is
 its HTTP status; a failure after the first streamed byte ends the stream with an error object.
 """
@@ -64,14 +63,19 @@ def _user_error(e: Exception) -> Optional[ServeError]:
   return None
 
 
-class Engine:
-  """What the worker drives: respond(conversation, ...) -> Iterator[Event] ending with a "done" event."""
+class Backend:
+  """The model behind the server: a request's conversation becomes an OmniSession whose reply is submitted to the
+  model's conversation engine (omni_jax.generate.engine), whose slots the worker drives. slots: replies decoded
+  at once (--max_batch)."""
 
-  def __init__(self, model, limits: protocol.Limits):
-    self.model, self.limits = model, limits
+  def __init__(self, model, limits: protocol.Limits, slots: int = 1):
+    self.model, self.limits, self.slots = model, limits, int(slots)
     talker = model.config.model.get("talker", None)
     self.voices = sorted(talker.speakers.keys()) if talker is not None else []
     self.default_voice = talker.get("default_speaker", None) if talker is not None else None
+    # One cache length for every request (the compiled programs are shared; the markup a reply adds fits the
+    # 16 spare slots); the prompt limit is checked on each request.
+    self.max_len = limits.max_prompt_tokens + limits.max_new_tokens + 16
 
   @property
   def can_speak(self) -> bool:
@@ -98,134 +102,46 @@ class Engine:
       raise ServeError(400, f"audio.voice: {' '.join(str(e).split())}", param="audio.voice",
                        code="unknown_voice") from None
 
-  def respond(self, conversation: list, *, speak: bool, voice: Optional[str], max_new_tokens: int,
-              sampling: dict) -> Iterator[Event]:
-    raise NotImplementedError
+  def start(self, conversation: list, *, speak: bool, voice: Optional[str], max_new_tokens: int, sampling: dict):
+    """Prefill a request's conversation into a new session and submit its reply to the conversation engine:
+    the session's SessionReply (engine: .engine). A conversation of one user turn (and a system turn) is pushed
+    part by part, one with earlier turns is rendered whole (the HTTP API is stateless: the client resends the
+    history)."""
+    from omni_jax.generate import limits as limits_lib  # noqa: PLC0415
+    from omni_jax.serve import session as session_lib  # noqa: PLC0415
 
-
-class ChatEngine(Engine):
-  """OmniChat behind the Engine interface: the text streams token by token (Generator.stream); a spoken reply is
-  made whole by OmniChat.speak and sent as audio events when it is complete. The fallback where OmniSession
-  is not available (--engine chat) and for requests that carry earlier turns."""
-
-  def _prompt(self, conversation) -> dict:
-    batch = self.model.batch([conversation])
-    n = int((np.asarray(batch["segment_ids"]) > 0).sum())
-    if n > self.limits.max_prompt_tokens:
-      raise _too_long(n, self.limits)
-    return batch
-
-  def respond(self, conversation, *, speak, voice, max_new_tokens, sampling):
-    model, sid = self.model, uuid.uuid4().hex
-    batch = self._prompt(conversation)
-    prompt_tokens = int((np.asarray(batch["segment_ids"]) > 0).sum())
-    sampling = dict(sampling)
-    seed = sampling.pop("seed", None)
+    system = [m for m in conversation if m["role"] == "system"]
+    users = [m for m in conversation if m["role"] == "user"]
     if speak:
       self._voiceable(voice)
-      # OmniChat has no streamed speech: the whole reply, then its audio (speak() renders the prompt again).
-      speech = model.speak(messages=conversation, speaker=voice, voice=True, max_new_tokens=max_new_tokens,
-                           seed=seed, **sampling)
-      ids = model.tokenizer.encode(speech.text)  # speak() returns text, not ids: the usage count re-tokenises
-      yield Event.now("text", speech.text, session=sid)
-      yield Event.now("codes", np.asarray(speech.codes), session=sid)
-      yield Event.now("audio", np.asarray(speech.audio, np.float32), session=sid)
-      finish = "length" if len(ids) >= max_new_tokens else "stop"
-      yield Event.now("done", Done(speech.text, np.asarray(ids, np.int32), finish, prompt_tokens,
-                                   codes=np.asarray(speech.codes)), session=sid)
-      return
-    g = model.generator
-    stops = set(g.ids.eos_token_ids)
-    ids, shown, finish = [], "", "length"
-    for tokens, _ in g.stream(batch, max_new_tokens=max_new_tokens, seed=seed, sampling=g.sampling(**sampling)):
-      ids.append(int(tokens[0]))
-      if ids[-1] in stops:
-        finish = "stop"
-        break
-      text = model.tokenizer.decode(ids)
-      if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-        continue
-      if len(text) > len(shown):
-        yield Event.now("text", text[len(shown):], session=sid)
-      shown = text
-    text = model.tokenizer.decode([i for i in ids if i not in stops])
-    if len(text) > len(shown):
-      yield Event.now("text", text[len(shown):], session=sid)
-    yield Event.now("done", Done(text, np.asarray(ids, np.int32), finish, prompt_tokens), session=sid)
+    # A request is one turn: the Talker's prefix is kept only when this turn speaks.
+    session = session_lib.OmniSession(self.model, speaker=voice, system=system[0]["content"] if system else None,
+                                      max_len=self.max_len, speech=speak)
+    try:
+      try:
+        if len(users) == 1 and len(system) <= 1 and len(system) + 1 == len(conversation):
+          session.push_message(users[0])
+        else:
+          session.push_conversation(conversation)
+      except limits_lib.ContextLengthError as e:  # refused before prefilling: longer than the cache
+        raise _too_long(e.prompt_tokens, self.limits) from None
+      if session.num_tokens > self.limits.max_prompt_tokens:
+        raise _too_long(session.num_tokens, self.limits)
+      engine = session._engine(slots=self.slots, max_new_tokens=self.limits.max_new_tokens)  # noqa: SLF001
+      sampling = dict(sampling)
+      seed = sampling.pop("seed", None)
+      [reply] = session_lib.start_replies([session], engine, speak=speak, max_new_tokens=max_new_tokens, seed=seed,
+                                          speakers=[voice], **sampling)
+    except BaseException:
+      session.close()
+      raise
+    reply.reply.keep = False  # one turn: the slot is freed without copying the caches back
+    return reply
 
 
 def _too_long(n: int, limits: protocol.Limits) -> ServeError:
   return ServeError(400, f"the prompt is {n} tokens (chat markup and media included); this server takes at most "
                     f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
-
-
-class SessionEngine(ChatEngine):
-  """A request's turn in an omni_jax.serve.OmniSession: its input is prefilled part by part and text, codes
-  and audio stream as the session makes them. A request that carries earlier assistant turns (the HTTP API
-  is stateless: the client resends the history) is rendered whole by ChatEngine, since a session writes its
-  own replies."""
-
-  def open_session(self, conversation, *, speak, voice, max_new_tokens, sampling):
-    """A session holding the request's prefilled input, or None for a conversation with earlier assistant
-    turns (ChatEngine renders those whole)."""
-    system = [m for m in conversation if m["role"] == "system"]
-    users = [m for m in conversation if m["role"] == "user"]
-    if len(users) != 1 or len(system) > 1 or len(system) + 1 != len(conversation):
-      return None
-    from omni_jax.generate import limits as limits_lib  # noqa: PLC0415
-    from omni_jax.serve.session import OmniSession  # noqa: PLC0415
-
-    if speak:
-      self._voiceable(voice)
-    # One cache length for every request (the compiled programs are shared; the markup respond() adds fits the
-    # 16 spare slots); the prompt limit is checked below.
-    # A request is one turn: the Talker's prefix is kept only when this turn speaks.
-    session = OmniSession(self.model, speaker=voice, system=system[0]["content"] if system else None,
-                          max_len=self.limits.max_prompt_tokens + self.limits.max_new_tokens + 16, speech=speak)
-    try:
-      try:
-        session.push_message(users[0])
-      except limits_lib.ContextLengthError as e:  # refused before prefilling: longer than the cache
-        raise _too_long(e.prompt_tokens, self.limits) from None
-      if session.num_tokens > self.limits.max_prompt_tokens:
-        raise _too_long(session.num_tokens, self.limits)
-    except BaseException:
-      session.close()
-      raise
-    return session
-
-  def respond(self, conversation, *, speak, voice, max_new_tokens, sampling):
-    session = self.open_session(conversation, speak=speak, voice=voice, max_new_tokens=max_new_tokens,
-                                sampling=sampling)
-    if session is None:
-      yield from super().respond(conversation, speak=speak, voice=voice, max_new_tokens=max_new_tokens,
-                                 sampling=sampling)
-      return
-    try:
-      yield from session.respond(speak=speak, max_new_tokens=max_new_tokens, **sampling)
-    finally:
-      session.close()
-
-  def respond_batch(self, sessions, *, speak, voice, max_new_tokens, sampling, voices):
-    """(index, Event) of several opened sessions' replies, decoded in one loop; closes them at the end."""
-    from omni_jax.serve.session import respond_together  # noqa: PLC0415
-
-    del voice  # one per session: voices
-    try:
-      yield from respond_together(sessions, speak=speak, max_new_tokens=max_new_tokens, speakers=voices,
-                                  **sampling)
-    finally:
-      for s in sessions:
-        s.close()
-
-
-def engine_for(model, limits: protocol.Limits, kind: str = "auto") -> Engine:
-  """kind: "session" (OmniSession; "auto" is it) or "chat" (the OmniChat adapter)."""
-  if kind == "auto":
-    kind = "session"
-  if kind not in ("session", "chat"):
-    raise ValueError(f"--engine: {kind!r} is not one of auto, session, chat")
-  return (SessionEngine if kind == "session" else ChatEngine)(model, limits)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,7 +152,7 @@ def engine_for(model, limits: protocol.Limits, kind: str = "auto") -> Engine:
 class Job:
   """One accepted request: what to run, where its events go (an asyncio queue on the server's loop)."""
   conversation: list
-  options: dict  # Engine.respond keywords
+  options: dict  # Backend.start keywords
   loop: Any
   out: Any  # asyncio.Queue of ("event", Event) | ("error", ServeError) | ("end", None)
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -249,15 +165,23 @@ class Job:
     self.cancelled.set()
 
 
-class Worker:
-  """Runs jobs on an Engine: up to max_batch at a time. With a session engine the requests taken together
-  decode in one batch (OmniSession's respond_together) when their settings agree; others advance in turn, one
-  event each."""
+@dataclasses.dataclass(eq=False)
+class _Active:
+  job: Job
+  reply: Any  # omni_jax.serve.session.SessionReply
+  batched: bool = False
 
-  def __init__(self, engine: Engine, limits: protocol.Limits, *, max_queue: int = 8, max_batch: int = 1):
+
+class Worker:
+  """Continuous batching: up to max_batch replies decode at once in the conversation engine's slots. A request
+  taken while others decode is prefilled and joins the running batch at the engine's next step; a finished
+  reply frees its slot at once, and the next request takes it."""
+
+  def __init__(self, backend: Backend, limits: protocol.Limits, *, max_queue: int = 8, max_batch: int = 1):
     if max_queue < 1 or max_batch < 1:
       raise ValueError(f"--max_queue ({max_queue}) and --max_batch ({max_batch}) must be >= 1")
-    self.engine, self.limits, self.max_batch = engine, limits, max_batch
+    self.backend, self.limits, self.max_batch = backend, limits, max_batch
+    backend.slots = max_batch
     self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
     self.lock = threading.Lock()
     self.counts = collections.Counter(served=0, rejected=0, cancelled=0, failed=0, batched=0)
@@ -291,143 +215,97 @@ class Worker:
       raise ServeError(429, f"the server is busy ({self.jobs.maxsize} requests queued); retry later",
                        type="rate_limit_error", code="queue_full") from None
 
-  def _finish(self, unit: "_Unit", job: Job, outcome: str, last: Optional[tuple] = None) -> None:
-    """Count a job and send its last item (so a client that has its reply reads counts that include it); the
-    unit's iterator is closed (its sessions freed) once none of its jobs is left."""
-    if job in unit.left:
-      unit.left.remove(job)
+  def _finish(self, job: Job, outcome: str, last: Optional[tuple] = None) -> None:
+    """Count a job and send its last item (so a client that has its reply reads counts that include it)."""
     with self.lock:
       self.counts[outcome] += 1
+      self.active -= 1
     if last is not None:
       job.send(*last)
     job.send("end", None)
-    if not unit.left and not unit.closed:
-      unit.closed = True
-      if outcome == "cancelled":  # OmniSession waits for its decode loop to end: not on this thread
-        threading.Thread(target=self._close, args=(unit,), name="omni-cancel", daemon=True).start()
-      else:
-        self._close(unit)
 
-  def _close(self, unit: "_Unit") -> None:
-    """Close a unit's event iterator (the engine's finally frees its sessions); `active` counts its jobs until then."""
-    try:
-      if unit.it is not None:
-        unit.it.close()
-      for session in unit.sessions:  # a batch closed before its first event never ran its own finally
-        session.close()
-    except Exception:  # noqa: BLE001 - a failure while closing must not stop the worker
-      log.exception("closing a request's session failed")
-    with self.lock:
-      self.active -= len(unit.jobs)
-
-  def _fail(self, unit: "_Unit", job: Job, e: BaseException) -> None:
+  def _fail(self, job: Job, e: BaseException) -> None:
     err = e if isinstance(e, ServeError) else _user_error(e)
     if err is None:
       log.exception("request failed", exc_info=e)
       # The exception's text may name the server's files: it goes to the log, the client gets its type.
       err = ServeError(500, f"the server failed on this request ({type(e).__name__}; details in the server's log)",
                        type="server_error", code="internal_error")
-    self._finish(unit, job, "failed", last=("error", err))
+    self._finish(job, "failed", last=("error", err))
 
-  def _admit(self, jobs: list) -> list["_Unit"]:
-    """Start newly taken jobs: with --max_batch > 1 and a session engine, the requests a session can serve
-    are prefilled one by one and those with the same decoding settings decode together (respond_together);
-    the others run alone."""
-    units, groups = [], collections.defaultdict(list)
-    batching = self.max_batch > 1 and hasattr(self.engine, "open_session")
-    for job in jobs:
+  def _take(self, running: list) -> None:
+    """Start queued jobs while a slot is free (waiting for one only when nothing runs)."""
+    while len(running) < self.max_batch:
+      try:
+        job = self.jobs.get(timeout=0.05) if not running else self.jobs.get_nowait()
+      except queue.Empty:
+        return
       with self.lock:
         self.active += 1
       if job.cancelled.is_set():
-        unit = _Unit(None, [job])
-        self._finish(unit, job, "cancelled")
+        self._finish(job, "cancelled")
         continue
       try:
-        session = self.engine.open_session(job.conversation, **job.options) if batching else None
-        if session is None:
-          units.append(_Unit(_solo(self.engine.respond(job.conversation, **job.options)), [job]))
-        else:
-          groups[_batch_key(job.options)].append((job, session))
+        running.append(_Active(job, self.backend.start(job.conversation, **job.options)))
       except Exception as e:  # noqa: BLE001 - the worker outlives every request
-        self._fail(_Unit(None, [job]), job, e)
-    for members in groups.values():
-      jobs_, sessions = zip(*members)
-      voices = [j.options["voice"] for j in jobs_]
-      if len(jobs_) > 1:
-        with self.lock:
-          self.counts["batched"] += len(jobs_)  # requests decoded in a batch of two or more
-      units.append(_Unit(self.engine.respond_batch(list(sessions), **jobs_[0].options, voices=voices), jobs_,
-                         sessions=sessions))
-    return units
+        self._fail(job, e)
 
   def _run(self) -> None:
-    units: list[_Unit] = []
+    running: list[_Active] = []
     while not self._stop.is_set():
-      taken = []
-      while sum(len(u.left) for u in units) + len(taken) < self.max_batch:  # wait for a job only when idle
+      self._take(running)
+      for a in list(running):
+        if a.job.cancelled.is_set():  # the client went away: its slot is freed now
+          self._end(a, running, "cancelled")
+      by_reply = {id(a.reply.reply): a for a in running}
+      for engine in {id(a.reply.engine): a.reply.engine for a in running}.values():
         try:
-          taken.append(self.jobs.get(timeout=0.05) if not (units or taken) else self.jobs.get_nowait())
-        except queue.Empty:
-          break
-      units += self._admit(taken)
-      for unit in list(units):
-        for job in list(unit.left):
-          if job.cancelled.is_set():
-            self._finish(unit, job, "cancelled")
-        if unit.left:
-          self._advance(unit)
-      units = [u for u in units if u.left]
-    for unit in units:
-      for job in list(unit.left):
-        self._finish(unit, job, "cancelled")
+          events = [(r, "token", t) for r, t in engine.admit() if r.error is None] + engine.step()
+        except Exception as e:  # noqa: BLE001 - a failed call fails the replies it held, not the worker
+          for a in [a for a in running if a.reply.engine is engine]:
+            running.remove(a)
+            a.reply.session.close()
+            self._fail(a.job, e)
+          continue
+        self._note_batched([a for a in running if a.reply.engine is engine and a.reply.reply.slot is not None])
+        for reply, kind, value in events:
+          a = by_reply.get(id(reply))
+          if a is not None:
+            for event in a.reply.on(kind, value):
+              a.job.send("event", event)
+      for a in list(running):
+        if a.reply.reply.error is not None:
+          running.remove(a)
+          a.reply.session.close()
+          self._fail(a.job, a.reply.reply.error)
+        elif a.reply.reply.finished:
+          self._end(a, running, "served")
+    for a in list(running):
+      self._end(a, running, "cancelled")
 
-  def _advance(self, unit: "_Unit") -> None:
-    """One event of a unit, to its job."""
+  def _note_batched(self, in_slots: list) -> None:
+    """Count the requests that decoded beside another (the `batched` figure of /v1/stats)."""
+    if len(in_slots) > 1:
+      for a in in_slots:
+        if not a.batched:
+          a.batched = True
+          self._count("batched")
+
+  def _end(self, a: _Active, running: list, outcome: str) -> None:
+    running.remove(a)
     try:
-      i, event = next(unit.it)
-    except StopIteration:
-      for job in list(unit.left):
-        self._finish(unit, job, "served")
-      return
-    except Exception as e:  # noqa: BLE001 - one request's failure never stops the worker
-      for job in list(unit.left):
-        self._fail(unit, job, e)
-      return
-    job = unit.jobs[i]
-    if job not in unit.left:  # cancelled: the batch goes on for the others
-      return
-    if event.kind == "done":
-      self._finish(unit, job, "served", last=("event", event))
-    else:
-      job.send("event", event)
-
-
-@dataclasses.dataclass(eq=False)
-class _Unit:
-  """What the worker advances: one job's events, or a batch of jobs decoded together; `it` yields
-  (index into jobs, Event)."""
-  it: Any
-  jobs: tuple
-  sessions: tuple = ()  # a batch's sessions, closed with it
-  left: list = None
-  closed: bool = False
-
-  def __post_init__(self):
-    self.jobs = tuple(self.jobs)
-    self.left = list(self.jobs)
-
-
-def _solo(events: Iterator[Event]) -> Iterator[tuple[int, Event]]:
-  try:
-    for e in events:
-      yield 0, e
-  finally:
-    events.close()
-
-
-def _batch_key(options: dict):
-  """Requests decoded together share every decoding setting but the voice."""
-  return tuple(sorted((k, json.dumps(v, sort_keys=True, default=str)) for k, v in options.items() if k != "voice"))
+      if outcome == "served":
+        events = list(a.reply.final_events(*a.reply.end()))
+        for event in events[:-1]:
+          a.job.send("event", event)
+        self._finish(a.job, outcome, last=("event", events[-1]))
+      else:
+        a.reply.abort()
+        self._finish(a.job, outcome)
+    except Exception as e:  # noqa: BLE001 - the worker outlives every request
+      self._fail(a.job, e)
+    finally:
+      a.reply.session.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -476,7 +354,7 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
   transcripts: collections.OrderedDict = collections.OrderedDict()  # audio id -> transcript, for later turns
   if media_root is not None and not os.path.isdir(media_root):
     raise ValueError(f"--media_root {media_root}: no such directory")
-  model = getattr(worker.engine, "model", None)
+  model = getattr(worker.backend, "model", None)
   decoder = media_lib.MediaDecoder(getattr(model, "preprocessor", None), limits, workers=decode_workers,
                                    max_pending=max(worker.jobs.maxsize, 1) * 2)
 
@@ -531,7 +409,7 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
     """The job with its media decoded (on the decoder's pool: base64, files and decoding stay off the loop
     and off the model's thread). The request's own settings are checked before anything is written; its
     files are removed when decoding ends, whatever happened."""
-    options = dict(speak=request.speak, voice=worker.engine.check_voice(request.audio.voice) if request.speak
+    options = dict(speak=request.speak, voice=worker.backend.check_voice(request.audio.voice) if request.speak
                    else None, max_new_tokens=request.new_tokens(limits), sampling=request.sampling())
     workdir = tempfile.mkdtemp(prefix="omni_serve_")
     try:

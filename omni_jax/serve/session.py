@@ -18,7 +18,7 @@ What is prefilled when (the cache grows left to right; each append is one jitted
                          n_window=100) as soon as its samples (+ 40 samples of STFT lookahead) are in; the
                          rest and `<|audio_eos|>` when the audio ends (final=True, another part, respond())
   respond()              `<|im_end|>\\n<|im_start|>assistant\\n`, whose last logits choose the first token;
-                         then the reply loop (omni_jax.generate.duplex) on the same caches
+                         then the reply in the conversation engine (omni_jax.generate.engine) on the same caches
 So when the user stops, only the last audio chunk (< 2 s) and the turn's closing markup are left to prefill.
 
 Limits: a push is counted whole before any of it is prefilled (a message with all its parts, the turn's
@@ -36,7 +36,7 @@ encoding 2 s at a time gives the whole audio's tokens. Log-mel features are the 
 for frame, except the processor's dynamic-range floor (max - 8 in log10 units): here it is the max over the
 audio seen so far, so frames more than 80 dB below a later, louder frame come out different.
 
-Speech (speak=True): the Talker speaks while the Thinker writes (omni_jax.generate.duplex): every prefill also
+Speech (speak=True): the Talker speaks while the Thinker writes (omni_jax.generate.engine): every prefill also
 appends the Talker's prompt rows (H + E of each token) to a Talker cache with the same slots, so a reply starts
 with the Talker's speaker and first-token rows after the Thinker's first step, and each loop iteration runs one
 Thinker step and one Talker step (the Talker one text token behind). Codes stream out as decoded; audio chunks
@@ -45,42 +45,30 @@ its end with Griffin-Lim). respond_together(sessions) decodes several conversati
 sessions; docs/serving.md).
 """
 
+import dataclasses
 import logging
 import os
-import queue
-import threading
 import time
 import uuid
-import weakref
 from typing import Any, Callable, Iterator, Mapping, Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from omni_jax import config as config_lib
-from omni_jax import sharding
-from omni_jax.generate import decode
-from omni_jax.generate import duplex
+from omni_jax import errors
+from omni_jax.generate import engine as engine_lib
 from omni_jax.generate import limits
 from omni_jax.generate import prompts
-from omni_jax.generate.sampling import SamplingParams
+from omni_jax.generate.settings import reply_settings
+from omni_jax.generate.text_stream import TextStream
 from omni_jax.input import chat
 from omni_jax.input import preprocess
 from omni_jax.input.media import audio as audio_media
+from omni_jax.input.media import audio_stream
 from omni_jax.input.media import MediaError
 from omni_jax.serve.events import Done, Event
-from omni_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
-_SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
-_LOOKAHEAD = 40  # samples past a 2 s chunk its last STFT frame (centred, 400 wide) reads
-_CONTEXT = 2 * audio_media.HOP_LENGTH  # samples before a chunk: its first frame's left half, hop-aligned
-
-
-_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Generator -> {key: jitted program}
 
 
 class SessionError(ValueError):
@@ -93,48 +81,13 @@ class SessionContextLengthError(SessionError, limits.ContextLengthError):
   would stand, the pushed message whole and the markup respond() adds included."""
 
 
-def _chunk_prefill(graphdef: nnx.GraphDef, ids: config_lib.TokenIds, mesh, rules, talker: bool):
-  """jit: (params, cache, talker cache, chunk batch, offset, last, top) -> (cache, talker cache, logits [1, V]
-  of token `last`, next offset, top).
+class _Audio(audio_stream.StreamingLogMel):
+  """An audio part being streamed: its features (StreamingLogMel) and what of them is prefilled."""
 
-  positions: the chunk's own TMRoPE ids + offset (where the previous chunk's last token left off); next
-  offset = the chunk's last real position + 1; top = its largest position (any row): decode starts at top + 1.
-  talker: also append the chunk's Talker prompt rows (H + E, omni_jax.generate.duplex) to the Talker's cache.
-  """
-
-  def fn(params, cache, talker_cache, batch, offset, last, top):
-    model = nnx.merge(graphdef, params)
-    thinker = model.thinker
-    with sharding.activate(mesh, rules):
-      positions, media = step_lib.model_inputs(batch, ids)
-      positions = positions + offset
-      valid = batch["segment_ids"] > 0
-      embeds = thinker.embed_inputs(batch["input_ids"], **media)
-      hidden, cache = thinker.model(embeds, positions, batch["segment_ids"], cache)
-      logits = thinker.logits(hidden[:, last][:, None])[:, 0].astype(jnp.float32)
-      top = jnp.maximum(top, jnp.where(valid[None], positions, -1).max())
-      if talker:
-        rows = duplex.talker_rows(model, batch["input_ids"], embeds, hidden)
-        talker_cache = duplex.talker_prefill(model, rows, positions, batch["segment_ids"], talker_cache)
-    return cache, talker_cache, logits, positions[0, 0, last] + 1, top
-
-  return jax.jit(fn, donate_argnums=(1, 2))
-
-
-class _Audio:
-  """An audio part being streamed: its 16 kHz samples and the feature frames already encoded."""
-
-  def __init__(self):
-    self.samples = np.zeros((0,), np.float32)
-    self.frames: list[np.ndarray] = []  # [mels, n] blocks, in order
-    self.encoded = 0  # samples covered by the encoded frames
+  def __init__(self, num_mel_bins: int, chunk_samples: Optional[int]):
+    super().__init__(num_mel_bins, chunk_samples)
     self.sent = 0  # blocks prefilled (a block of no token is not)
     self.tokens = 0  # AUDIO tokens prefilled
-    self.floor = audio_media.LOG_FLOOR  # the running max of the raw log10 features (the processor's floor - 8)
-
-  @property
-  def num_frames(self) -> int:
-    return sum(f.shape[1] for f in self.frames)
 
 
 class OmniSession:
@@ -166,11 +119,12 @@ class OmniSession:
     pre = model.preprocessor
     self._pre, self._tok, self._fmt = pre, model.tokenizer, pre.fmt
     self.system = system if system is not None else (pre.system_prompt or chat.SYSTEM_DEFAULT)
-    self._system_ids = chat.render([{"role": "system", "content": self.system}], [], self._tok,
-                                   self._fmt).input_ids.tolist()
-    # What end_turn() prefills: the user's turn closed, the assistant's opened.
-    self._close_ids = ([self._fmt.id("<|im_end|>")] + self._text_ids("\n") + [self._fmt.id("<|im_start|>")]
-                       + self._text_ids("assistant\n"))
+    # The conversation's markup, written by the ChatML writer that renders whole conversations.
+    w = chat.ChatWriter(self._tok, self._fmt)
+    self._system_ids = w.open("system") + w.text(self.system) + w.close()
+    self._user_header = w.open("user")
+    self._close_ids = w.close() + w.open("assistant")  # what end_turn() prefills
+    self._reply_end = w.close()  # what a reply owes the cache after its content
     self._projected = 0  # the conversation's tokens as the push being prefilled leaves it (with the close)
     self._synthesizer = synthesizer
     audio_cfg = model.config.model.thinker.get("audio")
@@ -180,9 +134,6 @@ class OmniSession:
     # chunks, so such audio is only encoded when it ends.
     self._chunk_samples = (chunk_frames * max(1, 200 // chunk_frames) * audio_media.HOP_LENGTH
                            if n_window % 2 == 0 else None)
-    cache_dtype = generate_cfg.get("cache_dtype")
-    cache_dtype = config_lib.dtype_of(cache_dtype, "generate.cache_dtype") if cache_dtype else None
-    self._cache_dtype = cache_dtype
     has_talker = model.config.model.get("talker") is not None
     if speech and not has_talker:
       raise SessionError("OmniSession(speech=True): this model has no Talker (config.model.talker)")
@@ -193,9 +144,6 @@ class OmniSession:
       self.max_codes = int(max_codes or speech_gen.defaults["max_new_tokens"])
     else:
       self._talker_cfg, self.max_codes = None, 0
-    # Compiled programs are the model's, shared by all its sessions (a server opens one per conversation).
-    self._programs = _PROGRAMS.setdefault(g, {})
-    self._history: list[int] = []  # every real token in the cache, in order
     self._media = {"images": [], "videos": [], "audios": []}  # the conversation's media (for the Talker)
     self._aiv = False
     self.turn = 0
@@ -207,34 +155,27 @@ class OmniSession:
 
   def reset(self) -> None:
     """Forget the conversation (a fresh cache; compiled programs are kept)."""
-    self._cache = self._empty_cache(1, self.max_len)
-    self._talker_cache = self._empty_cache(2, self.max_len + 2 + self.max_codes) if self.speech else None
-    self._offset = jnp.zeros((), jnp.int32)  # where the next chunk's positions start
-    self._top = jnp.full((), -1, jnp.int32)  # the largest position so far
-    self._logits = None
-    self._history, self._media, self._aiv = [], {"images": [], "videos": [], "audios": []}, False
+    self._conv = self._engine().conversation()
+    self._media, self._aiv = {"images": [], "videos": [], "audios": []}, False
     self._kinds: list[str] = []  # the conversation's media parts, in order ("Picture k" numbering)
-    self._slots = 0  # cache slots used (padding included)
     self._in_turn = False
     self._awaiting = False  # the turn is closed (end_turn) and its reply not yet decoded
     self._audio: Optional[_Audio] = None
     self._pending: list[int] = []  # tokens owed to the cache before the next user turn (the reply's end)
     self.turn = 0
 
-  def _empty_cache(self, which: int, length: int):
-    """An empty cache of the Thinker (which=1) or the Talker (2) decoder, [1, length] slots."""
-    key = ("cache", which, length, str(self._cache_dtype))
-    if key not in self._programs:
-      g = self._g
-      model = nnx.merge(g.graphdef, g.params)  # its sizes only: no parameter enters the program
-      decoder = model.thinker.model if which == 1 else model.talker.model
+  def _engine(self, slots: int = 1, max_new_tokens: int = 1):
+    """The model's conversation engine for this session's cache shapes (shared by its sessions)."""
+    return self.model.engine(speech=self.speech, max_len=self.max_len, slots=slots,
+                             max_new_tokens=_bucket(max_new_tokens, 64), max_codes=self.max_codes)
 
-      def make():
-        with sharding.activate(g.mesh, g.rules):
-          return decode.sharded_cache(decoder, 1, length, self._cache_dtype)
+  @property
+  def _history(self) -> list[int]:
+    return self._conv.history
 
-      self._programs[key] = jax.jit(make)
-    return self._programs[key]()
+  @property
+  def _slots(self) -> int:
+    return self._conv.slots
 
   @property
   def num_tokens(self) -> int:
@@ -247,7 +188,7 @@ class OmniSession:
 
   def close(self) -> None:
     """Release the cache (the session cannot be used afterwards)."""
-    self._cache, self._talker_cache, self._logits, self.closed = None, None, None, True
+    self._conv, self.closed = None, True
 
   def _check_open(self):
     if self.closed:
@@ -276,16 +217,7 @@ class OmniSession:
     batch = {k: v for k, v in batch.items() if k not in ("labels", "kind")}
     if not aiv:
       batch.pop("use_audio_in_video", None)
-    length = batch["input_ids"].shape[1]
-    key = ("prefill", self.speech, tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items())))
-    if key not in self._programs:
-      g = self._g
-      self._programs[key] = _chunk_prefill(g.graphdef, self.ids, g.mesh, g.rules, self.speech)
-    g = self._g
-    self._cache, self._talker_cache, self._logits, self._offset, self._top = self._programs[key](
-        g.params, self._cache, self._talker_cache, batch, self._offset, np.int32(length - 1), self._top)
-    self._slots += length
-    self._history.extend(ids)
+    self._engine().prefill(self._conv, batch, ids)
     for k in ("images", "videos", "audios"):
       self._media[k].extend(media.get(k, ()))
     self._aiv |= aiv
@@ -301,7 +233,7 @@ class OmniSession:
     if self._in_turn:
       return []
     ids = list(self._pending) + (list(self._system_ids) if not self._history else [])
-    return ids + [self._fmt.id("<|im_start|>")] + self._text_ids("user\n")
+    return ids + self._user_header
 
   def _audio_owed(self, more_samples: int = 0) -> int:
     """Tokens the open audio part still adds (its remaining AUDIO tokens and `<|audio_eos|>`) once
@@ -314,11 +246,7 @@ class OmniSession:
 
   def _label_ids(self, kind: str, number: int) -> list[int]:
     """"Picture k: " / "Audio k: " when the chat format numbers media (add_vision_id / add_audio_id)."""
-    fmt = self._fmt
-    if (kind == "audio" and fmt.add_audio_id) or (kind != "audio" and fmt.add_vision_id):
-      label = {"image": "Picture", "audio": "Audio", "video": "Video"}[kind]
-      return self._text_ids(f"{label} {number}: ")
-    return []
+    return self._text_ids(chat.media_label(self._fmt, kind, number))
 
   def _check_fits(self, tokens: int, more_samples: int = 0) -> None:
     """SessionContextLengthError unless the conversation still fits once `tokens` more of this turn are in:
@@ -460,36 +388,17 @@ class OmniSession:
     if self._audio is None:
       self._open_turn()
       self._label("audio")
-      self._audio = _Audio()
+      self._audio = _Audio(self.model.num_mel_bins, self._chunk_samples)
       self._append([self._fmt.id("<|audio_bos|>")])
-    a = self._audio
-    a.samples = np.concatenate([a.samples, wave])
-    step = self._chunk_samples
-    while step is not None and a.samples.shape[0] >= a.encoded + step + _LOOKAHEAD:
-      self._encode_audio(a, a.encoded + step)
+    for block in self._audio.push(wave):
+      self._prefill_block(block)
     if final:
       self._end_audio()
 
-  def _encode_audio(self, a: _Audio, end: Optional[int]) -> None:
-    """Encode samples [a.encoded, end) (None: to the audio's end) and prefill their AUDIO tokens."""
-    start = a.encoded
-    total = a.samples.shape[0]
-    last = end is None
-    stop = total if last else end + _LOOKAHEAD
-    lo = max(0, start - _CONTEXT)
-    feats = audio_media.log_mel(a.samples[lo:stop], self.model.num_mel_bins)  # floored at this window's max
-    skip = (start - lo) // audio_media.HOP_LENGTH
-    keep = (audio_media.num_frames(total) - a.num_frames) if last else (end - start) // audio_media.HOP_LENGTH
-    block = feats[:, skip:skip + keep]
-    if block.shape[1] == 0:
-      return
-    # The window floored its frames at its own max - 8; raise that to the audio's running max (max(max(x, f1),
-    # f2) = max(x, f2) for f2 >= f1), the whole utterance's floor unless a later frame is louder. Frames already
-    # in the cache keep theirs, so the Talker's prompt sees what the Thinker saw.
-    a.floor = max(a.floor, float(block.max()) * 4.0 - 4.0)
-    block = np.maximum(block, (a.floor - 8.0 + 4.0) / 4.0).astype(np.float32)
-    a.frames.append(block)
-    a.encoded = total if last else end
+  def _prefill_block(self, block: np.ndarray) -> None:
+    """Prefill the AUDIO tokens of a feature block. Frames already in the cache keep their floor, so the
+    Talker's prompt sees what the Thinker saw."""
+    a = self._audio
     n = int(audio_media.num_tokens(block.shape[1]))
     if n:  # a last piece of 1-2 frames yields no token (the whole audio's count agrees)
       self._append([self.ids.audio_token_id] * n, {"audios": [block]})
@@ -500,11 +409,12 @@ class OmniSession:
     a = self._audio
     if a is None:
       return
-    if a.encoded < a.samples.shape[0]:
-      self._encode_audio(a, None)
+    block = a.finish()
+    if block is not None:
+      self._prefill_block(block)
     self._audio = None
-    frames = np.concatenate(a.frames, axis=1) if a.frames else None
-    if frames is None or frames.shape[1] == 0:
+    frames = a.features()
+    if frames.shape[1] == 0:
       raise SessionError(f"session {self.id}: the pushed audio is empty")
     # The Talker's prompt (and history bookkeeping) sees one audio item: drop the per-chunk blocks.
     self._media["audios"] = self._media["audios"][:len(self._media["audios"]) - a.sent] + [frames]
@@ -552,6 +462,24 @@ class OmniSession:
     for step in steps:
       step()
 
+  def push_conversation(self, messages) -> None:
+    """A whole conversation so far (system, user and assistant turns, rendered as OmniChat renders them, its
+    assistant header included) prefilled in one call on a fresh session; respond() answers its last turn."""
+    self._check_open()
+    if self._history:
+      raise SessionError(f"session {self.id}: push_conversation needs a fresh session")
+    try:
+      sample = prompts.prompt_sample(list(messages), self._pre, name=f"session {self.id}")
+    except preprocess.SampleError as e:
+      raise SessionError(str(e)) from None
+    self._projected = sample.num_tokens
+    limits.check_context(sample.num_tokens, 0, limit=self.context_limit, subject=f"session {self.id}",
+                         hint=self._limit_hint(), error=SessionContextLengthError)
+    self._append(sample.input_ids, {"images": sample.images, "videos": sample.videos, "audios": sample.audios},
+                 bool(sample.use_audio_in_video))
+    self._awaiting = True
+    self.input_closed_at = time.perf_counter()
+
   # ------------------------------------------------------------------------------------------------ respond
 
   def end_turn(self) -> np.ndarray:
@@ -565,7 +493,7 @@ class OmniSession:
     self._in_turn = False
     self._awaiting = True  # respond() decodes from here
     self.input_closed_at = time.perf_counter()
-    return np.asarray(self._logits)[0]
+    return np.asarray(self._conv.logits)[0]
 
   def prompt_sample(self) -> preprocess.Sample:
     """The conversation so far as one prompt (what OmniChat would render for it; the Talker's prompt)."""
@@ -603,19 +531,12 @@ class OmniSession:
     limits.check_context(prompt, max_new_tokens, limit=self.context_limit, subject=f"session {self.id}",
                          hint=self._limit_hint(), error=SessionContextLengthError)
 
-  def _commit_reply(self, cache, talker_cache, tokens, length: int, eos) -> tuple[np.ndarray, bool]:
-    """Adopt the reply loop's caches; returns (the reply's ids, whether it ended with a stop id)."""
-    self._cache, self._talker_cache = cache, talker_cache
-    n = int(length)
-    tokens = np.asarray(tokens)[:n]
-    stop = n > 0 and int(tokens[-1]) in eos
-    # The loop fed every token but the last (positions top+1 .. top+n-1), and wrote one slot per step of the
-    # batch (a row's slots past its own reply are invalid). The reply's end is owed to the cache.
-    self._slots = int(cache.index)
-    self._history.extend(int(t) for t in tokens[:n - 1])
-    self._top = self._top + (n - 1)
-    self._offset = self._top + 1
-    self._pending = ([] if stop else [int(tokens[-1])]) + [self._fmt.id("<|im_end|>")] + self._text_ids("\n")
+  def _after_reply(self, reply) -> tuple[np.ndarray, bool]:
+    """The session's bookkeeping once the engine released its reply (caches, history and positions are the
+    engine's): (the reply's ids, whether it ended with a stop id). The reply's end is owed to the cache."""
+    tokens = np.asarray(reply.tokens, np.int32)
+    stop = len(tokens) > 0 and int(tokens[-1]) in self.model.stop_ids
+    self._pending = ([] if stop else [int(tokens[-1])]) + self._reply_end
     self.turn += 1
     return tokens, stop
 
@@ -628,47 +549,15 @@ class OmniSession:
     return default_synthesizer(self.model, speaker)
 
 
-class _Streams:
-  """Runs `work(put)` on a thread and iterates (kind, value) as it puts them, each kind in step order (a decode
-  loop's host callbacks, put(kind, step, value), may arrive out of order). An exception in `work` lands in
-  result["error"] (re-raised by the consumer after join())."""
-
-  def __init__(self, work, result: dict):
-    self._queue: queue.Queue = queue.Queue()
-
-    def run():
-      try:
-        work(lambda kind, step, value: self._queue.put((kind, step, value)))
-      except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
-        result["error"] = e
-      self._queue.put(None)
-
-    self._thread = threading.Thread(target=run, daemon=True)
-    self._thread.start()
-
-  def __iter__(self):
-    pending, expected = {}, {}
-    while (item := self._queue.get()) is not None:
-      kind, step, value = item
-      pending[kind, step] = value
-      while (kind, expected.get(kind, 0)) in pending:
-        yield kind, pending.pop((kind, expected.get(kind, 0)))
-        expected[kind] = expected.get(kind, 0) + 1
-
-  def join(self) -> None:
-    self._thread.join()
-
-
 class _Row:
-  """One session's reply while the loop runs: its text so far, its codes, its synthesizer, its timings."""
+  """One session's reply while the engine decodes it: its text stream, its codes, its synthesizer, its timings."""
 
   def __init__(self, session: OmniSession, synth, stop_ids: frozenset):
     self.session, self.synth, self.stop_ids = session, synth, stop_ids
     self.turn, self.t0 = session.turn, session.input_closed_at
     self.prompt_tokens = session.num_tokens
-    self.tokens: list[int] = []
-    self.shown = ""
-    self.text_done = self.codes_done = False
+    self.stream = TextStream(session._tok.decode, session.model.stop_ids)
+    self.codes_done = False
     self.timings: dict = {}
 
   def event(self, kind, payload) -> Event:
@@ -677,24 +566,14 @@ class _Row:
       self.timings.setdefault("first_" + kind, e.t - self.t0)
     return e
 
-  def text(self, final: bool = False) -> list[Event]:
-    text = self.session._text(self.tokens)
-    if (final or not text.endswith("\ufffd")) and len(text) > len(self.shown):
-      piece, self.shown = text[len(self.shown):], text
-      return [self.event("text", piece)]
-    return []
+  def add_token(self, token: int) -> list[Event]:
+    piece = self.stream.add(token)
+    return [self.event("text", piece)] if piece else []
 
-  def add_token(self, token: int, stopped: bool) -> list[Event]:
-    if self.text_done:
-      return []
-    self.tokens.append(token)
-    self.text_done = stopped
-    return self.text()
-
-  def add_code(self, code: int, stopped: bool) -> list[Event]:
+  def add_code(self, code: int) -> list[Event]:
     if self.codes_done:
       return []
-    self.codes_done = stopped or code in self.stop_ids
+    self.codes_done = code in self.stop_ids
     if code in self.stop_ids:
       return []
     chunk = np.asarray([code], np.int32)
@@ -712,61 +591,119 @@ class _Row:
 def respond_together(sessions, *, speak: bool = False, max_new_tokens: Optional[int] = None,
                      seed: Optional[int] = None, speakers=None, talker: Optional[Mapping] = None,
                      **sampling) -> Iterator[tuple[int, Event]]:
-  """Batched sessions: the replies of several conversations with one model, decoded in one loop (one row
-  each). Yields (index into sessions, Event) as any row produces it; each session's events, and its state
-  after the reply, are what its own respond() gives with greedy decoding (same arguments; speakers: one voice
-  per session, None for the session's own). Rows share the sampling settings and the seed; a sampled row's
-  draws depend on the batch (one draw per step for all rows), so only greedy replies equal the solo ones.
-  The sessions' caches are stacked for the call; each gets back the batch's cache index, so a session decoded
-  beside a longer conversation uses as many slots as that one (max_len bounds the longest)."""
+  """Batched sessions: the replies of several conversations with one model, decoded together in the engine's
+  slots (omni_jax.generate.engine). Yields (index into sessions, Event) as any row produces it; each session's
+  events, and its state after the reply, are what its own respond() gives (same arguments; speakers: one
+  voice per session, None for the session's own): every row keeps its own cache index, positions and keys.
+  A consumer that stops early ends the replies where they are (the caches keep what was decoded)."""
   sessions = list(sessions)
   if not sessions:
     raise ValueError("respond_together: no sessions")
+  replies = start_replies(sessions, speak=speak, max_new_tokens=max_new_tokens, seed=seed, speakers=speakers,
+                          talker=talker, **sampling)
+  engine = replies[0].engine
+  index = {id(r.reply): i for i, r in enumerate(replies)}
+  ended = False
+  try:
+    for reply, kind, value in engine.run([r.reply for r in replies]):
+      i = index.get(id(reply))
+      if i is not None:
+        for e in replies[i].on(kind, value):
+          yield i, e
+    ended = True
+  finally:
+    if not ended:  # a consumer that stopped early (a dropped client), or a failed call
+      for r in replies:
+        r.abort()
+  ends = [r.end() for r in replies]  # the sessions' bookkeeping before any yield: a consumer may stop
+  for i, (r, end) in enumerate(zip(replies, ends)):
+    for e in r.final_events(*end):
+      yield i, e
+
+
+class SessionReply:
+  """One session's reply in an engine: its engine.Reply, and the events it makes as the engine decodes it."""
+
+  def __init__(self, session: OmniSession, reply: engine_lib.Reply, engine: engine_lib.Engine, synth,
+               stop_ids: tuple):
+    self.session, self.reply, self.engine, self.stop_ids = session, reply, engine, stop_ids
+    self.row = _Row(session, synth, frozenset(stop_ids))
+    self.ended = False  # the session's bookkeeping is done
+
+  def on(self, kind: str, value: int) -> list[Event]:
+    """The events of one decoded token or code."""
+    return self.row.add_token(value) if kind == "token" else self.row.add_code(value)
+
+  def abort(self) -> None:
+    """End the reply where it is (a dropped client, barge-in): the cache keeps what was decoded and the session
+    goes on; a reply whose caches went down with a failed call closes its session."""
+    s = self.session
+    self.engine.cancel(self.reply)
+    if s._conv.cache is None:
+      s.close()
+    elif self.reply.tokens:
+      s._after_reply(self.reply)
+      self.ended = True
+
+  def end(self) -> tuple[np.ndarray, bool]:
+    """The session's bookkeeping once the engine released the reply: (its ids, whether a stop id ended it)."""
+    if self.ended:
+      tokens = np.asarray(self.reply.tokens, np.int32)
+      return tokens, len(tokens) > 0 and int(tokens[-1]) in self.session.model.stop_ids
+    self.ended = True
+    return self.session._after_reply(self.reply)
+
+  def final_events(self, tokens: np.ndarray, stop: bool) -> Iterator[Event]:
+    """What is left once the reply ended: the held-back text, the synthesizer's last audio, "done"."""
+    row, reply = self.row, self.reply
+    piece = row.stream.finish()
+    if piece:
+      yield row.event("text", piece)
+    codes = None
+    if reply.settings.speak:
+      codes = np.asarray(reply.codes, np.int32)
+      if len(codes) and int(codes[-1]) in self.stop_ids:
+        codes = codes[:-1]
+      if row.synth is not None:
+        for a in row.synth.finish():
+          yield row.audio(a)
+    row.timings["end"] = time.perf_counter() - row.t0
+    yield row.event("done", Done(row.stream.text, tokens, "stop" if stop else "length", row.prompt_tokens, codes,
+                                 row.timings))
+
+
+def start_replies(sessions, engine=None, *, speak: bool = False, max_new_tokens: Optional[int] = None,
+                  seed: Optional[int] = None, speakers=None, talker: Optional[Mapping] = None,
+                  **sampling) -> list[SessionReply]:
+  """Close the sessions' turns and submit their replies to `engine` (default: the model's engine with a slot
+  per session; respond_together's arguments); the caller drives the engine (SessionReply.engine) and routes
+  its events to SessionReply.on."""
   first = sessions[0]
   g = first._g
-  if any(s._g is not g for s in sessions):
+  if any(s.model is not first.model for s in sessions):
     raise SessionError("respond_together: the sessions belong to different models")
   if len({(s.max_len, s.speech, s.max_codes) for s in sessions}) > 1:
     raise SessionError("respond_together: the sessions differ in max_len, speech or max_codes (cache shapes)")
-  unknown = set(sampling) - set(_SAMPLING_KEYS)
-  if unknown:
-    raise TypeError(f"unknown generation arguments {sorted(unknown)}")
   if speak and not first.speech:
     why = "this model has no Talker (config.model.talker)" if first.model.config.model.get("talker") is None \
         else "the session was opened with speech=False"
     raise SessionError(f"respond(speak=True): {why}")
-  d = g.defaults
-  n_new = int(d.get("max_new_tokens", 256) if max_new_tokens is None else max_new_tokens)
-  if n_new < 1:
-    raise SessionError(f"max_new_tokens must be >= 1, got {n_new}")
-  params = g.sampling(**sampling)
-  seed = int(d.get("seed", 0) if seed is None else seed)
   speakers = list(speakers) if speakers is not None else [None] * len(sessions)
   if len(speakers) != len(sessions):
     raise ValueError(f"{len(speakers)} speakers for {len(sessions)} sessions")
-  settings, talker_seed, stop_ids, speaker_ids = None, 0, frozenset(), np.zeros((len(sessions),), np.int32)
-  if first.speech:
-    speech = first.model.speech
-    if speak:
-      talker = dict(talker or {})
-      t_sampling = speech.sampling(**{k: talker.pop(k) for k in _SAMPLING_KEYS if k in talker})
-      unknown = set(talker) - {"max_new_tokens", "seed", "stop_ids"}
-      if unknown:
-        raise TypeError(f"unknown talker generation arguments {sorted(unknown)}")
-      m = int(talker.get("max_new_tokens", first.max_codes))
-      if not 1 <= m <= first.max_codes:
-        raise SessionError(f"talker max_new_tokens must be in [1, {first.max_codes}] (OmniSession(max_codes=...)), "
-                           f"got {m}")
-      stop_ids = tuple(int(i) for i in talker.get("stop_ids", speech.stop_ids))
-      settings = duplex.TalkerSettings(t_sampling, m, stop_ids, True, speech.code_limit)
-      talker_seed = int(speech.defaults.get("seed", 0) if talker.get("seed") is None else talker["seed"])
-      names = [name or s.speaker for name, s in zip(speakers, sessions)]
-      try:
-        speaker_ids = np.asarray(speech.speaker_tokens(names, len(names)), np.int32)
-      except config_lib.ConfigError as e:
-        raise SessionError(str(e)) from None
-    else:  # a text reply: the Talker's prefix still takes the reply's rows
-      settings = duplex.TalkerSettings(SamplingParams(), 0, (), False)
+  talker_settings = first.model.speech if speak else None
+  options = dict(sampling, max_new_tokens=max_new_tokens, seed=seed)
+  try:
+    settings = reply_settings(g, options, talker=talker_settings, talker_options=talker or {},
+                              max_codes=first.max_codes if speak else None)
+    speaker_ids = (talker_settings.speaker_tokens([name or s.speaker for name, s in zip(speakers, sessions)],
+                                                  len(sessions)) if speak else [0] * len(sessions))
+  except (ValueError, errors.ConfigError) as e:
+    raise SessionError(str(e)) from None
+  n_new = settings.max_new_tokens
+  engine = engine or first._engine(slots=_bucket(len(sessions), 1), max_new_tokens=n_new)
+  if n_new > engine.max_new_tokens:
+    raise SessionError(f"max_new_tokens must be at most {engine.max_new_tokens} here, got {n_new}")
   for s in sessions:
     s._check_open()
   for s in sessions:  # before the turns are closed: nothing is prefilled for a reply that cannot fit
@@ -775,121 +712,31 @@ def respond_together(sessions, *, speak: bool = False, max_new_tokens: Optional[
     if not s._awaiting or s._in_turn:
       s.end_turn()
     s._awaiting = False
-  used = max(s._slots for s in sessions)  # the batch writes from its largest index
-  if used + n_new > first.max_len:
-    worst = max(sessions, key=lambda s: s._slots)
-    raise SessionContextLengthError(
-        worst.num_tokens, n_new, worst.context_limit,
-        subject=f"session {worst.id if len(sessions) == 1 else '(batch)'}",
-        hint=f"{used} cache slots used (chunk padding included) + max_new_tokens {n_new} exceed "
-             f"max_len={first.max_len}")
-  eos = tuple(int(i) for i in first.ids.eos_token_ids)
-  key = ("reply", n_new, params, eos, settings, g.vocab_limit)
-  if key not in first._programs:
-    fn = duplex.make_reply_fn(g.graphdef, first._talker_cfg, max_new_tokens=n_new, sampling=params, eos=eos,
-                              pad_token_id=int(first.ids.pad_token_id), talker=settings, vocab_limit=g.vocab_limit,
-                              mesh=g.mesh, rules=g.rules, replicated=_replicated(g.mesh))
-    first._programs[key] = jax.jit(fn, donate_argnums=(1, 5))
-  program = first._programs[key]
-  b = len(sessions)
-  vocab = first._logits.shape[-1]
-  seen = np.zeros((b, vocab if params.penalises else 0), bool)
-  if params.penalises:
-    for r, s in enumerate(sessions):
-      seen[r, np.asarray(s._history, np.int64)] = True
-  start = np.asarray([int(s._top) + 1 for s in sessions], np.int32)
-  cache = duplex.stack_caches([s._cache for s in sessions])
-  talker_cache = duplex.stack_caches([s._talker_cache for s in sessions]) if first.speech else None
-  logits = jnp.concatenate([s._logits for s in sessions], axis=0) if b > 1 else first._logits
-  keys = [jax.random.key_data(jax.random.key(x)) for x in (seed, talker_seed)]
-  rows = [_Row(s, s._make_synthesizer(name or s.speaker) if speak else None, frozenset(stop_ids))
-          for s, name in zip(sessions, speakers)]
-  result: dict = {}
-
-  def run(put):
-    with decode.listening(lambda step, t, done: put("text", step, (t, done))) as text_listener, \
-        decode.listening(lambda step, c, done: put("codes", step, (c, done))) as code_listener:
-      result["out"] = program(g.params, cache, logits, seen, start, talker_cache, speaker_ids, *keys, text_listener,
-                              code_listener)
-      jax.block_until_ready(result["out"])
-
-  streams = _Streams(run, result)
-  try:
-    for kind, (values, stopped) in streams:
-      for r, row in enumerate(rows):
-        add = row.add_token if kind == "text" else row.add_code
-        for e in add(int(values[r]), bool(stopped[r])):
-          yield r, e
-  finally:  # also when the consumer stops early (a dropped client): the loop runs on, its caches are kept
-    streams.join()
-    if "error" in result:
-      for s in sessions:
-        s.close()  # the caches were donated to the failed call
-    else:
-      out = result["out"]
-      caches = duplex.split_cache(out.cache, b)
-      talker_caches = duplex.split_cache(out.talker_cache, b) if first.speech else [None] * b
-      tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-      codes, code_lengths = np.asarray(out.codes), np.asarray(out.code_lengths)
-      replies = [s._commit_reply(caches[r], talker_caches[r], tokens[r], lengths[r], eos)
-                 for r, s in enumerate(sessions)]
-  if "error" in result:
-    raise result["error"]
-  for r, (row, (reply, stop)) in enumerate(zip(rows, replies)):
-    row.tokens = [int(t) for t in reply]
-    for e in row.text(final=True):
-      yield r, e
-    row_codes = None
-    if speak:
-      row_codes = codes[r, :code_lengths[r]]
-      if len(row_codes) and int(row_codes[-1]) in stop_ids:
-        row_codes = row_codes[:-1]
-      if row.synth is not None:
-        for a in row.synth.finish():
-          yield r, row.audio(a)
-    row.timings["end"] = time.perf_counter() - row.t0
-    text = row.session._text(reply.tolist())
-    yield r, row.event("done", Done(text, reply, "stop" if stop else "length", row.prompt_tokens, row_codes,
-                                    row.timings))
+  out = []
+  for s, name, token in zip(sessions, speakers, speaker_ids):
+    reply = engine_lib.Reply(s._conv, dataclasses.replace(settings, speaker=int(token)))
+    out.append(SessionReply(s, engine.submit(reply), engine,
+                            s._make_synthesizer(name or s.speaker) if speak else None, settings.stop))
+  return out
 
 
-def _replicated(mesh):
-  return None if mesh is None or mesh.size == 1 else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-class WholeUtterance:
-  """The synthesizer for a vocoder that cannot stream (Griffin-Lim): the reply is voiced when its codes end."""
-
-  def __init__(self, voicer, speaker: Optional[str]):
-    self.voicer, self.speaker, self.codes = voicer, speaker, []
-
-  def push(self, codes) -> list:
-    self.codes.extend(int(c) for c in np.asarray(codes).reshape(-1))
-    return []
-
-  def finish(self) -> list:
-    return [self.voicer(np.asarray(self.codes, np.int32), self.speaker).audio] if self.codes else []
+def _bucket(n: int, least: int) -> int:
+  """n rounded up to a power of two (at least `least`): engine shapes shared by similar replies."""
+  n = max(int(n), int(least), 1)
+  return 1 << (n - 1).bit_length()
 
 
 def default_synthesizer(model, speaker: Optional[str]):
-  """How a reply's codes become audio events, for a model with Token2Wav (else None: codes only): with BigVGAN,
-  omni_jax.token2wav.streaming.StreamingSynthesizer (config.generate.token2wav[.streaming], the voice's seed);
-  with Griffin-Lim (a model whose BigVGAN was never converted: token2wav/voice.py "auto") the whole reply at
-  its end. A model that cannot voice the speaker (no cond / ref_mel) logs why and streams codes only."""
+  """How a reply's codes become audio events, for a model with Token2Wav (else None: codes only): the synthesizer
+  of omni_jax.token2wav.synthesis for the model's vocoder. A model that cannot voice the speaker (no cond /
+  ref_mel) logs why and streams codes only."""
   if not model.has_token2wav:
     return None
+  from omni_jax.token2wav import synthesis  # noqa: PLC0415
   from omni_jax.token2wav import voice as voice_lib  # noqa: PLC0415
 
   try:
-    voicer = model.voicer
-    voice = voicer.voice(speaker)
+    return synthesis.synthesizer_for(model.voicer, speaker)
   except voice_lib.VoiceError as e:
     log.warning("speech codes only, no audio: %s", e)
     return None
-  if voicer.vocoder != "bigvgan":
-    return WholeUtterance(voicer, speaker)
-  from omni_jax.token2wav import streaming  # noqa: PLC0415
-
-  _, settings = streaming.from_config(model.config)
-  return streaming.StreamingSynthesizer(voicer.token2wav, voice.cond, voice.ref_mel, sampler=voicer.sampler,
-                                        streaming=settings, seed=voicer.settings.seed)

@@ -22,11 +22,13 @@ import dataclasses
 
 import numpy as np
 
-from omni_jax.batch import IGNORE, TALKER_FIELDS
+from omni_jax.batch import IGNORE
 
 NONE = -1  # no text-track source / no codec input at this position
 
-FIELDS = TALKER_FIELDS  # per-position fields of a Talker row, [B, T] int32 each
+# The per-position fields of a Talker row, [B, T] int32 each (the batch fields of omni_jax.talker.data).
+FIELDS = ("talker_text_src", "talker_text_id", "talker_codes_in", "talker_labels", "talker_segment_ids",
+          "talker_anchor", "talker_offset")
 
 
 @dataclasses.dataclass(frozen=True)

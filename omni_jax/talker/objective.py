@@ -19,9 +19,10 @@ import jax.numpy as jnp
 from omni_jax import batch as batch_lib
 from omni_jax import dpo as dpo_lib
 from omni_jax import preference, towers
-from omni_jax.models import thinker_tower
 from omni_jax.models.talker import zero_media_rows
 from omni_jax.talker.layout import NONE
+from omni_jax.thinker import inputs as thinker_inputs
+from omni_jax.thinker import objective as thinker_objective
 
 Batch = Mapping[str, jax.Array]
 
@@ -34,7 +35,7 @@ def _take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
 def talker_inputs(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
   """(inputs_embeds [B, T, D] of the Talker rows, positions [3, B, T]) from the Thinker's forward."""
   thinker, talker = model.thinker, model.talker
-  out = thinker_tower.outputs(thinker, batch)
+  out = thinker_inputs.outputs(thinker, batch)
   ids = thinker.ids
   embeds = out["embeds"].astype(jnp.float32)
   zeroed = zero_media_rows(embeds, batch["input_ids"], (ids.audio_token_id, ids.image_token_id, ids.video_token_id))
@@ -78,7 +79,7 @@ def code_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> di
   labels = batch["talker_labels"]
   valid = labels != batch_lib.IGNORE
   kind = _take_rows(batch["kind"][..., None], batch["talker_anchor"])[..., 0]  # the sample's modality
-  return thinker_tower.per_kind_sums(logits, jnp.where(valid, labels, 0), valid, kind, evaluate)
+  return thinker_objective.per_kind_sums(logits, jnp.where(valid, labels, 0), valid, kind, evaluate)
 
 
 def num_codes(batch: Batch) -> jax.Array:
@@ -93,7 +94,7 @@ def pair_logprobs(logits: jax.Array, batch: Batch, max_pairs: int) -> preference
   replies (the targets of the code loss, grouped by talker_dpo_pair)."""
   labels = batch["talker_labels"]
   valid = labels != batch_lib.IGNORE
-  logp = thinker_tower.target_logprobs(logits, jnp.where(valid, labels, 0))
+  logp = thinker_objective.target_logprobs(logits, jnp.where(valid, labels, 0))
   return preference.pair_sums(logp, valid, batch["talker_dpo_pair"], max_pairs)
 
 
@@ -110,7 +111,7 @@ def dpo_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> dic
   def reference(ref):
     return pair_logprobs(talker_logits(ref, batch), batch, cfg.max_pairs_per_row)
 
-  thinker_out = thinker_tower.outputs(model.thinker, batch)  # shared with the policy's forward above
+  thinker_out = thinker_inputs.outputs(model.thinker, batch)  # shared with the policy's forward above
   return cfg.sums(policy, dpo_lib.reference(model, cfg, "talker_dpo", reference, ("thinker", "talker"),
                                             {"thinker": thinker_out}))
 

@@ -18,22 +18,15 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from omni_jax import towers
 from omni_jax.talker.layout import CodecIds, SpokenReply
 
 NO_CODES = "no_speech_codes"  # skip reason: a spoken reply whose audio the codes index does not hold
-REASONS = (NO_CODES, "bad_speaker")
-
-
-class SpeechTargetError(ValueError):
-  """A spoken reply that cannot become Talker targets; `reason` is one of REASONS."""
-
-  def __init__(self, reason: str, message: str):
-    super().__init__(message)
-    self.reason = reason
+REASONS = (NO_CODES, "bad_speaker")  # the skips of towers.TargetError raised here (and "bad_pair")
 
 
 @dataclasses.dataclass(frozen=True)
-class SpeechTargets:
+class SpeechTargets(towers.Targets):
   """Picklable: what the preprocessor needs to turn spoken replies into Talker targets."""
   codes_path: str
   units_version: str
@@ -68,21 +61,50 @@ class SpeechTargets:
     else:
       ids, what = self._index().lookup(message["speech"]), f"the codes of {message['speech']}"
     if ids is None:
-      raise SpeechTargetError(NO_CODES, f"{name}: the speech {message['speech']} is not in the codes index "
-                                        f"{self.codes_path} (run `python -m omni_jax.units encode` over this data)")
+      raise towers.TargetError(NO_CODES, f"{name}: the speech {message['speech']} is not in the codes index "
+                                         f"{self.codes_path} (run `python -m omni_jax.units encode` over this data)")
     if ids.size == 0 or (ids.max() >= self.num_codes):
-      raise SpeechTargetError(NO_CODES, f"{name}: {what} are empty or exceed "
-                                        f"config.model.talker.num_codes={self.num_codes}")
+      raise towers.TargetError(NO_CODES, f"{name}: {what} are empty or exceed "
+                                         f"config.model.talker.num_codes={self.num_codes}")
     speaker = message.get("speaker", self.default_speaker)
     table = dict(self.speakers)
     if speaker not in table:
-      raise SpeechTargetError("bad_speaker", f"{name}: speaker {speaker!r} is not in config.model.talker.speakers "
-                                             f"{sorted(table)}")
+      raise towers.TargetError("bad_speaker", f"{name}: speaker {speaker!r} is not in config.model.talker.speakers "
+                                              f"{sorted(table)}")
     start, end = spans[j]
     if end - start < 2:  # no content before <|im_end|>: nothing to say
       return None
     return SpokenReply(reply_start=start, reply_len=end - start, codes=ids.astype(np.int32),
                        speaker_token=table[speaker], ids=self.ids)
+
+  def sample(self, name: str, messages: Sequence[Mapping], spans: Sequence[tuple[int, int]],
+             pair: bool) -> Optional[SpokenReply]:
+    """reply(); a preference pair's reply given as `speech` needs the codes index (its codes differ from the
+    other reply's, or not, only in the index)."""
+    if pair and not self.codes_path and messages[-1].get("speech"):
+      raise towers.TargetError(NO_CODES, f"{name}: the speech {messages[-1]['speech']} needs a codes index "
+                                         "(config.data.speech_codes: `python -m omni_jax.units encode`), or give "
+                                         "the reply's `codes`")
+    return self.reply(name, messages, spans)
+
+  def prefers(self, name: str, chosen: Optional[SpokenReply], rejected: Optional[SpokenReply], text: bool) -> bool:
+    """A pair trains the Talker when both replies are spoken (two code sequences, for a voice or a pace); then
+    its codes must differ unless its texts do."""
+    if (chosen is None) != (rejected is None):
+      one = "chosen" if chosen is not None else "rejected"
+      raise towers.TargetError("bad_pair", f"{name}: only the {one} reply is spoken; a pair that trains the Talker "
+                                           "needs both replies spoken (`speech` or `codes`), or neither")
+    if chosen is None:
+      return False
+    if not text and np.array_equal(chosen.codes, rejected.codes):
+      raise towers.TargetError("bad_pair", f"{name}: the chosen and rejected replies have the same text and their "
+                                           "speeches have the same codes: nothing to prefer")
+    return True
+
+  def bucket_sizes(self, seq_len: int) -> dict[str, int]:
+    # A Talker row holds each spoken sample's prompt, two more rows and its codes, which outnumber the reply's
+    # tokens: twice the Thinker row leaves room for them.
+    return {"talker_seq_len": 2 * seq_len}
 
 
 _INDEX_CACHE: dict = {}  # per process: one load of each codes index

@@ -2,7 +2,7 @@
 produce and the BigVGAN vocoder (omni_jax/models/bigvgan.py) turns into 24 kHz audio; also the speaker
 reference mel.
 
-Source. transformers ships no analysis (the released speakers' ref_mel is pre-computed, spec §8.4). The one
+Source. transformers ships no analysis (the released speakers' ref_mel is pre-computed, shipped in spk_dict.pt). The one
 published Qwen recipe for this DiT + BigVGAN pair is Qwen3-TTS's 25 Hz tokenizer, whose decoder is the same
 Token2Wav design (ECAPA speaker encoder on the reference mel, block DiT, BigVGAN with the same in-vocoder mel
 normalisation): QwenLM/Qwen3-TTS, qwen_tts/core/tokenizer_25hz/vq/speech_vq.py, `XVectorExtractor.mel_ext =

@@ -1,4 +1,5 @@
-"""Samplers of the DiT's flow (spec §8.3): noise at t = 0 -> mel at t = 1 along dx/dt = v(t, x).
+"""Samplers of the DiT's flow, as transformers' Token2Wav runs them: noise at t = 0 -> mel at t = 1 along
+dx/dt = v(t, x).
 
 - time grid: linspace(0, 1, num_steps) warped by sway: t + s (cos(pi t / 2) - 1 + t) (s = -1: 1 - cos(pi t / 2));
 - velocity: classifier-free guidance v = v_c + g (v_c - v_u) with one batch-doubled DiT pass (unconditional
@@ -7,7 +8,8 @@
   "euler": x += dt v(t0, x), 1 evaluation per interval (the fast streaming option).
 
 Explicit `noise` [B, T, mel] or a `seed` makes the mel reproducible; the whole loop is one jit
-(lax.fori_loop over the intervals), compiled once per (model graph, shapes, sampler settings).
+(lax.fori_loop over the intervals), compiled once per (model graph, shapes, sampler settings). `flow_mel` is
+that program for whole utterances (`sample`) and streaming windows (token2wav.streaming) alike.
 """
 
 import dataclasses
@@ -19,7 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from omni_jax.config import ConfigError, from_config_dict
+from omni_jax.config import from_config_dict
+from omni_jax.errors import ConfigError
 
 METHODS = ("rk4", "euler")
 
@@ -83,12 +86,26 @@ def integrate(velocity, x0: jax.Array, grid: jax.Array, method: str) -> jax.Arra
   return jax.lax.fori_loop(0, grid.shape[0] - 1, interval, x0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
-def _sample(graphdef, state, reference_mel, speaker, codes, noise, num_steps, guidance_scale, sway_coefficient,
-            method):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
+def _flow(graphdef, state, reference_mel, speaker, codes, noise, frames, num_steps, guidance_scale, sway_coefficient,
+          method):
   model = nnx.merge(graphdef, state)
+  if frames is not None:  # a right-padded window: the padding is invisible to the real frames
+    model = functools.partial(model, frames=frames)
   velocity = lambda t, x: guided_velocity(model, x, reference_mel, speaker, codes, t, guidance_scale)
   return integrate(velocity, noise, time_grid(num_steps, sway_coefficient), method)
+
+
+def flow_mel(dit_split: tuple, reference_mel, speaker, codes, noise, sampler: SamplerConfig,
+             frames: Optional[jax.Array] = None) -> jax.Array:
+  """The DiT's mel [B, T, mel] from `noise` [B, T, mel] under the one compiled sampler program.
+
+  dit_split: nnx.split(dit), split once by callers that sample often. frames (int32 scalar, optional): the
+  real frames of a right-padded window (token2wav.streaming); None for a whole utterance."""
+  sway = None if sampler.sway_coefficient is None else float(sampler.sway_coefficient)
+  return _flow(*dit_split, jnp.asarray(reference_mel, jnp.float32), jnp.asarray(speaker, jnp.float32),
+               jnp.asarray(codes, jnp.int32), jnp.asarray(noise, jnp.float32), frames, sampler.num_steps,
+               float(sampler.guidance_scale), sway, sampler.method)
 
 
 def sample(model, codes: jax.Array, speaker: jax.Array, reference_mel: jax.Array, *,
@@ -113,8 +130,4 @@ def sample(model, codes: jax.Array, speaker: jax.Array, reference_mel: jax.Array
     raise ValueError(f"token2wav.sample: noise {tuple(noise.shape)} must be {shape} (codes {tuple(codes.shape)}, "
                      f"repeats={cfg.repeats}, mel_dim={cfg.mel_dim})")
   model.check_inputs(noise, reference_mel, speaker, codes)
-  graphdef, state = nnx.split(model)
-  sway = None if sampler.sway_coefficient is None else float(sampler.sway_coefficient)
-  return _sample(graphdef, state, jnp.asarray(reference_mel, jnp.float32), jnp.asarray(speaker, jnp.float32),
-                 jnp.asarray(codes, jnp.int32), jnp.asarray(noise, jnp.float32), sampler.num_steps,
-                 float(sampler.guidance_scale), sway, sampler.method)
+  return flow_mel(nnx.split(model), reference_mel, speaker, codes, noise, sampler)

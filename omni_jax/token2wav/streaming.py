@@ -1,7 +1,7 @@
 """Chunked (streaming) Token2Wav: speech codes arrive in pieces, 24 kHz audio leaves chunk by chunk.
 
   synth = StreamingSynthesizer(model.token2wav, cond, ref_mel, sampler=SamplerConfig(method="euler"), seed=0)
-  synth.warm_up()                             # optional: compile the 4 window programs before the first codes
+  synth.warm_up()                             # optional: compile the 4 window shapes before the first codes
   for codes in talker_pieces:                 # any sizes, e.g. one code at a time
     for audio in synth.push(codes):           # np.float32 [S] (or [B, S] when cond is [B, D]), ready now
       play(audio)
@@ -13,7 +13,8 @@
 
 cond [D] / [B, D] and ref_mel [T_ref, mel] / [B, T_ref, mel] are the voice (synthesis.synthesize's); rows of a
 batch advance together (the same number of codes). Settings: `sampler` (config.generate.token2wav) and
-`streaming` (StreamingConfig, config.generate.token2wav.streaming; `from_config` reads both).
+`streaming` (StreamingConfig, config.generate.token2wav.streaming; `from_config` reads both). A model's
+synthesizer comes from synthesis.synthesizer_for, which takes this one for BigVGAN.
 
 The scheme (Qwen's Qwen2Code2wav, generalised; docs/token2wav.md "Streaming synthesis"), in DiT blocks of
 block_size mel frames (24 = 12 codes = 0.24 s for the released model):
@@ -32,17 +33,18 @@ block_size mel frames (24 = 12 codes = 0.24 s for the released model):
   (Qwen's trim; the vocoder's receptive field is about 14 frames, so 20 frames of context make the seam exact
   up to the right context's own DiT error). Chunks concatenate to the whole utterance's length.
 
-Compiles stay bounded: every DiT window is right-padded to one of two lengths ((first + future) and
-(past + chunk + future) blocks) and the padding is masked out of attention (DiT `frames`), so it changes
-nothing; every vocoder window is one of two lengths (first chunk + context, chunk + 2 x context), padded on the
-right by repeating the last frame when the window ends before the utterance does (the padding lies beyond the
-kept samples' receptive field), and the final window is moved left (more real context) to a bucket length so
-that the utterance's end is vocoded as the whole utterance's is. Only utterances shorter than a bucket compile
-their final vocoder window per length, as whole-utterance synthesis compiles every length.
+Compiles stay bounded. The DiT and BigVGAN programs are whole-utterance synthesis's own (sampling.flow_mel,
+vocoding.vocode), here at a few window shapes: every DiT window is right-padded to one of two lengths
+((first + future) and (past + chunk + future) blocks) and the padding is masked out of attention (DiT
+`frames`), so it changes nothing; every vocoder window is one of two lengths (first chunk + context,
+chunk + 2 x context), padded on the right by repeating the last frame when the window ends before the
+utterance does (the padding lies beyond the kept samples' receptive field), and the final window is moved left
+(more real context) to a bucket length so that the utterance's end is vocoded as the whole utterance's is.
+Only utterances shorter than a bucket compile their final vocoder window per length, as whole-utterance
+synthesis compiles every length.
 """
 
 import dataclasses
-import functools
 import time
 from typing import Optional
 
@@ -52,8 +54,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from omni_jax.config import ConfigError, from_config_dict
+from omni_jax.config import from_config_dict
+from omni_jax.errors import ConfigError
 from omni_jax.token2wav import sampling
+from omni_jax.token2wav import vocoding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,21 +105,6 @@ def utterance_noise(seed: int, batch: int, stop: int, block_size: int, mel_dim: 
             for b in range(start // block_size, -(-stop // block_size))]
   out = np.concatenate(blocks, axis=1) if blocks else np.zeros((batch, 0, mel_dim), np.float32)
   return out[:, :stop - start]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
-def _window_mel(graphdef, state, reference_mel, speaker, codes, x0, frames, num_steps, guidance_scale,
-                sway_coefficient, method):
-  """The mel of one right-padded window from its slice x0 of the utterance's noise."""
-  model = nnx.merge(graphdef, state)
-  masked = functools.partial(model, frames=frames)  # the padded frames are invisible to the real ones
-  velocity = lambda t, x: sampling.guided_velocity(masked, x, reference_mel, speaker, codes, t, guidance_scale)
-  return sampling.integrate(velocity, x0, sampling.time_grid(num_steps, sway_coefficient), method)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _vocode(graphdef, state, mel):
-  return nnx.merge(graphdef, state)(mel)
 
 
 def _bucket(length: int, buckets: tuple[int, ...]) -> int:
@@ -216,17 +205,15 @@ class StreamingSynthesizer:
       out.append(self._emit(start, min(stop, self.frames), final=True))
 
   def warm_up(self) -> None:
-    """Compile the window programs now (2 DiT, 2 vocoder lengths), so that the first chunk pays no compile;
+    """Compile the window shapes now (2 DiT, 2 vocoder lengths), so that the first chunk pays no compile;
     they are shared by every synthesizer of the same model, batch size and settings."""
     repeats, mel_dim = self.cfg.repeats, self.cfg.mel_dim
-    sway = self.sampler.sway_coefficient
     for length in self._dit_buckets:
-      jax.block_until_ready(_window_mel(
-          *self._dit, self._reference_mel, self._speaker, jnp.zeros((self.batch, length // repeats), jnp.int32),
-          jnp.zeros((self.batch, length, mel_dim), jnp.float32), jnp.int32(length), self.sampler.num_steps,
-          float(self.sampler.guidance_scale), None if sway is None else float(sway), self.sampler.method))
+      jax.block_until_ready(sampling.flow_mel(
+          self._dit, self._reference_mel, self._speaker, jnp.zeros((self.batch, length // repeats), jnp.int32),
+          jnp.zeros((self.batch, length, mel_dim), jnp.float32), self.sampler, frames=jnp.int32(length)))
     for length in self._vocoder_buckets:
-      jax.block_until_ready(_vocode(*self._vocoder, jnp.zeros((self.batch, length, mel_dim), jnp.float32)))
+      jax.block_until_ready(vocoding.vocode(self._vocoder, jnp.zeros((self.batch, length, mel_dim), jnp.float32)))
 
   @property
   def frames(self) -> int:
@@ -276,7 +263,7 @@ class StreamingSynthesizer:
     mel = np.concatenate([self._mel[:, v_lo:start], window[:, start - lo:v_hi - lo]], axis=1)
     if not at_end:  # right padding: the repeated last frame
       mel = np.pad(mel, ((0, 0), (0, length - mel.shape[1]), (0, 0)), mode="edge")
-    wave = np.asarray(_vocode(*self._vocoder, jnp.asarray(mel)))
+    wave = np.asarray(vocoding.vocode(self._vocoder, mel))
     audio = wave[:, (start - v_lo) * self.hop:(stop - v_lo) * self.hop]
     self._chunk += 1
     self.times.append(time.perf_counter())
@@ -293,10 +280,8 @@ class StreamingSynthesizer:
     else:
       x0 = utterance_noise(self.seed, self.batch, hi, self.block, self.cfg.mel_dim, start=lo)
     x0 = np.pad(x0, ((0, 0), (0, length - (hi - lo)), (0, 0)))
-    sway = self.sampler.sway_coefficient
-    mel = _window_mel(self._dit[0], self._dit[1], self._reference_mel, self._speaker, jnp.asarray(codes),
-                      jnp.asarray(x0), jnp.int32(hi - lo), self.sampler.num_steps,
-                      float(self.sampler.guidance_scale), None if sway is None else float(sway), self.sampler.method)
+    mel = sampling.flow_mel(self._dit, self._reference_mel, self._speaker, codes, x0, self.sampler,
+                            frames=jnp.int32(hi - lo))
     return np.asarray(mel)[:, :hi - lo]
 
 

@@ -31,19 +31,16 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from omni_jax import towers
+from omni_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 NO_CODES = "no_speech_codes"  # shared with the Talker (omni_jax.talker.targets)
 BAD_AUDIO = "bad_speech_audio"  # the reply's audio (or its speaker's reference clip) cannot be analysed
-REASONS = (BAD_AUDIO,)
+REASONS = (BAD_AUDIO,)  # the skips of towers.TargetError raised here (and NO_CODES)
 TIME_SAMPLING = ("cosine", "uniform", "logit_normal")
 OBJECTIVE = "token2wav_flow"
-
-
-def ConfigError(message: str) -> Exception:  # noqa: N802 - omni_jax.config.ConfigError, imported on use only
-  from omni_jax.config import ConfigError as error  # noqa: PLC0415 - omni_jax.config imports jax: not in workers
-
-  return error(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +146,6 @@ class FlowTriple:
     return int(self.mel.shape[0])
 
 
-class FlowTargetError(ValueError):
-  def __init__(self, reason: str, message: str):
-    super().__init__(message)
-    self.reason = reason
-
-
 @functools.lru_cache(maxsize=512)
 def _mel_of(path: str) -> np.ndarray:
   from omni_jax.token2wav import mel  # noqa: PLC0415 - librosa, only in the workers that need it
@@ -166,7 +157,7 @@ _INDEX_CACHE: dict = {}
 
 
 @dataclasses.dataclass(frozen=True)
-class FlowTargets:
+class FlowTargets(towers.Targets):
   """Picklable: what the preprocessor needs to turn spoken replies into DiT triples."""
   codes_path: str
   units_version: Optional[str]
@@ -196,8 +187,8 @@ class FlowTargets:
     try:
       ref = _mel_of(path)
     except Exception as e:  # noqa: BLE001 - a bad reference clip is this sample's skip, not a crash
-      raise FlowTargetError(BAD_AUDIO, f"{name}: the reference clip {path} of speaker {speaker!r} cannot be "
-                                       f"analysed: {type(e).__name__}: {e}") from None
+      raise towers.TargetError(BAD_AUDIO, f"{name}: the reference clip {path} of speaker {speaker!r} cannot be "
+                                          f"analysed: {type(e).__name__}: {e}") from None
     return ref[np.arange(self.ref_frames) % ref.shape[0]]
 
   def triple(self, name: str, messages: Sequence[Mapping]) -> Optional[FlowTriple]:
@@ -209,21 +200,32 @@ class FlowTargets:
     path = message["speech"]
     ids = self._index().lookup(path)
     if ids is None:
-      raise FlowTargetError(NO_CODES, f"{name}: the speech {path} is not in the codes index {self.codes_path} "
-                                      "(run `python -m omni_jax.units encode` over this data)")
+      raise towers.TargetError(NO_CODES, f"{name}: the speech {path} is not in the codes index {self.codes_path} "
+                                         "(run `python -m omni_jax.units encode` over this data)")
     if ids.size == 0 or ids.max() >= self.num_codes:
-      raise FlowTargetError(NO_CODES, f"{name}: the codes of {path} are empty or exceed the DiT's code table "
-                                      f"(config.model.token2wav.dit.num_embeds + 1 = {self.num_codes} rows)")
+      raise towers.TargetError(NO_CODES, f"{name}: the codes of {path} are empty or exceed the DiT's code table "
+                                         f"(config.model.token2wav.dit.num_embeds + 1 = {self.num_codes} rows)")
     try:
       target = _mel_of(path)
     except Exception as e:  # noqa: BLE001 - undecodable or too short: skipped and counted
-      raise FlowTargetError(BAD_AUDIO, f"{name}: {path} cannot be analysed: {type(e).__name__}: {e}") from None
+      raise towers.TargetError(BAD_AUDIO, f"{name}: {path} cannot be analysed: {type(e).__name__}: {e}") from None
     n = min(ids.size, target.shape[0] // self.repeats, self.max_frames // self.repeats)
     if n == 0:
-      raise FlowTargetError(BAD_AUDIO, f"{name}: {path} gives fewer than {self.repeats} mel frames")
+      raise towers.TargetError(BAD_AUDIO, f"{name}: {path} gives fewer than {self.repeats} mel frames")
     speaker = message.get("speaker", self.default_speaker)
     return FlowTriple(ids[:n].astype(np.int32), target[:n * self.repeats],
                       self.reference(name, speaker, path))
+
+  def sample(self, name: str, messages: Sequence[Mapping], spans: Sequence[tuple[int, int]],
+             pair: bool) -> Optional[FlowTriple]:
+    """triple(); a preference pair's sides get none (a DiT row holds one reply: a pair would need two)."""
+    del spans
+    return None if pair else self.triple(name, messages)
+
+  def bucket_sizes(self, seq_len: int) -> dict[str, int]:
+    del seq_len  # one DiT row per Thinker row, as long as config.train.token2wav.max_frames
+    return {"token2wav_frames": self.max_frames, "token2wav_ref_frames": self.ref_frames,
+            "token2wav_repeats": self.repeats}
 
 
 def speaker_pools(config, datasets: Mapping[str, object], flow: FlowConfig) -> tuple:

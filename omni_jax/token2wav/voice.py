@@ -4,9 +4,10 @@
   out = voicer(codes, speaker="Chelsie")       # Voiced(audio [S] float32 in [-1, 1], mel [T, 80], 24000, vocoder)
   voice.write_wav("reply.wav", out.audio); voice.save_mel_png("reply.png", out.mel)
 
-Steps: the DiT samples a mel from seeded noise (token2wav.sampling: RK4 or Euler, guidance; config.generate.
-token2wav), then the vocoder turns it into audio. S = len(codes) * repeats (2) * 240 samples (480 per code,
-20 ms at 24 kHz) with either vocoder.
+Steps (token2wav.synthesis.synthesize): the DiT samples a mel from seeded noise (token2wav.sampling: RK4 or
+Euler, guidance; config.generate.token2wav), then the vocoder turns it into audio. S = len(codes) * repeats (2)
+* 240 samples (480 per code, 20 ms at 24 kHz) with either vocoder. A reply voiced while its codes arrive:
+token2wav.synthesis.synthesizer_for(voicer, speaker).
 
 Which vocoder (config.generate.voice.vocoder):
   "bigvgan"      the model's BigVGAN (omni_jax/models/bigvgan.py);
@@ -22,7 +23,7 @@ Voices: each needs `cond` [enc_emb_dim] (the speaker vector) and `ref_mel` [T_re
 voice, fed to the DiT's ECAPA encoder). Looked up, in order:
   1. speakers.safetensors stored with the checkpoint: the released speakers (Chelsie, Ethan; the converter
      writes it from spk_dict.pt), and voices trained here (the new-voice recipe writes it, docs/new_voice.md);
-  2. spk_dict.pt of a transformers directory (needs torch);
+  2. spk_dict.pt of a transformers directory (read without torch: omni_jax.convert.speakers);
   3. a DiT trained here (omni_jax.token2wav.targets): its cond is zero and the voice comes through ECAPA over a
      reference clip, so config.train.token2wav.references[name] (the first clip), or any clip given as
      `reference_audio` (voice_from_clip; generate.py --reference_audio), voices it as training did: the clip's
@@ -45,16 +46,18 @@ import numpy as np
 from flax import nnx
 
 from omni_jax import config as config_lib
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.token2wav import griffin_lim
 from omni_jax.token2wav import sampling
+from omni_jax.token2wav import streaming as streaming_lib
 from omni_jax.token2wav import synthesis
-from omni_jax.token2wav.synthesis import SAMPLE_RATE
+from omni_jax.token2wav import vocoding
+from omni_jax.token2wav.vocoding import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 VOCODERS = ("auto", "bigvgan", "griffin_lim")
-SPEAKERS_FILE = "speakers.safetensors"  # = omni_jax.convert.speakers.TENSORS_FILE (that module is the torch side)
+SPEAKERS_FILE = "speakers.safetensors"  # = omni_jax.convert.speakers.TENSORS_FILE (the converter's side)
 SPK_DICT = "spk_dict.pt"
 _T2W_ASSET = os.path.join("hf_assets", "token2wav_config.json")  # the converter's record of a released Token2Wav
 
@@ -222,7 +225,7 @@ def _train_references(config: ml_collections.ConfigDict) -> tuple[dict, Optional
 
 def voices_of(path: Optional[str]) -> tuple[dict[str, Voice], Optional[str]]:
   """The voices stored with a checkpoint and the file they came from: speakers.safetensors beside params/ or
-  its config.json (converter, new-voice recipe), else a transformers directory's spk_dict.pt (needs torch)."""
+  its config.json (converter, new-voice recipe), else a transformers directory's spk_dict.pt."""
   if path is None:
     return {}, None
   path = os.path.abspath(os.path.expanduser(path))
@@ -245,8 +248,7 @@ def voices_of(path: Optional[str]) -> tuple[dict[str, Voice], Optional[str]]:
 
     f = os.path.join(path, SPK_DICT)
     table = speakers.read_spk_dict(f)
-    return {n: _voice(n, e["cond"].float().numpy(), e["ref_mel"].float().numpy(), f)
-            for n, e in table.items() if "cond" in e and "ref_mel" in e}, f
+    return {n: _voice(n, e["cond"], e["ref_mel"], f) for n, e in table.items() if "cond" in e and "ref_mel" in e}, f
   return {}, None
 
 
@@ -255,7 +257,7 @@ def voices_of(path: Optional[str]) -> tuple[dict[str, Voice], Optional[str]]:
 
 def with_dtype(token2wav, config: ml_collections.ConfigDict, dtype: str):
   """The same Token2Wav computing (and holding its parameters) in `dtype`: a rebuilt graph over cast weights."""
-  from omni_jax.models import token2wav_tower  # pylint: disable=import-outside-toplevel
+  from omni_jax.token2wav import tower as token2wav_tower  # pylint: disable=import-outside-toplevel
 
   dt = config_lib.dtype_of(dtype, "generate.voice.dtype")
   v = token2wav_tower.view(config)
@@ -267,64 +269,42 @@ def with_dtype(token2wav, config: ml_collections.ConfigDict, dtype: str):
   return nnx.merge(graphdef, cast)
 
 
-def voice_codes(token2wav, codes, voice: Voice, *, vocoder: str = "griffin_lim",
-                sampler: sampling.SamplerConfig = sampling.SamplerConfig(), seed: int = 0,
-                griffin_lim_iters: int = griffin_lim.N_ITER) -> Voiced:
-  """One utterance: codes [N] (Talker code ids; ids outside the DiT's table read row 0, as Qwen's code) in
-  `voice` -> Voiced. vocoder: "bigvgan" or "griffin_lim" (resolve "auto" with choose_vocoder first). The same
-  seed gives the same audio. No codes give empty audio."""
-  if vocoder not in ("bigvgan", "griffin_lim"):
-    raise VoiceError(f"vocoder must be 'bigvgan' or 'griffin_lim' here, got {vocoder!r} (choose_vocoder resolves "
-                     "'auto')")
-  codes = np.asarray(codes).reshape(-1).astype(np.int32)
-  dit = token2wav.code2wav_dit_model
-  mel_dim = int(dit.cfg.mel_dim)
-  if voice.ref_mel.shape[-1] != mel_dim:
-    raise VoiceError(f"speaker {voice.name!r}: ref_mel has {voice.ref_mel.shape[-1]} bins, the DiT {mel_dim}")
-  if codes.size == 0:
-    return Voiced(np.zeros(0, np.float32), np.zeros((0, mel_dim), np.float32), SAMPLE_RATE, vocoder)
-  mel = sampling.sample(dit, jnp.asarray(codes[None]), jnp.asarray(voice.cond[None]),
-                        jnp.asarray(voice.ref_mel[None]), seed=seed, sampler=sampler)
-  mel = jnp.asarray(mel, jnp.float32)
-  if vocoder == "bigvgan":
-    audio = np.asarray(synthesis.vocode(token2wav.code2wav_bigvgan_model, mel), np.float32)[0]
-  else:
-    audio = griffin_lim.mel_to_audio(np.asarray(mel[0]), n_iter=griffin_lim_iters, seed=seed)
-  return Voiced(audio, np.asarray(mel[0]), SAMPLE_RATE, vocoder)
-
-
-def settings_of(config: ml_collections.ConfigDict) -> tuple[sampling.SamplerConfig, VoiceSettings]:
-  """(config.generate.token2wav as SamplerConfig, config.generate.voice as VoiceSettings); defaults when unset."""
-  generate = config.get("generate", None)
-  section = generate.get("token2wav", None) if generate is not None else None
-  if section is not None and "streaming" in section:  # the chunked synthesizer's own subsection (streaming.py)
-    section = ml_collections.ConfigDict({k: v for k, v in section.items() if k != "streaming"})
-  sampler = sampling.SamplerConfig.from_config(section)
+def settings_of(config: ml_collections.ConfigDict) -> tuple[sampling.SamplerConfig, streaming_lib.StreamingConfig,
+                                                               VoiceSettings]:
+  """config.generate.token2wav (the sampler and its `streaming` chunk sizes) and config.generate.voice, checked;
+  defaults when unset."""
+  sampler, chunks = streaming_lib.from_config(config)
   sampler.validate("generate.token2wav")
-  return sampler, VoiceSettings.from_config(generate.get("voice", None) if generate is not None else None)
+  chunks.validate("generate.token2wav.streaming")
+  generate = config.get("generate", None)
+  return sampler, chunks, VoiceSettings.from_config(generate.get("voice", None) if generate is not None else None)
 
 
 class Voicer:
   """A model's Token2Wav bound to its voices and settings: voicer(codes, speaker=...) -> Voiced.
 
   token2wav: the model's Token2Wav module (model.token2wav); voices: {name: Voice}; vocoder: "bigvgan" or
-  "griffin_lim"; default_speaker: the voice used when none is named.
+  "griffin_lim"; default_speaker: the voice used when none is named; streaming: the chunk sizes of a reply
+  voiced while its codes arrive (token2wav.synthesis.synthesizer_for).
   """
 
   def __init__(self, token2wav, voices: dict, *, vocoder: str,
                sampler: sampling.SamplerConfig = sampling.SamplerConfig(), settings: VoiceSettings = VoiceSettings(),
+               streaming: streaming_lib.StreamingConfig = streaming_lib.StreamingConfig(),
                default_speaker: Optional[str] = None, voices_file: Optional[str] = None,
                ref_frames: Optional[int] = None):
+    if vocoder not in vocoding.VOCODERS:
+      raise VoiceError(f"vocoder must be one of {vocoding.VOCODERS}, got {vocoder!r} (choose_vocoder resolves 'auto')")
     self.token2wav, self.voices, self.vocoder, self.ref_frames = token2wav, dict(voices), vocoder, ref_frames
-    self.sampler, self.settings, self.default_speaker = sampler, settings, default_speaker
-    self.voices_file = voices_file
+    self.sampler, self.settings, self.streaming = sampler, settings, streaming
+    self.default_speaker, self.voices_file = default_speaker, voices_file
 
   @classmethod
   def from_model(cls, token2wav, config: ml_collections.ConfigDict, checkpoint_path: Optional[str], *,
                  vocoder: Optional[str] = None, dtype: Optional[str] = None) -> "Voicer":
-    """Settings from config.generate (token2wav: sampler; voice: vocoder, seed, griffin_lim_iters, dtype), voices
-    stored with the checkpoint; vocoder / dtype override the config's."""
-    sampler, settings = settings_of(config)
+    """Settings from config.generate (token2wav: sampler and streaming; voice: vocoder, seed, griffin_lim_iters,
+    dtype), voices stored with the checkpoint; vocoder / dtype override the config's."""
+    sampler, chunks, settings = settings_of(config)
     settings = dataclasses.replace(settings, vocoder=vocoder or settings.vocoder, dtype=dtype or settings.dtype)
     settings.validate("generate.voice")
     chosen = choose_vocoder(settings.vocoder, checkpoint_path)
@@ -340,8 +320,8 @@ class Voicer:
     default = talker.get("default_speaker", None) if talker is not None else None
     log.info("Token2Wav: vocoder %s (setting %r), voices %s from %s", chosen, settings.vocoder, sorted(voices),
              where or "nowhere")
-    return cls(token2wav, voices, vocoder=chosen, sampler=sampler, settings=settings, default_speaker=default,
-               voices_file=where, ref_frames=ref_frames)
+    return cls(token2wav, voices, vocoder=chosen, sampler=sampler, settings=settings, streaming=chunks,
+               default_speaker=default, voices_file=where, ref_frames=ref_frames)
 
   def add_clip_voice(self, path: str, name: Optional[str] = None) -> str:
     """Voice any recording as a DiT trained here does (voice_from_clip); returns the new voice's name."""
@@ -351,6 +331,7 @@ class Voicer:
     return v.name
 
   def voice(self, speaker: Optional[str] = None) -> Voice:
+    """The named voice (None: the default speaker), checked against the DiT's mel bins."""
     name = speaker or self.default_speaker
     if name is None:
       raise VoiceError("no speaker named and the config has no model.talker.default_speaker")
@@ -360,12 +341,20 @@ class Voicer:
                        f" A released checkpoint brings them (python -m omni_jax.convert); a voice trained here gets "
                        f"them from the new-voice recipe (docs/new_voice.md), or give a clip of the voice "
                        f"(generate.py --reference_audio)")
-    return self.voices[name]
+    voice = self.voices[name]
+    mel_dim = int(self.token2wav.code2wav_dit_model.cfg.mel_dim)
+    if voice.ref_mel.shape[-1] != mel_dim:
+      raise VoiceError(f"speaker {name!r}: ref_mel has {voice.ref_mel.shape[-1]} bins, the DiT {mel_dim}")
+    return voice
 
   def __call__(self, codes, speaker: Optional[str] = None, *, seed: Optional[int] = None) -> Voiced:
-    return voice_codes(self.token2wav, codes, self.voice(speaker), vocoder=self.vocoder, sampler=self.sampler,
-                       seed=self.settings.seed if seed is None else seed,
-                       griffin_lim_iters=self.settings.griffin_lim_iters)
+    """One utterance: codes [N] in the speaker's voice (the same seed, the same audio; no codes, no audio)."""
+    voice = self.voice(speaker)
+    codes = np.asarray(codes).reshape(1, -1).astype(np.int32)
+    speech = synthesis.synthesize(self.token2wav, codes, voice.cond[None], voice.ref_mel[None], vocoder=self.vocoder,
+                                  sampler=self.sampler, seed=self.settings.seed if seed is None else seed,
+                                  griffin_lim_iters=self.settings.griffin_lim_iters)
+    return Voiced(speech.audio[0], speech.mel[0], SAMPLE_RATE, self.vocoder)
 
 
 # --------------------------------------------------------------------------------------- files

@@ -11,9 +11,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from omni_jax import batch as batch_lib
 from omni_jax import config as config_lib
-from omni_jax import sizes
+from omni_jax import sizes, towers
 from omni_jax.train import step as step_lib
 
 
@@ -59,7 +58,7 @@ def make_source(config: ml_collections.ConfigDict, split: str, batch_size: int, 
 
 def to_global(host: Mapping[str, Any], mesh: Mesh, rules, batch_size: int) -> dict:
   """This process's rows -> global jax.Arrays of batch_size rows, sharded like the step's inputs."""
-  batch_lib.check(host)
+  towers.check_batch(host)
   shapes = {k: jax.ShapeDtypeStruct((batch_size,) + np.shape(v)[1:], np.asarray(v).dtype) for k, v in host.items()}
   shardings = step_lib.batch_shardings(shapes, mesh, rules)
   return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v), shapes[k].shape)

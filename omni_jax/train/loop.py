@@ -1,22 +1,26 @@
 """The training loop, meant to be read top to bottom (and forked for a project that needs more).
 
-  run(config, workdir):
-    mesh -> train-state setup -> data -> state (resume > init_from > fresh) -> jitted step
-    for each step: batch -> step -> (one step later) check + log metrics -> checkpoint -> eval
+  run(config, workdir, hooks):
+    hooks settle the config -> mesh -> train-state setup -> data -> hooks open -> state (resume > init_from >
+    fresh) -> jitted step
+    for each step: batch -> step -> (one step later) check + log metrics -> checkpoint -> due hooks
     SIGTERM: save at the next step boundary and return; while waiting for data, save the last step done.
-    Non-finite loss: stop, never save that state. A failing evaluation is logged and recorded; training goes on.
+    Non-finite loss: stop, never save that state.
+
+The hooks are the caller's (levanter-style): train.py passes the evaluation (omni_jax.evaluate.hook) and the
+Talker's speech-unit check, so this loop imports no evaluator and no tower.
 
 Metrics of step s are read back while step s+1 runs, so the host never stalls the device except to
-save a checkpoint (whose step's loss is checked first) or to evaluate.
+save a checkpoint (whose step's loss is checked first) or to run a hook.
 """
 
+import dataclasses
 import logging
 import os
-import json
 import signal
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import ml_collections
@@ -25,22 +29,62 @@ from flax import traverse_util
 
 from omni_jax import adapters, checkpoint
 from omni_jax import sharding, towers
-from omni_jax.config import ConfigError
-from omni_jax.evaluate import loss as eval_lib
+from omni_jax.errors import ConfigError, UserError
 from omni_jax.layers import lora
-from omni_jax.evaluate import run as eval_run
-from omni_jax.evaluate.tasks import loss as loss_task
-from omni_jax.talker import targets as talker_targets
 from omni_jax.train import data as data_lib
 from omni_jax.train import metrics as metrics_lib
 from omni_jax.train import state as state_lib
 from omni_jax.train import step as step_lib
+from omni_jax.train.workdir import WorkdirLock
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLoss(FloatingPointError):
+class NonFiniteLoss(UserError, FloatingPointError):
   """A step produced a NaN/Inf loss or gradient; the run stops without saving that state."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a hook sees of its run (Hook.open)."""
+  config: ml_collections.ConfigDict  # as the run trains it: adopted from init_from, settled, validated
+  workdir: str
+  mesh: jax.sharding.Mesh
+  setup: state_lib.Setup  # the train state's layout: graphdef, parameter shardings
+
+
+class Hook:
+  """Work a run does besides its steps, given by the caller (train.py builds the list). A hook overrides what
+  it needs; this base does nothing.
+
+  every: call the hook every `every` steps (0: never), after that step's checkpoint is saved and never at a
+  preemption's last step; at_start: also at step 0 of a fresh run. Both are read after open.
+  """
+  every: int = 0
+  at_start: bool = False
+
+  def settle(self, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Before anything is built: check the config against what the workdir holds, or fix a value it leaves open."""
+
+  def open(self, run: Run) -> None:
+    """Once the mesh, the state's layout and the training data exist; raising ends the run before any step."""
+
+  def __call__(self, step: int, params) -> dict:
+    """Scalars to log at `step`. A failure the run should survive is the hook's to catch and report."""
+    return {}
+
+  def close(self) -> None:
+    """At the end of the run, however it ended (also after a failed open, or none)."""
+
+
+class Settle(Hook):
+  """A hook that only settles the config: fn(config, workdir) before anything is built."""
+
+  def __init__(self, fn: Callable[[ml_collections.ConfigDict, str], object]):
+    self.fn = fn
+
+  def settle(self, config, workdir):
+    self.fn(config, workdir)
 
 
 class _PreemptedWhileWaiting(BaseException):
@@ -50,11 +94,6 @@ class _PreemptedWhileWaiting(BaseException):
 def _packing():
   """omni_jax.input.packing if the run uses it (never imported here: the synthetic source needs no grain)."""
   return sys.modules.get("omni_jax.input.packing")
-
-
-def _is_data_error(e: BaseException) -> bool:
-  sources = sys.modules.get("omni_jax.input.sources")
-  return sources is not None and isinstance(e, sources.DataError)
 
 
 class _Frozen:
@@ -183,18 +222,6 @@ def _initial_state(setup: state_lib.Setup, ckpt: checkpoint.TrainCheckpointer, i
   return setup.init()
 
 
-def _open_eval(config: ml_collections.ConfigDict, rows: tuple[int, int]):
-  """The evaluation source; a data error says that it is the evaluation's (config.train.eval_every)."""
-  try:
-    return data_lib.make_source(config, config.eval.split, config.eval.batch_size, rows)
-  except Exception as e:
-    if _is_data_error(e):
-      raise type(e)(f"config.train.eval_every={config.train.eval_every} needs the evaluation data "
-                    f"(config.eval.split={config.eval.split!r}), which cannot be opened: {e} "
-                    f"(add that split to each dataset, or set config.train.eval_every=0)") from None
-    raise
-
-
 def _check_finite(step: int, m: dict, ckpt: checkpoint.TrainCheckpointer) -> None:
   if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
     return
@@ -205,27 +232,33 @@ def _check_finite(step: int, m: dict, ckpt: checkpoint.TrainCheckpointer) -> Non
                       f"No checkpoint was written from this state; the latest checkpoint is {where}.")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Train config.train.steps steps in workdir (resuming if it holds checkpoints). Returns the last metrics.
+def run(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook] = ()) -> dict:
+  """Train config.train.steps steps in workdir (resuming if it holds checkpoints), running `hooks` (Hook) on
+  the way. Returns the last metrics.
 
-  The workdir is locked (WORKDIR/lock) for the run: a second run on it raises checkpoint.WorkdirLocked."""
+  The workdir is locked (WORKDIR/lock) for the run: a second run on it raises train.workdir.WorkdirLocked."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  lock = checkpoint.WorkdirLock(workdir)
+  lock = WorkdirLock(workdir)
   if jax.process_index() == 0:
     lock.acquire()
   try:
-    return _run(config, workdir)
+    return _run(config, workdir, hooks)
   finally:
     lock.release()
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _close(hooks: Sequence[Hook]) -> None:
+  for hook in hooks:
+    hook.close()
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]) -> dict:
   if config.get("init_from"):
     config = checkpoint.adopt_model_config(config, checkpoint.params_dir(config.init_from))
   towers.validate(config)
-  # One speech-unit set per run: the codes index, the config and the checkpoint resumed or started from agree.
-  talker_targets.settle_units(config, workdir)
+  for hook in hooks:
+    hook.settle(config, workdir)
   t = config.train
   primary = jax.process_index() == 0
 
@@ -246,20 +279,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Data: this process builds only the rows its devices hold.
   rows = data_lib.process_rows(mesh, rules, t.batch_size, t.seq_len)
   train_data = data_lib.make_source(config, "train", t.batch_size, rows)
-  # Every source the run needs opens now: a missing evaluation split fails before any training.
-  eval_rows = data_lib.process_rows(mesh, rules, config.eval.batch_size, t.seq_len)
-  eval_source = evaluation = None
-  if t.eval_every:
-    try:
-      if eval_run.wants_loss(config):
-        eval_source = _open_eval(config, eval_rows)
-      # The other evaluators of config.eval.tasks (generation), built once: task files read at startup.
-      evaluation = eval_run.in_loop(config, mesh, setup.graphdef, setup.param_shardings)
-    except BaseException:
-      data_lib.close(train_data)
-      if eval_source is not None:
-        data_lib.close(eval_source)
-      raise
+  # The hooks open now, with the sources they read: a missing evaluation split fails before any training.
+  try:
+    for hook in hooks:
+      hook.open(Run(config, workdir, mesh, setup))
+  except BaseException:
+    data_lib.close(train_data)
+    _close(hooks)
+    raise
 
   ckpt = checkpoint.TrainCheckpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints,
                                       keep_every=t.keep_every, async_save=t.async_checkpointing, config=config)
@@ -270,49 +297,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = int(jax.device_get(state.step))
 
   train_step = step_lib.jit_train_step(setup)
-  eval_step = eval_lib.jit_eval_step(setup.graphdef, mesh, rules, setup.param_shardings,
-                                     list(towers.objective_weights(config)))
-  # Each evaluation reads the same batches: the source goes back to its opening state.
-  eval_start = [eval_source.get_state() if eval_source is not None else None, False]  # (state, used)
-
-  def evaluate() -> dict:
-    nonlocal eval_source
-    scalars = {}
-    if eval_run.wants_loss(config):
-      if eval_source is None:  # reopened after a failed evaluation
-        eval_source = _open_eval(config, eval_rows)
-        eval_start[:] = [eval_source.get_state(), False]
-      elif eval_start[1]:
-        eval_source.set_state(eval_start[0])
-      eval_start[1] = True
-      scalars = loss_task.score(eval_step, state.params, eval_source, config, mesh, rules).scalars
-    if evaluation is not None:
-      scalars.update(evaluation(state.params)[0])
-    return scalars
-
-  def evaluate_or_report(step: int) -> dict:
-    """The evaluation's scalars; a failure is logged, recorded (metrics eval/failed, eval_errors.jsonl) and
-    survived: the step's checkpoint is already saved, and training goes on."""
-    nonlocal eval_source
-    try:
-      return evaluate()
-    except Exception as e:  # noqa: BLE001 - an evaluation must not cost training work
-      msg = " ".join(f"{type(e).__name__}: {e}".split())
-      if _is_data_error(e):
-        log.error("evaluation at step %d failed: %s", step, msg)  # the message says it all
-      else:
-        log.exception("evaluation at step %d failed", step)
-      progress.write(f"step {step}: evaluation failed, training goes on: {msg}")
-      writer.write(step, {f"{config.eval.split}/failed": 1.0})
-      if primary:
-        with open(os.path.join(workdir, "eval_errors.jsonl"), "a") as f:
-          f.write(json.dumps({"step": int(step), "time": time.time(), "error": msg}) + "\n")
-      source, eval_source = eval_source, None
-      try:
-        data_lib.close(source)
-      except Exception:  # noqa: BLE001 - a broken source may not close cleanly; it is dropped either way
-        log.exception("closing the evaluation source")
-      return {}
 
   saved = [ckpt.latest_step()]
   save_data = [train_data]  # what the checkpoint's data state comes from
@@ -348,19 +332,24 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       skipped)
       last = scalars
 
-  def evaluate_and_log(step: int) -> None:
+  def run_hooks(step: int, due: Sequence[Hook]) -> None:
+    """Call the due hooks and log their scalars (the headline ones on the progress bar too)."""
     nonlocal last
-    scalars = evaluate_or_report(step)
-    if scalars:
+    for hook in due:
+      scalars = hook(step, state.params)
+      if not scalars:
+        continue
       writer.write(step, scalars)
-      progress.write(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()
-                                                  if k.split("/")[-1] in ("loss", "ppl", "accuracy", "wer")))
+      headline = [f"{k}={v:.4g}" for k, v in scalars.items()
+                  if k.split("/")[-1] in ("loss", "ppl", "accuracy", "wer")]
+      if headline:
+        progress.write(f"step {step}: " + ", ".join(headline))
       last = {**last, **scalars}
 
   try:
     step = start
-    if t.eval_every and start == 0 and config.eval.get("at_start"):
-      evaluate_and_log(0)  # the untrained baseline that later evaluations are compared with
+    if start == 0:
+      run_hooks(0, [h for h in hooks if h.every and h.at_start])  # e.g. the untrained model's evaluation
     for step in range(start + 1, t.steps + 1):
       before = train_data.get_state()  # the data position of the last step done, if the wait is interrupted
       try:
@@ -382,17 +371,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       pending = (step, m_dev, flops.step_flops(host) * scale, float(np.sum(host["segment_ids"] > 0)) * scale)
 
       stop = preemption.reached(step)
-      due_eval = t.eval_every and step % t.eval_every == 0
+      due = [h for h in hooks if h.every and step % h.every == 0]
       due_save = stop or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0)
-      if not (due_eval or due_save):
+      if not (due or due_save):
         continue
-      finish(*pending)  # never evaluate or save a state whose step is unchecked
+      finish(*pending)  # never hand a hook, or save, a state whose step is unchecked
       pending = None
       paused_from = time.perf_counter()
       if due_save:
-        save(step)  # first: a save never waits on an evaluation (and an asynchronous one overlaps it)
-      if due_eval and not stop:
-        evaluate_and_log(step)
+        save(step)  # first: a save never waits on a hook (and an asynchronous one overlaps it)
+      if due and not stop:
+        run_hooks(step, due)
       throughput.pause(time.perf_counter() - paused_from)
       if stop:
         progress.write(f"preempted: saved step {step} to {ckpt.directory}; exiting")
@@ -404,10 +393,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     ckpt.close()  # waits for the last async save
     data_lib.close(train_data)
-    if eval_source is not None:
-      data_lib.close(eval_source)
-    if evaluation is not None:
-      evaluation.close()
+    _close(hooks)
     progress.close()
     writer.close()
     preemption.close()

@@ -46,7 +46,7 @@ def peak_flops(config: ml_collections.ConfigDict, device: Optional[jax.Device] =
 
 class FlopCounter:
   """Model FLOPs of one train step, from the host batch: the sum of the built towers' formulas
-  (omni_jax.towers; the Thinker's: omni_jax.models.thinker_tower.ThinkerFlops, docs/training.md "MFU")."""
+  (omni_jax.towers; the Thinker's: omni_jax.thinker.flops.ThinkerFlops, docs/training.md "MFU")."""
 
   def __init__(self, config: ml_collections.ConfigDict, frozen: frozenset = frozenset(),
                param_paths: tuple = ()):

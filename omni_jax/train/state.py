@@ -17,7 +17,7 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from omni_jax import dpo, sharding
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.layers import lora
 from omni_jax.models import omni
 from omni_jax.train import optim

@@ -21,19 +21,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omni_jax import batch as batch_lib
 from omni_jax import sharding, towers
 from omni_jax.layers import lora
-from omni_jax.models.thinker_tower import label_mask, logits_of, model_inputs, token_stats  # noqa: F401
+from omni_jax.thinker.inputs import label_mask, model_inputs  # noqa: F401
 from omni_jax.train import state as state_lib
 
 NUM_KINDS = len(batch_lib.KINDS)
 Batch = Mapping[str, jax.Array]
-
-
-def forward(graphdef: nnx.GraphDef, params: state_lib.Params, batch: Batch, mesh: Optional[Mesh],
-            rules) -> jax.Array:
-  """Logits [B, L, V] of the Thinker for a batch."""
-  model = nnx.merge(graphdef, params)
-  with sharding.activate(mesh, rules):
-    return logits_of(model.thinker, batch)
 
 
 def objective_sums(model, batch: Batch, rng: jax.Array, objectives, mesh: Optional[Mesh], rules,
@@ -47,8 +39,9 @@ def objective_sums(model, batch: Batch, rng: jax.Array, objectives, mesh: Option
 def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules) -> dict:
   """Rows over data/fsdp (activation_batch), text over context (activation_length); media rows likewise."""
   out = {}
+  token_fields = towers.token_fields()
   for k, v in batch.items():
-    per_token = k in batch_lib.TEXT_FIELDS or k in batch_lib.TALKER_FIELDS or k in batch_lib.DPO_FIELDS
+    per_token = k in token_fields
     names = ("activation_batch", "activation_length") if per_token else ("activation_batch",)
     names = names + (None,) * (len(v.shape) - len(names))
     out[k] = NamedSharding(mesh, sharding.logical_to_spec(names, v.shape, mesh, rules))

@@ -76,13 +76,13 @@ def _features(paths: Sequence[str], num_mel_bins: int, skipped: list):
 def _audio_tower(config, checkpoint: Optional[str]):
   """(the Thinker's AudioConfig, its audio-tower parameters) from a checkpoint or the config's init."""
   from omni_jax import sharding, towers  # pylint: disable=import-outside-toplevel
-  from omni_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from omni_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from omni_jax.models import audio, omni  # pylint: disable=import-outside-toplevel
 
   if checkpoint is not None:
-    from omni_jax.generate import api  # pylint: disable=import-outside-toplevel
+    from omni_jax import loader  # pylint: disable=import-outside-toplevel
 
-    config, _, params, _, _, _ = api.restore(checkpoint, config)
+    config, _, params, _, _, _ = loader.restore(checkpoint, config)
     source = f"checkpoint {os.path.abspath(checkpoint)}"
   else:
     towers.validate(config)

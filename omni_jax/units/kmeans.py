@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.input.media import audio as audio_lib
 from omni_jax.models.audio import AudioConfig
 from omni_jax.units import artifact, clustering

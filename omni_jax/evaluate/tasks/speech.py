@@ -100,7 +100,6 @@ class Speech:
     start = time.perf_counter()
     chat = ctx.chat
     chat.generator.params = params
-    chat.speech.params = params
     voicer = self._voicer(params)
     size = int(ctx.config.eval.get("generate_batch_size", 8))
     talker = {"talker_do_sample": False, "talker_repetition_penalty": 1.0}

@@ -380,8 +380,3 @@ def pad_batch(features: Sequence[np.ndarray], max_audios: Optional[int] = None,
     buf[i, :, :f.shape[1]] = f
     lengths[i] = f.shape[1]
   return buf, lengths
-
-
-__all__ = ["MediaBudget", "MediaError", "SAMPLE_RATE", "load_audio", "load_video_audio", "waveform_from_array",
-           "resample", "mel_filters", "log_mel", "num_frames", "num_tokens", "chunk_count", "features_from_file",
-           "video_audio_features", "pad_batch"]

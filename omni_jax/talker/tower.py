@@ -1,5 +1,6 @@
 """The Talker's registry entry (omni_jax.towers): typed view of config.model.talker, constructor, FLOPs, the
-next-code objective `talker_codes` and the preference objective `talker_dpo` (omni_jax.talker.objective).
+next-code objective `talker_codes` and the preference objective `talker_dpo` (objective.py), and its batch fields
+(the data hook, data.py).
 
 Its checkpoint names follow transformers' on-disk layout (talker.thinker_to_talker_proj, talker.model.*,
 talker.codec_head), so the generic leaf rules of the converter map it without exceptions.
@@ -13,8 +14,9 @@ import numpy as np
 from omni_jax import config as config_lib
 from omni_jax import dpo as dpo_lib
 from omni_jax import towers
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.models.talker import Talker, TalkerConfig, talker_config
+from omni_jax.talker import data, objective
 
 
 def view(config: ml_collections.ConfigDict) -> TalkerConfig:
@@ -61,14 +63,10 @@ class TalkerFlops:
     return float(rows * seq_len * (self.factor * self.matmul_params + 3 * t.num_hidden_layers * attn_fwd))
 
 
-def _objectives():
-  from omni_jax.talker import objective  # pylint: disable=import-outside-toplevel
-
-  return (towers.Objective("talker_codes", objective.code_loss, objective.num_codes),
-          towers.Objective("talker_dpo", objective.dpo_loss, objective.num_dpo_pairs, summary=dpo_lib.summary,
-                           default=False))
-
-
 TOWER = towers.Tower(
     name="talker", section="model.talker", view=view, build=build, stacked=("talker.model.layers",),
-    flops=TalkerFlops, objectives=_objectives())
+    flops=TalkerFlops,
+    objectives=(towers.Objective("talker_codes", objective.code_loss, objective.num_codes),
+                towers.Objective("talker_dpo", objective.dpo_loss, objective.num_dpo_pairs, summary=dpo_lib.summary,
+                                 default=False)),
+    data=data.DATA)

@@ -3,9 +3,9 @@ conversations, the speaker's reference clip and the recipe's record (new_voice.j
 
   # a folder of recordings: NAME.wav (or .flac / .mp3 / .ogg) + NAME.txt pairs, or a manifest.jsonl of
   # {"audio": path, "text": transcript} lines (paths relative to the manifest)
-  python -m omni_jax.units.new_voice prepare --recordings DIR --speaker Ada --out voices/ada
+  python -m omni_jax.token2wav.new_voice prepare --recordings DIR --speaker Ada --out voices/ada
   # demo recordings in one eSpeak NG voice of the demo corpus (the recipe's test and docs use them)
-  python -m omni_jax.units.new_voice example --voice en-GB-scotland --count 12 --out voices/scotland_recordings
+  python -m data.new_voice_example --voice en-GB-scotland --count 12 --out voices/scotland_recordings
 
 prepare writes into --out:
   voice.train.jsonl, voice.validation.jsonl   one record per recording: the user asks for the transcript to be
@@ -19,7 +19,7 @@ No jax: this runs anywhere; audio is decoded only to check it and to measure dur
 
 A checkpoint's voices, for a DiT trained here on clips whose run config names no references (the main job's,
 configs/demo_token2wav.py: its spoken replies have one voice, the default speaker):
-  python -m omni_jax.units.new_voice voices --checkpoint WORKDIR/token2wav --clip [NAME=]CLIP ...
+  python -m omni_jax.token2wav.new_voice voices --checkpoint WORKDIR/token2wav --clip [NAME=]CLIP ...
 writes CHECKPOINT/speakers.safetensors (merged into one already there), where generate.py, chat.py and the
 server look for voices (omni_jax/token2wav/voice.py): each NAME (default: the Talker's default_speaker) voiced
 as training conditioned on its clip (zero cond, the clip's mel tiled to config.train.token2wav.ref_frames).
@@ -149,29 +149,6 @@ def prepare(recordings: str, speaker: str, out: str, *, reference: Optional[str]
   return record
 
 
-def example(voice: str, out: str, count: int = 12) -> list[str]:
-  """`count` demo-corpus sentences spoken by one eSpeak NG voice, as NAME.wav + NAME.txt pairs in `out`."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  import soundfile  # pylint: disable=import-outside-toplevel
-
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-  from data import demo_texts, espeak  # pylint: disable=import-outside-toplevel
-
-  sentences = [s for v, s in demo_texts.SENTENCES if v == "en"] + [a for _, a in demo_texts.SPOKEN_QA]
-  if count > len(sentences):
-    raise RecipeError(f"--count {count}: the demo texts hold {len(sentences)} English sentences")
-  os.makedirs(out, exist_ok=True)
-  names = []
-  for i, text in enumerate(sentences[:count]):
-    wave, rate = espeak.synthesize(text, voice)
-    name = os.path.join(out, f"{voice}_{i:03d}")
-    soundfile.write(name + ".wav", np.asarray(wave), rate)
-    with open(name + ".txt", "w", encoding="utf-8") as f:
-      f.write(text + "\n")
-    names.append(name + ".wav")
-  return names
-
-
 def voices(checkpoint_path: str, clips: list[str]) -> dict:
   """The voices step (see the module doc): {name: clip} written to CHECKPOINT/speakers.safetensors."""
   from omni_jax import checkpoint  # pylint: disable=import-outside-toplevel
@@ -223,10 +200,6 @@ def main(argv=None) -> int:
   a.add_argument("--reference", default=None, help="the reference clip (default: longest recording <= 10 s)")
   a.add_argument("--validation", type=int, default=1, help="recordings held out for the eval loss")
   a.add_argument("--bos_token", type=int, default=DEFAULT_BOS, help="an unused Thinker row for the voice")
-  e = sub.add_parser("example", help="demo recordings in one eSpeak NG voice (wav + txt pairs)")
-  e.add_argument("--voice", default="en-GB-scotland")
-  e.add_argument("--count", type=int, default=12)
-  e.add_argument("--out", required=True)
   v = sub.add_parser("voices", help="a checkpoint's voices from clips: CHECKPOINT/speakers.safetensors")
   v.add_argument("--checkpoint", required=True, help="training workdir, step directory or parameters checkpoint")
   v.add_argument("--clip", action="append", required=True,
@@ -238,13 +211,10 @@ def main(argv=None) -> int:
                   bos_token=args.bos_token)
       print(f"voice {r['speaker']}: {r['train']} train + {r['validation']} validation recordings ({r['seconds']} s), "
             f"reference {r['reference']} ({r['reference_seconds']} s) -> {args.out}")
-    elif args.command == "voices":
+    else:
       named = voices(args.checkpoint, args.clip)
       print(f"voices {', '.join(f'{n} ({c})' for n, c in sorted(named.items()))} -> "
             f"{os.path.join(args.checkpoint, 'speakers.safetensors')}")
-    else:
-      names = example(args.voice, args.out, args.count)
-      print(f"{len(names)} recordings in eSpeak NG voice {args.voice} -> {args.out}")
   except (RecipeError, FileNotFoundError) as err:  # FileNotFoundError: no checkpoint (CheckpointError is one)
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -5,9 +5,9 @@ default whatever config.model.dtype says, as transformers always runs it ("bfloa
 names follow the checkpoint (token2wav.code2wav_dit_model.*, token2wav.code2wav_bigvgan_model.*), so the
 converter maps the DiT with its generic rules and the vocoder with its transposed-conv / SnakeBeta rules.
 
-Objective `token2wav_flow` (omni_jax.token2wav.objective): flow matching of the DiT on the batch's DiT rows;
-its settings are config.train.token2wav (omni_jax.token2wav.targets.FlowConfig), kept on the module
-(`Token2Wav.flow`, static) so that the objective reads them inside the step.
+Objective `token2wav_flow` (objective.py): flow matching of the DiT on the batch's DiT rows (the data hook,
+data.py); its settings are config.train.token2wav (targets.FlowConfig), kept on the module (`Token2Wav.flow`,
+static) so that the objective reads them inside the step.
 """
 
 import dataclasses
@@ -19,10 +19,10 @@ from flax import nnx
 
 from omni_jax import config as config_lib
 from omni_jax import towers
-from omni_jax.config import ConfigError
+from omni_jax.errors import ConfigError
 from omni_jax.models.bigvgan import BigVGAN, BigVGANConfig
 from omni_jax.models.dit import DiT, DiTConfig
-from omni_jax.token2wav import bigvgan_weights
+from omni_jax.token2wav import bigvgan_weights, data, objective
 from omni_jax.token2wav import targets as flow_targets
 
 
@@ -99,14 +99,9 @@ class DiTFlops:
     return float(rows * frames * (self.factor * self.matmul_params + 3 * c.num_hidden_layers * attn_fwd))
 
 
-def _objectives():
-  from omni_jax.token2wav import objective  # pylint: disable=import-outside-toplevel
-
-  return (towers.Objective(flow_targets.OBJECTIVE, objective.flow_loss, objective.num_frames),)
-
-
 TOWER = towers.Tower(
     name="token2wav", section="model.token2wav", view=view, build=build,
     stacked=("token2wav.code2wav_dit_model.transformer_blocks",),
     rules=tuple(bigvgan_weights.rules("token2wav.code2wav_bigvgan_model.", "token2wav.code2wav_bigvgan_model.")),
-    flops=DiTFlops, objectives=_objectives())
+    flops=DiTFlops, objectives=(towers.Objective(flow_targets.OBJECTIVE, objective.flow_loss, objective.num_frames),),
+    data=data.DATA)

@@ -1,0 +1,175 @@
+"""The Thinker's objectives (omni_jax.towers.Objective): `thinker_text` and `thinker_dpo`.
+
+`thinker_text`: next-token cross-entropy over label tokens that never crosses a packed-segment boundary, summed
+per modality (omni_jax.batch.KINDS); the step divides the sums by the label count of the whole global batch
+(inputs.label_mask), so k micro-batches of b rows give the same update as one batch of k*b rows.
+
+`thinker_dpo` (omni_jax.dpo): DPO / IPO on the pairs of text replies the batch's dpo_pair marks, with each
+reply's log-probability summed over the same label tokens, from the same logits, as the text loss; divided by
+the number of pairs of the global batch.
+"""
+
+import dataclasses
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from omni_jax import batch as batch_lib
+from omni_jax import dpo as dpo_lib
+from omni_jax import preference
+from omni_jax.models.thinker import Thinker
+from omni_jax.thinker.inputs import label_mask, outputs
+
+NUM_KINDS = len(batch_lib.KINDS)
+Batch = Mapping[str, jax.Array]
+
+
+def target_logprobs(logits, targets) -> jax.Array:
+  """log p(target) under float32 logits [..., V]: what every loss of the tower takes (the NLL's negative)."""
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+
+def per_kind_sums(logits, targets, valid, kind, with_accuracy: bool = False) -> dict:
+  """Cross-entropy sums (and argmax hits) of valid targets per modality `kind`: the objectives' sum format."""
+  nll = -target_logprobs(logits, targets)
+  onehot = jax.nn.one_hot(kind, NUM_KINDS, dtype=jnp.float32) * valid[..., None]
+  out = {"loss_sum": jnp.einsum("bl,blk->k", jnp.where(valid, nll, 0.0), onehot),
+         "count": jnp.sum(onehot, axis=(0, 1))}
+  if with_accuracy:
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    out["correct"] = jnp.einsum("bl,blk->k", correct, onehot)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LossLayout:
+  """How the LM head meets the labels (config.train; docs/training.md "Memory of the loss").
+
+  chunk: positions per chunk of the head + cross-entropy (0: all at once). Each chunk's float32 logits
+    [B, chunk, V] live only inside a rematerialised scan step, so the step never holds [B, L, V].
+  label_budget: labelled positions per row gathered before the head (0: every position). In SFT data most
+    positions carry no label (the prompt, the media), so the 151,936-wide head runs on the budget only; a
+    batch with a row over budget takes the every-position path instead (lax.cond), so the loss is always exact.
+  """
+  chunk: int = 0
+  label_budget: int = 0
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "LossLayout":
+    t = config.get("train", {})
+    return cls(int(t.get("loss_chunk_size", 0) or 0), int(t.get("label_budget", 0) or 0))
+
+
+def _chunked_sums(sums, hidden, targets, valid, extra, chunk: int) -> dict:
+  """sums(hidden, targets, valid, *extra) (sums applies the head) over chunks of the length axis, added up:
+  [B, T, D] -> sums, never the [B, T, V] logits at once (the sums must be additive over positions)."""
+  b, t = targets.shape
+  if not chunk or chunk >= t:
+    return sums(hidden, targets, valid, *extra)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  widen = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+  split = lambda x: jnp.moveaxis(widen(x).reshape((b, n, chunk) + x.shape[2:]), 1, 0)  # noqa: E731
+  xs = tuple(split(x) for x in (hidden, targets, valid, *extra))
+
+  @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them
+  def one(*x):
+    return sums(*x)
+
+  def body(total, x):
+    return jax.tree.map(jnp.add, total, one(*x)), None
+
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                       jax.eval_shape(one, *(x[0] for x in xs)))
+  return jax.lax.scan(body, zeros, xs)[0]
+
+
+def head_sums(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLayout, sums: Callable,
+              *extra: jax.Array) -> dict:
+  """sums(logits, targets, valid, *extra) over the label positions of a batch (additive over positions), with
+  the LM head applied to the final hidden states as `layout` says: logits float32 [B, T, V] of a chunk of
+  positions, targets / valid [B, T] (label_mask), extra: per-position fields [B, L-1] aligned with the targets
+  (e.g. batch["kind"][:, 1:])."""
+  valid = label_mask(batch)
+  targets = jnp.where(valid, batch["labels"][:, 1:], 0)
+  h = hidden[:, :-1]
+
+  def of_hidden(hid, *rest):
+    return sums(thinker.logits(hid).astype(jnp.float32), *rest)
+
+  budget = layout.label_budget
+  if not budget or budget >= valid.shape[1]:
+    return _chunked_sums(of_hidden, h, targets, valid, extra, layout.chunk)
+
+  def every_position():  # the rare over-budget batch: chunked (budget-sized chunks by default), so that this
+    # branch's buffers (lax.cond allocates both) stay as small as the labelled branch's
+    return _chunked_sums(of_hidden, h, targets, valid, extra, layout.chunk or budget)
+
+  def labelled_only():
+    order = jnp.argsort(~valid, axis=1, stable=True)[:, :budget]  # the labelled positions first, in order
+    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    return _chunked_sums(of_hidden, take(h), take(targets), take(valid), tuple(take(x) for x in extra),
+                         layout.chunk)
+
+  fits = jnp.all(jnp.sum(valid, axis=1) <= budget)
+  return jax.lax.cond(fits, labelled_only, every_position)
+
+
+def hidden_token_stats(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLayout,
+                       with_accuracy: bool = False) -> dict:
+  """token_stats from the final hidden states, with the head applied as `layout` says (same sums)."""
+  return head_sums(thinker, hidden, batch, layout,
+                   lambda logits, y, m, k: per_kind_sums(logits, y, m, k, with_accuracy), batch["kind"][:, 1:])
+
+
+def text_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> dict:
+  """The `thinker_text` objective: next-token cross-entropy of the Thinker (deterministic: rng unused)."""
+  del rng
+  out = outputs(model.thinker, batch)
+  layout = getattr(model.thinker, "loss_layout", LossLayout())
+  return hidden_token_stats(model.thinker, out["hidden"], batch, layout, with_accuracy=evaluate)
+
+
+def num_labels(batch: Batch) -> jax.Array:
+  return jnp.sum(label_mask(batch))
+
+
+def pair_logprobs(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLayout,
+                  max_pairs: int) -> preference.PairLogps:
+  """Per-row, per-pair sums [B, max_pairs] of the label log-probs of the chosen and rejected replies (the label
+  tokens and logits of the text loss; a label belongs to the pair of its own token's dpo_pair)."""
+
+  def sums(logits, y, m, pair):
+    return preference.segment_totals(target_logprobs(logits, y), m, pair, max_pairs)
+
+  return preference.split_pairs(head_sums(thinker, hidden, batch, layout, sums, batch["dpo_pair"][:, 1:]))
+
+
+def dpo_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> dict:
+  """The `thinker_dpo` objective: DPO / IPO sums over the batch's pairs of text replies (omni_jax.dpo), the
+  policy's log-probs from the forward the text loss shares, the reference's under stop_gradient."""
+  del rng, evaluate
+  cfg = dpo_lib.settings(model.thinker)
+  if cfg is None or "dpo_pair" not in batch:  # no DPO in this run, or a bucket without pairs
+    return preference.zero_sums()
+  layout = getattr(model.thinker, "loss_layout", LossLayout())
+  policy_out = outputs(model.thinker, batch)
+  policy = pair_logprobs(model.thinker, policy_out["hidden"], batch, layout, cfg.max_pairs_per_row)
+
+  def reference(ref):
+    hidden = outputs(ref.thinker, batch)["hidden"]
+    return pair_logprobs(ref.thinker, hidden, batch, layout, cfg.max_pairs_per_row)
+
+  return cfg.sums(policy, dpo_lib.reference(model, cfg, "thinker_dpo", reference, ("thinker",),
+                                            {"thinker": policy_out}))
+
+
+def num_dpo_pairs(batch: Batch) -> jax.Array:
+  """Pairs of text replies (both with label tokens) in the whole (global) batch: thinker_dpo's normaliser."""
+  if "dpo_pair" not in batch:
+    return jnp.zeros((), jnp.int32)
+  return preference.count_pairs(label_mask(batch), batch["dpo_pair"][:, 1:])
+

@@ -1,0 +1,151 @@
+"""The conversation engine (omni_jax.generate.engine): continuous batching equals decoding alone.
+
+A tiny model with a Talker and random weights. Replies of different lengths, settings and modes (text, spoken,
+sampled) share the slots, inserted while others decode and finishing early; each equals its reply decoded in
+an engine of one slot, token for token and code for code, and leaves its conversation's cache as it would
+alone (rows never share a cache index).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from omni_jax import checkpoint
+from omni_jax import generate
+from omni_jax import sharding
+from omni_jax.generate import engine as engine_lib
+from omni_jax.generate import prompts
+from decode_oracle import process
+from omni_jax.generate.sampling import RowSampling, SamplingParams, choose_rows, process_rows
+from omni_jax.models import omni
+
+PROMPTS = ["Hello there, how are you?", "Tell me a story about a cat.", "What is two plus two?",
+           "Name three colours.", "Say something short."]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("ckpt"))
+  c = tiny.get_config()
+  c.mesh = {"data": 1}
+  _, state, _ = omni.create_sharded(c, sharding.make_mesh({"data": 1}, jax.devices()[:1]), seed=5)
+  checkpoint.save_params(path, state, c)
+  return generate.load(path)
+
+
+def make_engine(model, slots: int, steps: int) -> engine_lib.Engine:
+  g = model.generator
+  return engine_lib.Engine(g.graphdef, g.params, model.config, g.mesh, num_slots=slots, max_len=256,
+                           max_new_tokens=16, speech=True, max_codes=16, vocab_limit=g.vocab_limit,
+                           steps_per_call=steps)
+
+
+def conversation(model, engine, prompt: str) -> engine_lib.Conversation:
+  sample = prompts.prompt_sample([{"role": "user", "content": prompt}], model.preprocessor)
+  batch = prompts.prompt_batch([sample], pad_id=model.generator.ids.pad_token_id)
+  batch = {k: v for k, v in batch.items() if k not in ("labels", "kind", "use_audio_in_video")}
+  conv = engine.conversation()
+  engine.prefill(conv, batch, sample.input_ids)
+  return conv
+
+
+def settings(model, i: int) -> engine_lib.ReplySettings:
+  """Per-request settings that differ: lengths (one stops after 2 tokens), speech, sampling."""
+  speech = model.speech
+  sampled = SamplingParams(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
+  return engine_lib.ReplySettings(
+      max_new_tokens=(12, 2, 9, 16, 5)[i], sampling=sampled if i == 3 else SamplingParams(), seed=i,
+      speak=i in (0, 2, 3), speaker=speech.speaker_tokens(None, 1)[0], max_codes=(16, 0, 7, 12, 0)[i],
+      talker_sampling=speech.sampling(do_sample=i == 3), talker_seed=10 + i, stop=() if i == 0 else speech.stop_ids)
+
+
+def decode(model, slots: int, steps: int, which):
+  engine = make_engine(model, slots, steps)
+  replies = [engine_lib.Reply(conversation(model, engine, PROMPTS[i]), settings(model, i)) for i in which]
+  order = []
+  for reply, kind, _ in engine.run(replies):
+    order.append((replies.index(reply), kind))
+  return replies, order
+
+
+def test_batched_replies_equal_solo_ones(model):
+  alone = {i: decode(model, 1, 3, [i])[0][0] for i in range(len(PROMPTS))}
+  # 5 replies over 2 slots, 3 steps a call: the 3rd waits for the short 2nd and joins mid-decode.
+  together, order = decode(model, 2, 3, range(len(PROMPTS)))
+  for i, (a, b) in enumerate(zip(together, (alone[i] for i in range(len(PROMPTS))))):
+    assert a.tokens == b.tokens, i
+    assert a.codes == b.codes, i
+    assert len(a.tokens) == settings(model, i).max_new_tokens or a.tokens[-1] in model.stop_ids
+    ca, cb = a.conversation, b.conversation
+    assert ca.history == cb.history and ca.slots == cb.slots and int(ca.top) == int(cb.top)
+    np.testing.assert_array_equal(np.asarray(ca.cache.valid), np.asarray(cb.cache.valid))
+    valid = np.asarray(ca.cache.valid)[0]  # slots past a row's writes hold whatever an idle step left there
+    np.testing.assert_allclose(np.asarray(ca.cache.k)[:, 0, valid], np.asarray(cb.cache.k)[:, 0, valid], atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ca.talker_cache.valid), np.asarray(cb.talker_cache.valid))
+  assert len(together[1].tokens) == 2 and together[0].codes and not together[1].codes
+  # The 3rd reply started before the 1st ended: a freed slot is taken at the next call.
+  first_of_third = order.index((2, "token"))
+  last_of_first = max(k for k, e in enumerate(order) if e[0] == 0)
+  assert first_of_third < last_of_first
+
+
+def test_a_conversation_goes_on_after_its_reply(model):
+  """Release puts the reply in the conversation: a second turn in a batch equals the same turn alone."""
+  results = []
+  for slots, others in ((1, 0), (2, 1)):
+    engine = make_engine(model, slots, 3)
+    conv = conversation(model, engine, PROMPTS[0])
+    first = engine_lib.Reply(conv, settings(model, 0))
+    side = [engine_lib.Reply(conversation(model, engine, PROMPTS[4]), settings(model, 4)) for _ in range(others)]
+    list(engine.run([first] + side))
+    turn = model.tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
+    sample_ids = [first.tokens[-1]] + list(turn)
+    batch = prompts.prompt_batch([_text_sample(sample_ids)], pad_id=model.generator.ids.pad_token_id,
+                                 length_multiple=16)
+    engine.prefill(conv, {k: v for k, v in batch.items() if k not in ("labels", "kind", "use_audio_in_video")},
+                   sample_ids)
+    second = engine_lib.Reply(conv, settings(model, 2))
+    list(engine.run([second]))
+    results.append((second.tokens, second.codes))
+  assert results[0] == results[1]
+
+
+def _text_sample(ids):
+  from omni_jax.input import preprocess  # noqa: PLC0415
+
+  ids = np.asarray(ids, np.int32)
+  return preprocess.Sample("turn", 0, ids, np.zeros_like(ids), [], [], [], False)
+
+
+def test_cancel_frees_the_slot_and_keeps_what_was_decoded(model):
+  engine = make_engine(model, 1, 3)
+  a = engine.submit(engine_lib.Reply(conversation(model, engine, PROMPTS[0]), settings(model, 0)))
+  b = engine.submit(engine_lib.Reply(conversation(model, engine, PROMPTS[2]), settings(model, 2)))
+  engine.admit()
+  engine.step()
+  assert a.slot == 0 and b.slot is None
+  engine.cancel(a)
+  assert a.finished and engine.replies == [None]
+  assert a.conversation.history[-(len(a.tokens) - 1):] == a.tokens[:-1]
+  engine.admit()
+  assert b.slot == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_row_sampling_equals_sampling_params(seed):
+  rng = np.random.default_rng(seed)
+  logits = rng.standard_normal((5, 300)).astype(np.float32) * 3
+  seen = rng.random((5, 300)) < 0.1
+  rows = [SamplingParams(), SamplingParams(repetition_penalty=1.3),
+          SamplingParams(do_sample=True, temperature=0.7, top_k=20),
+          SamplingParams(do_sample=True, top_p=0.8, repetition_penalty=0.9),
+          SamplingParams(do_sample=True, temperature=1.5, top_k=7, top_p=0.5)]
+  per_row = RowSampling(*(np.stack(v) for v in zip(*(RowSampling.of(p) for p in rows))))
+  got = np.asarray(process_rows(logits, seen, per_row))
+  for r, p in enumerate(rows):
+    want = np.asarray(process(logits[r:r + 1], seen[r:r + 1], p))[0]
+    np.testing.assert_allclose(got[r], want, rtol=1e-6)
+  keys = jax.vmap(jax.random.key)(np.arange(5))
+  tokens = np.asarray(choose_rows(got, keys, per_row))
+  assert tokens[0] == logits[0].argmax() and np.isfinite(got[np.arange(5), tokens]).all()
