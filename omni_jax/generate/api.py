@@ -171,9 +171,10 @@ class OmniChat:
       per_row = [dataclasses.replace(settings, speaker=t) for t in talker.speaker_tokens(names, len(samples))]
     longest = max(prompts.round_up(s.num_tokens, 32) for s in samples)
     slots = min(len(samples), int(slots or g.defaults.get("max_batch", 8)))
-    engine = self.engine(speech=talker is not None, max_len=_bucket(longest + settings.max_new_tokens, 256),
-                         slots=_bucket(slots, 1), max_new_tokens=_bucket(settings.max_new_tokens, 64),
-                         max_codes=_bucket(settings.max_codes, 64) if talker is not None else 0)
+    bucket = engine_lib.bucket
+    engine = self.engine(speech=talker is not None, max_len=bucket(longest + settings.max_new_tokens, 256),
+                         slots=bucket(slots, 1), max_new_tokens=bucket(settings.max_new_tokens, 64),
+                         max_codes=bucket(settings.max_codes, 64) if talker is not None else 0)
     replies = [engine_lib.Reply(self.prefilled(engine, s), row, keep=False) for s, row in zip(samples, per_row)]
     index = {id(r): i for i, r in enumerate(replies)}
     for reply, kind, value in engine.run(replies):
@@ -276,12 +277,6 @@ class OmniChat:
         yield piece
     if piece := stream.finish():
       yield piece
-
-
-def _bucket(n: int, least: int) -> int:
-  """n rounded up to a power of two (at least `least`): engine shapes shared by similar requests."""
-  n = max(int(n), int(least), 1)
-  return 1 << (n - 1).bit_length()
 
 
 def speak_to_file(model: OmniChat, prompt: str, path: str, *, speaker: Optional[str] = None,

@@ -248,7 +248,8 @@ class _Programs:
                   sampling, stop):
     """The Talker's fields of one row after its reply's first step (speak [1]: the Talker speaks it)."""
     cfg, thinker, n = self.cfg, model.thinker, self.queue_len
-    tts_eos, tts_pad = self._bare(thinker, cfg.tts_text_end_token_id, 1), self._bare(thinker, cfg.tts_text_pad_token_id, 1)
+    tts_eos = self._bare(thinker, cfg.tts_text_end_token_id, 1)
+    tts_pad = self._bare(thinker, cfg.tts_text_pad_token_id, 1)
     queue = jnp.broadcast_to(tts_pad[:, None], (1, n + 1, tts_pad.shape[-1]))
     queue = queue.at[:, 0].set(row0).at[:, 1].set(jnp.where(final0[:, None], tts_eos, tts_pad))
     tk = model.talker
@@ -369,6 +370,13 @@ class _Programs:
     return cache, k_cache._replace(index=cache.index)
 
 
+def bucket(n: int, least: int) -> int:
+  """n rounded up to a power of two (at least `least`): engine shapes (slots, cache and reply lengths) shared by
+  similar requests, so few programs are compiled."""
+  n = max(int(n), int(least), 1)
+  return 1 << (n - 1).bit_length()
+
+
 @functools.lru_cache(maxsize=32)
 def _programs(graphdef, ids, talker_cfg, **kw) -> _Programs:
   """One set of compiled programs per model and shapes, shared by every engine of them (jit traces again only
@@ -422,9 +430,9 @@ class Engine:
     self.steps_per_call = int(steps_per_call)
     self.cache_dtype = cache_dtype
     self.talker_cfg = talker_config(config) if self.speech else None
-    self.programs = _programs(graphdef, self.ids, self.talker_cfg, queue_len=self.max_new_tokens, vocab_limit=vocab_limit,
-                              code_limit=limits.talker_code_limit(config) if self.speech else None, mesh=mesh,
-                              rules=self.rules)
+    self.programs = _programs(graphdef, self.ids, self.talker_cfg, queue_len=self.max_new_tokens,
+                              vocab_limit=vocab_limit, mesh=mesh, rules=self.rules,
+                              code_limit=limits.talker_code_limit(config) if self.speech else None)
     self._empty = jax.jit(self._empty_caches, static_argnums=(0,))
     self._slots: Optional[Slots] = None
     self.replies: list[Optional[Reply]] = [None] * self.num_slots

@@ -167,7 +167,7 @@ class OmniSession:
   def _engine(self, slots: int = 1, max_new_tokens: int = 1):
     """The model's conversation engine for this session's cache shapes (shared by its sessions)."""
     return self.model.engine(speech=self.speech, max_len=self.max_len, slots=slots,
-                             max_new_tokens=_bucket(max_new_tokens, 64), max_codes=self.max_codes)
+                             max_new_tokens=engine_lib.bucket(max_new_tokens, 64), max_codes=self.max_codes)
 
   @property
   def _history(self) -> list[int]:
@@ -701,7 +701,7 @@ def start_replies(sessions, engine=None, *, speak: bool = False, max_new_tokens:
   except (ValueError, errors.ConfigError) as e:
     raise SessionError(str(e)) from None
   n_new = settings.max_new_tokens
-  engine = engine or first._engine(slots=_bucket(len(sessions), 1), max_new_tokens=n_new)
+  engine = engine or first._engine(slots=engine_lib.bucket(len(sessions), 1), max_new_tokens=n_new)
   if n_new > engine.max_new_tokens:
     raise SessionError(f"max_new_tokens must be at most {engine.max_new_tokens} here, got {n_new}")
   for s in sessions:
@@ -718,12 +718,6 @@ def start_replies(sessions, engine=None, *, speak: bool = False, max_new_tokens:
     out.append(SessionReply(s, engine.submit(reply), engine,
                             s._make_synthesizer(name or s.speaker) if speak else None, settings.stop))
   return out
-
-
-def _bucket(n: int, least: int) -> int:
-  """n rounded up to a power of two (at least `least`): engine shapes shared by similar replies."""
-  n = max(int(n), int(least), 1)
-  return 1 << (n - 1).bit_length()
 
 
 def default_synthesizer(model, speaker: Optional[str]):
