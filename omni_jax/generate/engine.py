@@ -103,17 +103,6 @@ class Slots(NamedTuple):
   talker: Optional[dict]  # the Talker's fields (engine with speech), see _talker_row
 
 
-class Step(NamedTuple):
-  """What K generate steps produced, host-side: tokens / codes [B, K] with which of them are real
-  ([B, K] bool), and each row's state after them."""
-  tokens: np.ndarray
-  token_valid: np.ndarray
-  codes: np.ndarray
-  code_valid: np.ndarray
-  done: np.ndarray  # [B] text finished
-  codes_done: np.ndarray  # [B] speech finished (True without speech)
-
-
 def _set_row(batch, row, b):
   """Write a batch-1 pytree `row` into row b of `batch` (caches' k / v have their rows on axis 1)."""
 
@@ -488,10 +477,6 @@ class Engine:
     reply.codes_done, reply.submitted = not s.speak, True
     self.waiting.append(reply)
     return reply
-
-  @property
-  def busy(self) -> bool:
-    return bool(self.waiting) or any(r is not None for r in self.replies)
 
   def admit(self) -> list[tuple[Reply, int]]:
     """Insert waiting replies into free slots; returns (reply, its first token) for each inserted."""
