@@ -28,7 +28,7 @@ bare tts-eos embedding, then tts-pad; a reply of one token keeps H(g_0) + E(g_0)
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
