@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
