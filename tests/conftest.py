@@ -1,6 +1,7 @@
 """Shared fixtures: the demo corpus, built once per test session into a temporary folder (a few seconds); and
 the order in which the files run."""
 
+import gc
 import os
 
 import pytest
@@ -17,6 +18,23 @@ LONGEST_FIRST = ("test_demo_learns.py", "test_new_voice.py", "test_token2wav_tra
 def pytest_collection_modifyitems(session, config, items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable: file order kept
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+  """Frees every compiled program when a test file ends (this fixture is set up first, so torn down last).
+
+  Each XLA:CPU executable holds memory mappings of its own (code and constants), and a worker process runs dozens
+  of files: a few files of model programs add tens of thousands of mappings, and past the kernel's limit
+  (vm.max_map_count, 65530 by default) the compiler's next mmap fails and the process dies in XLA (a segfault
+  or an abort). The persistent compilation cache (run.sh test) makes compiling a program again in a later file
+  a disk read.
+  """
+  yield
+  import jax
+
+  gc.collect()  # the file's models and engines, and the jitted functions they hold
+  jax.clear_caches()
 
 
 @pytest.fixture(scope="session")
