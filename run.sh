@@ -84,6 +84,15 @@ case "${1:-}" in
     ;;
   test)
     setup test,tpu,serve,eval  # tpu: libtpu for the AOT tests (tests/test_aot.py); serve: tests/test_server.py; eval: the speech judges
+    # The realtime page's browser test (tests/test_realtime_page.py) drives Debian's Chromium through chromedriver.
+    if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+      sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+      apt_log=$(mktemp)
+      { $sudo apt-get update -q \
+          && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
+        >"$apt_log" 2>&1 || { tail -n 20 "$apt_log" >&2; echo "run.sh: installing chromium failed" >&2; }
+      rm -f "$apt_log"
+    fi
     # Two workers, one test file each at a time (module fixtures stay in one process): XLA compiles, most of
     # the suite's time, are mostly single-threaded, so a 2-core machine runs two files at once. Files run in
     # collection order, the longest first (tests/conftest.py LONGEST_FIRST).

@@ -46,3 +46,32 @@ def make_checkpoint(path: str, padded_rows_gain: float = 1.0) -> str:
   voice.write_voices(os.path.join(path, "speakers.safetensors"),
                      {n: (rng.standard_normal(8), rng.standard_normal((12, 80))) for n in ("Chelsie", "Ethan")})
   return path
+
+
+class LocalServer:
+  """An app served by uvicorn in a thread on a free localhost port (stop() ends it)."""
+
+  def __init__(self, app, **config):
+    import socket  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import uvicorn  # noqa: PLC0415
+
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      self.port = s.getsockname()[1]
+    self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                 **config))
+    self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+    self.thread.start()
+    deadline = time.time() + 60
+    while not self.uvicorn.started:
+      assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+      time.sleep(0.05)
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.ws_url = f"ws://127.0.0.1:{self.port}"
+
+  def stop(self) -> None:
+    self.uvicorn.should_exit = True
+    self.thread.join(timeout=30)

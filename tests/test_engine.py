@@ -132,6 +132,35 @@ def test_cancel_frees_the_slot_and_keeps_what_was_decoded(model):
   assert b.slot == 0
 
 
+def test_a_reply_cut_back_on_cancel_leaves_the_conversation_of_a_shorter_reply(model):
+  """Barge-in: a spoken reply cancelled after 10 tokens but cut back to the 4 its listener was sent leaves the
+  caches (the Thinker's and the Talker's prefix), history and positions of a reply that stopped at 4 tokens:
+  the next turn decodes the same tokens and codes."""
+  import dataclasses  # noqa: PLC0415
+
+  results = []
+  for cut in (True, False):
+    engine = make_engine(model, 1, 3)
+    conv = conversation(model, engine, PROMPTS[0])
+    s = settings(model, 0)
+    first = engine.submit(engine_lib.Reply(conv, s if cut else dataclasses.replace(s, max_new_tokens=4)))
+    engine.admit()
+    while not first.finished and (not cut or len(first.tokens) < 10):
+      engine.step()
+    if cut:
+      assert len(first.tokens) == 10
+      engine.cancel(first, keep_tokens=4)
+    assert len(first.tokens) == 4 and not conv.in_reply
+    turn = model.tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
+    ids = [first.tokens[-1]] + list(turn)
+    batch = prompts.prompt_batch([_text_sample(ids)], pad_id=model.generator.ids.pad_token_id, length_multiple=16)
+    engine.prefill(conv, {k: v for k, v in batch.items() if k not in ("labels", "kind", "use_audio_in_video")}, ids)
+    second = engine_lib.Reply(conv, settings(model, 2))
+    list(engine.run([second]))
+    results.append((first.tokens, conv.history, second.tokens, second.codes))
+  assert results[0] == results[1]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_row_sampling_equals_sampling_params(seed):
   rng = np.random.default_rng(seed)

@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import socket
 import threading
 import time
 import urllib.error
@@ -24,8 +23,8 @@ import soundfile
 
 import openai  # noqa: E402 - the test and serve extras (run.sh test installs both): never skipped
 import fastapi  # noqa: E402,F401
-import uvicorn  # noqa: E402
 
+import serve_testlib  # noqa: E402
 from omni_jax.serve import protocol  # noqa: E402
 from omni_jax.serve import server  # noqa: E402
 
@@ -34,26 +33,11 @@ NEW = 6  # max_tokens of the short replies: one decode program for all of them
 GREEDY = dict(max_tokens=NEW, temperature=0)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-class _Server:
+class _Server(serve_testlib.LocalServer):
   def __init__(self, model, media_root):
     self.limits = protocol.Limits(max_media_bytes=256 << 10, max_prompt_tokens=256, max_new_tokens=400)
     self.worker = server.Worker(server.Backend(model, self.limits), self.limits, max_queue=4, max_batch=2)
-    app = server.create_app(self.worker, self.limits, model_name=NAME, media_root=media_root)
-    self.port = _free_port()
-    self.uvicorn = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-    self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
-    self.thread.start()
-    deadline = time.time() + 60
-    while not self.uvicorn.started:
-      assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-      time.sleep(0.05)
-    self.url = f"http://127.0.0.1:{self.port}"
+    super().__init__(server.create_app(self.worker, self.limits, model_name=NAME, media_root=media_root))
 
   def stats(self) -> dict:
     with urllib.request.urlopen(self.url + "/v1/stats", timeout=10) as r:
@@ -98,8 +82,7 @@ def media(tmp_path_factory):
 def srv(model, media):
   s = _Server(model, str(media))
   yield s
-  s.uvicorn.should_exit = True
-  s.thread.join(timeout=30)
+  s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -342,8 +342,13 @@ class _Programs:
     row = _get_row(slots, b)
     length, first, start = row.t[0], row.first[0], row.start[0]
     cache = row.cache
-    valid = cache.valid.at[0, first].set(cache.valid[0, first] & (length > 1))
-    cache = cache._replace(valid=valid, index=cache.index[0])
+    # The reply holds slots [first, first + length - 1): a cancelled reply cut back to what was said (t
+    # lowered by Engine.cancel) leaves the slots of the tokens after it invalid, to be written again.
+    end = first + length - 1
+    slot = jnp.arange(cache.max_len)
+    valid = cache.valid & ~((slot >= jnp.maximum(end, first))[None] & (slot >= first)[None])
+    cache = cache._replace(valid=valid, index=jnp.where(length > 1, jnp.minimum(end, cache.index[0]),
+                                                        cache.index[0]))
     if row.talker is None:
       return cache, None
     with sharding.activate(self.mesh, self.rules):
@@ -607,15 +612,20 @@ class Engine:
         self.replies[b] = None
     self._slots = None
 
-  def cancel(self, reply: Reply) -> None:
+  def cancel(self, reply: Reply, keep_tokens: Optional[int] = None) -> None:
     """Stop a reply now: its slot is freed (its row idles) and, with keep, the conversation keeps what was
-    decoded so far."""
+    decoded so far, or its first keep_tokens tokens (at least one: the reply's first token is in the cache),
+    the part a listener heard before interrupting it."""
     if reply in self.waiting:
       self.waiting.remove(reply)
       reply.text_done = reply.codes_done = True
       return
     if reply.slot is not None and self.replies[reply.slot] is reply:
       b = reply.slot
+      if keep_tokens is not None and max(1, int(keep_tokens)) < len(reply.tokens):
+        n = max(1, int(keep_tokens))
+        del reply.tokens[n:]
+        self._slots = self._slots._replace(t=self._slots.t.at[b].set(n))
       self._slots = self._slots._replace(done=self._slots.done.at[b].set(True))
       if self._slots.talker is not None:
         self._slots = self._slots._replace(talker=dict(self._slots.talker,

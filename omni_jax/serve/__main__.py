@@ -8,7 +8,9 @@ defaults (config.generate), as generate.py. Binds to 127.0.0.1 unless --host say
 OMNI_JAX_API_KEY) makes every route ask for `Authorization: Bearer <key>`. Requests must name one of
 --allowed_hosts in their Host header, and browsers on other sites are refused unless --cors_origins lists them
 (omni_jax/serve/guard.py). Local media paths are off unless --media_root names the one directory clients may
-read from. docs/serving.md.
+read from. The Realtime WebSocket (/v1/realtime, omni_jax/serve/realtime.py) and the web page that talks
+through it (http://127.0.0.1:8000/) come with the same server and the same checks (--realtime_* limits).
+docs/serving.md.
 """
 
 import ipaddress
@@ -50,6 +52,13 @@ _MAX_AUDIO_S = flags.DEFINE_float("max_audio_seconds", None, "Longest audio part
                                   "--max_prompt_tokens holds at 25 tokens a second, at most 300).")
 _MAX_IMAGE_MP = flags.DEFINE_float("max_image_megapixels", 16.8, "Largest image (width x height, from its header).")
 _MAX_VIDEO_S = flags.DEFINE_float("max_video_seconds", 600.0, "Longest video part.")
+_RT_SESSIONS = flags.DEFINE_integer("realtime_max_sessions", 4, "Realtime WebSocket sessions open at once (each "
+                                    "holds its conversation's caches); more are refused with 429.")
+_RT_EVENT_KB = flags.DEFINE_integer("realtime_max_event_kb", 4096, "Largest Realtime event (one WebSocket message).")
+_RT_MINUTES = flags.DEFINE_float("realtime_max_session_minutes", 30.0, "A Realtime connection's longest life.")
+_RT_FPS = flags.DEFINE_float("realtime_max_frames_per_second", 2.0, "Camera frames a Realtime session may send.")
+_RT_BUFFER_S = flags.DEFINE_float("realtime_max_buffer_seconds", 60.0, "Audio a Realtime session may hold "
+                                  "uncommitted (without turn detection).")
 flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -60,6 +69,7 @@ def main(argv):
   from omni_jax.generate import api  # noqa: PLC0415
   from omni_jax.serve import guard  # noqa: PLC0415
   from omni_jax.serve import protocol  # noqa: PLC0415
+  from omni_jax.serve import realtime  # noqa: PLC0415
   from omni_jax.serve import server  # noqa: PLC0415
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -87,15 +97,21 @@ def main(argv):
                            max_prompt_tokens=max_prompt, max_new_tokens=_MAX_NEW.value,
                            max_audio_seconds=_MAX_AUDIO_S.value,
                            max_image_pixels=int(_MAX_IMAGE_MP.value * 1e6), max_video_seconds=_MAX_VIDEO_S.value)
+  rt = realtime.RealtimeLimits(max_connections=_RT_SESSIONS.value, max_event_bytes=_RT_EVENT_KB.value << 10,
+                               max_session_seconds=60 * _RT_MINUTES.value,
+                               max_frames_per_second=_RT_FPS.value, max_buffer_seconds=_RT_BUFFER_S.value)
   worker = server.Worker(server.Backend(model, limits), limits, max_queue=_MAX_QUEUE.value,
                          max_batch=_MAX_BATCH.value)
   name = _NAME.value or os.path.basename(os.path.normpath(_CHECKPOINT.value))
   app = server.create_app(worker, limits, model_name=name, media_root=_MEDIA_ROOT.value, gate=gate,
-                          decode_workers=_DECODE_WORKERS.value)
-  logging.info("serving %s as %r (%d slots) on http://%s:%d/v1", _CHECKPOINT.value, name, _MAX_BATCH.value,
-               _HOST.value, _PORT.value)
+                          decode_workers=_DECODE_WORKERS.value, realtime_limits=rt)
+  logging.info("serving %s as %r (%d slots) on http://%s:%d/v1 (realtime: ws://%s:%d/v1/realtime, the web page "
+               "at http://%s:%d/)", _CHECKPOINT.value, name, _MAX_BATCH.value, _HOST.value, _PORT.value,
+               *(_HOST.value, _PORT.value) * 2)
+  # WebSocket messages up to twice the realtime limit reach the session, which answers a too-large one with an
+  # error event before closing (uvicorn would close without one).
   uvicorn.run(app, host=_HOST.value, port=_PORT.value, log_level="info", http=guard.timed_h11(_READ_TIMEOUT.value),
-              timeout_keep_alive=5)
+              timeout_keep_alive=5, ws_max_size=2 * rt.max_event_bytes)
 
 
 if __name__ == "__main__":

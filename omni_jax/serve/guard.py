@@ -4,8 +4,10 @@
 - Host: the Host header must name one of `allowed_hosts` (localhost names by default), so a web page on another
   site cannot reach a local server through DNS rebinding (its requests carry the attacker's host name).
 - Origin: a browser request from another site (an Origin header) is refused unless `cors_origins` allows it;
-  allowed origins get CORS headers and their preflight (OPTIONS) is answered here.
-- API key: when set, `Authorization: Bearer <key>` on every route (compared in constant time).
+  allowed origins get CORS headers and their preflight (OPTIONS) is answered here. The server's own page (an
+  Origin naming the Host the request came to) is not another site.
+- API key: when set, `Authorization: Bearer <key>` on every route (compared in constant time), except the web
+  page's own files (GET / and /static/...), which a browser fetches without it and which hold no secret.
 - Content-Type: a request with a body must be application/json (a cross-site `text/plain` form POST, which
   browsers send without a preflight, never reaches a route).
 - Body: a Content-Length over the limit is refused before a byte is read; a body without one (chunked) is
@@ -73,8 +75,8 @@ class Gate:
     self.hosts = {h.strip().lower().strip("[]") for h in config.allowed_hosts}
     self.origins = {o.strip().rstrip("/") for o in config.cors_origins}
 
-  def _origin_allowed(self, origin: str) -> bool:
-    return "*" in self.origins or origin.rstrip("/") in self.origins
+  def _origin_allowed(self, origin: str, host: str = "") -> bool:
+    return "*" in self.origins or origin.rstrip("/") in self.origins or same_origin(origin, host)
 
   def _cors_headers(self, origin: Optional[str]) -> list[tuple[bytes, bytes]]:
     if not origin:
@@ -87,10 +89,10 @@ class Gate:
       raise _refused(400, f"the Host header {headers.get('host', '')!r} is not one this server answers to "
                      "(--allowed_hosts)", "invalid_host")
     origin = headers.get("origin")
-    if origin is not None and not self._origin_allowed(origin):
+    if origin is not None and not self._origin_allowed(origin, headers.get("host", "")):
       raise _refused(403, f"cross-origin requests from {origin!r} are not allowed (--cors_origins)",
                      "origin_not_allowed", "permission_error")
-    if self.config.api_key is not None:
+    if self.config.api_key is not None and not _public(scope):
       auth = headers.get("authorization", "")
       scheme, _, token = auth.partition(" ")
       if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
@@ -115,7 +117,8 @@ class Gate:
       return await self.app(scope, receive, send)
     headers = _headers(scope)
     origin = headers.get("origin")
-    cors = self._cors_headers(origin if origin is not None and self._origin_allowed(origin) else None)
+    cors = self._cors_headers(origin if origin is not None and self._origin_allowed(origin, headers.get("host", ""))
+                              else None)
     if scope["method"] == "OPTIONS" and origin is not None and "access-control-request-method" in headers:
       return await self._preflight(scope, headers, send, cors)
     try:
@@ -176,6 +179,18 @@ class Gate:
       return message
 
     return bounded
+
+
+def same_origin(origin: str, host: str) -> bool:
+  """Whether an Origin header names the host (and port) the request was sent to: the server's own page."""
+  scheme, sep, rest = origin.strip().rstrip("/").lower().partition("://")
+  return bool(sep) and scheme in ("http", "https") and bool(host) and rest == host.strip().lower()
+
+
+def _public(scope) -> bool:
+  """The web page's files: fetched by a browser, which cannot add the API key to a navigation."""
+  path = scope.get("path", "")
+  return scope.get("method") in ("GET", "HEAD") and (path == "/" or path.startswith("/static/"))
 
 
 async def _refuse(send, e: ServeError, extra_headers) -> None:

@@ -22,6 +22,7 @@ its HTTP status; a failure after the first streamed byte ends the stream with an
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -32,7 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -45,13 +46,14 @@ from omni_jax.serve.protocol import ServeError
 log = logging.getLogger(__name__)
 
 AUDIO_DELTA_SECONDS = 0.5  # longer audio events go out as several deltas (bounded SSE events)
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")  # the web page
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Engines: one request's conversation -> a stream of Events, on the worker thread.
 
 
-def _user_error(e: Exception) -> Optional[ServeError]:
+def user_error(e: Exception) -> Optional[ServeError]:
   """The 400 of a model-side error caused by the request (bad media, a setting, a voice), else None."""
   from omni_jax.generate import limits as limits_lib  # noqa: PLC0415 - only needed with a model
   from omni_jax.input import preprocess  # noqa: PLC0415
@@ -150,12 +152,19 @@ def _too_long(n: int, limits: protocol.Limits) -> ServeError:
 
 @dataclasses.dataclass
 class Job:
-  """One accepted request: what to run, where its events go (an asyncio queue on the server's loop)."""
-  conversation: list
+  """One accepted request: what to run, where its events go (an asyncio queue on the server's loop).
+
+  A realtime reply (serve/realtime.py) brings its own `start` (run on the worker thread: -> SessionReply of a
+  session it keeps across turns, keep_session) instead of a conversation; sent_tokens counts the reply's tokens
+  whose events went out before it was cancelled (what the listener got: the cache keeps those)."""
+  conversation: Optional[list]
   options: dict  # Backend.start keywords
   loop: Any
   out: Any  # asyncio.Queue of ("event", Event) | ("error", ServeError) | ("end", None)
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+  start: Optional[Callable[[], Any]] = None
+  keep_session: bool = False
+  sent_tokens: int = 0
 
   def send(self, kind: str, item: Any) -> None:
     if not self.cancelled.is_set():
@@ -186,6 +195,9 @@ class Worker:
     self.lock = threading.Lock()
     self.counts = collections.Counter(served=0, rejected=0, cancelled=0, failed=0, batched=0)
     self.active = 0
+    self.tasks: queue.Queue = queue.Queue()  # (fn, future): model work of realtime connections, in order
+    self._wake = threading.Event()
+    self._running: list[_Active] = []
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="omni-worker", daemon=True)
 
@@ -196,7 +208,50 @@ class Worker:
 
   def stop(self) -> None:
     self._stop.set()
+    self._wake.set()
     self._thread.join(timeout=30)
+
+  def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+    """Run fn on the worker thread between engine steps (a realtime session's prefill, its reply's start or
+    cancel); calls run in the order they were made. Returns fn's future."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    if self._stop.is_set():
+      future.set_exception(ServeError(503, "the server is shutting down", type="server_error", code="shutting_down"))
+      return future
+    self.tasks.put((fn, future))
+    self._wake.set()
+    return future
+
+  def attach(self, job: Job) -> concurrent.futures.Future:
+    """Start a job with its own `start` on the worker (after the calls made before it); its reply joins the
+    running batch. The future's result: the SessionReply (or the start's exception, also sent to the job)."""
+
+    def start():
+      with self.lock:
+        self.active += 1
+      try:
+        reply = job.start()
+      except Exception as e:  # noqa: BLE001 - the worker outlives every request
+        self._fail(job, e)
+        raise
+      self._running.append(_Active(job, reply))
+      return reply
+
+    return self.call(start)
+
+  def cancel_now(self, job: Job) -> concurrent.futures.Future:
+    """Cancel a job's reply on the worker, after the calls made before (a barge-in: the session takes input
+    again at once): the cache keeps the job's sent_tokens. The future's result: whether it was running."""
+    job.cancel()
+
+    def cancel():
+      for a in list(self._running):
+        if a.job is job:
+          self._end(a, self._running, "cancelled")
+          return True
+      return False
+
+    return self.call(cancel)
 
   def stats(self) -> dict:
     with self.lock:
@@ -214,6 +269,7 @@ class Worker:
       self._count("rejected")
       raise ServeError(429, f"the server is busy ({self.jobs.maxsize} requests queued); retry later",
                        type="rate_limit_error", code="queue_full") from None
+    self._wake.set()
 
   def _finish(self, job: Job, outcome: str, last: Optional[tuple] = None) -> None:
     """Count a job and send its last item (so a client that has its reply reads counts that include it)."""
@@ -225,7 +281,7 @@ class Worker:
     job.send("end", None)
 
   def _fail(self, job: Job, e: BaseException) -> None:
-    err = e if isinstance(e, ServeError) else _user_error(e)
+    err = e if isinstance(e, ServeError) else user_error(e)
     if err is None:
       log.exception("request failed", exc_info=e)
       # The exception's text may name the server's files: it goes to the log, the client gets its type.
@@ -234,10 +290,10 @@ class Worker:
     self._finish(job, "failed", last=("error", err))
 
   def _take(self, running: list) -> None:
-    """Start queued jobs while a slot is free (waiting for one only when nothing runs)."""
+    """Start queued jobs while a slot is free."""
     while len(running) < self.max_batch:
       try:
-        job = self.jobs.get(timeout=0.05) if not running else self.jobs.get_nowait()
+        job = self.jobs.get_nowait()
       except queue.Empty:
         return
       with self.lock:
@@ -250,13 +306,31 @@ class Worker:
       except Exception as e:  # noqa: BLE001 - the worker outlives every request
         self._fail(job, e)
 
+  def _calls(self) -> None:
+    """Run the calls made so far (call / attach / cancel_now), in order."""
+    while True:
+      try:
+        fn, future = self.tasks.get_nowait()
+      except queue.Empty:
+        return
+      if not future.set_running_or_notify_cancel():
+        continue
+      try:
+        future.set_result(fn())
+      except BaseException as e:  # noqa: BLE001 - the caller gets it; the worker goes on
+        future.set_exception(e)
+
   def _run(self) -> None:
-    running: list[_Active] = []
+    running = self._running
     while not self._stop.is_set():
-      self._take(running)
+      if not running and self.jobs.empty() and self.tasks.empty():
+        self._wake.wait(0.5)  # idle: woken by submit() or call()
+      self._wake.clear()
       for a in list(running):
         if a.job.cancelled.is_set():  # the client went away: its slot is freed now
           self._end(a, running, "cancelled")
+      self._calls()
+      self._take(running)
       by_reply = {id(a.reply.reply): a for a in running}
       for engine in {id(a.reply.engine): a.reply.engine for a in running}.values():
         try:
@@ -264,24 +338,33 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - a failed call fails the replies it held, not the worker
           for a in [a for a in running if a.reply.engine is engine]:
             running.remove(a)
-            a.reply.session.close()
+            self._close(a)
             self._fail(a.job, e)
           continue
         self._note_batched([a for a in running if a.reply.engine is engine and a.reply.reply.slot is not None])
         for reply, kind, value in events:
           a = by_reply.get(id(reply))
-          if a is not None:
+          if a is not None and not a.job.cancelled.is_set():
+            a.job.sent_tokens += kind == "token"
             for event in a.reply.on(kind, value):
               a.job.send("event", event)
       for a in list(running):
         if a.reply.reply.error is not None:
           running.remove(a)
-          a.reply.session.close()
+          self._close(a)
           self._fail(a.job, a.reply.reply.error)
         elif a.reply.reply.finished:
           self._end(a, running, "served")
     for a in list(running):
       self._end(a, running, "cancelled")
+    self._calls()  # calls made while stopping fail with the closed session, not hang
+
+  def _close(self, a: _Active) -> None:
+    """A request's session goes with its reply; a realtime session outlives it, unless its caches went down
+    with a failed call."""
+    session = a.reply.session
+    if not a.job.keep_session or session._conv is None or session._conv.cache is None:  # noqa: SLF001
+      session.close()
 
   def _note_batched(self, in_slots: list) -> None:
     """Count the requests that decoded beside another (the `batched` figure of /v1/stats)."""
@@ -300,12 +383,12 @@ class Worker:
           a.job.send("event", event)
         self._finish(a.job, outcome, last=("event", events[-1]))
       else:
-        a.reply.abort()
+        a.reply.abort(keep_tokens=a.job.sent_tokens)
         self._finish(a.job, outcome)
     except Exception as e:  # noqa: BLE001 - the worker outlives every request
       self._fail(a.job, e)
     finally:
-      a.reply.session.close()
+      self._close(a)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,14 +424,19 @@ def _sse(obj: dict) -> str:
 
 
 def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, media_root: Optional[str] = None,
-               started: Optional[float] = None, gate: Optional[guard.GateConfig] = None, decode_workers: int = 2):
+               started: Optional[float] = None, gate: Optional[guard.GateConfig] = None, decode_workers: int = 2,
+               realtime_limits=None):
   """The FastAPI app behind its gate (guard.Gate: hosts, origins, API key, body size and timeouts; default
   GateConfig()). worker: started and stopped with the app (lifespan). decode_workers: threads that decode
-  requests' media (serve/media.py), so the model's thread only prefills and decodes tokens."""
+  requests' media (serve/media.py), so the model's thread only prefills and decodes tokens. The Realtime
+  WebSocket /v1/realtime (serve/realtime.py; realtime_limits: its RealtimeLimits) and the web page that talks
+  through it (/, serve/static/) are on the same app."""
   import contextlib  # noqa: PLC0415
 
   from fastapi import FastAPI, Request  # noqa: PLC0415 - the serve extra
-  from fastapi.responses import JSONResponse, StreamingResponse  # noqa: PLC0415
+  from fastapi.responses import FileResponse, JSONResponse, StreamingResponse  # noqa: PLC0415
+
+  from omni_jax.serve import realtime  # noqa: PLC0415 - imports this module
 
   created = int(started or time.time())
   transcripts: collections.OrderedDict = collections.OrderedDict()  # audio id -> transcript, for later turns
@@ -366,7 +454,9 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
     decoder.close()
 
   app = FastAPI(title="omni_jax", lifespan=lifespan)
-  app.add_middleware(guard.Gate, config=gate or guard.GateConfig(), max_body_bytes=limits.max_body_bytes)
+  gate = gate or guard.GateConfig()
+  app.add_middleware(guard.Gate, config=gate, max_body_bytes=limits.max_body_bytes)
+  realtime.add_routes(app, worker, limits, realtime_limits or realtime.RealtimeLimits(), gate, model_name)
 
   def error(e: ServeError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
@@ -404,6 +494,17 @@ def create_app(worker: Worker, limits: protocol.Limits, *, model_name: str, medi
   @app.get("/health")
   async def health():
     return {"status": "ok"}
+
+  @app.get("/")
+  async def page():
+    return FileResponse(os.path.join(STATIC_DIR, "index.html"), headers={"Cache-Control": "no-cache"})
+
+  @app.get("/static/{name}")
+  async def static(name: str):
+    path = os.path.join(STATIC_DIR, name)
+    if "/" in name or name.startswith(".") or not os.path.isfile(path):
+      raise ServeError(404, f"no file /static/{name}", code="not_found")
+    return FileResponse(path, headers={"Cache-Control": "no-cache"})
 
   def prepare(request: protocol.ChatRequest) -> Job:
     """The job with its media decoded (on the decoder's pool: base64, files and decoding stay off the loop

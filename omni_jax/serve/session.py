@@ -420,6 +420,12 @@ class OmniSession:
     self._media["audios"] = self._media["audios"][:len(self._media["audios"]) - a.sent] + [frames]
     self._append([self._fmt.id("<|audio_eos|>")])
 
+  def end_audio(self) -> None:
+    """End the audio part being streamed now (its last chunk and `<|audio_eos|>` are prefilled), as the next
+    part or respond() would; nothing happens without one."""
+    self._check_open()
+    self._end_audio()
+
   def push_message(self, message: Mapping) -> None:
     """A user message in OmniChat's content-part format: {"role": "user", "content": str | [parts]}; parts
     {"type": "text", "text"}, {"type": "image" | "audio" | "video", "path"} (video: "use_audio_in_video"),
@@ -634,16 +640,19 @@ class SessionReply:
     """The events of one decoded token or code."""
     return self.row.add_token(value) if kind == "token" else self.row.add_code(value)
 
-  def abort(self) -> None:
-    """End the reply where it is (a dropped client, barge-in): the cache keeps what was decoded and the session
-    goes on; a reply whose caches went down with a failed call closes its session."""
+  def abort(self, keep_tokens: Optional[int] = None) -> None:
+    """End the reply where it is (a dropped client, barge-in): the cache keeps what was decoded, or its first
+    keep_tokens tokens (what the listener was sent), and the session goes on; a reply whose caches went down
+    with a failed call closes its session."""
     s = self.session
-    self.engine.cancel(self.reply)
+    self.engine.cancel(self.reply, keep_tokens)
     if s._conv.cache is None:
       s.close()
     elif self.reply.tokens:
       s._after_reply(self.reply)
       self.ended = True
+    else:  # cancelled before its first token: the assistant's turn closes empty
+      s._pending = list(s._reply_end)
 
   def end(self) -> tuple[np.ndarray, bool]:
     """The session's bookkeeping once the engine released the reply: (its ids, whether a stop id ended it)."""
