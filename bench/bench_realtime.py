@@ -3,13 +3,15 @@ question in real time and times the reply's first audio delta, against the same 
 same process on the same model.
 
   .venv/bin/python bench/bench_realtime.py [--size tiny|100m] [--chunk_ms 40] [--reply 16] [--iters 3]
+  .venv/bin/python bench/bench_realtime.py --checkpoint DIR      # any speaking checkpoint (e.g. 7B-shaped on a GPU)
 
 The model: bench_stream.py's full Qwen2.5-Omni of --size (the real vocabulary, random perturbed weights, a
 voice), served by server.create_app on localhost (uvicorn, the worker's engine). The question: eSpeak speech
 (about 2 s), then silence, sent as base64 PCM16 at 16 kHz in --chunk_ms chunks paced at real time, as a
 microphone would; server turn detection (server_vad, silence_duration_ms --silence_ms) ends the turn and the
 reply starts by itself. Clocks, on the client: end of speech (the last voiced chunk sent), the VAD's decision
-(speech_stopped received), the first transcript delta and the first audio delta.
+(speech_stopped received), the first transcript delta and the first audio delta. A reply is at most --reply
+tokens and --codes speech codes.
 
 In process: OmniSession is pushed the same samples in the same chunks (2 s are prefilled as they arrive), and
 respond(speak=True) is timed from the end of its input to the first text and audio events. The ratio socket /
@@ -104,29 +106,34 @@ def session_turn(model, max_len: int, wave: np.ndarray, chunk: int, reply: int) 
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", default="tiny", help="bench_stream.py's model sizes: tiny, 100m")
+  p.add_argument("--checkpoint", default=None, help="a speaking checkpoint to serve instead of --size")
   p.add_argument("--chunk_ms", type=int, default=40, help="audio per append event (20-100 ms)")
   p.add_argument("--silence_ms", type=int, default=500, help="the VAD's silence_duration_ms")
   p.add_argument("--reply", type=int, default=16, help="reply tokens (max_output_tokens)")
+  p.add_argument("--codes", type=int, default=96, help="most speech codes of a reply (random weights rarely stop)")
   p.add_argument("--iters", type=int, default=3)
   args = p.parse_args()
   import bench_stream  # noqa: PLC0415 - the model builder
+  import jax  # noqa: PLC0415
   import serve_testlib  # noqa: PLC0415 - uvicorn in a thread
 
   from omni_jax import generate  # noqa: PLC0415
   from omni_jax.serve import protocol  # noqa: PLC0415
   from omni_jax.serve import server  # noqa: PLC0415
 
-  _, directory = bench_stream.build_reference(args.size)
+  directory = args.checkpoint or bench_stream.build_reference(args.size)[1]
   model = generate.load(directory)
+  model.speech.defaults["max_new_tokens"] = args.codes  # the sessions' code budget (config.generate.talker)
+  name = args.size if args.checkpoint is None else "model"
   limits = protocol.Limits(max_prompt_tokens=512, max_new_tokens=max(64, args.reply))
   worker = server.Worker(server.Backend(model, limits), limits, max_queue=4, max_batch=2)
-  srv = serve_testlib.LocalServer(server.create_app(worker, limits, model_name=args.size))
+  srv = serve_testlib.LocalServer(server.create_app(worker, limits, model_name=name))
   wave, end = question()
   chunk = args.chunk_ms * RATE // 1000
   sock, local = [], []
   try:
     for i in range(args.iters + 1):  # turn 0 compiles
-      s = socket_turn(srv.ws_url, args.size, wave, end, chunk, args.silence_ms, args.reply)
+      s = socket_turn(srv.ws_url, name, wave, end, chunk, args.silence_ms, args.reply)
       o = session_turn(model, worker.backend.max_len, wave, chunk, args.reply)
       if i:
         sock.append(s)
@@ -135,8 +142,8 @@ def main():
     srv.stop()
   med = lambda rows, a, b: float(np.median([r[b] - r[a] for r in rows])) * 1e3  # noqa: E731
   vad_audio, local_audio = med(sock, "vad", "audio"), med(local, "end", "audio")
-  print(f"size {args.size}, {wave.shape[0] / RATE:.1f} s question in {args.chunk_ms} ms chunks, {args.reply} tokens, "
-        f"CPU, medians of {args.iters}:\n"
+  print(f"{args.checkpoint or 'size ' + args.size}, {wave.shape[0] / RATE:.1f} s question in {args.chunk_ms} ms chunks, {args.reply} tokens, "
+        f"{jax.devices()[0].device_kind}, medians of {args.iters}:\n"
         f"  socket: end of speech -> VAD decision {med(sock, 'end', 'vad'):.0f} ms (silence_duration_ms "
         f"{args.silence_ms}), -> first text {med(sock, 'end', 'text'):.0f} ms, -> first audio "
         f"{med(sock, 'end', 'audio'):.0f} ms; VAD decision -> first text {med(sock, 'vad', 'text'):.0f} ms, -> first "

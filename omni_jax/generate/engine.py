@@ -520,9 +520,9 @@ class Engine:
                          sampling=RowSampling(*(np.asarray(v)[None] for v in RowSampling.of(s.talker_sampling))),
                          stop=stop)
     conv.in_reply = True
-    self._slots, token = self.programs.insert(
+    self._slots, token = _canonical(self.programs.insert(
         self.params, self._slots, np.int32(b), conv.cache, conv.talker_cache, conv.logits, seen, start,
-        np.asarray([s.max_new_tokens], np.int32), key, sampling, talker_args)
+        np.asarray([s.max_new_tokens], np.int32), key, sampling, talker_args))
     conv.cache = conv.talker_cache = None  # in the slot now
     token = int(np.asarray(token)[0])
     reply.tokens.append(token)
@@ -532,7 +532,8 @@ class Engine:
   def _fresh_slots(self, conv: Conversation) -> Slots:
     """Empty slots shaped like the conversation's arrays (every row done: idle), placed on the mesh as the
     programs' outputs are (so the first insert compiles the program every later one uses)."""
-    return jax.jit(self._idle_slots, static_argnums=(0, 1))(self.num_slots, conv.logits.shape[-1])
+    return _canonical(jax.jit(self._idle_slots, static_argnums=(0, 1))(self.num_slots, conv.logits.shape[-1]),
+                      self.mesh)
 
   def _idle_slots(self, b: int, vocab: int) -> Slots:
     cache, talker_cache = self._empty_caches(b)
@@ -563,7 +564,8 @@ class Engine:
     if not any(r is not None for r in self.replies):
       return []
     try:
-      self._slots, out, done, codes_done = self.programs.generate(self.params, self._slots, self.steps_per_call)
+      self._slots, out, done, codes_done = _canonical(self.programs.generate(self.params, self._slots,
+                                                                             self.steps_per_call))
       out = jax.device_get(out)
     except BaseException as e:
       self._fail_all(e)
@@ -649,6 +651,25 @@ class Engine:
       for event in self.step():
         yield event
       pending = {id(r) for r in replies if not r.finished}
+
+
+def _canonical(outputs, mesh=None):
+  """Outputs with replicated shardings written one way: a replicated output comes as P() from one program,
+  P(None, None) from another, and (from a program with no sharded output, on a one-device mesh) as a single
+  device's; the next call's cache of compiled programs takes them for different inputs (an engine's second
+  reply compiled its insert again). All become NamedSharding(mesh, P())."""
+  replicated = jax.sharding.PartitionSpec()
+
+  def one(x):
+    sharding = getattr(x, "sharding", None)
+    if (isinstance(sharding, jax.sharding.NamedSharding) and sharding.spec != replicated
+        and all(p is None for p in sharding.spec)):
+      return jax.device_put(x, jax.sharding.NamedSharding(sharding.mesh, replicated))
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding) and mesh is not None and mesh.size == 1:
+      return jax.device_put(x, jax.sharding.NamedSharding(mesh, replicated))
+    return x
+
+  return jax.tree_util.tree_map(one, outputs)
 
 
 def _sharded_cache(decoder, batch: int, length: int, dtype=None) -> KVCache:
