@@ -192,16 +192,16 @@ def test_openai_client_holds_a_spoken_conversation_with_a_camera(srv, speech, fr
 
 
 def test_the_reply_over_the_socket_equals_the_in_process_session(srv, model, speech, frame):
-  """Without turn detection (audio held until commit), two turns, the second with a camera frame: transcript,
-  audio and token counts equal OmniSession's replies to the same pushes."""
+  """Without turn detection (audio held until commit), greedy (temperature 0), two turns, the second with a
+  camera frame: transcript, audio and token counts equal OmniSession's greedy replies to the same pushes."""
   from omni_jax.input.media import image as image_media  # noqa: PLC0415
   from omni_jax.serve.session import OmniSession  # noqa: PLC0415
 
   wave, _ = speech
   raw = Raw(srv.ws_url + f"/v1/realtime?model={NAME}")
   raw.until("session.created")
-  raw.send(type="session.update", session=dict(SESSION_16K, audio={"input": dict(SESSION_16K["audio"]["input"],
-                                                                                turn_detection=None)}))
+  raw.send(type="session.update", session=dict(SESSION_16K, temperature=0, audio={
+      "input": dict(SESSION_16K["audio"]["input"], turn_detection=None)}))
   raw.until("session.updated")
   session = OmniSession(model, max_len=srv.worker.backend.max_len, speech=True)
   for turn in range(2):
@@ -215,7 +215,7 @@ def test_the_reply_over_the_socket_equals_the_in_process_session(srv, model, spe
     socket_reply = _reply(raw.until("response.done"))
     assert "error" not in socket_reply["types"], raw.log[-5:]
     session.push_audio((np.clip(wave, -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32768.0, 16000)
-    events = list(session.respond(speak=True, max_new_tokens=NEW))
+    events = list(session.respond(speak=True, max_new_tokens=NEW, do_sample=False))
     done = events[-1].payload
     audio = b"".join(protocol.pcm16(e.payload) for e in events if e.kind == "audio")
     assert socket_reply["text"] == done.text and socket_reply["audio"] == audio
@@ -371,7 +371,7 @@ def test_handshake_key_origin_and_limits(model, frame):
   worker = server.Worker(server.Backend(model, limits), limits, max_queue=4, max_batch=2)
   app = server.create_app(worker, limits, model_name=NAME, gate=guard.GateConfig(api_key="sesame"),
                           realtime_limits=realtime.RealtimeLimits(max_connections=1, max_session_seconds=4,
-                                                                  max_frames_per_second=1))
+                                                                  max_frames_per_second=1, frame_burst_seconds=1))
   s = serve_testlib.LocalServer(app)
   url = s.ws_url + f"/v1/realtime?model={NAME}"
   try:

@@ -56,7 +56,8 @@ _RT_SESSIONS = flags.DEFINE_integer("realtime_max_sessions", 4, "Realtime WebSoc
                                     "holds its conversation's caches); more are refused with 429.")
 _RT_EVENT_KB = flags.DEFINE_integer("realtime_max_event_kb", 4096, "Largest Realtime event (one WebSocket message).")
 _RT_MINUTES = flags.DEFINE_float("realtime_max_session_minutes", 30.0, "A Realtime connection's longest life.")
-_RT_FPS = flags.DEFINE_float("realtime_max_frames_per_second", 2.0, "Camera frames a Realtime session may send.")
+_RT_FPS = flags.DEFINE_float("realtime_max_frames_per_second", 2.0, "Camera frames a Realtime session may send "
+                             "a second (sustained; 10 seconds' worth may come at once, after a stall).")
 _RT_BUFFER_S = flags.DEFINE_float("realtime_max_buffer_seconds", 60.0, "Audio a Realtime session may hold "
                                   "uncommitted (without turn detection).")
 flags.mark_flags_as_required(["checkpoint"])

@@ -41,7 +41,6 @@ its reply and frees its cache at once.
 import asyncio
 import base64
 import binascii
-import collections
 import dataclasses
 import json
 import logging
@@ -80,13 +79,15 @@ class RealtimeLimits:
   max_connections: int = 4  # open sessions (each holds its caches)
   max_event_bytes: int = 4 << 20  # one WebSocket message
   max_buffer_seconds: float = 60.0  # audio held and not yet prefilled (without turn detection: until commit)
-  max_frames_per_second: float = 2.0  # camera frames (input_image_buffer.append)
+  max_frames_per_second: float = 2.0  # camera frames (input_image_buffer.append), sustained
+  frame_burst_seconds: float = 10.0  # frames may come this many seconds' worth at once (after a stall)
   max_session_seconds: float = 1800.0  # a connection's life
   idle_seconds: float = 600.0  # a connection that sends nothing for this long is closed
 
   def __post_init__(self):
     if self.max_connections < 1 or self.max_event_bytes < 1024 or self.max_buffer_seconds <= 0 \
-        or self.max_frames_per_second <= 0 or self.max_session_seconds <= 0 or self.idle_seconds <= 0:
+        or self.max_frames_per_second <= 0 or self.frame_burst_seconds <= 0 or self.max_session_seconds <= 0 \
+        or self.idle_seconds <= 0:
       raise ValueError(f"realtime limits must be positive (max_event_bytes >= 1024): {self}")
 
 
@@ -130,6 +131,7 @@ class SessionConfig:
   input_rate: int = 24000
   turn_detection: Optional[dict] = dataclasses.field(default_factory=lambda: dict(DEFAULT_TURN_DETECTION))
   max_output_tokens: Optional[int] = None
+  temperature: Optional[float] = None  # None: the model's configured sampling; 0: greedy
   event_names: str = "ga"
 
   def object(self, session_id: str, model_name: str) -> dict:
@@ -139,7 +141,7 @@ class SessionConfig:
             "max_output_tokens": self.max_output_tokens if self.max_output_tokens is not None else "inf",
             "audio": {"input": {"format": fmt, "turn_detection": self.turn_detection},
                       "output": {"format": {"type": "audio/pcm", "rate": OUT_RATE}, "voice": self.voice}},
-            "event_names": self.event_names}
+            "temperature": self.temperature, "event_names": self.event_names}
 
 
 def _modalities(value, param: str) -> tuple:
@@ -237,6 +239,12 @@ def update_config(config: SessionConfig, session: Any, voices: list, can_speak: 
       raise EventError(f"session.max_output_tokens must be a positive integer or 'inf', got {tokens!r}",
                        "invalid_value", "session.max_output_tokens")
     c.max_output_tokens = None if tokens == "inf" else tokens
+  if session.get("temperature") is not None:
+    t = session["temperature"]
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 2:
+      raise EventError(f"session.temperature must be a number in [0, 2] (0: greedy), got {t!r}", "invalid_value",
+                       "session.temperature")
+    c.temperature = float(t)
   if "event_names" in session:
     if session["event_names"] not in ("ga", "beta"):
       raise EventError("session.event_names must be 'ga' or 'beta'", "invalid_value", "session.event_names")
@@ -344,7 +352,9 @@ class Connection:
     self.turn_open = False  # input of the user's turn was prefilled (it is committed by a response or commit)
     self.item_id: Optional[str] = None
     self.frame: Optional[np.ndarray] = None  # the newest camera frame not yet prefilled
-    self.frame_times: collections.deque = collections.deque()
+    self.frame_tokens = max(1.0, rt.max_frames_per_second * rt.frame_burst_seconds)  # the frames' bucket
+    self.frame_clock = time.monotonic()
+    self.inbox_bytes = 0  # read off the socket and not yet handled
     self.started = time.monotonic()
     self.turns = 0  # replies started
     self.arrived = time.monotonic()  # when the event being handled came off the socket
@@ -570,13 +580,17 @@ class Connection:
     self.send("input_audio_buffer.cleared")
 
   async def image_append(self, event) -> None:
-    now = self.arrived  # when the frame came off the socket, not when a busy session got to it
-    while self.frame_times and now - self.frame_times[0] > 1.0:
-      self.frame_times.popleft()
-    if len(self.frame_times) >= self.rt.max_frames_per_second:
-      raise EventError(f"more than {self.rt.max_frames_per_second:g} camera frames a second", "rate_limit_exceeded",
-                       "image", type_="rate_limit_error")
-    self.frame_times.append(now)
+    # A token bucket: max_frames_per_second sustained, bursts of frame_burst_seconds' worth (frames that queued
+    # up while the server stalled come at once), timed when the frame came off the socket.
+    rate = self.rt.max_frames_per_second
+    capacity = max(1.0, rate * self.rt.frame_burst_seconds)
+    now = self.arrived
+    self.frame_tokens = min(capacity, self.frame_tokens + (now - self.frame_clock) * rate)
+    self.frame_clock = now
+    if self.frame_tokens < 1.0:
+      raise EventError(f"more than {rate:g} camera frames a second", "rate_limit_exceeded", "image",
+                       type_="rate_limit_error")
+    self.frame_tokens -= 1.0
     data = _b64(event.get("image"), "image", self.limits.max_media_bytes)
     self.frame = await asyncio.to_thread(_decode_image, data, self.limits)
 
@@ -681,13 +695,16 @@ class Connection:
     self.turns += 1
     self.send("response.created", response=self._response_object(response, "in_progress"))
     backend, session_ref = self.backend, self
+    t = self.config.temperature
+    sampling = {} if t is None else dict(do_sample=False) if t == 0 else dict(do_sample=True, temperature=t)
 
     def start():
       from omni_jax.serve import session as session_lib  # noqa: PLC0415
 
       s = session_ref.session
       engine = s._engine(slots=session_ref.worker.max_batch, max_new_tokens=backend.limits.max_new_tokens)  # noqa: SLF001
-      [reply] = session_lib.start_replies([s], engine, speak=speak, max_new_tokens=limit, speakers=[voice])
+      [reply] = session_lib.start_replies([s], engine, speak=speak, max_new_tokens=limit, speakers=[voice],
+                                          **sampling)
       response.usage = (reply.row.prompt_tokens, 0)
       return reply
 
@@ -776,23 +793,28 @@ class Connection:
 
   # -- life
 
-  async def reader(self, inbox: asyncio.Queue) -> None:
-    """Messages off the socket with their arrival time, while the handler may wait for the worker (a bounded
-    inbox: a client far ahead of the model waits on its socket)."""
+  async def reader(self, inbox: asyncio.Queue, drained: asyncio.Event) -> None:
+    """Messages off the socket with their arrival time, while the handler may wait for the worker. The inbox
+    holds at most 8 events' bytes: a client far ahead of the model then waits on its socket."""
     while True:
+      while self.inbox_bytes > 8 * self.rt.max_event_bytes:
+        drained.clear()
+        await drained.wait()
       try:
         message = await self.ws.receive()
       except Exception:  # noqa: BLE001 - the socket is gone
         message = {"type": "websocket.disconnect"}
-      await inbox.put((time.monotonic(), message))
+      self.inbox_bytes += _size(message)
+      inbox.put_nowait((time.monotonic(), message))
       if message["type"] == "websocket.disconnect":
         return
 
   async def run(self) -> None:
     """Serve the connection until the client leaves or a limit closes it; its reply and cache go with it."""
     writer = asyncio.create_task(self.writer())
-    inbox: asyncio.Queue = asyncio.Queue(maxsize=256)
-    reader = asyncio.create_task(self.reader(inbox))
+    inbox: asyncio.Queue = asyncio.Queue()
+    drained = asyncio.Event()
+    reader = asyncio.create_task(self.reader(inbox, drained))
     close_code = 1000
     try:
       await self.call(self._new_session(self.config.instructions))
@@ -805,6 +827,8 @@ class Connection:
           break
         try:
           self.arrived, message = await asyncio.wait_for(inbox.get(), timeout=min(left, self.rt.idle_seconds))
+          self.inbox_bytes -= _size(message)
+          drained.set()
         except asyncio.TimeoutError:
           if left < self.rt.idle_seconds:  # the session's end: the check above says so
             continue
@@ -859,6 +883,10 @@ class Connection:
           await self.ws.close(code=close_code)
         except Exception:  # noqa: BLE001 - already closed
           pass
+
+
+def _size(message: dict) -> int:
+  return len(message.get("text") or "") + len(message.get("bytes") or b"")
 
 
 def _disconnected(e: Exception) -> bool:
