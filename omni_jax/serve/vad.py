@@ -48,7 +48,6 @@ class TurnDetector:
     self.frames = 0  # frames judged
     self.speaking = False
     self.last_voiced: Optional[int] = None  # frame index
-    self.started: Optional[int] = None
 
   def _voiced(self, frame: np.ndarray) -> bool:
     if float(np.sqrt(np.mean(frame.astype(np.float64) ** 2))) < self.floor:
@@ -72,15 +71,10 @@ class TurnDetector:
       if not self.speaking:
         run = [g for g, v in self.window if v]
         if len(run) >= self.onset:
-          self.speaking, self.started = True, run[0]
+          self.speaking = True
           out.append(("start", max(0, run[0] * FRAME_MS - self.prefix_padding_ms)))
       elif (f - self.last_voiced) * FRAME_MS >= self.silence_duration_ms:
         self.speaking = False
         self.window.clear()
         out.append(("stop", (self.last_voiced + 1) * FRAME_MS))
     return out
-
-  @property
-  def ms(self) -> int:
-    """Milliseconds of audio judged so far."""
-    return self.frames * FRAME_MS
