@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.audio = ml_collections.ConfigDict(dict(
       num_mel_bins=128, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280,
       activation_function="gelu", max_source_positions=1500, n_window=100, output_dim=2048, freeze=False))
-  # Vision encoder: the released 32-block ViT (spec §1.2), merged tokens projected to the LM width (2048).
+  # Vision encoder: the released 32-block ViT, merged tokens projected to the LM width (2048).
   # freeze=True stops gradients at its output.
   t.vision = ml_collections.ConfigDict(dict(
       depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3, patch_size=14,

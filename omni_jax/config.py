@@ -95,7 +95,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
-  """Special token ids the Thinker (and the position ids) need (spec §1.4, §1.8)."""
+  """Special token ids the Thinker (and the position ids) need: the released checkpoint's ids."""
   audio_token_id: int = special_tokens.THINKER["audio_token_id"]
   image_token_id: int = special_tokens.THINKER["image_token_id"]
   video_token_id: int = special_tokens.THINKER["video_token_id"]

@@ -149,7 +149,7 @@ def training(c: ml_collections.ConfigDict) -> None:
 
 
 def talker(c: ml_collections.ConfigDict, thinker_width: int, **text) -> None:
-  """config.model.talker with the released codec ids (spec §1.5) and the decoder sizes in `text`
+  """config.model.talker with the released codec ids and the decoder sizes in `text`
   (transformers' Qwen2_5OmniTalkerConfig names). Switches: thinker_gradient, units_version (omni_jax.talker)."""
   base = dict(hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1e6, mrope_section=(16, 24, 24),
               max_position_embeddings=32768, tie_word_embeddings=False)
@@ -176,7 +176,7 @@ def generation_ids_within(vocab_size: int) -> dict:
 
 
 def thinker_token_ids(c: ml_collections.ConfigDict) -> None:
-  """The released checkpoints' special ids (spec §1.4; omni_jax.special_tokens) and position constants."""
+  """The released checkpoints' special ids (omni_jax.special_tokens) and position constants."""
   c.update(special_tokens.THINKER)
   c.position_id_per_seconds = 25
   c.seconds_per_chunk = 2

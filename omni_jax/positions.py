@@ -1,4 +1,4 @@
-"""TMRoPE position ids (spec §3): a jittable equivalent of transformers' `get_rope_index`.
+"""TMRoPE position ids: a jittable equivalent of transformers' `get_rope_index`.
 
 transformers walks each row in Python, appending position blocks; that cannot run under jit and does not
 know packed rows. Here the same numbers come from a vectorised formulation:
@@ -10,8 +10,8 @@ know packed rows. Here the same numbers come from a vectorised formulation:
 * A group starts where the previous group's span ends (exclusive cumulative sum of spans; it restarts at
   every packed segment), and a token's position is group start + its offset inside the group:
   (t_index, row, col) for vision tokens, (j, j, j) for the j-th audio token.
-* A vision group's span is max over the three rows + 1 (pitfall 4). For audio-in-video the span follows
-  transformers' "max of the last appended block" rule (pitfall 2): if the video yields more chunks than
+* A vision group's span is max over the three rows + 1, not its token count. For audio-in-video the span
+  follows transformers' "max of the last appended block" rule: if the video yields more chunks than
   the audio, the last block is the video's last chunk (whose max is the video's max on all rows), otherwise
   it is the audio's last chunk (span = number of audio tokens).
 
@@ -311,7 +311,7 @@ def text_positions(mask_or_segments):
 
 
 def decode_positions(deltas, start, length: int = 1):
-  """[3, B, length] positions of generated tokens: real index + delta, identical on all 3 rows (spec §3.4).
+  """[3, B, length] positions of generated tokens: real index + delta, identical on all 3 rows.
 
   deltas: [B, 1] (or [B]) from rope_index; start: [B] or scalar real-token index of the first new token
   (the number of real tokens already in the cache for that row).

@@ -13,7 +13,7 @@ def audio_conv_frames(mel_frames):
 
 def audio_token_count(mel_frames: Union[int, Sequence[int], np.ndarray]):
   """Audio encoder output tokens (= AUDIO placeholders) for `mel_frames` mel frames: the stride-2 conv, then
-  pooling by 2: ((L - 1) // 2 + 1 - 2) // 2 + 1 (spec §5.1). An int for an int (or a 0-d numpy array); an
+  pooling by 2: ((L - 1) // 2 + 1 - 2) // 2 + 1. An int for an int (or a 0-d numpy array); an
   array of the same kind for a numpy or jax array (jittable)."""
   if isinstance(mel_frames, (list, tuple)) or (isinstance(mel_frames, np.ndarray) and mel_frames.ndim == 0):
     mel_frames = np.asarray(mel_frames)

@@ -1,4 +1,4 @@
-"""The released special token ids (spec §1.4, §1.8; the checkpoint's added_tokens.json), in one place.
+"""The released special token ids (the checkpoint's added_tokens.json), in one place.
 
 Pure Python, no jax: the tokenizer and the packer run in data-pipeline worker processes and read these, as
 do the config defaults (omni_jax.config.TokenIds, omni_jax.defaults.thinker_token_ids).

@@ -13,7 +13,7 @@ import torch
 warnings.filterwarnings("ignore")
 from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration  # noqa: E402
 
-# Token ids of the tiny configs (spec §11): AUDIO=1, IMAGE=2, VIDEO=3, audio bos/eos 4/5, vision bos/eos 7/8.
+# Token ids of the tiny configs: AUDIO=1, IMAGE=2, VIDEO=3, audio bos/eos 4/5, vision bos/eos 7/8.
 IDS = dict(audio_token_index=1, image_token_index=2, video_token_index=3, audio_start_token_id=4,
            audio_end_token_id=5, vision_start_token_id=7, vision_end_token_id=8)
 
@@ -93,8 +93,8 @@ def ours(hf_model, directory, **config_updates):
 
 
 
-# A tiny Talker over the "gqa2" Thinker (codec ids as in spec §11's tiny full model; tts text ids inside the
-# Thinker's vocabulary of 200). `speaker` is spk_dict.pt's entry: the bos id opening the text track.
+# A tiny Talker over the "gqa2" Thinker (codec pad / bos / eos / mask ids 112, 113, 114, 116; tts text ids inside
+# the Thinker's vocabulary of 200). `speaker` is spk_dict.pt's entry: the bos id opening the text track.
 TALKER = dict(vocab_size=120, embedding_size=32, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
               num_attention_heads=2, num_key_value_heads=1, head_dim=8,
               rope_parameters={"mrope_section": [1, 1, 2], "rope_type": "default", "rope_theta": 1e6},
@@ -140,7 +140,7 @@ def keep_talker_mask(talker):
   transformers 5.24's generate drops an all-ones attention mask (generation/utils.py: `attention_mask == 1`
   .all() -> None), i.e. whenever no row is padded (always at batch 1). The Talker's forward keys its prefill on
   the mask: without it, it neither adds the codec pad / bos embeddings to the last two prefill rows nor computes
-  TMRoPE positions (spec §7.2), so batch-1 speech differs from the same row in a padded batch. The hook puts an
+  TMRoPE positions, so batch-1 speech differs from the same row in a padded batch. The hook puts an
   all-ones mask back, so the reference builds the sequence its own pipeline intends.
   """
 

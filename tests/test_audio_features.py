@@ -173,10 +173,10 @@ def test_token_counts_and_batch_buffer():
 
   frames = np.array([0, 1, 2, 3, 99, 100, 101, 199, 200, 201, 250, 30000])
   np.testing.assert_array_equal(A.num_tokens(frames), _get_feat_extract_output_lengths(frames))
-  assert A.num_tokens(101) == 25 and A.num_frames(16037) == 101  # spec §5.1 examples
+  assert A.num_tokens(101) == 25 and A.num_frames(16037) == 101  # worked examples
   feats = [np.ones((128, 250), np.float32), np.ones((128, 100), np.float32)]
   buf, lengths = A.pad_batch(feats, max_audios=3)
   assert buf.shape == (3, 128, 400) and lengths.tolist() == [250, 100, 0] and buf[0, :, 250:].sum() == 0
-  assert A.chunk_count(lengths) == 3  # spec §5.2: [250, 100] -> chunks [200, 50, 100]
+  assert A.chunk_count(lengths) == 3  # chunks of 2 * n_window = 200 frames: [250, 100] -> [200, 50, 100]
   with pytest.raises(ValueError, match="max_frames"):
     A.pad_batch(feats, max_frames=200)

@@ -1,4 +1,4 @@
-"""ChatML rendering: golden strings written from the spec (§10), placeholder expansion, labels."""
+"""ChatML rendering: golden strings written from the released chat template, placeholder expansion, labels."""
 
 import numpy as np
 import pytest
@@ -78,7 +78,7 @@ def test_ids_follow_the_spec_layout(tok, fmt):
 
 def test_placeholder_counts(fmt):
   assert chat.media_ids(ImageItem((1, 4, 6)), fmt) == [V_BOS] + [IMAGE] * 6 + [V_EOS]
-  assert chat.media_ids(AudioItem(250), fmt) == [A_BOS] + [AUDIO] * 62 + [A_EOS]  # 2.5 s -> 62 tokens (§5.1)
+  assert chat.media_ids(AudioItem(250), fmt) == [A_BOS] + [AUDIO] * 62 + [A_EOS]  # 2.5 s -> 62 tokens
   assert chat.media_ids(AudioItem(101), fmt) == [A_BOS] + [AUDIO] * 25 + [A_EOS]
   assert chat.media_ids(VideoItem((3, 4, 4), 1.0), fmt) == [V_BOS] + [VIDEO] * 12 + [V_EOS]
 

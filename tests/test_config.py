@@ -25,7 +25,7 @@ def _count(state, prefix):
 
 def test_7b_thinker_text_has_the_released_size():
   _, abstract = omni.abstract_model(qwen2_5_omni_7b.get_config())
-  # spec §0: text ≈ 7.07 B inside thinker.model, lm_head 0.545 B (152064 x 3584).
+  # The released 7B checkpoint: text ≈ 7.07 B inside thinker.model, lm_head 0.545 B (152064 x 3584).
   assert _count(abstract, "thinker.lm_head") == 152064 * 3584
   text = _count(abstract, "thinker.model.embed_tokens") + _count(abstract, "thinker.model.layers") + \
       _count(abstract, "thinker.model.norm")

@@ -279,7 +279,7 @@ def test_block_attention_equals_the_dense_block_mask(length):
 
 def test_released_size_tensors_match_transformers():
   """The released 7B DiT (config defaults): our parameters name and shape exactly transformers' tensors
-  (359 = spec §12's 808 token2wav tensors minus BigVGAN's 449). Both models are abstract (no memory)."""
+  (359 = the released checkpoint's 808 token2wav tensors minus BigVGAN's 449). Both models are abstract (no memory)."""
   with torch.device("meta"):
     hf = Qwen2_5OmniToken2WavDiTModel(Qwen2_5OmniDiTConfig())
   want = {k: tuple(v.shape) for k, v in hf.state_dict().items()}

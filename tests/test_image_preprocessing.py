@@ -47,7 +47,7 @@ def test_smart_resize_matches_transformers():
           patches.smart_resize(h, w, min_pixels=lo, max_pixels=hi)
         continue
       assert patches.smart_resize(h, w, min_pixels=lo, max_pixels=hi) == hf_smart_resize(h, w, 28, lo, hi), (h, w)
-  assert patches.smart_resize(1080, 1920) == (1092, 1932)  # spec §4.1 examples
+  assert patches.smart_resize(1080, 1920) == (1092, 1932)  # worked examples
   assert patches.smart_resize(720, 1280, min_pixels=patches.VIDEO_MIN_PIXELS,
                               max_pixels=patches.VIDEO_MAX_PIXELS) == (560, 1008)
 
@@ -76,7 +76,8 @@ def test_encoded_bytes_and_files_decode_like_pil(tmp_path):
 
 
 def test_patch_rows_are_in_merge_block_order():
-  """Row (t, bh, bw, ih, iw) holds patch (2*bh + ih, 2*bw + iw) laid out (C, T, 14, 14) (pitfall 15)."""
+  """Row (t, bh, bw, ih, iw) holds patch (2*bh + ih, 2*bw + iw) laid out (C, T, 14, 14): merge-block order,
+  not raster order."""
   rng = np.random.default_rng(1)
   frames = rng.integers(0, 256, size=(4, 56, 84, 3), dtype=np.uint8)
   rows, grid = patches.patchify(frames)

@@ -1,4 +1,4 @@
-"""TMRoPE position ids (omni_jax.positions) against transformers' get_rope_index (spec §3).
+"""TMRoPE position ids (omni_jax.positions) against transformers' get_rope_index.
 
 The reference is `get_rope_index` of a real tiny Qwen2_5OmniThinkerForConditionalGeneration (transformers'
 own test config, spatial merge 1, and a merge-2 variant). Random prompt layouts cover every modality mix;
@@ -25,7 +25,7 @@ AUDIO, IMAGE, VIDEO, A_BOS, A_EOS, V_BOS, V_EOS = 1, 2, 3, 4, 5, 7, 8
 HF_IDS = dict(audio_token_index=AUDIO, image_token_index=IMAGE, video_token_index=VIDEO, audio_start_token_id=A_BOS,
               audio_end_token_id=A_EOS, vision_start_token_id=V_BOS, vision_end_token_id=V_EOS)
 
-# transformers' tiny thinker config (spec/qwen25_omni_tiny_reference.py, TEST_THINKER); merge size varies.
+# The tiny thinker config of transformers' own Qwen2.5-Omni tests; merge size varies.
 TEST_THINKER = dict(
     vision_config=dict(depth=2, hidden_act="quick_gelu", hidden_size=32, out_hidden_size=32, intermediate_size=24,
                        num_heads=4, patch_size=14, spatial_merge_size=1, temporal_patch_size=2,
@@ -71,7 +71,7 @@ def _positions(tokens, merge=2, eager=False, **kw):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Worked examples of spec §3.3.
+# Worked examples: small prompts with their positions written out by hand.
 
 
 def test_example1_text():

@@ -46,7 +46,7 @@ def test_teacher_forced_talker_equals_transformers_inference_construction(tmp_pa
     out = model.thinker(input_ids=ids, attention_mask=torch.ones_like(ids), input_features=torch.tensor(feats),
                         feature_attention_mask=torch.ones(1, frames, dtype=torch.long), output_hidden_states=True)
     hidden, embeds = out.hidden_states[-1], out.hidden_states[0].clone()
-    embeds[ids == 1] = 0.0  # media rows of the embedding half are zeroed (spec §7.2)
+    embeds[ids == 1] = 0.0  # media rows of the embedding half are zeroed
     thinker_embed = model.thinker.get_input_embeddings()
     codec = talker.get_input_embeddings()
     one = lambda i: torch.tensor([[i]])  # noqa: E731

@@ -2,7 +2,7 @@
 
 Reference: transformers' Qwen2Tokenizer built from vocab.json + merges.txt that this test derives from the
 bundled tiktoken ranks (byte -> unicode table and BPE merge recovery written here), so the two share only
-the rank table. Anchor ids come from the spec (§1.8, §10) and the released vocabulary.
+the rank table. Anchor ids come from the released checkpoint (its added_tokens.json and vocabulary).
 """
 
 import json

@@ -1,6 +1,6 @@
-"""Thinker pre-training stage 1 (paper §1.4): the LLM is frozen; the encoders and their adapters train on
-image-text and audio-text data. phase=adapters trains only the adapters (vision merger, audio projection),
-phase=encoders (the default) the whole encoders, as the paper does in that order.
+"""Thinker pre-training stage 1 (Qwen2.5-Omni technical report): the LLM is frozen; the encoders and their
+adapters train on image-text and audio-text data. phase=adapters trains only the adapters (vision merger, audio
+projection), phase=encoders (the default) the whole encoders, as the paper does in that order.
 
   python train.py --config configs/recipes/stage1.py:phase=adapters --workdir workdirs/s1a
   python train.py --config configs/recipes/stage1.py --workdir workdirs/s1 --config.init_from=workdirs/s1a

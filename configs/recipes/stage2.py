@@ -1,4 +1,5 @@
-"""Thinker pre-training stage 2 (paper §1.4): everything trains, on mixed image/video/audio/text data.
+"""Thinker pre-training stage 2 (Qwen2.5-Omni technical report): everything trains, on mixed
+image/video/audio/text data.
 
   python train.py --config configs/recipes/stage2.py --workdir workdirs/s2 --config.init_from=workdirs/s1
   python train.py --config configs/recipes/stage2.py:model=7b --workdir DIR --config.init_from=S1_WORKDIR

@@ -1,4 +1,4 @@
-"""Thinker pre-training stage 3 (paper §1.4): long sequences (32,768 tokens for the released models).
+"""Thinker pre-training stage 3 (Qwen2.5-Omni technical report): long sequences (32,768 tokens for the released models).
 
   python train.py --config configs/recipes/stage3.py --workdir workdirs/s3 --config.init_from=workdirs/s2
   python train.py --config configs/recipes/stage3.py:model=7b --workdir DIR --config.init_from=S2_WORKDIR

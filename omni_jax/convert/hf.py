@@ -1,6 +1,6 @@
 """Read and write Qwen2.5-Omni checkpoints as transformers stores them (config.json + safetensors shards).
 
-Our module attribute names mirror the on-disk key names (spec §12), so the mapping is a small table. This
+Our module attribute names mirror the on-disk key names, so the mapping is a small table. This
 module is the converter core; the per-tower tables are registered with omni_jax.towers:
   * stacked (per tower): module paths whose children are a stack of layers; on disk each layer has an index.
   * LEAF_RULES (here): how a leaf of ours becomes a tensor on disk (kernel -> weight transposed, ...).
@@ -101,7 +101,7 @@ def config_from_hf(hf: dict, base: Optional[ml_collections.ConfigDict] = None) -
       hidden_act=text.get("hidden_act", "silu"), rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
       rope_theta=theta, mrope_section=section,
       max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
-      # The thinker-level flag decides tying (pitfall 10); the text_config flag is ignored by transformers.
+      # The thinker-level flag decides tying; the text_config flag is ignored by transformers.
       tie_word_embeddings=bool(th.get("tie_word_embeddings", False))))
   if "audio_config" in th:
     t.audio = _audio_from_hf(th["audio_config"], base)

@@ -1,4 +1,4 @@
-"""ChatML rendering of a conversation into token ids and loss labels (spec §10, the released chat template).
+"""ChatML rendering of a conversation into token ids and loss labels (the released chat template).
 
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{content}<|im_end|>\\n<|im_start|>assistant\\n...
 
@@ -56,7 +56,7 @@ MediaItem = Union[ImageItem, AudioItem, VideoItem]
 
 @dataclasses.dataclass(frozen=True)
 class ChatFormat:
-  """Everything rendering needs besides the tokenizer (ids are the released ones, spec §1.8)."""
+  """Everything rendering needs besides the tokenizer (ids are the released ones)."""
   special: Mapping[str, int]
   spatial_merge_size: int = 2
   position_id_per_seconds: int = 25

@@ -29,7 +29,7 @@ from omni_jax.errors import UserError
 log = logging.getLogger(__name__)
 
 NUM_RANKS = special_tokens.NUM_RANKS  # regular byte-level BPE tokens; specials start here
-SPECIAL_TOKENS = special_tokens.TOKENS  # released ids (spec §1.8; the checkpoint's added_tokens.json)
+SPECIAL_TOKENS = special_tokens.TOKENS  # released ids (the checkpoint's added_tokens.json)
 TTS_PAD, TTS_BOS, TTS_EOS = special_tokens.TTS_PAD, special_tokens.TTS_BOS, special_tokens.TTS_EOS
 
 # The Qwen2 pre-tokenizer: contractions, letters (with one leading non-letter), single digits, punctuation

@@ -10,7 +10,7 @@ from omni_jax.layers.linear import param
 class RMSNorm(nnx.Module):
   """Qwen RMSNorm: normalise in float32, cast back to the input dtype, then multiply by the weight.
 
-  The order matters for bfloat16 parity with transformers (spec §2, pitfall 16).
+  transformers does the same; multiplying by the weight before the cast can change bfloat16 results.
   """
 
   def __init__(self, features: int, *, eps: float, rngs: nnx.Rngs, name: str = "norm",

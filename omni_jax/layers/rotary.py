@@ -12,7 +12,7 @@ def inv_frequencies(rotary_dim: int, theta: float) -> jax.Array:
 
 
 def mrope_cos_sin(positions: jax.Array, inv_freq: jax.Array, sections: Sequence[int]):
-  """cos/sin tables for sectioned multimodal RoPE (spec §2.1; not the interleaved Qwen3 variant).
+  """cos/sin tables for sectioned multimodal RoPE (Qwen2.5-Omni's; not the interleaved Qwen3 variant).
 
   positions: [R, B, L] integer ids, one row per position axis (R = len(sections); text uses R = 3 with
     identical rows). Frequency slot i takes its angle from the row whose section contains i.

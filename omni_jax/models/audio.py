@@ -1,4 +1,4 @@
-"""The Whisper-style audio encoder of the Thinker (spec §5.2, pitfall 12), with static shapes.
+"""The Whisper-style audio encoder of the Thinker, with static shapes.
 
 Input is a padded buffer [A, mels, T] of A audios (rows may be unused) plus their frame counts; output is
 a padded [N, output_dim] buffer of encoder tokens, audio after audio in row order (the order of the AUDIO
@@ -129,7 +129,7 @@ class AudioEncoder(nnx.Module):
     d = cfg.d_model
     self.conv1 = Conv1d(cfg.num_mel_bins, d, 3, padding=1, names=("mel", "embed"), **kw)
     self.conv2 = Conv1d(d, d, 3, stride=2, padding=1, names=("embed", "conv_out"), **kw)
-    # Stored in the checkpoint but unused by the forward pass (spec §5.2); kept for round trips.
+    # Stored in the checkpoint but unused by the forward pass; kept for round trips.
     self.audio_bos_eos_token = Embed(2, cfg.output_dim, names=(None, "embed"), **kw)
     self.layers = create_stacked(lambda r: AudioEncoderLayer(cfg, rt, rngs=r), cfg.encoder_layers, rngs)
     self.ln_post = LayerNorm(d, eps=1e-5, rngs=rngs, param_dtype=rt.param_dtype)

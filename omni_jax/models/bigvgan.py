@@ -1,4 +1,4 @@
-"""The Token2Wav vocoder: BigVGAN from an 80-bin log-mel at 100 frames/s to a 24 kHz waveform (spec §8.4).
+"""The Token2Wav vocoder: BigVGAN from an 80-bin log-mel at 100 frames/s to a 24 kHz waveform.
 
 transformers' Qwen2_5OmniToken2WavBigVGANModel, in [B, T, C] layout, with its on-disk attribute names (conversion
 is a table: omni_jax/token2wav/bigvgan_weights.py):
@@ -214,7 +214,7 @@ class BigVGAN(nnx.Module):
     x = self.conv_pre(normalize_mel(mel).astype(self.dtype))
     per_stage = len(cfg.resblock_kernel_sizes)
     for i, up in enumerate(self.ups):
-      x = up[0](x)  # no activation before the transposed conv (pitfall 22)
+      x = up[0](x)  # no activation before the transposed conv, as in transformers
       x = sum(self.resblocks[i * per_stage + j](x) for j in range(per_stage)) / per_stage
     wave = self.conv_post(self.activation_post(x))
     return jnp.clip(wave[..., 0].astype(jnp.float32), -1.0, 1.0)

@@ -1,4 +1,4 @@
-"""The Token2Wav flow-matching DiT (spec §8.1): the velocity of a noisy mel given speech codes and a speaker.
+"""The Token2Wav flow-matching DiT: the velocity of a noisy mel given speech codes and a speaker.
 
 velocity = DiT(x [B, T, mel], reference_mel [B, T_ref, mel], speaker [B, enc_emb_dim], codes [B, T / repeats], t)
 

@@ -1,4 +1,4 @@
-"""ECAPA-TDNN speaker encoder of the Token2Wav DiT (spec §8.2): reference mel [B, T_ref, mel] -> [B, enc_dim].
+"""ECAPA-TDNN speaker encoder of the Token2Wav DiT: reference mel [B, T_ref, mel] -> [B, enc_dim].
 
 TDNN blocks (reflect-padded "same" convolution + ReLU), three SE-Res2Net blocks, multi-layer feature
 aggregation, attentive statistics pooling and a final 1x1 convolution. Attribute names follow the checkpoint

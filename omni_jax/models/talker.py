@@ -1,4 +1,4 @@
-"""The Talker (spec §7): a dual-track decoder that turns the Thinker's reply into speech codes.
+"""The Talker: a dual-track decoder that turns the Thinker's reply into speech codes.
 
 Each input vector is the sum of two tracks in the Thinker's width: the text track (the Thinker's final-norm
 hidden state + its input embedding of a reply token, or the bare embedding of a special row) and the codec
@@ -100,7 +100,7 @@ def talker_config(config: ml_collections.ConfigDict) -> Optional[TalkerConfig]:
 
 
 def zero_media_rows(embeds: jax.Array, input_ids: jax.Array, media_ids) -> jax.Array:
-  """The Thinker's input embeddings with the rows of media placeholders zeroed (spec §7.2): the Talker sees
+  """The Thinker's input embeddings with the rows of media placeholders zeroed: the Talker sees
   media only through the Thinker's hidden states."""
   is_media = jnp.isin(input_ids, jnp.asarray(tuple(media_ids), input_ids.dtype))
   return jnp.where(is_media[..., None], jnp.zeros((), embeds.dtype), embeds)

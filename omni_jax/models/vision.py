@@ -1,4 +1,4 @@
-"""The Qwen2.5-VL vision encoder of the Thinker (spec §4.2, pitfalls 14-15), with static shapes.
+"""The Qwen2.5-VL vision encoder of the Thinker, with static shapes.
 
 Input: a padded buffer of patch rows [P, C*T*p*p] (or [B, P, ...], one buffer per sample) holding the
 images/videos one after another, as omni_jax.input.media.patches.pack lays them out, plus their grids
@@ -140,7 +140,7 @@ class Layout(NamedTuple):
 
 def layout(grid_thw: jax.Array, num_patches: int, cfg: VisionConfig) -> Layout:
   """Jittable from the grids [N, 3] (unused rows 0); num_patches is static. Matches transformers'
-  get_vision_position_ids / get_vision_attention_seqlens / get_vision_window_index (spec §4.2)."""
+  get_vision_position_ids / get_vision_attention_seqlens / get_vision_window_index."""
   m, ws = cfg.spatial_merge_size, cfg.window_units
   grid = grid_thw.astype(jnp.int32)
   t, lh, lw = grid[:, 0], grid[:, 1] // m, grid[:, 2] // m
@@ -262,7 +262,7 @@ class VisionEncoder(nnx.Module):
     patch_order = (lay.order[:, :, None] * cfg.merge_unit + jnp.arange(cfg.merge_unit)).reshape(b, num_patches)
     pixels = jnp.take_along_axis(pixel_values, patch_order[..., None], axis=1)
     x = sharding.constrain(self.patch_embed(pixels.astype(self.rt.dtype)), ACT)
-    # 2-D rotary: the first half of the frequencies reads the row, the second half the column (spec §4.2.3).
+    # 2-D rotary: the first half of the frequencies reads the row, the second half the column.
     inv = inv_frequencies(cfg.head_dim // 2, cfg.rope_theta)
     half = inv.shape[0]
     cos, sin = mrope_cos_sin(jnp.moveaxis(lay.positions, 1, 0), jnp.concatenate([inv, inv]), (half, half))

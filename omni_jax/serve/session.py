@@ -30,7 +30,7 @@ nor codes the Token2Wav cannot embed (omni_jax.generate.limits).
 
 Exactness (tests/test_session.py): the chunks' positions are the whole-input TMRoPE ids. Chunk boundaries
 sit on group boundaries (or inside an audio run, whose ids are consecutive), so each chunk's ids are its own
-rope_index offset by where the previous chunk's last token left off (pitfall 2's "last block" rule never
+rope_index offset by where the previous chunk's last token left off (the audio-in-video "last block" rule never
 crosses a chunk). The audio encoder attends within 2 s chunks and pools pairs inside them (n_window even), so
 encoding 2 s at a time gives the whole audio's tokens. Log-mel features are the whole-utterance ones, frame
 for frame, except the processor's dynamic-range floor (max - 8 in log10 units): here it is the max over the

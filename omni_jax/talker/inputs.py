@@ -1,4 +1,4 @@
-"""The Talker's inputs at inference (spec §7.2), from a Thinker generation: its prompt batch and generated ids.
+"""The Talker's inputs at inference, from a Thinker generation: its prompt batch and generated ids.
 
 The sequence is the one training lays out (omni_jax.talker.layout), so training and inference cannot drift:
 `speech_batch` lays each row out with layout.write (the prompt, the speaker row, reply_0 + codec bos, then the

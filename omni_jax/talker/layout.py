@@ -1,4 +1,4 @@
-"""The Talker's teacher-forced sequence, laid out on the host exactly as inference builds it (spec §7.2).
+"""The Talker's teacher-forced sequence, laid out on the host exactly as inference builds it.
 
 A spoken reply is a sample whose Thinker row holds a prompt of L tokens p_0..p_{L-1} followed by the reply
 tokens g_0..g_{N-1} (its content and <|im_end|>), and whose speech is M codes c_0..c_{M-1}. Its Talker sequence

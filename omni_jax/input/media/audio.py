@@ -8,9 +8,9 @@ can understate or leave out the length. Resampling comes last, so a tiny file wi
 expand into gigabytes.
 
 Features are transformers' WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160,
-n_fft=400, chunk_length=300) called with padding="max_length", as the Omni processor does (spec §5.1,
-pitfall 13): the waveform is zero-padded to 300 s before a centred (reflect-padded) STFT, the last frame is
-dropped, and log10 mel values are floored at (max over the padded spectrogram) - 8. We compute in float64:
+n_fft=400, chunk_length=300) called with padding="max_length", as transformers' Qwen2_5OmniProcessor does:
+the waveform is zero-padded to 300 s before a centred (reflect-padded) STFT, the last frame is dropped, and
+log10 mel values are floored at (max over the padded spectrogram) - 8. We compute in float64:
 equal to transformers' numpy path to float32 rounding; its torch path (float32 MKL FFT) is off by up to
 ~5e-5 on low-energy bins (tests/test_audio_features.py).
 
@@ -301,7 +301,7 @@ def num_frames(num_samples: int) -> int:
 
 
 def num_tokens(num_frames_: Union[int, np.ndarray]):
-  """Audio encoder output tokens for a feature length (omni_jax.sizes.audio_token_count, spec §5.1)."""
+  """Audio encoder output tokens for a feature length (omni_jax.sizes.audio_token_count)."""
   return sizes.audio_token_count(num_frames_)
 
 

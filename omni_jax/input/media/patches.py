@@ -1,6 +1,6 @@
 """Pixels -> vision-encoder patch rows: the resize rule, CLIP normalisation, patchify, static-shape packing.
 
-Shared by images and video (spec §4.1, pitfall 15). numpy + PIL only: this runs in data-loader workers.
+Shared by images and video (rows in merge-block order). numpy + PIL only: this runs in data-loader workers.
 
 Numerics follow transformers' PIL backend (Qwen2VLImageProcessorPil) exactly: uint8 pixels are resized with
 PIL bicubic, rescaled in float64 by 1/255, cast to float32 and normalised in float32. Since the input is
@@ -18,7 +18,7 @@ MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Pixel budgets of the released preprocessor (spec §4.1): images 56^2 .. 16384 * 28^2; video frames 128 * 28^2
+# Pixel budgets of the released preprocessor: images 56^2 .. 16384 * 28^2; video frames 128 * 28^2
 # .. 768 * 28^2 (Qwen2_5OmniProcessor's video size).
 IMAGE_MIN_PIXELS = 56 * 56
 IMAGE_MAX_PIXELS = 16384 * 28 * 28

@@ -3,14 +3,14 @@
 numpy + PIL + PyAV only (no jax): this runs in data-loader workers. Unreadable files raise MediaError naming
 the file, which the pipeline turns into a skipped sample.
 
-Frame sampling follows the reference pipeline (qwen-omni-utils, spec §4.1): about `fps` frames per second,
+Frame sampling follows Qwen's released preprocessing package (qwen-omni-utils): about `fps` frames per second,
 rounded to a multiple of temporal_patch_size and clamped to [min_frames, max_frames] and to the frames the
 file has, spread evenly over the whole clip (first and last frame included). A clip too short for one
 temporal patch is padded by repeating its last frame, as transformers' video processor does.
 
 second_per_grid is temporal_patch_size / (the fps actually sampled), not / the requested fps: TMRoPE places
 temporal group k at k * second_per_grid * 25 ids, so audio and video stay aligned whatever rounding did to the
-frame count (pitfall 26).
+frame count.
 
 Every sampled frame is resized as soon as it is decoded, so memory holds only the model-sized frames.
 
