@@ -334,7 +334,9 @@ class Worker:
       by_reply = {id(a.reply.reply): a for a in running}
       for engine in {id(a.reply.engine): a.reply.engine for a in running}.values():
         try:
-          events = [(r, "token", t) for r, t in engine.admit() if r.error is None] + engine.step()
+          # A new reply's first token goes out before the next generate call, not after it.
+          self._send(by_reply, [(r, "token", t) for r, t in engine.admit() if r.error is None])
+          events = engine.step()
         except Exception as e:  # noqa: BLE001 - a failed call fails the replies it held, not the worker
           for a in [a for a in running if a.reply.engine is engine]:
             running.remove(a)
@@ -342,12 +344,7 @@ class Worker:
             self._fail(a.job, e)
           continue
         self._note_batched([a for a in running if a.reply.engine is engine and a.reply.reply.slot is not None])
-        for reply, kind, value in events:
-          a = by_reply.get(id(reply))
-          if a is not None and not a.job.cancelled.is_set():
-            a.job.sent_tokens += kind == "token"
-            for event in a.reply.on(kind, value):
-              a.job.send("event", event)
+        self._send(by_reply, events)
       for a in list(running):
         if a.reply.reply.error is not None:
           running.remove(a)
@@ -358,6 +355,16 @@ class Worker:
     for a in list(running):
       self._end(a, running, "cancelled")
     self._calls()  # calls made while stopping fail with the closed session, not hang
+
+  @staticmethod
+  def _send(by_reply: dict, events: list) -> None:
+    """Hand the engine's (reply, kind, id) events to their jobs, unless the job was cancelled."""
+    for reply, kind, value in events:
+      a = by_reply.get(id(reply))
+      if a is not None and not a.job.cancelled.is_set():
+        a.job.sent_tokens += kind == "token"
+        for event in a.reply.on(kind, value):
+          a.job.send("event", event)
 
   def _close(self, a: _Active) -> None:
     """A request's session goes with its reply; a realtime session outlives it, unless its caches went down
