@@ -15,12 +15,24 @@ against a one-at-a-time server (--max_batch 1), each asking for --long_reply tok
 aggregate tokens/s of both and their ratio; then a request sent while the others decode, whose time to its first
 token is set against one prefill plus a few decode steps; every reply is checked against its solo greedy reply
 (OmniChat.chat). Figures: docs/performance.md ("Continuous batching").
+
+Before and after in one run (--baseline REV): the same measurement first runs on the server of git revision REV
+(its tree exported to a temporary folder, this script run from its bench/ so that it imports that revision's
+omni_jax and tests/, in its own process, with a tiny checkpoint made by that revision's tests/serve_testlib.py
+from the same seeds), then on this checkout's:
+
+  .venv/bin/python bench/bench_server.py --only batching --baseline a062887   # the last commit before the engine
 """
 
 import argparse
 import concurrent.futures
+import functools
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -69,7 +81,9 @@ def _serve(model, limits, max_batch):
 
   from omni_jax.serve import server  # noqa: PLC0415
 
-  worker = server.Worker(server.Backend(model, limits), limits, max_batch=max_batch, max_queue=32)
+  # Revisions before the conversation engine (--baseline) built the worker's model side with engine_for.
+  backend = server.Backend(model, limits) if hasattr(server, "Backend") else server.engine_for(model, limits)
+  worker = server.Worker(backend, limits, max_batch=max_batch, max_queue=32)
   app = server.create_app(worker, limits, model_name="bench")
   srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
   thread = threading.Thread(target=srv.run, daemon=True)
@@ -79,16 +93,22 @@ def _serve(model, limits, max_batch):
   return srv, thread, srv.servers[0].sockets[0].getsockname()[1]
 
 
+@functools.lru_cache(maxsize=None)
+def _http():
+  """One HTTP client for every request (a new httpx client builds an SSL context, ~10 ms of the shared CPU)."""
+  import httpx  # noqa: PLC0415 - the openai client's transport
+
+  return httpx.Client(timeout=900, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+
+
 def _stream_text(port, prompt, reply):
   """(text, first-token seconds, end seconds, completion tokens) of one streamed greedy reply, read with a bare
   HTTP client (its parsing costs the server's CPU little: 8 clients share the cores with the server)."""
-  import httpx  # noqa: PLC0415 - the openai client's transport
-
   body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": reply,
           "temperature": 0, "stream_options": {"include_usage": True}}
   t0 = time.perf_counter()
   text, first, tokens = "", None, 0
-  with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=900) as r:
+  with _http().stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
     for line in r.iter_lines():
       if not line.startswith("data: {"):
         continue
@@ -115,14 +135,16 @@ def _concurrency(model, args):
     client = lambda p: pool.submit(_stream_text, port, p, reply)  # noqa: E731
     with concurrent.futures.ThreadPoolExecutor(n + 1) as pool:
       [f.result() for f in [client(p) for p in prompts]]  # warm-up: compiles every shape, starts the clients
-      t0 = time.perf_counter()
-      results = [f.result() for f in [client(p) for p in prompts]]
-      wall = time.perf_counter() - t0
-      tokens = sum(r[3] for r in results)
+      walls, equal = [], 0
+      for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        results = [f.result() for f in [client(p) for p in prompts]]
+        walls.append(time.perf_counter() - t0)
+        equal += sum(r[0] == want for r, want in zip(results, solo))
+      tokens, wall = sum(r[3] for r in results), statistics.median(walls)
       rates[slots] = tokens / wall
-      equal = sum(r[0] == want for r, want in zip(results, solo))
-      print(f"{n} clients, {slots} slot(s): {tokens} tokens in {wall:.2f} s = {rates[slots]:.1f} tokens/s; "
-            f"replies equal to solo: {equal}/{n}")
+      print(f"{n} clients, {slots} slot(s): {tokens} tokens in {wall:.2f} s (median of {args.rounds} rounds) = "
+            f"{rates[slots]:.1f} tokens/s; replies equal to solo: {equal}/{n * args.rounds}")
       if slots == n:
         # One more request while n - 1 decode: its first token after one prefill and a few steps, not at their end.
         others = [client(p) for p in prompts[:n - 1]]
@@ -138,6 +160,20 @@ def _concurrency(model, args):
   print(f"aggregate tokens/s, {n} slots / 1 slot: {rates[n] / rates[1]:.2f}x")
 
 
+def _baseline(args):
+  """The batching measurement on revision args.baseline's code, in a child process."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with tempfile.TemporaryDirectory() as code:
+    tree = subprocess.run(["git", "-C", repo, "archive", args.baseline], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", code], input=tree, check=True)
+    script = os.path.join(code, "bench", "bench_server_now.py")  # beside that revision's bench/common.py
+    shutil.copy(os.path.abspath(__file__), script)
+    print(f"== baseline: revision {args.baseline}", flush=True)
+    subprocess.run([sys.executable, script, "--only", "batching", "--clients", str(args.clients),
+                    "--long_reply", str(args.long_reply), "--rounds", str(args.rounds)], check=True)
+  print("== this checkout", flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", default=None)
@@ -145,8 +181,13 @@ def main():
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--clients", type=int, default=8)
   parser.add_argument("--long_reply", type=int, default=64)
+  parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the clients (the median counts)")
   parser.add_argument("--only", choices=("overhead", "batching"), default=None)
+  parser.add_argument("--baseline", default=None, metavar="REV",
+                      help="first measure continuous batching on the server of git revision REV, in this run")
   args = parser.parse_args()
+  if args.baseline and args.only != "overhead":
+    _baseline(args)
 
   import openai  # noqa: PLC0415
 
@@ -156,6 +197,7 @@ def main():
 
   path = args.checkpoint or serve_testlib.make_checkpoint(tempfile.mkdtemp())
   model = generate.load(path)
+  print(f"omni_jax from {os.path.dirname(os.path.dirname(generate.__file__))}")
   if args.only != "overhead":
     _concurrency(model, args)
   if args.only == "batching":
