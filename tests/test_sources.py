@@ -152,3 +152,19 @@ def test_the_library_imports_no_recipe():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
   assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_generation_and_serving_start_without_tensorflow_datasets():
+  """Generation, serving and the benches run where tensorflow_datasets is not installed: it is imported only
+  when a TFDS store is built or opened."""
+  code = textwrap.dedent("""
+      import sys
+      from omni_jax import generate, loader
+      from omni_jax.serve import server, session
+      from omni_jax.input import pipeline, sources
+      assert "tensorflow_datasets" not in sys.modules, "imported with generation"
+      print("ok")
+  """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+  assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -24,7 +24,8 @@ data workers, so a malformed line becomes a counted, skipped sample at training 
 build. A line that is not UTF-8 or is blank is stored as a marker that `normalize` rejects with the reason
 `not_utf8` / `blank_line` (never decoded with replacement characters, never dropped uncounted), so every line
 of a file is either trained on or counted as skipped. A split whose files hold no line at all fails the build
-with a DataError naming them. grain reads the store through `tfds.data_source`.
+with a DataError naming them. grain reads the store through `tfds.data_source`. tensorflow_datasets is imported
+when a store is first built or opened, not with this module: generation and serving never need it.
 
 Besides the JSONL and TFDS sources the library reads, config.data.source may name a recipe that builds its
 own datasets, registered with register_source by its module when imported (the repository's demo corpus,
@@ -33,6 +34,7 @@ data/demo_corpus.py, registers "demo"; train.py and eval.py import it): the libr
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import io
@@ -41,8 +43,6 @@ import logging
 import os
 import re
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
-
-import tensorflow_datasets as tfds
 
 from omni_jax.errors import UserError
 
@@ -337,32 +337,39 @@ def _has_content(path: str, chunk: int = 1 << 16) -> bool:
         return True
 
 
-class OmniConversations(tfds.core.GeneratorBasedBuilder):
-  """Conversation JSONL files -> one ArrayRecord dataset per config (= dataset name), one split per file set."""
+@functools.lru_cache(maxsize=None)
+def _tfds():
+  """tensorflow_datasets and our builder class, defined on first use (the import takes seconds)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Raw JSONL lines with their id and folder."}
-  # Nothing is downloaded; without this TFDS looks for a checksums file next to this module (and needs the
-  # importlib_resources backport to do so).
-  code_path = None
+  class OmniConversations(tfds.core.GeneratorBasedBuilder):
+    """Conversation JSONL files -> one ArrayRecord dataset per config (= dataset name), one split per file set."""
 
-  def __init__(self, *, splits: Optional[Mapping[str, Sequence[str]]] = None, **kwargs):
-    self._splits = splits
-    super().__init__(**kwargs)
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Raw JSONL lines with their id and folder."}
+    # Nothing is downloaded; without this TFDS looks for a checksums file next to this module (and needs the
+    # importlib_resources backport to do so).
+    code_path = None
 
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, description="Conversations for omni_jax (sources.normalize).",
-                                 features=tfds.features.FeaturesDict({"id": tfds.features.Text(),
-                                                                      "record": tfds.features.Text(),
-                                                                      "root": tfds.features.Text()}))
+    def __init__(self, *, splits: Optional[Mapping[str, Sequence[str]]] = None, **kwargs):
+      self._splits = splits
+      super().__init__(**kwargs)
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {split: self._generate_examples(paths) for split, paths in self._splits.items()}
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, description="Conversations for omni_jax (sources.normalize).",
+                                   features=tfds.features.FeaturesDict({"id": tfds.features.Text(),
+                                                                        "record": tfds.features.Text(),
+                                                                        "root": tfds.features.Text()}))
 
-  def _generate_examples(self, paths):
-    for key, line, root in _jsonl_lines(paths):
-      yield key, {"id": key, "record": line, "root": root}
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(paths) for split, paths in self._splits.items()}
+
+    def _generate_examples(self, paths):
+      for key, line, root in _jsonl_lines(paths):
+        yield key, {"id": key, "record": line, "root": root}
+
+  return tfds, OmniConversations
 
 
 def expand_paths(spec: Union[str, Sequence[str]], what: str) -> list[str]:
@@ -413,8 +420,9 @@ def build(name: str, splits: Mapping[str, Union[str, Sequence[str]]], data_dir: 
   files = {split: expand_paths(paths, f"dataset {name!r} split {split!r}") for split, paths in splits.items()}
   config = f"{name.lower()}_{_fingerprint(files)}"
   tfds_name = f"{BUILDER_NAME}/{config}"
+  tfds, builder_class = _tfds()
   with _quiet_tfds():
-    builder = OmniConversations(splits=files, data_dir=os.path.expanduser(data_dir), file_format="array_record",
+    builder = builder_class(splits=files, data_dir=os.path.expanduser(data_dir), file_format="array_record",
                                 config=tfds.core.BuilderConfig(name=config, description=f"{name}: {files}"))
     if not builder.is_prepared():
       _check_not_empty(name, files)
@@ -427,6 +435,7 @@ def build(name: str, splits: Mapping[str, Union[str, Sequence[str]]], data_dir: 
 def open_split(tfds_name: str, split: str, data_dir: str):
   """A random-access source (len, [i] -> {"id", "record", "root"} as bytes) over one split."""
   data_dir = os.path.expanduser(data_dir)
+  tfds, _ = _tfds()  # registers the builder, which data_source looks up by name
   try:
     with _quiet_tfds():
       return tfds.data_source(tfds_name, split=split, data_dir=data_dir)
