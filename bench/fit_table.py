@@ -91,7 +91,8 @@ def render(rows) -> str:
       name = f"{r['model'].upper()} {RECIPE_NAMES.get(recipe, recipe)} (recipes/{recipe}.py{args})"
     extra = r.get("extra", "")
     impl = re.search(r"attention_impl=(\w+)", extra)
-    name += f" | {r['seq']} | {r['remat']} | {impl.group(1) if impl else 'dense'}"
+    impl = impl.group(1) if impl else r.get("default_attention", "dense")  # rows made before "auto" was the default
+    name += f" | {r['seq']} | {r['remat']} | {'dense' if impl in ('xla', 'None') else impl}"
     extra = re.sub(r"--config\.model\.attention_impl=\w+", "", extra).strip()
     if r["status"] != "ok":
       lines.append(f"| {name} | {r['topology']} | {extra} | {r['status']} | | | | | {r['seconds']:.0f} |")
@@ -156,7 +157,7 @@ def main():
           if key in done:
             continue
           r = dict(model=model, seq=seq, remat=remat, topology=topology, talker=args.talker, extra=args.extra,
-                   **({"recipe": args.recipe} if args.recipe else {}),
+                   default_attention="auto", **({"recipe": args.recipe} if args.recipe else {}),
                    **compile_row(model, seq, remat, topology, args.talker, args.timeout, args.extra, args.recipe))
           with open(args.out, "a") as f:
             f.write(json.dumps(r) + "\n")

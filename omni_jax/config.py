@@ -125,7 +125,7 @@ class Runtime:
   param_dtype: Any = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"
-  attention_impl: Optional[str] = None
+  attention_impl: Optional[str] = "auto"
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict) -> "Runtime":
@@ -135,7 +135,7 @@ class Runtime:
     return cls(dtype=dtype_of(cfg.get("dtype", "float32"), "model.dtype"),
                param_dtype=dtype_of(cfg.get("param_dtype", "float32"), "model.param_dtype"),
                scan_layers=bool(cfg.get("scan_layers", True)), remat_policy=cfg.get("remat_policy", "none"),
-               attention_impl=cfg.get("attention_impl", None))
+               attention_impl=cfg.get("attention_impl", "auto"))
 
 
 def thinker_text(config: ml_collections.ConfigDict) -> TextConfig:

@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   # None/"xla": dense XLA attention; "cudnn": cuDNN through jax.nn.dot_product_attention (dense mask);
   # never L x L: "blocked" (XLA flash, any backend), "splash" (TPU Pallas), "pallas_gpu" (GPU Pallas/Triton),
   # "auto" (splash on TPU, pallas_gpu on GPU, blocked elsewhere). docs/performance.md "Attention".
-  c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # None (dense) unless set
+  c.model.attention_impl = "auto"  # fused kernel on TPU / GPU; dense or blocked by size on CPU (layers/attention.py)
   c.model.thinker = ml_collections.ConfigDict()
   # Parameters to start from: a `python -m omni_jax.convert` output, a training workdir or a step directory.
   # A typed placeholder (None until set), so that --config.init_from=DIR works on the command line.

@@ -74,6 +74,8 @@ def converted(hf_model, directory, **config_updates):
 
   hf_model.save_pretrained(directory)
   config = hf.config_from_hf(hf.read_config(directory))
+  # Parity is checked on the dense attention path, named here: the default ("auto") picks by platform and size.
+  config.model.attention_impl = "xla"
   for key, value in config_updates.items():
     node = config
     *parents, leaf = key.split(".")

@@ -10,6 +10,7 @@ import pytest
 import train_testlib as lib
 from omni_jax import towers
 from omni_jax.errors import ConfigError
+from omni_jax.layers import attention
 from omni_jax.layers.attention import SegmentMask, attention_mask, dot_product_attention
 from omni_jax.layers import flash, kernels
 
@@ -166,3 +167,37 @@ def test_kernels_run_per_shard_on_a_mesh():
   dense.implementation = None
   real = np.asarray(seg) > 0
   np.testing.assert_allclose(np.asarray(run(state, x, mask))[real], np.asarray(dense(x, mask))[real], atol=1e-5)
+
+
+def test_every_shipped_config_and_recipe_attends_with_auto():
+  """The default is "auto" everywhere (every tower reads config.model.attention_impl); dense is a named choice."""
+  import importlib
+  import pathlib
+
+  root = pathlib.Path(__file__).parents[1] / "configs"
+  names = [f"configs.{p.stem}" for p in root.glob("*.py") if p.stem != "__init__"]
+  # new_voice needs a prepared voice folder; it starts from the model configs (tiny / 3b / 7b), checked here.
+  recipes = [p.stem for p in (root / "recipes").glob("*.py") if p.stem not in ("__init__", "common", "new_voice")]
+  assert len(names) >= 6 and len(recipes) >= 6
+  configs = [importlib.import_module(name).get_config() for name in names]
+  configs += [importlib.import_module(f"configs.recipes.{r}").get_config(f"model={m}") for r in recipes
+              for m in ("tiny", "7b")]
+  configs += [importlib.import_module("configs.recipes.common").base(m) for m in ("tiny", "3b", "7b")]
+  assert [c.model.attention_impl for c in configs] == ["auto"] * len(configs)
+
+
+def test_auto_is_dense_for_small_calls_and_blocked_for_large_ones_off_accelerators():
+  """On the CPU "auto" is the exact dense path while a call's float32 scores fit 256 MiB, else blocked (linear
+  memory); explicit choices are kept as they are."""
+  assert kernels.platform() == "cpu"
+  assert attention.resolve("auto", 2 * 4 * 2048 * 2048) == "xla"  # 128 MiB of scores
+  assert attention.resolve("auto", 2 * 16 * 2048 * 2048) == "blocked"  # 512 MiB
+  assert attention.resolve("auto", 28 * 8192 * 8192) == "blocked"  # one 7B row at 8K: 7 GiB
+  assert [attention.resolve(i, 1 << 40) for i in (None, "xla", "blocked")] == [None, "xla", "blocked"]
+  rng = np.random.default_rng(3)
+  q, k, v = _qkv(rng, 1, 4096, 16, 2, 8)  # 1 GiB of scores: "auto" runs blocked, equal to dense
+  mask = SegmentMask(_packed(rng, 1, 4096, 700), causal=True)
+  auto = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask, implementation="auto"))
+  blocked = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask, implementation="blocked"))
+  assert auto.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes < (256 << 20)
+  np.testing.assert_array_equal(np.asarray(auto(q, k, v)), np.asarray(blocked(q, k, v)))

@@ -6,7 +6,7 @@
   python train.py --config configs/recipes/stage3.py:model=7b --workdir DIR --config.mesh.context=8 ...
 
 Long rows cost activation memory: every layer is rematerialised (remat_policy=full), attention never holds
-L x L scores (attention_impl="auto": splash on TPU, Pallas flash on GPU, blocked XLA elsewhere), and the
+L x L scores (attention_impl="auto": splash on TPU, Pallas flash on GPU, blocked XLA on a CPU), and the
 mesh's `context` axis splits each row over devices (omni_jax/layers/context_parallel.py: load-balanced causal
 chunks, K/V all-gathered per layer), combined freely with data/fsdp/tensor.
 """

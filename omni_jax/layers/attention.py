@@ -23,7 +23,10 @@ from omni_jax.errors import ConfigError
 DENSE_IMPLS = (None, "xla", "cudnn")
 IMPLEMENTATIONS = DENSE_IMPLS + ("blocked", "splash", "pallas_gpu", "auto")
 KERNELS = ("splash", "pallas_gpu")  # Pallas calls: XLA cannot partition them, so they run per shard
-_AUTO = {"tpu": "splash", "gpu": "pallas_gpu"}  # "auto": the platform's fused kernel, else blocked
+# "auto" (the default): the platform's fused kernel; on a platform without one (the CPU), dense attention while
+# a call's float32 scores [B, heads, Lq, Lk] stay under _AUTO_DENSE_BYTES (faster there, and exact), else blocked.
+_AUTO = {"tpu": "splash", "gpu": "pallas_gpu"}
+_AUTO_DENSE_BYTES = 256 << 20
 
 
 def attention_mask(q_segments: jax.Array, kv_segments: Optional[jax.Array] = None, *,
@@ -118,10 +121,16 @@ def check_implementation(implementation: Optional[str]) -> None:
     raise ConfigError(f"config.model.attention_impl: must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
 
-def resolve(implementation: Optional[str]) -> Optional[str]:
-  """Check an attention_impl and turn "auto" into the compiling platform's choice."""
+def resolve(implementation: Optional[str], scores: int = 0) -> Optional[str]:
+  """Check an attention_impl and turn "auto" into the compiling platform's choice for a call with `scores`
+  query-key pairs (B x heads x Lq x Lk)."""
   check_implementation(implementation)
-  return _AUTO.get(kernels.platform(), "blocked") if implementation == "auto" else implementation
+  if implementation != "auto":
+    return implementation
+  fused = _AUTO.get(kernels.platform())
+  if fused is not None:
+    return fused
+  return "xla" if 4 * scores <= _AUTO_DENSE_BYTES else "blocked"
 
 
 def _segment_attention(q, k, v, mask: SegmentMask, implementation: Optional[str]):
@@ -143,7 +152,7 @@ def dot_product_attention(q, k, v, mask: Union[jax.Array, SegmentMask, LocalSegm
   float32 whatever the input dtype. mask: a SegmentMask (dense, blocked or a fused kernel, by
   `implementation`), LocalSegments (neighbouring blocks only), or a boolean [B, 1, Lq, Lk] array.
   """
-  implementation = resolve(implementation)
+  implementation = resolve(implementation, q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1])
   jax_impl = implementation if implementation in DENSE_IMPLS else None
   if isinstance(mask, SegmentMask):
     if implementation in DENSE_IMPLS:
@@ -258,7 +267,7 @@ class Attention(nnx.Module):
       k_cache = sharding.constrain(write_slots(k_cache, k.astype(k_cache.dtype), index), names)
       v_cache = sharding.constrain(write_slots(v_cache, v.astype(v_cache.dtype), index), names)
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    impl = resolve(self.implementation)
+    impl = resolve(self.implementation, b * self.num_heads * l * k.shape[1])
     attend = lambda q, k, v, mask: dot_product_attention(q, k, v, mask, implementation=impl)
     if kv_cache is None and isinstance(mask, SegmentMask) and context_parallel.per_shard(l, impl in KERNELS):
       out = context_parallel.attention(q, k, v, mask, attend, heads=self.num_heads, kv_heads=self.num_kv_heads)
