@@ -13,6 +13,8 @@ row); transformers gets them as one left-padded batch. Time to first token = a r
 tokens/s = rows * (new - 1) / (time(new) - time(1)). Medians of --iters runs after a warm-up
 (compilation excluded). Prints each side and the ratios (ours / transformers: > 1 means we are faster).
 --size 7b builds the 7B-shaped Thinker LM with random weights for a GPU (our side only: --no-reference).
+--unrolled decodes with the layers unrolled (config.model.scan_layers=False, same stacked weights): a scanned
+layer reads its weights through a dynamic slice, which a GPU may copy before its matmul.
 Figures are recorded in docs/performance.md.
 """
 
@@ -46,7 +48,7 @@ def ours_from_config(config):
   return Generator(graphdef, state, config, mesh, shardings)
 
 
-def build(size: str, dtype: str, reference: bool):
+def build(size: str, dtype: str, reference: bool, scan_layers: bool = True):
   import ml_collections  # noqa: PLC0415
 
   s = dict(SIZES[size])
@@ -64,12 +66,14 @@ def build(size: str, dtype: str, reference: bool):
         hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False))
     c.model.thinker.update(pad_token_id=0, eos_token_ids=(), user_token_id=0)
     c.model.dtype = c.model.param_dtype = dtype
+    c.model.scan_layers = scan_layers
     return None, ours_from_config(c)
   import torch  # noqa: PLC0415
 
   torch.set_num_threads(os.cpu_count())
   model, config, d = reference_thinker(SIZES[size])
   config.model.dtype = config.model.param_dtype = dtype  # bfloat16: weights stored and read in bf16
+  config.model.scan_layers = scan_layers
   graphdef, abstract = omni.abstract_model(config)
   mesh = sharding.make_mesh({"data": -1})
   shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
@@ -86,11 +90,13 @@ def main():
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--no-reference", dest="reference", action="store_false")
+  p.add_argument("--unrolled", action="store_true", help="layers unrolled instead of scanned")
   args = p.parse_args()
-  torch_model, gen = build(args.size, args.dtype, args.reference)
+  torch_model, gen = build(args.size, args.dtype, args.reference, scan_layers=not args.unrolled)
   n_params = sum(np.size(x) for x in jax.tree.leaves(gen.params))
   print(f"size {args.size} ({n_params / 1e6:.1f} M params), {args.dtype}, devices {jax.devices()[0].platform} "
-        f"x{jax.device_count()}, prompt {args.prompt}, new {args.new}")
+        f"x{jax.device_count()}, prompt {args.prompt}, new {args.new}, "
+        f"layers {'unrolled' if args.unrolled else 'scanned'}")
   chat = reply_testlib.chat(gen, eos_token_ids=())
   for rows in args.batch:
     batch = left_padded_prompts(rows, args.prompt, 10, SIZES[args.size]["vocab_size"])
