@@ -5,12 +5,16 @@ present, transformers' forward + backward + AdamW on the same text model in the 
   .venv/bin/python bench/bench_mfu.py                      # 1b, seq 8192, batch 2, both batches (+ torch on CUDA)
   .venv/bin/python bench/bench_mfu.py --batch 4 --remat dots_with_no_batch_dims --iters 20
   .venv/bin/python bench/bench_mfu.py --smoke              # tiny config, a few steps on CPU (CI runs this)
+  .venv/bin/python bench/bench_mfu.py --attention blocked --no-reference   # another attention; ours only
 
 MFU = the documented FLOPs formula (omni_jax.train.metrics.FlopCounter, docs/training.md "MFU"; encoder FLOPs
 counted for the multimodal batch) / (median step time x devices x peak bf16 FLOP/s of the device:
 metrics.PEAK_FLOPS, or --peak; on CPU the best measured bfloat16-free float32 matmul rate). Rematerialised
 FLOPs are not counted (model FLOPs, not hardware FLOPs). All local devices form one data x fsdp mesh.
-Prints one line per batch kind, and the transformers ratio (ours / theirs, tokens/s).
+Attention: config.model.attention_impl = --attention ("auto": the platform's fused kernel; dense None would ask
+for the [B, heads, L, L] scores of every layer at 8192). Prints one line per batch kind, and the transformers
+ratio (ours / theirs, tokens/s); --no-reference leaves transformers out (bench/accelerator_suite.py runs it in
+a process of its own: here it would share the GPU memory JAX holds).
 """
 
 import argparse
@@ -159,6 +163,8 @@ def main():
   p.add_argument("--iters", type=int, default=None, help="timed steps (default 10; smoke: 2)")
   p.add_argument("--kinds", default="text,multimodal")
   p.add_argument("--peak", type=float, default=None, help="peak FLOP/s per device (default: the device table)")
+  p.add_argument("--attention", default="auto", help="config.model.attention_impl (\"none\": dense)")
+  p.add_argument("--no-reference", dest="reference", action="store_false", help="skip transformers' step")
   args = p.parse_args()
   seq = args.seq or (128 if args.smoke else 8192)
   batch = args.batch or 2 * (1 if args.smoke else jax.local_device_count())
@@ -169,10 +175,11 @@ def main():
   if peak is None:
     peak, source = cpu_matmul_peak(), "measured float32 matmul (no table entry)"
   print(f"device {device.device_kind} x{jax.local_device_count()}, peak {peak / 1e12:.3g} TFLOP/s per device "
-        f"({source}); seq {seq}, batch {batch}, remat {args.remat}", flush=True)
+        f"({source}); seq {seq}, batch {batch}, remat {args.remat}, attention {args.attention}", flush=True)
   ours_text = None
   for kind in args.kinds.split(","):
     config = make_config(args.smoke, seq, batch, args.remat, media=(kind == "multimodal"))
+    config.model.attention_impl = None if args.attention == "none" else args.attention
     r = bench_ours(config, iters)
     mfu = r["flops"] / r["seconds"] / r["devices"] / peak
     print(f"{kind}: {r['params'] / 1e9:.3f}B params, {r['rows']}x{r['seq']} ({', '.join(r['media']) or 'text'}), "
@@ -180,7 +187,7 @@ def main():
           f"{r['tokens'] / r['seconds']:,.0f} tokens/s, MFU {100 * mfu:.1f}%, loss {r['loss']:.3f}", flush=True)
     if kind == "text":
       ours_text = r
-  if ours_text is not None and not args.smoke:
+  if ours_text is not None and args.reference and not args.smoke:
     theirs = bench_transformers(make_config(False, seq, batch, args.remat, media=False), iters)
     if theirs is None:
       print("transformers: skipped (needs torch with CUDA)")
