@@ -227,3 +227,30 @@ def test_a_runtime_config_still_loads_a_lora_run_merged(tmp_path):
   checkpoint.save_params(str(tmp_path / "other"), state, plain)  # a whole model is no adapter
   with pytest.raises(ConfigError, match="neither a PEFT adapter directory"):
     loader.restore(str(tmp_path / "base"), adapter=str(tmp_path / "other"))
+
+
+def test_model_flops_count_a_frozen_base_under_adapters_at_four_per_weight():
+  """MFU of a LoRA run: the frozen base needs no weight gradients (4 FLOPs per weight and token, not 6: the
+  adapters still need input gradients), on both towers; attention's FLOPs are the same."""
+  from omni_jax.train import metrics as metrics_lib  # noqa: PLC0415
+
+  c = tl.config()
+  c.lora = ml_collections.ConfigDict(dict(targets={"thinker": [LM], "talker": [LM]}, rank=4, alpha=8.0))
+  setup = state_lib.Setup(c, tl.mesh_of(dict(data=1)))
+  paths = tuple(traverse_util.flatten_dict(setup.abstract_params))
+  lora_run = metrics_lib.FlopCounter(c, setup.frozen, paths).towers
+  full_run = metrics_lib.FlopCounter(c, frozenset(), paths).towers
+  batch = talker_batch()
+  for name in ("thinker", "talker"):
+    attention = full_run[name].step_flops(batch) - 6 * _matmul_flops_per_factor(full_run[name], batch)
+    assert lora_run[name].step_flops(batch) == pytest.approx(
+        attention + 4 * _matmul_flops_per_factor(full_run[name], batch)), name
+
+
+def _matmul_flops_per_factor(counter, batch) -> float:
+  """The tower's weight FLOPs per unit of its per-weight factor (tokens x matmul weights)."""
+  if hasattr(counter, "text_matmul_params"):
+    rows, length = np.shape(batch["input_ids"])
+    return rows * length * counter.text_matmul_params
+  rows, length = np.shape(batch["talker_segment_ids"])
+  return rows * length * counter.matmul_params

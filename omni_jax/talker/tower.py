@@ -15,6 +15,7 @@ from omni_jax import config as config_lib
 from omni_jax import dpo as dpo_lib
 from omni_jax import towers
 from omni_jax.errors import ConfigError
+from omni_jax.layers import lora
 from omni_jax.models.talker import Talker, TalkerConfig, talker_config
 from omni_jax.talker import data, objective
 
@@ -41,7 +42,8 @@ def build(config: ml_collections.ConfigDict, rt: config_lib.Runtime, rngs) -> Ta
 
 class TalkerFlops:
   """Model FLOPs of the Talker per train step (same counting as ThinkerFlops: 6 per weight and token when it
-  trains, 2 when frozen and nothing before it trains; causal attention over the Talker rows)."""
+  trains, 4 when frozen under LoRA adapters that train, 2 when frozen and nothing in it trains; causal
+  attention over the Talker rows)."""
 
   def __init__(self, config: ml_collections.ConfigDict, frozen: frozenset = frozenset(), param_paths: tuple = ()):
     cfg = talker_config(config)
@@ -51,8 +53,10 @@ class TalkerFlops:
     self.text = t
     self.matmul_params = (t.num_hidden_layers * per_layer + cfg.embedding_size * t.hidden_size
                           + t.hidden_size * t.vocab_size)
-    under = [p for p in param_paths if p[:1] == ("talker",)]
-    self.factor = 2 if under and all(p in frozen for p in under) else 6
+    base = [p for p in param_paths if p[:1] == ("talker",) and not lora.is_adapter(p)]
+    adapters = [p for p in param_paths if p[:1] == ("talker",) and lora.is_adapter(p) and p not in frozen]
+    # Frozen base weights: 4 when its LoRA adapters train (they need the input gradients), else 2.
+    self.factor = (4 if adapters else 2) if base and all(p in frozen for p in base) else 6
 
   def step_flops(self, batch: Mapping[str, Any]) -> float:
     if "talker_segment_ids" not in batch:

@@ -7,6 +7,7 @@ import numpy as np
 
 from omni_jax import config as config_lib
 from omni_jax import sizes
+from omni_jax.layers import lora
 from omni_jax.models.audio import thinker_audio
 from omni_jax.models.vision import thinker_vision
 
@@ -19,8 +20,10 @@ class ThinkerFlops:
   """Model FLOPs of one train step of the Thinker, from the host batch (docs/training.md, "MFU").
 
   Per matmul weight: 2 FLOPs per token forward, 2 for the gradient of its input, 2 for the gradient of the
-  weight: 6 when it trains, 4 when it is frozen but something before it trains (the text decoder in stage 1),
-  2 when nothing before it needs a gradient (a frozen encoder). Attention adds the score and value matmuls.
+  weight: 6 when it trains, 4 when it is frozen but something before it trains (the text decoder in stage 1, a
+  LoRA run's frozen base: its adapters need the input gradients), 2 when nothing before it needs a gradient (a
+  frozen encoder). Attention adds the score and value matmuls. LoRA adapters' own matmuls (rank r: about r /
+  width of their weight's) are not counted.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, frozen: frozenset = frozenset(), param_paths: tuple = ()):
@@ -33,8 +36,8 @@ class ThinkerFlops:
                  + _linear_params(t.hidden_size, t.intermediate_size) * 3)  # gate, up, down
     self.text_matmul_params = t.num_hidden_layers * per_layer + t.hidden_size * t.vocab_size  # + lm_head
 
-    def all_frozen(*prefixes):
-      under = [p for p in param_paths if p[:2] in [tuple(x.split(".")) for x in prefixes]]
+    def all_frozen(*prefixes):  # every base weight under the prefixes (LoRA adapters are not base weights)
+      under = [p for p in param_paths if p[:2] in [tuple(x.split(".")) for x in prefixes] and not lora.is_adapter(p)]
       return bool(under) and all(p in frozen for p in under)
 
     self.text_factor = 4 if all_frozen("thinker.model", "thinker.lm_head") else 6
