@@ -12,7 +12,7 @@ import pytest
 LONGEST_FIRST = ("test_demo_learns.py", "test_new_voice.py", "test_token2wav_training.py",
                  "test_reliability_multiprocess.py", "test_attention_impls.py", "test_reliability_data.py",
                  "test_talker_training.py", "test_server_hostile.py", "test_session.py", "test_dpo.py",
-                 "test_lora.py", "test_dpo_runs.py", "test_engine.py")
+                 "test_lora.py", "test_dpo_runs.py", "test_engine.py", "test_accelerator_suite.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

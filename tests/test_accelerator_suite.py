@@ -1,0 +1,137 @@
+"""bench/accelerator_suite.py: its CPU smoke run (every job a process, parsed into rows, a table and JSON), the
+kernel-family summary of profile traces, and the parsers on outputs of the accelerator sizes."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import accelerator_suite as suite  # noqa: E402  (standard library only at import: no JAX in the parent)
+
+# The rows of a CPU smoke run: measured ones, and the GPU-only ones it may skip (with a reason).
+MEASURED = ["mfu.text", "mfu.multimodal", "attention.256.blocked", "attention.1024.blocked", "decode.batch1",
+            "decode.unrolled", "decode.batched", "profile.train", "profile.decode", "talker.b1", "token2wav.compile",
+            "token2wav.rtf", "stream.first_text", "stream.first_audio"]
+GPU_ONLY = ["transformers.text", "attention.fused"]
+HEADER = "| what | figure | unit | target | note |"
+
+
+@pytest.mark.slow
+def test_smoke_run(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = tmp_path / "suite.json"
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "accelerator_suite.py"), "--smoke", "--out",
+                      str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["device"] == "cpu" and report["platform"] == "cpu" and report["smoke"] is True
+  assert report["jax"] and report["date"] and report["commit"]
+  rows = {r["key"]: r for r in report["rows"]}
+  assert sorted(rows) == sorted(MEASURED + GPU_ONLY), sorted(rows)
+  for key in MEASURED:
+    r = rows[key]
+    assert r["status"] == "ok" and r["figure"] > 0, r
+  for key in GPU_ONLY:  # skipped here (torch has no CUDA, no fused kernel on a CPU), measured where they can be
+    r = rows[key]
+    assert (r["status"] == "skipped" and r["note"]) or (r["status"] == "ok" and r["figure"] > 0), r
+  for key in ("profile.train", "profile.decode"):
+    families = rows[key]["families"]
+    assert sorted(families) == ["attention", "gemm", "other"]
+    assert all(v >= 0 for v in families.values()) and sum(families.values()) > 0, families
+    assert rows[key]["figure"] == pytest.approx(sum(families.values()))
+  assert "meets_target" not in rows["mfu.text"]  # targets are judged at the accelerator sizes only
+  md = out.with_suffix(".md").read_text()
+  assert HEADER in md and HEADER in p.stdout
+  for r in report["rows"]:
+    assert f"| {r['what']} |" in md
+  assert (tmp_path / "suite_logs.txt").exists()
+
+
+def _trace(directory, events, name="host.trace.json.gz"):
+  folder = directory / "plugins" / "profile" / "2026_01_01_00_00_00"
+  folder.mkdir(parents=True)
+  with gzip.open(folder / name, "wt") as f:
+    json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
+  return str(directory)
+
+
+def _meta(pid, process, threads):
+  out = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": process}}]
+  out += [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": n}} for tid, n in threads.items()]
+  return out
+
+
+def _x(pid, tid, name, ts, dur, **args):
+  return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+def test_kernel_families_gpu_trace(tmp_path):
+  """The GPU streams' kernels only (not the derived "XLA Ops" line, not the host), per step, by name."""
+  events = _meta(1, "/device:GPU:0", {10: "Stream #14(Compute)", 11: "XLA Ops"}) + _meta(2, "/host:CPU", {20: "py"})
+  events += [_x(1, 10, "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT", 0, 3000),
+             _x(1, 10, "mha_forward", 3000, 1000), _x(1, 10, "mha_backward", 4000, 2000),
+             _x(1, 10, "loop_add_fusion", 6000, 500), _x(1, 10, "cutlass_80_wmma_tensorop_bf16_s161616gemm", 6500, 500),
+             _x(1, 10, "cudnn_generated_fort_native_sdpa_sm90_knob_7", 7000, 1000),
+             _x(1, 11, "fusion.1", 0, 10000), _x(2, 20, "dot.1", 0, 9999, hlo_op="dot.1")]
+  got = suite.kernel_families(_trace(tmp_path, events), steps=2)
+  assert got["source"] == "device" and got["events"] == 6
+  assert got["gemm"] == pytest.approx(1.75) and got["attention"] == pytest.approx(2.0)
+  assert got["other"] == pytest.approx(0.25)
+
+
+def test_kernel_families_tpu_trace(tmp_path):
+  """TPU: the "XLA Ops" line (its modules line holds the same time); matmuls are convolutions there."""
+  events = _meta(3, "/device:TPU:0", {1: "XLA Modules", 2: "XLA Ops", 3: "Steps"})
+  events += [_x(3, 1, "jit_train_step(123)", 0, 5000), _x(3, 3, "0", 0, 5000),
+             _x(3, 2, "convolution.1", 0, 2000), _x(3, 2, "splash_mha_fwd_residuals", 2000, 1000),
+             _x(3, 2, "fusion.7", 3000, 500)]
+  got = suite.kernel_families(_trace(tmp_path, events, "perfetto_trace.json.gz"))
+  assert (got["gemm"], got["attention"], got["other"]) == pytest.approx((2.0, 1.0, 0.5))
+
+
+def test_kernel_families_cpu_trace(tmp_path):
+  """No device: the host's XLA ops, innermost only (a while loop's thunk holds its body's ops); Python frames out."""
+  events = _meta(7, "/host:CPU", {1: "tf_XLAPjRtCpuClient", 2: "python"})
+  events += [_x(7, 1, "while.3", 0, 1000, hlo_op="while.3"), _x(7, 1, "dot.3", 10, 300, hlo_op="dot.3"),
+             _x(7, 1, "fusion.2", 400, 200, hlo_op="fusion.2"), _x(7, 1, "fusion.9", 2000, 100, hlo_op="fusion.9"),
+             _x(7, 2, "$profiler.py:307 trace", 0, 5000)]
+  got = suite.kernel_families(_trace(tmp_path, events))
+  assert got["source"] == "host XLA ops" and got["events"] == 3
+  assert (got["gemm"], got["attention"], got["other"]) == pytest.approx((0.3, 0.0, 0.3))
+
+
+def test_parsers_on_accelerator_output():
+  """The benches' lines at the accelerator sizes: the decode row's HBM bound, a failed attention kernel, MFU."""
+  jobs = {j.name: j for j in suite.plan(suite.argparse.Namespace(smoke=False, trace_dir="/tmp/t"),
+                                        dict(device_kind="NVIDIA H200", platform="gpu", device_count=1))}
+  decode = suite.parse_decode("size 7b (7615.6 M params), bfloat16, devices gpu x1, prompt 128, new 48\n"
+                              "batch 1: ours TTFT 16.1 ms, decode 90.8 tok/s\nbatch 32: ours TTFT 99.3 ms, decode "
+                              "2554.0 tok/s\n", jobs["decode"])
+  assert decode["decode.batch1"]["figure"] == 90.8 and decode["decode.batched"]["figure"] == 2554.0
+  assert decode["decode.batch1"]["bound_tokens_per_s"] == pytest.approx(4.8e12 / (7615.6e6 * 2))
+  assert "29% of the HBM bound" in decode["decode.batch1"]["note"]
+  table = ("device NVIDIA H200; heads 28/4 x 128, bfloat16, packed samples of <= 2048 tokens\n"
+           "| tokens | impl | temp memory (MiB) | memory vs dense | fwd+bwd ms | time vs dense |\n"
+           "| --- | --- | --- | --- | --- | --- |\n"
+           "| 8192 | dense | >= 30720 (estimate; not compiled) | 1 | not run | 1 |\n"
+           "| 8192 | blocked | 300.0 | 102.4x less | 11.2 | - |\n"
+           "| 8192 | pallas_gpu | 100.0 | 307.2x less | 6.7 | - |\n"
+           "| 8192 | cudnn | - | - | failed (XlaRuntimeError: RESOURCE_EXHAUSTED) | - |\n")
+  att = suite.parse_attention(table, jobs["attention"])
+  assert att["attention.8192.pallas_gpu"]["figure"] == 6.7 and att["attention.8192.blocked"]["figure"] == 11.2
+  cudnn = att["attention.8192.cudnn"]
+  assert cudnn["status"] == "failed" and "RESOURCE_EXHAUSTED" in cudnn["note"]
+  rows = suite.finish_rows(jobs["attention"], att, None, "killed", 75.0, smoke=False)
+  by = {r["key"]: r for r in rows}
+  assert by["attention.8192.pallas_gpu"]["meets_target"] is False  # 6.7 ms against <= 1.7 ms
+  assert by["attention.32768.blocked"]["status"] == "timeout"  # the process died before printing 32K
+  mfu = suite.parse_mfu("device NVIDIA H200 x1, peak 989 TFLOP/s per device (table); seq 8192, batch 2, remat none, "
+                        "attention auto\ntext: 1.187B params, 2x8192 (text), 103,600.00 GFLOP/step, 297.7 ms/step, "
+                        "50,748 tokens/s, MFU 35.2%, loss 12.000\n", jobs["mfu"])
+  assert mfu["mfu.text"]["figure"] == 35.2 and mfu["mfu.text"]["tokens_per_s"] == 50748
