@@ -423,7 +423,7 @@ def build(name: str, splits: Mapping[str, Union[str, Sequence[str]]], data_dir: 
   tfds, builder_class = _tfds()
   with _quiet_tfds():
     builder = builder_class(splits=files, data_dir=os.path.expanduser(data_dir), file_format="array_record",
-                                config=tfds.core.BuilderConfig(name=config, description=f"{name}: {files}"))
+                            config=tfds.core.BuilderConfig(name=config, description=f"{name}: {files}"))
     if not builder.is_prepared():
       _check_not_empty(name, files)
       tfds.disable_progress_bar()
