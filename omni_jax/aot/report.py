@@ -13,7 +13,8 @@ documented model-FLOPs formula (docs/training.md, "MFU") over chips x peak x tha
 A Pallas attention kernel (splash) is a custom call whose FLOPs no HLO count sees, so the compute time adds an
 estimate of them (attention_kernel_flops: the decoders' causal score and value matmuls, forward once, backward
 2.5 times as a flash backward recomputes the scores, and once more forward where remat recomputes the layer).
-The estimated MFU therefore stays below what the compiled program supports, never 100%.
+So the compute time covers every FLOP the step does, kernels included, and the estimated MFU (model FLOPs over
+that) stays below 100% wherever the step does more than the model FLOPs (the backward's recompute, remat).
 """
 
 import dataclasses
