@@ -24,3 +24,10 @@ def audio_token_count(mel_frames: Union[int, Sequence[int], np.ndarray]):
 def patch_dim(in_channels: int, temporal_patch_size: int, patch_size: int) -> int:
   """Values per vision patch row: a (C, T, p, p) block flattened."""
   return int(in_channels) * int(temporal_patch_size) * int(patch_size) * int(patch_size)
+
+
+def causal_attention_flops(rows: int, seq_len: int, layers: int, heads: int, head_dim: int) -> float:
+  """Forward FLOPs of causal self-attention over rows x seq_len tokens: QK^T and AV cost 2 * L * heads *
+  head_dim each per token and layer, halved by the causal mask. The model-FLOPs formulas (docs/training.md,
+  "MFU") count it 3 times (forward + backward); the AOT roofline counts a flash kernel's passes."""
+  return rows * seq_len * layers * 2 * 2 * seq_len * heads * head_dim / 2

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Any, Optional
 
 from omni_jax import config as config_lib
+from omni_jax import sizes
 from omni_jax.aot import compile as compile_lib
 from omni_jax.aot import hardware, hlo
 from omni_jax.models.talker import talker_config
@@ -74,8 +75,8 @@ _KERNEL_CALLS = ("tpu_custom_call", "__gpu$xla.gpu.triton")  # how a Pallas kern
 
 def attention_kernel_flops(c: compile_lib.Compiled, hlo_text: str) -> float:
   """FLOPs of one step's attention kernels, all chips (0 when the program calls none): per decoder (the
-  Thinker's text, the Talker's rows) causal QK^T and AV, 2 * 2 * L * heads * head_dim / 2 per token and layer
-  forward; the backward 2.5 times that; the forward again under remat."""
+  Thinker's text, the Talker's rows) its causal attention forward (sizes.causal_attention_flops), the backward
+  2.5 times that, the forward again under remat."""
   if not any(call in hlo_text for call in _KERNEL_CALLS):
     return 0.0
   config = c.setup.config
@@ -84,11 +85,9 @@ def attention_kernel_flops(c: compile_lib.Compiled, hlo_text: str) -> float:
   talker = talker_config(config)
   if talker is not None and "talker_segment_ids" in c.batch_shapes:
     decoders.append((talker.text, "talker_segment_ids"))
-  total = 0.0
-  for t, field in decoders:
-    rows, seq_len = c.batch_shapes[field].shape
-    total += rows * seq_len * t.num_hidden_layers * 2 * 2 * seq_len * t.num_attention_heads * t.head_dim / 2
-  return float(total * passes)
+  forward = sum(sizes.causal_attention_flops(*c.batch_shapes[field].shape, t.num_hidden_layers,
+                                             t.num_attention_heads, t.head_dim) for t, field in decoders)
+  return float(forward * passes)
 
 
 def roofline(cost: dict, collectives: dict, model_flops: float, chips: int, chip: Optional[hardware.Chip]) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 
 from omni_jax import config as config_lib
 from omni_jax import dpo as dpo_lib
+from omni_jax import sizes
 from omni_jax import towers
 from omni_jax.errors import ConfigError
 from omni_jax.layers import lora
@@ -63,8 +64,8 @@ class TalkerFlops:
       return 0.0
     rows, seq_len = np.shape(batch["talker_segment_ids"])
     t = self.text
-    attn_fwd = 2 * 2 * seq_len * t.num_attention_heads * t.head_dim / 2
-    return float(rows * seq_len * (self.factor * self.matmul_params + 3 * t.num_hidden_layers * attn_fwd))
+    attention = sizes.causal_attention_flops(rows, seq_len, t.num_hidden_layers, t.num_attention_heads, t.head_dim)
+    return float(rows * seq_len * self.factor * self.matmul_params + 3 * attention)
 
 
 TOWER = towers.Tower(

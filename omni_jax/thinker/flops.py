@@ -46,10 +46,8 @@ class ThinkerFlops:
 
   def text_flops(self, rows: int, seq_len: int) -> float:
     t = self.text
-    tokens = rows * seq_len
-    # Causal attention: QK^T and AV each cost 2 * L * heads * head_dim per token forward, halved by the mask.
-    attn_fwd = 2 * 2 * seq_len * t.num_attention_heads * t.head_dim / 2
-    return tokens * (self.text_factor * self.text_matmul_params + 3 * t.num_hidden_layers * attn_fwd)
+    attention = sizes.causal_attention_flops(rows, seq_len, t.num_hidden_layers, t.num_attention_heads, t.head_dim)
+    return rows * seq_len * self.text_factor * self.text_matmul_params + 3 * attention
 
   def vision_flops(self, grids: np.ndarray) -> float:
     v = self.vision
