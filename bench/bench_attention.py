@@ -80,10 +80,9 @@ def main():
     seg = jnp.asarray(packed_segments(length, a.segment, rng))
     args = [jnp.asarray(rng.normal(size=(1, length, h, a.dim)), dtype) for h in (a.heads, a.kv_heads, a.kv_heads)]
     estimate = dense_estimate(length, a.heads)
+    dense_fits = estimate < a.max_dense_gib * 2**30
     dense, dense_mem, runs = None, None, []
-    for impl in ["dense" if estimate < a.max_dense_gib * 2**30 else None] + impls:
-      if impl is None:
-        continue
+    for impl in (["dense"] if dense_fits else []) + impls:
       try:
         compiled, mem = program(None if impl == "dense" else impl, length, a.heads, a.kv_heads, a.dim, dtype)
         jax.block_until_ready(compiled(*args, seg))  # fails here, not in the timing, if it cannot run
@@ -100,7 +99,7 @@ def main():
     own = times[1:] if dense else times
     if dense:
       print(f"| {length} | dense | {dense_mem / 2**20:.1f} | 1 | {dense_t * 1e3:.1f} | 1 |")
-    else:
+    elif not dense_fits:  # (a dense program that failed has its row already)
       print(f"| {length} | dense | >= {estimate / 2**20:.0f} (estimate; not compiled) | 1 | not run | 1 |")
     reference_mem = dense_mem if dense else estimate
     for (impl, _, mem), t in zip(runs, own):
