@@ -73,17 +73,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULT = "SUITE_RESULT "
 
-# HBM bandwidth by device_kind (datasheets, bytes/s): the bound of batch-1 decode is bandwidth / weight bytes.
-HBM_BANDWIDTH = {
-    "NVIDIA H200": 4.8e12,
-    "NVIDIA H100 80GB HBM3": 3.35e12,
-    "NVIDIA H100 PCIe": 2.0e12,
-    "TPU v4": 1.2e12,
-    "TPU v5 lite": 0.819e12,
-    "TPU v5": 2.765e12,
-    "TPU v5p": 2.765e12,
-    "TPU v6 lite": 1.64e12,
-}
+
+def _datasheets():
+  """omni_jax.datasheets (jax-free: this process never touches the accelerator)."""
+  _paths()
+  from omni_jax import datasheets  # noqa: PLC0415
+
+  return datasheets
+
+
 ATTENTION_IMPLS = {"gpu": ["blocked", "pallas_gpu", "cudnn"], "tpu": ["blocked", "splash"], "cpu": ["blocked"]}
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -491,7 +489,7 @@ def plan(args, device: dict) -> list:
                                        "--new", "48", "--iters", "3"]
   big = 4 if s else 32
   name = "tiny float32" if s else "7B bf16"
-  hbm = next((v for k, v in sorted(HBM_BANDWIDTH.items(), key=lambda kv: -len(kv[0]))
+  hbm = next((v for k, v in sorted(_datasheets().HBM_BANDWIDTH.items(), key=lambda kv: -len(kv[0]))
               if device.get("device_kind", "").startswith(k)), None)
   jobs.append(Job("decode", bench("bench_generate.py") + decode + ["--no-reference"], t(75),
                   [dict(row("decode.batch1", f"Thinker decode, {name}, batch 1", "tokens/s", ">= 190", (">=", 190)),

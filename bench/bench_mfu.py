@@ -9,8 +9,8 @@ present, transformers' forward + backward + AdamW on the same text model in the 
 
 MFU = the documented FLOPs formula (omni_jax.train.metrics.FlopCounter, docs/training.md "MFU"; encoder FLOPs
 counted for the multimodal batch) / (median step time x devices x peak bf16 FLOP/s of the device:
-metrics.PEAK_FLOPS, or --peak; on CPU the best measured bfloat16-free float32 matmul rate). Rematerialised
-FLOPs are not counted (model FLOPs, not hardware FLOPs). All local devices form one data x fsdp mesh.
+omni_jax.datasheets.PEAK_FLOPS, or --peak; on CPU the best measured bfloat16-free float32 matmul rate).
+Rematerialised FLOPs are not counted (model FLOPs, not hardware FLOPs). All local devices form one data x fsdp mesh.
 Attention: config.model.attention_impl = --attention ("auto": the platform's fused kernel; dense None would ask
 for the [B, heads, L, L] scores of every layer at 8192). Prints one line per batch kind, and the transformers
 ratio (ours / theirs, tokens/s); --no-reference leaves transformers out (bench/accelerator_suite.py runs it in
@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import qwen2_5_omni_3b, tiny  # noqa: E402
-from omni_jax import aot, sharding  # noqa: E402
+from omni_jax import aot, datasheets, sharding  # noqa: E402
 from omni_jax.train import data as data_lib  # noqa: E402
 from omni_jax.train import metrics as metrics_lib  # noqa: E402
 from omni_jax.train import state as state_lib  # noqa: E402
@@ -170,7 +170,7 @@ def main():
   batch = args.batch or 2 * (1 if args.smoke else jax.local_device_count())
   iters = args.iters or (2 if args.smoke else 10)
   device = jax.devices()[0]
-  peak = args.peak or metrics_lib.PEAK_FLOPS.get(device.device_kind)
+  peak = args.peak or datasheets.PEAK_FLOPS.get(device.device_kind)
   source = "given" if args.peak else "table"
   if peak is None:
     peak, source = cpu_matmul_peak(), "measured float32 matmul (no table entry)"

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from common import reference_thinker  # noqa: E402
-from omni_jax import sharding  # noqa: E402
+from omni_jax import datasheets, sharding  # noqa: E402
 from omni_jax.convert import hf  # noqa: E402
 from omni_jax.models import omni  # noqa: E402
 from omni_jax.train import data as data_lib  # noqa: E402
@@ -122,7 +122,7 @@ def main():
   p.add_argument("--peak", type=float, default=None, help="peak FLOP/s per device (default: table, or measured)")
   args = p.parse_args()
   device = jax.devices()[0]
-  peak = args.peak or metrics_lib.PEAK_FLOPS.get(device.device_kind)
+  peak = args.peak or datasheets.PEAK_FLOPS.get(device.device_kind)
   peak_src = "given" if args.peak else "table"
   measured = []
   if peak is None:  # CPU: the best matmul rate seen before and after each size (load on a shared machine)

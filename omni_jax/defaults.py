@@ -113,7 +113,7 @@ def training(c: ml_collections.ConfigDict) -> None:
   t.async_checkpointing = True
   t.eval_every = 0  # 0: no in-loop evaluation
   t.debug_nan_at_step = -1  # test hook: the loss of this step becomes NaN
-  # For MFU; None: omni_jax.train.metrics.PEAK_FLOPS by device kind.
+  # For MFU; None: omni_jax.datasheets.PEAK_FLOPS by device kind.
   t.peak_flops_per_device = ml_collections.config_dict.placeholder(float)
   d = c.data = ml_collections.ConfigDict()
   d.source = "synthetic"  # omni_jax.input.synthetic; the real sources: omni_jax/input/pipeline.py

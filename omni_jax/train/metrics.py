@@ -13,24 +13,8 @@ import ml_collections
 import numpy as np
 
 from omni_jax import batch as batch_lib
+from omni_jax import datasheets
 from omni_jax import towers
-
-# Dense bfloat16 peak FLOP/s per device, by jax's device_kind (vendor datasheets). CPUs have no entry:
-# set config.train.peak_flops_per_device to get an MFU there.
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v5": 459e12,  # v5p
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-    "TPU7x": 2307e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA B200": 2250e12,
-}
 
 KIND_NAMES = {v: k for k, v in batch_lib.KINDS.items()}
 
@@ -41,7 +25,7 @@ def peak_flops(config: ml_collections.ConfigDict, device: Optional[jax.Device] =
   if peak:
     return float(peak)
   device = device or jax.devices()[0]
-  return PEAK_FLOPS.get(device.device_kind)
+  return datasheets.PEAK_FLOPS.get(device.device_kind)
 
 
 class FlopCounter:
