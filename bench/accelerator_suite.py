@@ -524,7 +524,8 @@ def plan(args, device: dict) -> list:
                   parse_result(functools.partial(_transformers_row, devices=devices)),
                   env={"JAX_PLATFORMS": "cpu"}))  # JAX stays off the GPU: torch gets it whole
 
-  talker = ["--size", "tiny", "--batch", "1", "--prompt", "16", "--reply", "4", "--new", "32", "--iters", "2"] if s \
+  # Codes/s is a difference of two timings: enough codes and rounds that a shared CPU's noise cannot flip its sign.
+  talker = ["--size", "tiny", "--batch", "1", "--prompt", "16", "--reply", "4", "--new", "96", "--iters", "3"] if s \
       else ["--size", "7b", "--no-reference", "--dtype", "bfloat16", "--batch", "1", "--new", "64", "--iters", "2"]
   jobs.append(Job("talker", bench("bench_talker.py") + talker, t(50),
                   [row("talker.b1", f"Talker decode, {'tiny float32' if s else 'released size (7B), bf16'}, batch 1",

@@ -36,7 +36,8 @@ def test_smoke_run(tmp_path):
   assert sorted(rows) == sorted(MEASURED + GPU_ONLY), sorted(rows)
   for key in MEASURED:
     r = rows[key]
-    assert r["status"] == "ok" and r["figure"] > 0, r
+    assert r["status"] == "ok" and r["figure"] > 0, {k: r.get(k) for k in ("key", "status", "figure", "note",
+                                                                          "stderr_tail")}
   for key in GPU_ONLY:  # skipped here (torch has no CUDA, no fused kernel on a CPU), measured where they can be
     r = rows[key]
     assert (r["status"] == "skipped" and r["note"]) or (r["status"] == "ok" and r["figure"] > 0), r

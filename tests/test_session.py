@@ -23,6 +23,8 @@ from omni_jax import checkpoint
 from omni_jax import generate
 from omni_jax import sharding
 from omni_jax.input.media import audio as audio_media
+from omni_jax.input import chat
+from omni_jax.input import preprocess
 from omni_jax.models import omni
 from omni_jax.serve import Done, Event, OmniSession
 from omni_jax.serve.session import SessionError
@@ -370,3 +372,64 @@ def test_streamed_audio_equals_chunked_synthesis(model):
   np.testing.assert_allclose(audio, expected, atol=1e-5, rtol=0)
   kinds = [e.kind for e in events]
   assert kinds.index("audio") < len(kinds) - 1 - kinds[::-1].index("codes")
+
+
+def _user_turn_starts(model, ids) -> list[int]:
+  """Where each user turn's `<|im_start|>user\\n` starts in a conversation's ids."""
+  header = chat.ChatWriter(model.tokenizer, model.preprocessor.fmt).open("user")
+  return [i for i in range(len(ids)) if ids[i:i + len(header)] == header]
+
+
+def test_truncation_drops_the_oldest_turns_and_equals_a_fresh_prefill(model, media):
+  """A session too short for the conversation keeps answering: it drops its oldest turns (their audio too),
+  and its cache then equals one prefill of what it kept."""
+  noise = media["wave"]
+  waves = [noise[i * 12000:(i + 1) * 12000] for i in range(3)]  # 0.75 s each, different
+  turns = [[waves[0], "First."], "word " * 30, [waves[1], "Third."], "again " * 30, [waves[2], "Fifth."], "Sixth."]
+  s = OmniSession(model, max_len=192, truncation=0.6)
+  audio_features, truncations = [], 0  # every audio part's features as prefilled, in order
+  for content in turns:
+    before, dropped = s.prompt_sample().input_ids.tolist(), s.dropped_turns
+    if isinstance(content, list):
+      s.push_audio(content[0], 16000, final=True)
+      s.push_text(content[1])
+    else:
+      s.push_text(content)
+    logits = s.end_turn()
+    sample = s.prompt_sample()
+    ids = sample.input_ids.tolist()
+    if isinstance(content, list):
+      audio_features.append(sample.audios[-1])
+    if s.dropped_turns > dropped:
+      truncations += 1
+      starts = _user_turn_starts(model, before)
+      k = s.dropped_turns - dropped
+      kept = before[:starts[0]] + (before[starts[k]:] if k < len(starts) else [])
+      assert ids[:len(kept)] == kept, "the kept turns are the newest, whole, after the system turn"
+    assert s.num_tokens <= 192 and len(ids) == s.num_tokens
+    # The kept audio parts are the newest ones, feature for feature, and the cache is one prefill of it all.
+    bos = model.preprocessor.fmt.id("<|audio_bos|>")
+    kept_audio = audio_features[len(audio_features) - ids.count(bos):]
+    assert len(sample.audios) == len(kept_audio)
+    for got, want in zip(sample.audios, kept_audio):
+      np.testing.assert_array_equal(got, want)
+    fresh = preprocess.Sample("fresh", sample.kind, sample.input_ids, sample.labels, [], [], kept_audio, False)
+    batch = generate.prompts.prompt_batch([fresh], pad_id=model.generator.ids.pad_token_id)
+    np.testing.assert_allclose(logits, whole_logits(model, batch), atol=ATOL, rtol=0)
+    reply(s.respond(max_new_tokens=4, **GREEDY))
+  assert truncations >= 2 and s.turn == len(turns)
+
+
+def test_without_truncation_padding_is_compacted_and_a_full_session_raises(model):
+  s = OmniSession(model, max_len=160)
+  for _ in range(12):  # a token each, a 16-slot chunk each: the slots run out long before the tokens
+    s.push_text(" a")
+  assert s.num_tokens < 100 and s.dropped_turns == 0
+  logits = s.end_turn()
+  batch = generate.prompts.prompt_batch([s.prompt_sample()], pad_id=model.generator.ids.pad_token_id)
+  np.testing.assert_allclose(logits, whole_logits(model, batch), atol=ATOL, rtol=0)
+  reply(s.respond(max_new_tokens=4, **GREEDY))
+  with pytest.raises(SessionError, match=r"truncation=\.\.\.\) drops the oldest turns"):
+    s.push_text("word " * 150)
+  with pytest.raises(SessionError, match="retention ratio"):
+    OmniSession(model, truncation=1.5)

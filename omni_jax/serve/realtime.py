@@ -64,6 +64,9 @@ IN_RATES = (16000, 24000)  # PCM16 input rates taken (OpenAI's 24 kHz, DashScope
 MODEL_RATE = 16000  # the audio tower's
 OUT_RATE = protocol.OUT_SAMPLE_RATE
 KEY_PROTOCOL = "openai-insecure-api-key."
+# A full conversation drops its oldest turns until what follows the system turn takes at most this much of the
+# context: room for several more turns before the next truncation prefills the conversation again.
+AUTO_RETENTION = 0.75
 DEFAULT_TURN_DETECTION = dict(type="server_vad", threshold=0.5, prefix_padding_ms=300, silence_duration_ms=500,
                               create_response=True, interrupt_response=True)
 _BETA = {"response.output_text.delta": "response.text.delta", "response.output_text.done": "response.text.done",
@@ -133,6 +136,14 @@ class SessionConfig:
   max_output_tokens: Optional[int] = None
   temperature: Optional[float] = None  # None: the model's configured sampling; 0: greedy
   event_names: str = "ga"
+  truncation: Any = "auto"  # as the client gave it: "auto", "disabled" or {"type": "retention_ratio", ...}
+
+  @property
+  def retention(self) -> Optional[float]:
+    """The OmniSession's truncation: the fraction of the context a truncated conversation keeps (None: off)."""
+    if self.truncation == "disabled":
+      return None
+    return AUTO_RETENTION if self.truncation == "auto" else float(self.truncation["retention_ratio"])
 
   def object(self, session_id: str, model_name: str) -> dict:
     fmt = {"type": "audio/pcm", "rate": self.input_rate}
@@ -141,7 +152,7 @@ class SessionConfig:
             "max_output_tokens": self.max_output_tokens if self.max_output_tokens is not None else "inf",
             "audio": {"input": {"format": fmt, "turn_detection": self.turn_detection},
                       "output": {"format": {"type": "audio/pcm", "rate": OUT_RATE}, "voice": self.voice}},
-            "temperature": self.temperature, "event_names": self.event_names}
+            "temperature": self.temperature, "event_names": self.event_names, "truncation": self.truncation}
 
 
 def _modalities(value, param: str) -> tuple:
@@ -239,6 +250,8 @@ def update_config(config: SessionConfig, session: Any, voices: list, can_speak: 
       raise EventError(f"session.max_output_tokens must be a positive integer or 'inf', got {tokens!r}",
                        "invalid_value", "session.max_output_tokens")
     c.max_output_tokens = None if tokens == "inf" else tokens
+  if "truncation" in session:
+    c.truncation = _truncation(session["truncation"])
   if session.get("temperature") is not None:
     t = session["temperature"]
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= t <= 2:
@@ -255,6 +268,18 @@ def update_config(config: SessionConfig, session: Any, voices: list, can_speak: 
     raise EventError("this model cannot speak (it has no Talker and Token2Wav); use output_modalities ['text']",
                      "audio_unsupported", "session.output_modalities")
   return c
+
+
+def _truncation(value) -> Any:
+  """session.truncation: "auto", "disabled" or {"type": "retention_ratio", "retention_ratio": r in (0, 1]}."""
+  if value in ("auto", "disabled"):
+    return value
+  ratio = value.get("retention_ratio") if isinstance(value, dict) and value.get("type") == "retention_ratio" \
+      else None
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1 or len(value) > 2:
+    raise EventError(f"session.truncation must be 'auto', 'disabled' or {{'type': 'retention_ratio', "
+                     f"'retention_ratio': r}} with 0 < r <= 1, got {value!r}", "invalid_value", "session.truncation")
+  return {"type": "retention_ratio", "retention_ratio": float(ratio)}
 
 
 def _out_rate(fmt) -> Optional[int]:
@@ -409,7 +434,8 @@ class Connection:
       if self.session is not None:
         self.session.close()
       self.session = session_lib.OmniSession(backend.model, speaker=self.config.voice, system=instructions,
-                                             max_len=backend.max_len, speech=backend.can_speak)
+                                             max_len=backend.max_len, speech=backend.can_speak,
+                                             truncation=self.config.retention)
     return make
 
   def close_session(self) -> None:
@@ -442,6 +468,11 @@ class Connection:
                          "invalid_value", "session.instructions")
       self.config = new
       await self.call(self._new_session(new.instructions), event.get("event_id"))
+    if new.retention != self.config.retention:
+      def set_truncation(ratio=new.retention):
+        if self.session is not None:
+          self.session.truncation = ratio
+      await self.call(set_truncation, event.get("event_id"))
     if new.input_rate != self.config.input_rate:
       self.resampler = None
     if new.turn_detection != self.config.turn_detection:

@@ -25,7 +25,13 @@ Limits: a push is counted whole before any of it is prefilled (a message with al
 header and the closing markup respond() adds), as is a reply (the conversation + max_new_tokens); one that
 would exceed the session's context_limit (its max_len cache, or the model's positions where fewer) raises
 SessionContextLengthError (a SessionError and an omni_jax.generate.limits.ContextLengthError) whose
-prompt_tokens is that whole count. Replies never hold the LM head's padding rows (ids the tokenizer lacks)
+prompt_tokens is that whole count. With truncation (a retention ratio) the session first drops its oldest whole
+turns (a user turn and its reply; never the system turn nor the turn in progress) until the conversation
+fits and what follows the system turn holds at most that fraction of the context, and prefills what is kept
+again in one call: the caches then equal a fresh session's given the kept turns. Each prefill pads its chunk
+to chunk_multiple slots, so a conversation of many small chunks also runs out of cache slots before it runs
+out of positions: that too is met by prefilling the conversation again in one chunk (and, with truncation,
+dropping turns). Replies never hold the LM head's padding rows (ids the tokenizer lacks)
 nor codes the Token2Wav cannot embed (omni_jax.generate.limits).
 
 Exactness (tests/test_session.py): the chunks' positions are the whole-input TMRoPE ids. Chunk boundaries
@@ -81,6 +87,28 @@ class SessionContextLengthError(SessionError, limits.ContextLengthError):
   would stand, the pushed message whole and the markup respond() adds included."""
 
 
+MEDIA_KINDS = ("images", "videos", "audios")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TurnStart:
+  """Where a user turn starts: its first token in the history, and the media parts before it (per MEDIA_KINDS)."""
+  token: int
+  media: tuple
+
+  def shifted(self, tokens: int, media: tuple) -> "_TurnStart":
+    return _TurnStart(self.token - tokens, tuple(a - b for a, b in zip(self.media, media)))
+
+
+def check_truncation(ratio: Optional[float]) -> Optional[float]:
+  """A truncation retention ratio in (0, 1], or None (no truncation)."""
+  if ratio is None:
+    return None
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+    raise SessionError(f"truncation must be a retention ratio in (0, 1] or None, got {ratio!r}")
+  return float(ratio)
+
+
 class _Audio(audio_stream.StreamingLogMel):
   """An audio part being streamed: its features (StreamingLogMel) and what of them is prefilled."""
 
@@ -96,7 +124,7 @@ class OmniSession:
   def __init__(self, model, *, speaker: Optional[str] = None, max_len: Optional[int] = None,
                system: Optional[str] = None, session_id: Optional[str] = None, chunk_multiple: int = 16,
                synthesizer: Optional[Callable[[], Any]] = None, speech: Optional[bool] = None,
-               max_codes: Optional[int] = None):
+               max_codes: Optional[int] = None, truncation: Optional[float] = None):
     """model: an OmniChat (omni_jax.generate.load). speaker: the Talker's voice (default_speaker if None).
     max_len: cache slots for the whole conversation (default config.generate.max_cache_len, else 4096).
     system: the system turn (default: config.data.system_prompt, else chat's default). chunk_multiple: chunk
@@ -106,7 +134,9 @@ class OmniSession:
     speech: keep the Talker's prompt prefix as input arrives, so respond(speak=True) can start speaking with the
     reply's first tokens (default: the model has a Talker; False saves that compute for text-only use).
     max_codes: the most speech codes of one reply (default config.generate.talker.max_new_tokens, else 4096);
-    the Talker's cache has max_len + 2 + max_codes slots."""
+    the Talker's cache has max_len + 2 + max_codes slots. truncation: a conversation that would not fit drops
+    its oldest whole turns and keeps at most this fraction (0 < r <= 1) of the context after the system turn
+    (see the module doc); None raises SessionContextLengthError instead."""
     self.model, self.speaker, self.id = model, speaker, session_id or uuid.uuid4().hex
     g = model.generator
     self._g = g
@@ -116,6 +146,8 @@ class OmniSession:
     # Prompt + reply: the cache, and the model's positions where they are fewer.
     self.context_limit = limits.context_limit(model.config, cache_len=self.max_len)
     self.chunk_multiple = int(chunk_multiple)
+    self.truncation = check_truncation(truncation)
+    self.dropped_turns = 0  # turns truncation dropped so far
     pre = model.preprocessor
     self._pre, self._tok, self._fmt = pre, model.tokenizer, pre.fmt
     self.system = system if system is not None else (pre.system_prompt or chat.SYSTEM_DEFAULT)
@@ -158,6 +190,7 @@ class OmniSession:
     self._conv = self._engine().conversation()
     self._media, self._aiv = {"images": [], "videos": [], "audios": []}, False
     self._kinds: list[str] = []  # the conversation's media parts, in order ("Picture k" numbering)
+    self._turns: list[_TurnStart] = []  # the user turns opened since the system turn (what truncation drops)
     self._in_turn = False
     self._awaiting = False  # the turn is closed (end_turn) and its reply not yet decoded
     self._audio: Optional[_Audio] = None
@@ -204,10 +237,15 @@ class OmniSession:
     length = prompts.round_up(len(ids), self.chunk_multiple)  # prompt_batch's row length, known before any array
     if self._slots + length > self.max_len:
       # The tokens fit (checked when the input was pushed) but the chunks' padding does not.
+      self._make_room(slots=length)
+    if self._slots + length > self.max_len:
       raise SessionContextLengthError(
           max(self._projected, self.num_tokens + len(ids)), 0, self.context_limit, subject=f"session {self.id}",
           hint=f"the conversation needs {self._slots + length} cache slots (chunk padding included), more than "
                f"max_len={self.max_len} (OmniSession(max_len=...) or config.generate.max_cache_len)")
+    self._prefill(ids, media, aiv)
+
+  def _prefill(self, ids: list[int], media: Optional[Mapping], aiv: bool) -> None:
     media = media or {}
     sample = preprocess.Sample("session", 0, np.asarray(ids, np.int32), np.zeros(len(ids), np.int32),
                                list(media.get("images", ())), list(media.get("videos", ())),
@@ -218,9 +256,61 @@ class OmniSession:
     if not aiv:
       batch.pop("use_audio_in_video", None)
     self._engine().prefill(self._conv, batch, ids)
-    for k in ("images", "videos", "audios"):
+    for k in MEDIA_KINDS:
       self._media[k].extend(media.get(k, ()))
     self._aiv |= aiv
+
+  # ------------------------------------------------------------------------------------------------ truncation
+
+  def _make_room(self, tokens: int = 0, slots: int = 0) -> bool:
+    """Prefill the conversation again in one chunk, without its oldest whole turns where truncation allows,
+    so that it holds `tokens` fewer tokens and leaves `slots` cache slots free. Drops the fewest turns that
+    also leave at most the truncation ratio of the context after the system turn (so that the next turns do
+    not truncate again at once), else the fewest that fit. Returns False (nothing changed) when no choice fits.
+    """
+    if self._conv is None or self._conv.in_reply:
+      return False
+    h, turns = self._history, self._turns
+    prefix = turns[0].token if turns else len(h)  # the system turn (or a pushed conversation) is always kept
+    in_progress = 1 if (self._in_turn or self._awaiting) else 0
+    droppable = max(0, len(turns) - in_progress) if self.truncation is not None else 0
+    room = (self.context_limit or self.max_len) - prefix
+    fits, chosen = None, None
+    for drop in range(droppable + 1):
+      dropped = (turns[drop].token if drop < len(turns) else len(h)) - prefix if drop else 0
+      freed = dropped + (len(self._pending) if drop and drop == len(turns) else 0)
+      kept = len(h) - dropped
+      if freed < tokens or prompts.round_up(kept, self.chunk_multiple) + slots > self.max_len:
+        continue
+      fits = drop if fits is None else fits
+      if self.truncation is None or kept - prefix <= self.truncation * room:
+        chosen = drop
+        break
+    chosen = fits if chosen is None else chosen
+    if chosen is None:
+      return False
+    self._rebuild(chosen)
+    return True
+
+  def _rebuild(self, drop: int) -> None:
+    """A fresh cache holding the conversation without its `drop` oldest turns, prefilled in one call (the
+    engine computes its positions afresh: the kept turns sit where a fresh session would put them)."""
+    h, turns = self._history, self._turns
+    now = _TurnStart(len(h), tuple(len(self._media[k]) for k in MEDIA_KINDS))
+    first = turns[0] if turns else now
+    cut = (turns[drop] if drop < len(turns) else now) if drop else first
+    ids = h[:first.token] + h[cut.token:]
+    media = {k: self._media[k][:first.media[i]] + self._media[k][cut.media[i]:] for i, k in enumerate(MEDIA_KINDS)}
+    gone = (cut.token - first.token, tuple(c - f for c, f in zip(cut.media, first.media)))
+    log.info("session %s: %s %d of %d cache slots; dropped its %d oldest turns (%d tokens)", self.id,
+             "truncated to" if drop else "compacted", len(ids), self._slots, drop, gone[0])
+    self._conv = self._engine().conversation()
+    self._media = {k: [] for k in MEDIA_KINDS}
+    self._prefill(ids, media, self._aiv)
+    self._turns = [t.shifted(*gone) for t in turns[drop:]] if drop else turns
+    if drop and drop == len(turns):  # the last reply is gone too: its end is owed to nothing
+      self._pending = []
+    self.dropped_turns += drop
 
   def _text_ids(self, text: str) -> list[int]:
     return [int(i) for i in self._tok.encode(text)] if text else []
@@ -252,15 +342,23 @@ class OmniSession:
     """SessionContextLengthError unless the conversation still fits once `tokens` more of this turn are in:
     with the turn's header, what an open audio part owes (more_samples: samples this push adds to it) and the
     markup end_turn() adds. Nothing is prefilled before this check."""
-    total = (self.num_tokens + len(self._turn_header()) + self._audio_owed(more_samples) + int(tokens)
-             + len(self._close_ids))
+    total = self._projected_tokens(tokens, more_samples)
+    limit = self.context_limit
+    if limit is not None and total > limit and self._make_room(tokens=total - limit):
+      total = self._projected_tokens(tokens, more_samples)
     self._projected = total
     limits.check_context(total, 0, limit=self.context_limit, subject=f"session {self.id}", hint=self._limit_hint(),
                          error=SessionContextLengthError)
 
+  def _projected_tokens(self, tokens: int, more_samples: int = 0) -> int:
+    return (self.num_tokens + len(self._turn_header()) + self._audio_owed(more_samples) + int(tokens)
+            + len(self._close_ids))
+
   def _limit_hint(self) -> str:
     return (f"max_len={self.max_len} (OmniSession(max_len=...) or config.generate.max_cache_len), or the model's "
-            "positions (config.model.thinker.text.max_position_embeddings) where fewer")
+            "positions (config.model.thinker.text.max_position_embeddings) where fewer"
+            + ("; OmniSession(truncation=...) drops the oldest turns instead" if self.truncation is None else
+               "; dropping the older turns was not enough"))
 
   # ------------------------------------------------------------------------------------------------ prefill
 
@@ -268,9 +366,14 @@ class OmniSession:
     """The user turn's header (after what the last reply owes, and the system turn at the start)."""
     if self._in_turn:
       return
+    length = prompts.round_up(len(self._turn_header()), self.chunk_multiple)
+    if self._slots + length > self.max_len:  # room first: dropping the last reply also drops what it owes
+      self._make_room(slots=length)
     ids = self._turn_header()
     self._pending = []
     self._append(ids)
+    self._turns.append(_TurnStart(self.num_tokens - len(self._user_header),
+                                  tuple(len(self._media[k]) for k in MEDIA_KINDS)))
     self._in_turn = True
 
   def push_text(self, text: str) -> None:
@@ -525,17 +628,43 @@ class OmniSession:
                                      speakers=[speaker], talker=talker, **sampling):
       yield event
 
-  def _check_reply(self, max_new_tokens: int) -> None:
-    """SessionContextLengthError unless the conversation, its turn closed, and max_new_tokens fit (a session
-    with nothing to respond to is left to end_turn's error)."""
+  def _reply_needs(self) -> Optional[tuple[int, int]]:
+    """(the prompt's tokens once the turn is closed, the cache slots closing it still takes: the open audio's
+    last chunk and end, the assistant header); None when there is nothing to respond to."""
     if self._in_turn:
-      prompt = self.num_tokens + self._audio_owed() + len(self._close_ids)
-    elif self._awaiting:
-      prompt = self.num_tokens
-    else:
+      owed = self._audio_owed()
+      padded = lambda n: prompts.round_up(n, self.chunk_multiple) if n > 0 else 0  # noqa: E731
+      slots = (padded(owed - 1) + padded(1) if owed else 0) + padded(len(self._close_ids))
+      return self.num_tokens + owed + len(self._close_ids), slots
+    if self._awaiting:
+      return self.num_tokens, 0
+    return None
+
+  def _check_reply(self, max_new_tokens: int) -> None:
+    """SessionContextLengthError unless the conversation, its turn closed, and max_new_tokens fit, in tokens
+    and in cache slots (truncation makes room first; a session with nothing to respond to is left to
+    end_turn's error). A reply whose tokens do not fit leaves the turn open; one whose tokens fit but whose
+    chunks' padding does not has its turn closed first, and the conversation prefilled again in one chunk."""
+    needs = self._reply_needs()
+    if needs is None:
       return
+    prompt, slots = needs
+    over = prompt + max_new_tokens - self.context_limit if self.context_limit is not None else 0
+    if over > 0 and self._make_room(tokens=over, slots=slots + max_new_tokens):
+      prompt, slots = self._reply_needs()
     limits.check_context(prompt, max_new_tokens, limit=self.context_limit, subject=f"session {self.id}",
                          hint=self._limit_hint(), error=SessionContextLengthError)
+    if self._slots + slots + max_new_tokens <= self.max_len:
+      return
+    if self._in_turn:
+      self.end_turn()
+    if self._slots + max_new_tokens > self.max_len:
+      self._make_room(slots=max_new_tokens)
+    if self._slots + max_new_tokens > self.max_len:
+      raise SessionContextLengthError(
+          prompt, max_new_tokens, self.context_limit, subject=f"session {self.id}",
+          hint=f"the reply needs {self._slots + max_new_tokens} cache slots (chunk padding included), more than "
+               f"max_len={self.max_len}")
 
   def _after_reply(self, reply) -> tuple[np.ndarray, bool]:
     """The session's bookkeeping once the engine released its reply (caches, history and positions are the
