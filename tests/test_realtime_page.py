@@ -3,8 +3,9 @@
   .venv/bin/python -m pytest -q tests/test_realtime_page.py
 
 A localhost server (uvicorn in a thread: serve_testlib.LocalServer) on the tiny speaking checkpoint serves the
-page and /v1/realtime; one spoken turn over a plain WebSocket warms its programs first. Chromium's fake devices stand in for the user: the microphone plays an eSpeak NG sentence
-followed by silence (Chrome loops the file), the camera is Chrome's test pattern. The page connects on its own;
+page and /v1/realtime; one spoken turn over a plain WebSocket warms its programs first. Chromium's fake devices
+stand in for the user: the microphone plays an eSpeak NG sentence followed by silence (Chrome loops the file),
+the camera is Chrome's test pattern. The page connects on its own;
 the test waits until one turn went the whole way (the server's VAD ended it, a reply came back as transcript and
 audio deltas, and the page played that audio), then checks the latency figures on screen, a screenshot and the
 browser's console (no JS errors). The tiny model's words and audio are random: what arrives is tested, not what
