@@ -302,8 +302,8 @@ class OmniSession:
     ids = h[:first.token] + h[cut.token:]
     media = {k: self._media[k][:first.media[i]] + self._media[k][cut.media[i]:] for i, k in enumerate(MEDIA_KINDS)}
     gone = (cut.token - first.token, tuple(c - f for c, f in zip(cut.media, first.media)))
-    log.info("session %s: %s %d of %d cache slots; dropped its %d oldest turns (%d tokens)", self.id,
-             "truncated to" if drop else "compacted", len(ids), self._slots, drop, gone[0])
+    log.info("session %s: prefilled again in one chunk of %d tokens (it took %d cache slots); its %d oldest "
+             "turns (%d tokens) dropped", self.id, len(ids), self._slots, drop, gone[0])
     self._conv = self._engine().conversation()
     self._media = {k: [] for k in MEDIA_KINDS}
     self._prefill(ids, media, self._aiv)
