@@ -241,6 +241,31 @@ def test_logit_processors_equal_transformers():
     np.testing.assert_allclose(got[~np.isinf(got)], expected[~np.isinf(expected)], rtol=1e-6)
 
 
+def test_top_k_candidates_filter_as_the_whole_vocabulary(monkeypatch):
+  """Rows whose top-k bounds them to the TOP_K_CANDIDATES largest scores are filtered on those alone: every row
+  gets the whole-vocabulary path's scores (ties at the k-th score, a tie run past the candidates, top-p after
+  top-k, rows that need the whole vocabulary beside them), and a row's scores do not depend on its neighbours."""
+  rng = np.random.default_rng(3)
+  logits = (rng.standard_normal((7, 1000)) * 3).astype(np.float32)
+  logits[1] = np.round(logits[1])  # many equal scores around every k-th
+  logits[2, rng.permutation(1000)[:80]] = 9.0  # 80 equal largest scores: top-20 keeps all 80, past the 64
+  logits[5, rng.permutation(1000)[:10]] = 20.0  # 10 equal ones holding the mass: top-p cuts inside them, by id
+  seen = np.zeros_like(logits, bool)
+  settings = [dict(top_k=5, top_p=0.8), dict(top_k=20, top_p=0.9), dict(top_k=20, top_p=0.9), dict(top_k=0, top_p=0.7),
+              dict(top_k=63, top_p=0.95, temperature=0.7), dict(top_k=20, top_p=0.5), dict(do_sample=False, top_k=5)]
+  params = [sampling_lib.RowSampling.of(SamplingParams(**dict(dict(do_sample=True), **kw))) for kw in settings]
+  stack = lambda ps: sampling_lib.RowSampling(*(np.stack(v) for v in zip(*ps)))  # noqa: E731
+  got = np.asarray(sampling_lib.process_rows(jnp.asarray(logits), jnp.asarray(seen), stack(params)))
+  for i, p in enumerate(params):  # alone, a row takes the path its own settings allow
+    alone = sampling_lib.process_rows(jnp.asarray(logits[i:i + 1]), jnp.asarray(seen[i:i + 1]), stack([p]))
+    np.testing.assert_array_equal(np.asarray(alone)[0], got[i])
+  monkeypatch.setattr(sampling_lib, "TOP_K_CANDIDATES", 1)  # no row fits: every row sorts the whole vocabulary
+  whole = np.asarray(sampling_lib.process_rows(jnp.asarray(logits), jnp.asarray(seen), stack(params)))
+  np.testing.assert_array_equal(got, whole)
+  assert np.isfinite(whole[2]).sum() > 64 and np.isfinite(whole[6]).all()  # the tie run kept, the greedy row whole
+  assert 1 < np.isfinite(whole[5]).sum() < 10  # top-p kept part of the equal scores
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
 def test_meshes_give_the_one_device_tokens(shape, tmp_path):
   hf_model = ref.build_thinker("gqa4", seed=9)

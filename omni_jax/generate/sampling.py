@@ -69,10 +69,16 @@ class RowSampling(NamedTuple):
                np.ones(rows, np.float32))
 
 
+# Scores a row's top-k / top-p filter looks at when its top_k is below this: one partial sort of this many per
+# row instead of two sorts of the whole vocabulary (on a CPU ~200 ms per step at Qwen's 152K ids, batch 4).
+TOP_K_CANDIDATES = 64
+
+
 def process_rows(logits: jax.Array, seen: jax.Array, params: RowSampling) -> jax.Array:
   """process() with per-row settings: [B, V] float32 logits -> scores. The same operations in the same order,
   so a row's scores equal process() with its own SamplingParams (a penalty, temperature or top-p of 1.0 and a
-  top-k of 0 leave the row unchanged). The sort behind top-k / top-p runs only when some row samples."""
+  top-k of 0 leave the row unchanged). Filtering runs only when some row samples, and sorts the whole
+  vocabulary only for a row whose top-k does not bound it to its TOP_K_CANDIDATES largest scores."""
   logits = logits.astype(jnp.float32)
   penalty = params.repetition_penalty[:, None]
 
@@ -85,19 +91,44 @@ def process_rows(logits: jax.Array, seen: jax.Array, params: RowSampling) -> jax
   def filtered(logits):
     sample = params.do_sample[:, None]
     scaled = jnp.where(sample & (params.temperature[:, None] != 1.0), logits / params.temperature[:, None], logits)
-    vocab = logits.shape[-1]
+    top_k = sample & (params.top_k[:, None] > 0)
+    top_p = sample & (params.top_p[:, None] < 1.0)
+    # A row whose top-k survivors lie among its TOP_K_CANDIDATES largest scores (k below that, and no tie with
+    # the k-th running past them) is filtered on those candidates: a partial sort instead of two sorts of the
+    # whole vocabulary. Whether a row may is its own property, so its scores never depend on its neighbours.
+    cap = min(TOP_K_CANDIDATES, scaled.shape[-1])
+    # Descending; equal scores: the lower id first. The barrier keeps XLA's CPU compiler from fusing the top-k
+    # into its consumers, which turns it back into a sort of the whole row (measured: 1 ms -> 110 ms).
+    values, ids = jax.lax.optimization_barrier(jax.lax.top_k(scaled, cap))
+    kth = jnp.take_along_axis(values, (jnp.clip(params.top_k, 1, cap) - 1)[:, None], axis=-1)
+    in_candidates = (params.top_k > 0) & (params.top_k < cap) & (values[:, -1] < kth[:, 0])
+    fast = ~params.do_sample | ((params.top_k == 0) & (params.top_p >= 1.0)) | in_candidates
+    candidates = _top_p(jnp.where(top_k & (scaled < kth), -jnp.inf, scaled), values, ids, kth, top_p)
+    return jax.lax.cond(jnp.all(fast), lambda: candidates,
+                        lambda: jnp.where(fast[:, None], candidates, _whole_vocabulary(scaled, top_k, top_p)))
+
+  def _top_p(filtered, values, ids, kth, top_p):
+    """top-p among the candidates (the rows' only finite scores after top-k), by the rule of _whole_vocabulary:
+    ascending, equal scores in id order, the largest always kept."""
+    survivors = jnp.where(values >= kth, values, -jnp.inf)
+    ascending, order = jax.lax.sort((survivors[:, ::-1], ids[:, ::-1]), num_keys=2)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
+    drop = (cumulative <= 1 - params.top_p[:, None]).at[..., -1].set(False) & top_p
+    rows = jnp.arange(filtered.shape[0])[:, None]
+    return filtered.at[rows, order].set(jnp.where(drop, -jnp.inf, filtered[rows, order]))
+
+  def _whole_vocabulary(scaled, top_k, top_p):
+    vocab = scaled.shape[-1]
     descending = -jnp.sort(-scaled, axis=-1)
     k = jnp.clip(params.top_k, 1, vocab)
     kth = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
-    top_k = sample & (params.top_k[:, None] > 0)
     scaled = jnp.where(top_k & (scaled < kth), -jnp.inf, scaled)
     # top-p on the top-k-filtered scores (transformers' order), by the ascending rule of top_p_filter.
     order = jnp.argsort(scaled, axis=-1)
     ascending = jnp.take_along_axis(scaled, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)
     drop_sorted = (cumulative <= 1 - params.top_p[:, None]).at[..., -1].set(False)
-    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-    top_p = sample & (params.top_p[:, None] < 1.0)
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(drop_sorted)
     return jnp.where(top_p & drop, -jnp.inf, scaled)
 
   return jax.lax.cond(jnp.any(params.do_sample), filtered, lambda x: x, logits)
