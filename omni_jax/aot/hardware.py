@@ -1,4 +1,5 @@
-"""Per-chip figures of the TPU generations the AOT report knows, and topology names ("v5p:4x4x4").
+"""Per-chip figures of the TPU generations the AOT report knows, and topology names ("v5p:4x4x4"). Peak FLOP/s
+and HBM bandwidth are omni_jax.datasheets' (by jax's device_kind); capacity and ICI are here.
 
 Sources (Cloud TPU system-architecture pages, cloud.google.com/tpu/docs/<v4|v5e|v5p|v6e>):
   v4   275 TFLOP/s bf16, 32 GiB HBM2 at 1200 GB/s; ICI: the pod's 1.1 PB/s all-reduce bandwidth / 4096 chips
@@ -13,6 +14,8 @@ import dataclasses
 import re
 from typing import Optional
 
+from omni_jax import datasheets
+
 GIB, GB = 2 ** 30, 10 ** 9
 
 
@@ -23,19 +26,26 @@ class TopologyError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Chip:
   name: str
-  peak_flops: float  # dense bf16 FLOP/s
+  device_kind: str  # jax's device_kind: its peak FLOP/s and HBM bandwidth come from omni_jax.datasheets
   hbm_bytes: float
-  hbm_bandwidth: float  # bytes/s
   ici_bandwidth: float  # bytes/s, bidirectional, per chip
   chip_config: str = "default"  # libtpu's chip_config_name: "megacore" for the two-TensorCore chips
   dims: int = 2  # topology dimensions (2D torus or 3D)
 
+  @property
+  def peak_flops(self) -> float:  # dense bf16 FLOP/s
+    return datasheets.PEAK_FLOPS[self.device_kind]
+
+  @property
+  def hbm_bandwidth(self) -> float:  # bytes/s
+    return datasheets.HBM_BANDWIDTH[self.device_kind]
+
 
 CHIPS = {
-    "v4": Chip("v4", 275e12, 32 * GIB, 1200 * GB, 1.1e15 / 4096, chip_config="megacore", dims=3),
-    "v5e": Chip("v5e", 197e12, 16 * GIB, 819 * GB, 400 * GB),
-    "v5p": Chip("v5p", 459e12, 95 * GIB, 2765 * GB, 1200 * GB, chip_config="megacore", dims=3),
-    "v6e": Chip("v6e", 918e12, 32 * GIB, 1640 * GB, 800 * GB),
+    "v4": Chip("v4", "TPU v4", 32 * GIB, 1.1e15 / 4096, chip_config="megacore", dims=3),
+    "v5e": Chip("v5e", "TPU v5 lite", 16 * GIB, 400 * GB),
+    "v5p": Chip("v5p", "TPU v5p", 95 * GIB, 1200 * GB, chip_config="megacore", dims=3),
+    "v6e": Chip("v6e", "TPU v6 lite", 32 * GIB, 800 * GB),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e", "v6": "v6e"}
 
