@@ -249,11 +249,11 @@ def test_text_replies_and_typed_items(srv):
 
 
 def _text_turns(raw, n: int) -> list:
-  """n typed turns of ~150 tokens, each answered in text: for each, its response.done or its first error."""
+  """n typed turns of ~200 tokens, each answered in text: for each, its response.done or its first error."""
   out = []
   for _ in range(n):
     raw.send(type="conversation.item.create",
-             item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "word " * 150}]})
+             item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "word " * 200}]})
     raw.send(type="response.create")
     while (event := raw.recv())["type"] not in ("response.done", "error"):
       pass
@@ -264,18 +264,18 @@ def _text_turns(raw, n: int) -> list:
 
 
 def test_a_long_conversation_drops_its_oldest_turns(srv):
-  """Five turns of 150 tokens in a 528-slot session: truncation (on by default) drops the oldest, and each
+  """Three turns of 200 tokens in a 528-slot session: truncation (on by default) drops the oldest, and each
   reply's prompt is at most the context; "disabled" answers the turn that does not fit with an error."""
   raw = Raw(srv.ws_url + f"/v1/realtime?model={NAME}")
   created = raw.until("session.created")[-1]
   assert created["session"]["truncation"] == "auto"
   raw.send(type="session.update", session=dict(SESSION_16K, output_modalities=["text"]))
   raw.until("session.updated")
-  done = _text_turns(raw, 5)
+  done = _text_turns(raw, 3)
   assert all(e["type"] == "response.done" and e["response"]["status"] in ("completed", "incomplete")
              for e in done), done
   prompts = [e["response"]["usage"]["input_tokens"] for e in done]
-  # 5 x 150 tokens do not fit 528: the prompt stops growing by a turn each time.
+  # 3 x 200 tokens do not fit 528: the third prompt does not hold all three turns.
   assert prompts[0] < prompts[1] and max(prompts) + NEW <= srv.worker.backend.max_len, prompts
   assert any(b <= a for a, b in zip(prompts, prompts[1:])), f"no turn was dropped: prompts {prompts}"
   raw.close()
@@ -286,9 +286,9 @@ def test_a_long_conversation_drops_its_oldest_turns(srv):
   assert raw.until("session.updated")[-1]["session"]["truncation"] == "disabled"
   raw.send(type="session.update", session={"truncation": {"type": "retention_ratio", "retention_ratio": 0}})
   assert raw.until("error")[-1]["error"]["param"] == "session.truncation"
-  out = _text_turns(raw, 4)
-  assert [e["type"] for e in out[:3]] == ["response.done"] * 3, out
-  assert out[3]["type"] == "error" and out[3]["error"]["code"] == "context_length_exceeded", out[3]
+  out = _text_turns(raw, 3)
+  assert [e["type"] for e in out[:2]] == ["response.done"] * 2, out
+  assert out[2]["type"] == "error" and out[2]["error"]["code"] == "context_length_exceeded", out[2]
   raw.close()
 
 

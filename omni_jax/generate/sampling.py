@@ -98,8 +98,10 @@ def process_rows(logits: jax.Array, seen: jax.Array, params: RowSampling) -> jax
     # whole vocabulary. Whether a row may is its own property, so its scores never depend on its neighbours.
     cap = min(TOP_K_CANDIDATES, scaled.shape[-1])
     # Descending; equal scores: the lower id first. The barrier keeps XLA's CPU compiler from fusing the top-k
-    # into its consumers, which turns it back into a sort of the whole row (measured: 1 ms -> 110 ms).
-    values, ids = jax.lax.optimization_barrier(jax.lax.top_k(scaled, cap))
+    # into its consumers, which turns it back into a sort of the whole row (measured: 1 ms -> 110 ms). It holds
+    # the scores too: a barrier over the top-k's two outputs alone is folded onto the top-k itself, which XLA's
+    # top-k decomposition (a sharded batch) then fails on.
+    values, ids, scaled = jax.lax.optimization_barrier((*jax.lax.top_k(scaled, cap), scaled))
     kth = jnp.take_along_axis(values, (jnp.clip(params.top_k, 1, cap) - 1)[:, None], axis=-1)
     in_candidates = (params.top_k > 0) & (params.top_k < cap) & (values[:, -1] < kth[:, 0])
     fast = ~params.do_sample | ((params.top_k == 0) & (params.top_p >= 1.0)) | in_candidates
