@@ -105,12 +105,12 @@ def process_rows(logits: jax.Array, seen: jax.Array, params: RowSampling) -> jax
     kth = jnp.take_along_axis(values, (jnp.clip(params.top_k, 1, cap) - 1)[:, None], axis=-1)
     in_candidates = (params.top_k > 0) & (params.top_k < cap) & (values[:, -1] < kth[:, 0])
     fast = ~params.do_sample | ((params.top_k == 0) & (params.top_p >= 1.0)) | in_candidates
-    candidates = _top_p(jnp.where(top_k & (scaled < kth), -jnp.inf, scaled), values, ids, kth, top_p)
+    candidates = top_p_among(jnp.where(top_k & (scaled < kth), -jnp.inf, scaled), values, ids, kth, top_p)
     return jax.lax.cond(jnp.all(fast), lambda: candidates,
-                        lambda: jnp.where(fast[:, None], candidates, _whole_vocabulary(scaled, top_k, top_p)))
+                        lambda: jnp.where(fast[:, None], candidates, whole_vocabulary(scaled, top_k, top_p)))
 
-  def _top_p(filtered, values, ids, kth, top_p):
-    """top-p among the candidates (the rows' only finite scores after top-k), by the rule of _whole_vocabulary:
+  def top_p_among(filtered, values, ids, kth, top_p):
+    """top-p among the candidates (the rows' only finite scores after top-k), by the rule of whole_vocabulary:
     ascending, equal scores in id order, the largest always kept."""
     survivors = jnp.where(values >= kth, values, -jnp.inf)
     ascending, order = jax.lax.sort((survivors[:, ::-1], ids[:, ::-1]), num_keys=2)
@@ -119,7 +119,7 @@ def process_rows(logits: jax.Array, seen: jax.Array, params: RowSampling) -> jax
     rows = jnp.arange(filtered.shape[0])[:, None]
     return filtered.at[rows, order].set(jnp.where(drop, -jnp.inf, filtered[rows, order]))
 
-  def _whole_vocabulary(scaled, top_k, top_p):
+  def whole_vocabulary(scaled, top_k, top_p):
     vocab = scaled.shape[-1]
     descending = -jnp.sort(-scaled, axis=-1)
     k = jnp.clip(params.top_k, 1, vocab)

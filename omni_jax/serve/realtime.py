@@ -22,6 +22,8 @@ no more of it is sent, and the cache keeps only the tokens the client was sent. 
 audio is held until `input_audio_buffer.commit` (so `clear` can drop it). `input_image_buffer.append` (a
 camera frame, base64 JPEG, DashScope's event) keeps the newest frame; it is prefilled as the user's next turn
 opens, before its audio. `conversation.item.create` adds a user message (input_text, input_audio, input_image).
+A conversation that outgrows the session's cache drops its oldest turns (`session.truncation`, "auto" by
+default: OmniSession's truncation), so a long call goes on.
 
 Output: response.output_text.delta (text replies) or response.output_audio_transcript.delta +
 response.output_audio.delta (base64 PCM16 mono 24 kHz) as decoded; with the session option
