@@ -250,7 +250,7 @@ def test_text_replies_and_typed_items(srv):
 
 def _text_turns(raw, n: int) -> list:
   """n typed turns of ~200 tokens, each answered in text: for each, its response.done, or the error codes of a
-  turn that failed (the item's and the response's errors, which may come in either order)."""
+  turn that failed (the item's and the response's errors, in either order), the last."""
   out = []
   for _ in range(n):
     raw.send(type="conversation.item.create",
@@ -260,8 +260,9 @@ def _text_turns(raw, n: int) -> list:
       pass
     if event["type"] == "error":
       codes = {event["error"]["code"]}
-      try:
-        while (event := raw.recv(timeout=3))["type"] != "response.done":
+      try:  # the item's error may even come after the failed response's response.done
+        while True:
+          event = raw.recv(timeout=3)
           codes |= {event["error"]["code"]} if event["type"] == "error" else set()
       except TimeoutError:
         pass
