@@ -292,11 +292,15 @@ class OmniSession:
     self._rebuild(chosen)
     return True
 
+  def _here(self) -> _TurnStart:
+    """The end of the conversation so far: its tokens and media parts."""
+    return _TurnStart(self.num_tokens, tuple(len(self._media[k]) for k in MEDIA_KINDS))
+
   def _rebuild(self, drop: int) -> None:
     """A fresh cache holding the conversation without its `drop` oldest turns, prefilled in one call (the
     engine computes its positions afresh: the kept turns sit where a fresh session would put them)."""
     h, turns = self._history, self._turns
-    now = _TurnStart(len(h), tuple(len(self._media[k]) for k in MEDIA_KINDS))
+    now = self._here()
     first = turns[0] if turns else now
     cut = (turns[drop] if drop < len(turns) else now) if drop else first
     ids = h[:first.token] + h[cut.token:]
@@ -372,8 +376,7 @@ class OmniSession:
     ids = self._turn_header()
     self._pending = []
     self._append(ids)
-    self._turns.append(_TurnStart(self.num_tokens - len(self._user_header),
-                                  tuple(len(self._media[k]) for k in MEDIA_KINDS)))
+    self._turns.append(dataclasses.replace(self._here(), token=self.num_tokens - len(self._user_header)))
     self._in_turn = True
 
   def push_text(self, text: str) -> None:
