@@ -11,7 +11,8 @@ JAX preallocates; this process never touches the accelerator. The jobs, most imp
 timeouts on an accelerator:
 
   mfu           bench_mfu.py: 1.2B dense Thinker, bf16, seq 8192, attention "auto"; text and multimodal   150 s
-  attention     bench_attention.py: fwd+bwd at 8K and 32K tokens, 28/4 heads x 128, bf16, samples <= 2048  60 s
+  attention     bench_attention.py: fwd+bwd at 8K and 32K tokens, 28/4 heads x 128, bf16, samples <= 2048,
+                per implementation and flash_gpu tiling; each one's error against float32 dense at 4K         90 s
   decode        bench_generate.py --size 7b --dtype bfloat16 --batch 1 32: Thinker decode tokens/s         75 s
   decode_unrolled  the same at batch 1 with --unrolled (layers not scanned: do weight slices cost copies?) 60 s
   profile_train / profile_decode: ms per step by kernel family, GEMM / attention / other (below)    40 s each
@@ -82,7 +83,11 @@ def _datasheets():
   return datasheets
 
 
-ATTENTION_IMPLS = {"gpu": ["blocked", "pallas_gpu", "cudnn"], "tpu": ["blocked", "splash"], "cpu": ["blocked"]}
+ATTENTION_IMPLS = {"gpu": ["blocked", "pallas_gpu", "flash_gpu", "cudnn"], "tpu": ["blocked", "splash"],
+                   "cpu": ["blocked", "flash_gpu"]}
+# Other tilings of flash_gpu, measured beside its default (on a GPU; the CPU smoke run checks that they parse and
+# run in interpret mode): wider key tiles with 8 warps, and the backward's tiles shaped as Triton's tutorial's.
+FLASH_TILINGS = "wide:block_k=128,warps=8;tall:block_k_dkv=128,block_q_dkv=32,block_q_dq=128,block_k_dq=32,warps_backward=8"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Profile traces: ms per step by kernel family.
@@ -351,16 +356,27 @@ def parse_mfu(stdout, job):
 
 
 def parse_attention(stdout, job):
-  """bench_attention's markdown table, by its header's column names."""
+  """bench_attention's markdown tables, by their headers' column names: times, then errors against dense."""
   out, cols = {}, None
   for line in stdout.splitlines():
     cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if "fwd+bwd ms" in cells and "impl" in cells:
+    if "impl" in cells and ("fwd+bwd ms" in cells or "check tokens" in cells):
       cols = {name: i for i, name in enumerate(cells)}
       continue
     if not cols or not line.startswith("|") or not cells[0].isdigit() or len(cells) < len(cols):
       continue
-    length, impl, value = cells[cols["tokens"]], cells[cols["impl"]], cells[cols["fwd+bwd ms"]]
+    impl = cells[cols["impl"]]
+    if "check tokens" in cols:
+      key = f"attention.error.{impl}"
+      if key in {r["key"] for r in job.rows}:
+        try:
+          errors = {name: float(cells[cols[name]]) for name in ("out", "dq", "dk", "dv")}
+          out[key] = dict(figure=max(errors.values()), note=", ".join(f"{n} {e:.1e}" for n, e in errors.items()) +
+                          f" at {cells[0]} tokens")
+        except ValueError:
+          out[key] = dict(status="failed", note=cells[cols["out"]])
+      continue
+    length, value = cells[cols["tokens"]], cells[cols["fwd+bwd ms"]]
     key = f"attention.{length}.{impl}"
     if key not in {r["key"] for r in job.rows}:
       continue
@@ -474,11 +490,16 @@ def plan(args, device: dict) -> list:
   shape = ["--heads", "4", "--kv_heads", "2", "--dim", "32", "--segment", "256", "--dtype", "float32"] if s else \
       ["--heads", "28", "--kv_heads", "4", "--dim", "128", "--segment", "2048", "--dtype", "bfloat16"]
   impls = ATTENTION_IMPLS.get(platform, ["blocked"])
+  tilings = [f"flash_gpu:{t_.split(':')[0]}" for t_ in FLASH_TILINGS.split(";")] if "flash_gpu" in impls else []
   rows = [row(f"attention.{n}.{impl}", f"attention fwd+bwd, {n} tokens, {impl}", "ms",
-              *(("<= 1.7", ("<=", 1.7)) if n == 8192 else ("-", None))) for n in lengths for impl in impls]
+              *(("<= 1.7", ("<=", 1.7)) if n == 8192 else ("-", None))) for n in lengths for impl in impls + tilings]
+  check = 512 if s else 4096
+  rows += [row(f"attention.error.{impl}", f"attention error vs float32 dense, {check} tokens, {impl}", "rel. L2",
+               "<= 0.02", ("<=", 0.02)) for impl in impls if impl != "blocked"]
   jobs.append(Job("attention", bench("bench_attention.py") + shape + [
       "--impls", ",".join(impls), "--lengths", ",".join(map(str, lengths)), "--iters", "2" if s else "5",
-      "--max_dense_gib", "1"], t(60), rows, parse_attention))
+      "--max_dense_gib", "1", "--check", str(check)] + (["--tilings", FLASH_TILINGS] if tilings else []), t(90),
+                  rows, parse_attention))
   if platform not in ("gpu", "tpu"):
     jobs.append(Job("attention_fused", [], 0, [row("attention.fused", "attention fwd+bwd, fused kernels "
                                                    "(pallas_gpu, cudnn / splash)", "ms")],

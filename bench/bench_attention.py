@@ -2,7 +2,8 @@
 
   python bench/bench_attention.py                       # CPU: 2k, 8k, 32k tokens, one packed row
   python bench/bench_attention.py --impls blocked,splash --dtype bfloat16      # on a TPU
-  python bench/bench_attention.py --impls blocked,pallas_gpu,cudnn --dtype bfloat16   # on a GPU
+  python bench/bench_attention.py --impls blocked,pallas_gpu,flash_gpu,cudnn --dtype bfloat16   # on a GPU
+  python bench/bench_attention.py --impls flash_gpu --tilings "wide:block_k=128,warps=8" --check 4096   # tiles, errors
 
 Per length: one attention layer's forward + backward (q heads 4, KV heads 2, head_dim 64 by default) on a
 packed row of samples of up to --segment tokens, causal within each. Memory is the compiled program's
@@ -11,6 +12,10 @@ compiled: dense is compiled and timed where its [heads, L, L] float32 scores, pr
 (an estimate made before compiling: on a GPU, compiling a program autotunes it, which allocates what it needs)
 fit under --max_dense_gib; otherwise its row gives that estimate. An implementation that fails to compile or
 run (a mask its kernel does not support, too little memory) gets a row saying so and the bench goes on.
+
+--tilings adds flash_gpu with other tile sizes / warps / stages (rows "flash_gpu:LABEL"); --check N compares
+every implementation's output and gradients, in --dtype, with float32 dense attention at N tokens (relative
+L2 error over the real tokens; bf16 rounding alone gives about 5e-3).
 """
 
 import argparse
@@ -24,6 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import time_alternating  # noqa: E402
+from omni_jax.layers import flash_gpu, kernels  # noqa: E402
 from omni_jax.layers.attention import SegmentMask, dot_product_attention  # noqa: E402
 
 
@@ -36,10 +42,29 @@ def packed_segments(length: int, segment: int, rng) -> np.ndarray:
   return seg
 
 
-def program(impl, length, heads, kv_heads, dim, dtype):
+def parse_tilings(text: str) -> dict:
+  """"label:field=v,...;label2:..." -> {"flash_gpu:label": Tiling}."""
+  tilings = {}
+  for item in filter(None, text.split(";")):
+    label, _, fields = item.partition(":")
+    tilings[f"flash_gpu:{label.strip()}"] = flash_gpu.Tiling.parse(fields)
+  return tilings
+
+
+def attend(impl, tilings):
+  """(q, k, v, seg) -> causal attention over packed samples, by implementation name or tiling label."""
+  if impl in tilings:
+    interpret = kernels.platform() != "gpu"
+    return lambda q, k, v, seg: flash_gpu.flash_attention(q, k, v, seg, causal=True, tiling=tilings[impl],
+                                                          interpret=interpret)
+  return lambda q, k, v, seg: dot_product_attention(q, k, v, SegmentMask(seg, causal=True), implementation=impl)
+
+
+def program(impl, length, heads, kv_heads, dim, dtype, tilings=None):
+  fn = attend(impl, tilings or {})
+
   def loss(q, k, v, seg):
-    out = dot_product_attention(q, k, v, SegmentMask(seg, causal=True), implementation=impl)
-    return out.astype(jnp.float32).sum()
+    return fn(q, k, v, seg).astype(jnp.float32).sum()
 
   shapes = [jax.ShapeDtypeStruct((1, length, h, dim), dtype) for h in (heads, kv_heads, kv_heads)]
   jitted = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
@@ -51,6 +76,34 @@ def dense_estimate(length: int, heads: int) -> int:
   """Bytes of dense attention's largest temporaries for one row: float32 scores, probabilities and the gradient
   of each, [heads, L, L] apiece (a lower bound of what the compiled program holds)."""
   return 4 * heads * length * length * 4
+
+
+def errors(impls, tilings, length, a, rng) -> None:
+  """Relative L2 error of each implementation's output and q/k/v gradients in --dtype against float32 dense."""
+  seg = jnp.asarray(packed_segments(length, a.segment, rng))
+  args = [jnp.asarray(rng.normal(size=(1, length, h, a.dim)), jnp.float32) for h in (a.heads, a.kv_heads, a.kv_heads)]
+  real = (seg > 0)[:, :, None, None]
+  weights = jnp.asarray(rng.normal(size=args[0].shape), jnp.float32) * real
+
+  def value_and_grads(impl, dtype):
+    fn = attend(impl, tilings)
+    run = jax.jit(lambda q, k, v: jax.value_and_grad(
+        lambda *x: (fn(*x, seg).astype(jnp.float32) * weights).sum(), argnums=(0, 1, 2))(q, k, v)[1] +
+        (fn(q, k, v, seg).astype(jnp.float32),))
+    return [x.astype(jnp.float32) * real for x in run(*(x.astype(dtype) for x in args))]
+
+  print(f"\nerrors against float32 dense at {length} tokens ({a.dtype}; relative L2 over real tokens)")
+  print("| check tokens | impl | out | dq | dk | dv |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  reference = value_and_grads(None, jnp.float32)
+  for impl in impls:
+    try:
+      grads = value_and_grads(impl, jnp.dtype(a.dtype))
+    except Exception as e:  # noqa: BLE001
+      print(f"| {length} | {impl} | failed ({_short(e)}) | - | - | - |")
+      continue
+    dq, dk, dv, out = (float(jnp.linalg.norm(x - r) / jnp.linalg.norm(r)) for x, r in zip(grads, reference))
+    print(f"| {length} | {impl} | {out:.2e} | {dq:.2e} | {dk:.2e} | {dv:.2e} |")
 
 
 def _short(e: BaseException) -> str:
@@ -68,10 +121,13 @@ def main():
   p.add_argument("--dtype", default="float32")
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--max_dense_gib", type=float, default=4.0, help="time dense only below this much temp memory")
+  p.add_argument("--tilings", default="", help='flash_gpu tilings to add: "label:block_k=128,warps=8;label2:..."')
+  p.add_argument("--check", type=int, default=0, help="tokens at which to compare with float32 dense (0: no check)")
   a = p.parse_args()
   dtype = jnp.dtype(a.dtype)
   rng = np.random.default_rng(0)
-  impls = a.impls.split(",")
+  tilings = parse_tilings(a.tilings)
+  impls = a.impls.split(",") + list(tilings)
   print(f"device {jax.devices()[0].device_kind}; heads {a.heads}/{a.kv_heads} x {a.dim}, {a.dtype}, "
         f"packed samples of <= {a.segment} tokens")
   print("| tokens | impl | temp memory (MiB) | memory vs dense | fwd+bwd ms | time vs dense |")
@@ -84,7 +140,8 @@ def main():
     dense, dense_mem, runs = None, None, []
     for impl in (["dense"] if dense_fits else []) + impls:
       try:
-        compiled, mem = program(None if impl == "dense" else impl, length, a.heads, a.kv_heads, a.dim, dtype)
+        compiled, mem = program(None if impl == "dense" else impl, length, a.heads, a.kv_heads, a.dim, dtype,
+                                tilings)
         jax.block_until_ready(compiled(*args, seg))  # fails here, not in the timing, if it cannot run
       except Exception as e:  # noqa: BLE001 - one implementation's failure is a row of the table
         print(f"| {length} | {impl} | - | - | failed ({_short(e)}) | - |")
@@ -106,6 +163,8 @@ def main():
       ratio = f"{dense_t / t:.2f}x faster" if dense_t else "-"
       print(f"| {length} | {impl} | {mem / 2**20:.1f} | {reference_mem / max(mem, 1):.1f}x less | {t * 1e3:.1f} | "
             f"{ratio} |")
+  if a.check:
+    errors(impls, tilings, a.check, a, rng)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # one of omni_jax.config.REMAT_POLICIES
   # None/"xla": dense XLA attention; "cudnn": cuDNN through jax.nn.dot_product_attention (dense mask);
-  # never L x L: "blocked" (XLA flash, any backend), "splash" (TPU Pallas), "pallas_gpu" (GPU Pallas/Triton),
-  # "auto" (splash on TPU, pallas_gpu on GPU, blocked elsewhere). docs/performance.md "Attention".
+  # never L x L: "blocked" (XLA flash, any backend), "splash" (TPU Pallas), "pallas_gpu" (jax's GPU Pallas
+  # kernel), "flash_gpu" (ours: skips other samples' tiles, grouped K/V in place), "auto" (splash on TPU,
+  # flash_gpu on GPU, dense or blocked elsewhere). docs/performance.md "Attention".
   c.model.attention_impl = "auto"  # fused kernel on TPU / GPU; dense or blocked by size on CPU (layers/attention.py)
   c.model.thinker = ml_collections.ConfigDict()
   # Parameters to start from: a `python -m omni_jax.convert` output, a training workdir or a step directory.

@@ -123,8 +123,16 @@ def test_parsers_on_accelerator_output():
            "| 8192 | dense | >= 30720 (estimate; not compiled) | 1 | not run | 1 |\n"
            "| 8192 | blocked | 300.0 | 102.4x less | 11.2 | - |\n"
            "| 8192 | pallas_gpu | 100.0 | 307.2x less | 6.7 | - |\n"
-           "| 8192 | cudnn | - | - | failed (XlaRuntimeError: RESOURCE_EXHAUSTED) | - |\n")
+           "| 8192 | cudnn | - | - | failed (XlaRuntimeError: RESOURCE_EXHAUSTED) | - |\n"
+           "| 8192 | flash_gpu:wide | 100.0 | 307.2x less | 1.6 | - |\n"
+           "\nerrors against float32 dense at 4096 tokens (bfloat16; relative L2 over real tokens)\n"
+           "| check tokens | impl | out | dq | dk | dv |\n| --- | --- | --- | --- | --- | --- |\n"
+           "| 4096 | pallas_gpu | 4.60e-03 | 2.60e-03 | 6.60e-03 | 3.10e-03 |\n"
+           "| 4096 | flash_gpu | failed (ValueError: x) | - | - | - |\n")
   att = suite.parse_attention(table, jobs["attention"])
+  assert att["attention.8192.flash_gpu:wide"]["figure"] == 1.6  # a tiling's row, not overwritten by the errors
+  assert att["attention.error.pallas_gpu"]["figure"] == 6.6e-3 and "dk 6.6e-03" in att["attention.error.pallas_gpu"]["note"]
+  assert att["attention.error.flash_gpu"]["status"] == "failed"
   assert att["attention.8192.pallas_gpu"]["figure"] == 6.7 and att["attention.8192.blocked"]["figure"] == 11.2
   cudnn = att["attention.8192.cudnn"]
   assert cudnn["status"] == "failed" and "RESOURCE_EXHAUSTED" in cudnn["note"]

@@ -98,7 +98,7 @@ def test_blocked_memory_is_linear_in_length():
   assert blocked[1] * 8 < dense[1]
 
 
-@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["splash", "pallas_gpu", "flash_gpu"])
 def test_pallas_kernels_equal_dense_in_interpret_mode(impl):
   rng = np.random.default_rng(3)
   q, k, v = _qkv(rng, 2, 128, 4, 2, 16)
@@ -114,7 +114,7 @@ def test_kernel_cases_they_do_not_cover_fall_back_to_blocked():
   seg = jnp.ones((1, 16), jnp.int32)
   index = jnp.arange(16)[None]
   mask = SegmentMask(seg, causal=True, q_index=index, kv_index=index)  # explicit indices: not a kernel case
-  for impl in ("splash", "pallas_gpu"):
+  for impl in ("splash", "pallas_gpu", "flash_gpu"):
     np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, mask, implementation=impl)),
                                np.asarray(dot_product_attention(q, k, v, mask, implementation="blocked")), atol=1e-6)
   bad = lib.config()
@@ -141,7 +141,8 @@ def test_every_tower_trains_the_same_with_blocked_attention():
     np.testing.assert_allclose(blocked_norm, dense_norm, rtol=1e-4)
 
 
-def test_kernels_run_per_shard_on_a_mesh():
+@pytest.mark.parametrize("impl", ["splash", "flash_gpu"])
+def test_kernels_run_per_shard_on_a_mesh(impl):
   """On a mesh a Pallas kernel runs inside shard_map (XLA cannot partition it): data x tensor sharded q/k/v
   through layers.Attention give the one-device result."""
   from flax import nnx
@@ -149,7 +150,7 @@ def test_kernels_run_per_shard_on_a_mesh():
   from omni_jax.layers.attention import Attention
 
   layer = Attention(32, num_heads=4, num_kv_heads=2, head_dim=8, bias=(True, True, True, False),
-                    rngs=nnx.Rngs(0), implementation="splash")
+                    rngs=nnx.Rngs(0), implementation=impl)
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(2, 128, 32)), jnp.float32)
   seg = _packed(rng, 2, 128, 50)

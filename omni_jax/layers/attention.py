@@ -12,6 +12,7 @@ from flax import nnx
 
 from omni_jax.layers import context_parallel
 from omni_jax.layers import flash
+from omni_jax.layers import flash_gpu
 from omni_jax.layers import kernels
 from omni_jax.layers.linear import Linear
 from omni_jax.layers.rotary import apply_rotary
@@ -19,13 +20,15 @@ from omni_jax import sharding
 from omni_jax.errors import ConfigError
 
 # config.model.attention_impl: None / "xla" / "cudnn" build the dense mask for jax.nn.dot_product_attention;
-# the others never materialise L x L (omni_jax/layers/flash.py, kernels.py).
+# the others never materialise L x L (omni_jax/layers/flash.py, flash_gpu.py, kernels.py).
 DENSE_IMPLS = (None, "xla", "cudnn")
-IMPLEMENTATIONS = DENSE_IMPLS + ("blocked", "splash", "pallas_gpu", "auto")
-KERNELS = ("splash", "pallas_gpu")  # Pallas calls: XLA cannot partition them, so they run per shard
+IMPLEMENTATIONS = DENSE_IMPLS + ("blocked", "splash", "pallas_gpu", "flash_gpu", "auto")
+KERNELS = ("splash", "pallas_gpu", "flash_gpu")  # Pallas calls: XLA cannot partition them, so they run per shard
 # "auto" (the default): the platform's fused kernel; on a platform without one (the CPU), dense attention while
 # a call's float32 scores [B, heads, Lq, Lk] stay under _AUTO_DENSE_BYTES (faster there, and exact), else blocked.
-_AUTO = {"tpu": "splash", "gpu": "pallas_gpu"}
+# On a GPU flash_gpu rather than jax's Pallas kernel (pallas_gpu): it skips the tiles other samples of a packed
+# row would fill and reads grouped K/V in place.
+_AUTO = {"tpu": "splash", "gpu": "flash_gpu"}
 _AUTO_DENSE_BYTES = 256 << 20
 
 
@@ -139,6 +142,9 @@ def _segment_attention(q, k, v, mask: SegmentMask, implementation: Optional[str]
     return kernels.splash_attention(q, k, v, mask.q_segments, mask.kv_segments, causal=mask.causal)
   if implementation == "pallas_gpu" and plain and q.shape[1] == k.shape[1]:
     return kernels.pallas_gpu_attention(q, k, v, mask.q_segments, mask.kv_segments, causal=mask.causal)
+  if implementation == "flash_gpu" and plain and q.shape[1] == k.shape[1]:  # self-attention: one id per position
+    return flash_gpu.flash_attention(q, k, v, mask.q_segments, causal=mask.causal,
+                                     interpret=kernels.platform() != "gpu")
   # "blocked", and the kernels' cases they do not cover (explicit token indices, cross-length attention)
   return flash.blocked_attention(q, k, v, mask.q_segments, mask.kv_segments, causal=mask.causal,
                                  q_index=mask.q_index, kv_index=mask.kv_index)
@@ -159,6 +165,8 @@ def dot_product_attention(q, k, v, mask: Union[jax.Array, SegmentMask, LocalSegm
       return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation=jax_impl)
     return _segment_attention(q, k, v, mask, implementation)
   if isinstance(mask, LocalSegments):
+    if implementation == "flash_gpu":  # contiguous windows: the kernel visits only the neighbouring tiles
+      return _segment_attention(q, k, v, SegmentMask(mask.segments, causal=False), implementation)
     return _local_attention(q, k, v, mask, jax_impl)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=jax_impl)
 
@@ -268,6 +276,8 @@ class Attention(nnx.Module):
       v_cache = sharding.constrain(write_slots(v_cache, v.astype(v_cache.dtype), index), names)
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     impl = resolve(self.implementation, b * self.num_heads * l * k.shape[1])
+    if impl == "flash_gpu" and isinstance(mask, LocalSegments):  # windows are segments to this kernel
+      mask = SegmentMask(mask.segments, causal=False)
     attend = lambda q, k, v, mask: dot_product_attention(q, k, v, mask, implementation=impl)
     if kv_cache is None and isinstance(mask, SegmentMask) and context_parallel.per_shard(l, impl in KERNELS):
       out = context_parallel.attention(q, k, v, mask, attend, heads=self.num_heads, kv_heads=self.num_kv_heads)

@@ -5,8 +5,10 @@
 - "pallas_gpu" (GPU): Pallas/Triton flash attention (jax.experimental.pallas.ops.gpu.attention.mha) with
   segment ids. Chosen over cuDNN through jax.nn.dot_product_attention because cuDNN's mask support
   covers causal and per-row lengths but not several segments in a row, which packing needs; KV heads are
-  repeated to the query heads (the kernel has no GQA).
-Both run in Pallas interpret mode off their hardware, which is how CI checks them on CPU against the
+  repeated to the query heads (the kernel has no GQA). Every tile under the causal diagonal is computed.
+- "flash_gpu" (GPU, the default there): our own Pallas/Triton kernel (omni_jax/layers/flash_gpu.py), which
+  skips the tiles no pair of the same segment reaches and reads grouped K/V in place.
+All run in Pallas interpret mode off their hardware, which is how CI checks them on CPU against the
 blocked XLA implementation (omni_jax/layers/flash.py) and dense attention. Sequences are padded to the
 kernels' block multiple with segment 0 (attends nothing real, attended by nothing real).
 """
