@@ -81,7 +81,8 @@ def test_batched_replies_equal_solo_ones(model):
     assert ca.history == cb.history and ca.slots == cb.slots and int(ca.top) == int(cb.top)
     np.testing.assert_array_equal(np.asarray(ca.cache.valid), np.asarray(cb.cache.valid))
     valid = np.asarray(ca.cache.valid)[0]  # slots past a row's writes hold whatever an idle step left there
-    np.testing.assert_allclose(np.asarray(ca.cache.k)[:, 0, valid], np.asarray(cb.cache.k)[:, 0, valid], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ca.cache.k)[:, 0, :, valid], np.asarray(cb.cache.k)[:, 0, :, valid],
+                               atol=1e-5)
     np.testing.assert_array_equal(np.asarray(ca.talker_cache.valid), np.asarray(cb.talker_cache.valid))
   assert len(together[1].tokens) == 2 and together[0].codes and not together[1].codes
   # The 3rd reply started before the 1st ended: a freed slot is taken at the next call.

@@ -308,8 +308,8 @@ def test_cache_is_sharded_by_the_rule_table():
 
   rules = tiny.get_config().sharding_rules
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  spec = sharding.logical_to_spec(KVCache.NAMES, (2, 8, 64, 4, 16), mesh, rules)
-  assert spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)
+  spec = sharding.logical_to_spec(KVCache.NAMES, (2, 8, 4, 64, 16), mesh, rules)
+  assert spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)
 
 
 def test_cache_dtype_is_configurable(tmp_path):

@@ -106,7 +106,7 @@ def _set_row(batch, row, b):
   """Write a batch-1 pytree `row` into row b of `batch` (caches' k / v have their rows on axis 1)."""
 
   def put(x, r):
-    axis = 1 if x.ndim == 5 else 0  # [layers, B, slots, heads, dim] caches; everything else [B, ...]
+    axis = 1 if x.ndim == 5 else 0  # [layers, B, heads, slots, dim] caches; everything else [B, ...]
     return jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), b, axis)
 
   return jax.tree_util.tree_map(put, batch, row)

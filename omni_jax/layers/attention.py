@@ -179,23 +179,27 @@ class KVCache(NamedTuple):
   slots, where each row is its own conversation) row b writes at index[b] and advances by its valid tokens
   only, so a row that is not fed this step keeps its slot. `valid` marks the slots that hold a real token, so
   padding and per-row lengths never leak into attention.
+
+  Heads come before slots in k and v: a decode step's attention is then one batched matrix-vector product
+  per (row, KV head) over contiguous slots, read where the cache lies (slots before heads would make XLA
+  transpose every layer's cache at every step to get there).
   """
-  k: jax.Array  # [layers, B, max_len, kv_heads, head_dim], cache dtype
+  k: jax.Array  # [layers, B, kv_heads, max_len, head_dim], cache dtype
   v: jax.Array  # same
   valid: jax.Array  # [B, max_len] bool
   index: jax.Array  # int32 scalar, or [B]: the next slot to write (of every row, or of each)
 
-  NAMES = ("layers", "activation_batch", "cache_length", "activation_kv_heads", None)  # logical axes of k, v
+  NAMES = ("layers", "activation_batch", "activation_kv_heads", "cache_length", None)  # logical axes of k, v
 
   @classmethod
   def create(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
              dtype=jnp.float32) -> "KVCache":
-    zeros = jnp.zeros((num_layers, batch, max_len, kv_heads, head_dim), dtype)
+    zeros = jnp.zeros((num_layers, batch, kv_heads, max_len, head_dim), dtype)
     return cls(zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   def append(self, valid: jax.Array) -> tuple["KVCache", jax.Array]:
     """(the cache with the slots of L new tokens marked by `valid` [B, L] and its index advanced, mask).
@@ -215,6 +219,19 @@ class KVCache(NamedTuple):
       index = self.index + valid.sum(axis=1, dtype=jnp.int32)
     mask = causal & all_valid[:, None, :]
     return self._replace(valid=all_valid, index=index), mask[:, None]
+
+
+def write_layer_slots(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+  """cache [layers, B, kv_heads, max_len, D] with new [B, L, kv_heads, D] written at row `layer` from slot
+  `index` (scalar: every row; [B]: each row its own), touching only the new slots. Writes past max_len are
+  dropped."""
+  if jnp.ndim(index) == 0:
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(cache, jnp.swapaxes(new, 1, 2)[None], (layer, zero, zero, index, zero))
+  b, lq = new.shape[:2]
+  rows = jnp.arange(b)[:, None]
+  # Advanced indices around a slice: the indexed dims [B, L] come first, then the heads and head_dim.
+  return cache.at[layer, rows, :, index[:, None] + jnp.arange(lq)[None]].set(new, mode="drop")
 
 
 def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
@@ -255,8 +272,9 @@ class Attention(nnx.Module):
                rotary: Optional[tuple[jax.Array, jax.Array]] = None, kv_cache=None):
     """x [B, L, D] -> [B, L, D].
 
-    kv_cache: None, or (k, v, index) of this layer ([B, max_len, kv_heads, head_dim] each, write slot):
-    the new keys/values are written at slots [index, index + L), attention reads the whole cache under
+    kv_cache: None, or (k, v, layer, index): the stack's caches ([layers, B, kv_heads, max_len, head_dim]
+    each), this layer's row and the write slot. The new keys/values are written at row `layer`, slots
+    [index, index + L) (in place: only the new slots are written), attention reads the layer's cache under
     `mask` [B, 1, L, max_len] (KVCache.append), and the call returns (out, (k, v)) with the updated arrays.
     """
     b, l, _ = x.shape
@@ -270,11 +288,11 @@ class Attention(nnx.Module):
     k = sharding.constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
     v = sharding.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
     if kv_cache is not None:
-      k_cache, v_cache, index = kv_cache
-      names = ("activation_batch", "cache_length", "activation_kv_heads", None)
-      k_cache = sharding.constrain(write_slots(k_cache, k.astype(k_cache.dtype), index), names)
-      v_cache = sharding.constrain(write_slots(v_cache, v.astype(v_cache.dtype), index), names)
-      k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+      k_cache, v_cache, layer, index = kv_cache
+      k_cache = sharding.constrain(write_layer_slots(k_cache, k.astype(k_cache.dtype), layer, index), KVCache.NAMES)
+      v_cache = sharding.constrain(write_layer_slots(v_cache, v.astype(v_cache.dtype), layer, index), KVCache.NAMES)
+      k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), 1, 2).astype(q.dtype)
+              for a in (k_cache, v_cache))
     impl = resolve(self.implementation, b * self.num_heads * l * k.shape[1])
     if impl == "flash_gpu" and isinstance(mask, LocalSegments):  # windows are segments to this kernel
       mask = SegmentMask(mask.segments, causal=False)

@@ -32,32 +32,34 @@ def create_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int
 
 
 def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_policy: str,
-                per_layer: tuple = (), layer_outputs: bool = False):
+                per_layer: tuple = (), carry=None):
   """x -> layer_{L-1}(... layer_0(x, *args, *per_layer[:][0]) ..., *args, *per_layer[:][L-1]).
 
   per_layer: pytrees with a leading num_layers axis; layer i also receives their row i (e.g. a flag that
-  picks this layer's attention mask, or its slice of a KV cache), so layers that differ only in data still
-  run as one scan.
-  layer_outputs: each layer returns (x, y); the result is (x, ys) with the y's stacked along a leading
-  num_layers axis (e.g. the updated KV cache).
+  picks this layer's attention mask), so layers that differ only in data still run as one scan.
+  carry: state every layer reads and updates, e.g. a KV cache of all layers (leading num_layers axis):
+  layer i is called with carry=..., layer=i and returns (x, carry), and the result is (x, carry). It
+  travels in the loop's carry, which XLA updates in place; as a per-layer input stacked again as an output
+  it would be copied whole at every call.
   """
   graphdef, state = nnx.split(layers)
 
-  def body(carry, xs):
+  def body(c, xs):
+    h, carried = c
     layer_state, extra, index = xs
     with lora.layer(index):  # each layer draws its own adapter-dropout masks
-      out = nnx.merge(graphdef, layer_state)(carry, *args, *extra)
-    return out if layer_outputs else (out, None)
+      layer = nnx.merge(graphdef, layer_state)
+      if carry is None:
+        return (layer(h, *args, *extra), None), None
+      return layer(h, *args, *extra, carry=carried, layer=index), None
 
   if remat_policy != "none":
     body = jax.checkpoint(body, policy=_POLICIES[remat_policy], prevent_cse=not scan)
   xs = (state, tuple(per_layer), jnp.arange(jax.tree.leaves(state)[0].shape[0]))
+  c = (x, carry)
   if scan:
-    x, ys = jax.lax.scan(body, x, xs)
+    c, _ = jax.lax.scan(body, c, xs)
   else:
-    outs = []
     for i in range(jax.tree.leaves(state)[0].shape[0]):
-      x, y = body(x, jax.tree.map(lambda a: a[i], xs))
-      outs.append(y)
-    ys = jax.tree.map(lambda *a: jnp.stack(a), *outs) if layer_outputs else None
-  return (x, ys) if layer_outputs else x
+      c, _ = body(c, jax.tree.map(lambda a: a[i], xs))
+  return c if carry is not None else c[0]

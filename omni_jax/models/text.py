@@ -35,16 +35,17 @@ class DecoderLayer(nnx.Module):
     self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, act=cfg.hidden_act, use_bias=False,
                         dtype=rt.dtype, **kw)
 
-  def __call__(self, x, mask, cos, sin, index=None, kv=None):
-    """x [B, L, D] -> x; with kv (this layer's cached k, v) written from slot `index`: (x, (k, v))."""
-    kv_cache = None if kv is None else (*kv, index)
+  def __call__(self, x, mask, cos, sin, index=None, carry=None, layer=None):
+    """x [B, L, D] -> x; with carry (the stack's cached k, v, [layers, B, kv_heads, max_len, head_dim]) this
+    layer's keys and values are written at row `layer` from slot `index`: (x, (k, v))."""
+    kv_cache = None if carry is None else (*carry, layer, index)
     h = self.self_attn(self.input_layernorm(x), mask, rotary=(cos, sin), kv_cache=kv_cache)
     if kv_cache is not None:
-      h, kv = h
+      h, carry = h
     x = sharding.constrain(x + checkpoint_name(h, "attention_out"), ACT)
     x = x + self.mlp(self.post_attention_layernorm(x))
     x = sharding.constrain(x, ACT)
-    return x if kv_cache is None else (x, kv)
+    return x if kv_cache is None else (x, carry)
 
 
 class DecoderStack(nnx.Module):
@@ -94,7 +95,7 @@ class DecoderStack(nnx.Module):
     index = cache.index
     cache, mask = cache.append(segment_ids > 0)
     x, (k, v) = run_stacked(self.layers, x, mask, cos, sin, index, scan=self.rt.scan_layers, remat_policy="none",
-                            per_layer=((cache.k, cache.v),), layer_outputs=True)
+                            carry=(cache.k, cache.v))
     return self.norm(x), cache._replace(k=k, v=v)
 
 
