@@ -15,6 +15,8 @@ timeouts on an accelerator:
                 per implementation and flash_gpu tiling; each one's error against float32 dense at 4K         90 s
   decode        bench_generate.py --size 7b --dtype bfloat16 --batch 1 32: Thinker decode tokens/s         75 s
   decode_unrolled  the same at batch 1 with --unrolled (layers not scanned: do weight slices cost copies?) 60 s
+  decode_cache  bench_decode_cache.py --size 7b: the decoder stack's step alone at batch 1 / 32 and 256 / 8K
+                cache slots (weights and KV cache, without sampling, loop or host)                        75 s
   profile_train / profile_decode: ms per step by kernel family, GEMM / attention / other (below)    40 s each
   transformers  transformers' train step on the text config where torch has CUDA: ours / theirs        45 s
   talker        bench_talker.py --size 7b --no-reference: Talker codes/s at batch 1                        50 s
@@ -411,6 +413,24 @@ def parse_decode(stdout, job):
   return out
 
 
+def parse_decode_cache(stdout, job):
+  """bench_decode_cache's table: ms per step of the stack alone, and the bytes it must read (weights + cache)
+  as a share of the HBM bandwidth."""
+  weights = re.search(r"weights (\d+) MiB", stdout)
+  bw = job.env.get("_hbm")
+  out = {}
+  for batch, slots, mib, ms in re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \|", stdout, re.M):
+    key = f"decode_cache.b{batch}.{slots}"
+    note = f"cache {int(mib):,} MiB"
+    if weights:
+      moved = (int(weights.group(1)) + int(mib)) * 2**20
+      note += f"; weights + cache {moved / 1e9:.1f} GB"
+      if bw:
+        note += f" = {100 * moved / float(bw) / (float(ms) / 1e3):.0f}% of the HBM bandwidth"
+    out[key] = dict(figure=float(ms), note=note)
+  return out
+
+
 def parse_talker(stdout, job):
   m = re.search(r"batch 1: ours (-?[\d.]+) codes/s(.*)", stdout)
   if not m:
@@ -526,6 +546,16 @@ def plan(args, device: dict) -> list:
                   [dict(row("decode.unrolled", f"Thinker decode, {name}, batch 1, layers unrolled", "tokens/s",
                             ">= 190", (">=", 190)), batch=1)],
                   parse_decode, env={"_hbm": hbm} if hbm else {}))
+
+  # The decoder stack alone (no sampling, no loop, no host): what the weights and the KV cache cost per step.
+  cache_args = ["--size", "tiny", "--dtype", "float32", "--slots", "128,1024", "--batch", "1,2", "--steps", "3",
+                "--iters", "1"] if s else ["--size", "7b", "--dtype", "bfloat16", "--slots", "256,8192",
+                                           "--batch", "1,32", "--steps", "10", "--iters", "3"]
+  slots, rows_ = cache_args[cache_args.index("--slots") + 1], cache_args[cache_args.index("--batch") + 1]
+  jobs.append(Job("decode_cache", bench("bench_decode_cache.py") + cache_args, t(75),
+                  [dict(row(f"decode_cache.b{b}.{n}", f"decoder stack step, {name}, batch {b}, {n} cache slots",
+                            "ms/step"), batch=int(b)) for b in rows_.split(",") for n in slots.split(",")],
+                  parse_decode_cache, env={"_hbm": hbm} if hbm else {}))
 
   trace_root = args.trace_dir
   jobs.append(Job("profile_train", me + smoke + ["--profile", "train", "--trace_dir",

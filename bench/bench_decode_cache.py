@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 SHAPES = {  # layers, hidden, intermediate, heads, kv heads (head_dim = hidden / heads)
+    "tiny": (2, 64, 172, 4, 2),
     "100m": (12, 768, 2048, 12, 4),
     "7b": (28, 3584, 18944, 28, 4),
 }
@@ -51,8 +52,9 @@ def measure(args) -> None:
     return out, cache
 
   run = jax.jit(step, donate_argnums=(1,))
+  weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
   print(f"{jax.devices()[0].device_kind}: {args.size}-shaped stack ({layers} layers, {heads}/{kv_heads} heads x "
-        f"{head_dim}), {args.dtype}, one token per row per step")
+        f"{head_dim}), {args.dtype}, weights {weights / 2**20:.0f} MiB, one token per row per step")
   print("| rows | cache slots | cache MiB | ms/step | bytes accessed MiB |")
   print("| --- | --- | --- | --- | --- |")
   for batch in (int(b) for b in args.batch.split(",")):

@@ -117,6 +117,12 @@ def test_parsers_on_accelerator_output():
   assert decode["decode.batch1"]["figure"] == 90.8 and decode["decode.batched"]["figure"] == 2554.0
   assert decode["decode.batch1"]["bound_tokens_per_s"] == pytest.approx(4.8e12 / (7615.6e6 * 2))
   assert "29% of the HBM bound" in decode["decode.batch1"]["note"]
+  stack = suite.parse_decode_cache("NVIDIA H200: 7b-shaped stack (28 layers, 28/4 heads x 128), bfloat16, weights "
+                                   "12800 MiB, one token per row per step\n| rows | cache slots | cache MiB | ms/step |"
+                                   " bytes accessed MiB |\n| --- | --- | --- | --- | --- |\n| 1 | 256 | 14 | 3.10 | 0 |\n"
+                                   "| 32 | 8192 | 14336 | 9.00 | 0 |\n", jobs["decode_cache"])
+  assert stack["decode_cache.b1.256"]["figure"] == 3.1 and stack["decode_cache.b32.8192"]["figure"] == 9.0
+  assert "= 90% of the HBM bandwidth" in stack["decode_cache.b1.256"]["note"]  # (12800 + 14) MiB in 3.1 ms
   table = ("device NVIDIA H200; heads 28/4 x 128, bfloat16, packed samples of <= 2048 tokens\n"
            "| tokens | impl | temp memory (MiB) | memory vs dense | fwd+bwd ms | time vs dense |\n"
            "| --- | --- | --- | --- | --- | --- |\n"
