@@ -15,9 +15,12 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import accelerator_suite as suite  # noqa: E402  (standard library only at import: no JAX in the parent)
 
 # The rows of a CPU smoke run: measured ones, and the GPU-only ones it may skip (with a reason).
-MEASURED = ["mfu.text", "mfu.multimodal", "attention.256.blocked", "attention.1024.blocked", "decode.batch1",
-            "decode.unrolled", "decode.batched", "profile.train", "profile.decode", "talker.b1", "token2wav.compile",
-            "token2wav.rtf", "stream.first_text", "stream.first_audio"]
+MEASURED = ["mfu.text", "mfu.multimodal", "decode.batch1", "decode.unrolled", "decode.batched", "profile.train",
+            "profile.decode", "talker.b1", "token2wav.compile", "token2wav.rtf", "stream.first_text",
+            "stream.first_audio", "attention.error.flash_gpu"]
+MEASURED += [f"attention.{n}.{impl}" for n in (256, 1024) for impl in ("blocked", "flash_gpu", "flash_gpu:wide",
+                                                                        "flash_gpu:tall")]
+MEASURED += [f"decode_cache.b{b}.{n}" for b in (1, 2) for n in (128, 1024)]
 GPU_ONLY = ["transformers.text", "attention.fused"]
 HEADER = "| what | figure | unit | target | note |"
 
