@@ -108,6 +108,27 @@ def test_cpu_compile_reports_memory_without_libtpu():
   assert r.fits and r.memory["argument"] > 0 and r.memory["capacity"] is None and r.cost["flops"] > 0
 
 
+def test_gpus_are_planned_on_cpu_devices_against_their_memory(monkeypatch):
+  """h100:N: compiled for N CPU devices (no GPU needed), judged against 80 GB, attention "auto" compiled as the
+  O(L) blocked path (not the CPU's dense choice), no roofline from the CPU's bytes; the same step as cpu:N."""
+  topology = hardware.parse("h100:2")
+  assert topology.on_cpu and topology.chip.platform == "gpu" and topology.chip.hbm_bytes == 80e9
+  compiled_with = []
+  compile_step = aot.compile_lib.compile_train_step
+  monkeypatch.setattr(aot.compile_lib, "compile_train_step",
+                      lambda c, *a: compiled_with.append(c.model.attention_impl) or compile_step(c, *a))
+  r = aot.analyse(tiny.get_config(), "h100:2")
+  cpu = aot.analyse(tiny.get_config(), "cpu:2")
+  assert compiled_with == ["blocked", "auto"]
+  assert r.fits and r.memory["capacity"] == 80e9 and r.roofline == {}
+  assert r.memory["argument"] == cpu.memory["argument"]  # the same state and batch per device
+  text = report.format_text(r)
+  assert "standing in for NVIDIA H100" in text and "XLA_PYTHON_CLIENT_MEM_FRACTION" in text
+  for spec, message in (("h100:2x2", "h100:N"), ("h300:8", "unknown TPU generation or GPU")):
+    with pytest.raises(ValueError, match=message):
+      hardware.parse(spec)
+
+
 def _lora_recipe(adapters=True):
   """configs/recipes/lora.py (tiny) with a 256-token vocabulary, so that the adapters are a visible share."""
   c = lora_recipe.get_config()

@@ -1,6 +1,7 @@
-"""Ahead-of-time compilation of the train step for a TPU topology from a host without accelerators.
+"""Ahead-of-time compilation of the train step for a TPU topology (or GPUs) from a host without accelerators.
 
   python -m omni_jax.aot --config configs/qwen2_5_omni_7b.py --topology v5p:4x4x4 [--config.key=value ...]
+  python -m omni_jax.aot --config configs/qwen2_5_omni_7b.py --topology h100:8 --config.mesh.fsdp=-1
 
 analyse(config, "v5p:4x4x4") returns a report.Report: per-chip HBM (arguments, outputs, temporaries vs the
 chip's capacity), compiled FLOPs and bytes, the collectives with their sizes, a roofline step time and MFU.
@@ -46,9 +47,13 @@ def without_towers(config: ml_collections.ConfigDict, names) -> ml_collections.C
 
 def analyse(config: ml_collections.ConfigDict, topology: str, num_slices: int = 1,
             media: bool = False) -> report.Report:
-  """Compile config's train step for `topology` ('v5p:4x4x4', 'v5e:2x2', 'cpu:4') and report on it."""
+  """Compile config's train step for `topology` ('v5p:4x4x4', 'v5e:2x2', 'h100:8', 'cpu:4') and report on it."""
   topo = hardware.parse(topology, num_slices)
   devices = compile_lib.devices_for(topo)
+  if topo.chip is not None and topo.chip.platform == "gpu" and config.model.get("attention_impl") == "auto":
+    # On the CPU stand-in "auto" would pick dense attention for small calls; the GPU's kernel keeps O(L)
+    # memory as the blocked path does.
+    config = compile_lib.apply_overrides(config, {"model.attention_impl": "blocked"})
   try:
     compiled = compile_lib.compile_train_step(config, devices, media)
   except DoesNotFit as e:

@@ -1,5 +1,5 @@
-"""python -m omni_jax.aot --config CONFIG --topology v5p:4x4x4 [--media] [--without talker] [--json]
-  [--config.key=value ...]
+"""python -m omni_jax.aot --config CONFIG --topology v5p:4x4x4 | h100:8 | cpu:4 [--media] [--without talker]
+  [--json] [--config.key=value ...]
 
 Exit status: 0 when the step fits the chip's HBM, 3 when it does not (the report names the biggest buffers),
 2 on a bad flag, topology or config (one `error:` line, omni_jax.cli).
@@ -13,8 +13,9 @@ from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "GENERATION:AxB[xC] (v4, v5e, v5p, v6e), or cpu:N for N local "
-                                "CPU devices.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "GENERATION:AxB[xC] (v4, v5e, v5p, v6e), GPU:N (h100, h200, "
+                                "a100: compiled for N CPU devices, judged against the GPU's HBM), or cpu:N for N "
+                                "local CPU devices.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices of that topology (multislice over DCN).")
 _MEDIA = flags.DEFINE_bool("media", False, "Compile for a multimodal batch (images + audio at the config's "
                            "bucket limits, else omni_jax.aot.compile.DEFAULT_MEDIA) instead of text only.")
@@ -28,11 +29,14 @@ NOT_FITTING = 3
 
 def main(argv):
   del argv
-  if _TOPOLOGY.value.startswith("cpu:"):  # the CPU compile needs N host devices, before jax starts
-    n = _TOPOLOGY.value.split(":", 1)[1]
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never try to open an accelerator
+  from omni_jax.aot import hardware  # imports jax, but starts no backend: XLA_FLAGS can still be set
+
+  topology = hardware.parse(_TOPOLOGY.value, _NUM_SLICES.value)
+  if topology.on_cpu:  # the CPU compile (also GPUs' stand-in) needs N host devices, before jax starts
+    n = topology.shape[0]
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
       os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never try to open an accelerator
   import logging
 
   logging.getLogger("omni_jax").setLevel(logging.INFO)

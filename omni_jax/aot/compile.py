@@ -45,7 +45,7 @@ class DoesNotFit(RuntimeError):
 
 
 def devices_for(topology: hardware.Topology) -> list:
-  if topology.chip is None:
+  if topology.on_cpu:
     n = topology.shape[0]
     cpus = jax.devices("cpu")
     if len(cpus) < n:

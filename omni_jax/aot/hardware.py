@@ -8,6 +8,10 @@ Sources (Cloud TPU system-architecture pages, cloud.google.com/tpu/docs/<v4|v5e|
   v5p  459 TFLOP/s bf16, 95 GiB HBM2e at 2765 GB/s, 1200 GB/s bidirectional ICI per chip
   v6e  918 TFLOP/s bf16, 32 GB HBM at 1640 GB/s, 800 GB/s bidirectional ICI per chip (32 GiB, as for v5e)
 The ICI figure is only used for a rough collective-time estimate (omni_jax.aot.report).
+
+NVIDIA GPUs ("h100:8": eight GPUs of a node) are planned without one: XLA:GPU compiles only where a GPU is, so
+the step is compiled for as many CPU devices, whose buffer assignment stands in for the GPU's, and judged
+against the GPU's HBM (datasheet: 80 GB for H100 / A100, 141 GB for H200; NVLink 900 / 600 GB/s).
 """
 
 import dataclasses
@@ -31,6 +35,7 @@ class Chip:
   ici_bandwidth: float  # bytes/s, bidirectional, per chip
   chip_config: str = "default"  # libtpu's chip_config_name: "megacore" for the two-TensorCore chips
   dims: int = 2  # topology dimensions (2D torus or 3D)
+  platform: str = "tpu"  # "gpu": compiled for CPU devices standing in for it (module doc)
 
   @property
   def peak_flops(self) -> float:  # dense bf16 FLOP/s
@@ -46,6 +51,11 @@ CHIPS = {
     "v5e": Chip("v5e", "TPU v5 lite", 16 * GIB, 400 * GB),
     "v5p": Chip("v5p", "TPU v5p", 95 * GIB, 1200 * GB, chip_config="megacore", dims=3),
     "v6e": Chip("v6e", "TPU v6 lite", 32 * GIB, 800 * GB),
+}
+GPUS = {
+    "h100": Chip("h100", "NVIDIA H100 80GB HBM3", 80 * GB, 900 * GB, dims=1, platform="gpu"),
+    "h200": Chip("h200", "NVIDIA H200", 141 * GB, 900 * GB, dims=1, platform="gpu"),
+    "a100": Chip("a100", "NVIDIA A100-SXM4-80GB", 80 * GB, 600 * GB, dims=1, platform="gpu"),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e", "v6": "v6e"}
 
@@ -66,25 +76,35 @@ class Topology:
     return n * self.num_slices
 
   @property
+  def on_cpu(self) -> bool:
+    """Compiled for local CPU devices: "cpu:N", or GPUs standing in as CPUs."""
+    return self.chip is None or self.chip.platform == "gpu"
+
+  @property
   def libtpu_name(self) -> str:
     return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
 
 
 def parse(spec: str, num_slices: int = 1) -> Topology:
-  """'v5p:4x4x4', 'v5e:2x2', 'v6e:16x16', or 'cpu:N' (N local CPU devices, for the CPU-compile comparison)."""
+  """'v5p:4x4x4', 'v5e:2x2', 'v6e:16x16', 'h100:8' (GPUs of a node), or 'cpu:N' (N local CPU devices, for the
+  CPU-compile comparison)."""
   m = re.fullmatch(r"([a-z0-9]+):(\d+(?:x\d+)*)", spec.strip().lower())
   if not m:
-    raise TopologyError(f"--topology {spec!r}: expected GENERATION:AxB[xC] (e.g. v5p:4x4x4, v5e:2x2) or cpu:N")
+    raise TopologyError(f"--topology {spec!r}: expected GENERATION:AxB[xC] (e.g. v5p:4x4x4, v5e:2x2), "
+                        "GPU:N (h100:8) or cpu:N")
   gen, shape = m.group(1), tuple(int(s) for s in m.group(2).split("x"))
   if num_slices < 1:
     raise TopologyError(f"--num_slices must be >= 1, got {num_slices}")
-  if gen == "cpu":
+  if gen == "cpu" or gen in GPUS:
     if len(shape) != 1:
-      raise TopologyError(f"--topology {spec!r}: the CPU form is cpu:N (N local devices)")
-    return Topology(spec, None, shape, 1)
+      raise TopologyError(f"--topology {spec!r}: the {gen} form is {gen}:N (N devices)")
+    if gen in GPUS and num_slices != 1:
+      raise TopologyError(f"--num_slices applies to TPU slices, not to {gen}")
+    return Topology(spec, GPUS.get(gen), shape, 1)
   gen = ALIASES.get(gen, gen)
   if gen not in CHIPS:
-    raise TopologyError(f"--topology {spec!r}: unknown TPU generation {gen!r}; known: {sorted(CHIPS)}")
+    raise TopologyError(f"--topology {spec!r}: unknown TPU generation or GPU {gen!r}; known: "
+                        f"{sorted(CHIPS) + sorted(GPUS)}")
   chip = CHIPS[gen]
   if len(shape) != chip.dims:
     raise TopologyError(f"--topology {spec!r}: {gen} slices have {chip.dims} dimensions "

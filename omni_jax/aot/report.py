@@ -91,7 +91,7 @@ def attention_kernel_flops(c: compile_lib.Compiled, hlo_text: str) -> float:
 
 
 def roofline(cost: dict, collectives: dict, model_flops: float, chips: int, chip: Optional[hardware.Chip]) -> dict:
-  if chip is None:
+  if chip is None or chip.platform == "gpu":  # a CPU compile's fusion and bytes say little of a GPU's step
     return {}
   compute = (cost["flops"] + cost.get("kernel_flops", 0.0)) / chip.peak_flops
   memory = cost["bytes_accessed"] / chip.hbm_bandwidth
@@ -142,6 +142,11 @@ def _gib(x: Optional[float]) -> str:
 def format_text(r: Report) -> str:
   lines = [f"topology {r.topology}: {r.chips} chips, mesh {r.mesh}",
            "batch " + ", ".join(f"{k}{tuple(v)}" for k, v in r.batch.items())]
+  chip = hardware.parse(r.topology).chip
+  if chip is not None and chip.platform == "gpu":
+    lines.append(f"compiled for {r.chips} CPU devices standing in for {chip.device_kind} (XLA:GPU compiles only "
+                 "on a GPU): memory from XLA:CPU's buffer assignment, attention 'auto' as 'blocked' (O(L), as the "
+                 "GPU kernel); JAX preallocates 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says more")
   m = r.memory
   if r.error is not None:
     lines += [f"DOES NOT FIT: the compiler ran out of memory (capacity {_gib(m.get('capacity'))} per chip): "
