@@ -312,6 +312,36 @@ def test_cache_is_sharded_by_the_rule_table():
   assert spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)
 
 
+def test_a_long_prefill_attends_tile_by_tile_and_equals_the_forward_pass():
+  """A 4K-token prefill into a cache never holds [B, heads, L, max_len] scores (the cache's SegmentMask goes
+  the blocked way past 256 MiB of them): its compiled temporaries are a small fraction of those scores, and
+  its hidden states equal the cache-free forward pass on the real (not left-padded) tokens."""
+  from flax import nnx
+  from omni_jax.config import Runtime, TextConfig
+  from omni_jax.models.text import DecoderStack
+
+  cfg = TextConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                   num_key_value_heads=2, head_dim=8, mrope_section=(2, 1, 1))
+  stack = DecoderStack(cfg, Runtime(), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(stack)
+  length, pad = 4096, 37
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(1, length, 64)), jnp.float32)
+  seg = jnp.asarray((np.arange(length) >= pad)[None], jnp.int32)  # left padding, as the engine's prompts
+  pos = jnp.broadcast_to(jnp.maximum(jnp.arange(length) - pad, 0)[None, None], (3, 1, length))
+
+  def prefill(state, cache, x):
+    return nnx.merge(graphdef, state)(x, pos, seg, cache)[0]
+
+  cache = stack.init_cache(1, length)
+  compiled = jax.jit(prefill).lower(state, cache, x).compile()
+  scores = 4 * cfg.num_attention_heads * length * length
+  assert compiled.memory_analysis().temp_size_in_bytes < scores / 8
+  ours = compiled(state, cache, x)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x, pos, seg)[0])(state, x)
+  np.testing.assert_allclose(np.asarray(ours)[0, pad:], np.asarray(forward)[0, pad:], atol=2e-5, rtol=1e-5)
+
+
 def test_cache_dtype_is_configurable(tmp_path):
   """config.generate.cache_dtype: a bfloat16 cache holds bf16 keys/values and stays close to float32."""
   sample = make_sample(np.random.default_rng(1), 200, ["image"], 3)

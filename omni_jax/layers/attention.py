@@ -201,24 +201,27 @@ class KVCache(NamedTuple):
   def max_len(self) -> int:
     return self.k.shape[3]
 
-  def append(self, valid: jax.Array) -> tuple["KVCache", jax.Array]:
+  def append(self, valid: jax.Array) -> tuple["KVCache", SegmentMask]:
     """(the cache with the slots of L new tokens marked by `valid` [B, L] and its index advanced, mask).
 
-    mask [B, 1, L, max_len]: new token i (slot index + i) attends to the valid slots <= its own. k and v
-    of the new tokens are written per layer by Attention.
+    mask: new token i (slot index + i) attends to the valid slots <= its own; a SegmentMask over the slots
+    (valid slots and new tokens are segment 1, the rest 0; token indices = slots), so that a long prefill can
+    attend tile by tile instead of through [B, heads, L, max_len] scores. k and v of the new tokens are written
+    per layer by Attention.
     """
-    lq = valid.shape[1]
+    b, lq = valid.shape
     all_valid = write_slots(self.valid, valid.astype(bool), self.index)
     slots = jnp.arange(self.max_len, dtype=jnp.int32)
     new = jnp.arange(lq, dtype=jnp.int32)
     if jnp.ndim(self.index) == 0:
-      causal = (slots[None, :] <= (self.index + new)[:, None])[None]  # [1, L, max_len]
+      q_index = jnp.broadcast_to(self.index + new, (b, lq))
       index = self.index + lq
     else:
-      causal = slots[None, None, :] <= (self.index[:, None] + new[None])[:, :, None]  # [B, L, max_len]
+      q_index = self.index[:, None] + new[None]
       index = self.index + valid.sum(axis=1, dtype=jnp.int32)
-    mask = causal & all_valid[:, None, :]
-    return self._replace(valid=all_valid, index=index), mask[:, None]
+    mask = SegmentMask(valid.astype(jnp.int32), all_valid.astype(jnp.int32), causal=True, q_index=q_index,
+                       kv_index=jnp.broadcast_to(slots, (b, self.max_len)))
+    return self._replace(valid=all_valid, index=index), mask
 
 
 def write_layer_slots(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
@@ -268,14 +271,14 @@ class Attention(nnx.Module):
     self.implementation = implementation
     self.rotary_dtype = rotary_dtype
 
-  def __call__(self, x: jax.Array, mask: Union[jax.Array, LocalSegments],
+  def __call__(self, x: jax.Array, mask: Union[jax.Array, SegmentMask, LocalSegments],
                rotary: Optional[tuple[jax.Array, jax.Array]] = None, kv_cache=None):
     """x [B, L, D] -> [B, L, D].
 
     kv_cache: None, or (k, v, layer, index): the stack's caches ([layers, B, kv_heads, max_len, head_dim]
     each), this layer's row and the write slot. The new keys/values are written at row `layer`, slots
     [index, index + L) (in place: only the new slots are written), attention reads the layer's cache under
-    `mask` [B, 1, L, max_len] (KVCache.append), and the call returns (out, (k, v)) with the updated arrays.
+    `mask` (KVCache.append's), and the call returns (out, (k, v)) with the updated arrays.
     """
     b, l, _ = x.shape
     q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
@@ -294,6 +297,10 @@ class Attention(nnx.Module):
       k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), 1, 2).astype(q.dtype)
               for a in (k_cache, v_cache))
     impl = resolve(self.implementation, b * self.num_heads * l * k.shape[1])
+    if kv_cache is not None and impl not in DENSE_IMPLS:
+      # Attention over the cache (Lq != Lk, slot indices): the fused kernels do not take it. Dense while the
+      # scores are small (a decode step), else tile by tile (a long prefill never holds L x max_len scores).
+      impl = "xla" if 4 * b * self.num_heads * l * k.shape[1] <= _AUTO_DENSE_BYTES else "blocked"
     if impl == "flash_gpu" and isinstance(mask, LocalSegments):  # windows are segments to this kernel
       mask = SegmentMask(mask.segments, causal=False)
     attend = lambda q, k, v, mask: dot_product_attention(q, k, v, mask, implementation=impl)
