@@ -343,11 +343,12 @@ def _result(stdout: str) -> Optional[dict]:
 
 def parse_mfu(stdout, job):
   out = {}
-  for kind, params, gflop, ms, tps, mfu in re.findall(
-      r"^(text|multimodal): ([\d.]+)B params, .*?([\d,.]+) GFLOP/step, ([\d.]+) ms/step, ([\d,]+) tokens/s, "
-      r"MFU ([\d.]+)%", stdout, re.M):
+  for kind, params, fields, gflop, ms, tps, mfu in re.findall(
+      r"^(text|multimodal): ([\d.]+)B params, \S+ \(([^)]*)\), ([\d,.]+) GFLOP/step, ([\d.]+) ms/step, ([\d,]+) "
+      r"tokens/s, MFU ([\d.]+)%", stdout, re.M):
     flop = f"{_num(gflop) / 1e3:,.1f} TFLOP" if _num(gflop) >= 1e3 else f"{_num(gflop):.3g} GFLOP"
     out[f"mfu.{kind}"] = dict(figure=float(mfu), tokens_per_s=_num(tps), ms_per_step=float(ms),
+                              gflop_per_step=_num(gflop), batch_fields=fields.split(", "),
                               note=f"{float(ms):.1f} ms/step, {_num(tps):,.0f} tokens/s, {flop}/step, {params}B "
                                    "params")
   peak = re.search(r"peak ([\d.]+) TFLOP/s per device \((.*?)\); seq", stdout)

@@ -50,6 +50,10 @@ def test_smoke_run(tmp_path):
     assert all(v >= 0 for v in families.values()) and sum(families.values()) > 0, families
     assert rows[key]["figure"] == pytest.approx(sum(families.values()))
   assert "meets_target" not in rows["mfu.text"]  # targets are judged at the accelerator sizes only
+  # bench_mfu's multimodal step carries images and audio, and the encoders' FLOPs are counted
+  text, multimodal = rows["mfu.text"], rows["mfu.multimodal"]
+  assert {"pixel_values", "audio_features"} <= set(multimodal["batch_fields"]) and text["batch_fields"] == ["text"]
+  assert multimodal["gflop_per_step"] > text["gflop_per_step"] > 0
   md = out.with_suffix(".md").read_text()
   assert HEADER in md and HEADER in p.stdout
   for r in report["rows"]:
@@ -153,3 +157,4 @@ def test_parsers_on_accelerator_output():
                         "attention auto\ntext: 1.187B params, 2x8192 (text), 103,600.00 GFLOP/step, 297.7 ms/step, "
                         "50,748 tokens/s, MFU 35.2%, loss 12.000\n", jobs["mfu"])
   assert mfu["mfu.text"]["figure"] == 35.2 and mfu["mfu.text"]["tokens_per_s"] == 50748
+  assert mfu["mfu.text"]["gflop_per_step"] == 103600 and mfu["mfu.text"]["batch_fields"] == ["text"]
