@@ -92,7 +92,7 @@ def errors(impls, tilings, length, a, rng) -> None:
         (fn(q, k, v, seg).astype(jnp.float32),))
     return [x.astype(jnp.float32) * real for x in run(*(x.astype(dtype) for x in args))]
 
-  print(f"\nerrors against float32 dense at {length} tokens ({a.dtype}; relative L2 over real tokens)")
+  print(f"errors against float32 dense at {length} tokens ({a.dtype}; relative L2 over real tokens)")
   print("| check tokens | impl | out | dq | dk | dv |")
   print("| --- | --- | --- | --- | --- | --- |")
   reference = value_and_grads(None, jnp.float32)
@@ -130,6 +130,9 @@ def main():
   impls = a.impls.split(",") + list(tilings)
   print(f"device {jax.devices()[0].device_kind}; heads {a.heads}/{a.kv_heads} x {a.dim}, {a.dtype}, "
         f"packed samples of <= {a.segment} tokens")
+  if a.check:  # first: a cut-short run still says whether each kernel is right
+    errors(impls, tilings, a.check, a, rng)
+    print()
   print("| tokens | impl | temp memory (MiB) | memory vs dense | fwd+bwd ms | time vs dense |")
   print("| --- | --- | --- | --- | --- | --- |")
   for length in (int(x) for x in a.lengths.split(",")):
@@ -163,8 +166,6 @@ def main():
       ratio = f"{dense_t / t:.2f}x faster" if dense_t else "-"
       print(f"| {length} | {impl} | {mem / 2**20:.1f} | {reference_mem / max(mem, 1):.1f}x less | {t * 1e3:.1f} | "
             f"{ratio} |")
-  if a.check:
-    errors(impls, tilings, a.check, a, rng)
 
 
 if __name__ == "__main__":
