@@ -90,6 +90,7 @@ ATTENTION_IMPLS = {"gpu": ["blocked", "pallas_gpu", "flash_gpu", "cudnn"], "tpu"
 # Other tilings of flash_gpu, measured beside its default (on a GPU; the CPU smoke run checks that they parse and
 # run in interpret mode): wider key tiles with 8 warps, and the backward's tiles shaped as Triton's tutorial's.
 FLASH_TILINGS = "wide:block_k=128,warps=8;tall:block_k_dkv=128,block_q_dkv=32,block_q_dq=128,block_k_dq=32,warps_backward=8"
+FLASH_TILING_IMPLS = [f"flash_gpu:{t.split(':')[0]}" for t in FLASH_TILINGS.split(";")]  # their rows' impl names
 
 # ---------------------------------------------------------------------------------------------------------------
 # Profile traces: ms per step by kernel family.
@@ -511,7 +512,7 @@ def plan(args, device: dict) -> list:
   shape = ["--heads", "4", "--kv_heads", "2", "--dim", "32", "--segment", "256", "--dtype", "float32"] if s else \
       ["--heads", "28", "--kv_heads", "4", "--dim", "128", "--segment", "2048", "--dtype", "bfloat16"]
   impls = ATTENTION_IMPLS.get(platform, ["blocked"])
-  tilings = [f"flash_gpu:{t_.split(':')[0]}" for t_ in FLASH_TILINGS.split(";")] if "flash_gpu" in impls else []
+  tilings = FLASH_TILING_IMPLS if "flash_gpu" in impls else []
   rows = [row(f"attention.{n}.{impl}", f"attention fwd+bwd, {n} tokens, {impl}", "ms",
               *(("<= 1.7", ("<=", 1.7)) if n == 8192 else ("-", None))) for n in lengths for impl in impls + tilings]
   check = 512 if s else 4096

@@ -18,8 +18,8 @@ import accelerator_suite as suite  # noqa: E402  (standard library only at impor
 MEASURED = ["mfu.text", "mfu.multimodal", "decode.batch1", "decode.unrolled", "decode.batched", "profile.train",
             "profile.decode", "talker.b1", "token2wav.compile", "token2wav.rtf", "stream.first_text",
             "stream.first_audio", "attention.error.flash_gpu"]
-MEASURED += [f"attention.{n}.{impl}" for n in (256, 1024) for impl in ("blocked", "flash_gpu", "flash_gpu:wide",
-                                                                        "flash_gpu:tall")]
+MEASURED += [f"attention.{n}.{impl}" for n in (256, 1024)
+             for impl in ["blocked", "flash_gpu"] + suite.FLASH_TILING_IMPLS]
 MEASURED += [f"decode_cache.b{b}.{n}" for b in (1, 2) for n in (128, 1024)]
 GPU_ONLY = ["transformers.text", "attention.fused"]
 HEADER = "| what | figure | unit | target | note |"
@@ -124,10 +124,10 @@ def test_parsers_on_accelerator_output():
   assert decode["decode.batch1"]["figure"] == 90.8 and decode["decode.batched"]["figure"] == 2554.0
   assert decode["decode.batch1"]["bound_tokens_per_s"] == pytest.approx(4.8e12 / (7615.6e6 * 2))
   assert "29% of the HBM bound" in decode["decode.batch1"]["note"]
-  stack = suite.parse_decode_cache("NVIDIA H200: 7b-shaped stack (28 layers, 28/4 heads x 128), bfloat16, weights "
-                                   "12800 MiB, one token per row per step\n| rows | cache slots | cache MiB | ms/step |"
-                                   " bytes accessed MiB |\n| --- | --- | --- | --- | --- |\n| 1 | 256 | 14 | 3.10 | 0 |\n"
-                                   "| 32 | 8192 | 14336 | 9.00 | 0 |\n", jobs["decode_cache"])
+  stack = suite.parse_decode_cache(
+      "NVIDIA H200: 7b-shaped stack (28 layers, 28/4 heads x 128), bfloat16, weights 12800 MiB, one token per row "
+      "per step\n| rows | cache slots | cache MiB | ms/step | bytes accessed MiB |\n| --- | --- | --- | --- | --- |\n"
+      "| 1 | 256 | 14 | 3.10 | 0 |\n| 32 | 8192 | 14336 | 9.00 | 0 |\n", jobs["decode_cache"])
   assert stack["decode_cache.b1.256"]["figure"] == 3.1 and stack["decode_cache.b32.8192"]["figure"] == 9.0
   assert "= 90% of the HBM bandwidth" in stack["decode_cache.b1.256"]["note"]  # (12800 + 14) MiB in 3.1 ms
   table = ("device NVIDIA H200; heads 28/4 x 128, bfloat16, packed samples of <= 2048 tokens\n"
@@ -144,7 +144,8 @@ def test_parsers_on_accelerator_output():
            "| 4096 | flash_gpu | failed (ValueError: x) | - | - | - |\n")
   att = suite.parse_attention(table, jobs["attention"])
   assert att["attention.8192.flash_gpu:wide"]["figure"] == 1.6  # a tiling's row, not overwritten by the errors
-  assert att["attention.error.pallas_gpu"]["figure"] == 6.6e-3 and "dk 6.6e-03" in att["attention.error.pallas_gpu"]["note"]
+  error = att["attention.error.pallas_gpu"]
+  assert error["figure"] == 6.6e-3 and "dk 6.6e-03" in error["note"]
   assert att["attention.error.flash_gpu"]["status"] == "failed"
   assert att["attention.8192.pallas_gpu"]["figure"] == 6.7 and att["attention.8192.blocked"]["figure"] == 11.2
   cudnn = att["attention.8192.cudnn"]

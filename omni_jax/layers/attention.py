@@ -133,7 +133,19 @@ def resolve(implementation: Optional[str], scores: int = 0) -> Optional[str]:
   fused = _AUTO.get(kernels.platform())
   if fused is not None:
     return fused
+  return dense_or_blocked(scores)
+
+
+def dense_or_blocked(scores: int) -> str:
+  """"xla" (dense, exact) while a call's float32 scores fit _AUTO_DENSE_BYTES, else "blocked" (O(L) memory)."""
   return "xla" if 4 * scores <= _AUTO_DENSE_BYTES else "blocked"
+
+
+def kernel_mask(mask, implementation: Optional[str]):
+  """The mask a kernel takes: flash_gpu reads vision windows (LocalSegments, contiguous runs) as segments."""
+  if implementation == "flash_gpu" and isinstance(mask, LocalSegments):
+    return SegmentMask(mask.segments, causal=False)
+  return mask
 
 
 def _segment_attention(q, k, v, mask: SegmentMask, implementation: Optional[str]):
@@ -160,13 +172,12 @@ def dot_product_attention(q, k, v, mask: Union[jax.Array, SegmentMask, LocalSegm
   """
   implementation = resolve(implementation, q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1])
   jax_impl = implementation if implementation in DENSE_IMPLS else None
+  mask = kernel_mask(mask, implementation)
   if isinstance(mask, SegmentMask):
     if implementation in DENSE_IMPLS:
       return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation=jax_impl)
     return _segment_attention(q, k, v, mask, implementation)
   if isinstance(mask, LocalSegments):
-    if implementation == "flash_gpu":  # contiguous windows: the kernel visits only the neighbouring tiles
-      return _segment_attention(q, k, v, SegmentMask(mask.segments, causal=False), implementation)
     return _local_attention(q, k, v, mask, jax_impl)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=jax_impl)
 
@@ -300,9 +311,8 @@ class Attention(nnx.Module):
     if kv_cache is not None and impl not in DENSE_IMPLS:
       # Attention over the cache (Lq != Lk, slot indices): the fused kernels do not take it. Dense while the
       # scores are small (a decode step), else tile by tile (a long prefill never holds L x max_len scores).
-      impl = "xla" if 4 * b * self.num_heads * l * k.shape[1] <= _AUTO_DENSE_BYTES else "blocked"
-    if impl == "flash_gpu" and isinstance(mask, LocalSegments):  # windows are segments to this kernel
-      mask = SegmentMask(mask.segments, causal=False)
+      impl = dense_or_blocked(b * self.num_heads * l * k.shape[1])
+    mask = kernel_mask(mask, impl)  # before the per-shard choice below, which takes SegmentMasks
     attend = lambda q, k, v, mask: dot_product_attention(q, k, v, mask, implementation=impl)
     if kv_cache is None and isinstance(mask, SegmentMask) and context_parallel.per_shard(l, impl in KERNELS):
       out = context_parallel.attention(q, k, v, mask, attend, heads=self.num_heads, kv_heads=self.num_kv_heads)
