@@ -204,3 +204,65 @@ def test_collectives_are_counted_with_their_sizes():
   assert summary["all-reduce"]["count"] == 1 and summary["all-reduce"]["bytes"] == 1024 * 4
   assert program.collectives[0].group == 4
 
+
+
+_FUSED_HLO = """HloModule m
+
+%stack_two (p0: f32[8,16], p1: f32[8,16], p2: f32[16], p3: s32[]) -> (f32[8,16], f32[8,16]) {
+  %p0 = f32[8,16]{1,0} parameter(0)
+  %p1 = f32[8,16]{1,0} parameter(1)
+  %p2 = f32[16]{0} parameter(2)
+  %p3 = s32[] parameter(3)
+  %row = f32[1,16]{1,0} bitcast(%p2)
+  %zero = s32[] constant(0)
+  %d0 = f32[8,16]{1,0} dynamic-update-slice(%p0, %row, %p3, %zero)
+  %neg = f32[1,16]{1,0} negate(%row)
+  %d1 = f32[8,16]{1,0} dynamic-update-slice(%p1, %neg, %p3, %zero)
+  ROOT %t = (f32[8,16]{1,0}, f32[8,16]{1,0}) tuple(%d0, %d1)
+}
+
+%rows (q0: f32[1000,16], q1: s32[4,1]) -> f32[4,16] {
+  %q0 = f32[1000,16]{1,0} parameter(0)
+  %q1 = s32[4,1]{1,0} parameter(1)
+  ROOT %g = f32[4,16]{1,0} gather(%q0, %q1), offset_dims={1}, slice_sizes={1,16}
+}
+
+%project (r0: f32[4,16], r1: f32[16,16]) -> f32[4,16] {
+  %r0 = f32[4,16]{1,0} parameter(0)
+  %r1 = f32[16,16]{1,0} parameter(1)
+  %dot = f32[4,16]{1,0} dot(%r0, %r1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %out = f32[4,16]{1,0} tanh(%dot)
+}
+
+ENTRY %main (arguments omitted) {
+  %a = f32[8,16]{1,0} parameter(0)
+  %b = f32[8,16]{1,0} parameter(1)
+  %c = f32[16]{0} parameter(2)
+  %i = s32[] parameter(3)
+  %table = f32[1000,16]{1,0} parameter(4)
+  %ids = s32[4,1]{1,0} parameter(5)
+  %w = f32[16,16]{1,0} parameter(6)
+  %stacked = (f32[8,16]{1,0}, f32[8,16]{1,0}) fusion(%a, %b, %c, %i), kind=kLoop, calls=%stack_two
+  %s0 = f32[8,16]{1,0} get-tuple-element(%stacked), index=0
+  %s1 = f32[8,16]{1,0} get-tuple-element(%stacked), index=1
+  %looked = f32[4,16]{1,0} fusion(%table, %ids), kind=kLoop, calls=%rows
+  %projected = f32[4,16]{1,0} fusion(%looked, %w), kind=kOutput, calls=%project
+  %attn = f32[4,16]{1,0} custom-call(%projected), custom_call_target="__gpu$xla.gpu.triton"
+  ROOT %all = (f32[8,16], f32[8,16], f32[4,16], f32[4,16]) tuple(%s0, %s1, %looked, %attn)
+}
+"""
+
+
+def test_hlo_bytes_count_in_place_updates_and_gathers_by_their_slices_and_split_by_family():
+  """A multi-output fusion writing one row into each of two stacked buffers (a scan's residuals) moves the
+  rows, not the buffers; a gather from an embedding table reads its rows; a fusion around a dot is a GEMM's,
+  a Triton / Pallas custom call an attention kernel's."""
+  program = hlo.parse(_FUSED_HLO, 1)
+  row, rows = 16 * 4, 4 * 16 * 4
+  stacked = 2 * row + row + 4  # the two rows written; the row read, the index read
+  looked = rows + 4 * 4  # the table's 4 rows and the ids read ...
+  looked += rows  # ... and written
+  projected = rows + 16 * 16 * 4 + rows
+  attn = 2 * rows
+  assert program.bytes_by_family == {"gemm": projected, "attention": attn, "other": stacked + looked}
+  assert program.bytes_accessed == sum(program.bytes_by_family.values())

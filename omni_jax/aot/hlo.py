@@ -91,6 +91,7 @@ class Program:
   values: list  # every instruction's result (for the "largest values" list)
   flops: float  # matmul / convolution FLOPs per chip per step, loops counted trip-count times
   bytes_accessed: float  # operands + results of the unfused instructions per chip per step, likewise
+  bytes_by_family: dict = dataclasses.field(default_factory=dict)  # the same bytes split by FAMILIES
 
 
 @dataclasses.dataclass
@@ -105,6 +106,33 @@ class _Instr:
 
 _SKIP_BYTES = ("parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "conditional", "call",
                "after-all", "partition-id", "replica-id", "copy-start", "copy-done")
+
+
+# Kernel families of a step's time: matrix products (and the fusions around them), attention kernels (custom
+# calls: Pallas / Triton / Mosaic / cuDNN), and everything else (elementwise, reductions, copies, scatters).
+FAMILIES = ("gemm", "attention", "other")
+_ATTENTION_TARGETS = ("tpu_custom_call", "triton", "cudnn", "mosaic")
+
+
+def _family(ins: "_Instr", computations: dict, memo: dict) -> str:
+  """The family of an unfused instruction: a fusion containing a dot / convolution is a GEMM's."""
+  if ins.op in ("dot", "convolution"):
+    return "gemm"
+  if ins.op == "custom-call":
+    target = re.search(r'custom_call_target="([^"]*)"', ins.rest)
+    target = target.group(1).lower() if target else ""
+    if "gemm" in target or "matmul" in target:
+      return "gemm"
+    return "attention" if any(t in target for t in _ATTENTION_TARGETS) else "other"
+  callee = re.search(r"calls=%?([\w.\-]+)", ins.rest) if ins.op == "fusion" else None
+  if callee is None:
+    return "other"
+  name = callee.group(1)
+  if name not in memo:
+    memo[name] = "other"  # recursion guard
+    memo[name] = "gemm" if any(_family(i, computations, memo) == "gemm" for i in computations.get(name, ())
+                               if i.op in ("dot", "convolution", "fusion", "custom-call")) else "other"
+  return memo[name]
 
 
 def _operands(rest: str) -> list[str]:
@@ -200,39 +228,83 @@ def _valid_taps(in_size: int, out_size: int, size: int, stride: int, low: int, l
 def _moved_bytes(ins: _Instr, shapes: dict, computations: dict) -> float:
   """HBM bytes an unfused instruction reads and writes. In-place updates and slices of a big buffer (a scan's
   stacked weights and residuals) touch only the slice: a dynamic-update-slice writes its update, a
-  dynamic-slice reads its result's size, also when they sit inside a fusion (per fused parameter / root)."""
+  dynamic-slice or gather reads its result's size, also when they sit inside a fusion (per fused parameter,
+  per element of a multi-output fusion's root)."""
   size = lambda name: float(sum(array_bytes(shapes.get(name, ""))))  # noqa: E731
+  if ins.op == "custom-call" and 'custom_call_target="AllocateBuffer"' in ins.rest:
+    return 0.0  # an uninitialised buffer (a scan's stacked outputs): nothing is read or written
   if ins.op == "dynamic-update-slice" and len(ins.operands) > 1:
     return 2 * size(ins.operands[1])
-  if ins.op == "dynamic-slice":
-    return 2 * float(sum(array_bytes(ins.shape)))
+  if ins.op in ("dynamic-slice", "gather"):
+    return 2 * float(sum(array_bytes(ins.shape)))  # the rows read, then written
   out = float(sum(array_bytes(ins.shape)))
   callee = re.search(r"calls=%?([\w.\-]+)", ins.rest) if ins.op == "fusion" else None
   body = computations.get(callee.group(1)) if callee else None
   if not body:
     return out + sum(size(o) for o in ins.operands)
   inner = {i.name: i for i in body}
+  root = next((i for i in body if i.root), None)
+  in_place = set()
+  # A fusion's results: its root, or each element of a multi-output fusion's root tuple (a layer scan writes
+  # several stacked residuals from one fusion); an in-place update writes only its update.
+  results = [inner.get(o) for o in root.operands] if root is not None and root.op == "tuple" else [root]
+  if root is not None and all(r is not None for r in results):
+    out = 0.0
+    for r in results:
+      while r.op == "bitcast" and r.operands and r.operands[0] in inner:
+        r = inner[r.operands[0]]
+      if r.op == "dynamic-update-slice" and len(r.operands) > 1 and r.operands[1] in inner:
+        out += float(sum(array_bytes(inner[r.operands[1]].shape)))  # written; read where it is a parameter
+        in_place.add(r.operands[0])
+      else:
+        out += float(sum(array_bytes(r.shape)))
+  total = out
+  params = _parameters(body)
+  for k, operand in enumerate(ins.operands):
+    param = params.get(k)
+    if param in in_place:
+      continue
+    sliced = _sliced_read(param, body, computations) if param is not None else None
+    total += size(operand) if sliced is None else sliced
+  return total
+
+
+def _parameters(body: list) -> dict:
+  """{parameter number: instruction name} of a computation."""
   params = {}
   for i in body:
     if i.op == "parameter":
       m = re.match(r"^(\d+)\)", i.rest)
       if m:
         params[int(m.group(1))] = i.name
-  root = next((i for i in body if i.root), None)
-  in_place = set()
-  if root is not None and root.op == "dynamic-update-slice" and len(root.operands) > 1:
-    out = 2 * float(sum(array_bytes(inner[root.operands[1]].shape))) if root.operands[1] in inner else out
-    in_place.add(root.operands[0])
-  total = out
-  for k, operand in enumerate(ins.operands):
-    param = params.get(k)
-    users = [i for i in body if param is not None and param in i.operands]
-    if param in in_place:
+  return params
+
+
+def _sliced_read(name: str, body: list, computations: dict, depth: int = 0) -> Optional[float]:
+  """Bytes read of value `name` of a fused computation when every use only reads slices of it (dynamic-slices
+  or gathers, through bitcasts and nested fusions: a scan's stacked residuals read one layer at a time, an
+  embedding's rows), else None."""
+  users = [i for i in body if name in i.operands]
+  if not users or depth > 8:
+    return None
+  total = 0.0
+  for u in users:
+    if u.op in ("dynamic-slice", "gather") and u.operands[0] == name:
+      total += float(sum(array_bytes(u.shape)))
       continue
-    if users and all(u.op == "dynamic-slice" and u.operands[0] == param for u in users):
-      total += sum(float(sum(array_bytes(u.shape))) for u in users)
+    if u.op == "bitcast":
+      part = _sliced_read(u.name, body, computations, depth + 1)
+    elif u.op == "fusion" and (callee := re.search(r"calls=%?([\w.\-]+)", u.rest)):
+      inner_body = computations.get(callee.group(1), [])
+      inner_params = _parameters(inner_body)
+      parts = [_sliced_read(inner_params[k], inner_body, computations, depth + 1)
+               for k, o in enumerate(u.operands) if o == name and k in inner_params]
+      part = None if not parts or any(p is None for p in parts) else sum(parts)
     else:
-      total += size(operand)
+      part = None
+    if part is None:
+      return None
+    total += part
   return total
 
 
@@ -290,18 +362,19 @@ def parse(text: str, num_devices: int) -> Program:
     return max(1, -(-int(bound.group(1)) // step))
 
   memo: dict = {}
+  families: dict = {}
 
-  def cost(name: str, top_level: bool, depth: int = 0) -> tuple[float, float, list]:
-    """(FLOPs, bytes, [(Collective, runs)]) of one execution of a computation, callees included: a while
-    body times its trip count, a conditional's most expensive branch (the report is a bound). Bytes count
-    in unfused computations only (a fusion's are its instruction's operands and result)."""
+  def cost(name: str, top_level: bool, depth: int = 0) -> tuple[float, collections.Counter, list]:
+    """(FLOPs, bytes by family, [(Collective, runs)]) of one execution of a computation, callees included: a
+    while body times its trip count, a conditional's most expensive branch (the report is a bound). Bytes
+    count in unfused computations only (a fusion's are its instruction's operands and result)."""
     key = (name, top_level)
     if key in memo:
       return memo[key]
-    memo[key] = (0.0, 0.0, [])  # recursion guard
+    memo[key] = (0.0, collections.Counter(), [])  # recursion guard
     instrs = computations.get(name, ())
     shapes = {i.name: i.shape for i in instrs}
-    flops, moved, colls = 0.0, 0.0, []
+    flops, moved, colls = 0.0, collections.Counter(), []
     for ins in instrs:
       sizes = array_bytes(ins.shape)
       base = ins.op[:-len("-start")] if ins.op.endswith("-start") else ins.op
@@ -313,7 +386,7 @@ def parse(text: str, num_devices: int) -> Program:
       if ins.op in ("dot", "convolution"):
         flops += _matmul_flops(ins, shapes)
       if top_level and ins.op not in _SKIP_BYTES and not ins.op.endswith("-done"):
-        moved += _moved_bytes(ins, shapes, computations)
+        moved[_family(ins, computations, families)] += _moved_bytes(ins, shapes, computations)
       if depth > 64:
         continue
       branches = [c.strip().lstrip("%") for g in _BRANCHES.findall(ins.rest) for c in g.split(",") if c.strip()]
@@ -327,16 +400,18 @@ def parse(text: str, num_devices: int) -> Program:
           callees.append((callee, 1, top_level and ins.op in ("call", "async-start")))
       for callee, times, top in callees:
         f, b, c = cost(callee, top, depth + 1)
-        flops, moved = flops + times * f, moved + times * b
+        flops = flops + times * f
+        moved.update({k: times * v for k, v in b.items()})
         colls.extend((x, r * times) for x, r in c)
       if branches:
-        f, b, c = max((cost(br, top_level, depth + 1) for br in branches), key=lambda t: (t[0], t[1]))
-        flops, moved = flops + f, moved + b
+        f, b, c = max((cost(br, top_level, depth + 1) for br in branches), key=lambda t: (t[0], sum(t[1].values())))
+        flops = flops + f
+        moved.update(b)
         colls.extend(c)
     memo[key] = (flops, moved, colls)
     return memo[key]
 
-  flops, moved, pairs = cost(entry, True) if entry is not None else (0.0, 0.0, [])
+  flops, moved, pairs = cost(entry, True) if entry is not None else (0.0, collections.Counter(), [])
   colls = []
   for c, runs in pairs:
     colls.append(dataclasses.replace(c, runs=runs))
@@ -348,7 +423,7 @@ def parse(text: str, num_devices: int) -> Program:
         op_name = _OP_NAME.search(ins.rest)
         values.append(Value(sum(sizes), ins.shape.split("{")[0] if "(" not in ins.shape else ins.shape[:120],
                             ins.op, op_name.group(1) if op_name else "", comp))
-  return Program(colls, values, flops, moved)
+  return Program(colls, values, flops, float(sum(moved.values())), {k: float(moved[k]) for k in FAMILIES})
 
 
 def summary(collectives: list) -> dict:

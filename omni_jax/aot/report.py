@@ -108,7 +108,7 @@ def build(c: compile_lib.Compiled, topology: hardware.Topology) -> Report:
   text = c.compiled.as_text()
   program = hlo.parse(text, chips)
   collectives = hlo.summary(program.collectives)
-  cost = {"flops": program.flops, "bytes_accessed": program.bytes_accessed,
+  cost = {"flops": program.flops, "bytes_accessed": program.bytes_accessed, "bytes_by_family": program.bytes_by_family,
           "kernel_flops": attention_kernel_flops(c, text) / chips, **_cost(c.compiled)}
   memory = _memory(c.compiled, chip)
   flops = compile_lib.model_flops(c)
@@ -167,6 +167,9 @@ def format_text(r: Report) -> str:
                f"model FLOPs (docs/training.md formula) {r.model_flops / r.chips / 1e12:.3f} TFLOP per chip"
                + (f"; attention kernels (not in the HLO count; estimated) {r.cost['kernel_flops'] / 1e12:.3f} TFLOP"
                   if r.cost.get("kernel_flops") else ""))
+  if r.cost.get("bytes_by_family"):
+    lines.append("bytes accessed by kernel family (GEMM fusions / attention kernels / everything else): " + ", ".join(
+        f"{k} {v / 2 ** 30:.2f} GiB" for k, v in r.cost["bytes_by_family"].items()))
   if r.collectives:
     lines.append("collectives per chip per step: " + "; ".join(
         f"{k} x{v['count']} {v['bytes'] / 2 ** 20:.1f} MiB" for k, v in r.collectives.items()))
