@@ -36,7 +36,37 @@ class GatedMLP(nnx.Module):
     self.act = activation(act)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    return self.down_proj(gated(self.act, self.gate_proj(x), self.up_proj(x)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated(act, gate: jax.Array, up: jax.Array) -> jax.Array:
+  """act(gate) * up, the activation computed in float32 and rounded once to gate's dtype (as torch's
+  activation kernels do for bfloat16).
+
+  Its gradient keeps only gate and up and recomputes the activation in the backward pass; differentiated as
+  written it would also keep the activation's intermediates ([tokens, intermediate] each, the largest
+  residuals of a decoder layer).
+  """
+  return _gated_forward(act, gate, up)[0]
+
+
+def _activated(act, gate):
+  return act(gate.astype(jnp.float32)).astype(gate.dtype)
+
+
+def _gated_forward(act, gate, up):
+  return _activated(act, gate) * up, (gate, up)
+
+
+def _gated_backward(act, residuals, dy):
+  gate, up = residuals
+  a, act_vjp = jax.vjp(lambda g: act(g).astype(gate.dtype), gate.astype(jnp.float32))
+  (dgate,) = act_vjp(dy * up)
+  return dgate.astype(gate.dtype), dy * a
+
+
+gated.defvjp(_gated_forward, _gated_backward)
 
 
 class MLP(nnx.Module):
@@ -50,4 +80,23 @@ class MLP(nnx.Module):
     self.act = activation(act)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(self.act(self.fc1(x)))
+    return self.fc2(activate(self.act, self.fc1(x)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def activate(act, x: jax.Array) -> jax.Array:
+  """act(x) computed in float32 and rounded once to x's dtype. Its gradient keeps only x (differentiated as
+  written, an erf GELU would keep four [tokens, hidden] intermediates)."""
+  return _activated(act, x)
+
+
+def _activate_forward(act, x):
+  return _activated(act, x), x
+
+
+def _activate_backward(act, x, dy):
+  _, act_vjp = jax.vjp(lambda v: act(v).astype(x.dtype), x.astype(jnp.float32))
+  return (act_vjp(dy)[0].astype(x.dtype),)
+
+
+activate.defvjp(_activate_forward, _activate_backward)

@@ -76,6 +76,9 @@ class DecoderStack(nnx.Module):
     """
     cos, sin = mrope_cos_sin(positions, inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta),
                              self.cfg.mrope_section)
+    # The layers rotate in the compute dtype: cast once here, not in every layer (whose casts a scanned,
+    # differentiated stack would keep per layer for the backward pass).
+    cos, sin = cos.astype(self.rt.dtype), sin.astype(self.rt.dtype)
     x = sharding.constrain(x.astype(self.rt.dtype), ACT)
     if cache is None:
       # Context parallelism: the row in load-balanced causal order (layers.context_parallel), positions and

@@ -27,9 +27,10 @@ Batch = Mapping[str, jax.Array]
 
 
 def target_logprobs(logits, targets) -> jax.Array:
-  """log p(target) under float32 logits [..., V]: what every loss of the tower takes (the NLL's negative)."""
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return target_logit - jax.nn.logsumexp(logits, axis=-1)
+  """log p(target) in float32 under logits [..., V] of any float dtype: what every loss of the tower takes (the
+  NLL's negative). The widening happens inside the reduction, so bfloat16 logits are never copied to float32."""
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
+  return target_logit - jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
 
 
 def per_kind_sums(logits, targets, valid, kind, with_accuracy: bool = False) -> dict:
@@ -48,7 +49,7 @@ def per_kind_sums(logits, targets, valid, kind, with_accuracy: bool = False) -> 
 class LossLayout:
   """How the LM head meets the labels (config.train; docs/training.md "Memory of the loss").
 
-  chunk: positions per chunk of the head + cross-entropy (0: all at once). Each chunk's float32 logits
+  chunk: positions per chunk of the head + cross-entropy (0: all at once). Each chunk's logits
     [B, chunk, V] live only inside a rematerialised scan step, so the step never holds [B, L, V].
   label_budget: labelled positions per row gathered before the head (0: every position). In SFT data most
     positions carry no label (the prompt, the media), so the 151,936-wide head runs on the budget only; a
@@ -90,15 +91,15 @@ def _chunked_sums(sums, hidden, targets, valid, extra, chunk: int) -> dict:
 def head_sums(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLayout, sums: Callable,
               *extra: jax.Array) -> dict:
   """sums(logits, targets, valid, *extra) over the label positions of a batch (additive over positions), with
-  the LM head applied to the final hidden states as `layout` says: logits float32 [B, T, V] of a chunk of
-  positions, targets / valid [B, T] (label_mask), extra: per-position fields [B, L-1] aligned with the targets
-  (e.g. batch["kind"][:, 1:])."""
+  the LM head applied to the final hidden states as `layout` says: logits [B, T, V] of a chunk of positions in
+  the compute dtype (sums widen inside their reductions, as target_logprobs does), targets / valid [B, T]
+  (label_mask), extra: per-position fields [B, L-1] aligned with the targets (e.g. batch["kind"][:, 1:])."""
   valid = label_mask(batch)
   targets = jnp.where(valid, batch["labels"][:, 1:], 0)
   h = hidden[:, :-1]
 
   def of_hidden(hid, *rest):
-    return sums(thinker.logits(hid).astype(jnp.float32), *rest)
+    return sums(thinker.logits(hid), *rest)
 
   budget = layout.label_budget
   if not budget or budget >= valid.shape[1]:

@@ -1,0 +1,127 @@
+"""The layers with hand-written gradients (RMSNorm, LayerNorm, the MLPs' activations) equal the gradients of the
+formulas they replace: float32 to rounding, bfloat16 within its rounding; and they keep fewer residuals for the
+backward pass (the reason they exist)."""
+
+import functools
+
+import jax
+import jax.test_util  # noqa: F401 - check_grads
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+
+from omni_jax.layers import mlp, norms
+
+
+def _plain_rms_norm(x, scale, eps):
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale * y.astype(x.dtype)
+
+
+def _plain_layer_norm(x, scale, bias, eps):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + eps)
+  if scale is not None:
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def _plain_gated(act, gate, up):
+  return act(gate) * up
+
+
+def _inputs(dtype, shape=(2, 5, 48)):
+  ks = jax.random.split(jax.random.key(0), 4)
+  x = (3.0 * jax.random.normal(ks[0], shape) + 0.5).astype(dtype)
+  scale = (1.0 + 0.3 * jax.random.normal(ks[1], shape[-1:])).astype(dtype)
+  up = jax.random.normal(ks[2], shape).astype(dtype)
+  dy = jax.random.normal(ks[3], shape).astype(dtype)
+  return x, scale, up, dy
+
+
+def _vjp(f, *args, dy):
+  y, pull = jax.vjp(f, *args)
+  return (y, *pull(dy))
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_rms_norm_gradient_equals_the_formula_in_float32():
+  x, scale, _, dy = _inputs(jnp.float32)
+  ours = _vjp(functools.partial(norms.rms_norm, eps=1e-6), x, scale, dy=dy)
+  plain = _vjp(functools.partial(_plain_rms_norm, eps=1e-6), x, scale, dy=dy)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  jax.test_util.check_grads(lambda x, s: norms.rms_norm(x, s, 1e-6), (x, scale), order=1, modes=("rev",),
+                            atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_gradient_equals_the_formula_in_float32(affine):
+  x, scale, up, dy = _inputs(jnp.float32)
+  params = (scale, 0.1 * up[0, 0]) if affine else (None, None)
+  f = lambda x, p: norms.layer_norm(x, *p, 1e-5)  # noqa: E731
+  ours = jax.vjp(f, x, params)
+  plain = jax.vjp(lambda x, p: _plain_layer_norm(x, *p, 1e-5), x, params)
+  np.testing.assert_allclose(ours[0], plain[0], rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(ours[1](dy)), jax.tree.leaves(plain[1](dy))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert len(jax.tree.leaves(ours[1](dy))) == (3 if affine else 1)
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu"])
+def test_activation_gradients_equal_the_formula_in_float32(name):
+  gate, _, up, dy = _inputs(jnp.float32)
+  act = mlp.activation(name)
+  ours = _vjp(functools.partial(mlp.gated, act), gate, up, dy=dy)
+  plain = _vjp(functools.partial(_plain_gated, act), gate, up, dy=dy)
+  for a, b in zip(ours, plain):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for a, b in zip(_vjp(functools.partial(mlp.activate, act), gate, dy=dy), _vjp(act, gate, dy=dy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_gradients_are_within_bfloat16_rounding_of_float32():
+  x, scale, up, dy = _inputs(jnp.float32)
+  exact_norm = _vjp(functools.partial(_plain_rms_norm, eps=1e-6), x, scale, dy=dy)
+  exact_gated = _vjp(functools.partial(_plain_gated, jax.nn.silu), x, up, dy=dy)
+  bf = lambda *a: [t.astype(jnp.bfloat16) for t in a]  # noqa: E731
+  ours_norm = _vjp(functools.partial(norms.rms_norm, eps=1e-6), *bf(x, scale), dy=bf(dy)[0])
+  ours_gated = _vjp(functools.partial(mlp.gated, jax.nn.silu), *bf(x, up), dy=bf(dy)[0])
+  exact_layer = _vjp(lambda x, s, b: _plain_layer_norm(x, s, b, 1e-5), x, scale, up[0, 0], dy=dy)
+  ours_layer = _vjp(lambda x, s, b: norms.layer_norm(x, s, b, 1e-5), *bf(x, scale, up[0, 0]), dy=bf(dy)[0])
+  for ours, exact in ((ours_norm, exact_norm), (ours_gated, exact_gated), (ours_layer, exact_layer)):
+    assert all(t.dtype == jnp.bfloat16 for t in ours)
+    for a, b in zip(ours, exact):
+      assert _rel(a, b) < 1e-2, _rel(a, b)
+
+
+def _residual_bytes(f, *args):
+  return sum(np.prod(a.shape) * a.dtype.itemsize for a, _ in saved_residuals(f, *args))
+
+
+def test_the_backward_pass_keeps_fewer_bytes():
+  x, scale, up, _ = _inputs(jnp.bfloat16, (4, 64, 256))
+  loss = lambda f: (lambda *a: f(*a).astype(jnp.float32).sum())  # noqa: E731
+  norm_ours = _residual_bytes(loss(lambda x, s: norms.rms_norm(x, s, 1e-6)), x, scale)
+  norm_plain = _residual_bytes(loss(lambda x, s: _plain_rms_norm(x, s, 1e-6)), x, scale)
+  layer_ours = _residual_bytes(loss(lambda x, s: norms.layer_norm(x, s, s, 1e-5)), x, scale)
+  layer_plain = _residual_bytes(loss(lambda x, s: _plain_layer_norm(x, s, s, 1e-5)), x, scale)
+  gated_ours = _residual_bytes(loss(functools.partial(mlp.gated, jax.nn.silu)), x, up)
+  gated_plain = _residual_bytes(loss(functools.partial(_plain_gated, jax.nn.silu)), x, up)
+  gelu = mlp.activation("gelu")
+  act_ours = _residual_bytes(loss(functools.partial(mlp.activate, gelu)), x)
+  act_plain = _residual_bytes(loss(gelu), x)
+  activation, stats = x.size * 2, x.size // 256 * 4  # bfloat16 x; one float32 per row
+  # x itself (an argument) with the [..., 1] float32 statistics (and the scale / bias); gate and up; x
+  assert norm_ours <= activation + stats + scale.size * 2, norm_ours
+  assert layer_ours <= activation + 2 * stats + 2 * scale.size * 2, layer_ours
+  assert norm_plain >= 2 * activation and layer_plain >= 2 * activation
+  assert gated_ours == 2 * activation and gated_plain > gated_ours
+  assert act_ours == activation and act_plain >= 3 * activation
