@@ -6,6 +6,8 @@ present, transformers' forward + backward + AdamW on the same text model in the 
   .venv/bin/python bench/bench_mfu.py --batch 4 --remat dots_with_no_batch_dims --iters 20
   .venv/bin/python bench/bench_mfu.py --smoke              # tiny config, a few steps on CPU (CI runs this)
   .venv/bin/python bench/bench_mfu.py --attention blocked --no-reference   # another attention; ours only
+  .venv/bin/python bench/bench_mfu.py --aot v5p:1x1x1   # no device: compile for a TPU chip, print what the
+                                                        # step moves through HBM by kernel family
 
 MFU = the documented FLOPs formula (omni_jax.train.metrics.FlopCounter, docs/training.md "MFU"; encoder FLOPs
 counted for the multimodal batch) / (median step time x devices x peak bf16 FLOP/s of the device:
@@ -36,7 +38,8 @@ from omni_jax.train import state as state_lib  # noqa: E402
 from omni_jax.train import step as step_lib  # noqa: E402
 
 # ~1.2B parameters: a Qwen2.5 decoder of 12 layers at width 2048 (0.54B in the blocks, 0.62B in the untied
-# 151,936-token embedding and LM head); the multimodal batch adds the released vision and audio encoders.
+# 151,936-token embedding and LM head); the multimodal batch adds the released vision and audio encoders (the
+# text batch trains the language model alone, as a text-only model's MFU is measured).
 DENSE_1B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
                 num_attention_heads=16, num_key_value_heads=4, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6,
                 rope_theta=1e6, mrope_section=(16, 24, 24), max_position_embeddings=32768, tie_word_embeddings=False)
@@ -52,6 +55,11 @@ def make_config(smoke: bool, seq: int, batch: int, remat: str, media: bool):
     c.model.dtype = "bfloat16"
   if "talker" in c.model:  # the Thinker alone (and the Talker's objective with it)
     c = aot.without_towers(c, ["talker"])
+  if not media:  # the language model alone: a text step would otherwise update the encoders' idle weights
+    with c.unlocked():
+      for encoder in ("vision", "audio"):
+        if encoder in c.model.thinker:
+          del c.model.thinker[encoder]
   if smoke:  # special ids inside the small vocabulary (as tests/train_testlib.py's SMALL_IDS)
     c.model.thinker.update(dict(audio_token_id=1, image_token_id=2, video_token_id=3, audio_start_token_id=4,
                                 audio_end_token_id=5, vision_start_token_id=7, vision_end_token_id=8,
@@ -154,6 +162,19 @@ def bench_transformers(config, iters: int) -> dict | None:
   return dict(seconds=float(np.median(times)), tokens=b * l, device=torch.cuda.get_device_name())
 
 
+def print_aot_reports(args):
+  """The AOT report of each kind's step (no device needed): what the step moves through HBM, by kernel family."""
+  from omni_jax.aot import compile as compile_lib, hardware, report
+
+  topology = hardware.parse(args.aot)
+  seq, batch = args.seq or (128 if args.smoke else 8192), args.batch or 2
+  for kind in args.kinds.split(","):
+    config = make_config(args.smoke, seq, batch, args.remat, media=(kind == "multimodal"))
+    config.model.attention_impl = None if args.attention == "none" else args.attention
+    compiled = compile_lib.compile_train_step(config, compile_lib.devices_for(topology), media=(kind == "multimodal"))
+    print(f"## {kind}\n{report.format_text(report.build(compiled, topology))}", flush=True)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--smoke", action="store_true", help="tiny config, seq 128, a few steps (CPU, CI)")
@@ -165,7 +186,12 @@ def main():
   p.add_argument("--peak", type=float, default=None, help="peak FLOP/s per device (default: the device table)")
   p.add_argument("--attention", default="auto", help="config.model.attention_impl (\"none\": dense)")
   p.add_argument("--no-reference", dest="reference", action="store_false", help="skip transformers' step")
+  p.add_argument("--aot", metavar="TOPOLOGY", default=None,
+                 help="compile each kind's step for a topology (python -m omni_jax.aot's --topology, e.g. "
+                      "v5p:1x1x1) and print its report (memory, bytes by kernel family) instead of running it")
   args = p.parse_args()
+  if args.aot:
+    return print_aot_reports(args)
   seq = args.seq or (128 if args.smoke else 8192)
   batch = args.batch or 2 * (1 if args.smoke else jax.local_device_count())
   iters = args.iters or (2 if args.smoke else 10)
