@@ -17,7 +17,8 @@ timeouts on an accelerator:
   decode_unrolled  the same at batch 1 with --unrolled (layers not scanned: do weight slices cost copies?) 60 s
   decode_cache  bench_decode_cache.py --size 7b: the decoder stack's step alone at batch 1 / 32 and 256 / 8K
                 cache slots (weights and KV cache, without sampling, loop or host)                        75 s
-  profile_train / profile_decode: ms per step by kernel family, GEMM / attention / other (below)    40 s each
+  profile_train / profile_decode: ms per step by kernel family, GEMM / attention / other (below), and the
+                slowest "other" kernels by name (where the elementwise time goes)                   40 s each
   transformers  transformers' train step on the text config where torch has CUDA: ours / theirs        45 s
   talker        bench_talker.py --size 7b --no-reference: Talker codes/s at batch 1                        50 s
   token2wav     the released Token2Wav (bench_token2wav's model), euler x 10: compile time and RTF        90 s
@@ -55,6 +56,7 @@ rewritten after every job, so a cut-short run keeps its rows). The table goes in
 """
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import functools
@@ -98,6 +100,7 @@ FLASH_TILING_IMPLS = [f"flash_gpu:{t.split(':')[0]}" for t in FLASH_TILINGS.spli
 ATTENTION_WORDS = ("mha", "flash", "attention", "splash", "fmha", "cudnn", "sdpa")
 GEMM_WORDS = ("gemm", "cublas", "nvjet", "matmul", "dot", "cutlass", "convolution")  # TPU matmuls: convolution
 FAMILIES = ("gemm", "attention", "other")
+TOP_OTHER = 12  # the slowest "other" kernels a profile row lists (in its JSON; the first three in its note)
 
 
 def kernel_family(name: str) -> str:
@@ -171,9 +174,15 @@ def kernel_families(trace_dir: str, steps: int = 1) -> dict:
   picked, source = _device_events(events)
   picked = _innermost(picked)
   total = dict.fromkeys(FAMILIES, 0.0)
+  other = collections.Counter()  # ms of each "other" kernel: where the elementwise time goes
   for e in picked:
-    total[kernel_family(str(e.get("name", "")))] += float(e["dur"]) / 1e3  # trace times are microseconds
-  return dict({k: v / steps for k, v in total.items()}, source=source, events=len(picked))
+    name = str(e.get("name", ""))
+    family = kernel_family(name)
+    total[family] += float(e["dur"]) / 1e3  # trace times are microseconds
+    if family == "other":
+      other[name] += float(e["dur"]) / 1e3 / steps
+  top = {name: ms for name, ms in other.most_common(TOP_OTHER)}
+  return dict({k: v / steps for k, v in total.items()}, source=source, events=len(picked), top_other=top)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,7 +319,10 @@ def profile_decode(smoke: bool, trace_dir: str, new: int):
       reply(n)
     fam[n] = kernel_families(os.path.join(trace_dir, f"new{n}"), 1)
   per_step = {k: max(0.0, (fam[new][k] - fam[1][k]) / (new - 1)) for k in FAMILIES}
-  _emit(dict(per_step, source=fam[new]["source"], events=fam[new]["events"], new=new, size=size, dtype=dtype))
+  top = {name: (ms - fam[1]["top_other"].get(name, 0.0)) / (new - 1) for name, ms in fam[new]["top_other"].items()}
+  top = dict(sorted(((n, ms) for n, ms in top.items() if ms > 0), key=lambda kv: -kv[1]))
+  _emit(dict(per_step, source=fam[new]["source"], events=fam[new]["events"], new=new, size=size, dtype=dtype,
+             top_other=top))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -473,7 +485,11 @@ def _profile_row(key):
             f"({r['source']}, {r['events']} events)")
     if "wall_ms" in r:
       note += f"; wall {r['wall_ms']:.1f} ms/step"
-    return {key: dict(figure=total, note=note, families={k: r[k] for k in FAMILIES}, source=r["source"])}
+    top = r.get("top_other", {})
+    if top:
+      note += "; slowest other: " + ", ".join(f"{n} {ms:.2f}" for n, ms in list(top.items())[:3])
+    return {key: dict(figure=total, note=note, families={k: r[k] for k in FAMILIES}, source=r["source"],
+                      top_other=top)}
   return make
 
 

@@ -49,6 +49,8 @@ def test_smoke_run(tmp_path):
     assert sorted(families) == ["attention", "gemm", "other"]
     assert all(v >= 0 for v in families.values()) and sum(families.values()) > 0, families
     assert rows[key]["figure"] == pytest.approx(sum(families.values()))
+    assert all(ms > 0 for ms in rows[key]["top_other"].values()), rows[key]["top_other"]
+  assert len(rows["profile.train"]["top_other"]) == suite.TOP_OTHER  # the slowest "other" kernels, by name
   assert "meets_target" not in rows["mfu.text"]  # targets are judged at the accelerator sizes only
   # bench_mfu's multimodal step carries images and audio, and the encoders' FLOPs are counted
   text, multimodal = rows["mfu.text"], rows["mfu.multimodal"]
@@ -86,11 +88,15 @@ def test_kernel_families_gpu_trace(tmp_path):
              _x(1, 10, "mha_forward", 3000, 1000), _x(1, 10, "mha_backward", 4000, 2000),
              _x(1, 10, "loop_add_fusion", 6000, 500), _x(1, 10, "cutlass_80_wmma_tensorop_bf16_s161616gemm", 6500, 500),
              _x(1, 10, "cudnn_generated_fort_native_sdpa_sm90_knob_7", 7000, 1000),
+             _x(1, 10, "loop_convert_fusion_3", 8000, 300), _x(1, 10, "loop_add_fusion", 8300, 100),
              _x(1, 11, "fusion.1", 0, 10000), _x(2, 20, "dot.1", 0, 9999, hlo_op="dot.1")]
   got = suite.kernel_families(_trace(tmp_path, events), steps=2)
-  assert got["source"] == "device" and got["events"] == 6
+  assert got["source"] == "device" and got["events"] == 8
   assert got["gemm"] == pytest.approx(1.75) and got["attention"] == pytest.approx(2.0)
-  assert got["other"] == pytest.approx(0.25)
+  assert got["other"] == pytest.approx(0.45)
+  # where the elementwise time goes: each "other" kernel's ms per step, slowest first
+  assert list(got["top_other"]) == ["loop_add_fusion", "loop_convert_fusion_3"]
+  assert got["top_other"]["loop_add_fusion"] == pytest.approx(0.3)
 
 
 def test_kernel_families_tpu_trace(tmp_path):
