@@ -9,7 +9,7 @@ import jax.test_util  # noqa: F401 - check_grads
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax._src.ad_checkpoint import saved_residuals
+from jax._src.ad_checkpoint import saved_residuals  # what jax.ad_checkpoint.print_saved_residuals prints
 
 from omni_jax.layers import mlp, norms
 
