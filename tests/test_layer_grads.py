@@ -125,3 +125,33 @@ def test_the_backward_pass_keeps_fewer_bytes():
   assert norm_plain >= 2 * activation and layer_plain >= 2 * activation
   assert gated_ours == 2 * activation and gated_plain > gated_ours
   assert act_ours == activation and act_plain >= 3 * activation
+
+
+def test_a_scanned_stack_has_the_same_gradients_under_every_remat_policy():
+  """The hand-written gradients inside a scanned, rematerialised decoder stack (float32, perturbed norms): every
+  policy recomputes or saves their residuals and must give the gradients of remat "none"."""
+  from flax import nnx
+  from omni_jax.config import Runtime, TextConfig
+  from omni_jax.models import scan
+  from omni_jax.models.text import DecoderStack
+
+  cfg = TextConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, mrope_section=(2, 1, 1))
+  x = jax.random.normal(jax.random.key(1), (2, 12, 32))
+  positions = jnp.broadcast_to(jnp.arange(12), (3, 2, 12))
+  segments = jnp.asarray([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2], jnp.int32)
+  grads = {}
+  for policy in ["none", *scan._POLICIES]:
+    rt = Runtime(dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=True, remat_policy=policy,
+                 attention_impl="xla")
+    graphdef, state = nnx.split(DecoderStack(cfg, rt, rngs=nnx.Rngs(0)))
+    state = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), state)
+
+    def loss(state):
+      h, _ = nnx.merge(graphdef, state)(x, positions, segments)
+      return jnp.sum(jnp.where(segments[..., None] > 0, h, 0.0) ** 2)
+
+    grads[policy] = jax.grad(loss)(state)
+  for policy, g in grads.items():
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(grads["none"])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=policy)
