@@ -90,8 +90,12 @@ class Program:
   collectives: list
   values: list  # every instruction's result (for the "largest values" list)
   flops: float  # matmul / convolution FLOPs per chip per step, loops counted trip-count times
-  bytes_accessed: float  # operands + results of the unfused instructions per chip per step, likewise
-  bytes_by_family: dict = dataclasses.field(default_factory=dict)  # the same bytes split by FAMILIES
+  # operands + results of the unfused instructions per chip per step (likewise), by kernel family (FAMILIES)
+  bytes_by_family: dict
+
+  @property
+  def bytes_accessed(self) -> float:
+    return float(sum(self.bytes_by_family.values()))
 
 
 @dataclasses.dataclass
@@ -114,6 +118,12 @@ FAMILIES = ("gemm", "attention", "other")
 _ATTENTION_TARGETS = ("tpu_custom_call", "triton", "cudnn", "mosaic")
 
 
+def _fused_computation(ins: "_Instr") -> Optional[str]:
+  """The name of the computation a fusion instruction runs (None for any other instruction)."""
+  m = re.search(r"calls=%?([\w.\-]+)", ins.rest) if ins.op == "fusion" else None
+  return m.group(1) if m else None
+
+
 def _family(ins: "_Instr", computations: dict, memo: dict) -> str:
   """The family of an unfused instruction: a fusion containing a dot / convolution is a GEMM's."""
   if ins.op in ("dot", "convolution"):
@@ -124,10 +134,9 @@ def _family(ins: "_Instr", computations: dict, memo: dict) -> str:
     if "gemm" in target or "matmul" in target:
       return "gemm"
     return "attention" if any(t in target for t in _ATTENTION_TARGETS) else "other"
-  callee = re.search(r"calls=%?([\w.\-]+)", ins.rest) if ins.op == "fusion" else None
-  if callee is None:
+  name = _fused_computation(ins)
+  if name is None:
     return "other"
-  name = callee.group(1)
   if name not in memo:
     memo[name] = "other"  # recursion guard
     memo[name] = "gemm" if any(_family(i, computations, memo) == "gemm" for i in computations.get(name, ())
@@ -238,8 +247,8 @@ def _moved_bytes(ins: _Instr, shapes: dict, computations: dict) -> float:
   if ins.op in ("dynamic-slice", "gather"):
     return 2 * float(sum(array_bytes(ins.shape)))  # the rows read, then written
   out = float(sum(array_bytes(ins.shape)))
-  callee = re.search(r"calls=%?([\w.\-]+)", ins.rest) if ins.op == "fusion" else None
-  body = computations.get(callee.group(1)) if callee else None
+  callee = _fused_computation(ins)
+  body = computations.get(callee) if callee else None
   if not body:
     return out + sum(size(o) for o in ins.operands)
   inner = {i.name: i for i in body}
@@ -294,8 +303,8 @@ def _sliced_read(name: str, body: list, computations: dict, depth: int = 0) -> O
       continue
     if u.op == "bitcast":
       part = _sliced_read(u.name, body, computations, depth + 1)
-    elif u.op == "fusion" and (callee := re.search(r"calls=%?([\w.\-]+)", u.rest)):
-      inner_body = computations.get(callee.group(1), [])
+    elif (callee := _fused_computation(u)) is not None:
+      inner_body = computations.get(callee, [])
       inner_params = _parameters(inner_body)
       parts = [_sliced_read(inner_params[k], inner_body, computations, depth + 1)
                for k, o in enumerate(u.operands) if o == name and k in inner_params]
@@ -423,7 +432,7 @@ def parse(text: str, num_devices: int) -> Program:
         op_name = _OP_NAME.search(ins.rest)
         values.append(Value(sum(sizes), ins.shape.split("{")[0] if "(" not in ins.shape else ins.shape[:120],
                             ins.op, op_name.group(1) if op_name else "", comp))
-  return Program(colls, values, flops, float(sum(moved.values())), {k: float(moved[k]) for k in FAMILIES})
+  return Program(colls, values, flops, {k: float(moved[k]) for k in FAMILIES})
 
 
 def summary(collectives: list) -> dict:
