@@ -59,11 +59,16 @@ def _gated_forward(act, gate, up):
   return _activated(act, gate) * up, (gate, up)
 
 
+def _activation_vjp(act, x, dy):
+  """(act(x) rounded to x's dtype, the gradient at x of <dy, that>): the activation recomputed in float32."""
+  a, pull = jax.vjp(lambda v: act(v).astype(x.dtype), x.astype(jnp.float32))
+  return a, pull(dy)[0].astype(x.dtype)
+
+
 def _gated_backward(act, residuals, dy):
   gate, up = residuals
-  a, act_vjp = jax.vjp(lambda g: act(g).astype(gate.dtype), gate.astype(jnp.float32))
-  (dgate,) = act_vjp(dy * up)
-  return dgate.astype(gate.dtype), dy * a
+  a, dgate = _activation_vjp(act, gate, dy * up)
+  return dgate, dy * a
 
 
 gated.defvjp(_gated_forward, _gated_backward)
@@ -95,8 +100,7 @@ def _activate_forward(act, x):
 
 
 def _activate_backward(act, x, dy):
-  _, act_vjp = jax.vjp(lambda v: act(v).astype(x.dtype), x.astype(jnp.float32))
-  return (act_vjp(dy)[0].astype(x.dtype),)
+  return (_activation_vjp(act, x, dy)[1],)
 
 
 activate.defvjp(_activate_forward, _activate_backward)
