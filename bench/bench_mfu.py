@@ -162,16 +162,20 @@ def bench_transformers(config, iters: int) -> dict | None:
   return dict(seconds=float(np.median(times)), tokens=b * l, device=torch.cuda.get_device_name())
 
 
-def print_aot_reports(args):
+def print_aot_reports(args, parser):
   """The AOT report of each kind's step (no device needed): what the step moves through HBM, by kernel family."""
   from omni_jax.aot import compile as compile_lib, hardware, report
 
-  topology = hardware.parse(args.aot)
-  seq, batch = args.seq or (128 if args.smoke else 8192), args.batch or 2
+  try:
+    topology = hardware.parse(args.aot)
+    devices = compile_lib.devices_for(topology)
+  except (hardware.TopologyError, compile_lib.TpuUnavailable) as e:
+    parser.error(f"--aot: {e}")
+  seq, batch = args.seq or (128 if args.smoke else 8192), args.batch or 2 * len(devices)  # as on a device
   for kind in args.kinds.split(","):
     config = make_config(args.smoke, seq, batch, args.remat, media=(kind == "multimodal"))
     config.model.attention_impl = None if args.attention == "none" else args.attention
-    compiled = compile_lib.compile_train_step(config, compile_lib.devices_for(topology), media=(kind == "multimodal"))
+    compiled = compile_lib.compile_train_step(config, devices, media=(kind == "multimodal"))
     print(f"## {kind}\n{report.format_text(report.build(compiled, topology))}", flush=True)
 
 
@@ -191,7 +195,7 @@ def main():
                       "v5p:1x1x1) and print its report (memory, bytes by kernel family) instead of running it")
   args = p.parse_args()
   if args.aot:
-    return print_aot_reports(args)
+    return print_aot_reports(args, p)
   seq = args.seq or (128 if args.smoke else 8192)
   batch = args.batch or 2 * (1 if args.smoke else jax.local_device_count())
   iters = args.iters or (2 if args.smoke else 10)

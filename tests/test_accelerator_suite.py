@@ -179,6 +179,9 @@ def test_bench_mfu_compiles_ahead_of_time_and_reports_bytes_by_kernel_family():
   family = next(line for line in sections["text"].splitlines() if line.startswith("bytes accessed by kernel family"))
   gib = {name: float(v) for name, v in (part.split()[:2] for part in family.split(": ", 1)[1].split(", "))}
   assert sorted(gib) == ["attention", "gemm", "other"] and gib["gemm"] > 0 and gib["other"] > 0, family
+  bad = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_mfu.py"), "--aot", "v9z:1x1"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and "--aot: --topology 'v9z:1x1': unknown TPU generation" in bad.stderr, bad.stderr
   import bench_mfu
   text, media = (bench_mfu.make_config(True, 128, 2, "none", media=m) for m in (False, True))
   assert "vision" not in text.model.thinker and "audio" not in text.model.thinker
