@@ -51,6 +51,7 @@ def test_smoke_run(tmp_path):
     assert rows[key]["figure"] == pytest.approx(sum(families.values()))
     assert all(ms > 0 for ms in rows[key]["top_other"].values()), rows[key]["top_other"]
   assert len(rows["profile.train"]["top_other"]) == suite.TOP_OTHER  # the slowest "other" kernels, by name
+  assert rows["profile.decode"]["top_other"]  # the decode loop's own: more of them in the longer reply
   assert "meets_target" not in rows["mfu.text"]  # targets are judged at the accelerator sizes only
   # bench_mfu's multimodal step carries images and audio, and the encoders' FLOPs are counted
   text, multimodal = rows["mfu.text"], rows["mfu.multimodal"]
