@@ -41,9 +41,9 @@ def make_engine(model, slots: int, steps: int) -> engine_lib.Engine:
                            steps_per_call=steps)
 
 
-def conversation(model, engine, prompt: str) -> engine_lib.Conversation:
+def conversation(model, engine, prompt: str, length_multiple: int = 32) -> engine_lib.Conversation:
   sample = prompts.prompt_sample([{"role": "user", "content": prompt}], model.preprocessor)
-  batch = prompts.prompt_batch([sample], pad_id=model.generator.ids.pad_token_id)
+  batch = prompts.prompt_batch([sample], pad_id=model.generator.ids.pad_token_id, length_multiple=length_multiple)
   batch = {k: v for k, v in batch.items() if k not in ("labels", "kind", "use_audio_in_video")}
   conv = engine.conversation()
   engine.prefill(conv, batch, sample.input_ids)
@@ -160,6 +160,53 @@ def test_a_reply_cut_back_on_cancel_leaves_the_conversation_of_a_shorter_reply(m
     list(engine.run([second]))
     results.append((first.tokens, conv.history, second.tokens, second.codes))
   assert results[0] == results[1]
+
+
+def test_decode_reads_a_window_of_a_long_cache_and_equals_decoding_over_all_of_it(model, monkeypatch):
+  """A conversation near the end of the engine's first cache window (256 slots of 512): its spoken reply
+  decodes in windows that grow mid-reply (256 slots, then the Thinker's whole cache and 512 of the Talker's
+  530), next to a short conversation's reply, and equals the same replies decoded over the whole caches: every
+  token and code, the caches each conversation keeps, and its next turn."""
+  turn = model.tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
+
+  def run(whole: bool):
+    if whole:  # the windows as large as the caches: no call reads fewer slots than it has
+      monkeypatch.setattr(engine_lib, "WINDOW_LEAST", 1 << 20)
+    g = model.generator
+    engine = engine_lib.Engine(g.graphdef, g.params, model.config, g.mesh, num_slots=2, max_len=512,
+                               max_new_tokens=16, speech=True, max_codes=16, vocab_limit=g.vocab_limit,
+                               steps_per_call=3)
+    windows = []
+    measure = engine.cache_windows
+    monkeypatch.setattr(engine, "cache_windows", lambda: windows.append(measure()) or windows[-1])
+    long = conversation(model, engine, "Tell me a story about a cat. " * 28, length_multiple=8)
+    assert 244 <= long.slots <= 250, long.slots  # the reply's 12 tokens and 16 codes cross slot 256
+    replies = [engine_lib.Reply(long, settings(model, 0)), engine_lib.Reply(conversation(model, engine, PROMPTS[2]),
+                                                                           settings(model, 2))]
+    list(engine.run(replies))
+    first = (long.slots, np.asarray(long.cache.valid), np.asarray(long.cache.k), np.asarray(long.talker_cache.valid),
+             np.asarray(long.talker_cache.k))
+    ids = [replies[0].tokens[-1]] + list(turn)
+    batch = prompts.prompt_batch([_text_sample(ids)], pad_id=model.generator.ids.pad_token_id, length_multiple=16)
+    engine.prefill(long, {k: v for k, v in batch.items() if k not in ("labels", "kind", "use_audio_in_video")}, ids)
+    second = engine_lib.Reply(long, settings(model, 3))
+    list(engine.run([second]))
+    return [(r.tokens, r.codes) for r in replies + [second]], first, windows
+
+  windowed, cache, windows = run(False)
+  whole, whole_cache, whole_windows = run(True)
+  assert windows[0] == (256, 256) and (512, 512) in windows and set(windows) <= {(256, 256), (512, 256),
+                                                                                (256, 512), (512, 512)}, windows
+  assert set(whole_windows) == {(512, 512 + 2 + 16)}
+  assert windowed == whole
+  assert all(len(codes) == 16 for _, codes in windowed[:1])  # the first reply spoke on past slot 256
+  slots, valid, _, talker_valid, _ = cache
+  assert slots == whole_cache[0] > 256
+  for i in (1, 3):  # the Thinker's and the Talker's prefix: the same slots valid, holding the same keys
+    np.testing.assert_array_equal(cache[i], whole_cache[i])
+    np.testing.assert_allclose(cache[i + 1][:, 0, :, cache[i][0]], whole_cache[i + 1][:, 0, :, cache[i][0]],
+                               atol=1e-5)
+  assert valid[0, 256:slots].all() and talker_valid[0, 256:slots].all()  # written past the first window
 
 
 @pytest.mark.parametrize("seed", [0, 1])

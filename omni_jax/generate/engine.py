@@ -44,6 +44,7 @@ from omni_jax.models.talker import TalkerConfig, talker_config, zero_media_rows
 from omni_jax.thinker.inputs import model_inputs
 
 MAX_STOP_IDS = 4  # Talker stop codes per reply (codec pad and end by default; () for benchmarks)
+WINDOW_LEAST = 256  # the fewest cache slots a generate call reads (see Engine.cache_windows)
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -112,6 +113,23 @@ def _set_row(batch, row, b):
   return jax.tree_util.tree_map(put, batch, row)
 
 
+def _window(cache: KVCache, slots: int) -> KVCache:
+  """The cache's first `slots` slots: what a generate call reads and writes when no row goes past them."""
+  if slots >= cache.max_len:
+    return cache
+  k, v = (sharding.constrain(x[:, :, :, :slots], KVCache.NAMES) for x in (cache.k, cache.v))
+  return cache._replace(k=k, v=v, valid=cache.valid[:, :slots])
+
+
+def _unwindow(cache: KVCache, window: KVCache) -> KVCache:
+  """`cache` with its first slots (and index) from `window` (in place: the call donated the cache)."""
+  if window.max_len >= cache.max_len:
+    return window
+  n = window.max_len
+  return KVCache(cache.k.at[:, :, :, :n].set(window.k), cache.v.at[:, :, :, :n].set(window.v),
+                 cache.valid.at[:, :n].set(window.valid), window.index)
+
+
 def _get_row(batch, b):
   def take(x):
     axis = 1 if x.ndim == 5 else 0
@@ -149,7 +167,7 @@ class _Programs:
     self.vocab_limit, self.code_limit = vocab_limit, code_limit
     self.prefill = jax.jit(self._prefill, donate_argnums=(1, 2))
     self.insert = jax.jit(self._insert, donate_argnums=(1,))
-    self.generate = jax.jit(self._generate, static_argnums=(2,), donate_argnums=(1,))
+    self.generate = jax.jit(self._generate, static_argnums=(2, 3, 4), donate_argnums=(1,))
     self.release = jax.jit(self._release)
 
   # -- helpers inside jit
@@ -259,12 +277,19 @@ class _Programs:
 
   # -- generate: K steps of every slot
 
-  def _generate(self, params, slots: Slots, steps: int):
+  def _generate(self, params, slots: Slots, steps: int, window: int, talker_window: int):
+    """`steps` steps of every slot; the loop reads and writes the caches' first `window` (the Talker's:
+    `talker_window`) slots only, which hold every row's slots up to the call's last step (a decode step reads
+    all the slots it is given: a short conversation in a long cache would read the whole cache each step)."""
     model = nnx.merge(self.graphdef, params)
     thinker = model.thinker
     b = slots.t.shape[0]
     rows = jnp.arange(b)
+    full = slots
     with sharding.activate(self.mesh, self.rules):
+      slots = slots._replace(cache=_window(slots.cache, window))
+      if slots.talker is not None:
+        slots = slots._replace(talker=dict(slots.talker, cache=_window(slots.talker["cache"], talker_window)))
       eos = jnp.asarray(self.eos or (-1,), jnp.int32)
       allowed = self._allowed(slots.logits.shape[-1], self.vocab_limit, eos[None])
       speech = slots.talker is not None
@@ -330,6 +355,9 @@ class _Programs:
       _, slots, out = jax.lax.while_loop(lambda c: (c[0] < steps) & jnp.any(active(c[1])), body,
                                          (jnp.int32(0), slots, out))
       codes_done = slots.talker["done"] if speech else jnp.ones((b,), bool)
+      slots = slots._replace(cache=_unwindow(full.cache, slots.cache))
+      if speech:
+        slots = slots._replace(talker=dict(slots.talker, cache=_unwindow(full.talker["cache"], slots.talker["cache"])))
     return slots, out, slots.done, codes_done
 
   # -- release: slot b back into its conversation
@@ -565,7 +593,8 @@ class Engine:
       return []
     try:
       self._slots, out, done, codes_done = _canonical(self.programs.generate(self.params, self._slots,
-                                                                             self.steps_per_call))
+                                                                             self.steps_per_call,
+                                                                             *self.cache_windows()))
       out = jax.device_get(out)
     except BaseException as e:
       self._fail_all(e)
@@ -590,6 +619,17 @@ class Engine:
       if reply.finished:
         self._finish(reply, b)
     return events
+
+  def cache_windows(self) -> tuple[int, int]:
+    """The cache slots the next generate call reads, of the Thinker and of the Talker: the most any reply in a
+    slot may hold by the call's end (its conversation's slots, one per text token or code so far and per
+    step; the Talker's prefix also has its speaker and first rows), a power of two (at least WINDOW_LEAST, at
+    most the cache's slots), so that a few programs serve every length."""
+    used = [(r.conversation.slots + len(r.tokens), r.conversation.slots + 2 + len(r.codes))
+            for r in self.replies if r is not None]
+    thinker, talker = (max(u) + self.steps_per_call for u in zip(*used)) if used else (0, 0)
+    return (min(bucket(thinker, WINDOW_LEAST), self.max_len),
+            min(bucket(talker, WINDOW_LEAST), self.max_len + 2 + self.max_codes))
 
   def _finish(self, reply: Reply, b: int) -> None:
     conv = reply.conversation
