@@ -23,6 +23,8 @@ timeouts on an accelerator:
   talker        bench_talker.py --size 7b --no-reference: Talker codes/s at batch 1                        50 s
   token2wav     the released Token2Wav (bench_token2wav's model), euler x 10: compile time and RTF        90 s
   stream        bench_stream.py --size 100m (its largest; it has no 7B shape): first text / first audio    60 s
+  decode_session  bench_generate.py --cache_len 4096: batch 32 in conversations of 4,096 cache slots (as the
+                server and OmniSession keep them) against a cache of the prompt and reply                 60 s
 
 plus a device probe (30 s). --budget (460 s) bounds them all: a job gets min(its timeout, what is left), one
 that would get under 15 s is skipped, so the suite ends inside 8 minutes even when jobs time out (run the
@@ -427,6 +429,14 @@ def parse_decode(stdout, job):
   return out
 
 
+def parse_decode_session(stdout, job):
+  m = re.search(r"^batch (\d+): decode ([\d.]+) tok/s with a cache of the prompt and reply, ([\d.]+) tok/s "
+                r"with (\d+) slots per conversation: ([\d.]+)x", stdout, re.M)
+  if not m:
+    return {}
+  return {"decode.session": dict(figure=float(m.group(5)), note=f"{m.group(3)} vs {m.group(2)} tokens/s")}
+
+
 def parse_decode_cache(stdout, job):
   """bench_decode_cache's table: ms per step of the stack alone, and the bytes it must read (weights + cache)
   as a share of the HBM bandwidth."""
@@ -612,6 +622,16 @@ def plan(args, device: dict) -> list:
   jobs.append(Job("stream", bench("bench_stream.py") + stream + ["--no-reference"], t(60),
                   [row("stream.first_text", f"OmniSession first text ({label})", "ms"),
                    row("stream.first_audio", f"OmniSession first audio ({label})", "ms")], parse_stream))
+
+  # A served conversation's cache is sized for the longest it may grow (the server's prompt + reply budget, a
+  # session's max_len): its decode steps read the slots in use only (the engine's cache windows).
+  session_len = 1024 if s else 4096
+  session = decode[:decode.index("--batch")] + ["--batch", str(big)] + decode[decode.index("--prompt"):]
+  jobs.append(Job("decode_session", bench("bench_generate.py") + session + ["--no-reference", "--cache_len",
+                                                                           str(session_len)], t(60),
+                  [row("decode.session", f"Thinker decode, {name}, batch {big}, {session_len:,} cache slots per "
+                       "conversation / a cache of the prompt and reply", "x", ">= 0.9", (">=", 0.9))],
+                  parse_decode_session))
   return jobs
 
 

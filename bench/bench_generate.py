@@ -1,7 +1,7 @@
 """Thinker text generation vs transformers' generate: time to first token and decode tokens/s (same run).
 
   .venv/bin/python bench/bench_generate.py [--size tiny|100m|7b] [--batch 1 4] [--prompt 128] [--new 64]
-      [--dtype float32|bfloat16] [--no-reference]
+      [--dtype float32|bfloat16] [--no-reference] [--cache_len 4096]
 
 --dtype bfloat16 stores our weights and computes in bf16 (transformers stays float32: its CPU bf16 kernels are
 slow), so that row measures what serving in bf16 gains, not a like-for-like ratio.
@@ -15,6 +15,9 @@ tokens/s = rows * (new - 1) / (time(new) - time(1)). Medians of --iters runs aft
 --size 7b builds the 7B-shaped Thinker LM with random weights for a GPU (our side only: --no-reference).
 --unrolled decodes with the layers unrolled (config.model.scan_layers=False, same stacked weights): a scanned
 layer reads its weights through a dynamic slice, which a GPU may copy before its matmul.
+--cache_len N also decodes the same replies in conversations of N cache slots each (as OmniSession and the
+server keep them; OmniChat sizes its cache to the prompt and reply) and prints its decode rate against the
+tight cache's: a decode step reads the slots a call may reach only (Engine.cache_windows), so ~1.0x is right.
 Figures are recorded in docs/performance.md.
 """
 
@@ -91,6 +94,7 @@ def main():
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--no-reference", dest="reference", action="store_false")
   p.add_argument("--unrolled", action="store_true", help="layers unrolled instead of scanned")
+  p.add_argument("--cache_len", type=int, default=None, help="also decode in conversations of this many slots")
   args = p.parse_args()
   torch_model, gen = build(args.size, args.dtype, args.reference, scan_layers=not args.unrolled)
   n_params = sum(np.size(x) for x in jax.tree.leaves(gen.params))
@@ -102,10 +106,16 @@ def main():
     batch = left_padded_prompts(rows, args.prompt, 10, SIZES[args.size]["vocab_size"])
     samples = [reply_testlib.text_sample(ids[seg > 0]) for ids, seg in zip(batch["input_ids"], batch["segment_ids"])]
 
-    def ours(n):
-      return lambda: [r.tokens for r in reply_testlib.replies(chat, samples, max_new_tokens=n)]
+    def ours(n, max_len=None):
+      return lambda: [r.tokens for r in reply_testlib.replies(chat, samples, max_new_tokens=n, max_len=max_len)]
 
-    if torch_model is None:
+    if args.cache_len:
+      t1, tn, s1, sn = time_alternating([ours(1), ours(args.new), ours(1, args.cache_len),
+                                         ours(args.new, args.cache_len)], args.iters)
+      tight, session = rows * (args.new - 1) / (tn - t1), rows * (args.new - 1) / (sn - s1)
+      print(f"batch {rows}: decode {tight:.1f} tok/s with a cache of the prompt and reply, {session:.1f} tok/s "
+            f"with {args.cache_len} slots per conversation: {session / tight:.2f}x", flush=True)
+    elif torch_model is None:
       t1, tn = time_alternating([ours(1), ours(args.new)], args.iters)
       print(f"batch {rows}: ours TTFT {t1 * 1e3:.1f} ms, decode {rows * (args.new - 1) / (tn - t1):.1f} tok/s",
             flush=True)

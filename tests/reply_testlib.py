@@ -41,12 +41,13 @@ def text_sample(ids) -> preprocess.Sample:
 
 def replies(chat: Chat, samples: Sequence[preprocess.Sample], *, max_new_tokens: int,
             sampling: SamplingParams = SamplingParams(), seed: int = 0, slots: Optional[int] = None,
-            talker: Optional[Sequence[dict]] = None) -> list[engine_lib.Reply]:
+            talker: Optional[Sequence[dict]] = None, max_len: Optional[int] = None) -> list[engine_lib.Reply]:
   """The replies to `samples` decoded together in `slots` slots (default: one each). talker: spoken replies,
   one dict per sample of ReplySettings' Talker fields (speaker token, max_codes, talker_sampling, talker_seed,
-  stop)."""
+  stop). max_len: cache slots per conversation (default: the longest prompt and the reply, no more)."""
   longest = max(prompts.round_up(s.num_tokens, 32) for s in samples)
-  engine = chat.engine(speech=talker is not None, max_len=longest + max_new_tokens, slots=slots or len(samples),
+  engine = chat.engine(speech=talker is not None, max_len=max_len or longest + max_new_tokens,
+                       slots=slots or len(samples),
                        max_new_tokens=max_new_tokens, max_codes=max(t["max_codes"] for t in talker) if talker else 0)
   rows = [dict(t, speak=True) for t in talker] if talker else [{}] * len(samples)
   out = [engine_lib.Reply(chat.prefilled(engine, s), engine_lib.ReplySettings(max_new_tokens, sampling, seed, **row),
