@@ -253,6 +253,102 @@ ENTRY %main (arguments omitted) {
 """
 
 
+_SCATTER_HLO = """HloModule m
+
+%keep (x: bf16[], y: bf16[]) -> bf16[] {
+  %x = bf16[] parameter(0)
+  ROOT %y = bf16[] parameter(1)
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%write_rows (p0: bf16[2,32,4,64], p1: s32[32,2], p2: f32[32,4,64]) -> bf16[2,32,4,64] {
+  %p0 = bf16[2,32,4,64]{3,2,1,0} parameter(0)
+  %p1 = s32[32,2]{1,0} parameter(1)
+  %p2 = f32[32,4,64]{2,1,0} parameter(2)
+  %new = bf16[32,4,64]{2,1,0} convert(%p2)
+  ROOT %sc = bf16[2,32,4,64]{3,2,1,0} scatter(%p0, %p1, %new), update_window_dims={1,2}, inserted_window_dims={0,1}, scatter_dims_to_operand_dims={0,1}, index_vector_dim=1, to_apply=%keep
+}
+
+ENTRY %main (arguments omitted) {
+  %cache = bf16[2,32,4,64]{3,2,1,0} parameter(0)
+  %slots = s32[32,2]{1,0} parameter(1)
+  %kv = f32[32,4,64]{2,1,0} parameter(2)
+  %table = f32[1000,16]{1,0} parameter(3)
+  %ids = s32[8,1]{1,0} parameter(4)
+  %grads = f32[8,16]{1,0} parameter(5)
+  %written = bf16[2,32,4,64]{3,2,1,0} fusion(%cache, %slots, %kv), kind=kLoop, calls=%write_rows
+  %summed = f32[1000,16]{1,0} scatter(%table, %ids, %grads), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
+  ROOT %all = (bf16[2,32,4,64], f32[1000,16]) tuple(%written, %summed)
+}
+"""
+
+
+def test_hlo_bytes_count_scatters_in_place():
+  """A decode step writes one slot per row into a layer of the KV cache with a scatter (fused with the new
+  keys' cast): it moves the rows, not the cache; an embedding gradient's scatter-add reads and writes the rows
+  it adds to."""
+  program = hlo.parse(_SCATTER_HLO, 1)
+  rows = 32 * 4 * 64
+  written = 32 * 2 * 4 + rows * 4 + rows * 2  # the indices and the float32 keys read, the bf16 rows written
+  summed = 8 * 4 + 8 * 16 * 4 * 3  # the ids; the gradients read, the table's rows read and written
+  assert program.bytes_by_family == {"gemm": 0, "attention": 0, "other": written + summed}
+
+
+_FUSED_CONDITION_HLO = """HloModule m
+
+%more (p0: s32[], p1: pred[4]) -> pred[] {
+  %p0 = s32[] parameter(0)
+  %limit = s32[] constant(5)
+  %lt = pred[] compare(%p0, %limit), direction=LT
+  %p1 = pred[4]{0} parameter(1)
+  %false = pred[] constant(false)
+  %any = pred[] reduce(%p1, %false), dimensions={0}, to_apply=%or
+  ROOT %both = pred[] and(%lt, %any)
+}
+
+%or (a: pred[], b: pred[]) -> pred[] {
+  %a = pred[] parameter(0)
+  %b = pred[] parameter(1)
+  ROOT %o = pred[] or(%a, %b)
+}
+
+%cond (t: (s32[], pred[4], f32[256])) -> pred[] {
+  %t = (s32[], pred[4]{0}, f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %active = pred[4]{0} get-tuple-element(%t), index=1
+  ROOT %go = pred[] fusion(%i, %active), kind=kLoop, calls=%more
+}
+
+%body (t: (s32[], pred[4], f32[256])) -> (s32[], pred[4], f32[256]) {
+  %t = (s32[], pred[4]{0}, f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %active = pred[4]{0} get-tuple-element(%t), index=1
+  %x = f32[256]{0} get-tuple-element(%t), index=2
+  %y = f32[256]{0} exponential(%x)
+  ROOT %out = (s32[], pred[4]{0}, f32[256]{0}) tuple(%next, %active, %y)
+}
+
+ENTRY %main (arguments omitted) {
+  %init = (s32[], pred[4]{0}, f32[256]{0}) parameter(0)
+  ROOT %loop = (s32[], pred[4]{0}, f32[256]{0}) while(%init), condition=%cond, body=%body
+}
+"""
+
+
+def test_hlo_loop_counts_a_bound_fused_into_its_condition():
+  """A decode loop's condition `i < steps & any(active)` compiles to one fusion: its `i < 5` still bounds the
+  trip count, so the body's bytes count 5 times (its exponential's, and the counter's add)."""
+  program = hlo.parse(_FUSED_CONDITION_HLO, 1)
+  assert program.bytes_by_family["other"] == 5 * (2 * 256 * 4 + 3 * 4)
+
+
 def test_hlo_bytes_count_in_place_updates_and_gathers_by_their_slices_and_split_by_family():
   """A multi-output fusion writing one row into each of two stacked buffers (a scan's residuals) moves the
   rows, not the buffers; a gather from an embedding table reads its rows; a fusion around a dot is a GEMM's,

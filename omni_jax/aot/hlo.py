@@ -124,6 +124,17 @@ def _fused_computation(ins: "_Instr") -> Optional[str]:
   return m.group(1) if m else None
 
 
+def _scatter_parts(ins: "_Instr", computations: dict) -> tuple[list, list, list, int]:
+  """(operands, [indices], updates, touches) of a scatter: an in-place scatter moves its updates, not its
+  operands; touches: 2 when it overwrites (updates read, rows written), 3 when it combines (rows read too)."""
+  n = (len(ins.operands) - 1) // 2
+  m = re.search(r"to_apply=%?([\w.\-]+)", ins.rest)
+  combiner = computations.get(m.group(1), []) if m else []
+  root = next((i for i in combiner if i.root), None)
+  overwrite = root is not None and root.op == "parameter"
+  return ins.operands[:n], ins.operands[n:n + 1], ins.operands[n + 1:], 2 if overwrite else 3
+
+
 def _family(ins: "_Instr", computations: dict, memo: dict) -> str:
   """The family of an unfused instruction: a fusion containing a dot / convolution is a GEMM's."""
   if ins.op in ("dot", "convolution"):
@@ -236,9 +247,9 @@ def _valid_taps(in_size: int, out_size: int, size: int, stride: int, low: int, l
 
 def _moved_bytes(ins: _Instr, shapes: dict, computations: dict) -> float:
   """HBM bytes an unfused instruction reads and writes. In-place updates and slices of a big buffer (a scan's
-  stacked weights and residuals) touch only the slice: a dynamic-update-slice writes its update, a
-  dynamic-slice or gather reads its result's size, also when they sit inside a fusion (per fused parameter,
-  per element of a multi-output fusion's root)."""
+  stacked weights and residuals, a KV cache) touch only the slice: a dynamic-update-slice writes its update, a
+  scatter its updates' rows, a dynamic-slice or gather reads its result's size, also when they sit inside a
+  fusion (per fused parameter, per element of a multi-output fusion's root)."""
   size = lambda name: float(sum(array_bytes(shapes.get(name, ""))))  # noqa: E731
   if ins.op == "custom-call" and 'custom_call_target="AllocateBuffer"' in ins.rest:
     return 0.0  # an uninitialised buffer (a scan's stacked outputs): nothing is read or written
@@ -246,6 +257,9 @@ def _moved_bytes(ins: _Instr, shapes: dict, computations: dict) -> float:
     return 2 * size(ins.operands[1])
   if ins.op in ("dynamic-slice", "gather"):
     return 2 * float(sum(array_bytes(ins.shape)))  # the rows read, then written
+  if ins.op == "scatter":
+    _, indices, updates, touches = _scatter_parts(ins, computations)
+    return size(indices[0]) + touches * sum(size(u) for u in updates)
   out = float(sum(array_bytes(ins.shape)))
   callee = _fused_computation(ins)
   body = computations.get(callee) if callee else None
@@ -265,6 +279,10 @@ def _moved_bytes(ins: _Instr, shapes: dict, computations: dict) -> float:
       if r.op == "dynamic-update-slice" and len(r.operands) > 1 and r.operands[1] in inner:
         out += float(sum(array_bytes(inner[r.operands[1]].shape)))  # written; read where it is a parameter
         in_place.add(r.operands[0])
+      elif r.op == "scatter" and all(o in inner for o in r.operands):  # a KV cache's rows, in place
+        operands, _, updates, touches = _scatter_parts(r, computations)
+        out += (touches - 1) * sum(float(sum(array_bytes(inner[u].shape))) for u in updates)
+        in_place.update(operands)
       else:
         out += float(sum(array_bytes(r.shape)))
   total = out
@@ -346,9 +364,19 @@ def parse(text: str, num_devices: int) -> Program:
     body = re.search(r"body=%?([\w.\-]+)", ins.rest)
     cond_instrs = {i.name: i for i in computations.get(cond.group(1) if cond else "", ())}
     compare = next((i for i in cond_instrs.values() if i.op == "compare" and "direction=LT" in i.rest), None)
+    scope = lambda o: cond_instrs.get(o)  # noqa: E731
+    if compare is None:  # `i < N` fused with the rest of the condition (`i < N & any(active)`)
+      for fusion in cond_instrs.values():
+        inner = {i.name: i for i in computations.get(_fused_computation(fusion) or "", ())}
+        compare = next((i for i in inner.values() if i.op == "compare" and "direction=LT" in i.rest), None)
+        if compare is not None:
+          numbers = {v: k for k, v in _parameters(list(inner.values())).items()}
+          scope = lambda o, inner=inner, numbers=numbers, fusion=fusion: (  # noqa: E731
+              cond_instrs.get(fusion.operands[numbers[o]]) if o in numbers else inner.get(o))
+          break
     if compare is None or len(compare.operands) != 2:
       return 1
-    counter, limit = (cond_instrs.get(o) for o in compare.operands)
+    counter, limit = (scope(o) for o in compare.operands)
     if not (counter and limit and counter.op == "get-tuple-element" and limit.op == "constant"):
       return 1
     bound = re.match(r"^(-?\d+)\)", limit.rest)
