@@ -1,7 +1,7 @@
 """Thinker text generation vs transformers' generate: time to first token and decode tokens/s (same run).
 
   .venv/bin/python bench/bench_generate.py [--size tiny|100m|7b] [--batch 1 4] [--prompt 128] [--new 64]
-      [--dtype float32|bfloat16] [--no-reference] [--cache_len 4096]
+      [--dtype float32|bfloat16] [--no-reference] [--cache_len 4096] [--aot v5p:1x1x1]
 
 --dtype bfloat16 stores our weights and computes in bf16 (transformers stays float32: its CPU bf16 kernels are
 slow), so that row measures what serving in bf16 gains, not a like-for-like ratio.
@@ -15,6 +15,8 @@ tokens/s = rows * (new - 1) / (time(new) - time(1)). Medians of --iters runs aft
 --size 7b builds the 7B-shaped Thinker LM with random weights for a GPU (our side only: --no-reference).
 --unrolled decodes with the layers unrolled (config.model.scan_layers=False, same stacked weights): a scanned
 layer reads its weights through a dynamic slice, which a GPU may copy before its matmul.
+--aot TOPOLOGY compiles the decode program for a topology instead (a TPU's, through libtpu, on any host) and prints
+the HBM bytes one step moves by kernel family against the weights and cache window it must read.
 --cache_len N also decodes the same replies in conversations of N cache slots each (as OmniSession and the
 server keep them; OmniChat sizes its cache to the prompt and reply) and prints its decode rate against the
 tight cache's: a decode step reads the slots a call may reach only (Engine.cache_windows), so ~1.0x is right.
@@ -51,26 +53,30 @@ def ours_from_config(config):
   return Generator(graphdef, state, config, mesh, shardings)
 
 
-def build(size: str, dtype: str, reference: bool, scan_layers: bool = True):
+def lm_config(size: str, dtype: str, scan_layers: bool = True):
+  """The config of a text-only Thinker of SIZES[size] (random weights: no reference model)."""
   import ml_collections  # noqa: PLC0415
+  from configs import tiny  # noqa: PLC0415
 
   s = dict(SIZES[size])
   mrope = s.pop("mrope")
-  if not reference:
-    from configs import tiny  # noqa: PLC0415
+  c = tiny.get_config()
+  with c.unlocked():
+    for k in ("audio", "vision"):
+      if k in c.model.thinker:
+        del c.model.thinker[k]
+  c.model.thinker.text = ml_collections.ConfigDict(dict(
+      s, head_dim=s["hidden_size"] // s["num_attention_heads"], mrope_section=tuple(mrope), rope_theta=1e6,
+      hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False))
+  c.model.thinker.update(pad_token_id=0, eos_token_ids=(), user_token_id=0)
+  c.model.dtype = c.model.param_dtype = dtype
+  c.model.scan_layers = scan_layers
+  return c
 
-    c = tiny.get_config()
-    with c.unlocked():
-      for k in ("audio", "vision"):
-        if k in c.model.thinker:
-          del c.model.thinker[k]
-    c.model.thinker.text = ml_collections.ConfigDict(dict(
-        s, head_dim=s["hidden_size"] // s["num_attention_heads"], mrope_section=tuple(mrope), rope_theta=1e6,
-        hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False))
-    c.model.thinker.update(pad_token_id=0, eos_token_ids=(), user_token_id=0)
-    c.model.dtype = c.model.param_dtype = dtype
-    c.model.scan_layers = scan_layers
-    return None, ours_from_config(c)
+
+def build(size: str, dtype: str, reference: bool, scan_layers: bool = True):
+  if not reference:
+    return None, ours_from_config(lm_config(size, dtype, scan_layers))
   import torch  # noqa: PLC0415
 
   torch.set_num_threads(os.cpu_count())
@@ -84,6 +90,46 @@ def build(size: str, dtype: str, reference: bool, scan_layers: bool = True):
   return model, Generator(graphdef, state, config, mesh, shardings)
 
 
+def print_aot(args, parser):
+  """--aot: the engine's generate program compiled for a topology (no device, no weights): the HBM bytes of one
+  decode step by kernel family (a 2-step program's minus a 1-step one's), against the weights and the cache
+  window a step must read; and what a call moves outside its loop (the window's copies, layout changes)."""
+  import functools  # noqa: PLC0415
+
+  from omni_jax.aot import compile as compile_lib, hardware, hlo  # noqa: PLC0415
+  from omni_jax.generate import engine as engine_lib  # noqa: PLC0415
+
+  try:
+    devices = compile_lib.devices_for(hardware.parse(args.aot))
+  except (hardware.TopologyError, compile_lib.TpuUnavailable) as e:
+    parser.error(f"--aot: {e}")
+  config = lm_config(args.size, args.dtype, not args.unrolled)
+  mesh = sharding.make_mesh({"data": -1}, devices)
+  graphdef, abstract = omni.abstract_model(config)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                        sharding.state_shardings(abstract, mesh, config.sharding_rules))
+  weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract))
+  mib = lambda x: f"{x / 2**20:,.1f}"  # noqa: E731
+  print(f"{args.aot}: {args.size} Thinker decode, {args.dtype}, weights {mib(weights)} MiB; MiB by kernel family")
+  for rows in args.batch:
+    max_len = args.cache_len or engine_lib.bucket(args.prompt + args.new, 256)
+    window = min(engine_lib.bucket(args.prompt + args.new, engine_lib.WINDOW_LEAST), max_len)
+    engine = engine_lib.Engine(graphdef, params, config, mesh, num_slots=rows, max_len=max_len)
+    slots = jax.eval_shape(functools.partial(engine._idle_slots, rows, SIZES[args.size]["vocab_size"]))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    slots = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), slots)
+    moved = [hlo.parse(engine.programs.generate.lower(params, slots, steps, window, window).compile().as_text(),
+                       len(devices)).bytes_by_family for steps in (1, 2)]
+    step = {k: moved[1][k] - moved[0][k] for k in moved[0]}
+    outside = sum(moved[0].values()) - sum(step.values())
+    k = slots.cache.k
+    cache_bytes = 2 * k.size * k.dtype.itemsize * window / max_len
+    print(f"batch {rows}, {max_len} cache slots, window {window}: per step "
+          + ", ".join(f"{f} {mib(b)}" for f, b in step.items())
+          + f" = {mib(sum(step.values()))} (weights + window {mib(weights + cache_bytes)}); "
+          f"per call outside the loop {mib(outside)}", flush=True)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", default="100m", choices=sorted(SIZES))
@@ -95,7 +141,12 @@ def main():
   p.add_argument("--no-reference", dest="reference", action="store_false")
   p.add_argument("--unrolled", action="store_true", help="layers unrolled instead of scanned")
   p.add_argument("--cache_len", type=int, default=None, help="also decode in conversations of this many slots")
+  p.add_argument("--aot", metavar="TOPOLOGY", default=None,
+                 help="compile the decode program for a topology (python -m omni_jax.aot's --topology, e.g. "
+                      "v5p:1x1x1) and print the bytes one step moves by kernel family instead of running it")
   args = p.parse_args()
+  if args.aot:
+    return print_aot(args, p)
   torch_model, gen = build(args.size, args.dtype, args.reference, scan_layers=not args.unrolled)
   n_params = sum(np.size(x) for x in jax.tree.leaves(gen.params))
   print(f"size {args.size} ({n_params / 1e6:.1f} M params), {args.dtype}, devices {jax.devices()[0].platform} "

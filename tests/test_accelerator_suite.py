@@ -168,6 +168,25 @@ def test_parsers_on_accelerator_output():
   assert mfu["mfu.text"]["gflop_per_step"] == 103600 and mfu["mfu.text"]["batch_fields"] == ["text"]
 
 
+def test_bench_generate_compiles_the_decode_program_ahead_of_time():
+  """bench_generate.py --aot: the engine's generate program compiled for a topology (here cpu:1) without
+  weights; one step's bytes (a 2-step program's minus a 1-step one's) read the layers' weights at least."""
+  import re  # noqa: PLC0415
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_generate.py"), "--size", "tiny",
+                      "--no-reference", "--batch", "4", "--prompt", "16", "--new", "32", "--cache_len", "1024",
+                      "--aot", "cpu:1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  weights = float(re.search(r"weights ([\d,.]+) MiB", p.stdout).group(1).replace(",", ""))
+  m = re.search(r"^batch 4, 1024 cache slots, window 256: per step gemm ([\d.,]+), attention ([\d.,]+), other "
+                r"([\d.,]+) = ([\d.,]+) \(weights \+ window ([\d.,]+)\)", p.stdout, re.M)
+  assert m, p.stdout
+  gemm, attention, other, total, bound = (float(x.replace(",", "")) for x in m.groups())
+  assert total == pytest.approx(gemm + attention + other, abs=0.2) and bound > weights > 0
+  assert total > 0.5 * weights, p.stdout  # every layer's weights and the LM head (the embedding is gathered)
+
+
 def test_bench_mfu_compiles_ahead_of_time_and_reports_bytes_by_kernel_family():
   """bench_mfu.py --aot: the steps it would time, compiled for a topology without running (here cpu:1); the text
   step trains the language model alone, the multimodal one the whole Thinker."""
