@@ -166,8 +166,7 @@ def test_decode_reads_a_window_of_a_long_cache_and_equals_decoding_over_all_of_i
   """A conversation near the end of the engine's first cache window (256 slots of 512): its spoken reply
   decodes in windows that grow mid-reply (256 slots, then the Thinker's whole cache and 512 of the Talker's
   530), next to a short conversation's reply, and equals the same replies decoded over the whole caches: every
-  token and code, the caches each conversation keeps, and its next turn."""
-  turn = model.tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
+  token and code, and the caches each conversation keeps (its valid slots, keys and values)."""
 
   def run(whole: bool):
     if whole:  # the windows as large as the caches: no call reads fewer slots than it has
@@ -184,29 +183,22 @@ def test_decode_reads_a_window_of_a_long_cache_and_equals_decoding_over_all_of_i
     replies = [engine_lib.Reply(long, settings(model, 0)), engine_lib.Reply(conversation(model, engine, PROMPTS[2]),
                                                                            settings(model, 2))]
     list(engine.run(replies))
-    first = (long.slots, np.asarray(long.cache.valid), np.asarray(long.cache.k), np.asarray(long.talker_cache.valid),
-             np.asarray(long.talker_cache.k))
-    ids = [replies[0].tokens[-1]] + list(turn)
-    batch = prompts.prompt_batch([_text_sample(ids)], pad_id=model.generator.ids.pad_token_id, length_multiple=16)
-    engine.prefill(long, {k: v for k, v in batch.items() if k not in ("labels", "kind", "use_audio_in_video")}, ids)
-    second = engine_lib.Reply(long, settings(model, 3))
-    list(engine.run([second]))
-    return [(r.tokens, r.codes) for r in replies + [second]], first, windows
+    caches = [np.asarray(x) for c in (long.cache, long.talker_cache) for x in (c.valid, c.k, c.v)]
+    return [(r.tokens, r.codes) for r in replies], long.slots, caches, windows
 
-  windowed, cache, windows = run(False)
-  whole, whole_cache, whole_windows = run(True)
+  windowed, slots, caches, windows = run(False)
+  whole, whole_slots, whole_caches, whole_windows = run(True)
   assert windows[0] == (256, 256) and (512, 512) in windows and set(windows) <= {(256, 256), (512, 256),
                                                                                 (256, 512), (512, 512)}, windows
   assert set(whole_windows) == {(512, 512 + 2 + 16)}
-  assert windowed == whole
-  assert all(len(codes) == 16 for _, codes in windowed[:1])  # the first reply spoke on past slot 256
-  slots, valid, _, talker_valid, _ = cache
-  assert slots == whole_cache[0] > 256
-  for i in (1, 3):  # the Thinker's and the Talker's prefix: the same slots valid, holding the same keys
-    np.testing.assert_array_equal(cache[i], whole_cache[i])
-    np.testing.assert_allclose(cache[i + 1][:, 0, :, cache[i][0]], whole_cache[i + 1][:, 0, :, cache[i][0]],
-                               atol=1e-5)
-  assert valid[0, 256:slots].all() and talker_valid[0, 256:slots].all()  # written past the first window
+  assert windowed == whole and len(windowed[0][1]) == 16  # the first reply spoke on past slot 256
+  assert slots == whole_slots > 256
+  for i in (0, 3):  # the Thinker's cache and the Talker's prefix: the same slots valid, the same keys and values
+    valid = caches[i][0]
+    assert valid[256:slots].all()  # written past the first window
+    np.testing.assert_array_equal(caches[i], whole_caches[i])
+    for j in (i + 1, i + 2):
+      np.testing.assert_allclose(caches[j][:, 0, :, valid], whole_caches[j][:, 0, :, valid], atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
