@@ -627,8 +627,6 @@ def plan(args, device: dict) -> list:
   # session's max_len): its decode steps read the slots in use only (the engine's cache windows).
   session_len = 1024 if s else 4096
   session = decode[:decode.index("--batch")] + ["--batch", str(big)] + decode[decode.index("--prompt"):]
-  if s:  # a ratio of two rates the smoke run only checks for being measured: one round
-    session[session.index("--iters") + 1] = "1"
   jobs.append(Job("decode_session", bench("bench_generate.py") + session + ["--no-reference", "--cache_len",
                                                                            str(session_len)], t(60),
                   [row("decode.session", f"Thinker decode, {name}, batch {big}, {session_len:,} cache slots per "
