@@ -459,6 +459,11 @@ class Engine:
     self.replies: list[Optional[Reply]] = [None] * self.num_slots
     self.waiting: list[Reply] = []
 
+  @property
+  def talker_len(self) -> int:
+    """Slots of the Talker's cache: the conversation's, its reply's speaker and first rows, its codes."""
+    return self.max_len + 2 + self.max_codes
+
   # -- conversations
 
   def _decoders(self):
@@ -469,7 +474,7 @@ class Engine:
     thinker, talker = self._decoders()
     with sharding.activate(self.mesh, self.rules):
       cache = _sharded_cache(thinker, rows, self.max_len, self.cache_dtype)
-      talker_cache = (_sharded_cache(talker, rows, self.max_len + 2 + self.max_codes, self.cache_dtype)
+      talker_cache = (_sharded_cache(talker, rows, self.talker_len, self.cache_dtype)
                       if talker is not None else None)
     return cache, talker_cache
 
@@ -629,7 +634,7 @@ class Engine:
             for r in self.replies if r is not None]
     thinker, talker = (max(u) + self.steps_per_call for u in zip(*used)) if used else (0, 0)
     return (min(bucket(thinker, WINDOW_LEAST), self.max_len),
-            min(bucket(talker, WINDOW_LEAST), self.max_len + 2 + self.max_codes))
+            min(bucket(talker, WINDOW_LEAST), self.talker_len))
 
   def _finish(self, reply: Reply, b: int) -> None:
     conv = reply.conversation
