@@ -10,13 +10,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import numpy as np  # noqa: E402
 
-import hf_reference as ref  # noqa: E402
-from omni_jax.convert import hf  # noqa: E402
-
 
 def reference_thinker(spec: dict):
   """(transformers thinker with perturbed random weights, our config, its saved directory) for a text spec:
   Qwen2_5OmniTextConfig fields plus `mrope` (the three rotary sections)."""
+  # Imported here: torch and transformers cost seconds at start-up, and a run with --no-reference needs neither.
+  import hf_reference as ref  # noqa: PLC0415
+  from omni_jax.convert import hf  # noqa: PLC0415
   spec = dict(spec)
   section = spec.pop("mrope")
   ref.TEXT_VARIANTS["bench"] = dict(spec, rope_parameters={"mrope_section": section, "rope_type": "default",

@@ -5,18 +5,11 @@ import os
 import numpy as np
 
 
-def make_checkpoint(path: str, padded_rows_gain: float = 1.0) -> str:
-  """The tiny config with a small Token2Wav and random voices (speakers.safetensors beside params/).
-  padded_rows_gain: the LM head's columns of the ids past the tokenizer's vocabulary (the padded rows) are
-  scaled by it, so that a random model picks those ids often unless decoding masks them."""
-  import jax  # noqa: PLC0415
+def speech_config():
+  """The tiny config with a small Token2Wav."""
   import ml_collections  # noqa: PLC0415
 
   from configs import tiny  # noqa: PLC0415
-  from omni_jax import checkpoint  # noqa: PLC0415
-  from omni_jax import sharding  # noqa: PLC0415
-  from omni_jax.models import omni  # noqa: PLC0415
-  from omni_jax.token2wav import voice  # noqa: PLC0415
 
   c = tiny.get_config()
   c.mesh = {"data": 1}
@@ -33,6 +26,21 @@ def make_checkpoint(path: str, padded_rows_gain: float = 1.0) -> str:
                    resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1,),)), dtype="float32"))
   # The Talker's released sampling, seeded so that these random weights speak 46 codes (0.9 s) before a stop id.
   c.generate.talker.max_new_tokens, c.generate.talker.seed = 48, 1
+  return c
+
+
+def make_checkpoint(path: str, padded_rows_gain: float = 1.0) -> str:
+  """speech_config() with random weights and voices (speakers.safetensors beside params/).
+  padded_rows_gain: the LM head's columns of the ids past the tokenizer's vocabulary (the padded rows) are
+  scaled by it, so that a random model picks those ids often unless decoding masks them."""
+  import jax  # noqa: PLC0415
+
+  from omni_jax import checkpoint  # noqa: PLC0415
+  from omni_jax import sharding  # noqa: PLC0415
+  from omni_jax.models import omni  # noqa: PLC0415
+  from omni_jax.token2wav import voice  # noqa: PLC0415
+
+  c = speech_config()
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
   _, state, _ = omni.create_sharded(c, mesh, seed=3)
   if padded_rows_gain != 1.0:

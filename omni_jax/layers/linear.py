@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from omni_jax.layers import grouped_init
+
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 
@@ -24,8 +26,8 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequen
     if len(units) != len(shape) or any(d % u for d, u in zip(shape, units)):
       raise ValueError(f"shard units {tuple(units)} do not divide parameter shape {tuple(shape)}")
     extra["shard_units"] = tuple(int(u) for u in units)
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(names), eager_sharding=False,
-                   **extra)
+  return grouped_init.create(init, rngs, shape, dtype, lambda value: nnx.Param(
+      value, sharding_names=tuple(names), eager_sharding=False, **extra))
 
 
 class Linear(nnx.Module):

@@ -9,7 +9,7 @@ from jax.sharding import Mesh
 
 from omni_jax import config as config_lib
 from omni_jax import sharding, towers
-from omni_jax.layers import lora
+from omni_jax.layers import grouped_init, lora
 
 
 class OmniModel(nnx.Module):
@@ -18,8 +18,9 @@ class OmniModel(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs, reference: Sequence[str] = ()):
     rt = config_lib.Runtime.from_config(config.model)
-    for tower in towers.built(config):
-      setattr(self, tower.name, tower.build(config, rt, rngs))
+    with grouped_init.grouped():  # the towers' parameters drawn a group at a time: a smaller init program
+      for tower in towers.built(config):
+        setattr(self, tower.name, tower.build(config, rt, rngs))
     if reference:  # full DPO's frozen reference: copies of the towers that train (omni_jax.dpo.copied_towers)
       self.reference = Towers({name: nnx.clone(getattr(self, name)) for name in reference})
     adapters = lora.LoraConfig.from_config(config)
@@ -40,21 +41,28 @@ def abstract_model(config: ml_collections.ConfigDict, reference: Sequence[str] =
   return nnx.split(nnx.eval_shape(lambda: OmniModel(config, rngs=nnx.Rngs(0), reference=reference)))
 
 
+# XLA:CPU's most expensive LLVM passes (level 3, its default) take half an init program's compile time (its
+# hundreds of small sampling kernels: ~10 s for a Token2Wav) and buy nothing for a program that runs once. At
+# level 1 its values are the same bits; at level 0 they are not.
+_INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
+
+
 def create_sharded(config: ml_collections.ConfigDict, mesh: Mesh, seed: Optional[int] = None,
-                   reference: Sequence[str] = ()):
+                   reference: Sequence[str] = (), abstract: Optional[tuple[nnx.GraphDef, nnx.State]] = None):
   """(graphdef, state, shardings): parameters initialised directly in their sharded layout on `mesh`.
 
   The initialiser runs under jit with out_shardings, so no host or device ever holds a full copy of a
-  sharded parameter.
+  sharded parameter. abstract: abstract_model(config, reference), where the caller has it already.
   """
   seed = config.get("seed", 0) if seed is None else seed
-  graphdef, abstract = abstract_model(config, reference)
-  shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
+  graphdef, abstract_state = abstract or abstract_model(config, reference)
+  shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
 
   @jax.jit(out_shardings=shardings)
   def init():
     return nnx.split(OmniModel(config, rngs=nnx.Rngs(seed), reference=reference))[1]
 
   with sharding.activate(mesh, config.sharding_rules):
-    state = init()
+    options = _INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform)
+    state = init.lower().compile(compiler_options=options)()
   return graphdef, state, shardings

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omni_jax.layers import lora
+from omni_jax.layers import grouped_init, lora
 
 _POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -26,7 +26,8 @@ def create_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int
   @nnx.split_rngs(splits=num_layers)
   @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
   def make(r):
-    return make_layer(r)
+    with grouped_init.suspended():  # the variables made inside vmap are not the ones it returns
+      return make_layer(r)
 
   return make(rngs)
 

@@ -105,6 +105,7 @@ class Setup:
     # Full DPO trains against frozen copies of its towers (model.reference), never saved (train/loop.py).
     self.reference = dpo.copied_towers(config)
     self.graphdef, abstract = omni.abstract_model(config, self.reference)
+    self._abstract_model = (self.graphdef, abstract)
     self.abstract_params = nnx.to_pure_dict(abstract)
     self.param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, config.sharding_rules))
     self.frozen = frozen_paths(self.abstract_params, tuple(config.train.freeze))
@@ -137,7 +138,8 @@ class Setup:
   def init(self, params: Params | None = None) -> TrainState:
     """A fresh state: parameters initialised on their devices (or the given ones), zeroed optimizer state."""
     if params is None:
-      _, state, _ = omni.create_sharded(self.config, self.mesh, reference=self.reference)
+      _, state, _ = omni.create_sharded(self.config, self.mesh, reference=self.reference,
+                                        abstract=self._abstract_model)
       params = nnx.to_pure_dict(state)
 
     if self._init is None:
