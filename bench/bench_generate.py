@@ -10,8 +10,8 @@ Both sides get identical weights (ours imported from the transformers model), th
 decoding without an eos (every row runs max_new_tokens). Ours is the library's path (the conversation engine,
 as OmniChat.chat_batch drives it: each prompt prefilled alone, the replies decoded together in one slot per
 row); transformers gets them as one left-padded batch. Time to first token = a reply of one new token; decode
-tokens/s = rows * (new - 1) / (time(new) - time(1)). Medians of --iters runs after a warm-up
-(compilation excluded). Prints each side and the ratios (ours / transformers: > 1 means we are faster).
+tokens/s = rows * (new - 1) / (time(new) - time(1)), the median over --iters interleaved rounds of the round's
+difference (after a warm-up: compilation excluded); time to first token, the median of its runs. Prints each side and the ratios (ours / transformers: > 1 means we are faster).
 --size 7b builds the 7B-shaped Thinker LM with random weights for a GPU (our side only: --no-reference).
 --unrolled decodes with the layers unrolled (config.model.scan_layers=False, same stacked weights): a scanned
 layer reads its weights through a dynamic slice, which a GPU may copy before its matmul.
@@ -29,7 +29,7 @@ import os
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import left_padded_prompts, reference_thinker, time_alternating  # noqa: E402
+from common import left_padded_prompts, median_difference, reference_thinker, timings_alternating  # noqa: E402
 import reply_testlib  # noqa: E402  (tests/, on sys.path through common)
 from omni_jax import sharding  # noqa: E402
 from omni_jax.convert import hf  # noqa: E402
@@ -161,15 +161,16 @@ def main():
       return lambda: [r.tokens for r in reply_testlib.replies(chat, samples, max_new_tokens=n, max_len=max_len)]
 
     if args.cache_len:
-      t1, tn, s1, sn = time_alternating([ours(1), ours(args.new), ours(1, args.cache_len),
-                                         ours(args.new, args.cache_len)], args.iters)
-      tight, session = rows * (args.new - 1) / (tn - t1), rows * (args.new - 1) / (sn - s1)
+      t1, tn, s1, sn = timings_alternating([ours(1), ours(args.new), ours(1, args.cache_len),
+                                            ours(args.new, args.cache_len)], args.iters)
+      tight = rows * (args.new - 1) / median_difference(tn, t1)
+      session = rows * (args.new - 1) / median_difference(sn, s1)
       print(f"batch {rows}: decode {tight:.1f} tok/s with a cache of the prompt and reply, {session:.1f} tok/s "
             f"with {args.cache_len} slots per conversation: {session / tight:.2f}x", flush=True)
     elif torch_model is None:
-      t1, tn = time_alternating([ours(1), ours(args.new)], args.iters)
-      print(f"batch {rows}: ours TTFT {t1 * 1e3:.1f} ms, decode {rows * (args.new - 1) / (tn - t1):.1f} tok/s",
-            flush=True)
+      t1, tn = timings_alternating([ours(1), ours(args.new)], args.iters)
+      print(f"batch {rows}: ours TTFT {np.median(t1) * 1e3:.1f} ms, decode "
+            f"{rows * (args.new - 1) / median_difference(tn, t1):.1f} tok/s", flush=True)
     else:
       import torch  # noqa: PLC0415
 
@@ -183,8 +184,10 @@ def main():
                                         pad_token_id=0, eos_token_id=None)
         return run
 
-      t1, tn, h1, hn = time_alternating([ours(1), ours(args.new), theirs(1), theirs(args.new)], args.iters)
-      ours_tps, hf_tps = rows * (args.new - 1) / (tn - t1), rows * (args.new - 1) / (hn - h1)
+      t1, tn, h1, hn = timings_alternating([ours(1), ours(args.new), theirs(1), theirs(args.new)], args.iters)
+      ours_tps = rows * (args.new - 1) / median_difference(tn, t1)
+      hf_tps = rows * (args.new - 1) / median_difference(hn, h1)
+      t1, h1 = float(np.median(t1)), float(np.median(h1))
       check = theirs(args.new)()[:, args.prompt:].numpy()
       same = np.array_equal(check, ours(args.new)()) if args.dtype == "float32" else "n/a (bf16)"
       print(f"batch {rows}: ours TTFT {t1 * 1e3:.1f} ms, decode {ours_tps:.1f} tok/s"

@@ -7,7 +7,8 @@ Both sides decode the same Thinker output (transformers' greedy reply to left-pa
 inputs built by Qwen2_5OmniForConditionalGeneration.generate, ours by omni_jax.talker.inputs), greedily with
 the released repetition penalty and suppressed codec bos, without stop codes (every row runs --new codes).
 Decode codes/s = rows * (new - 1) / (time(new) - time(1)): the prefill (ours: with its teacher-forced Thinker
-forward) cancels out. Medians of --iters interleaved runs after a warm-up (compilation excluded); the ratio is
+forward) cancels out. The median over --iters interleaved rounds (after a warm-up: compilation excluded) of the
+round's difference time(new) - time(1), which cancels the load of the moment on a shared machine; the ratio is
 ours / transformers (> 1: we are faster). Real-time speech needs well over 50 codes/s per row at batch 1
 (50 codes = 1 s of audio). --size 7b: the released Talker shape (and the 7B Thinker feeding it), random weights,
 our side only. Figures: docs/performance.md ("Talker decode").
@@ -148,7 +149,7 @@ def main():
   args = p.parse_args()
   if (args.size == "7b") == args.reference:
     p.error("--size 7b runs our side only (add --no-reference); tiny and 100m compare with transformers")
-  from common import time_alternating  # noqa: PLC0415
+  from common import median_difference, timings_alternating  # noqa: PLC0415
 
   greedy = SamplingParams(repetition_penalty=1.05)
   speech = None
@@ -174,10 +175,11 @@ def main():
                                                 stop_ids=()).codes
 
     if not args.reference:
-      t1, tn = time_alternating([ours(1), ours(args.new)], args.iters)
+      t1, tn = timings_alternating([ours(1), ours(args.new)], args.iters)
+      decode = median_difference(tn, t1)
       print(f"size {args.size} (Talker {n_params / 1e6:.1f} M params), {args.dtype}, {jax.devices()[0].platform}, "
-            f"batch {rows}: ours {rows * (args.new - 1) / (tn - t1):.1f} codes/s "
-            f"({(args.new - 1) / (tn - t1):.1f} per row; first code {t1 * 1e3:.1f} ms)", flush=True)
+            f"batch {rows}: ours {rows * (args.new - 1) / decode:.1f} codes/s "
+            f"({(args.new - 1) / decode:.1f} per row; first code {np.median(t1) * 1e3:.1f} ms)", flush=True)
       continue
 
     def theirs(n):
@@ -189,8 +191,9 @@ def main():
           return model.talker.generate(**kw)[:, kwargs["input_ids"].shape[1]:].numpy()
       return run
 
-    t1, tn, h1, hn = time_alternating([ours(1), ours(args.new), theirs(1), theirs(args.new)], args.iters)
-    ours_cps, hf_cps = rows * (args.new - 1) / (tn - t1), rows * (args.new - 1) / (hn - h1)
+    t1, tn, h1, hn = timings_alternating([ours(1), ours(args.new), theirs(1), theirs(args.new)], args.iters)
+    ours_cps = rows * (args.new - 1) / median_difference(tn, t1)
+    hf_cps = rows * (args.new - 1) / median_difference(hn, h1)
     same = np.array_equal(ours(args.new)(), theirs(args.new)()) if args.dtype == "float32" else "n/a (bf16)"
     print(f"size {args.size} (Talker {n_params / 1e6:.1f} M params), {args.dtype}, batch {rows}: ours "
           f"{ours_cps:.1f} codes/s | transformers {hf_cps:.1f} codes/s | ratio {ours_cps / hf_cps:.2f}x | "

@@ -30,6 +30,11 @@ def reference_thinker(spec: dict):
 def time_alternating(fns, iters):
   """Median seconds per call of each fn, calls interleaved (after one warm-up / compile call each), so that
   a shared machine's load hits every side alike."""
+  return [float(np.median(ts)) for ts in timings_alternating(fns, iters)]
+
+
+def timings_alternating(fns, iters):
+  """Each fn's seconds per round ([fn][round]), calls interleaved as in time_alternating."""
   for fn in fns:
     fn()
   times = [[] for _ in fns]
@@ -38,7 +43,13 @@ def time_alternating(fns, iters):
       t = time.perf_counter()
       fn()
       ts.append(time.perf_counter() - t)
-  return [float(np.median(ts)) for ts in times]
+  return times
+
+
+def median_difference(longer, shorter) -> float:
+  """The median over rounds of longer[i] - shorter[i]: timings of one round, taken back to back, share the
+  machine's load of the moment, which a difference of the two medians would not cancel."""
+  return float(np.median(np.asarray(longer) - np.asarray(shorter)))
 
 
 def left_padded_prompts(rows: int, length: int, low: int, high: int) -> dict:

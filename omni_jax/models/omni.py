@@ -44,7 +44,7 @@ def abstract_model(config: ml_collections.ConfigDict, reference: Sequence[str] =
 # XLA:CPU's most expensive LLVM passes (level 3, its default) take half an init program's compile time (its
 # hundreds of small sampling kernels: ~10 s for a Token2Wav) and buy nothing for a program that runs once. At
 # level 1 its values are the same bits; at level 0 they are not.
-_INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
 def create_sharded(config: ml_collections.ConfigDict, mesh: Mesh, seed: Optional[int] = None,
@@ -63,6 +63,6 @@ def create_sharded(config: ml_collections.ConfigDict, mesh: Mesh, seed: Optional
     return nnx.split(OmniModel(config, rngs=nnx.Rngs(seed), reference=reference))[1]
 
   with sharding.activate(mesh, config.sharding_rules):
-    options = _INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform)
+    options = INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform)
     state = init.lower().compile(compiler_options=options)()
   return graphdef, state, shardings
