@@ -1,6 +1,6 @@
-"""Parameters drawn a group at a time (omni_jax.layers.grouped_init) are the same bits as drawn one by one, and
-the whole model's init program (grouped, compiled at XLA:CPU's level 1) gives the values that one-by-one draws
-compiled at the default level give."""
+"""Parameters drawn a group at a time (omni_jax.layers.grouped_init) are the same bits as drawn one by one; XLA:CPU's
+level 1 compiles draws to the default level's bits; and the whole model's init program (create_sharded) gives
+the values of every draw one by one."""
 
 import jax
 import jax.numpy as jnp
