@@ -13,6 +13,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import accelerator_suite as suite  # noqa: E402  (standard library only at import: no JAX in the parent)
+import xla_env  # noqa: E402
 
 # The rows of a CPU smoke run: measured ones, and the GPU-only ones it may skip (with a reason).
 MEASURED = ["mfu.text", "mfu.multimodal", "decode.batch1", "decode.unrolled", "decode.batched", "profile.train",
@@ -27,7 +28,7 @@ HEADER = "| what | figure | unit | target | note |"
 
 @pytest.mark.slow
 def test_smoke_run(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.env(1, JAX_PLATFORMS="cpu")
   out = tmp_path / "suite.json"
   p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "accelerator_suite.py"), "--smoke", "--out",
                       str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -173,7 +174,7 @@ def test_bench_generate_compiles_the_decode_program_ahead_of_time():
   weights; one step's bytes (a 2-step program's minus a 1-step one's) read the layers' weights at least."""
   import re  # noqa: PLC0415
 
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.env(1, JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_generate.py"), "--size", "tiny",
                       "--no-reference", "--batch", "4", "--prompt", "16", "--new", "32", "--cache_len", "1024",
                       "--aot", "cpu:1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -190,7 +191,7 @@ def test_bench_generate_compiles_the_decode_program_ahead_of_time():
 def test_bench_mfu_compiles_ahead_of_time_and_reports_bytes_by_kernel_family():
   """bench_mfu.py --aot: the steps it would time, compiled for a topology without running (here cpu:1); the text
   step trains the language model alone, the multimodal one the whole Thinker."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.env(1, JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_mfu.py"), "--smoke", "--aot", "cpu:1",
                       "--kinds", "text"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]

@@ -14,6 +14,7 @@ import termios
 import time
 
 import pytest
+import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,8 +33,7 @@ class Pty:
     attrs[3] &= ~termios.ECHO
     termios.tcsetattr(self.fd, termios.TCSANOW, attrs)
     # One CPU device: the conftest's eight make each decode step a collective over eight devices.
-    env = dict(os.environ, XLA_FLAGS=re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                                            os.environ.get("XLA_FLAGS", "")))
+    env = xla_env.env(1)
     self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, os.ttyname(child), *args], cwd=ROOT, env=env,
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(child)

@@ -8,6 +8,7 @@ import pytest
 import train_testlib as lib
 from omni_jax import distributed
 from omni_jax.train import loop
+import xla_env
 
 STEPS = 4
 _JAX_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_PORT")
@@ -90,8 +91,7 @@ def test_two_slurm_tasks_train_like_one_process(tmp_path):
   base = {k: v for k, v in os.environ.items() if k not in _JAX_VARS and not k.startswith("SLURM_")}
   procs = []
   for pid in range(2):
-    env = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               **_slurm_env(pid, 2, port))
+    env = xla_env.env(4, base, JAX_PLATFORMS="cpu", **_slurm_env(pid, 2, port))
     procs.append(lib.launch(workdir, env=env, log_as=tmp_path / f"task{pid}", **run))
   for pid, p in enumerate(procs):
     assert p.wait(timeout=400) == 0, lib.log_text(tmp_path / f"task{pid}")

@@ -17,6 +17,7 @@ from omni_jax import checkpoint
 from omni_jax import generate
 from omni_jax.models import omni
 from omni_jax import sharding
+import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +79,7 @@ def test_sampling_settings_and_errors(model, image):
 @pytest.mark.slow
 def test_generate_py_on_a_trained_workdir(tmp_path):
   """train.py for 2 steps, then generate.py on its workdir prints a reply; a bad checkpoint is one line."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = xla_env.env(1, JAX_PLATFORMS="cpu")
   work = str(tmp_path / "work")
   subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.py", "--workdir", work,
                   "--config.train.steps=2", "--config.train.checkpoint_every=2", "--config.train.batch_size=2",

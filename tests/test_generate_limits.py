@@ -29,6 +29,7 @@ from omni_jax.input.tokenizer import Tokenizer
 from omni_jax.models import omni
 from omni_jax.serve import OmniSession
 from omni_jax.serve.session import SessionContextLengthError, SessionError
+import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIONS = 512
@@ -204,7 +205,7 @@ def test_session_refuses_a_push_or_reply_past_its_context(model, tmp_path):
 def test_generate_py_refuses_a_long_prompt_in_bounded_memory(ckpt):
   """generate.py with a 100,000-character prompt: exit status 2, one `error:` line, and a peak resident size
   no larger than a short prompt's run (nothing sized by the prompt is allocated before the check)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = xla_env.env(1, JAX_PLATFORMS="cpu")
   words = np.random.default_rng(0).choice(["lorem", "ipsum", "dolor", "sit", "amet,", "consectetur"], 20000)
   prompt = " ".join(words)[:100_000]
   # The child's peak RSS, read in an intermediate process whose only child it is.

@@ -25,6 +25,7 @@ import train_testlib as lib
 from omni_jax import checkpoint
 from omni_jax.checkpoint import handlers
 from omni_jax.train import loop
+import xla_env
 
 
 def _free_port():
@@ -42,8 +43,8 @@ def test_sigterm_on_one_process_saves_the_same_step_everywhere_and_resumes_on_on
   run = dict(steps=200, checkpoint_every=0, end_lr_factor=1.0)
   procs = []
   for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    env = xla_env.env(4, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                      JAX_PROCESS_ID=str(pid))
     procs.append(lib.launch(workdir, env=env, log_as=tmp_path / f"process{pid}", **run))
   try:
     assert lib.wait_for_step(workdir, 3, procs[0], timeout=300), lib.log_text(tmp_path / "process0")

@@ -7,6 +7,7 @@ import pytest
 
 import train_testlib as lib
 from omni_jax.train import loop
+import xla_env
 
 STEPS = 6
 
@@ -27,8 +28,8 @@ def test_two_processes_match_one_process(tmp_path):
   address = f"localhost:{_free_port()}"
   procs = []
   for pid in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+    env = xla_env.env(4, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                      JAX_PROCESS_ID=str(pid))
     procs.append(lib.launch(workdir, env=env, log_as=tmp_path / f"process{pid}", **run))
   for pid, p in enumerate(procs):
     assert p.wait(timeout=400) == 0, lib.log_text(tmp_path / f"process{pid}")
