@@ -102,7 +102,7 @@ case "${1:-}" in
     JAX_COMPILATION_CACHE_DIR="$(mktemp -d -t omni_jax_xla_cache.XXXXXX)"
     export JAX_COMPILATION_CACHE_DIR JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
     trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
-    # --durations: the slowest tests in every log, to keep the suite inside its 30 minutes.
+    # --durations: the slowest tests in every log, to keep the suite inside its 40 minutes.
     # --max-worker-restart=0: a worker that dies fails the run at once (xdist gives a replaced worker no work).
     .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0 --durations=25
     ;;
