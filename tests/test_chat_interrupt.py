@@ -14,6 +14,7 @@ import termios
 import time
 
 import pytest
+
 import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,9 +6,9 @@ import socket
 import pytest
 
 import train_testlib as lib
+import xla_env
 from omni_jax import distributed
 from omni_jax.train import loop
-import xla_env
 
 STEPS = 4
 _JAX_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_PORT")

@@ -12,8 +12,8 @@ no evaluation at step 100 (the assertions read step 0 and the end), one checkpoi
 evaluator on the digits only with 4 new tokens (a digit and the end of turn), the corpus built into a temporary
 folder (conftest.demo_dir), media decoded in the training process (data.worker_count=0, the same batches), the
 tests' compile flag (tests/xla_env.py: the same bits, compiled faster) and a JAX compilation cache shared by the
-three processes. The units are fitted with run.sh's own settings: their
-cost is the two processes' start and compiles (about 15 s), not the clips or the k-means iterations.
+three processes. The units are fitted with run.sh's own settings: their cost is the two processes' start and
+compiles (about 15 s), not the clips or the k-means iterations.
 Measured cost (2026-12-01, back to back on 2 loaded cores): 402 s for this file, 357 s for the Thinker-only
 version it replaced; the rest of the difference is the Talker's share of every step and of its compile."""
 
@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from configs import demo
 import xla_env
+from configs import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,12 +12,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
+import xla_env
 from configs import tiny
 from omni_jax import checkpoint
 from omni_jax import generate
 from omni_jax.models import omni
 from omni_jax import sharding
-import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

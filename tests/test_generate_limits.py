@@ -18,6 +18,7 @@ import pytest
 import soundfile
 
 import decode_oracle as oracle
+import xla_env
 from configs import tiny
 from omni_jax import checkpoint
 from omni_jax import generate
@@ -29,7 +30,6 @@ from omni_jax.input.tokenizer import Tokenizer
 from omni_jax.models import omni
 from omni_jax.serve import OmniSession
 from omni_jax.serve.session import SessionContextLengthError, SessionError
-import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIONS = 512

@@ -22,10 +22,10 @@ import time
 import pytest
 
 import train_testlib as lib
+import xla_env
 from omni_jax import checkpoint
 from omni_jax.checkpoint import handlers
 from omni_jax.train import loop
-import xla_env
 
 
 def _free_port():

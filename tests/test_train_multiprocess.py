@@ -6,8 +6,8 @@ import socket
 import pytest
 
 import train_testlib as lib
-from omni_jax.train import loop
 import xla_env
+from omni_jax.train import loop
 
 STEPS = 6
 
