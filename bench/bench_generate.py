@@ -11,7 +11,8 @@ decoding without an eos (every row runs max_new_tokens). Ours is the library's p
 as OmniChat.chat_batch drives it: each prompt prefilled alone, the replies decoded together in one slot per
 row); transformers gets them as one left-padded batch. Time to first token = a reply of one new token; decode
 tokens/s = rows * (new - 1) / (time(new) - time(1)), the median over --iters interleaved rounds of the round's
-difference (after a warm-up: compilation excluded); time to first token, the median of its runs. Prints each side and the ratios (ours / transformers: > 1 means we are faster).
+difference (after a warm-up: compilation excluded); time to first token, the median of its runs. Prints each
+side and the ratios (ours / transformers: > 1 means we are faster).
 --size 7b builds the 7B-shaped Thinker LM with random weights for a GPU (our side only: --no-reference).
 --unrolled decodes with the layers unrolled (config.model.scan_layers=False, same stacked weights): a scanned
 layer reads its weights through a dynamic slice, which a GPU may copy before its matmul.
