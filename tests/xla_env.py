@@ -3,11 +3,8 @@ tests' compile flag.
 
 The compile flag has XLA:CPU emit its fused kernels with the older elemental emitters instead of the MLIR fusion
 emitters. Compiling is most of the suite's time (the test files' own programs, hundreds of them), and with the
-flag they compile in about 0.6x the time and run at the same speed (the same bits where compared). Measured on
-2 cores (2026-12-06): tests/test_generate.py + tests/test_session.py, 306 -> 175 s of XLA compile in all (a
-bfloat16 BigVGAN is one of the few programs that compile slower: 4 -> 12 s); the demo's train step, 40 steps of
-configs/demo.py, 0.87 s per step either way, every logged loss equal to the last bit; the whole suite on 2
-workers, 49:52 -> 35:46.
+flag they compile in about 0.6x the time and run at the same speed (the same bits where compared): measured in
+docs/performance.md, "Compiling the tests".
 
 XLA aborts on a flag that its version does not know, so a probe process asks this jaxlib once per test session
 (the answer travels to the workers and every process started after it in the environment).
