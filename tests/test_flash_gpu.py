@@ -101,7 +101,10 @@ def test_only_the_tiles_of_each_sample_are_visited():
 
 def test_the_triton_lowering_is_built_for_cuda_on_a_cpu_host():
   """Forward and backward lower to three Triton kernels for CUDA with the 7B Thinker's heads (28 / 4 x 128),
-  the vision tower's (16 x 80) and the audio tower's (20 x 64), in bf16: what a GPU compiles and runs."""
+  the vision tower's (16 x 80) and the audio tower's (20 x 64), in bf16: what a GPU compiles and runs. The
+  target is an H100 named by an abstract device (jax >= 0.11 asks which GPU it lowers for when none is here)."""
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+  h100_mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=h100)
   for heads, kv_heads, dim, causal in [(28, 4, 128, True), (16, 16, 80, False), (20, 20, 64, False)]:
     q = jax.ShapeDtypeStruct((2, 1024, heads, dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 1024, kv_heads, dim), jnp.bfloat16)
@@ -110,8 +113,9 @@ def test_the_triton_lowering_is_built_for_cuda_on_a_cpu_host():
     def loss(q, k, v, seg):
       return flash_gpu.flash_attention(q, k, v, seg, causal=causal).astype(jnp.float32).sum()
 
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
-        lowering_platforms=("cuda",)).as_text()
+    with jax.sharding.use_abstract_mesh(h100_mesh):
+      text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
+          lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 3
     for name in ("flash_gpu_forward", "flash_gpu_dkv", "flash_gpu_dq"):
       assert name in text

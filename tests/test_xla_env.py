@@ -2,6 +2,7 @@
 
 import os
 
+import jaxlib
 import xla_env
 
 
@@ -20,9 +21,11 @@ def test_flags_set_the_device_count_and_keep_the_rest(monkeypatch):
 
 
 def test_this_session_compiles_with_the_flag_where_jaxlib_knows_it():
-  # This jaxlib (the project's pinned range) knows the flag: the probe said so, and this process runs with it.
-  assert xla_env.compile_flags() == xla_env.COMPILE_FLAGS
-  assert xla_env.COMPILE_FLAGS in os.environ["XLA_FLAGS"].split()
+  # jaxlib 0.10 (what Python 3.11, CI's, installs) knows the flag, and this process runs with it; jaxlib 0.11
+  # dropped it (the fusion emitters are its only ones), and there the tests run without it.
+  knows = tuple(int(x) for x in jaxlib.__version__.split(".")[:2]) < (0, 11)
+  assert xla_env.compile_flags() == (xla_env.COMPILE_FLAGS if knows else "")
+  assert (xla_env.COMPILE_FLAGS in os.environ["XLA_FLAGS"].split()) == knows
 
 
 def test_a_flag_this_jaxlib_does_not_know_is_left_out(monkeypatch):

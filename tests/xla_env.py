@@ -6,8 +6,9 @@ emitters. Compiling is most of the suite's time (the test files' own programs, h
 flag they compile in about 0.6x the time and run at the same speed (the same bits where compared): measured in
 docs/performance.md, "Compiling the tests".
 
-XLA aborts on a flag that its version does not know, so a probe process asks this jaxlib once per test session
-(the answer travels to the workers and every process started after it in the environment).
+XLA aborts on a flag that its version does not know (jaxlib 0.11 dropped this one), so a probe process asks
+this jaxlib once per test session (the answer travels to the workers and every process started after it in the
+environment).
 """
 
 import os
