@@ -22,7 +22,8 @@ timeouts on an accelerator:
   transformers  transformers' train step on the text config where torch has CUDA: ours / theirs        45 s
   talker        bench_talker.py --size 7b --no-reference: Talker codes/s at batch 1                        50 s
   token2wav     the released Token2Wav (bench_token2wav's model), euler x 10: compile time and RTF        90 s
-  stream        bench_stream.py --size 100m (its largest; it has no 7B shape): first text / first audio    60 s
+  stream        bench_stream.py --size 7b --no-reference: the released shape (no vision tower), random
+                weights, through OmniSession: first text / first audio of a spoken question             120 s
   decode_session  bench_generate.py --cache_len 4096: batch 32 in conversations of 4,096 cache slots (as the
                 server and OmniSession keep them) against a cache of the prompt and reply                 60 s
 
@@ -43,12 +44,13 @@ kernel_families() reads the trace's perfetto JSON (*trace.json.gz): device event
 splash, fmha, cudnn, sdpa), else GEMM (gemm, cublas, nvjet, matmul, dot, cutlass, convolution), else other.
 
 On a lent H100 / H200 whose image has jax, flax, optax, torch and transformers, carry wheels of what it lacks
-(not flax or optax: a flax wheel built for another jax fails to import there). Here, once:
+(not flax or optax: a flax wheel built for another jax fails to import there; dashscope carries the Qwen BPE
+ranks that OmniSession's tokenizer reads, found without importing it). Here, once:
   echo /.whl/ >> .git/info/exclude; mkdir -p .whl
   P="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
   for p in ml-collections grain portpicker array-record dm-tree tensorboardX soundfile cffi pycparser jiwer \\
-           rapidfuzz librosa audioread soxr pooch decorator platformdirs importlib_resources; do
+           rapidfuzz librosa audioread soxr pooch decorator platformdirs importlib_resources dashscope; do
     python3 -m pip download -q --no-deps --only-binary=:all: $P -d .whl "$p"; done
 then one call with carry [".whl"] and timeout_s 600:
   rm -rf /tmp/site; python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
@@ -617,9 +619,9 @@ def plan(args, device: dict) -> list:
                   parse_result(_token2wav_rows)))
 
   stream = ["--size", "tiny", "--seconds", "1", "--reply", "4", "--codes", "16", "--iters", "1"] if s else \
-      ["--size", "100m", "--seconds", "4", "--reply", "16", "--codes", "96", "--iters", "2"]
-  label = "tiny" if s else "100m, the largest bench_stream has (no 7B shape)"
-  jobs.append(Job("stream", bench("bench_stream.py") + stream + ["--no-reference"], t(60),
+      ["--size", "7b", "--dtype", "bfloat16", "--seconds", "4", "--reply", "16", "--codes", "96", "--iters", "2"]
+  label = "tiny" if s else "7B-shaped, bf16"
+  jobs.append(Job("stream", bench("bench_stream.py") + stream + ["--no-reference"], t(120),
                   [row("stream.first_text", f"OmniSession first text ({label})", "ms"),
                    row("stream.first_audio", f"OmniSession first audio ({label})", "ms")], parse_stream))
 

@@ -20,8 +20,11 @@ audio event over the remaining audio; transformers: the whole call / the whole a
 after a warm-up (compilation excluded); the ratio is transformers / ours (> 1: we are earlier).
 --batch N: throughput of batched sessions instead: N conversations (the same question) answered by one
 respond_together call vs N respond() calls one after another (text + codes, no audio), as a ratio.
-Figures: docs/performance.md ("Streaming"). The 7B-shaped GPU run of the issue is not wired here (no GPU was
-lent to this task): --no-reference times our side only, on the same small configs.
+--no-reference: our side only, on our own config of the size (no transformers, no torch: what a TPU VM has)
+with random weights drawn on the devices, the bundled Qwen tokenizer and one random voice; `--size 7b` is the
+released model's shape (Thinker + audio tower, Talker, Token2Wav; no vision tower) for an accelerator
+(`--dtype bfloat16`). Its Token2Wav has the released geometry (24-frame blocks) at SIZES' DiT dimensions.
+Figures: docs/performance.md ("Streaming").
 """
 
 import argparse
@@ -30,6 +33,7 @@ import os
 import tempfile
 import time
 
+import jax
 import numpy as np
 
 import common  # noqa: F401  pylint: disable=unused-import  (puts the repository and tests/ on sys.path)
@@ -42,7 +46,8 @@ SIZES = {
         audio=dict(d_model=32, encoder_attention_heads=4, encoder_ffn_dim=64, encoder_layers=2),
         talker=dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, mrope=[2, 3, 3]),
-        dit=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, ff_mult=2),
+        dit=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, ff_mult=2,
+                 look_ahead_layers=[1], look_backward_layers=[0]),
         bigvgan=dict(upsample_initial_channel=64)),
     # ~100 M parameters in all (78 M of them the tied 151,936 x 512 embedding).
     "100m": dict(
@@ -51,8 +56,10 @@ SIZES = {
         audio=dict(d_model=256, encoder_attention_heads=4, encoder_ffn_dim=1024, encoder_layers=4),
         talker=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
                     num_key_value_heads=2, head_dim=64, mrope=[8, 12, 12]),
-        dit=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, head_dim=32, ff_mult=2),
+        dit=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, head_dim=32, ff_mult=2,
+                 look_ahead_layers=[1], look_backward_layers=[0]),
         bigvgan=dict(upsample_initial_channel=128)),
+    "7b": None,  # the released dimensions (configs/qwen2_5_omni_7b.py): --no-reference only
 }
 SPEAKER, SPEAKER_BOS = "Chelsie", 151872
 
@@ -90,6 +97,49 @@ def build_reference(size: str, seed: int = 0):
   model.save_pretrained(directory)
   torch.save(model.speaker_map, os.path.join(directory, "spk_dict.pt"))
   return model, directory
+
+
+def build_ours(size: str, dtype: str):
+  """(OmniChat over our config of SIZES[size] with random weights, its parameter count): the Thinker with its
+  audio tower, the Talker and Token2Wav, the bundled Qwen tokenizer, and a random voice for SPEAKER."""
+  import ml_collections  # noqa: PLC0415
+  from configs import qwen2_5_omni_7b  # noqa: PLC0415
+  from omni_jax import sharding  # noqa: PLC0415
+  from omni_jax.generate import Generator, OmniChat  # noqa: PLC0415
+  from omni_jax.input.tokenizer import Tokenizer  # noqa: PLC0415
+  from omni_jax.models import dit, omni  # noqa: PLC0415
+  from omni_jax.token2wav import voice  # noqa: PLC0415
+
+  c = qwen2_5_omni_7b.get_config()
+  with c.unlocked():
+    del c.model.thinker["vision"]  # a spoken question: the vision tower would only cost memory and set-up
+  c.model.token2wav = ml_collections.ConfigDict(dict(dit=dit.config_dict(), bigvgan=ml_collections.ConfigDict(),
+                                                     dtype=dtype))
+  c.model.dtype = c.model.param_dtype = dtype
+  c.model.thinker.eos_token_ids = ()  # every reply decodes --reply tokens
+  if SIZES[size] is not None:
+    s = SIZES[size]
+    text, talker = dict(s["text"]), dict(s["talker"])
+    mrope, tie = text.pop("mrope"), text.pop("tie")
+    width = text["hidden_size"]
+    c.model.thinker.text.update(text, head_dim=width // text["num_attention_heads"], mrope_section=tuple(mrope),
+                                tie_word_embeddings=tie)
+    c.model.thinker.audio.update(s["audio"], output_dim=width)
+    c.model.talker.text.update(talker, mrope_section=tuple(talker.pop("mrope")))
+    c.model.talker.embedding_size = width
+    c.model.token2wav.dit.update(s["dit"])
+    c.model.token2wav.bigvgan.update(s["bigvgan"])
+  mesh = sharding.make_mesh({"data": -1})
+  graphdef, state, shardings = omni.create_sharded(c, mesh)
+  directory = tempfile.mkdtemp()  # the checkpoint directory a voice is read from
+  rng = np.random.default_rng(2)
+  ref_frames = 300 if size == "7b" else 48
+  voice.write_voices(os.path.join(directory, voice.SPEAKERS_FILE),
+                     {SPEAKER: (rng.standard_normal(c.model.token2wav.dit.enc_emb_dim),
+                                rng.normal(-4.0, 2.0, (ref_frames, c.model.token2wav.dit.mel_dim)))})
+  model = OmniChat(Generator(graphdef, state, c, mesh, shardings), Tokenizer(None), c, checkpoint_path=directory)
+  model.set_voice_options(vocoder="bigvgan")  # "auto" keeps Griffin-Lim for a BigVGAN not converted from a release
+  return model, sum(int(np.size(x)) for x in jax.tree.leaves(state))
 
 
 def question(seconds: float) -> np.ndarray:
@@ -181,21 +231,29 @@ def main():
   p.add_argument("--iters", type=int, default=2)
   p.add_argument("--no-reference", dest="reference", action="store_false")
   p.add_argument("--batch", type=int, default=0, help="measure batched sessions' throughput (N conversations)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="with --no-reference")
   args = p.parse_args()
-  import torch  # noqa: PLC0415
+  if args.reference and (SIZES[args.size] is None or args.dtype != "float32"):
+    p.error("transformers' side runs the small sizes in float32; --size 7b and --dtype bfloat16 need --no-reference")
+  if args.reference:
+    import torch  # noqa: PLC0415
 
-  from omni_jax import generate  # noqa: PLC0415
+    from omni_jax import generate  # noqa: PLC0415
 
-  torch.set_num_threads(os.cpu_count())
-  hf_model, directory = build_reference(args.size)
-  model = generate.load(directory)
-  n_params = sum(p.numel() for p in hf_model.parameters())
+    torch.set_num_threads(os.cpu_count())
+    hf_model, directory = build_reference(args.size)
+    model = generate.load(directory)
+    n_params = sum(p.numel() for p in hf_model.parameters())
+  else:
+    hf_model, (model, n_params) = None, build_ours(args.size, args.dtype)
+  platform = jax.devices()[0].platform.upper()
   wave = question(args.seconds)
   if args.batch:
     runs = [run_batch(model, wave, args.reply, args.codes, args.batch) for _ in range(args.iters + 1)][1:]
     alone, together = (float(np.median([r[i] for r in runs])) for i in (0, 1))
-    print(f"size {args.size}, {args.batch} conversations x ({args.reply} tokens + {args.codes} codes), CPU: one after "
-          f"another {alone:.2f} s, batched {together:.2f} s: {alone / together:.2f}x the throughput", flush=True)
+    print(f"size {args.size}, {args.batch} conversations x ({args.reply} tokens + {args.codes} codes), {platform}: "
+          f"one after another {alone:.2f} s, batched {together:.2f} s: {alone / together:.2f}x the throughput",
+          flush=True)
     return
   ours, theirs = [], []
   for i in range(args.iters + 1):  # run 0 compiles / warms up
@@ -209,7 +267,7 @@ def main():
         theirs.append(h)
   med = lambda rows, k: float(np.median([r[k] for r in rows]))  # noqa: E731
   line = (f"size {args.size} ({n_params / 1e6:.0f} M params), {args.seconds:g} s question, {args.reply} tokens, "
-          f"{args.codes} codes ({med(ours, 'audio_s'):.2f} s of speech), CPU: ours first text "
+          f"{args.codes} codes ({med(ours, 'audio_s'):.2f} s of speech), {platform}: ours first text "
           f"{med(ours, 'text') * 1e3:.0f} ms, first code {med(ours, 'codes') * 1e3:.0f} ms, first audio "
           f"{med(ours, 'audio') * 1e3:.0f} ms, RTF "
           f"{med(ours, 'rtf'):.2f}")

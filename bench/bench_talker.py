@@ -28,7 +28,6 @@ import numpy as np
 
 import common  # puts the repository and tests/ on sys.path; left_padded_prompts
 import decode_oracle
-import hf_reference as ref
 from omni_jax import sharding
 from omni_jax.convert import hf
 from omni_jax.generate import Generator, SamplingParams
@@ -64,6 +63,8 @@ def reference(size: str, prompts: dict, reply: int):
   its saved directory)."""
   import torch  # noqa: PLC0415
   from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration  # noqa: PLC0415
+
+  import hf_reference as ref  # noqa: PLC0415  (torch: a run with --no-reference needs neither)
 
   torch.set_num_threads(os.cpu_count())
   vocab = THINKERS[size]["vocab_size"]
@@ -158,6 +159,8 @@ def main():
     prompts = common.left_padded_prompts(rows, args.prompt, 10, vocab - 8)
     if args.reference:
       import torch  # noqa: PLC0415
+
+      import hf_reference as ref  # noqa: PLC0415
 
       model, kwargs, config, directory = reference(args.size, prompts, args.reply)
       ref.keep_talker_mask(model.talker)  # batch 1: transformers would drop the mask and the codec rows

@@ -31,8 +31,6 @@ import numpy as np
 from flax import nnx
 
 import common  # puts the repository and tests/ on sys.path; time_alternating
-import hf_reference as ref
-import torch_weights
 from omni_jax.config import Runtime
 from omni_jax.models.bigvgan import BigVGANConfig
 from omni_jax.models.dit import DiTConfig
@@ -41,25 +39,26 @@ from omni_jax.token2wav import synthesis, vocoding
 from omni_jax.token2wav.sampling import SamplerConfig, sample
 from omni_jax.token2wav.streaming import StreamingConfig, StreamingSynthesizer
 
-SIZES = {  # (transformers dit_config, bigvgan_config) overrides of the released values
-    # tests/hf_reference.py's tiny Token2Wav with the released 24-frame blocks, so that the streaming windows
-    # have the released geometry (its 4-frame blocks would give the vocoder 4 frames of look-ahead only).
-    "tiny": (dict(ref.TOKEN2WAV["dit_config"], block_size=24), ref.TOKEN2WAV["bigvgan_config"]),
-    "7b": ({}, {}),
-}
+SIZES = ("tiny", "7b")
 VOICE = {"tiny": (8, 12), "7b": (192, 300)}  # (cond width, reference mel frames)
+
+
+def hf_sizes(size: str) -> tuple[dict, dict]:
+  """(transformers dit_config, bigvgan_config) overrides of the released values. tiny: tests/hf_reference.py's
+  tiny Token2Wav with the released 24-frame blocks, so that the streaming windows have the released geometry
+  (its 4-frame blocks would give the vocoder 4 frames of look-ahead only)."""
+  if size == "7b":
+    return {}, {}
+  import hf_reference as ref  # noqa: PLC0415  (torch: the released size without a reference needs neither)
+
+  return dict(ref.TOKEN2WAV["dit_config"], block_size=24), copy.deepcopy(ref.TOKEN2WAV["bigvgan_config"])
 
 
 def reference_and_ours(size: str, dtype, with_reference: bool):
   """(transformers Token2Wav or None, our Token2Wav with the same weights)."""
-  from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniToken2WavConfig  # noqa: PLC0415
-  from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniToken2WavModel  # noqa: PLC0415
-
-  dit_kw, vocoder_kw = (copy.deepcopy(d) for d in SIZES[size])
-  hf_config = Qwen2_5OmniToken2WavConfig(dit_config=dit_kw, bigvgan_config=vocoder_kw)
+  dit_kw, vocoder_kw = hf_sizes(size)
   rt = Runtime(dtype=dtype, param_dtype=jnp.float32)
-  dit_cfg = DiTConfig.from_hf(hf_config.dit_config.to_dict())
-  vocoder_cfg = BigVGANConfig.from_hf(hf_config.bigvgan_config.to_dict())
+  dit_cfg, vocoder_cfg = DiTConfig.from_hf(dit_kw), BigVGANConfig.from_hf(vocoder_kw)
   if not with_reference:
     # Random weights drawn on the host (no torch model to build): jax's initializers would compile a program
     # per parameter shape (~500: 13 s at the tiny size on a CPU). Matrices ~ N(0, 1 / fan-in), the rest
@@ -74,9 +73,15 @@ def reference_and_ours(size: str, dtype, with_reference: bool):
       return (scale * rng.standard_normal(x.shape, np.float32)).astype(x.dtype)
     return None, nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
   import torch  # noqa: PLC0415
+  from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniToken2WavConfig  # noqa: PLC0415
+  from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniToken2WavModel  # noqa: PLC0415
+
+  import hf_reference as ref  # noqa: PLC0415
+  import torch_weights  # noqa: PLC0415
 
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
+  hf_config = Qwen2_5OmniToken2WavConfig(dit_config=dit_kw, bigvgan_config=vocoder_kw)
   hf_model = ref.perturb(Qwen2_5OmniToken2WavModel(hf_config).eval(), 1)
   state_dict = hf_model.state_dict()
   t2w = nnx.eval_shape(lambda: Token2Wav(Token2WavView(dit_cfg, vocoder_cfg, rt), rngs=nnx.Rngs(0)))
@@ -88,7 +93,7 @@ def reference_and_ours(size: str, dtype, with_reference: bool):
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+  p.add_argument("--size", choices=SIZES, default="tiny")
   p.add_argument("--seconds", type=float, default=10.0, help="utterance length (50 codes per second)")
   p.add_argument("--method", choices=("rk4", "euler"), default="rk4")
   p.add_argument("--num_steps", type=int, default=10)

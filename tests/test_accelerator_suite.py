@@ -167,6 +167,12 @@ def test_parsers_on_accelerator_output():
                         "50,748 tokens/s, MFU 35.2%, loss 12.000\n", jobs["mfu"])
   assert mfu["mfu.text"]["figure"] == 35.2 and mfu["mfu.text"]["tokens_per_s"] == 50748
   assert mfu["mfu.text"]["gflop_per_step"] == 103600 and mfu["mfu.text"]["batch_fields"] == ["text"]
+  # The spoken question goes to the released shape (random weights, no transformers) in bf16.
+  assert jobs["stream"].cmd[-1] == "--no-reference" and "7b" in jobs["stream"].cmd and "bfloat16" in jobs["stream"].cmd
+  stream = suite.parse_stream("size 7b (10060 M params), 4 s question, 16 tokens, 96 codes (1.92 s of speech), GPU: "
+                              "ours first text 80 ms, first code 95 ms, first audio 210 ms, RTF 0.12\n", jobs["stream"])
+  assert stream["stream.first_text"]["figure"] == 80 and stream["stream.first_audio"]["figure"] == 210
+  assert stream["stream.first_audio"]["note"] == "7b, 10060 M params; first code 95 ms, RTF 0.12"
 
 
 def test_bench_generate_compiles_the_decode_program_ahead_of_time():
