@@ -43,14 +43,17 @@ kernel_families() reads the trace's perfetto JSON (*trace.json.gz): device event
 "XLA Ops"; without a device, the host's XLA ops), innermost only, by name: attention (mha, flash, attention,
 splash, fmha, cudnn, sdpa), else GEMM (gemm, cublas, nvjet, matmul, dot, cutlass, convolution), else other.
 
-On a lent H100 / H200 whose image has jax, flax, optax, torch and transformers, carry wheels of what it lacks
-(not flax or optax: a flax wheel built for another jax fails to import there; dashscope carries the Qwen BPE
-ranks that OmniSession's tokenizer reads, found without importing it). Here, once:
+On a lent H100 / H200 whose image has jax, flax, optax, orbax, torch and transformers, carry wheels of what it
+lacks, in setup.cfg's ranges (not flax or optax: a flax wheel built for another jax fails to import there;
+dashscope carries the Qwen BPE ranks that OmniSession's tokenizer reads, found without importing it). With
+these, every job ran (--smoke; transformers' step skipped: no torch) on a Python 3.12 CPU host that had only
+jax 0.11.2, flax 0.12.10, optax, orbax and transformers. Here, once:
   echo /.whl/ >> .git/info/exclude; mkdir -p .whl
   P="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
-  for p in ml-collections grain portpicker array-record dm-tree tensorboardX soundfile cffi pycparser jiwer \\
-           rapidfuzz librosa audioread soxr pooch decorator platformdirs importlib_resources dashscope; do
+  for p in "ml-collections>=1.0,<2" "grain>=0.2.18,<0.3" portpicker cloudpickle "array-record>=0.5,<1" dm-tree \\
+           "tensorboardX>=2.6" "soundfile>=0.12" cffi pycparser "jiwer>=3.0,<5" rapidfuzz "librosa>=0.10,<0.12" \\
+           audioread "soxr>=0.3" pooch decorator platformdirs importlib_resources "pillow>=10" dashscope; do
     python3 -m pip download -q --no-deps --only-binary=:all: $P -d .whl "$p"; done
 then one call with carry [".whl"] and timeout_s 600:
   rm -rf /tmp/site; python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
@@ -607,8 +610,8 @@ def plan(args, device: dict) -> list:
 
   # Codes/s is a difference of two timings: enough codes and rounds that a shared CPU's noise cannot flip its sign.
   talker = ["--size", "tiny", "--batch", "1", "--prompt", "16", "--reply", "4", "--new", "96", "--iters", "3"] if s \
-      else ["--size", "7b", "--no-reference", "--dtype", "bfloat16", "--batch", "1", "--new", "64", "--iters", "2"]
-  jobs.append(Job("talker", bench("bench_talker.py") + talker, t(50),
+      else ["--size", "7b", "--dtype", "bfloat16", "--batch", "1", "--new", "64", "--iters", "2"]
+  jobs.append(Job("talker", bench("bench_talker.py") + talker + ["--no-reference"], t(50),
                   [row("talker.b1", f"Talker decode, {'tiny float32' if s else 'released size (7B), bf16'}, batch 1",
                        "codes/s", ">= 200", (">=", 200))], parse_talker))
 

@@ -10,8 +10,9 @@ Decode codes/s = rows * (new - 1) / (time(new) - time(1)): the prefill (ours: wi
 forward) cancels out. The median over --iters interleaved rounds (after a warm-up: compilation excluded) of the
 round's difference time(new) - time(1), which cancels the load of the moment on a shared machine; the ratio is
 ours / transformers (> 1: we are faster). Real-time speech needs well over 50 codes/s per row at batch 1
-(50 codes = 1 s of audio). --size 7b: the released Talker shape (and the 7B Thinker feeding it), random weights,
-our side only. Figures: docs/performance.md ("Talker decode").
+(50 codes = 1 s of audio). --no-reference: our side only, on our own config of the size with random weights (no
+transformers or torch); --size 7b is the released Talker shape and the 7B Thinker feeding it. Figures:
+docs/performance.md ("Talker decode").
 
 Ours is the teacher-forced Talker of tests/decode_oracle.py (the Talker alone on a given reply, as
 transformers' talker.generate); the library speaks through the conversation engine, the Talker one text token
@@ -123,7 +124,9 @@ def speech_generator(config, directory=None) -> Generator:
   return Generator(graphdef, state, config, mesh, shardings)
 
 
-def released_config(dtype: str):
+def our_config(size: str, dtype: str):
+  """Our config of the released Talker and the 7B Thinker feeding it (tiny / 100m: THINKERS' and TALKERS' widths
+  and depths over the released vocabularies and ids), for random weights: no transformers, no torch."""
   from configs import qwen2_5_omni_7b  # noqa: PLC0415
 
   c = qwen2_5_omni_7b.get_config()
@@ -131,6 +134,13 @@ def released_config(dtype: str):
     for k in ("audio", "vision"):
       if k in c.model.thinker:
         del c.model.thinker[k]
+  if size != "7b":
+    for section, spec in ((c.model.thinker.text, THINKERS[size]), (c.model.talker.text, TALKERS[size])):
+      spec = {k: v for k, v in spec.items() if k != "vocab_size"}
+      rope = spec.pop("rope_parameters")
+      section.update(spec, mrope_section=tuple(rope["mrope_section"]), rope_theta=rope["rope_theta"],
+                     head_dim=spec.get("head_dim", spec["hidden_size"] // spec["num_attention_heads"]))
+    c.model.talker.embedding_size = THINKERS[size]["hidden_size"]
   c.model.dtype = c.model.param_dtype = dtype
   c.model.talker.speakers = {"Chelsie": 151872}
   c.model.thinker.eos_token_ids = ()
@@ -148,14 +158,14 @@ def main():
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--no-reference", dest="reference", action="store_false")
   args = p.parse_args()
-  if (args.size == "7b") == args.reference:
+  if args.size == "7b" and args.reference:
     p.error("--size 7b runs our side only (add --no-reference); tiny and 100m compare with transformers")
   from common import median_difference, timings_alternating  # noqa: PLC0415
 
   greedy = SamplingParams(repetition_penalty=1.05)
   speech = None
   for rows in args.batch:
-    vocab = 152064 if args.size == "7b" else THINKERS[args.size]["vocab_size"]
+    vocab = THINKERS[args.size]["vocab_size"] if args.reference else 152064  # ours: the released vocabulary
     prompts = common.left_padded_prompts(rows, args.prompt, 10, vocab - 8)
     if args.reference:
       import torch  # noqa: PLC0415
@@ -168,7 +178,7 @@ def main():
       speech = speech_generator(config, directory)
       reply = thinker_reply(model, prompts, args.reply)
     else:
-      speech = speech or speech_generator(released_config(args.dtype))
+      speech = speech or speech_generator(our_config(args.size, args.dtype))
       reply = np.random.default_rng(1).integers(10, vocab - 8, size=(rows, args.reply)).astype(np.int32)
     n_params = sum(np.size(x) for path, x in jax.tree_util.tree_leaves_with_path(speech.params)
                    if "talker" in jax.tree_util.keystr(path))

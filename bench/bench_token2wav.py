@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 import common  # puts the repository and tests/ on sys.path; time_alternating
+import tiny_shapes
 from omni_jax.config import Runtime
 from omni_jax.models.bigvgan import BigVGANConfig
 from omni_jax.models.dit import DiTConfig
@@ -44,14 +45,13 @@ VOICE = {"tiny": (8, 12), "7b": (192, 300)}  # (cond width, reference mel frames
 
 
 def hf_sizes(size: str) -> tuple[dict, dict]:
-  """(transformers dit_config, bigvgan_config) overrides of the released values. tiny: tests/hf_reference.py's
-  tiny Token2Wav with the released 24-frame blocks, so that the streaming windows have the released geometry
-  (its 4-frame blocks would give the vocoder 4 frames of look-ahead only)."""
+  """(transformers dit_config, bigvgan_config) overrides of the released values. tiny: the tests' tiny Token2Wav
+  (tests/tiny_shapes.py) with the released 24-frame blocks, so that the streaming windows have the released
+  geometry (its 4-frame blocks would give the vocoder 4 frames of look-ahead only)."""
   if size == "7b":
     return {}, {}
-  import hf_reference as ref  # noqa: PLC0415  (torch: the released size without a reference needs neither)
-
-  return dict(ref.TOKEN2WAV["dit_config"], block_size=24), copy.deepcopy(ref.TOKEN2WAV["bigvgan_config"])
+  return (dict(tiny_shapes.TOKEN2WAV["dit_config"], block_size=24),
+          copy.deepcopy(tiny_shapes.TOKEN2WAV["bigvgan_config"]))
 
 
 def reference_and_ours(size: str, dtype, with_reference: bool):
