@@ -48,7 +48,7 @@ lacks, in setup.cfg's ranges (not flax or optax: a flax wheel built for another 
 dashscope carries the Qwen BPE ranks that OmniSession's tokenizer reads, found without importing it). With
 these, every job ran (--smoke; transformers' step skipped: no torch) on a Python 3.12 CPU host that had only
 jax 0.11.2, flax 0.12.10, optax, orbax and transformers. Here, once:
-  echo /.whl/ >> .git/info/exclude; mkdir -p .whl
+  mkdir -p .whl   # ignored by git
   P="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
   for p in "ml-collections>=1.0,<2" "grain>=0.2.18,<0.3" portpicker cloudpickle "array-record>=0.5,<1" dm-tree \\
