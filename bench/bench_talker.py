@@ -159,7 +159,7 @@ def main():
   p.add_argument("--no-reference", dest="reference", action="store_false")
   args = p.parse_args()
   if args.size == "7b" and args.reference:
-    p.error("--size 7b runs our side only (add --no-reference); tiny and 100m compare with transformers")
+    p.error("--size 7b runs our side only (add --no-reference): transformers' side runs tiny and 100m")
   from common import median_difference, timings_alternating  # noqa: PLC0415
 
   greedy = SamplingParams(repetition_penalty=1.05)

@@ -50,8 +50,8 @@ def hf_sizes(size: str) -> tuple[dict, dict]:
   geometry (its 4-frame blocks would give the vocoder 4 frames of look-ahead only)."""
   if size == "7b":
     return {}, {}
-  return (dict(tiny_shapes.TOKEN2WAV["dit_config"], block_size=24),
-          copy.deepcopy(tiny_shapes.TOKEN2WAV["bigvgan_config"]))
+  tiny = copy.deepcopy(tiny_shapes.TOKEN2WAV)  # fresh lists: a config built from them must not share ours
+  return dict(tiny["dit_config"], block_size=24), tiny["bigvgan_config"]
 
 
 def reference_and_ours(size: str, dtype, with_reference: bool):
