@@ -6,6 +6,7 @@ present, transformers' forward + backward + AdamW on the same text model in the 
   .venv/bin/python bench/bench_mfu.py --batch 4 --remat dots_with_no_batch_dims --iters 20
   .venv/bin/python bench/bench_mfu.py --smoke              # tiny config, a few steps on CPU (CI runs this)
   .venv/bin/python bench/bench_mfu.py --attention blocked --no-reference   # another attention; ours only
+  .venv/bin/python bench/bench_mfu.py --loss_chunk 0 --no-reference   # head + loss at once: no recompute
   .venv/bin/python bench/bench_mfu.py --aot v5p:1x1x1   # no device: compile for a TPU chip, print what the
                                                         # step moves through HBM by kernel family
 
@@ -162,6 +163,15 @@ def bench_transformers(config, iters: int) -> dict | None:
   return dict(seconds=float(np.median(times)), tokens=b * l, device=torch.cuda.get_device_name())
 
 
+def step_config(args, seq: int, batch: int, kind: str):
+  """make_config for one batch kind with the command line's attention and loss chunk."""
+  config = make_config(args.smoke, seq, batch, args.remat, media=(kind == "multimodal"))
+  config.model.attention_impl = None if args.attention == "none" else args.attention
+  if args.loss_chunk is not None:
+    config.train.loss_chunk_size = args.loss_chunk
+  return config
+
+
 def print_aot_reports(args, parser):
   """The AOT report of each kind's step (no device needed): what the step moves through HBM, by kernel family."""
   from omni_jax.aot import compile as compile_lib, hardware, report
@@ -173,8 +183,7 @@ def print_aot_reports(args, parser):
     parser.error(f"--aot: {e}")
   seq, batch = args.seq or (128 if args.smoke else 8192), args.batch or 2 * len(devices)  # as on a device
   for kind in args.kinds.split(","):
-    config = make_config(args.smoke, seq, batch, args.remat, media=(kind == "multimodal"))
-    config.model.attention_impl = None if args.attention == "none" else args.attention
+    config = step_config(args, seq, batch, kind)
     compiled = compile_lib.compile_train_step(config, devices, media=(kind == "multimodal"))
     print(f"## {kind}\n{report.format_text(report.build(compiled, topology))}", flush=True)
 
@@ -189,6 +198,9 @@ def main():
   p.add_argument("--kinds", default="text,multimodal")
   p.add_argument("--peak", type=float, default=None, help="peak FLOP/s per device (default: the device table)")
   p.add_argument("--attention", default="auto", help="config.model.attention_impl (\"none\": dense)")
+  p.add_argument("--loss_chunk", type=int, default=None,
+                 help="config.train.loss_chunk_size (default: the config's 1024; 0: the logits at once, kept for "
+                      "the backward pass instead of recomputed)")
   p.add_argument("--no-reference", dest="reference", action="store_false", help="skip transformers' step")
   p.add_argument("--aot", metavar="TOPOLOGY", default=None,
                  help="compile each kind's step for a topology (python -m omni_jax.aot's --topology, e.g. "
@@ -205,12 +217,11 @@ def main():
   if peak is None:
     peak, source = cpu_matmul_peak(), "measured float32 matmul (no table entry)"
   print(f"device {device.device_kind} x{jax.local_device_count()}, peak {peak / 1e12:.3g} TFLOP/s per device "
-        f"({source}); seq {seq}, batch {batch}, remat {args.remat}, attention {args.attention}", flush=True)
+        f"({source}); seq {seq}, batch {batch}, remat {args.remat}, attention {args.attention}"
+        + (f", loss chunk {args.loss_chunk}" if args.loss_chunk is not None else ""), flush=True)
   ours_text = None
   for kind in args.kinds.split(","):
-    config = make_config(args.smoke, seq, batch, args.remat, media=(kind == "multimodal"))
-    config.model.attention_impl = None if args.attention == "none" else args.attention
-    r = bench_ours(config, iters)
+    r = bench_ours(step_config(args, seq, batch, kind), iters)
     mfu = r["flops"] / r["seconds"] / r["devices"] / peak
     print(f"{kind}: {r['params'] / 1e9:.3f}B params, {r['rows']}x{r['seq']} ({', '.join(r['media']) or 'text'}), "
           f"{r['flops'] / 1e9:,.2f} GFLOP/step, {r['seconds'] * 1e3:.1f} ms/step, "
