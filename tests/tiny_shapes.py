@@ -1,5 +1,5 @@
 """The tiny reference models' shapes and token ids (plain dicts, no torch): tests/hf_reference.py builds them in
-transformers, and a bench without a reference (a machine without torch) builds the same shapes in ours."""
+transformers, and bench/bench_token2wav.py builds its tiny Token2Wav from them where torch is absent."""
 
 # Token ids of the tiny configs: AUDIO=1, IMAGE=2, VIDEO=3, audio bos/eos 4/5, vision bos/eos 7/8.
 IDS = dict(audio_token_index=1, image_token_index=2, video_token_index=3, audio_start_token_id=4,
