@@ -175,6 +175,9 @@ def validate_train(config: ml_collections.ConfigDict) -> None:
   for key in ("loss_chunk_size", "label_budget"):  # optional (configs stored before they existed)
     if key in t:
       _positive_int(config, f"train.{key}", allow_zero=True)
+  if "fused_head_loss" in t:
+    _require(isinstance(t.fused_head_loss, bool), "train.fused_head_loss",
+             f"must be True or False, got {t.fused_head_loss!r}")
   _require(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
            f"train.batch_size={t.batch_size} is not divisible into {t.grad_accum_steps} micro-batches")
   for key in ("lr", "weight_decay", "grad_clip_norm", "eps"):

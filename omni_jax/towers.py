@@ -45,7 +45,9 @@ class Objective:
     OmniModel (sharding rules active); `rng` a key distinct per step, micro-batch and objective. With
     evaluate=True it may add more sums (e.g. "correct" for accuracy); training never asks for them.
   normalizer(batch) -> scalar: the count the loss_sum is divided by, over the WHOLE global batch (all
-    micro-batches), so grad accumulation and sharding give the same update.
+    micro-batches), so grad accumulation and sharding give the same update. The step differentiates
+    sum(loss_sum) / normalizer: every entry of loss_sum weighted alike, which a loss may rely on (the Thinker's
+    fused LM head computes its gradient in the forward pass, omni_jax.layers.head_loss).
   metrics: scalar-name prefix under train/ and eval/ ("" keeps today's names: train/loss, eval/ppl, ...;
     default: the objective's name, e.g. train/talker_codes/loss).
   summary(sums, prefix) -> {scalar name: value}: the scalars of its sums (summed over batches, as numpy);

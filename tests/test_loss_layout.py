@@ -27,13 +27,13 @@ def _sft_batch(rows=4, length=48, seed=0):
   return {k: jnp.asarray(v) for k, v in b.items()}
 
 
-def _loss_and_grads(c, batch, layout):
+def _loss_and_grads(c, batch, layout, with_accuracy=True):
   graphdef, state = nnx.split(omni.OmniModel(c, rngs=nnx.Rngs(1)))
 
   def loss(state):
     model = nnx.merge(graphdef, state)
     hidden = thinker_inputs.outputs(model.thinker, batch)["hidden"]
-    sums = thinker_objective.hidden_token_stats(model.thinker, hidden, batch, layout, with_accuracy=True)
+    sums = thinker_objective.hidden_token_stats(model.thinker, hidden, batch, layout, with_accuracy=with_accuracy)
     return jnp.sum(sums["loss_sum"]) / jnp.sum(sums["count"]), sums
 
   (value, sums), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
@@ -48,18 +48,24 @@ def reference():
 
 
 @pytest.mark.parametrize("layout", [LossLayout(chunk=7), LossLayout(chunk=16), LossLayout(label_budget=12),
-                                    LossLayout(chunk=5, label_budget=12), LossLayout(label_budget=2)],
-                         ids=["chunk7", "chunk16", "budget", "budget+chunk", "over-budget"])
+                                    LossLayout(chunk=5, label_budget=12), LossLayout(label_budget=2),
+                                    LossLayout(fused=True), LossLayout(chunk=7, fused=True),
+                                    LossLayout(chunk=5, label_budget=12, fused=True),
+                                    LossLayout(label_budget=2, fused=True)],
+                         ids=["chunk7", "chunk16", "budget", "budget+chunk", "over-budget", "fused", "fused+chunk7",
+                              "fused+budget+chunk", "fused+over-budget"])
 def test_layouts_give_the_full_loss_accuracy_and_gradients(reference, layout):
+  """Every layout gives the plain loss and gradients; the fused one (the training loss, so without the
+  accuracy, which takes the plain path) also its sums."""
   c, batch, (want, want_sums, want_grads) = reference
   counts = np.asarray(jnp.sum(thinker_inputs.label_mask(batch), axis=1))
   if layout.label_budget == 2:
     assert counts.max() > 2  # this case takes the every-position fallback
   else:
     assert not layout.label_budget or counts.max() <= layout.label_budget
-  got, sums, grads = _loss_and_grads(c, batch, layout)
+  got, sums, grads = _loss_and_grads(c, batch, layout, with_accuracy=not layout.fused)
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  for key in ("loss_sum", "count", "correct"):
+  for key in ("loss_sum", "count", "correct")[:3 - layout.fused]:
     np.testing.assert_allclose(sums[key], want_sums[key], rtol=1e-6, atol=1e-6)
   for g, w in zip(grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
@@ -88,3 +94,39 @@ def test_chunked_loss_needs_less_temporary_memory():
   logits = 2 * 256 * 151936 * 4
   assert full > logits  # the float32 logits exist at once
   assert chunked < full / 4, (chunked, full)
+
+
+def test_the_training_loss_takes_the_fused_head_where_the_head_is_one_matrix(reference):
+  """From the config (train.fused_head_loss, on by default) the training loss goes through the fused head (one
+  custom-gradient call), also under a label budget; the accuracy (evaluation) and an int8 head (QLoRA, whose
+  scale only the Linear applies) take the plain path."""
+  from omni_jax.layers import lora  # noqa: PLC0415
+
+  c, batch, _ = reference
+  assert LossLayout.from_config(c).fused and not LossLayout.from_config(lib.config(fused_head_loss=False)).fused
+  model = omni.OmniModel(c, rngs=nnx.Rngs(1))
+  hidden = thinker_inputs.outputs(model.thinker, batch)["hidden"]
+
+  def fused(layout, with_accuracy=False):
+    jaxpr = jax.make_jaxpr(lambda h: thinker_objective.hidden_token_stats(model.thinker, h, batch, layout,
+                                                                         with_accuracy))(hidden)
+    return "custom_vjp_call" in str(jaxpr)
+
+  assert fused(LossLayout(fused=True)) and fused(LossLayout(chunk=5, label_budget=12, fused=True))
+  assert not fused(LossLayout()) and not fused(LossLayout(fused=True), with_accuracy=True)
+  lora.attach(model, lora.LoraConfig(targets=(("thinker", ("lm_head",)),), base_dtype="int8"), nnx.Rngs(2))
+  assert model.thinker.head_weight(hidden.dtype) is None and not fused(LossLayout(fused=True))
+
+
+def test_a_fused_head_loss_that_is_not_a_bool_fails_at_startup_naming_the_key():
+  from omni_jax import config as config_lib, defaults  # noqa: PLC0415
+  from omni_jax.errors import ConfigError  # noqa: PLC0415
+
+  c = defaults.base_config()
+  config_lib.validate_train(c)
+  del c.train["fused_head_loss"]
+  config_lib.validate_train(c)  # a config stored before the key existed: fused (LossLayout.from_config)
+  assert LossLayout.from_config(c).fused
+  c.train.fused_head_loss = "no"
+  with pytest.raises(ConfigError, match="config.train.fused_head_loss: must be True or False, got 'no'"):
+    config_lib.validate_train(c)

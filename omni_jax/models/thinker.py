@@ -49,6 +49,17 @@ class Thinker(nnx.Module):
   def embed(self, input_ids: jax.Array) -> jax.Array:
     return self.model.embed_tokens(input_ids)
 
+  def head_weight(self, dtype) -> Optional[tuple[jax.Array, tuple[str, str]]]:
+    """(weight, its logical names) of the LM head as one matrix in the dtype `logits` computes in for hidden
+    states of `dtype`: the tied embedding table [V, D] or lm_head's kernel [D, V]. None where the head is more
+    than a matrix (an adapter, an int8 scale), which only `logits` applies."""
+    if self.lm_head is None:
+      return self.model.embed_tokens.embedding[...].astype(dtype), ("vocab", "embed")
+    head = self.lm_head
+    if head.lora is not None or head.kernel_scale is not None or head.bias is not None:
+      return None
+    return head.kernel[...].astype(head.dtype), ("embed", "vocab")
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     if self.lm_head is None:
       table = self.model.embed_tokens.embedding[...].astype(hidden.dtype)

@@ -19,6 +19,7 @@ import ml_collections
 from omni_jax import batch as batch_lib
 from omni_jax import dpo as dpo_lib
 from omni_jax import preference
+from omni_jax.layers import head_loss
 from omni_jax.models.thinker import Thinker
 from omni_jax.thinker.inputs import label_mask, outputs
 
@@ -26,55 +27,54 @@ NUM_KINDS = len(batch_lib.KINDS)
 Batch = Mapping[str, jax.Array]
 
 
-def target_logprobs(logits, targets) -> jax.Array:
-  """log p(target) in float32 under logits [..., V] of any float dtype: what every loss of the tower takes (the
-  NLL's negative). The widening happens inside the reduction, so bfloat16 logits are never copied to float32."""
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
-  return target_logit - jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+target_logprobs = head_loss.target_logprobs  # log p(target) in float32: what every loss of the tower takes
+
+
+def kind_counts(valid, kind) -> jax.Array:
+  """Valid targets per modality `kind`: [NUM_KINDS] float32."""
+  return jnp.sum(jax.nn.one_hot(kind, NUM_KINDS, dtype=jnp.float32) * valid[..., None], axis=(0, 1))
 
 
 def per_kind_sums(logits, targets, valid, kind, with_accuracy: bool = False) -> dict:
   """Cross-entropy sums (and argmax hits) of valid targets per modality `kind`: the objectives' sum format."""
-  nll = -target_logprobs(logits, targets)
-  onehot = jax.nn.one_hot(kind, NUM_KINDS, dtype=jnp.float32) * valid[..., None]
-  out = {"loss_sum": jnp.einsum("bl,blk->k", jnp.where(valid, nll, 0.0), onehot),
-         "count": jnp.sum(onehot, axis=(0, 1))}
+  out = {"loss_sum": head_loss.group_sums(-target_logprobs(logits, targets), valid, kind, NUM_KINDS),
+         "count": kind_counts(valid, kind)}
   if with_accuracy:
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    out["correct"] = jnp.einsum("bl,blk->k", correct, onehot)
+    out["correct"] = head_loss.group_sums(correct, valid, kind, NUM_KINDS)
   return out
 
 
 @dataclasses.dataclass(frozen=True)
 class LossLayout:
-  """How the LM head meets the labels (config.train; docs/training.md "Memory of the loss").
+  """How the LM head meets the labels (config.train; docs/training.md "The LM head and its loss").
 
   chunk: positions per chunk of the head + cross-entropy (0: all at once). Each chunk's logits
     [B, chunk, V] live only inside a rematerialised scan step, so the step never holds [B, L, V].
   label_budget: labelled positions per row gathered before the head (0: every position). In SFT data most
     positions carry no label (the prompt, the media), so the 151,936-wide head runs on the budget only; a
     batch with a row over budget takes the every-position path instead (lax.cond), so the loss is always exact.
+  fused: the training loss's head + cross-entropy computes its gradient in the forward pass
+    (omni_jax.layers.head_loss): neither the logits kept nor the chunks' logits recomputed. Evaluation, the
+    accuracy and a head that is more than a matrix (Thinker.head_weight) take the plain path.
   """
   chunk: int = 0
   label_budget: int = 0
+  fused: bool = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LossLayout":
     t = config.get("train", {})
-    return cls(int(t.get("loss_chunk_size", 0) or 0), int(t.get("label_budget", 0) or 0))
+    return cls(int(t.get("loss_chunk_size", 0) or 0), int(t.get("label_budget", 0) or 0),
+               bool(t.get("fused_head_loss", True)))
 
 
 def _chunked_sums(sums, hidden, targets, valid, extra, chunk: int) -> dict:
   """sums(hidden, targets, valid, *extra) (sums applies the head) over chunks of the length axis, added up:
   [B, T, D] -> sums, never the [B, T, V] logits at once (the sums must be additive over positions)."""
-  b, t = targets.shape
-  if not chunk or chunk >= t:
+  if not chunk or chunk >= targets.shape[1]:
     return sums(hidden, targets, valid, *extra)
-  n = -(-t // chunk)
-  pad = n * chunk - t
-  widen = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-  split = lambda x: jnp.moveaxis(widen(x).reshape((b, n, chunk) + x.shape[2:]), 1, 0)  # noqa: E731
-  xs = tuple(split(x) for x in (hidden, targets, valid, *extra))
+  xs = tuple(head_loss.split_chunks(x, chunk) for x in (hidden, targets, valid, *extra))
 
   @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them
   def one(*x):
@@ -88,42 +88,61 @@ def _chunked_sums(sums, hidden, targets, valid, extra, chunk: int) -> dict:
   return jax.lax.scan(body, zeros, xs)[0]
 
 
+def _over_labels(reduce: Callable, hidden: jax.Array, batch: Batch, layout: LossLayout, extra) -> dict:
+  """reduce(h, targets, valid, extra, chunk) (sums additive over positions) over the label positions of a
+  batch: all of them in chunks, or the labelled ones gathered under layout.label_budget."""
+  valid = label_mask(batch)
+  targets = jnp.where(valid, batch["labels"][:, 1:], 0)
+  h = hidden[:, :-1]
+  budget = layout.label_budget
+  if not budget or budget >= valid.shape[1]:
+    return reduce(h, targets, valid, extra, layout.chunk)
+
+  def every_position():  # the rare over-budget batch: chunked (budget-sized chunks by default), so that this
+    # branch's buffers (lax.cond allocates both) stay as small as the labelled branch's
+    return reduce(h, targets, valid, extra, layout.chunk or budget)
+
+  def labelled_only():
+    order = jnp.argsort(~valid, axis=1, stable=True)[:, :budget]  # the labelled positions first, in order
+    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    return reduce(take(h), take(targets), take(valid), tuple(take(x) for x in extra), layout.chunk)
+
+  fits = jnp.all(jnp.sum(valid, axis=1) <= budget)
+  return jax.lax.cond(fits, labelled_only, every_position)
+
+
 def head_sums(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLayout, sums: Callable,
               *extra: jax.Array) -> dict:
   """sums(logits, targets, valid, *extra) over the label positions of a batch (additive over positions), with
   the LM head applied to the final hidden states as `layout` says: logits [B, T, V] of a chunk of positions in
   the compute dtype (sums widen inside their reductions, as target_logprobs does), targets / valid [B, T]
   (label_mask), extra: per-position fields [B, L-1] aligned with the targets (e.g. batch["kind"][:, 1:])."""
-  valid = label_mask(batch)
-  targets = jnp.where(valid, batch["labels"][:, 1:], 0)
-  h = hidden[:, :-1]
 
   def of_hidden(hid, *rest):
     return sums(thinker.logits(hid), *rest)
 
-  budget = layout.label_budget
-  if not budget or budget >= valid.shape[1]:
-    return _chunked_sums(of_hidden, h, targets, valid, extra, layout.chunk)
+  def reduce(h, targets, valid, ex, chunk):
+    return _chunked_sums(of_hidden, h, targets, valid, ex, chunk)
 
-  def every_position():  # the rare over-budget batch: chunked (budget-sized chunks by default), so that this
-    # branch's buffers (lax.cond allocates both) stay as small as the labelled branch's
-    return _chunked_sums(of_hidden, h, targets, valid, extra, layout.chunk or budget)
-
-  def labelled_only():
-    order = jnp.argsort(~valid, axis=1, stable=True)[:, :budget]  # the labelled positions first, in order
-    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
-    return _chunked_sums(of_hidden, take(h), take(targets), take(valid), tuple(take(x) for x in extra),
-                         layout.chunk)
-
-  fits = jnp.all(jnp.sum(valid, axis=1) <= budget)
-  return jax.lax.cond(fits, labelled_only, every_position)
+  return _over_labels(reduce, hidden, batch, layout, extra)
 
 
 def hidden_token_stats(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLayout,
                        with_accuracy: bool = False) -> dict:
   """token_stats from the final hidden states, with the head applied as `layout` says (same sums)."""
-  return head_sums(thinker, hidden, batch, layout,
-                   lambda logits, y, m, k: per_kind_sums(logits, y, m, k, with_accuracy), batch["kind"][:, 1:])
+  kind = batch["kind"][:, 1:]
+  head = thinker.head_weight(hidden.dtype) if layout.fused and not with_accuracy else None
+  if head is None:
+    return head_sums(thinker, hidden, batch, layout,
+                     lambda logits, y, m, k: per_kind_sums(logits, y, m, k, with_accuracy), kind)
+  weight, names = head
+
+  def fused(h, targets, valid, ex, chunk):
+    (k,) = ex
+    return {"loss_sum": head_loss.grouped_nll_sums(h, weight, targets, valid, k, NUM_KINDS, chunk, names),
+            "count": kind_counts(valid, k)}
+
+  return _over_labels(fused, hidden, batch, layout, (kind,))
 
 
 def text_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> dict:
