@@ -1,10 +1,11 @@
-"""The train step on SFT-shaped rows with the LM head everywhere vs chunked vs on labelled positions only.
+"""The train step on SFT-shaped rows with the LM head everywhere vs chunked vs on labelled positions only, each
+differentiated by JAX or fused (the head computing its gradient in its forward pass).
 
   .venv/bin/python bench/bench_loss_layout.py                 # tiny (151,936-token head), 4 x 288, 4% labels
   .venv/bin/python bench/bench_loss_layout.py --seq 1024 --labels 0.04 --iters 5
 
 Same model, same batch, same real train step (omni_jax.train.step); only config.train.loss_chunk_size /
-label_budget differ. Prints the median step time of each layout (timed alternately) and the compiled step's
+label_budget / fused_head_loss differ. Prints the median step time of each layout (timed alternately) and the compiled step's
 temporary memory (XLA memory analysis), as ratios to the every-position layout. Figures: docs/performance.md.
 """
 
@@ -25,9 +26,11 @@ from omni_jax.input.synthetic import SyntheticSource  # noqa: E402
 from omni_jax.train import state as state_lib  # noqa: E402
 from omni_jax.train import step as step_lib  # noqa: E402
 
-LAYOUTS = {"every position": dict(loss_chunk_size=0, label_budget=0),
-           "chunks of 64": dict(loss_chunk_size=64, label_budget=0),
-           "labelled (budget)": dict(loss_chunk_size=0, label_budget=None)}
+LAYOUTS = {"every position": dict(loss_chunk_size=0, label_budget=0, fused=False),
+           "chunks of 64": dict(loss_chunk_size=64, label_budget=0, fused=False),
+           "chunks of 64, fused": dict(loss_chunk_size=64, label_budget=0, fused=True),
+           "labelled (budget)": dict(loss_chunk_size=0, label_budget=None, fused=False),
+           "labelled, fused": dict(loss_chunk_size=0, label_budget=None, fused=True)}
 
 
 def main():
@@ -52,6 +55,7 @@ def main():
     c.train.batch_size, c.train.seq_len = args.batch, args.seq
     c.train.loss_chunk_size = layout["loss_chunk_size"]
     c.train.label_budget = budget if layout["label_budget"] is None else layout["label_budget"]
+    c.train.fused_head_loss = layout["fused"]
     setup = state_lib.Setup(c, mesh)
     states[name] = setup.init()
     step = step_lib.jit_train_step(setup)
@@ -72,7 +76,7 @@ def main():
         f"budget {budget}), {jax.devices()[0].platform}")
   for name in LAYOUTS:
     t = np.median(times[name])
-    print(f"  {name:18s} step {t * 1e3:8.1f} ms  ({base / t:4.2f}x faster)   temporaries "
+    print(f"  {name:20s} step {t * 1e3:8.1f} ms  ({base / t:4.2f}x faster)   temporaries "
           f"{temps[name] / 2**20:8.1f} MiB ({temps[name] / temps['every position']:.2f} of every-position)")
 
 

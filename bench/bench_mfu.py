@@ -7,6 +7,7 @@ present, transformers' forward + backward + AdamW on the same text model in the 
   .venv/bin/python bench/bench_mfu.py --smoke              # tiny config, a few steps on CPU (CI runs this)
   .venv/bin/python bench/bench_mfu.py --attention blocked --no-reference   # another attention; ours only
   .venv/bin/python bench/bench_mfu.py --loss_chunk 0 --no-reference   # head + loss at once: no recompute
+  .venv/bin/python bench/bench_mfu.py --plain_head --no-reference      # the head + loss differentiated by JAX
   .venv/bin/python bench/bench_mfu.py --aot v5p:1x1x1   # no device: compile for a TPU chip, print what the
                                                         # step moves through HBM by kernel family
 
@@ -164,11 +165,12 @@ def bench_transformers(config, iters: int) -> dict | None:
 
 
 def step_config(args, seq: int, batch: int, kind: str):
-  """make_config for one batch kind with the command line's attention and loss chunk."""
+  """make_config for one batch kind with the command line's attention and loss layout."""
   config = make_config(args.smoke, seq, batch, args.remat, media=(kind == "multimodal"))
   config.model.attention_impl = None if args.attention == "none" else args.attention
   if args.loss_chunk is not None:
     config.train.loss_chunk_size = args.loss_chunk
+  config.train.fused_head_loss = not args.plain_head
   return config
 
 
@@ -201,6 +203,9 @@ def main():
   p.add_argument("--loss_chunk", type=int, default=None,
                  help="config.train.loss_chunk_size (default: the config's 1024; 0: the logits at once, kept for "
                       "the backward pass instead of recomputed)")
+  p.add_argument("--plain_head", action="store_true",
+                 help="train.fused_head_loss=False: JAX differentiates the chunked head + loss (each chunk's logits "
+                      "recomputed in the backward pass) instead of the fused head computing its gradient forward")
   p.add_argument("--no-reference", dest="reference", action="store_false", help="skip transformers' step")
   p.add_argument("--aot", metavar="TOPOLOGY", default=None,
                  help="compile each kind's step for a topology (python -m omni_jax.aot's --topology, e.g. "
@@ -218,7 +223,8 @@ def main():
     peak, source = cpu_matmul_peak(), "measured float32 matmul (no table entry)"
   print(f"device {device.device_kind} x{jax.local_device_count()}, peak {peak / 1e12:.3g} TFLOP/s per device "
         f"({source}); seq {seq}, batch {batch}, remat {args.remat}, attention {args.attention}"
-        + (f", loss chunk {args.loss_chunk}" if args.loss_chunk is not None else ""), flush=True)
+        + (f", loss chunk {args.loss_chunk}" if args.loss_chunk is not None else "")
+        + (", plain head" if args.plain_head else ""), flush=True)
   ours_text = None
   for kind in args.kinds.split(","):
     r = bench_ours(step_config(args, seq, batch, kind), iters)
