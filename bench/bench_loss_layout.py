@@ -5,8 +5,9 @@ differentiated by JAX or fused (the head computing its gradient in its forward p
   .venv/bin/python bench/bench_loss_layout.py --seq 1024 --labels 0.04 --iters 5
 
 Same model, same batch, same real train step (omni_jax.train.step); only config.train.loss_chunk_size /
-label_budget / fused_head_loss differ. Prints the median step time of each layout (timed alternately) and the compiled step's
-temporary memory (XLA memory analysis), as ratios to the every-position layout. Figures: docs/performance.md.
+label_budget / fused_head_loss differ. Prints the median step time of each layout (timed alternately) and the
+compiled step's temporary memory (XLA memory analysis), as ratios to the every-position layout (differentiated
+by JAX). Figures: docs/performance.md.
 """
 
 import argparse

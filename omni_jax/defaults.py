@@ -106,8 +106,9 @@ def training(c: ml_collections.ConfigDict) -> None:
   # once, [B, L, V] float32 logits) and labelled positions gathered per row before the head (0: every position).
   t.loss_chunk_size = 0
   t.label_budget = 0
-  # The training loss's gradient computed in the head's forward pass (omni_jax.layers.head_loss): the chunks'
-  # logits are neither kept nor recomputed (one [positions, D] x [D, V] product fewer per step).
+  # The training loss's gradient computed in the head's forward pass (omni_jax.layers.head_loss): logits are
+  # neither kept for the backward pass nor recomputed in it (chunks under remat: one [positions, D] x [D, V]
+  # product more per step; the logits at once: [B, L, V] kept).
   t.fused_head_loss = True
   t.freeze = ()  # parameter-path regexes (matched from the start, e.g. "thinker.visual"); no optimizer state
   t.log_every = 10
