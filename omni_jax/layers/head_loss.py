@@ -13,8 +13,9 @@ it is the chunked forward alone.
 The kept weight gradient is that of the groups' plain sum: the function is for losses that weight every group
 alike, as a training step does (all groups' sums over one count; omni_jax.towers.Objective). The hidden states'
 gradient is per position, so any cotangent scales it exactly; a cotangent that weights the groups differently
-makes the weight's gradient NaN (the step's NaN guard stops there) rather than silently wrong. A branch to an
-exact recompute would cost every step a conditional (a host round trip on GPUs) and double the compiled head.
+makes the weight's gradient NaN rather than silently wrong (training stops at a non-finite gradient norm,
+without saving that state). A branch to an exact recompute would cost every step a conditional (a host round
+trip on GPUs) and double the compiled head.
 """
 
 import functools
