@@ -8,6 +8,7 @@ from flax import nnx
 
 from omni_jax import sharding
 from omni_jax.config import Runtime, TextConfig, TokenIds
+from omni_jax.layers import head_loss
 from omni_jax.layers.attention import KVCache
 from omni_jax.layers.linear import Linear
 from omni_jax.models.audio import AudioConfig, AudioEncoder
@@ -61,12 +62,11 @@ class Thinker(nnx.Module):
     return head.kernel[...].astype(head.dtype), ("embed", "vocab")
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    if self.lm_head is None:
-      table = self.model.embed_tokens.embedding[...].astype(hidden.dtype)
-      out = jnp.einsum("bld,vd->blv", hidden, table)
-    else:
-      out = self.lm_head(hidden)
-    return sharding.constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+    """[B, L, D] -> [B, L, V] in the compute dtype: the same product the fused training loss takes."""
+    head = self.head_weight(hidden.dtype)
+    if head is None:  # an adapter or an int8 scale, which the Linear applies
+      return sharding.constrain(self.lm_head(hidden), head_loss.LOGITS_NAMES)
+    return head_loss.logits(hidden, *head)
 
   def merge_audio(self, embeds: jax.Array, input_ids: jax.Array, audio_features: jax.Array,
                   audio_lengths: jax.Array, **sizes) -> jax.Array:
