@@ -1,4 +1,5 @@
-"""Thinker text logits equal transformers' (float32) on three tiny configs, with padding and 3-D positions."""
+"""Thinker text logits equal transformers' (float32) on three tiny configs, with padding and 3-D positions, and with
+a tied head (logits and the fused loss's gradient of the table)."""
 
 import numpy as np
 import pytest
@@ -79,3 +80,44 @@ def test_bfloat16_compute_stays_close(tmp_path):
     expected = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.ones(1, 12, dtype=torch.long)).logits
   err = np.abs(np.asarray(got, np.float32) - expected.numpy()).max()
   assert err < 0.05, err
+
+
+def test_tied_head_logits_and_fused_loss_gradient_match_transformers(tmp_path):
+  """A Thinker whose LM head is its embedding table (tie_word_embeddings): the checkpoint has no lm_head; the
+  logits, and the fused training loss's gradient of the table (the input embedding's and the head's parts
+  together), equal transformers'."""
+  import jax  # noqa: PLC0415
+
+  from omni_jax.thinker import inputs as thinker_inputs  # noqa: PLC0415
+  from omni_jax.thinker import objective  # noqa: PLC0415
+
+  text = dict(ref.TEXT_VARIANTS["gqa2"], tie_word_embeddings=True, pad_token_id=0)
+  hf_model = ref.build_thinker("gqa2", seed=3, text_config=text, tie_word_embeddings=True)
+  assert hf_model.lm_head.weight is hf_model.get_input_embeddings().weight
+  model, config = ref.ours(hf_model, tmp_path)
+  assert model.thinker.lm_head is None
+  ids = ref.text_ids(np.random.default_rng(1), 2, 16, config.model.thinker.text.vocab_size).astype(np.int32)
+
+  logits = hf_model(input_ids=torch.tensor(ids)).logits
+  loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                           torch.tensor(ids[:, 1:]).reshape(-1).long(), reduction="sum")
+  loss.backward()
+  want_grad = hf_model.get_input_embeddings().weight.grad.numpy()
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), (3,) + ids.shape)  # text: three identical rows
+  got = np.asarray(model.thinker(jnp.asarray(ids), positions, jnp.ones_like(jnp.asarray(ids))))
+  np.testing.assert_allclose(got, logits.detach().numpy(), atol=1e-4)
+
+  batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(ids), "segment_ids": jnp.ones_like(jnp.asarray(ids)),
+           "kind": jnp.zeros_like(jnp.asarray(ids))}
+  layout = objective.LossLayout(chunk=5, fused=True)
+  graphdef, state = nnx.split(model)
+
+  def loss_sum(state):
+    m = nnx.merge(graphdef, state)
+    hidden = thinker_inputs.outputs(m.thinker, batch)["hidden"]
+    return jnp.sum(objective.hidden_token_stats(m.thinker, hidden, batch, layout)["loss_sum"])
+
+  value, grads = jax.value_and_grad(loss_sum)(state)
+  np.testing.assert_allclose(float(value), loss.item(), rtol=1e-5)
+  got_grad = np.asarray(grads["thinker"]["model"]["embed_tokens"]["embedding"][...])
+  np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-5)
