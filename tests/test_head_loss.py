@@ -95,10 +95,8 @@ def test_one_vocabulary_wide_product_fewer_than_a_chunked_head_under_remat(froze
           jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.bool_),
           jax.ShapeDtypeStruct((b, t), jnp.int32))
 
-  def remat_chunks(h, w, y, m, k):
-    one = jax.checkpoint(lambda *x: _plain(*x, names))
-    xs = tuple(head_loss.split_chunks(x, chunk) for x in (h, y, m, k))
-    return jax.lax.scan(lambda total, x: (total + one(x[0], w, *x[1:]), None), jnp.zeros((GROUPS,)), xs)[0]
+  def remat_chunks(h, w, y, m, k):  # the plain layout's chunks (differentiated by JAX)
+    return head_loss.chunked_sums(lambda *x: _plain(x[0], w, *x[1:], names), h, y, m, (k,), chunk)
 
   def fused(h, w, y, m, k):
     return head_loss.grouped_nll_sums(h, w, y, m, k, GROUPS, chunk, names)

@@ -19,7 +19,7 @@ trip on GPUs) and double the compiled head.
 """
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,16 +68,31 @@ def _chunk_size(chunk: int, length: int) -> int:
   return length if not chunk or chunk >= length else chunk
 
 
+def chunked_sums(sums: Callable, hidden, targets, valid, extra, chunk: int):
+  """sums(hidden, targets, valid, *extra) (sums applies the head) over chunks of the length axis, added up:
+  [B, T, D] -> sums (a pytree additive over positions), never the [B, T, V] logits at once."""
+  if not chunk or chunk >= targets.shape[1]:
+    return sums(hidden, targets, valid, *extra)
+  xs = tuple(split_chunks(x, chunk) for x in (hidden, targets, valid, *extra))
+
+  @jax.checkpoint  # differentiated by JAX, the backward pass recomputes each chunk's logits instead of storing them
+  def one(*x):
+    return sums(*x)
+
+  def body(total, x):
+    return jax.tree.map(jnp.add, total, one(*x)), None
+
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one, *(x[0] for x in xs)))
+  return jax.lax.scan(body, zeros, xs)[0]
+
+
 def _plain_sums(hidden, weight, targets, valid, group, num_groups, chunk, weight_names):
   """The forward alone: the chunks' per-group sums, added up."""
-  c = _chunk_size(chunk, targets.shape[1])
 
   def one(h, y, m, k):
     return group_sums(-target_logprobs(logits(h, weight, weight_names), y), m, k, num_groups)
 
-  xs = tuple(split_chunks(x, c) for x in (hidden, targets, valid, group))
-  body = lambda total, x: (total + one(*x), None)  # noqa: E731
-  return jax.lax.scan(body, jnp.zeros((num_groups,), jnp.float32), xs)[0]
+  return chunked_sums(one, hidden, targets, valid, (group,), chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))

@@ -69,25 +69,6 @@ class LossLayout:
                bool(t.get("fused_head_loss", True)))
 
 
-def _chunked_sums(sums, hidden, targets, valid, extra, chunk: int) -> dict:
-  """sums(hidden, targets, valid, *extra) (sums applies the head) over chunks of the length axis, added up:
-  [B, T, D] -> sums, never the [B, T, V] logits at once (the sums must be additive over positions)."""
-  if not chunk or chunk >= targets.shape[1]:
-    return sums(hidden, targets, valid, *extra)
-  xs = tuple(head_loss.split_chunks(x, chunk) for x in (hidden, targets, valid, *extra))
-
-  @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of storing them
-  def one(*x):
-    return sums(*x)
-
-  def body(total, x):
-    return jax.tree.map(jnp.add, total, one(*x)), None
-
-  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                       jax.eval_shape(one, *(x[0] for x in xs)))
-  return jax.lax.scan(body, zeros, xs)[0]
-
-
 def _over_labels(reduce: Callable, hidden: jax.Array, batch: Batch, layout: LossLayout, extra) -> dict:
   """reduce(h, targets, valid, extra, chunk) (sums additive over positions) over the label positions of a
   batch: all of them in chunks, or the labelled ones gathered under layout.label_budget."""
@@ -122,7 +103,7 @@ def head_sums(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLay
     return sums(thinker.logits(hid), *rest)
 
   def reduce(h, targets, valid, ex, chunk):
-    return _chunked_sums(of_hidden, h, targets, valid, ex, chunk)
+    return head_loss.chunked_sums(of_hidden, h, targets, valid, ex, chunk)
 
   return _over_labels(reduce, hidden, batch, layout, extra)
 
