@@ -18,6 +18,20 @@ setup() {  # $1: pip extras ("" or "test")
   fi
 }
 
+gpu_aot() {  # jax's CUDA plugin (no CUDA libraries) beside .venv, off its path: XLA:GPU compiles for GPUs
+  # without one (omni_jax.aot, tests/test_aot.py). Installed into .venv it would make every jax start on a
+  # machine without a GPU print the plugin's failed CUDA checks.
+  local version dest=.venv/gpu-aot
+  version=$(.venv/bin/python -c "import jaxlib; print(jaxlib.__version__)")
+  [ -f "$dest/.jaxlib-$version" ] && return 0
+  rm -rf "$dest"
+  if .venv/bin/pip install -q --no-deps --target "$dest" "jax-cuda13-plugin==$version" "jax-cuda13-pjrt==$version"; then
+    touch "$dest/.jaxlib-$version"
+  else
+    echo "run.sh: jax's CUDA plugin $version could not be installed; the XLA:GPU compile test will skip" >&2
+  fi
+}
+
 bpe_ranks() {  # qwen.tiktoken (the offline BPE ranks) out of the dashscope wheel, which is not installed
   local dest=.venv/share/omni_jax/qwen.tiktoken  # omni_jax.input.tokenizer.RANKS_FILE
   [ -s "$dest" ] && return 0
@@ -84,6 +98,7 @@ case "${1:-}" in
     ;;
   test)
     setup test,tpu,serve,eval  # tpu: libtpu for the AOT tests (tests/test_aot.py); serve: tests/test_server.py; eval: the speech judges
+    gpu_aot
     # The realtime page's browser test (tests/test_realtime_page.py) drives Debian's Chromium through chromedriver.
     if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
       sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"

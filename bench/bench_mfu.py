@@ -10,6 +10,9 @@ present, transformers' forward + backward + AdamW on the same text model in the 
   .venv/bin/python bench/bench_mfu.py --plain_head --no-reference      # the head + loss differentiated by JAX
   .venv/bin/python bench/bench_mfu.py --aot v5p:1x1x1   # no device: compile for a TPU chip, print what the
                                                         # step moves through HBM by kernel family
+  PYTHONPATH=.venv/gpu-aot .venv/bin/python bench/bench_mfu.py --aot h200:1   # the same through XLA:GPU (jax's
+                                                        # CUDA plugin, omni_jax.aot.hardware): kernels per step too
+  .venv/bin/python bench/bench_mfu.py --unrolled --no-reference   # layers unrolled (config.model.scan_layers)
 
 MFU = the documented FLOPs formula (omni_jax.train.metrics.FlopCounter, docs/training.md "MFU"; encoder FLOPs
 counted for the multimodal batch) / (median step time x devices x peak bf16 FLOP/s of the device:
@@ -27,6 +30,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if any(a.startswith("--aot") for a in sys.argv):  # compile-only: no backend may try to open a device
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -171,6 +176,7 @@ def step_config(args, seq: int, batch: int, kind: str):
   if args.loss_chunk is not None:
     config.train.loss_chunk_size = args.loss_chunk
   config.train.fused_head_loss = not args.plain_head
+  config.model.scan_layers = not args.unrolled
   return config
 
 
@@ -206,6 +212,8 @@ def main():
   p.add_argument("--plain_head", action="store_true",
                  help="train.fused_head_loss=False: JAX differentiates the chunked head + loss (each chunk's logits "
                       "recomputed in the backward pass) instead of the fused head computing its gradient forward")
+  p.add_argument("--unrolled", action="store_true",
+                 help="config.model.scan_layers=False: the layers unrolled (no stacked residuals, no scan)")
   p.add_argument("--no-reference", dest="reference", action="store_false", help="skip transformers' step")
   p.add_argument("--aot", metavar="TOPOLOGY", default=None,
                  help="compile each kind's step for a topology (python -m omni_jax.aot's --topology, e.g. "
@@ -224,7 +232,7 @@ def main():
   print(f"device {device.device_kind} x{jax.local_device_count()}, peak {peak / 1e12:.3g} TFLOP/s per device "
         f"({source}); seq {seq}, batch {batch}, remat {args.remat}, attention {args.attention}"
         + (f", loss chunk {args.loss_chunk}" if args.loss_chunk is not None else "")
-        + (", plain head" if args.plain_head else ""), flush=True)
+        + (", plain head" if args.plain_head else "") + (", layers unrolled" if args.unrolled else ""), flush=True)
   ours_text = None
   for kind in args.kinds.split(","):
     r = bench_ours(step_config(args, seq, batch, kind), iters)

@@ -5,10 +5,11 @@
 
 Each row is `python -m omni_jax.aot --topology h100:N --media --json` on the config as shipped (its seq_len,
 remat policy and mesh; train.batch_size = N: one row per GPU; images + audio at the config's bucket limits).
-XLA:GPU compiles only on a GPU, so the step is compiled for N CPU devices standing in for the GPUs
-(omni_jax.aot.hardware): a plan, to be confirmed on the device. "Fits" compares arguments + temporaries per
+XLA:GPU compiles it for the GPUs without one when jax's CUDA plugin is in .venv/gpu-aot (run.sh test puts it
+there; put on the rows' PYTHONPATH) or installed; else N CPU devices stand in for the GPUs
+(omni_jax.aot.hardware). The "compiled by" column says which: a plan either way, to be confirmed on the device. "Fits" compares arguments + temporaries per
 device with 80 GB; JAX preallocates 75% of a GPU by default, so a row above 60 GB needs
-XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (said in the row).
+XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (said in the row), and one above 95% does not fit.
 """
 
 import argparse
@@ -39,12 +40,17 @@ ROWS = [
 # Not a row: configs/recipes/new_voice.py needs a prepared voice folder (:dir=OUT); it trains the Talker of the
 # 7B config, whose whole step (Thinker + Talker) the 7B rows bound.
 PREALLOCATED = 0.75  # of a GPU's memory, what JAX takes by default
+MOST = 0.95  # the most a process should let JAX take (CUDA's context and libraries need the rest)
 
 
 def compile_row(config: str, gpus: int, timeout: float) -> dict:
   cmd = [sys.executable, "-m", "omni_jax.aot", "--config", os.path.join(ROOT, config), "--topology", f"h100:{gpus}",
          "--media", "--json", f"--config.train.batch_size={gpus}"]
-  p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  plugin = os.path.join(ROOT, ".venv", "gpu-aot")
+  if os.path.isdir(plugin):
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [plugin, env.get("PYTHONPATH")]))
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   if p.returncode not in (0, 3):
     return {"failed": (p.stderr.strip().splitlines() or ["?"])[-1][:160]}
   return json.loads(p.stdout.strip().splitlines()[-1])
@@ -64,11 +70,11 @@ def remat_of(config: str) -> str:
 
 
 def render(results: list) -> str:
-  lines = ["| config | seq | remat | GPUs (mesh) | per GPU: arguments + temporaries | of its HBM | verdict |",
-           "|---|---|---|---|---|---|---|"]
+  lines = ["| config | seq | remat | GPUs (mesh) | compiled by | per GPU: arguments + temporaries | of its HBM | verdict |",
+           "|---|---|---|---|---|---|---|---|"]
   for label, r in results:
     if "failed" in r:
-      lines.append(f"| {label} | | | | | | not compiled: {r['failed']} |")
+      lines.append(f"| {label} | | | | | | | not compiled: {r['failed']} |")
       continue
     m = r["memory"]
     total, capacity = m.get("total", m["argument"]), m["capacity"]  # the report's: omni_jax.aot.hardware
@@ -76,11 +82,15 @@ def render(results: list) -> str:
     seq = r["batch"]["input_ids"][1]
     if not r["fits"]:
       verdict = "does not fit" + (" (compiler: out of memory)" if r.get("error") else "")
+    elif total > MOST * capacity:
+      verdict = f"does not fit: over {MOST:.0%} of the GPU (JAX's own and CUDA's need the rest)"
     elif total > PREALLOCATED * capacity:
-      verdict = "fits with XLA_PYTHON_CLIENT_MEM_FRACTION=.95"
+      verdict = f"fits with XLA_PYTHON_CLIENT_MEM_FRACTION={MOST}"
     else:
       verdict = "fits"
-    lines.append(f"| {label} | {seq} | {r.get('remat', '')} | {r['chips']} ({mesh}) | {total / 2**30:.1f} GiB | "
+    compiler = {"XLA:CPU": "XLA:CPU (stand-in)"}.get(r.get("compiler", ""), r.get("compiler", ""))
+    lines.append(f"| {label} | {seq} | {r.get('remat', '')} | {r['chips']} ({mesh}) | {compiler} | "
+                 f"{total / 2**30:.1f} GiB | "
                  f"{100 * total / capacity:.0f}% | {verdict} |")
   return "\n".join(lines)
 

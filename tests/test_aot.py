@@ -129,6 +129,35 @@ def test_gpus_are_planned_on_cpu_devices_against_their_memory(monkeypatch):
       hardware.parse(spec)
 
 
+# jax's CUDA plugin, beside .venv and off its path (run.sh test installs it; omni_jax/aot/hardware.py)
+GPU_AOT = os.path.join(ROOT, ".venv", "gpu-aot")
+needs_cuda_plugin = pytest.mark.skipif(not os.path.isdir(os.path.join(GPU_AOT, "jax_plugins")),
+                                       reason=f"jax's CUDA plugin is not in {GPU_AOT} (run.sh test installs it)")
+
+
+@needs_cuda_plugin
+def test_gpus_are_compiled_by_xla_gpu_without_a_gpu():
+  """With jax's CUDA plugin, h100:2 is compiled by XLA:GPU itself from the H100's description (no GPU here):
+  its flash_gpu Triton kernels included, the data-parallel all-reduces between the two GPUs, a roofline from
+  its own bytes, and kernel launches counted. The train state per GPU is the CPU stand-in's."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([GPU_AOT, ROOT]))
+  cmd = [sys.executable, "-m", "omni_jax.aot", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--topology",
+         "h100:2", "--config.train.batch_size=2", "--config.model.attention_impl=auto"]
+  out = subprocess.run(cmd + ["--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["compiler"] == "XLA:GPU" and r["fits"] and r["memory"]["capacity"] == 80e9
+  assert r["launches"]["attention"] > 0 and r["cost"]["bytes_by_family"]["attention"] > 0  # Triton kernels
+  assert r["launches"]["gemm"] > 0 and r["launches"]["other"] > 0 and r["heaviest_other"]
+  assert r["collectives"]["all-reduce"]["count"] > 0 and r["mesh"]["data"] == 2
+  assert r["roofline"]["step_s"] > 0 and 0 < r["roofline"]["mfu"] < 1
+  cpu = aot.analyse(tiny.get_config(), "cpu:2")
+  cpu_state = sum(b for n, b in cpu.largest_arguments)
+  assert sum(b for n, b in r["largest_arguments"]) == pytest.approx(cpu_state, rel=0.01)
+  text = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300).stdout
+  assert "compiled by XLA:GPU" in text and "standing in" not in text and "kernels per step: gemm" in text
+
+
 def _lora_recipe(adapters=True):
   """configs/recipes/lora.py (tiny) with a 256-token vocabulary, so that the adapters are a visible share."""
   c = lora_recipe.get_config()
@@ -347,6 +376,36 @@ def test_hlo_loop_counts_a_bound_fused_into_its_condition():
   trip count, so the body's bytes count 5 times (its exponential's, and the counter's add)."""
   program = hlo.parse(_FUSED_CONDITION_HLO, 1)
   assert program.bytes_by_family["other"] == 5 * (2 * 256 * 4 + 3 * 4)
+  # One kernel per unfused instruction of the body, run 5 times: what a GPU launches per call.
+  body = {k.name: k for k in program.kernels}
+  assert body["y"].runs == 5 and body["y"].bytes == 5 * 2 * 256 * 4 and program.launches() == 10
+  assert program.heaviest(1)[0].name == "y" and program.launches("gemm") == 0
+
+
+_SLICED_HLO = """HloModule m
+
+%layer_one (p0: bf16[4,64,64], p1: f32[8,64]) -> f32[8,64] {
+  %p0 = bf16[4,64,64]{2,1,0} parameter(0)
+  %w = bf16[1,64,64]{2,1,0} slice(%p0), slice={[1:2], [0:64], [0:64]}
+  %w2 = bf16[64,64]{1,0} bitcast(%w)
+  %wf = f32[64,64]{1,0} convert(%w2)
+  %p1 = f32[8,64]{1,0} parameter(1)
+  ROOT %d = f32[8,64]{1,0} dot(%p1, %wf), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (arguments omitted) {
+  %stack = bf16[4,64,64]{2,1,0} parameter(0)
+  %x = f32[8,64]{1,0} parameter(1)
+  ROOT %y = f32[8,64]{1,0} fusion(%stack, %x), kind=kCustom, calls=%layer_one
+}
+"""
+
+
+def test_hlo_bytes_count_a_static_slice_of_a_stack_by_the_slice():
+  """An unrolled layer reads its weights as a slice of the stacked ones: one layer's, not the stack's."""
+  program = hlo.parse(_SLICED_HLO, 1)
+  assert program.bytes_by_family == {"gemm": 64 * 64 * 2 + 2 * 8 * 64 * 4, "attention": 0, "other": 0}
+  assert [(k.name, k.family, k.runs) for k in program.kernels] == [("y", "gemm", 1)]
 
 
 def test_hlo_bytes_count_in_place_updates_and_gathers_by_their_slices_and_split_by_family():

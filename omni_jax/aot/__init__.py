@@ -50,7 +50,8 @@ def analyse(config: ml_collections.ConfigDict, topology: str, num_slices: int = 
   """Compile config's train step for `topology` ('v5p:4x4x4', 'v5e:2x2', 'h100:8', 'cpu:4') and report on it."""
   topo = hardware.parse(topology, num_slices)
   devices = compile_lib.devices_for(topo)
-  if topo.chip is not None and topo.chip.platform == "gpu" and config.model.get("attention_impl") == "auto":
+  if (topo.chip is not None and topo.chip.platform == "gpu" and not compile_lib.compiles_for_gpu(devices)
+      and config.model.get("attention_impl") == "auto"):
     # On the CPU stand-in "auto" would pick dense attention for small calls; the GPU's kernel keeps O(L)
     # memory as the blocked path does.
     config = compile_lib.apply_overrides(config, {"model.attention_impl": "blocked"})

@@ -44,7 +44,37 @@ class DoesNotFit(RuntimeError):
     self.partial = partial
 
 
+def gpu_devices(topology: hardware.Topology) -> Optional[list]:
+  """XLA:GPU's compile-only devices for `topology`'s GPUs (one node), described by
+  hardware.gpu_target_config: no GPU needed. None when jax's CUDA plugin is not installed (or its start-up
+  checks for CUDA libraries failed, which JAX_PLATFORMS=cpu skips)."""
+  from jax.experimental import topologies
+
+  try:
+    desc = topologies.get_topology_desc(topology.chip.name, "cuda", topology=f"1x1x{topology.num_chips}",
+                                        target_config=hardware.gpu_target_config(topology.chip))
+  except NotImplementedError:
+    return None
+  except Exception as e:  # noqa: BLE001 - the plugin's message says what it rejects
+    raise hardware.TopologyError(f"--topology {topology.spec}: XLA:GPU rejects it: {' '.join(str(e).split())[:300]}") \
+        from None
+  return list(desc.devices)
+
+
+def compiles_for_gpu(devices: list) -> bool:
+  """Whether `devices` are XLA:GPU's (real or compile-only), not CPU devices standing in for GPUs."""
+  return bool(devices) and devices[0].platform == "gpu"
+
+
 def devices_for(topology: hardware.Topology) -> list:
+  """The devices to compile for: libtpu's for a TPU slice, XLA:GPU's compile-only ones for GPUs when jax's
+  CUDA plugin is installed (else as many CPU devices, standing in), the local CPU devices for cpu:N."""
+  if topology.chip is not None and topology.chip.platform == "gpu":
+    devices = gpu_devices(topology)
+    if devices is not None:
+      return devices
+    log.info("%s: jax's CUDA plugin is not installed (pip install \"jax[cuda13-local]\"; JAX_PLATFORMS=cpu on a "
+             "host without a GPU), so CPU devices stand in for the GPUs", topology.spec)
   if topology.on_cpu:
     n = topology.shape[0]
     cpus = jax.devices("cpu")

@@ -86,12 +86,34 @@ class Value:
 
 
 @dataclasses.dataclass
+class Kernel:
+  """One unfused instruction of the compiled program: on a GPU one kernel launch per run (a TPU may run
+  several as one program, but the bytes are the same)."""
+  name: str
+  op: str  # "fusion", "custom-call", "copy", ...
+  family: str  # one of FAMILIES
+  bytes: float  # operands + results per step: one run's bytes x runs
+  runs: int  # executions per step (loop trip counts)
+  op_name: str  # the jax operation it came from
+  computation: str
+
+
+@dataclasses.dataclass
 class Program:
   collectives: list
   values: list  # every instruction's result (for the "largest values" list)
   flops: float  # matmul / convolution FLOPs per chip per step, loops counted trip-count times
   # operands + results of the unfused instructions per chip per step (likewise), by kernel family (FAMILIES)
   bytes_by_family: dict
+  kernels: list = dataclasses.field(default_factory=list)  # [Kernel] whose bytes make bytes_by_family
+
+  def launches(self, family: Optional[str] = None) -> int:
+    """Kernels run per step (of one family): what a GPU launches unless it replays them as a graph."""
+    return sum(k.runs for k in self.kernels if family is None or k.family == family)
+
+  def heaviest(self, n: int, family: Optional[str] = None) -> list:
+    """The n kernels (of one family) that move the most bytes per step."""
+    return largest([k for k in self.kernels if family is None or k.family == family], n)
 
   @property
   def bytes_accessed(self) -> float:
@@ -248,14 +270,14 @@ def _valid_taps(in_size: int, out_size: int, size: int, stride: int, low: int, l
 def _moved_bytes(ins: _Instr, shapes: dict, computations: dict) -> float:
   """HBM bytes an unfused instruction reads and writes. In-place updates and slices of a big buffer (a scan's
   stacked weights and residuals, a KV cache) touch only the slice: a dynamic-update-slice writes its update, a
-  scatter its updates' rows, a dynamic-slice or gather reads its result's size, also when they sit inside a
+  scatter its updates' rows, a slice, dynamic-slice or gather reads its result's size, also when they sit inside a
   fusion (per fused parameter, per element of a multi-output fusion's root)."""
   size = lambda name: float(sum(array_bytes(shapes.get(name, ""))))  # noqa: E731
   if ins.op == "custom-call" and 'custom_call_target="AllocateBuffer"' in ins.rest:
     return 0.0  # an uninitialised buffer (a scan's stacked outputs): nothing is read or written
   if ins.op == "dynamic-update-slice" and len(ins.operands) > 1:
     return 2 * size(ins.operands[1])
-  if ins.op in ("dynamic-slice", "gather"):
+  if ins.op in ("dynamic-slice", "gather", "slice"):
     return 2 * float(sum(array_bytes(ins.shape)))  # the rows read, then written
   if ins.op == "scatter":
     _, indices, updates, touches = _scatter_parts(ins, computations)
@@ -308,15 +330,15 @@ def _parameters(body: list) -> dict:
 
 
 def _sliced_read(name: str, body: list, computations: dict, depth: int = 0) -> Optional[float]:
-  """Bytes read of value `name` of a fused computation when every use only reads slices of it (dynamic-slices
-  or gathers, through bitcasts and nested fusions: a scan's stacked residuals read one layer at a time, an
-  embedding's rows), else None."""
+  """Bytes read of value `name` of a fused computation when every use only reads slices of it (slices,
+  dynamic-slices or gathers, through bitcasts and nested fusions: a scan's stacked residuals read one layer at a
+  time, an unrolled stack's weights, an embedding's rows), else None."""
   users = [i for i in body if name in i.operands]
   if not users or depth > 8:
     return None
   total = 0.0
   for u in users:
-    if u.op in ("dynamic-slice", "gather") and u.operands[0] == name:
+    if u.op in ("dynamic-slice", "gather", "slice") and u.operands[0] == name:
       total += float(sum(array_bytes(u.shape)))
       continue
     if u.op == "bitcast":
@@ -401,17 +423,18 @@ def parse(text: str, num_devices: int) -> Program:
   memo: dict = {}
   families: dict = {}
 
-  def cost(name: str, top_level: bool, depth: int = 0) -> tuple[float, collections.Counter, list]:
-    """(FLOPs, bytes by family, [(Collective, runs)]) of one execution of a computation, callees included: a
-    while body times its trip count, a conditional's most expensive branch (the report is a bound). Bytes
-    count in unfused computations only (a fusion's are its instruction's operands and result)."""
+  def cost(name: str, top_level: bool, depth: int = 0) -> tuple[float, collections.Counter, list, list]:
+    """(FLOPs, bytes by family, [(Collective, runs)], [(Kernel, runs)]) of one execution of a computation,
+    callees included: a while body times its trip count, a conditional's most expensive branch (the report is
+    a bound). Bytes count in unfused computations only (a fusion's are its instruction's operands and result);
+    a Kernel's bytes are one run's."""
     key = (name, top_level)
     if key in memo:
       return memo[key]
-    memo[key] = (0.0, collections.Counter(), [])  # recursion guard
+    memo[key] = (0.0, collections.Counter(), [], [])  # recursion guard
     instrs = computations.get(name, ())
     shapes = {i.name: i.shape for i in instrs}
-    flops, moved, colls = 0.0, collections.Counter(), []
+    flops, moved, colls, kernels = 0.0, collections.Counter(), [], []
     for ins in instrs:
       sizes = array_bytes(ins.shape)
       base = ins.op[:-len("-start")] if ins.op.endswith("-start") else ins.op
@@ -423,7 +446,10 @@ def parse(text: str, num_devices: int) -> Program:
       if ins.op in ("dot", "convolution"):
         flops += _matmul_flops(ins, shapes)
       if top_level and ins.op not in _SKIP_BYTES and not ins.op.endswith("-done"):
-        moved[_family(ins, computations, families)] += _moved_bytes(ins, shapes, computations)
+        family, nbytes = _family(ins, computations, families), _moved_bytes(ins, shapes, computations)
+        moved[family] += nbytes
+        op_name = _OP_NAME.search(ins.rest)
+        kernels.append((Kernel(ins.name, ins.op, family, nbytes, 1, op_name.group(1) if op_name else "", name), 1))
       if depth > 64:
         continue
       branches = [c.strip().lstrip("%") for g in _BRANCHES.findall(ins.rest) for c in g.split(",") if c.strip()]
@@ -436,22 +462,27 @@ def parse(text: str, num_devices: int) -> Program:
         elif kind == "calls":
           callees.append((callee, 1, top_level and ins.op in ("call", "async-start")))
       for callee, times, top in callees:
-        f, b, c = cost(callee, top, depth + 1)
+        f, b, c, k = cost(callee, top, depth + 1)
         flops = flops + times * f
-        moved.update({k: times * v for k, v in b.items()})
+        moved.update({kind: times * v for kind, v in b.items()})
         colls.extend((x, r * times) for x, r in c)
+        kernels.extend((x, r * times) for x, r in k)
       if branches:
-        f, b, c = max((cost(br, top_level, depth + 1) for br in branches), key=lambda t: (t[0], sum(t[1].values())))
+        f, b, c, k = max((cost(br, top_level, depth + 1) for br in branches),
+                         key=lambda t: (t[0], sum(t[1].values())))
         flops = flops + f
         moved.update(b)
         colls.extend(c)
-    memo[key] = (flops, moved, colls)
+        kernels.extend(k)
+    memo[key] = (flops, moved, colls, kernels)
     return memo[key]
 
-  flops, moved, pairs = cost(entry, True) if entry is not None else (0.0, collections.Counter(), [])
+  flops, moved, pairs, kernel_runs = (cost(entry, True) if entry is not None
+                                      else (0.0, collections.Counter(), [], []))
   colls = []
   for c, runs in pairs:
     colls.append(dataclasses.replace(c, runs=runs))
+  kernels = [dataclasses.replace(k, bytes=k.bytes * runs, runs=runs) for k, runs in kernel_runs]
   values = []
   for comp, instrs in computations.items():
     for ins in instrs:
@@ -460,7 +491,7 @@ def parse(text: str, num_devices: int) -> Program:
         op_name = _OP_NAME.search(ins.rest)
         values.append(Value(sum(sizes), ins.shape.split("{")[0] if "(" not in ins.shape else ins.shape[:120],
                             ins.op, op_name.group(1) if op_name else "", comp))
-  return Program(colls, values, flops, {k: float(moved[k]) for k in FAMILIES})
+  return Program(colls, values, flops, {k: float(moved[k]) for k in FAMILIES}, kernels)
 
 
 def summary(collectives: list) -> dict:

@@ -45,6 +45,11 @@ class Report:
   largest_values: list  # (bytes, shape, op, jax op name)
   compile_seconds: float = 0.0
   error: Optional[str] = None  # the compiler's out-of-memory message
+  compiler: str = ""  # "XLA:TPU", "XLA:GPU" or "XLA:CPU" (also CPU devices standing in for GPUs)
+  # Kernels per step by family (launches: what a GPU starts unless it replays a graph) and the heaviest
+  # "other" ones: (bytes per step, runs, jax op name).
+  launches: dict = dataclasses.field(default_factory=dict)
+  heaviest_other: list = dataclasses.field(default_factory=list)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -90,8 +95,13 @@ def attention_kernel_flops(c: compile_lib.Compiled, hlo_text: str) -> float:
   return float(forward * passes)
 
 
-def roofline(cost: dict, collectives: dict, model_flops: float, chips: int, chip: Optional[hardware.Chip]) -> dict:
-  if chip is None or chip.platform == "gpu":  # a CPU compile's fusion and bytes say little of a GPU's step
+def compiler_of(c: compile_lib.Compiled) -> str:
+  return "XLA:" + c.mesh.devices.flat[0].platform.upper()
+
+
+def roofline(cost: dict, collectives: dict, model_flops: float, chips: int, chip: Optional[hardware.Chip],
+             compiler: str) -> dict:
+  if chip is None or compiler == "XLA:CPU":  # a CPU compile's fusion and bytes say little of a GPU's step
     return {}
   compute = (cost["flops"] + cost.get("kernel_flops", 0.0)) / chip.peak_flops
   memory = cost["bytes_accessed"] / chip.hbm_bandwidth
@@ -115,9 +125,12 @@ def build(c: compile_lib.Compiled, topology: hardware.Topology) -> Report:
   args = hlo.largest(compile_lib.argument_buffers(c), TOP, key=lambda x: x[1])
   values = [(v.bytes, v.shape, v.op, v.op_name) for v in hlo.largest(program.values, TOP)]
   fits = memory["capacity"] is None or memory["total"] <= memory["capacity"]
+  compiler = compiler_of(c)
+  heaviest = [(k.bytes, k.runs, k.op_name) for k in program.heaviest(TOP, "other")]
   return Report(topology.spec, chips, dict(c.mesh.shape), {k: list(v.shape) for k, v in c.batch_shapes.items()},
-                fits, memory, cost, flops, collectives, roofline(cost, collectives, flops, chips, chip), args, values,
-                c.seconds)
+                fits, memory, cost, flops, collectives, roofline(cost, collectives, flops, chips, chip, compiler),
+                args, values, c.seconds, compiler=compiler,
+                launches={f: program.launches(f) for f in hlo.FAMILIES}, heaviest_other=heaviest)
 
 
 def does_not_fit(c: compile_lib.Compiled, topology: hardware.Topology, message: str) -> Report:
@@ -132,21 +145,28 @@ def does_not_fit(c: compile_lib.Compiled, topology: hardware.Topology, message: 
     values = []
   return Report(topology.spec, c.mesh.size, dict(c.mesh.shape), {k: list(v.shape) for k, v in c.batch_shapes.items()},
                 False, memory, {}, compile_lib.model_flops(c), {}, {}, hlo.largest(args, TOP, key=lambda x: x[1]),
-                values, c.seconds, message)
+                values, c.seconds, message, compiler=compiler_of(c))
 
 
 def _gib(x: Optional[float]) -> str:
   return "n/a" if x is None else f"{x / 2 ** 30:.2f} GiB"
 
 
+def _short(op_name: str) -> str:
+  """The last two parts of a jax op name ('.../while/body/closed_call/mul' -> 'closed_call/mul')."""
+  return "/".join(op_name.split("/")[-2:]) or "-"
+
+
 def format_text(r: Report) -> str:
-  lines = [f"topology {r.topology}: {r.chips} chips, mesh {r.mesh}",
+  lines = [f"topology {r.topology}: {r.chips} chips, mesh {r.mesh}, compiled by {r.compiler or '?'}",
            "batch " + ", ".join(f"{k}{tuple(v)}" for k, v in r.batch.items())]
   chip = hardware.parse(r.topology).chip
+  if chip is not None and chip.platform == "gpu" and r.compiler == "XLA:CPU":
+    lines.append(f"compiled for {r.chips} CPU devices standing in for {chip.device_kind} (jax's CUDA plugin, which "
+                 "compiles for a GPU without one, is not installed): memory from XLA:CPU's buffer assignment, "
+                 "attention 'auto' as 'blocked' (O(L), as the GPU kernel)")
   if chip is not None and chip.platform == "gpu":
-    lines.append(f"compiled for {r.chips} CPU devices standing in for {chip.device_kind} (XLA:GPU compiles only "
-                 "on a GPU): memory from XLA:CPU's buffer assignment, attention 'auto' as 'blocked' (O(L), as the "
-                 "GPU kernel); JAX preallocates 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says more")
+    lines.append("JAX preallocates 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says more")
   m = r.memory
   if r.error is not None:
     lines += [f"DOES NOT FIT: the compiler ran out of memory (capacity {_gib(m.get('capacity'))} per chip): "
@@ -170,6 +190,11 @@ def format_text(r: Report) -> str:
   if r.cost.get("bytes_by_family"):
     lines.append("bytes accessed by kernel family (GEMM fusions / attention kernels / everything else): " + ", ".join(
         f"{k} {v / 2 ** 30:.2f} GiB" for k, v in r.cost["bytes_by_family"].items()))
+  if r.launches:
+    lines.append("kernels per step: " + ", ".join(f"{k} {v:,}" for k, v in r.launches.items())
+                 + ("; heaviest others: " + ", ".join(f"{_short(name)} x{runs} {b / 2 ** 30:.2f} GiB"
+                                                      for b, runs, name in r.heaviest_other[:3])
+                    if r.heaviest_other else ""))
   if r.collectives:
     lines.append("collectives per chip per step: " + "; ".join(
         f"{k} x{v['count']} {v['bytes'] / 2 ** 20:.1f} MiB" for k, v in r.collectives.items()))
