@@ -421,3 +421,27 @@ def test_hlo_bytes_count_in_place_updates_and_gathers_by_their_slices_and_split_
   attn = 2 * rows
   assert program.bytes_by_family == {"gemm": projected, "attention": attn, "other": stacked + looked}
   assert program.bytes_accessed == sum(program.bytes_by_family.values())
+
+
+_TARGET_HLO = """HloModule m
+
+%pick (p0: bf16[4,1000], p1: s32[4,2]) -> f32[4,1,1] {
+  %p0 = bf16[4,1000]{1,0} parameter(0)
+  %wide = f32[4,1000]{1,0} convert(%p0)
+  %p1 = s32[4,2]{1,0} parameter(1)
+  ROOT %g = f32[4,1,1]{2,1,0} gather(%wide, %p1), offset_dims={1,2}, collapsed_slice_dims={}, start_index_map={0,1}, index_vector_dim=1, slice_sizes={1,1}
+}
+
+ENTRY %main (arguments omitted) {
+  %logits = bf16[4,1000]{1,0} parameter(0)
+  %targets = s32[4,2]{1,0} parameter(1)
+  ROOT %picked = f32[4,1,1]{2,1,0} fusion(%logits, %targets), kind=kLoop, calls=%pick
+}
+"""
+
+
+def test_hlo_bytes_count_a_gather_behind_a_convert_by_its_elements():
+  """A loss reads each row's target logit out of bf16 logits widened to float32 in the same fusion: the fusion
+  computes the widened elements it gathers only, so it reads 4 bf16 logits, not the [4, 1000] table."""
+  program = hlo.parse(_TARGET_HLO, 1)
+  assert program.bytes_by_family["other"] == 4 * 2 + 4 * 2 * 4 + 4 * 4  # the logits read, the indices, the result

@@ -329,10 +329,18 @@ def _parameters(body: list) -> dict:
   return params
 
 
+def _element_bytes(shape_text: str) -> Optional[float]:
+  """Bytes of one element of the (first) array of an HLO shape."""
+  m = _ARRAY.search(shape_text)
+  sizes = array_bytes(f"{m.group(1)}[1]") if m else []
+  return sizes[0] if sizes else None
+
+
 def _sliced_read(name: str, body: list, computations: dict, depth: int = 0) -> Optional[float]:
   """Bytes read of value `name` of a fused computation when every use only reads slices of it (slices,
-  dynamic-slices or gathers, through bitcasts and nested fusions: a scan's stacked residuals read one layer at a
-  time, an unrolled stack's weights, an embedding's rows), else None."""
+  dynamic-slices or gathers, through bitcasts, converts and nested fusions: a scan's stacked residuals read one
+  layer at a time, an unrolled stack's weights, an embedding's rows, a target's logit), else None. A fused
+  convert computes only the elements its users read, so a slice behind it reads them in the source's dtype."""
   users = [i for i in body if name in i.operands]
   if not users or depth > 8:
     return None
@@ -343,6 +351,12 @@ def _sliced_read(name: str, body: list, computations: dict, depth: int = 0) -> O
       continue
     if u.op == "bitcast":
       part = _sliced_read(u.name, body, computations, depth + 1)
+    elif u.op == "convert":
+      part = _sliced_read(u.name, body, computations, depth + 1)
+      source = next((i for i in body if i.name == name), None)
+      widths = [_element_bytes(source.shape) if source else None, _element_bytes(u.shape)]
+      if part is not None and all(widths):
+        part *= widths[0] / widths[1]
     elif (callee := _fused_computation(u)) is not None:
       inner_body = computations.get(callee, [])
       inner_params = _parameters(inner_body)
