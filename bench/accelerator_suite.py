@@ -14,7 +14,7 @@ timeouts on an accelerator:
   attention     bench_attention.py: fwd+bwd at 8K and 32K tokens, 28/4 heads x 128, bf16, samples <= 2048,
                 per implementation and flash_gpu tiling; each one's error against float32 dense at 4K         90 s
   decode        bench_generate.py --size 7b --dtype bfloat16 --batch 1 32: Thinker decode tokens/s         75 s
-  decode_unrolled  the same at batch 1 with --unrolled (layers not scanned: do weight slices cost copies?) 60 s
+  decode_stacked  the same at batch 1 over the stacked weights (GPUs decode over one buffer per layer)      60 s
   decode_cache  bench_decode_cache.py --size 7b: the decoder stack's step alone at batch 1 / 32 and 256 / 8K
                 cache slots (weights and KV cache, without sampling, loop or host)                        75 s
   profile_train / profile_decode: ms per step by kernel family, GEMM / attention / other (below), and the
@@ -26,6 +26,7 @@ timeouts on an accelerator:
                 weights, through OmniSession: first text / first audio of a spoken question             120 s
   decode_session  bench_generate.py --cache_len 4096: batch 32 in conversations of 4,096 cache slots (as the
                 server and OmniSession keep them) against a cache of the prompt and reply                 60 s
+  mfu_unrolled  bench_mfu.py --kinds text --unrolled: the text step with the layers unrolled             90 s
 
 plus a device probe (30 s). --budget (460 s) bounds them all: a job gets min(its timeout, what is left), one
 that would get under 15 s is skipped, so the suite ends inside 8 minutes even when jobs time out (run the
@@ -572,12 +573,14 @@ def plan(args, device: dict) -> list:
                             (">=", 6000)), batch=big)],
                   parse_decode, env={"_hbm": hbm} if hbm else {}))
 
-  # The same at batch 1 with the layers unrolled: a scanned layer reads its weights through a dynamic slice,
-  # which a GPU may copy before each matmul (3x the weight traffic); this row says whether it does.
+  # The same at batch 1 over the stacked weights (config.generate.layer_buffers=stacked; GPUs default to one
+  # buffer per layer): XLA:GPU copies each layer's slice of a stack before its matmuls, about twice the weight
+  # bytes of a step (docs/performance.md, "as XLA:GPU compiles them"). The ratio of the two rows is the split's.
   one = decode[:decode.index("--batch")] + ["--batch", "1"] + decode[decode.index("--prompt"):]
-  jobs.append(Job("decode_unrolled", bench("bench_generate.py") + one + ["--no-reference", "--unrolled"], t(60),
-                  [dict(row("decode.unrolled", f"Thinker decode, {name}, batch 1, layers unrolled", "tokens/s",
-                            ">= 190", (">=", 190)), batch=1)],
+  jobs.append(Job("decode_stacked", bench("bench_generate.py") + one + ["--no-reference", "--layer_buffers",
+                                                                        "stacked"], t(60),
+                  [dict(row("decode.stacked", f"Thinker decode, {name}, batch 1, stacked layer weights", "tokens/s"),
+                        batch=1)],
                   parse_decode, env={"_hbm": hbm} if hbm else {}))
 
   # The decoder stack alone (no sampling, no loop, no host): what the weights and the KV cache cost per step.
@@ -637,6 +640,15 @@ def plan(args, device: dict) -> list:
                   [row("decode.session", f"Thinker decode, {name}, batch {big}, {session_len:,} cache slots per "
                        "conversation / a cache of the prompt and reply", "x", ">= 0.9", (">=", 0.9))],
                   parse_decode_session))
+
+  # The text step with the layers unrolled: XLA:GPU's own compile drops a third of the step's elementwise bytes
+  # and half its kernels (the scan's stacked residuals: copies in and out, zero fills); this measures it.
+  jobs.append(Job("mfu_unrolled", bench("bench_mfu.py") + smoke + ["--attention", "auto", "--no-reference",
+                                                                   "--kinds", "text", "--unrolled"], t(90),
+                  [row("mfu.text_unrolled", f"train step MFU, text ({size}, attention auto), layers unrolled", "%",
+                       ">= 50", (">=", 50))],
+                  lambda stdout, job: {"mfu.text_unrolled": r} if (r := parse_mfu(stdout, job).get("mfu.text"))
+                  else {}))
   return jobs
 
 

@@ -14,10 +14,12 @@ tokens/s = rows * (new - 1) / (time(new) - time(1)), the median over --iters int
 difference (after a warm-up: compilation excluded); time to first token, the median of its runs. Prints each
 side and the ratios (ours / transformers: > 1 means we are faster).
 --size 7b builds the 7B-shaped Thinker LM with random weights for a GPU (our side only: --no-reference).
---unrolled decodes with the layers unrolled (config.model.scan_layers=False, same stacked weights): a scanned
-layer reads its weights through a dynamic slice, which a GPU may copy before its matmul.
---aot TOPOLOGY compiles the decode program for a topology instead (a TPU's, through libtpu, on any host) and prints
-the HBM bytes one step moves by kernel family against the weights and cache window it must read.
+--layer_buffers split|stacked|auto sets config.generate.layer_buffers (default auto: split on a GPU): "stacked"
+decodes over the stacked [layers, ...] weights, whose per-layer slices a GPU copies before each matmul, "split"
+over one buffer per layer (the layers unrolled).
+--aot TOPOLOGY compiles the decode program for a topology instead (a TPU's, through libtpu, on any host; a GPU's,
+h200:1, through jax's CUDA plugin: PYTHONPATH=.venv/gpu-aot) and prints the HBM bytes one step moves by kernel
+family against the weights and cache window it must read.
 --cache_len N also decodes the same replies in conversations of N cache slots each (as OmniSession and the
 server keep them; OmniChat sizes its cache to the prompt and reply) and prints its decode rate against the
 tight cache's: a decode step reads the slots a call may reach only (Engine.cache_windows), so ~1.0x is right.
@@ -26,6 +28,10 @@ Figures are recorded in docs/performance.md.
 
 import argparse
 import os
+import sys
+
+if any(a.startswith("--aot") for a in sys.argv):  # compile-only: no backend may try to open a device
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -35,13 +41,17 @@ import reply_testlib  # noqa: E402  (tests/, on sys.path through common)
 from omni_jax import sharding  # noqa: E402
 from omni_jax.convert import hf  # noqa: E402
 from omni_jax.generate import Generator  # noqa: E402
-from omni_jax.models import omni  # noqa: E402
+from omni_jax.generate import model as model_lib  # noqa: E402
+from omni_jax.models import omni, scan  # noqa: E402
 
 SIZES = {
     "tiny": dict(vocab_size=2048, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, mrope=[2, 3, 3]),
     "100m": dict(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                  num_attention_heads=12, num_key_value_heads=4, mrope=[16, 8, 8]),
+    # Two 7B-wide layers: a decode step's GEMMs at the 7B's shapes, compiled in seconds (--aot checks).
+    "7b-2l": dict(vocab_size=8192, hidden_size=3584, intermediate_size=18944, num_hidden_layers=2,
+                  num_attention_heads=28, num_key_value_heads=4, mrope=[16, 24, 24]),
     "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                num_attention_heads=28, num_key_value_heads=4, mrope=[16, 24, 24]),
 }
@@ -54,7 +64,7 @@ def ours_from_config(config):
   return Generator(graphdef, state, config, mesh, shardings)
 
 
-def lm_config(size: str, dtype: str, scan_layers: bool = True):
+def lm_config(size: str, dtype: str, layer_buffers: str = "auto"):
   """The config of a text-only Thinker of SIZES[size] (random weights: no reference model)."""
   import ml_collections  # noqa: PLC0415
   from configs import tiny  # noqa: PLC0415
@@ -71,19 +81,19 @@ def lm_config(size: str, dtype: str, scan_layers: bool = True):
       hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=False))
   c.model.thinker.update(pad_token_id=0, eos_token_ids=(), user_token_id=0)
   c.model.dtype = c.model.param_dtype = dtype
-  c.model.scan_layers = scan_layers
+  c.generate.layer_buffers = layer_buffers
   return c
 
 
-def build(size: str, dtype: str, reference: bool, scan_layers: bool = True):
+def build(size: str, dtype: str, reference: bool, layer_buffers: str = "auto"):
   if not reference:
-    return None, ours_from_config(lm_config(size, dtype, scan_layers))
+    return None, ours_from_config(lm_config(size, dtype, layer_buffers))
   import torch  # noqa: PLC0415
 
   torch.set_num_threads(os.cpu_count())
   model, config, d = reference_thinker(SIZES[size])
   config.model.dtype = config.model.param_dtype = dtype  # bfloat16: weights stored and read in bf16
-  config.model.scan_layers = scan_layers
+  config.generate.layer_buffers = layer_buffers
   graphdef, abstract = omni.abstract_model(config)
   mesh = sharding.make_mesh({"data": -1})
   shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
@@ -104,14 +114,18 @@ def print_aot(args, parser):
     devices = compile_lib.devices_for(hardware.parse(args.aot))
   except (hardware.TopologyError, compile_lib.TpuUnavailable) as e:
     parser.error(f"--aot: {e}")
-  config = lm_config(args.size, args.dtype, not args.unrolled)
+  config = lm_config(args.size, args.dtype, args.layer_buffers)
   mesh = sharding.make_mesh({"data": -1}, devices)
   graphdef, abstract = omni.abstract_model(config)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
                         sharding.state_shardings(abstract, mesh, config.sharding_rules))
+  split = model_lib.splits_layers(config, mesh)
+  if split:  # as Generator holds them
+    params = scan.split_layers(params)
   weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract))
   mib = lambda x: f"{x / 2**20:,.1f}"  # noqa: E731
-  print(f"{args.aot}: {args.size} Thinker decode, {args.dtype}, weights {mib(weights)} MiB; MiB by kernel family")
+  print(f"{args.aot}: {args.size} Thinker decode, {args.dtype}, weights {mib(weights)} MiB, layer weights "
+        f"{'split' if split else 'stacked'}; MiB by kernel family")
   for rows in args.batch:
     max_len = args.cache_len or engine_lib.bucket(args.prompt + args.new, 256)
     window = min(engine_lib.bucket(args.prompt + args.new, engine_lib.WINDOW_LEAST), max_len)
@@ -140,7 +154,8 @@ def main():
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--no-reference", dest="reference", action="store_false")
-  p.add_argument("--unrolled", action="store_true", help="layers unrolled instead of scanned")
+  p.add_argument("--layer_buffers", default="auto", choices=model_lib.LAYER_BUFFERS,
+                 help="config.generate.layer_buffers: the stacked weights as one buffer per layer (split) or not")
   p.add_argument("--cache_len", type=int, default=None, help="also decode in conversations of this many slots")
   p.add_argument("--aot", metavar="TOPOLOGY", default=None,
                  help="compile the decode program for a topology (python -m omni_jax.aot's --topology, e.g. "
@@ -148,11 +163,11 @@ def main():
   args = p.parse_args()
   if args.aot:
     return print_aot(args, p)
-  torch_model, gen = build(args.size, args.dtype, args.reference, scan_layers=not args.unrolled)
+  torch_model, gen = build(args.size, args.dtype, args.reference, layer_buffers=args.layer_buffers)
   n_params = sum(np.size(x) for x in jax.tree.leaves(gen.params))
   print(f"size {args.size} ({n_params / 1e6:.1f} M params), {args.dtype}, devices {jax.devices()[0].platform} "
         f"x{jax.device_count()}, prompt {args.prompt}, new {args.new}, "
-        f"layers {'unrolled' if args.unrolled else 'scanned'}")
+        f"layer weights {'split' if gen.split_layers else 'stacked'}")
   chat = reply_testlib.chat(gen, eos_token_ids=())
   for rows in args.batch:
     batch = left_padded_prompts(rows, args.prompt, 10, SIZES[args.size]["vocab_size"])

@@ -16,9 +16,9 @@ import accelerator_suite as suite  # noqa: E402  (standard library only at impor
 import xla_env  # noqa: E402
 
 # The rows of a CPU smoke run: measured ones, and the GPU-only ones it may skip (with a reason).
-MEASURED = ["mfu.text", "mfu.multimodal", "decode.batch1", "decode.unrolled", "decode.batched", "profile.train",
+MEASURED = ["mfu.text", "mfu.multimodal", "decode.batch1", "decode.stacked", "decode.batched", "profile.train",
             "profile.decode", "talker.b1", "token2wav.compile", "token2wav.rtf", "stream.first_text",
-            "stream.first_audio", "attention.error.flash_gpu", "decode.session"]
+            "stream.first_audio", "attention.error.flash_gpu", "decode.session", "mfu.text_unrolled"]
 MEASURED += [f"attention.{n}.{impl}" for n in (256, 1024)
              for impl in ["blocked", "flash_gpu"] + suite.FLASH_TILING_IMPLS]
 MEASURED += [f"decode_cache.b{b}.{n}" for b in (1, 2) for n in (128, 1024)]

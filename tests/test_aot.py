@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -421,6 +422,26 @@ def test_hlo_bytes_count_in_place_updates_and_gathers_by_their_slices_and_split_
   attn = 2 * rows
   assert program.bytes_by_family == {"gemm": projected, "attention": attn, "other": stacked + looked}
   assert program.bytes_accessed == sum(program.bytes_by_family.values())
+
+
+@needs_cuda_plugin
+def test_decode_on_gpus_reads_each_layers_weights_in_place():
+  """XLA:GPU copies a slice of a stacked weight before the matmul reading it: a decode step over stacked layers
+  moves its weights' bytes more than twice over. Over per-layer buffers (config.generate.layer_buffers="split",
+  GPUs' "auto") a step moves what it must read: the weights and the cache window. Two layers of the 7B's widths
+  (bench_generate.py --size 7b-2l), compiled for one H100."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([GPU_AOT, ROOT]))
+  ratios = {}
+  for layout in ("auto", "stacked"):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_generate.py"), "--size", "7b-2l",
+                          "--dtype", "bfloat16", "--no-reference", "--batch", "1", "--prompt", "16", "--new", "16",
+                          "--aot", "h100:1", "--layer_buffers", layout], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"layer weights {'split' if layout == 'auto' else 'stacked'}" in out.stdout, out.stdout
+    moved, bound = re.search(r"= ([\d,.]+) \(weights \+ window ([\d,.]+)\)", out.stdout).groups()
+    ratios[layout] = float(moved.replace(",", "")) / float(bound.replace(",", ""))
+  assert ratios["auto"] < 1.1 and ratios["stacked"] > 2.0, ratios
 
 
 _TARGET_HLO = """HloModule m

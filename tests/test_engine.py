@@ -218,3 +218,43 @@ def test_row_sampling_equals_sampling_params(seed):
   keys = jax.vmap(jax.random.key)(np.arange(5))
   tokens = np.asarray(choose_rows(got, keys, per_row))
   assert tokens[0] == logits[0].argmax() and np.isfinite(got[np.arange(5), tokens]).all()
+
+
+def test_per_layer_weight_buffers_decode_the_same_replies(model):
+  """config.generate.layer_buffers="split" (GPUs' default): the Generator holds each stacked weight as one buffer
+  per layer (their values the stacked ones' slices) and every program runs the layers unrolled over them; the
+  replies, spoken ones and their caches included, are the stacked weights' own."""
+  from omni_jax.generate.model import Generator
+  from omni_jax.models import scan
+
+  g = model.generator
+  assert not g.split_layers and not scan.is_split(g.params)  # "auto" on a CPU: stacked
+  config = model.config.copy_and_resolve_references()
+  config.generate.layer_buffers = "split"
+  split = Generator(g.graphdef, g.params, config, g.mesh, g.param_shardings, vocab_limit=g.vocab_limit)
+  assert split.split_layers and scan.is_split(split.params)
+  stacked_q = g.params["thinker"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"].get_value()
+  per_layer = split.params["thinker"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"].get_value()
+  assert len(per_layer) == stacked_q.shape[0]
+  np.testing.assert_array_equal(np.asarray(per_layer.layers[1]), np.asarray(stacked_q[1]))
+  before = split.params
+  split.params = g.params  # evaluation sets the same parameters again: split once
+  assert split.params is before
+  split.params = None  # dropped between evaluations, then given again: split again
+  assert split.params is None and split.param_shardings is not None
+  split.params = g.params
+  assert scan.is_split(split.params) and split.params is not before
+
+  expected, _ = decode(model, 2, 3, range(len(PROMPTS)))
+  model.generator = split
+  try:
+    got, _ = decode(model, 2, 3, range(len(PROMPTS)))
+  finally:
+    model.generator = g
+  for i, (a, b) in enumerate(zip(got, expected)):
+    assert a.tokens == b.tokens and a.codes == b.codes, i
+    np.testing.assert_allclose(np.asarray(a.conversation.cache.k), np.asarray(b.conversation.cache.k),
+                               rtol=1e-5, atol=1e-5)
+  config.generate.layer_buffers = "sideways"
+  with pytest.raises(ValueError, match="config.generate.layer_buffers"):
+    Generator(g.graphdef, g.params, config, g.mesh, g.param_shardings)

@@ -211,6 +211,9 @@ def test_scores_identical_across_runs_and_meshes(tiny_ckpt, demo_dir, tmp_path):
       assert metrics.keys() == first["metrics"].keys()
       for k, v in first["metrics"].items():
         np.testing.assert_allclose(metrics[k], v, rtol=2e-5, err_msg=k)
+      # Between evaluations the generator keeps no parameters (on GPUs, its per-layer copy of them).
+      chat = evaluation.ctx.chat
+      assert chat.generator.params is None and all(e.params is None for e in chat._engines.values())
   finally:
     evaluation.close()
 

@@ -38,6 +38,8 @@ class Evaluation:
       n = _items(scores)
       sections[name] = dict(scores.details, seconds=round(seconds, 3), items=n,
                             items_per_s=round(n / seconds, 3) if seconds > 0 else None)
+    if "chat" in vars(self.ctx):  # its generator's copy of the parameters (per-layer buffers) goes until next time
+      self.ctx.chat.drop_params()
     return scalars, sections
 
   def close(self):

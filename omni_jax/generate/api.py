@@ -146,6 +146,13 @@ class OmniChat:
     engine.params = self.generator.params  # evaluation swaps the parameters between calls
     return engine
 
+  def drop_params(self) -> None:
+    """Forget the parameters (the generator's and its engines'): evaluation sets them again before its next
+    replies, and between evaluations a trainer should not keep a copy of them (per-layer buffers on GPUs)."""
+    self.generator.params = None
+    for engine in self._engines.values():
+      engine.params = None
+
   def prefilled(self, engine: engine_lib.Engine, sample: preprocess.Sample) -> engine_lib.Conversation:
     """A new conversation of `engine` holding a whole rendered prompt (one prefill call)."""
     conv = engine.conversation()

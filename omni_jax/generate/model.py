@@ -6,34 +6,80 @@ table, the special ids, config.generate's defaults (the sampling rule, the reply
 what a reply may hold (vocab_limit) and how long a conversation may get (context_limit).
 """
 
+import weakref
 from typing import Any, Optional
 
 from flax import nnx
 from jax.sharding import Mesh
 
 from omni_jax import config as config_lib
+from omni_jax.errors import ConfigError
 from omni_jax.generate import limits
 from omni_jax.generate.sampling import SamplingParams
+from omni_jax.models import scan
+
+LAYER_BUFFERS = ("auto", "split", "stacked")
+
+
+def splits_layers(config, mesh: Mesh) -> bool:
+  """config.generate.layer_buffers: "split" holds each stacked parameter as one buffer per layer for decoding
+  (omni_jax.models.scan.split_layers), "stacked" keeps the [layers, ...] arrays, "auto" splits on GPUs, whose
+  compiled programs copy a stacked array's slice before each matmul (twice the weight bytes of a decode step);
+  a TPU reads the slice in place. A ConfigError names the key for any other value."""
+  mode = config.get("generate", {}).get("layer_buffers", "auto")
+  if mode not in LAYER_BUFFERS:
+    raise ConfigError(f"config.generate.layer_buffers: must be one of {LAYER_BUFFERS}, got {mode!r}")
+  return mode == "split" or (mode == "auto" and mesh.devices.flat[0].platform == "gpu")
 
 
 class Generator:
   """One model on one mesh, with its generation settings.
 
   graphdef/params: the split model (params placed by param_shardings on `mesh`; evaluation swaps params between
-  calls). vocab_limit: ids at or past it are never generated (the tokenizer's size: the LM head's rows past it
+  calls; the stacked layers' weights held one buffer per layer where config.generate.layer_buffers says so).
+  vocab_limit: ids at or past it are never generated (the tokenizer's size: the LM head's rows past it
   are padding no tokenizer can decode; OmniChat sets it from its tokenizer); None: every row of the head.
   context_limit: the most positions, prompt + reply (omni_jax.generate.limits.context_limit of the config).
   """
 
   def __init__(self, graphdef: nnx.GraphDef, params: Any, config, mesh: Mesh, param_shardings: Any,
                vocab_limit: Optional[int] = None):
-    self.graphdef, self.params, self.config, self.mesh = graphdef, params, config, mesh
-    self.param_shardings = param_shardings
+    self.graphdef, self.config, self.mesh = graphdef, config, mesh
+    self.split_layers = splits_layers(config, mesh)
+    self._source = None  # a weak reference to the parameters last given (split once per object)
+    self._stacked_shardings, self._split_shardings = param_shardings, None
+    self.params = params
     self.rules = tuple(config.sharding_rules)
     self.ids = config_lib.TokenIds.from_config(config.model.thinker)
     self.defaults = dict(config.get("generate", {}))
     self.vocab_limit = None if vocab_limit is None else int(vocab_limit)
     self.context_limit = limits.context_limit(config)
+
+  @property
+  def params(self) -> Any:
+    """The parameters generation reads: as given, or with the stacks split into per-layer buffers
+    (splits_layers), once per parameters object given."""
+    return self._params
+
+  @params.setter
+  def params(self, params: Any) -> None:
+    if params is None:  # dropped (between evaluations): nothing is kept, the next parameters are split again
+      self._source = None
+    elif self.split_layers and not scan.is_split(params):
+      if self._source is not None and self._source() is params:
+        return
+      self._source = weakref.ref(params)
+      params = scan.split_layers(params)
+    self._params = params
+
+  @property
+  def param_shardings(self) -> Any:
+    """The shardings of `params` (their per-layer buffers' where the stacks are split)."""
+    if self._params is None or not scan.is_split(self._params):
+      return self._stacked_shardings
+    if self._split_shardings is None:
+      self._split_shardings = scan.split_shardings(self._stacked_shardings, self._params)
+    return self._split_shardings
 
   def sampling(self, **overrides) -> SamplingParams:
     """config.generate's rule with the given (non-None) overrides."""

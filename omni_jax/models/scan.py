@@ -1,7 +1,10 @@
 """Run a stack of identical layers: one lax.scan (or an unrolled loop) with a rematerialisation policy.
 
 The layers are created stacked (nnx.vmap, leading `layers` axis), so checkpoints have the same layout
-whether the forward pass scans or unrolls.
+whether the forward pass scans or unrolls. For decoding, split_layers holds each stacked parameter as one
+buffer per layer (LayerSlices) and the stack runs unrolled over them: a layer's matmuls then read its weights
+where they lie. A slice of the stacked arrays (dynamic in a scan, static unrolled) is a copy on a GPU, which
+costs a decode step twice the weights' bytes.
 """
 
 from typing import Callable
@@ -32,6 +35,88 @@ def create_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int
   return make(rngs)
 
 
+@jax.tree_util.register_pytree_node_class
+class LayerSlices:
+  """A stacked parameter held as one array per layer (split_layers): what a stack's variable holds instead of
+  the [layers, ...] array. A pytree of those arrays, so it crosses jit boundaries as separate buffers."""
+
+  def __init__(self, layers):
+    self.layers = tuple(layers)
+
+  def __len__(self) -> int:
+    return len(self.layers)
+
+  def tree_flatten(self):
+    return self.layers, None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    del aux
+    return cls(children)
+
+
+def _is_slices(x) -> bool:
+  return isinstance(x, LayerSlices)
+
+
+def _layer_sharding(sharding):
+  """A stacked array's NamedSharding without its first (`layers`) dimension: one layer's."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+  return sharding
+
+
+def _split_array(a):
+  """LayerSlices of a stacked array (or of a ShapeDtypeStruct, for compiling without weights): each layer's
+  array keeps the stacked one's sharding of its other dimensions."""
+  n = a.shape[0]
+  sharding = _layer_sharding(getattr(a, "sharding", None))
+  if isinstance(a, jax.ShapeDtypeStruct):
+    return LayerSlices(jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=sharding) for _ in range(n))
+  slicer = jax.jit(lambda x: tuple(x[i] for i in range(n)),
+                   out_shardings=None if sharding is None else (sharding,) * n)
+  return LayerSlices(slicer(a))
+
+
+def split_layers(state):
+  """`state` (an nnx State, arrays or ShapeDtypeStructs) with every stacked variable (its first logical axis
+  `layers`) held as LayerSlices; run_stacked then unrolls those stacks over the per-layer buffers. The
+  stacked arrays are not changed (the caller drops them to free their memory)."""
+
+  def split(variable):
+    names = variable.get_metadata().get("out_sharding")
+    value = variable.get_value()
+    if not names or names[0] != "layers" or _is_slices(value):
+      return variable
+    return variable.replace(_split_array(value))
+
+  return jax.tree.map(split, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def split_shardings(shardings, split_state):
+  """The shardings of split_state = split_layers(state) from state's: each per-layer buffer's."""
+
+  def one(sharding, variable):
+    value = variable.get_value()
+    if not _is_slices(value):
+      return sharding
+    return sharding.replace(LayerSlices((_layer_sharding(sharding.get_value()),) * len(value)))
+
+  return jax.tree.map(one, shardings, split_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def astype(value, dtype):
+  """A parameter's value (an array, or LayerSlices of them) in `dtype`."""
+  if _is_slices(value):
+    return LayerSlices(jnp.asarray(a, dtype) for a in value.layers)
+  return jnp.asarray(value, dtype)
+
+
+def is_split(state) -> bool:
+  """Whether split_layers holds any of state's stacks as per-layer buffers."""
+  return any(_is_slices(leaf) for leaf in jax.tree.leaves(state, is_leaf=_is_slices))
+
+
 def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_policy: str,
                 per_layer: tuple = (), carry=None):
   """x -> layer_{L-1}(... layer_0(x, *args, *per_layer[:][0]) ..., *args, *per_layer[:][L-1]).
@@ -41,9 +126,13 @@ def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_polic
   carry: state every layer reads and updates, e.g. a KV cache of all layers (leading num_layers axis):
   layer i is called with carry=..., layer=i and returns (x, carry), and the result is (x, carry). It
   travels in the loop's carry, which XLA updates in place; as a per-layer input stacked again as an output
-  it would be copied whole at every call.
+  it would be copied whole at every call. Stacks held as LayerSlices (split_layers) run unrolled, each layer
+  on its own buffers, whatever `scan` says.
   """
   graphdef, state = nnx.split(layers)
+  split = is_split(state)
+  leaves = jax.tree.leaves(state, is_leaf=_is_slices)
+  num_layers = len(next(leaf for leaf in leaves if _is_slices(leaf))) if split else leaves[0].shape[0]
 
   def body(c, xs):
     h, carried = c
@@ -55,12 +144,12 @@ def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_polic
       return layer(h, *args, *extra, carry=carried, layer=index), None
 
   if remat_policy != "none":
-    body = jax.checkpoint(body, policy=_POLICIES[remat_policy], prevent_cse=not scan)
-  xs = (state, tuple(per_layer), jnp.arange(jax.tree.leaves(state)[0].shape[0]))
+    body = jax.checkpoint(body, policy=_POLICIES[remat_policy], prevent_cse=not scan or split)
+  xs = (state, tuple(per_layer), jnp.arange(num_layers))
   c = (x, carry)
-  if scan:
+  if scan and not split:
     c, _ = jax.lax.scan(body, c, xs)
   else:
-    for i in range(jax.tree.leaves(state)[0].shape[0]):
-      c, _ = body(c, jax.tree.map(lambda a: a[i], xs))
+    for i in range(num_layers):
+      c, _ = body(c, jax.tree.map(lambda a: a.layers[i] if _is_slices(a) else a[i], xs, is_leaf=_is_slices))
   return c if carry is not None else c[0]

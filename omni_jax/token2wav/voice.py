@@ -40,13 +40,13 @@ import os
 from typing import NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from omni_jax import config as config_lib
 from omni_jax.errors import ConfigError
+from omni_jax.models import scan
 from omni_jax.token2wav import griffin_lim
 from omni_jax.token2wav import sampling
 from omni_jax.token2wav import streaming as streaming_lib
@@ -265,7 +265,7 @@ def with_dtype(token2wav, config: ml_collections.ConfigDict, dtype: str):
   abstract = nnx.eval_shape(lambda: token2wav_tower.Token2Wav(v, rngs=nnx.Rngs(0)))
   graphdef, shapes = nnx.split(abstract)
   state = nnx.state(token2wav)
-  cast = jax.tree.map(lambda s, x: jnp.asarray(x, s.dtype), shapes, state)
+  cast = jax.tree.map(lambda s, x: scan.astype(x, s.dtype), shapes, state)  # split stacks stay split
   return nnx.merge(graphdef, cast)
 
 
