@@ -19,11 +19,14 @@ from omni_jax.generate.sampling import SamplingParams
 from omni_jax.models import scan
 
 LAYER_BUFFERS = ("auto", "split", "stacked")
+# The stacks a decode step reads for every token: the Thinker's and the Talker's decoder layers. The encoders and
+# Token2Wav run over many positions at once (compute-bound), so their stacks stay scanned: no longer compiles.
+DECODER_STACKS = (("thinker", "model", "layers"), ("talker", "model", "layers"))
 
 
 def splits_layers(config, mesh: Mesh) -> bool:
-  """config.generate.layer_buffers: "split" holds each stacked parameter as one buffer per layer for decoding
-  (omni_jax.models.scan.split_layers), "stacked" keeps the [layers, ...] arrays, "auto" splits on GPUs, whose
+  """config.generate.layer_buffers: "split" holds each decoder layer's weights (DECODER_STACKS) as buffers of
+  their own (omni_jax.models.scan.split_layers), "stacked" keeps the [layers, ...] arrays, "auto" splits on GPUs, whose
   compiled programs copy a stacked array's slice before each matmul (twice the weight bytes of a decode step);
   a TPU reads the slice in place. A ConfigError names the key for any other value."""
   mode = config.get("generate", {}).get("layer_buffers", "auto")
@@ -69,7 +72,7 @@ class Generator:
       if self._source is not None and self._source() is params:
         return
       self._source = weakref.ref(params)
-      params = scan.split_layers(params)
+      params = scan.split_layers(params, DECODER_STACKS)
     self._params = params
 
   @property

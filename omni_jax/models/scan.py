@@ -7,7 +7,7 @@ where they lie. A slice of the stacked arrays (dynamic in a scan, static unrolle
 costs a decode step twice the weights' bytes.
 """
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -78,19 +78,23 @@ def _split_array(a):
   return LayerSlices(slicer(a))
 
 
-def split_layers(state):
+def split_layers(state, under: Sequence[tuple] = ()):
   """`state` (an nnx State, arrays or ShapeDtypeStructs) with every stacked variable (its first logical axis
-  `layers`) held as LayerSlices; run_stacked then unrolls those stacks over the per-layer buffers. The
+  `layers`) held as LayerSlices, only those under one of the `under` paths (key tuples, e.g. ("thinker",
+  "model", "layers")) if any are given; run_stacked then unrolls those stacks over the per-layer buffers. The
   stacked arrays are not changed (the caller drops them to free their memory)."""
 
-  def split(variable):
+  def split(path, variable):
     names = variable.get_metadata().get("out_sharding")
     value = variable.get_value()
+    keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
     if not names or names[0] != "layers" or _is_slices(value):
+      return variable
+    if under and not any(keys[:len(prefix)] == tuple(prefix) for prefix in under):
       return variable
     return variable.replace(_split_array(value))
 
-  return jax.tree.map(split, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(split, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def split_shardings(shardings, split_state):
