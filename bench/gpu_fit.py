@@ -1,15 +1,16 @@
 """Does every shipped config and recipe fit 80 GB GPUs at its documented sequence length, one row per GPU?
 
-  .venv/bin/python bench/gpu_fit.py                    # the table (a few minutes: one compile per row)
+  .venv/bin/python bench/gpu_fit.py                    # the table (one compile per row: ~20 min, 2 cores)
   .venv/bin/python bench/gpu_fit.py --write_docs       # ... and into docs/performance.md
 
 Each row is `python -m omni_jax.aot --topology h100:N --media --json` on the config as shipped (its seq_len,
 remat policy and mesh; train.batch_size = N: one row per GPU; images + audio at the config's bucket limits).
-XLA:GPU compiles it for the GPUs without one when jax's CUDA plugin is in .venv/gpu-aot (run.sh test puts it
-there; put on the rows' PYTHONPATH) or installed; else N CPU devices stand in for the GPUs
-(omni_jax.aot.hardware). The "compiled by" column says which: a plan either way, to be confirmed on the device. "Fits" compares arguments + temporaries per
-device with 80 GB; JAX preallocates 75% of a GPU by default, so a row above 60 GB needs
-XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (said in the row), and one above 95% does not fit.
+XLA:GPU compiles it for the GPUs without one when jax's CUDA plugin is installed or in .venv/gpu-aot (run.sh
+test puts it there, and this script adds that folder to the rows' PYTHONPATH); else N CPU devices stand in for
+the GPUs (omni_jax.aot.hardware). The "compiled by" column says which: a plan either way, to be confirmed on
+the device. "Fits" compares arguments + temporaries per device with 80 GB; JAX preallocates 75% of a GPU by
+default, so a row above 60 GB needs XLA_PYTHON_CLIENT_MEM_FRACTION=.95 (said in the row), and one above 95%
+does not fit.
 """
 
 import argparse
@@ -70,8 +71,8 @@ def remat_of(config: str) -> str:
 
 
 def render(results: list) -> str:
-  lines = ["| config | seq | remat | GPUs (mesh) | compiled by | per GPU: arguments + temporaries | of its HBM | verdict |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = ["| config | seq | remat | GPUs (mesh) | compiled by | per GPU: arguments + temporaries | of its HBM "
+           "| verdict |", "|---|---|---|---|---|---|---|---|"]
   for label, r in results:
     if "failed" in r:
       lines.append(f"| {label} | | | | | | | not compiled: {r['failed']} |")

@@ -54,7 +54,8 @@ class Chip:
 @dataclasses.dataclass(frozen=True)
 class GpuSpec:
   """An NVIDIA GPU as XLA:GPU's compiler sees it (its GpuTargetConfigProto): what shapes its fusion, tiling and
-  Triton kernels. The rest of the proto (driver and library versions) does not change the program."""
+  Triton kernels. Of the rest of the proto, cuDNN is taken as 9.10 (it decides which cuDNN fusions XLA may
+  emit); driver versions do not change the program."""
   sm_count: int
   clock_ghz: float  # boost clock
   compute_capability: tuple[int, int]
@@ -62,6 +63,7 @@ class GpuSpec:
   shared_memory_per_sm: int
   shared_memory_per_block_optin: int
   fp32_units_per_sm: int
+  arch_specific: bool = False  # sm_90a: Hopper's wgmma / TMA instructions, which Triton's kernels use
 
 
 def gpu_target_config(chip: Chip) -> str:
@@ -76,7 +78,9 @@ def gpu_target_config(chip: Chip) -> str:
               shared_memory_per_block_optin=g.shared_memory_per_block_optin, registers_per_core_limit=65536,
               registers_per_block_limit=65536)
   fields = "\n".join(f"  {k}: {v}" for k, v in info.items())
-  return (f"gpu_device_info {{\n{fields}\n  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
+  extension = " feature_extension: ACCELERATED_FEATURES" if g.arch_specific else ""
+  capability = f"cuda_compute_capability {{ major: {major} minor: {minor}{extension} }}"
+  return (f"gpu_device_info {{\n{fields}\n  {capability}\n}}\n"
           f'platform_name: "CUDA"\ndnn_version_info {{ major: 9 minor: 10 patch: 0 }}\n'
           f'device_description_str: "{chip.device_kind}"\n')
 
@@ -89,7 +93,8 @@ CHIPS = {
 }
 # SXM parts: 132 / 108 SMs, 50 / 40 MB of L2, 228 / 164 KiB of shared memory per SM (227 / 163 KiB for one block).
 _HOPPER = dict(sm_count=132, clock_ghz=1.98, compute_capability=(9, 0), l2_bytes=50 * 2 ** 20,
-               shared_memory_per_sm=228 * 1024, shared_memory_per_block_optin=227 * 1024, fp32_units_per_sm=128)
+               shared_memory_per_sm=228 * 1024, shared_memory_per_block_optin=227 * 1024, fp32_units_per_sm=128,
+               arch_specific=True)
 GPUS = {
     "h100": Chip("h100", "NVIDIA H100 80GB HBM3", 80 * GB, 900 * GB, dims=1, platform="gpu",
                  gpu=GpuSpec(**_HOPPER)),
