@@ -121,7 +121,7 @@ def print_aot(args, parser):
                         sharding.state_shardings(abstract, mesh, config.sharding_rules))
   split = model_lib.splits_layers(config, mesh)
   if split:  # as Generator holds them
-    params = scan.split_layers(params, model_lib.DECODER_STACKS)
+    params = scan.split_layers(params, model_lib.decoder_stacks())
   weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract))
   mib = lambda x: f"{x / 2**20:,.1f}"  # noqa: E731
   print(f"{args.aot}: {args.size} Thinker decode, {args.dtype}, weights {mib(weights)} MiB, layer weights "

@@ -76,6 +76,8 @@ class Tower:
   view(config) -> typed, validated view of the section (raises ConfigError naming the key).
   build(config, runtime, rngs) -> the nnx.Module stored as OmniModel.<name>.
   stacked: our paths whose children are a stack of layers (on disk each layer has an index).
+  decoders: those of the stacked paths a decode step reads for every new token (generation may hold them one
+    buffer per layer: omni_jax.generate.model.splits_layers); encoders run over many positions at once.
   rules: converter exceptions (omni_jax.convert.rules.Rule), tried before the generic leaf rules.
   parts: on-disk prefixes -> description, reported when the checkpoint has them but the model does not.
   flops(config, frozen, param_paths) -> object with step_flops(host batch) -> float (for MFU).
@@ -87,6 +89,7 @@ class Tower:
   view: Callable[[ml_collections.ConfigDict], Any]
   build: Callable[..., Any]
   stacked: Sequence[str] = ()
+  decoders: Sequence[str] = ()
   rules: Sequence[Any] = ()
   parts: Mapping[str, str] = dataclasses.field(default_factory=dict)
   flops: Optional[Callable[..., Any]] = None

@@ -224,7 +224,7 @@ def test_per_layer_weight_buffers_decode_the_same_replies(model):
   """config.generate.layer_buffers="split" (GPUs' default): the Generator holds each stacked weight as one buffer
   per layer (their values the stacked ones' slices) and every program runs the layers unrolled over them; the
   replies, spoken ones and their caches included, are the stacked weights' own."""
-  from omni_jax.generate.model import DECODER_STACKS, Generator
+  from omni_jax.generate.model import Generator, decoder_stacks
   from omni_jax.models import scan
 
   g = model.generator
@@ -233,11 +233,12 @@ def test_per_layer_weight_buffers_decode_the_same_replies(model):
   config.generate.layer_buffers = "split"
   split = Generator(g.graphdef, g.params, config, g.mesh, g.param_shardings, vocab_limit=g.vocab_limit)
   assert split.split_layers and scan.is_split(split.params)
-  # The decoders' stacks only: the encoders' and Token2Wav's stay stacked (and scanned).
+  # The decoders' stacks only, as the towers declare them: the encoders' and Token2Wav's stay stacked (and scanned).
+  assert decoder_stacks() == (("thinker", "model", "layers"), ("talker", "model", "layers"))
   for path, leaf in jax.tree_util.tree_flatten_with_path(split.params, is_leaf=lambda x: isinstance(
       x, scan.LayerSlices))[0]:
     keys = tuple(str(getattr(k, "key", k)) for k in path)
-    decoder = any(keys[:3] == stack for stack in DECODER_STACKS)
+    decoder = any(keys[:3] == stack for stack in decoder_stacks())
     assert isinstance(leaf, scan.LayerSlices) == decoder, keys
   assert {k for k in ("visual", "audio_tower") if k in g.params["thinker"]} and "talker" in g.params
   stacked_q = g.params["thinker"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"].get_value()

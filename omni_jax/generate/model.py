@@ -13,19 +13,24 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from omni_jax import config as config_lib
+from omni_jax import towers
 from omni_jax.errors import ConfigError
 from omni_jax.generate import limits
 from omni_jax.generate.sampling import SamplingParams
 from omni_jax.models import scan
 
 LAYER_BUFFERS = ("auto", "split", "stacked")
-# The stacks a decode step reads for every token: the Thinker's and the Talker's decoder layers. The encoders and
-# Token2Wav run over many positions at once (compute-bound), so their stacks stay scanned: no longer compiles.
-DECODER_STACKS = (("thinker", "model", "layers"), ("talker", "model", "layers"))
+
+
+def decoder_stacks() -> tuple[tuple[str, ...], ...]:
+  """The stacks a decode step reads for every token, as key paths: the registered towers' `decoders` (the
+  Thinker's and the Talker's decoder layers). The encoders and Token2Wav run over many positions at once
+  (compute-bound), so their stacks stay scanned: no longer compiles."""
+  return tuple(tuple(path.split(".")) for tower in towers.registered() for path in tower.decoders)
 
 
 def splits_layers(config, mesh: Mesh) -> bool:
-  """config.generate.layer_buffers: "split" holds each decoder layer's weights (DECODER_STACKS) as buffers of
+  """config.generate.layer_buffers: "split" holds each decoder layer's weights (decoder_stacks()) as buffers of
   their own (omni_jax.models.scan.split_layers), "stacked" keeps the [layers, ...] arrays, "auto" splits on GPUs, whose
   compiled programs copy a stacked array's slice before each matmul (twice the weight bytes of a decode step);
   a TPU reads the slice in place. A ConfigError names the key for any other value."""
@@ -72,7 +77,7 @@ class Generator:
       if self._source is not None and self._source() is params:
         return
       self._source = weakref.ref(params)
-      params = scan.split_layers(params, DECODER_STACKS)
+      params = scan.split_layers(params, decoder_stacks())
     self._params = params
 
   @property

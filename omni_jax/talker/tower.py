@@ -70,6 +70,7 @@ class TalkerFlops:
 
 TOWER = towers.Tower(
     name="talker", section="model.talker", view=view, build=build, stacked=("talker.model.layers",),
+    decoders=("talker.model.layers",),
     flops=TalkerFlops,
     objectives=(towers.Objective("talker_codes", objective.code_loss, objective.num_codes),
                 towers.Objective("talker_dpo", objective.dpo_loss, objective.num_dpo_pairs, summary=dpo_lib.summary,

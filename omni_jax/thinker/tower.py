@@ -55,6 +55,7 @@ def build(config: ml_collections.ConfigDict, rt: config_lib.Runtime, rngs) -> Th
 TOWER = towers.Tower(
     name="thinker", section="model.thinker", view=view, build=build,
     stacked=("thinker.model.layers", "thinker.audio_tower.layers", "thinker.visual.blocks"),
+    decoders=("thinker.model.layers",),
     rules=tuple(RULES),
     parts={"thinker.visual.": "vision encoder", "thinker.audio_tower.": "audio encoder"},
     flops=ThinkerFlops,
