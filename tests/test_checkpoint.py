@@ -115,3 +115,31 @@ def test_synthetic_source_is_deterministic_and_row_addressable():
   assert (full["segment_ids"].max(axis=1) >= 2).all()  # packed: several documents per row
   other = SyntheticSource(batch_size=8, seq_len=32, vocab_size=256, split="eval").batch(3)
   assert not np.array_equal(full["input_ids"], other["input_ids"])
+
+
+def test_small_replicated_arrays_are_written_whole_and_large_ones_by_every_replica(tmp_path, caplog):
+  """Replicated over the data axis, an array under arrays.REPLICA_PARALLEL_MIN_BYTES per replica is written
+  by one replica, with no slicing program of its own to compile (orbax's default compiled one per shape); a
+  larger one is still split among the replicas. Both restore bit-exact."""
+  import logging  # noqa: PLC0415
+
+  from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
+
+  from omni_jax.checkpoint import arrays  # noqa: PLC0415
+
+  mesh = lib.mesh_of(dict(data=8))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  # Shapes orbax can split 8 ways (a dimension a multiple of 8), each its own slicing program by default.
+  tree = {f"small{i}": jax.device_put(np.arange(16 * (i + 1), dtype=np.float32).reshape(16, i + 1), replicated)
+          for i in range(6)}
+  rows = 8 * arrays.REPLICA_PARALLEL_MIN_BYTES // (4 * 1024)  # 8 replicas' slices of exactly the threshold
+  tree["large"] = jax.device_put(np.arange(rows * 1024, dtype=np.float32).reshape(rows, 1024), replicated)
+  caplog.set_level(logging.WARNING)
+  with jax.log_compiles():
+    checkpoint.save_params(str(tmp_path / "ckpt"), tree)
+  slicing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(slice)")]
+  assert slicing and all(f"float32[{rows},1024]" in m for m in slicing), slicing
+  target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in tree.items()}
+  restored = checkpoint.restore_pure(str(tmp_path / "ckpt"), target)
+  for k, v in tree.items():
+    np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(v))

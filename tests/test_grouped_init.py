@@ -56,6 +56,31 @@ def test_grouped_draws_are_the_draws_one_by_one(monkeypatch):
   assert len({a.tobytes() for a in grouped if a.any()}) == 6 + 3  # and the draws differ from one another
 
 
+def test_grouped_draws_under_a_trace_never_ask_a_tracer_for_its_sharding(monkeypatch):
+  """A draw one by one advances its stream with an indexed update of the traced count (`count[...] += 1`), which
+  asks the tracer for its sharding; the error message jax builds for that walks the whole program traced so
+  far, once per parameter (quadratic in the model's size). Grouped draws advance the streams without asking,
+  to the same counts."""
+  from jax._src import core  # noqa: PLC0415
+
+  asked = []
+  sharding_of = core.Tracer.sharding
+  monkeypatch.setattr(core.Tracer, "sharding", property(lambda t: asked.append(t) or sharding_of.fget(t)))
+
+  def counts(grouped: bool):
+    def build():
+      rngs, other = nnx.Rngs(0), nnx.Rngs(params=7)
+      with grouped_init.grouped() if grouped else grouped_init.suspended():
+        Stack(rngs, other)
+      return rngs.params.count.get_value(), other.params.count.get_value()
+
+    return [int(c) for c in jax.jit(build)()]
+
+  grouped = counts(True)
+  assert not asked
+  assert counts(False) == grouped == [4 * 2 + 3, 2 * 2] and asked  # the check sees the one-by-one path's asks
+
+
 def test_a_value_is_not_there_to_read_until_the_block_ends():
   with grouped_init.grouped():
     layer = linear.Linear(4, 4, use_bias=False, names=("embed", "mlp"), rngs=nnx.Rngs(0))

@@ -34,8 +34,11 @@ def create(init: Callable, rngs: nnx.Rngs, shape: Sequence[int], dtype,
     return variable(init(rngs.params(), tuple(shape), dtype))
   # The key is the stream's key folded with its count, as a draw makes it; made later, for all draws at once.
   stream = rngs.params
-  base, count = stream.key[...], stream.count[...]
-  stream()  # advances the stream as a draw does (the key it returns is unused: the compiler drops it)
+  base, count = stream.key.get_value(), stream.count.get_value()
+  # Advances the stream as a draw does. Set whole: an indexed update (stream() does `count[...] += 1`) of a
+  # traced count asks the tracer for its sharding, whose error message walks the whole program traced so far,
+  # once per parameter (quadratic: seconds for a Token2Wav's 1,200 parameters).
+  stream.count.set_value(count + 1)
   out = variable(jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)))
   pending.append((out, init, (base, count), tuple(shape), jnp.dtype(dtype)))
   return out
