@@ -36,9 +36,13 @@ def _qkv(rng, b, length, heads, kv_heads, dim):
 
 
 def _value_and_grads(fn, q, k, v, weights):
-  out = fn(q, k, v)
-  grads = jax.grad(lambda *x: (fn(*x) * weights).sum(), argnums=(0, 1, 2))(q, k, v)
-  return out, grads
+  """fn's output and its gradients, as one jitted program (run eagerly, every op compiles a program of its own)."""
+
+  @jax.jit
+  def both(q, k, v):
+    return fn(q, k, v), jax.grad(lambda *x: (fn(*x) * weights).sum(), argnums=(0, 1, 2))(q, k, v)
+
+  return both(q, k, v)
 
 
 def _check(fn, q, k, v, seg, causal, atol=1e-5):
