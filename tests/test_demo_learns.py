@@ -11,8 +11,8 @@ The only departures from run.sh, none of which changes what is trained (the figu
 no evaluation at step 100 (the assertions read step 0 and the end), one checkpoint (at the end), the asr
 evaluator on the digits only with 4 new tokens (a digit and the end of turn), the corpus built into a temporary
 folder (conftest.demo_dir), media decoded in the training process (data.worker_count=0, the same batches), the
-tests' compile flag (tests/xla_env.py: the same bits, compiled faster) and a JAX compilation cache shared by the
-three processes. The units are fitted with run.sh's own settings: their cost is the two processes' start and
+tests' emitters flag (tests/xla_env.py: the same bits, compiled faster; these processes run far more than they
+compile, so they keep XLA's optimisation level) and a JAX compilation cache shared by the three processes. The units are fitted with run.sh's own settings: their cost is the two processes' start and
 compiles (about 15 s), not the clips or the k-means iterations.
 Measured cost (2026-12-01, back to back on 2 loaded cores): 402 s for this file, 357 s for the Thinker-only
 version it replaced; the rest of the difference is the Talker's share of every step and of its compile."""
@@ -46,7 +46,7 @@ def trained(tmp_path_factory, demo_dir):
   units = work / "units"
   # One CPU device, as run.sh. The three processes share a JAX compilation cache (this test's own folder): the
   # model's seeded init and the units' encoder compile once, not once per process.
-  env = xla_env.env(1, JAX_COMPILATION_CACHE_DIR=str(work / "jax_cache"))
+  env = xla_env.env(1, runtime_bound=True, JAX_COMPILATION_CACHE_DIR=str(work / "jax_cache"))
   # run.sh main's units: k-means (64) over the tiny Thinker's seeded audio tower, fitted on the training
   # split's spoken replies, then every spoken reply (both splits) encoded.
   fit = _run(["-m", "omni_jax.units", "fit", "--config", "configs/demo.py", "--data",

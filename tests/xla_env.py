@@ -1,12 +1,15 @@
 """XLA_FLAGS of the test processes and of the processes the tests start: a number of host CPU devices, and the
-tests' compile flag.
+tests' compile flags.
 
-The compile flag has XLA:CPU emit its fused kernels with the older elemental emitters instead of the MLIR fusion
-emitters. Compiling is most of the suite's time (the test files' own programs, hundreds of them), and with the
-flag they compile in about 0.6x the time and run at the same speed (the same bits where compared): measured in
-docs/performance.md, "Compiling the tests".
+Compiling is most of the suite's time (the test files' own programs, hundreds of them), so the tests compile
+faster code less carefully (measured in docs/performance.md, "Compiling the tests"):
+- `--xla_cpu_use_fusion_emitters=false`: XLA:CPU emits its fused kernels with the older elemental emitters
+  instead of the MLIR fusion emitters: about 0.6x the compile time, the same speed (the same bits where compared).
+- `--xla_backend_optimization_level=1`: LLVM optimises the kernels at -O1 instead of XLA's default -O3: about
+  0.8x the compile time, and programs run up to ~10% slower. A process that runs far more than it compiles (the
+  main job's hundreds of train steps) is started with `runtime_bound=True` and keeps the default.
 
-XLA aborts on a flag that its version does not know (jaxlib 0.11 dropped this one), so a probe process asks
+XLA aborts on a flag that its version does not know (jaxlib 0.11 dropped the first), so a probe process asks
 this jaxlib once per test session (the answer travels to the workers and every process started after it in the
 environment).
 """
@@ -15,34 +18,46 @@ import os
 import subprocess
 import sys
 
-COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
-_ANSWER = "OMNI_JAX_TEST_COMPILE_FLAGS"  # the probe's answer: COMPILE_FLAGS, or "" where this jaxlib lacks them
+COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=1")
+RUNTIME_FLAGS = ("--xla_backend_optimization_level",)  # left out of a runtime-bound process
+_ANSWER = "OMNI_JAX_TEST_COMPILE_FLAGS"  # the probe's answer: the COMPILE_FLAGS this jaxlib knows
 DEVICE_COUNT = "--xla_force_host_platform_device_count"
 
 
+def _known(flags) -> bool:
+  probe = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(2).sum().block_until_ready()"],
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags)), capture_output=True,
+                         timeout=300)
+  return probe.returncode == 0
+
+
 def compile_flags() -> str:
-  """COMPILE_FLAGS where this jaxlib knows them, else ""."""
+  """The COMPILE_FLAGS this jaxlib knows (one probe process; one per flag only where some are unknown)."""
   if _ANSWER not in os.environ:
-    probe = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(2).sum().block_until_ready()"],
-                           env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=COMPILE_FLAGS), capture_output=True,
-                           timeout=300)
-    os.environ[_ANSWER] = COMPILE_FLAGS if probe.returncode == 0 else ""
+    known = COMPILE_FLAGS if _known(COMPILE_FLAGS) else tuple(f for f in COMPILE_FLAGS if _known((f,)))
+    os.environ[_ANSWER] = " ".join(known)
   return os.environ[_ANSWER]
 
 
-def flags(devices: int | None = None, base: str | None = None) -> str:
+def _name(flag: str) -> str:
+  return flag.split("=", 1)[0]
+
+
+def flags(devices: int | None = None, base: str | None = None, runtime_bound: bool = False) -> str:
   """`base` (default: this process's XLA_FLAGS) with `devices` host CPU devices in place of its device count (None:
-  base's own, if any), and the compile flags unless `base` sets them itself."""
+  base's own, if any), and the compile flags that `base` does not set itself (without RUNTIME_FLAGS where
+  `runtime_bound`)."""
   base = os.environ.get("XLA_FLAGS", "") if base is None else base
   out = base.split()
   if devices is not None:
     out = [f for f in out if not f.startswith(DEVICE_COUNT)] + [f"{DEVICE_COUNT}={devices}"]
-  if "xla_cpu_use_fusion_emitters" not in base:
-    out += compile_flags().split()
-  return " ".join(out)
+  skip = {_name(f) for f in out} | (set(RUNTIME_FLAGS) if runtime_bound else set())
+  if runtime_bound:
+    out = [f for f in out if _name(f) not in RUNTIME_FLAGS or f not in COMPILE_FLAGS]
+  return " ".join(out + [f for f in compile_flags().split() if _name(f) not in skip])
 
 
-def env(devices: int | None = None, base: dict | None = None, **extra) -> dict:
+def env(devices: int | None = None, base: dict | None = None, runtime_bound: bool = False, **extra) -> dict:
   """A copy of `base` (default: os.environ) for a process of `devices` host CPU devices, plus `extra`."""
   base = dict(os.environ if base is None else base)
-  return dict(base, XLA_FLAGS=flags(devices, base.get("XLA_FLAGS", "")), **extra)
+  return dict(base, XLA_FLAGS=flags(devices, base.get("XLA_FLAGS", ""), runtime_bound), **extra)
