@@ -24,14 +24,14 @@ def test_flags_set_the_device_count_and_keep_the_rest(monkeypatch):
   assert env == {"XLA_FLAGS": xla_env.flags(2, base), "PATH": "p", "JAX_PLATFORMS": "cpu"}
 
 
-def test_a_runtime_bound_process_keeps_xlas_optimisation_level(monkeypatch):
+def test_a_process_with_its_own_opt_level_gets_none_of_the_tests(monkeypatch):
   monkeypatch.setenv(xla_env._ANSWER, " ".join(xla_env.COMPILE_FLAGS))  # pylint: disable=protected-access
-  assert xla_env.flags(1, "", runtime_bound=True).split() == ["--xla_force_host_platform_device_count=1", EMITTERS]
+  assert xla_env.flags(1, "", own_opt_level=True).split() == ["--xla_force_host_platform_device_count=1", EMITTERS]
   # Started from a test process, whose own XLA_FLAGS carry the tests' level: that one is dropped, not a caller's.
   test_process = xla_env.flags(8, "")
   assert OPT_LEVEL in test_process.split()
-  assert OPT_LEVEL not in xla_env.env(1, {"XLA_FLAGS": test_process}, runtime_bound=True)["XLA_FLAGS"].split()
-  assert xla_env.flags(1, "--xla_backend_optimization_level=2", runtime_bound=True).split() == [
+  assert OPT_LEVEL not in xla_env.env(1, {"XLA_FLAGS": test_process}, own_opt_level=True)["XLA_FLAGS"].split()
+  assert xla_env.flags(1, "--xla_backend_optimization_level=2", own_opt_level=True).split() == [
       "--xla_backend_optimization_level=2", "--xla_force_host_platform_device_count=1", EMITTERS]
 
 

@@ -6,8 +6,9 @@ faster code less carefully (measured in docs/performance.md, "Compiling the test
 - `--xla_cpu_use_fusion_emitters=false`: XLA:CPU emits its fused kernels with the older elemental emitters
   instead of the MLIR fusion emitters: about 0.6x the compile time, the same speed (the same bits where compared).
 - `--xla_backend_optimization_level=1`: LLVM optimises the kernels at -O1 instead of XLA's default -O3: about
-  0.8x the compile time, and programs run up to ~10% slower. A process that runs far more than it compiles (the
-  main job's hundreds of train steps) is started with `runtime_bound=True` and keeps the default.
+  0.8x the compile time, and programs run up to ~10% slower. A process that picks its own level is started with
+  `own_opt_level=True`: the main job's hundreds of train steps keep XLA's default (they run far more than they
+  compile); the accelerator suite's smoke run sets -O0 itself.
 
 XLA aborts on a flag that its version does not know (jaxlib 0.11 dropped the first), so a probe process asks
 this jaxlib once per test session (the answer travels to the workers and every process started after it in the
@@ -19,7 +20,7 @@ import subprocess
 import sys
 
 COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=1")
-RUNTIME_FLAGS = ("--xla_backend_optimization_level",)  # left out of a runtime-bound process
+OPT_LEVEL_FLAGS = ("--xla_backend_optimization_level",)  # left to an own_opt_level process
 _ANSWER = "OMNI_JAX_TEST_COMPILE_FLAGS"  # the probe's answer: the COMPILE_FLAGS this jaxlib knows
 DEVICE_COUNT = "--xla_force_host_platform_device_count"
 
@@ -43,21 +44,21 @@ def _name(flag: str) -> str:
   return flag.split("=", 1)[0]
 
 
-def flags(devices: int | None = None, base: str | None = None, runtime_bound: bool = False) -> str:
+def flags(devices: int | None = None, base: str | None = None, own_opt_level: bool = False) -> str:
   """`base` (default: this process's XLA_FLAGS) with `devices` host CPU devices in place of its device count (None:
-  base's own, if any), and the compile flags that `base` does not set itself (without RUNTIME_FLAGS where
-  `runtime_bound`)."""
+  base's own, if any), and the compile flags that `base` does not set itself; with `own_opt_level`, no
+  optimisation level but one that `base` sets and the compile flags do not (the caller's own)."""
   base = os.environ.get("XLA_FLAGS", "") if base is None else base
   out = base.split()
   if devices is not None:
     out = [f for f in out if not f.startswith(DEVICE_COUNT)] + [f"{DEVICE_COUNT}={devices}"]
-  skip = {_name(f) for f in out} | (set(RUNTIME_FLAGS) if runtime_bound else set())
-  if runtime_bound:
-    out = [f for f in out if _name(f) not in RUNTIME_FLAGS or f not in COMPILE_FLAGS]
+  skip = {_name(f) for f in out} | (set(OPT_LEVEL_FLAGS) if own_opt_level else set())
+  if own_opt_level:
+    out = [f for f in out if _name(f) not in OPT_LEVEL_FLAGS or f not in COMPILE_FLAGS]
   return " ".join(out + [f for f in compile_flags().split() if _name(f) not in skip])
 
 
-def env(devices: int | None = None, base: dict | None = None, runtime_bound: bool = False, **extra) -> dict:
+def env(devices: int | None = None, base: dict | None = None, own_opt_level: bool = False, **extra) -> dict:
   """A copy of `base` (default: os.environ) for a process of `devices` host CPU devices, plus `extra`."""
   base = dict(os.environ if base is None else base)
-  return dict(base, XLA_FLAGS=flags(devices, base.get("XLA_FLAGS", ""), runtime_bound), **extra)
+  return dict(base, XLA_FLAGS=flags(devices, base.get("XLA_FLAGS", ""), own_opt_level), **extra)
