@@ -75,8 +75,8 @@ def _training(c: ml_collections.ConfigDict) -> None:
   t = c.train
   t.steps, t.batch_size, t.seq_len = 200, 4, 128
   t.lr, t.warmup_steps, t.weight_decay = 3e-3, 20, 0.01
-  # SFT rows label a few positions (the replies): the 151,936-wide head runs on at most 96 of them per row (a
-  # batch with more takes the every-position path; the loss is exact either way).
+  # SFT rows label a few positions (the replies): the 151,936-wide head runs on at most 96 of them per row,
+  # pooled over a device's rows (a batch with more takes the every-position path; the loss is exact either way).
   t.label_budget = 96
   t.log_every, t.eval_every, t.checkpoint_every = 10, 50, 50
   t.keep_checkpoints, t.keep_every = 2, 100

@@ -60,7 +60,7 @@ def test_layouts_give_the_full_loss_accuracy_and_gradients(reference, layout):
   c, batch, (want, want_sums, want_grads) = reference
   counts = np.asarray(jnp.sum(thinker_inputs.label_mask(batch), axis=1))
   if layout.label_budget == 2:
-    assert counts.max() > 2  # this case takes the every-position fallback
+    assert counts.sum() > 2 * len(counts)  # this case takes the every-position fallback (the rows pool: no mesh)
   else:
     assert not layout.label_budget or counts.max() <= layout.label_budget
   got, sums, grads = _loss_and_grads(c, batch, layout, with_accuracy=not layout.fused)
@@ -69,6 +69,53 @@ def test_layouts_give_the_full_loss_accuracy_and_gradients(reference, layout):
     np.testing.assert_allclose(sums[key], want_sums[key], rtol=1e-6, atol=1e-6)
   for g, w in zip(grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def _branch(batch, budget, pool_rows):
+  """Positions per row the head ran on (0: every position) under `budget` (and the reduce's sums)."""
+  layout = LossLayout(label_budget=budget)
+  hidden = jnp.zeros(batch["labels"].shape + (4,), jnp.float32)
+
+  def reduce(h, targets, valid, extra, chunk):
+    del targets, extra, chunk
+    full = h.shape[:2] == valid.shape == (batch["labels"].shape[0], batch["labels"].shape[1] - 1)
+    return {"positions": jnp.array(0 if full else h.shape[1]), "count": jnp.sum(valid)}
+
+  out = jax.jit(lambda: thinker_objective._over_labels(  # pylint: disable=protected-access
+      reduce, hidden, batch, layout, (), pool_rows))()
+  return int(out["positions"]), int(out["count"])
+
+
+def test_rows_pool_their_label_budget_and_a_batch_over_the_pool_takes_every_position():
+  """One row over the per-row budget beside short ones: pooled (the training loss: its sums are totals), the
+  batch still takes the labelled path, on the rows' budgets end to end; per row (the DPO pairs' per-row sums)
+  it takes every position; over the pool, so does the pooled loss. Every path counts every label."""
+  batch = {k: np.asarray(v) for k, v in _sft_batch(rows=4, length=48).items()}
+  labels = np.full_like(batch["labels"], batch_lib.IGNORE)
+  labels[0, 1:21] = 7  # 20 labels in row 0, 2 in each other row: 26 in all
+  labels[1:, 5:7] = 7
+  batch["labels"] = labels
+  n = int(np.sum(thinker_inputs.label_mask(batch)))
+  assert n == 26
+  assert _branch(batch, 8, pool_rows=True) == (32, n)  # 4 rows x 8 pooled: fits
+  assert _branch(batch, 8, pool_rows=False) == (0, n)  # row 0 alone is over 8
+  assert _branch(batch, 6, pool_rows=True) == (0, n)  # 4 x 6 = 24 < 26
+  assert _branch(batch, 20, pool_rows=False) == (20, n)
+
+
+def test_rows_pool_per_shard_of_the_batch_and_not_across_a_sharded_length():
+  """Each device pools the rows it holds: as many groups as the batch axis has shards; one group without a
+  mesh; every row its own group where the length axis is sharded (context parallelism)."""
+  from omni_jax import sharding  # noqa: PLC0415
+
+  rules = lib.config().sharding_rules
+  row_groups = thinker_objective._row_groups  # pylint: disable=protected-access
+  assert row_groups(16, 64) == 1
+  for axes, want in [({"data": 2, "fsdp": 2, "tensor": 2}, 4), ({"data": 8}, 8), ({"tensor": 8}, 1),
+                     ({"data": 2, "context": 4}, 16)]:
+    mesh = sharding.make_mesh(axes)
+    with sharding.activate(mesh, rules):
+      assert row_groups(16, 64) == want, axes
 
 
 def test_chunked_loss_needs_less_temporary_memory():

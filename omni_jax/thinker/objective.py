@@ -10,6 +10,7 @@ the number of pairs of the global batch.
 """
 
 import dataclasses
+import math
 from typing import Callable, Mapping
 
 import jax
@@ -18,8 +19,9 @@ import ml_collections
 
 from omni_jax import batch as batch_lib
 from omni_jax import dpo as dpo_lib
-from omni_jax import preference
+from omni_jax import preference, sharding
 from omni_jax.layers import head_loss
+from omni_jax.layers.head_loss import HIDDEN_NAMES
 from omni_jax.models.thinker import Thinker
 from omni_jax.thinker.inputs import label_mask, outputs
 
@@ -52,8 +54,10 @@ class LossLayout:
   chunk: positions per chunk of the head + cross-entropy (0: all at once). Each chunk's logits
     [B, chunk, V] live only inside a rematerialised scan step, so the step never holds [B, L, V].
   label_budget: labelled positions per row gathered before the head (0: every position). In SFT data most
-    positions carry no label (the prompt, the media), so the 151,936-wide head runs on the budget only; a
-    batch with a row over budget takes the every-position path instead (lax.cond), so the loss is always exact.
+    positions carry no label (the prompt, the media), so the 151,936-wide head runs on the budget only. The
+    training loss pools the budget over the rows each device holds (rows differ: a long reply beside short
+    ones fits); a batch whose labels do not fit takes the every-position path instead (lax.cond), so the loss
+    is always exact.
   fused: the training loss's head + cross-entropy computes its gradient in the forward pass
     (omni_jax.layers.head_loss): neither the logits kept nor the chunks' logits recomputed. Evaluation, the
     accuracy and a head that is more than a matrix (Thinker.head_weight) take the plain path.
@@ -69,35 +73,60 @@ class LossLayout:
                bool(t.get("fused_head_loss", True)))
 
 
-def _over_labels(reduce: Callable, hidden: jax.Array, batch: Batch, layout: LossLayout, extra) -> dict:
+def _row_groups(rows: int, length: int) -> int:
+  """Groups of rows that pool their label budget: one per shard of the batch axis (inside sharding.activate();
+  one outside it), so that each group's gather stays on its device. Where the length axis is sharded as well
+  (context parallelism), each row is a group of its own."""
+  active = sharding.active()
+  if active is None:
+    return 1
+  mesh, rules = active
+  spec = tuple(sharding.logical_to_spec(HIDDEN_NAMES[:2], (rows, length), mesh, rules, strict=False))
+  batch_axes, length_axes = (spec + (None, None))[:2]
+  if length_axes:
+    return rows
+  return math.prod(mesh.shape[a] for a in jax.tree.leaves(batch_axes))
+
+
+def _over_labels(reduce: Callable, hidden: jax.Array, batch: Batch, layout: LossLayout, extra,
+                 pool_rows: bool = False) -> dict:
   """reduce(h, targets, valid, extra, chunk) (sums additive over positions) over the label positions of a
-  batch: all of them in chunks, or the labelled ones gathered under layout.label_budget."""
+  batch: all of them in chunks, or the labelled ones gathered under layout.label_budget. pool_rows: the rows a
+  device holds share their budget (for sums that are totals, not per row)."""
   valid = label_mask(batch)
   targets = jnp.where(valid, batch["labels"][:, 1:], 0)
   h = hidden[:, :-1]
   budget = layout.label_budget
-  if not budget or budget >= valid.shape[1]:
+  rows, length = valid.shape
+  if not budget or budget >= length:
     return reduce(h, targets, valid, extra, layout.chunk)
+  groups = _row_groups(rows, length) if pool_rows else rows
 
   def every_position():  # the rare over-budget batch: chunked (budget-sized chunks by default), so that this
     # branch's buffers (lax.cond allocates both) stay as small as the labelled branch's
     return reduce(h, targets, valid, extra, layout.chunk or budget)
 
-  def labelled_only():
-    order = jnp.argsort(~valid, axis=1, stable=True)[:, :budget]  # the labelled positions first, in order
-    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
-    return reduce(take(h), take(targets), take(valid), tuple(take(x) for x in extra), layout.chunk)
+  def grouped(x):  # [B, L, ...] -> [groups, B / groups * L, ...]: a device's rows end to end
+    return x.reshape((groups, -1) + x.shape[2:])
 
-  fits = jnp.all(jnp.sum(valid, axis=1) <= budget)
+  def labelled_only():
+    g_valid = grouped(valid)
+    order = jnp.argsort(~g_valid, axis=1, stable=True)[:, :budget * rows // groups]  # labelled positions first
+    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    return reduce(take(grouped(h)), take(grouped(targets)), take(g_valid), tuple(take(grouped(x)) for x in extra),
+                  layout.chunk)
+
+  fits = jnp.all(jnp.sum(grouped(valid), axis=1) <= budget * rows // groups)
   return jax.lax.cond(fits, labelled_only, every_position)
 
 
 def head_sums(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLayout, sums: Callable,
-              *extra: jax.Array) -> dict:
+              *extra: jax.Array, pool_rows: bool = False) -> dict:
   """sums(logits, targets, valid, *extra) over the label positions of a batch (additive over positions), with
   the LM head applied to the final hidden states as `layout` says: logits [B, T, V] of a chunk of positions in
   the compute dtype (sums widen inside their reductions, as target_logprobs does), targets / valid [B, T]
-  (label_mask), extra: per-position fields [B, L-1] aligned with the targets (e.g. batch["kind"][:, 1:])."""
+  (label_mask), extra: per-position fields [B, L-1] aligned with the targets (e.g. batch["kind"][:, 1:]).
+  pool_rows: rows share the label budget (_over_labels), where the sums are totals rather than per row."""
 
   def of_hidden(hid, *rest):
     return sums(thinker.logits(hid), *rest)
@@ -105,7 +134,7 @@ def head_sums(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLay
   def reduce(h, targets, valid, ex, chunk):
     return head_loss.chunked_sums(of_hidden, h, targets, valid, ex, chunk)
 
-  return _over_labels(reduce, hidden, batch, layout, extra)
+  return _over_labels(reduce, hidden, batch, layout, extra, pool_rows)
 
 
 def hidden_token_stats(thinker: Thinker, hidden: jax.Array, batch: Batch, layout: LossLayout,
@@ -115,7 +144,7 @@ def hidden_token_stats(thinker: Thinker, hidden: jax.Array, batch: Batch, layout
   head = thinker.head_weight(hidden.dtype) if layout.fused and not with_accuracy else None
   if head is None:
     return head_sums(thinker, hidden, batch, layout,
-                     lambda logits, y, m, k: per_kind_sums(logits, y, m, k, with_accuracy), kind)
+                     lambda logits, y, m, k: per_kind_sums(logits, y, m, k, with_accuracy), kind, pool_rows=True)
   weight, names = head
 
   def fused(h, targets, valid, ex, chunk):
@@ -123,7 +152,7 @@ def hidden_token_stats(thinker: Thinker, hidden: jax.Array, batch: Batch, layout
     return {"loss_sum": head_loss.grouped_nll_sums(h, weight, targets, valid, k, NUM_KINDS, chunk, names),
             "count": kind_counts(valid, k)}
 
-  return _over_labels(fused, hidden, batch, layout, (kind,))
+  return _over_labels(fused, hidden, batch, layout, (kind,), pool_rows=True)
 
 
 def text_loss(model, batch: Batch, rng: jax.Array, evaluate: bool = False) -> dict:
