@@ -117,6 +117,32 @@ def test_synthetic_source_is_deterministic_and_row_addressable():
   assert not np.array_equal(full["input_ids"], other["input_ids"])
 
 
+def test_the_array_handler_is_registered_without_a_warning(caplog):
+  """Importing omni_jax.checkpoint registers the array handler without orbax's override warning (it led every
+  run's log); a later registration by other code is left alone, and orbax still warns of that one."""
+  import logging  # noqa: PLC0415
+
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from omni_jax.checkpoint import arrays  # noqa: PLC0415
+
+  threshold = lambda h: h._min_slice_bytes_for_replica_parallel  # noqa: E731  pylint: disable=protected-access
+  ours = ocp.type_handlers.get_type_handler(jax.Array)
+  assert threshold(ours) == arrays.REPLICA_PARALLEL_MIN_BYTES
+  caplog.set_level(logging.WARNING)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(), override=True)
+    assert any("overriding" in r.getMessage() for r in caplog.records)  # orbax's warning, where it is not ours
+    caplog.clear()
+    level = logging.getLogger("absl").level
+    arrays.register()
+    assert not [r.getMessage() for r in caplog.records if "overriding" in r.getMessage()]
+    assert threshold(ocp.type_handlers.get_type_handler(jax.Array)) == arrays.REPLICA_PARALLEL_MIN_BYTES
+    assert logging.getLogger("absl").level == level  # given back
+  finally:
+    ocp.type_handlers.register_type_handler(jax.Array, ours, override=True)
+
+
 def test_small_replicated_arrays_are_written_whole_and_large_ones_by_every_replica(tmp_path, caplog):
   """Replicated over the data axis, an array under arrays.REPLICA_PARALLEL_MIN_BYTES per replica is written
   by one replica, with no slicing program of its own to compile (orbax's default compiled one per shape); a

@@ -9,6 +9,8 @@ microseconds. Under REPLICA_PARALLEL_MIN_BYTES per replica one replica writes th
 model's stacked layer weights, its embedding) the replicas share the work as before. The files are the same.
 """
 
+import logging
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -25,4 +27,12 @@ def register() -> None:
     return
   handler = ocp.type_handlers.ArrayHandler(array_metadata_store=getattr(current, "_array_metadata_store", None),
                                            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES)
-  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  # orbax warns of every override (through absl's logger); this one is meant, and would otherwise be the first
+  # line of every run's log.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+  finally:
+    absl_logger.setLevel(level)
