@@ -16,7 +16,9 @@ compile, so they keep XLA's optimisation level) and a JAX compilation cache shar
 The units are fitted with run.sh's own settings: their cost is the two processes' start and compiles (about
 15 s), not the clips or the k-means iterations.
 Measured cost (2026-12-01, back to back on 2 loaded cores): 402 s for this file, 357 s for the Thinker-only
-version it replaced; the rest of the difference is the Talker's share of every step and of its compile."""
+version it replaced; the rest of the difference is the Talker's share of every step and of its compile. In a
+fresh clone's suite run (2 cores shared with the other worker): 460 s, then 392 s (2026-12-06) once the demo's
+label budget was pooled over the batch (configs/demo.py: the step ~16% shorter)."""
 
 import json
 import os
