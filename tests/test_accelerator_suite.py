@@ -180,7 +180,7 @@ def test_bench_generate_compiles_the_decode_program_ahead_of_time():
   weights; one step's bytes (a 2-step program's minus a 1-step one's) read the layers' weights at least."""
   import re  # noqa: PLC0415
 
-  env = xla_env.env(1, own_opt_level=True, JAX_PLATFORMS="cpu")  # the smoke run compiles at -O0 itself
+  env = xla_env.env(1, JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_generate.py"), "--size", "tiny",
                       "--no-reference", "--batch", "4", "--prompt", "16", "--new", "32", "--cache_len", "1024",
                       "--aot", "cpu:1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -197,7 +197,7 @@ def test_bench_generate_compiles_the_decode_program_ahead_of_time():
 def test_bench_mfu_compiles_ahead_of_time_and_reports_bytes_by_kernel_family():
   """bench_mfu.py --aot: the steps it would time, compiled for a topology without running (here cpu:1); the text
   step trains the language model alone, the multimodal one the whole Thinker."""
-  env = xla_env.env(1, own_opt_level=True, JAX_PLATFORMS="cpu")  # the smoke run compiles at -O0 itself
+  env = xla_env.env(1, JAX_PLATFORMS="cpu")
   p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_mfu.py"), "--smoke", "--aot", "cpu:1",
                       "--kinds", "text"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
