@@ -424,6 +424,52 @@ def test_hlo_bytes_count_in_place_updates_and_gathers_by_their_slices_and_split_
   assert program.bytes_accessed == sum(program.bytes_by_family.values())
 
 
+_WINDOWS_HLO = """HloModule m
+
+%fir (p0: bf16[1,100,8]) -> bf16[1,98,8] {
+  %p0 = bf16[1,100,8]{2,1,0} parameter(0)
+  %wide = f32[1,100,8]{2,1,0} convert(%p0)
+  %a = f32[1,98,8]{2,1,0} slice(%wide), slice={[0:1], [0:98], [0:8]}
+  %b = f32[1,98,8]{2,1,0} slice(%wide), slice={[0:1], [1:99], [0:8]}
+  %c = f32[1,98,8]{2,1,0} slice(%wide), slice={[0:1], [2:100], [0:8]}
+  %ab = f32[1,98,8]{2,1,0} add(%a, %b)
+  %abc = f32[1,98,8]{2,1,0} add(%ab, %c)
+  ROOT %out = bf16[1,98,8]{2,1,0} convert(%abc)
+}
+
+ENTRY %main (arguments omitted) {
+  %x = bf16[1,100,8]{2,1,0} parameter(0)
+  ROOT %y = bf16[1,98,8]{2,1,0} fusion(%x), kind=kLoop, calls=%fir
+}
+"""
+
+
+def test_hlo_bytes_count_overlapping_windows_of_an_operand_once():
+  """A filter's taps are shifted slices of one input in one fusion (the vocoder's resampling): the kernel reads
+  the input once (its windows overlap), not once per tap."""
+  program = hlo.parse(_WINDOWS_HLO, 1)
+  assert program.bytes_by_family["other"] == 100 * 8 * 2 + 98 * 8 * 2
+
+
+_CUDNN_CONV_HLO = """HloModule m
+
+ENTRY %main (arguments omitted) {
+  %x = bf16[1,100,16]{2,1,0} parameter(0)
+  %w = bf16[32,7,16]{2,1,0} parameter(1)
+  %conv = (bf16[1,100,32]{2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=7 pad=3_3}, dim_labels=b0f_o0i->b0f, custom_call_target="__cudnn$convForward"
+  ROOT %y = bf16[1,100,32]{2,1,0} get-tuple-element(%conv), index=0
+}
+"""
+
+
+def test_hlo_counts_a_cudnn_convolution_as_a_gemm_with_its_flops():
+  """XLA:GPU runs a convolution as a cuDNN call: a matrix unit's work (the vocoder's, the audio tower's stem),
+  not an attention kernel's, with the convolution's FLOPs (taps that read zero padding left out)."""
+  program = hlo.parse(_CUDNN_CONV_HLO, 1)
+  assert program.bytes_by_family == {"gemm": (100 * 16 + 32 * 7 * 16 + 100 * 32) * 2, "attention": 0, "other": 0}
+  assert program.flops == 2 * 32 * 16 * (100 * 7 - 2 * (3 + 2 + 1))
+
+
 @needs_cuda_plugin
 def test_decode_on_gpus_reads_each_layers_weights_in_place():
   """XLA:GPU copies a slice of a stacked weight before the matmul reading it: a decode step over stacked layers

@@ -157,9 +157,14 @@ def _scatter_parts(ins: "_Instr", computations: dict) -> tuple[list, list, list,
   return ins.operands[:n], ins.operands[n:n + 1], ins.operands[n + 1:], 2 if overwrite else 3
 
 
+def _is_convolution(ins: "_Instr") -> bool:
+  """A convolution, also as XLA:GPU's cuDNN call (which keeps the convolution's window and dim_labels)."""
+  return ins.op == "convolution" or (ins.op == "custom-call" and '_call_target="__cudnn$conv' in ins.rest)
+
+
 def _family(ins: "_Instr", computations: dict, memo: dict) -> str:
   """The family of an unfused instruction: a fusion containing a dot / convolution is a GEMM's."""
-  if ins.op in ("dot", "convolution"):
+  if ins.op == "dot" or _is_convolution(ins):
     return "gemm"
   if ins.op == "custom-call":
     target = re.search(r'custom_call_target="([^"]*)"', ins.rest)
@@ -314,7 +319,8 @@ def _moved_bytes(ins: _Instr, shapes: dict, computations: dict) -> float:
     if param in in_place:
       continue
     sliced = _sliced_read(param, body, computations) if param is not None else None
-    total += size(operand) if sliced is None else sliced
+    # Overlapping windows of one operand (a filter's shifted taps) read it from HBM once, not once a window.
+    total += size(operand) if sliced is None else min(sliced, size(operand))
   return total
 
 
@@ -457,7 +463,7 @@ def parse(text: str, num_devices: int) -> Program:
         # Async starts return (operands..., results...): the largest array is the moved buffer.
         colls.append((Collective(base, max(sizes) if ins.op.endswith("-start") else sum(sizes),
                                  _group_size(ins.rest, num_devices), 1, op_name.group(1) if op_name else ""), 1))
-      if ins.op in ("dot", "convolution"):
+      if ins.op == "dot" or _is_convolution(ins):
         flops += _matmul_flops(ins, shapes)
       if top_level and ins.op not in _SKIP_BYTES and not ins.op.endswith("-done"):
         family, nbytes = _family(ins, computations, families), _moved_bytes(ins, shapes, computations)
