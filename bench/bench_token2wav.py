@@ -17,28 +17,37 @@ the chunked audio's largest difference from the whole utterance's (same noise), 
 
 --size 7b: the released Token2Wav shapes (DiT 22 layers x 1024, BigVGAN 1536 channels), random weights
 (our init, parameters perturbed), our side only unless a reference is asked for (slow on CPU).
+
+--aot TOPOLOGY compiles the whole-utterance programs (the DiT sampler, BigVGAN) for a topology instead, with
+abstract weights (a GPU's, h200:1, through jax's CUDA plugin: PYTHONPATH=.venv/gpu-aot; no GPU, so no
+autotuning), and prints each one's compile time, kernels and HBM bytes by family, and its cuDNN convolutions
+(the calls a GPU compiler autotunes).
 Figures: docs/performance.md ("Token2Wav").
 """
 
 import argparse
 import copy
 import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+if any(a.startswith("--aot") for a in sys.argv):  # compile-only: no backend may try to open a device
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import common  # puts the repository and tests/ on sys.path; time_alternating
-import tiny_shapes
-from omni_jax.config import Runtime
-from omni_jax.models.bigvgan import BigVGANConfig
-from omni_jax.models.dit import DiTConfig
-from omni_jax.token2wav.tower import Token2Wav, Token2WavView
-from omni_jax.token2wav import synthesis, vocoding
-from omni_jax.token2wav.sampling import SamplerConfig, sample
-from omni_jax.token2wav.streaming import StreamingConfig, StreamingSynthesizer
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import common  # noqa: E402  (puts the repository and tests/ on sys.path; time_alternating)
+import tiny_shapes  # noqa: E402
+from omni_jax.config import Runtime  # noqa: E402
+from omni_jax.models.bigvgan import BigVGANConfig  # noqa: E402
+from omni_jax.models.dit import DiTConfig  # noqa: E402
+from omni_jax.token2wav.tower import Token2Wav, Token2WavView  # noqa: E402
+from omni_jax.token2wav import sampling, synthesis, vocoding  # noqa: E402
+from omni_jax.token2wav.sampling import SamplerConfig, sample  # noqa: E402
+from omni_jax.token2wav.streaming import StreamingConfig, StreamingSynthesizer  # noqa: E402
 
 SIZES = ("tiny", "7b")
 VOICE = {"tiny": (8, 12), "7b": (192, 300)}  # (cond width, reference mel frames)
@@ -91,6 +100,48 @@ def reference_and_ours(size: str, dtype, with_reference: bool):
   return hf_model, t2w
 
 
+def print_aot(args, parser):
+  """--aot: the whole-utterance DiT sampler and BigVGAN of `args.size` compiled for a topology's first device."""
+  from omni_jax.aot import compile as compile_lib, hardware, hlo  # noqa: PLC0415
+
+  try:
+    device = compile_lib.devices_for(hardware.parse(args.aot))[0]
+  except (hardware.TopologyError, compile_lib.TpuUnavailable) as e:
+    parser.error(f"--aot: {e}")
+  dit_kw, vocoder_kw = hf_sizes(args.size)
+  rt = Runtime(dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, param_dtype=jnp.float32)
+  t2w = nnx.eval_shape(lambda: Token2Wav(Token2WavView(DiTConfig.from_hf(dit_kw), BigVGANConfig.from_hf(vocoder_kw),
+                                                       rt), rngs=nnx.Rngs(0)))
+  placed = jax.sharding.SingleDeviceSharding(device)
+  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)  # noqa: E731
+  cfg = t2w.code2wav_dit_model.cfg
+  width, ref_frames = VOICE[args.size]
+  n = int(round(args.seconds * 50))
+  frames = n * cfg.repeats
+  sway = SamplerConfig().sway_coefficient
+  programs = {
+      "DiT sampler": lambda gd, st: sampling._flow.lower(  # noqa: SLF001 - the one compiled sampler program
+          gd, st, spec((1, ref_frames, cfg.mel_dim)), spec((1, width)), spec((1, n), jnp.int32),
+          spec((1, frames, cfg.mel_dim)), None, args.num_steps, 0.5, sway, args.method),
+      "BigVGAN": lambda gd, st: vocoding._bigvgan.lower(gd, st, spec((1, frames, cfg.mel_dim))),  # noqa: SLF001
+  }
+  modules = {"DiT sampler": t2w.code2wav_dit_model, "BigVGAN": t2w.code2wav_bigvgan_model}
+  print(f"{args.aot}: Token2Wav {args.size}, {args.dtype}, {n} codes ({frames} mel frames), {args.method} x "
+        f"{args.num_steps} points")
+  for name, lower in programs.items():
+    graphdef, state = nnx.split(modules[name])
+    state = jax.tree.map(lambda a: spec(a.shape, a.dtype), state)
+    start = time.perf_counter()
+    text = lower(graphdef, state).compile().as_text()
+    seconds = time.perf_counter() - start
+    program = hlo.parse(text, 1)
+    convolutions = text.count('custom_call_target="__cudnn$conv')
+    print(f"{name}: compiled in {seconds:.1f} s; kernels "
+          + ", ".join(f"{f} {program.launches(f)}" for f in hlo.FAMILIES) + "; MiB "
+          + ", ".join(f"{f} {b / 2**20:,.0f}" for f, b in program.bytes_by_family.items())
+          + f"; cuDNN convolutions {convolutions}", flush=True)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--size", choices=SIZES, default="tiny")
@@ -102,7 +153,12 @@ def main():
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--first_chunk_blocks", type=int, default=StreamingConfig.first_chunk_blocks)
   p.add_argument("--chunk_blocks", type=int, default=StreamingConfig.chunk_blocks)
+  p.add_argument("--aot", metavar="TOPOLOGY", default=None,
+                 help="compile the DiT sampler and BigVGAN for a topology (python -m omni_jax.aot's --topology, "
+                      "e.g. h200:1 or v5e:1x1) instead of running them")
   args = p.parse_args()
+  if args.aot:
+    return print_aot(args, p)
   if args.reference and (args.method != "rk4" or args.dtype != "float32"):
     p.error("transformers' Token2Wav runs RK4 in float32 only: use --method rk4 --dtype float32, or --no-reference")
 

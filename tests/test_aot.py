@@ -490,6 +490,26 @@ def test_decode_on_gpus_reads_each_layers_weights_in_place():
   assert ratios["auto"] < 1.1 and ratios["stacked"] > 2.0, ratios
 
 
+@needs_cuda_plugin
+def test_the_vocoder_on_gpus_runs_its_convolutions_only_as_cudnn_calls():
+  """The vocoder's resampling filters are fused loops on a GPU: cuDNN runs (and a GPU compile autotunes) the
+  learned convolutions only, not two more per anti-aliased activation (bench_token2wav.py --aot)."""
+  import tiny_shapes  # noqa: PLC0415
+  from omni_jax.models.bigvgan import BigVGANConfig  # noqa: PLC0415
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([GPU_AOT, ROOT]))
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_token2wav.py"), "--aot", "h100:1",
+                        "--seconds", "1", "--method", "euler"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = next(x for x in out.stdout.splitlines() if x.startswith("BigVGAN:"))
+  cfg = BigVGANConfig.from_hf(tiny_shapes.TOKEN2WAV["bigvgan_config"])  # bench_token2wav's tiny vocoder
+  stages = len(cfg.upsample_rates)
+  learned = 2 + stages + stages * sum(2 * len(d) for d in cfg.resblock_dilation_sizes)  # pre, post, ups, blocks
+  assert f"cuDNN convolutions {learned};" in line + ";", line
+  assert re.search(r"kernels gemm (\d+),", line).group(1) == str(learned), line
+
+
 _TARGET_HLO = """HloModule m
 
 %pick (p0: bf16[4,1000], p1: s32[4,2]) -> f32[4,1,1] {

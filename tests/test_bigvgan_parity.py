@@ -86,11 +86,28 @@ def test_kaiser_filter_and_resampling_match_transformers():
   for cutoff, width, taps in [(0.25, 0.3, 12), (0.2, 0.1, 9), (0.25, 0.6, 6)]:
     np.testing.assert_allclose(bigvgan.kaiser_sinc_filter(cutoff, width, taps),
                                m.kaiser_sinc_filter1d(cutoff, width, taps).numpy().ravel(), atol=1e-7)
-  x = np.random.default_rng(0).normal(size=(2, 11, 3)).astype(np.float32)
-  xt = torch.from_numpy(x.transpose(0, 2, 1))
-  up, down = m.Qwen2_5OmniUpSample1d(2, 12), m.Qwen2_5OmniDownSample1d(2, 12)
-  np.testing.assert_allclose(bigvgan.upsample(jnp.asarray(x)), up(xt).numpy().transpose(0, 2, 1), atol=1e-6)
-  np.testing.assert_allclose(bigvgan.downsample(jnp.asarray(x)), down(xt).numpy().transpose(0, 2, 1), atol=1e-6)
+  # The released (2, 12) and other ratios / odd filters, down to one frame (where the edge padding is all).
+  for ratio, taps, length in [(2, 12, 11), (2, 12, 1), (3, 18, 7), (2, 7, 5), (4, 16, 2)]:
+    x = np.random.default_rng(length).normal(size=(2, length, 3)).astype(np.float32)
+    xt = torch.from_numpy(x.transpose(0, 2, 1))
+    up, down = m.Qwen2_5OmniUpSample1d(ratio, taps), m.Qwen2_5OmniDownSample1d(ratio, taps)
+    want_up, want_down = up(xt).numpy().transpose(0, 2, 1), down(xt).numpy().transpose(0, 2, 1)
+    # This platform's choice, and both implementations (TPUs lower the convolutions).
+    for upsample, downsample in [(bigvgan.upsample, bigvgan.downsample),
+                                 (bigvgan._upsample_by_slices, bigvgan._downsample_by_slices),
+                                 (bigvgan._upsample_by_convolution, bigvgan._downsample_by_convolution)]:
+      np.testing.assert_allclose(upsample(jnp.asarray(x), ratio, taps), want_up, atol=1e-6)
+      np.testing.assert_allclose(downsample(jnp.asarray(x), ratio, taps), want_down, atol=1e-6)
+
+
+def test_resampling_lowers_to_slices_on_cpus_and_gpus_and_to_convolutions_on_tpus():
+  """The fixed filter is a grouped convolution for the TPU compiler only (faster there); CPUs and GPUs get
+  fusible shifted slices, and a GPU no cuDNN call to autotune per activation."""
+  step = jax.jit(lambda x: bigvgan.downsample(bigvgan.upsample(x)))
+  lowered = {p: step.trace(jnp.ones((1, 10, 4))).lower(lowering_platforms=(p,)).as_text()
+             for p in ("cpu", "cuda", "tpu")}
+  assert lowered["tpu"].count("stablehlo.convolution") == 2
+  assert "convolution" not in lowered["cpu"] and "convolution" not in lowered["cuda"]
 
 
 @pytest.mark.parametrize("kernel,stride,padding,length", [(11, 5, 3, 4), (4, 2, 1, 5), (7, 3, 2, 3), (3, 1, 0, 6),

@@ -106,6 +106,19 @@ def kaiser_sinc_filter(cutoff: float, half_width: float, kernel_size: int) -> np
   return out
 
 
+def _resampling_taps(ratio: int, kernel_size: int) -> np.ndarray:
+  return kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size)
+
+
+def _fir_sum(windows, weights, dtype) -> jax.Array:
+  """sum_i weights[i] * windows[i], accumulated in float32 and rounded to `dtype` once (as a conv kernel does)."""
+  acc = None
+  for window, w in zip(windows, weights):
+    term = window.astype(jnp.float32) * np.float32(w)
+    acc = term if acc is None else acc + term
+  return acc.astype(dtype)
+
+
 def _depthwise(x: jax.Array, taps: np.ndarray, *, stride: int = 1, lhs_dilation: int = 1,
                padding: tuple[int, int] = (0, 0)) -> jax.Array:
   """The same filter over every channel of x [B, T, C] (a grouped convolution with C groups)."""
@@ -116,24 +129,73 @@ def _depthwise(x: jax.Array, taps: np.ndarray, *, stride: int = 1, lhs_dilation:
                                       dimension_numbers=("NWC", "WIO", "NWC"))
 
 
-def upsample(x: jax.Array, ratio: int = RESAMPLE_RATIO, kernel_size: int = RESAMPLE_TAPS) -> jax.Array:
-  """Qwen2_5OmniUpSample1d: replicate-pad, depthwise transposed conv (stride `ratio`), x ratio, crop."""
-  taps = kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size)
+def _upsample_geometry(ratio: int, kernel_size: int) -> tuple[int, int, int]:
+  """(edge padding of the input, samples cropped left, right) of Qwen2_5OmniUpSample1d's transposed conv."""
   pad = kernel_size // ratio - 1
-  crop_left = pad * ratio + (kernel_size - ratio) // 2
-  crop_right = pad * ratio + (kernel_size - ratio + 1) // 2
+  return pad, pad * ratio + (kernel_size - ratio) // 2, pad * ratio + (kernel_size - ratio + 1) // 2
+
+
+def _upsample_by_convolution(x: jax.Array, ratio: int, kernel_size: int) -> jax.Array:
+  taps = _resampling_taps(ratio, kernel_size)
+  pad, crop_left, crop_right = _upsample_geometry(ratio, kernel_size)
   x = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)), mode="edge")
   # A transposed conv = the input dilated by the stride, correlated with the reversed filter, padded k - 1.
   y = ratio * _depthwise(x, taps[::-1].copy(), lhs_dilation=ratio, padding=(kernel_size - 1, kernel_size - 1))
   return y[:, crop_left:y.shape[1] - crop_right]
 
 
+def _upsample_by_slices(x: jax.Array, ratio: int, kernel_size: int) -> jax.Array:
+  # By phases: output ratio * q + r of the cropped transposed conv is sum_j taps[ratio j + p] xp[q + base - j]
+  # (xp: the padded input), with p and base fixed by r and the crop.
+  taps = ratio * _resampling_taps(ratio, kernel_size)
+  pad, crop_left, _ = _upsample_geometry(ratio, kernel_size)
+  length = x.shape[1]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)), mode="edge")
+  phases = []
+  for r in range(ratio):
+    p, base = (r + crop_left) % ratio, (r + crop_left) // ratio
+    js = range((kernel_size - p + ratio - 1) // ratio)
+    phases.append(_fir_sum([jax.lax.slice_in_dim(xp, base - j, base - j + length, axis=1) for j in js],
+                           [taps[ratio * j + p] for j in js], x.dtype))
+  return jnp.stack(phases, axis=2).reshape(x.shape[0], ratio * length, x.shape[2])
+
+
+def _downsample_padding(kernel_size: int) -> tuple[int, int]:
+  return kernel_size // 2 - int(kernel_size % 2 == 0), kernel_size // 2
+
+
+def _downsample_by_convolution(x: jax.Array, ratio: int, kernel_size: int) -> jax.Array:
+  x = jnp.pad(x, ((0, 0), _downsample_padding(kernel_size), (0, 0)), mode="edge")
+  return _depthwise(x, _resampling_taps(ratio, kernel_size), stride=ratio)
+
+
+def _downsample_by_slices(x: jax.Array, ratio: int, kernel_size: int) -> jax.Array:
+  xp = jnp.pad(x, ((0, 0), _downsample_padding(kernel_size), (0, 0)), mode="edge")
+  n = (xp.shape[1] - kernel_size) // ratio + 1
+  return _fir_sum([jax.lax.slice_in_dim(xp, i, i + ratio * (n - 1) + 1, stride=ratio, axis=1)
+                   for i in range(kernel_size)], _resampling_taps(ratio, kernel_size), x.dtype)
+
+
+# The resampling filter is fixed and the same for every channel. On CPUs and GPUs it runs as a sum of shifted
+# slices that XLA fuses into elementwise loops: as a grouped convolution (one group per channel) it was ~8x
+# slower on CPU, and on a GPU every one was a cuDNN call of its own for the compiler to autotune (two per
+# activation, 218 in the released vocoder). The TPU compiler runs the grouped convolution well and compiles the
+# slices twice as long, so TPUs keep it. Both are traced; lowering keeps the lowering platform's.
+def _per_platform(by_slices, by_convolution, x, ratio, kernel_size):
+  slices = lambda x: by_slices(x, ratio, kernel_size)  # noqa: E731
+  return jax.lax.platform_dependent(x, cpu=slices, cuda=slices, rocm=slices,
+                                    default=lambda x: by_convolution(x, ratio, kernel_size))
+
+
+def upsample(x: jax.Array, ratio: int = RESAMPLE_RATIO, kernel_size: int = RESAMPLE_TAPS) -> jax.Array:
+  """Qwen2_5OmniUpSample1d: replicate-pad, depthwise transposed conv (stride `ratio`), x ratio, crop; [B, T, C]
+  -> [B, ratio * T, C]."""
+  return _per_platform(_upsample_by_slices, _upsample_by_convolution, x, ratio, kernel_size)
+
+
 def downsample(x: jax.Array, ratio: int = RESAMPLE_RATIO, kernel_size: int = RESAMPLE_TAPS) -> jax.Array:
   """Qwen2_5OmniDownSample1d: replicate-pad (k/2 - 1 left for even k, k/2 right), depthwise conv, stride `ratio`."""
-  taps = kaiser_sinc_filter(0.5 / ratio, 0.6 / ratio, kernel_size)
-  left, right = kernel_size // 2 - int(kernel_size % 2 == 0), kernel_size // 2
-  x = jnp.pad(x, ((0, 0), (left, right), (0, 0)), mode="edge")
-  return _depthwise(x, taps, stride=ratio)
+  return _per_platform(_downsample_by_slices, _downsample_by_convolution, x, ratio, kernel_size)
 
 
 class SnakeBeta(nnx.Module):
