@@ -52,6 +52,9 @@ DENSE_1B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num
                 rope_theta=1e6, mrope_section=(16, 24, 24), max_position_embeddings=32768, tie_word_embeddings=False)
 
 
+KINDS = ("text", "multimodal")  # the batches: text only (the language model alone), images + audio + text
+
+
 def make_config(smoke: bool, seq: int, batch: int, remat: str, media: bool):
   if smoke:
     c = tiny.get_config()
@@ -203,7 +206,7 @@ def main():
   p.add_argument("--batch", type=int, default=None, help="global rows (default 2 per device; smoke: 2)")
   p.add_argument("--remat", default="none", help="config.model.remat_policy")
   p.add_argument("--iters", type=int, default=None, help="timed steps (default 10; smoke: 2)")
-  p.add_argument("--kinds", default="text,multimodal")
+  p.add_argument("--kinds", default=",".join(KINDS), help="the batches to step, comma-separated")
   p.add_argument("--peak", type=float, default=None, help="peak FLOP/s per device (default: the device table)")
   p.add_argument("--attention", default="auto", help="config.model.attention_impl (\"none\": dense)")
   p.add_argument("--loss_chunk", type=int, default=None,
@@ -219,6 +222,9 @@ def main():
                  help="compile each kind's step for a topology (python -m omni_jax.aot's --topology, e.g. "
                       "v5p:1x1x1) and print its report (memory, bytes by kernel family) instead of running it")
   args = p.parse_args()
+  unknown = sorted(set(args.kinds.split(",")) - set(KINDS))
+  if unknown:
+    p.error(f"--kinds: {', '.join(unknown)} not among {', '.join(KINDS)}")
   if args.aot:
     return print_aot_reports(args, p)
   seq = args.seq or (128 if args.smoke else 8192)

@@ -66,7 +66,7 @@ def hf_sizes(size: str) -> tuple[dict, dict]:
 def reference_and_ours(size: str, dtype, with_reference: bool):
   """(transformers Token2Wav or None, our Token2Wav with the same weights)."""
   dit_kw, vocoder_kw = hf_sizes(size)
-  rt = Runtime(dtype=dtype, param_dtype=jnp.float32)
+  rt = Runtime(dtype=dtype, param_dtype=dtype)  # as the server holds a bfloat16 voice (voice.with_dtype)
   dit_cfg, vocoder_cfg = DiTConfig.from_hf(dit_kw), BigVGANConfig.from_hf(vocoder_kw)
   if not with_reference:
     # Random weights drawn on the host (no torch model to build): jax's initializers would compile a program
@@ -109,7 +109,8 @@ def print_aot(args, parser):
   except (hardware.TopologyError, compile_lib.TpuUnavailable) as e:
     parser.error(f"--aot: {e}")
   dit_kw, vocoder_kw = hf_sizes(args.size)
-  rt = Runtime(dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, param_dtype=jnp.float32)
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  rt = Runtime(dtype=dtype, param_dtype=dtype)
   t2w = nnx.eval_shape(lambda: Token2Wav(Token2WavView(DiTConfig.from_hf(dit_kw), BigVGANConfig.from_hf(vocoder_kw),
                                                        rt), rngs=nnx.Rngs(0)))
   placed = jax.sharding.SingleDeviceSharding(device)
