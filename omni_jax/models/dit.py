@@ -174,9 +174,9 @@ class InputEmbedding(nnx.Module):
                        param_dtype=rt.param_dtype)
     self.spk_encoder = EcapaTimeDelayNet(cfg, rt, rngs=rngs)
 
-  def __call__(self, x, reference_mel, code_embed, speaker):
+  def __call__(self, x, reference_mel, code_embed, speaker, encoded_reference=None):
     over_time = lambda v: jnp.broadcast_to(v[:, None].astype(x.dtype), x.shape[:2] + v.shape[-1:])
-    voice = over_time(self.spk_encoder(reference_mel))
+    voice = over_time(self.spk_encoder(reference_mel) if encoded_reference is None else encoded_reference)
     return self.proj(jnp.concatenate([x, voice, code_embed.astype(x.dtype), over_time(speaker)], axis=-1))
 
 
@@ -339,7 +339,8 @@ class DiT(nnx.Module):
 
   def __call__(self, x: jax.Array, reference_mel: jax.Array, speaker: jax.Array, codes: jax.Array, t: jax.Array,
                *, guidance: bool = False, drop_audio: Union[bool, jax.Array] = False,
-               drop_code: Union[bool, jax.Array] = False, frames: Optional[jax.Array] = None) -> jax.Array:
+               drop_code: Union[bool, jax.Array] = False, frames: Optional[jax.Array] = None,
+               encoded_reference: Optional[jax.Array] = None) -> jax.Array:
     """The velocity [B, T, mel] of x [B, T, mel] at time t (scalar or [B]).
 
     reference_mel [B, T_ref, mel] feeds ECAPA (transformers' `condition_vector`); speaker [B, enc_emb_dim] is
@@ -349,6 +350,8 @@ class DiT(nnx.Module):
     code id 0 (condition dropout for training).
     frames (scalar or [B], may be traced): real frames per row; the frames after them are right padding that
     no real frame attends to, so a padded row equals the unpadded one (fixed shapes for streaming windows).
+    encoded_reference: encode_reference(reference_mel, guidance=guidance), where the caller evaluates the
+    velocity many times for one voice (a sampler): ECAPA then runs once, not at every evaluation.
     """
     self.check_inputs(x, reference_mel, speaker, codes)
     b = x.shape[0]
@@ -369,7 +372,7 @@ class DiT(nnx.Module):
     x = x.astype(self.rt.dtype)
     c = self.time_embed(t)
     h = sharding.constrain(self.input_embed(x, reference_mel.astype(self.rt.dtype), self.text_embed(codes),
-                                            speaker), ACT)
+                                            speaker, encoded_reference), ACT)
     length = x.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)[None, None]  # [1 row, 1, L]: broadcast over the batch
     cos, sin = mrope_cos_sin(positions, inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta),
@@ -384,3 +387,10 @@ class DiT(nnx.Module):
   def speaker_embedding(self, reference_mel: jax.Array) -> jax.Array:
     """ECAPA-TDNN embedding [B, enc_dim] of a reference mel [B, T_ref, mel]."""
     return self.input_embed.spk_encoder(reference_mel.astype(self.rt.dtype))
+
+  def encode_reference(self, reference_mel: jax.Array, *, guidance: bool = False) -> jax.Array:
+    """What __call__ computes of reference_mel [B, T_ref, mel] whatever x and t are (its `encoded_reference`):
+    the ECAPA embedding of each row, and with guidance of the unconditional rows' zero mel after them."""
+    if guidance:
+      reference_mel = jnp.concatenate([reference_mel, jnp.zeros_like(reference_mel)])
+    return self.speaker_embedding(reference_mel)

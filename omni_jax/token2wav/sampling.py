@@ -4,7 +4,8 @@ dx/dt = v(t, x).
 - time grid: linspace(0, 1, num_steps) warped by sway: t + s (cos(pi t / 2) - 1 + t) (s = -1: 1 - cos(pi t / 2));
 - velocity: classifier-free guidance v = v_c + g (v_c - v_u) with one batch-doubled DiT pass (unconditional
   rows: code id 0, zero speaker vector, zero reference mel through ECAPA); g < 1e-5: one unguided pass;
-- "rk4": the reference's Runge-Kutta 3/8 rule, 4 velocity evaluations per interval (36 for 10 points);
+- "rk4": the reference's Runge-Kutta 3/8 rule, 4 velocity evaluations per interval (36 for 10 points), one
+  per loop iteration;
   "euler": x += dt v(t0, x), 1 evaluation per interval (the fast streaming option).
 
 Explicit `noise` [B, T, mel] or a `seed` makes the mel reproducible; the whole loop is one jit
@@ -59,11 +60,14 @@ def time_grid(num_steps: int, sway_coefficient: Optional[float]) -> jax.Array:
   return t
 
 
-def guided_velocity(model, x, reference_mel, speaker, codes, t, guidance_scale: float) -> jax.Array:
-  """v_c + g (v_c - v_u) from one batch-doubled pass; a single unguided pass when g < 1e-5 (as the reference)."""
+def guided_velocity(model, x, reference_mel, speaker, codes, t, guidance_scale: float,
+                    encoded_reference=None) -> jax.Array:
+  """v_c + g (v_c - v_u) from one batch-doubled pass; a single unguided pass when g < 1e-5 (as the reference).
+  encoded_reference: model.encode_reference(reference_mel, guidance=guidance_scale >= 1e-5), or None."""
   if guidance_scale < 1e-5:
-    return model(x, reference_mel, speaker, codes, t)
-  cond, uncond = jnp.split(model(x, reference_mel, speaker, codes, t, guidance=True), 2)
+    return model(x, reference_mel, speaker, codes, t, encoded_reference=encoded_reference)
+  cond, uncond = jnp.split(model(x, reference_mel, speaker, codes, t, guidance=True,
+                                 encoded_reference=encoded_reference), 2)
   return cond + (cond - uncond) * guidance_scale
 
 
@@ -71,28 +75,41 @@ def integrate(velocity, x0: jax.Array, grid: jax.Array, method: str) -> jax.Arra
   """x at grid[-1] from x0 at grid[0]; velocity(t, x). The reference's operation order (float32 parity)."""
   if method not in METHODS:
     raise ValueError(f"unknown sampler method {method!r}; choose one of {METHODS}")
+  if method == "euler":
+    def interval(i, x):
+      dt = grid[i + 1] - grid[i]
+      return x + dt * velocity(grid[i], x)
 
-  def interval(i, x):
-    t0, t1 = grid[i], grid[i + 1]
+    return jax.lax.fori_loop(0, grid.shape[0] - 1, interval, x0)
+
+  # RK4 runs one velocity evaluation per loop iteration (four per interval): the loop body holds the model
+  # once, not four times, so the program compiles as fast as Euler's. Every stage computes its expression as the
+  # reference writes it and keeps it by `where` (elementwise, fused): no conditional, which a GPU would run by
+  # reading the stage back to the host.
+  def stage(i, carry):
+    x, k1, k2, k3 = carry
+    s, t0, t1 = i % 4, grid[i // 4], grid[i // 4 + 1]
     dt = t1 - t0
-    k1 = velocity(t0, x)
-    if method == "euler":
-      return x + dt * k1
-    k2 = velocity(t0 + dt * (1 / 3), x + dt * k1 * (1 / 3))
-    k3 = velocity(t0 + dt * (2 / 3), x + dt * (k2 - k1 * (1 / 3)))
-    k4 = velocity(t1, x + dt * (k1 - k2 + k3))
-    return x + (k1 + 3 * (k2 + k3) + k4) * dt / 8
+    t = jnp.where(s == 0, t0, jnp.where(s == 1, t0 + dt * (1 / 3), jnp.where(s == 2, t0 + dt * (2 / 3), t1)))
+    at = jnp.where(s == 0, x, jnp.where(s == 1, x + dt * k1 * (1 / 3),
+                                        jnp.where(s == 2, x + dt * (k2 - k1 * (1 / 3)), x + dt * (k1 - k2 + k3))))
+    k = velocity(t, at)
+    return (jnp.where(s == 3, x + (k1 + 3 * (k2 + k3) + k) * dt / 8, x),
+            jnp.where(s == 0, k, k1), jnp.where(s == 1, k, k2), jnp.where(s == 2, k, k3))
 
-  return jax.lax.fori_loop(0, grid.shape[0] - 1, interval, x0)
+  zeros = jnp.zeros_like(x0)
+  return jax.lax.fori_loop(0, 4 * (grid.shape[0] - 1), stage, (x0, zeros, zeros, zeros))[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9, 10))
 def _flow(graphdef, state, reference_mel, speaker, codes, noise, frames, num_steps, guidance_scale, sway_coefficient,
           method):
-  model = nnx.merge(graphdef, state)
-  if frames is not None:  # a right-padded window: the padding is invisible to the real frames
-    model = functools.partial(model, frames=frames)
-  velocity = lambda t, x: guided_velocity(model, x, reference_mel, speaker, codes, t, guidance_scale)
+  dit = nnx.merge(graphdef, state)
+  # The reference mel's encoding does not depend on x or t: once per sample, not once per evaluation.
+  encoded = dit.encode_reference(reference_mel, guidance=guidance_scale >= 1e-5)
+  # A right-padded window: the padding is invisible to the real frames.
+  model = dit if frames is None else functools.partial(dit, frames=frames)
+  velocity = lambda t, x: guided_velocity(model, x, reference_mel, speaker, codes, t, guidance_scale, encoded)
   return integrate(velocity, noise, time_grid(num_steps, sway_coefficient), method)
 
 
