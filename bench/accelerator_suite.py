@@ -245,6 +245,7 @@ def probe_token2wav(smoke: bool, seconds: float, iters: int):
   dtype = jnp.float32 if smoke else jnp.bfloat16
   t0 = time.perf_counter()
   _, t2w = b.reference_and_ours(size, dtype, False)
+  t2w = b.voice.with_layer_buffers(t2w, b.layer_buffers("auto"))  # as a Voicer holds it (split on GPUs)
   build = time.perf_counter() - t0
   cfg = t2w.code2wav_dit_model.cfg
   width, ref_frames = b.VOICE[size]

@@ -36,6 +36,7 @@ if any(a.startswith("--aot") for a in sys.argv):  # compile-only: no backend may
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -45,7 +46,8 @@ from omni_jax.config import Runtime  # noqa: E402
 from omni_jax.models.bigvgan import BigVGANConfig  # noqa: E402
 from omni_jax.models.dit import DiTConfig  # noqa: E402
 from omni_jax.token2wav.tower import Token2Wav, Token2WavView  # noqa: E402
-from omni_jax.token2wav import sampling, synthesis, vocoding  # noqa: E402
+from omni_jax.models import scan  # noqa: E402
+from omni_jax.token2wav import sampling, synthesis, vocoding, voice  # noqa: E402
 from omni_jax.token2wav.sampling import SamplerConfig, sample  # noqa: E402
 from omni_jax.token2wav.streaming import StreamingConfig, StreamingSynthesizer  # noqa: E402
 
@@ -100,6 +102,11 @@ def reference_and_ours(size: str, dtype, with_reference: bool):
   return hf_model, t2w
 
 
+def layer_buffers(mode: str) -> ml_collections.ConfigDict:
+  """The config.generate.layer_buffers a Voicer would read (voice.with_layer_buffers)."""
+  return ml_collections.ConfigDict(dict(generate=dict(layer_buffers=mode)))
+
+
 def print_aot(args, parser):
   """--aot: the whole-utterance DiT sampler and BigVGAN of `args.size` compiled for a topology's first device."""
   from omni_jax.aot import compile as compile_lib, hardware, hlo  # noqa: PLC0415
@@ -127,11 +134,14 @@ def print_aot(args, parser):
       "BigVGAN": lambda gd, st: vocoding._bigvgan.lower(gd, st, spec((1, frames, cfg.mel_dim))),  # noqa: SLF001
   }
   modules = {"DiT sampler": t2w.code2wav_dit_model, "BigVGAN": t2w.code2wav_bigvgan_model}
+  split = scan.splits_on(args.layer_buffers, device.platform)
   print(f"{args.aot}: Token2Wav {args.size}, {args.dtype}, {n} codes ({frames} mel frames), {args.method} x "
-        f"{args.num_steps} points")
+        f"{args.num_steps} points, DiT layers {'split' if split else 'stacked'}")
   for name, lower in programs.items():
     graphdef, state = nnx.split(modules[name])
     state = jax.tree.map(lambda a: spec(a.shape, a.dtype), state)
+    if split and name == "DiT sampler":  # as voice.with_layer_buffers holds them
+      state = scan.split_layers(state)
     start = time.perf_counter()
     text = lower(graphdef, state).compile().as_text()
     seconds = time.perf_counter() - start
@@ -154,6 +164,8 @@ def main():
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--first_chunk_blocks", type=int, default=StreamingConfig.first_chunk_blocks)
   p.add_argument("--chunk_blocks", type=int, default=StreamingConfig.chunk_blocks)
+  p.add_argument("--layer_buffers", default="auto", choices=scan.LAYER_BUFFERS,
+                 help="config.generate.layer_buffers: the DiT's layers one buffer each (split; GPUs' auto) or not")
   p.add_argument("--aot", metavar="TOPOLOGY", default=None,
                  help="compile the DiT sampler and BigVGAN for a topology (python -m omni_jax.aot's --topology, "
                       "e.g. h200:1 or v5e:1x1) instead of running them")
@@ -165,6 +177,7 @@ def main():
 
   hf_model, t2w = reference_and_ours(args.size, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
                                      args.reference)
+  t2w = voice.with_layer_buffers(t2w, layer_buffers(args.layer_buffers))  # as a Voicer holds it
   cfg = t2w.code2wav_dit_model.cfg
   width, ref_frames = VOICE[args.size]
   rng = np.random.default_rng(0)

@@ -74,8 +74,9 @@ def generation(c: ml_collections.ConfigDict) -> None:
   g.seed = 0
   g.max_cache_len = 0  # KV-cache slots; 0: prompt length + max_new_tokens
   g.cache_dtype = ml_collections.config_dict.placeholder(str)  # None: the compute dtype (model.dtype)
-  # Stacked layers' weights for decoding: "split" (one buffer per layer, the layers unrolled), "stacked", or
-  # "auto" (split on GPUs, whose programs would copy each layer's slice of a stack before its matmuls).
+  # Stacked layers' weights for decoding and voicing (the decoders' and the Token2Wav DiT's): "split" (one buffer
+  # per layer, the layers unrolled), "stacked", or "auto" (split on GPUs, whose programs would copy each layer's
+  # slice of a stack before its matmuls).
   g.layer_buffers = "auto"
   # The Talker's speech codes (omni_jax.generate.talker): the released decoding of transformers'
   # Qwen2_5OmniForConditionalGeneration.generate (talker_*); it stops at codec pad or end, never picks codec bos.

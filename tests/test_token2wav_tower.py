@@ -53,3 +53,40 @@ def test_codes_to_speech_equal_transformers(converted, monkeypatch):
   got = synthesis.synthesize(ours.token2wav, codes.numpy(), cond.numpy(), ref_mel.numpy(), noise=noise.numpy()).audio
   assert got.shape == (1, 14 * 240)
   np.testing.assert_allclose(got[0], want, atol=1e-4)
+
+
+def test_dit_layers_held_per_layer_speak_as_the_stacked_ones(converted, monkeypatch):
+  """config.generate.layer_buffers: "auto" keeps a CPU's DiT stacked; "split" (GPUs' "auto") holds its layers one
+  buffer each (the DiT then runs them unrolled, with no slice copies on a GPU): the same speech, whole and
+  streamed, still transformers'; the model it was made from keeps its stacks."""
+  from omni_jax.models import scan  # noqa: PLC0415
+  from omni_jax.token2wav import sampling, streaming  # noqa: PLC0415
+  from omni_jax.token2wav import voice as voice_lib  # noqa: PLC0415
+
+  model, config, ours, _, _ = converted
+  assert voice_lib.with_layer_buffers(ours.token2wav, config) is ours.token2wav  # "auto" on a CPU
+  config = config.copy_and_resolve_references()
+  config.generate.layer_buffers = "split"
+  split = voice_lib.with_layer_buffers(ours.token2wav, config)
+  assert scan.is_split(nnx.state(split.code2wav_dit_model))
+  assert not scan.is_split(nnx.state(ours.token2wav.code2wav_dit_model))
+  g = torch.Generator().manual_seed(1)
+  codes = torch.randint(0, 100, (1, 9), generator=g)
+  cond, ref_mel = torch.randn(1, 8, generator=g), torch.randn(1, 12, 80, generator=g)
+  noise = torch.randn(1, 18, 80, generator=g)
+  monkeypatch.setattr(torch, "randn", lambda *a, **k: noise.clone())
+  with torch.no_grad():
+    want = model.token2wav(codes, cond, ref_mel).reshape(-1).numpy()
+  args = (codes.numpy(), cond.numpy(), ref_mel.numpy())
+  got = synthesis.synthesize(split, *args, noise=noise.numpy()).audio[0]
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  np.testing.assert_allclose(got, synthesis.synthesize(ours.token2wav, *args, noise=noise.numpy()).audio[0],
+                             atol=1e-5)
+  sampler = sampling.SamplerConfig(num_steps=3, method="euler")
+  streamed = [np.concatenate(streaming.synthesize_chunked(t2w, args[0][0], args[1][0], args[2][0], seed=0,
+                                                          sampler=sampler))
+              for t2w in (split, ours.token2wav)]
+  np.testing.assert_allclose(streamed[0], streamed[1], atol=1e-5)
+  config.generate.layer_buffers = "both"
+  with pytest.raises(voice_lib.ConfigError, match="config.generate.layer_buffers"):
+    voice_lib.with_layer_buffers(ours.token2wav, config)

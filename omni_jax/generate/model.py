@@ -14,18 +14,18 @@ from jax.sharding import Mesh
 
 from omni_jax import config as config_lib
 from omni_jax import towers
-from omni_jax.errors import ConfigError
 from omni_jax.generate import limits
 from omni_jax.generate.sampling import SamplingParams
 from omni_jax.models import scan
 
-LAYER_BUFFERS = ("auto", "split", "stacked")
+LAYER_BUFFERS = scan.LAYER_BUFFERS
 
 
 def decoder_stacks() -> tuple[tuple[str, ...], ...]:
   """The stacks a decode step reads for every token, as key paths: the registered towers' `decoders` (the
-  Thinker's and the Talker's decoder layers). The encoders and Token2Wav run over many positions at once
-  (compute-bound), so their stacks stay scanned: no longer compiles."""
+  Thinker's and the Talker's decoder layers). The encoders run over many positions at once (compute-bound), so
+  their stacks stay scanned: no longer compiles. (The Token2Wav DiT's are the Voicer's to split:
+  token2wav.voice.with_layer_buffers.)"""
   return tuple(tuple(path.split(".")) for tower in towers.registered() for path in tower.decoders)
 
 
@@ -34,10 +34,7 @@ def splits_layers(config, mesh: Mesh) -> bool:
   their own (omni_jax.models.scan.split_layers), "stacked" keeps the [layers, ...] arrays, "auto" splits on GPUs, whose
   compiled programs copy a stacked array's slice before each matmul (twice the weight bytes of a decode step);
   a TPU reads the slice in place. A ConfigError names the key for any other value."""
-  mode = config.get("generate", {}).get("layer_buffers", "auto")
-  if mode not in LAYER_BUFFERS:
-    raise ConfigError(f"config.generate.layer_buffers: must be one of {LAYER_BUFFERS}, got {mode!r}")
-  return mode == "split" or (mode == "auto" and mesh.devices.flat[0].platform == "gpu")
+  return scan.splits_on(config.get("generate", {}).get("layer_buffers", "auto"), mesh.devices.flat[0].platform)
 
 
 class Generator:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from omni_jax.errors import ConfigError
 from omni_jax.layers import grouped_init, lora
 
 _POLICIES = {
@@ -76,6 +77,18 @@ def _split_array(a):
   slicer = jax.jit(lambda x: tuple(x[i] for i in range(n)),
                    out_shardings=None if sharding is None else (sharding,) * n)
   return LayerSlices(slicer(a))
+
+
+LAYER_BUFFERS = ("auto", "split", "stacked")  # config.generate.layer_buffers
+
+
+def splits_on(mode: str, platform: str) -> bool:
+  """Whether config.generate.layer_buffers `mode` holds inference stacks as per-layer buffers on `platform`:
+  "split" everywhere, "stacked" nowhere, "auto" on GPUs, whose programs copy a stack's slice before each matmul
+  that reads it (a TPU reads the slice inside the matmul's fusion). A ConfigError names the key otherwise."""
+  if mode not in LAYER_BUFFERS:
+    raise ConfigError(f"config.generate.layer_buffers: must be one of {LAYER_BUFFERS}, got {mode!r}")
+  return mode == "split" or (mode == "auto" and platform == "gpu")
 
 
 def split_layers(state, under: Sequence[tuple] = ()):

@@ -269,6 +269,25 @@ def with_dtype(token2wav, config: ml_collections.ConfigDict, dtype: str):
   return nnx.merge(graphdef, cast)
 
 
+def with_layer_buffers(token2wav, config: ml_collections.ConfigDict):
+  """The Token2Wav with its DiT's layers held one buffer per layer (scan.split_layers; the DiT then runs them
+  unrolled) where config.generate.layer_buffers says so for the platform its weights are on ("auto": GPUs).
+  A GPU copies each layer's slice of the stacked weights before its matmuls: for a streaming window of a few
+  blocks that is about as much again as the matmuls read, and ~1,600 more kernels per window. As given
+  otherwise (also a model without weights: nothing to split)."""
+  mode = config.get("generate", {}).get("layer_buffers", "auto")
+  dit_state = nnx.state(token2wav.code2wav_dit_model)
+  leaf = next(iter(jax.tree.leaves(dit_state)), None)
+  if not isinstance(leaf, (jax.Array, np.ndarray)) or scan.is_split(dit_state):
+    return token2wav
+  # Host arrays compute where jax puts them: the default backend.
+  platform = next(iter(leaf.devices())).platform if isinstance(leaf, jax.Array) else jax.default_backend()
+  if not scan.splits_on(mode, platform):
+    return token2wav
+  graphdef, state = nnx.split(token2wav)
+  return nnx.merge(graphdef, scan.split_layers(state, under=[("code2wav_dit_model",)]))
+
+
 def settings_of(config: ml_collections.ConfigDict) -> tuple[sampling.SamplerConfig, streaming_lib.StreamingConfig,
                                                                VoiceSettings]:
   """config.generate.token2wav (the sampler and its `streaming` chunk sizes) and config.generate.voice, checked;
@@ -310,6 +329,7 @@ class Voicer:
     chosen = choose_vocoder(settings.vocoder, checkpoint_path)
     if settings.dtype is not None:
       token2wav = with_dtype(token2wav, config, settings.dtype)
+    token2wav = with_layer_buffers(token2wav, config)
     voices, where = voices_of(checkpoint_path)
     clips, ref_frames = _train_references(config)
     enc_emb_dim = int(token2wav.code2wav_dit_model.cfg.enc_emb_dim)
