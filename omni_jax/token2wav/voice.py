@@ -272,9 +272,9 @@ def with_dtype(token2wav, config: ml_collections.ConfigDict, dtype: str):
 def with_layer_buffers(token2wav, config: ml_collections.ConfigDict):
   """The Token2Wav with its DiT's layers held one buffer per layer (scan.split_layers; the DiT then runs them
   unrolled) where config.generate.layer_buffers says so for the platform its weights are on ("auto": GPUs).
-  A GPU copies each layer's slice of the stacked weights before its matmuls: for a streaming window of a few
-  blocks that is about as much again as the matmuls read, and ~1,600 more kernels per window. As given
-  otherwise (also a model without weights: nothing to split)."""
+  A GPU copies each layer's slice of the stacked weights before its matmuls (8 copy kernels a layer and
+  evaluation): for a streaming window of a few blocks about as much again as its matmuls read, and half its
+  kernels. As given otherwise (also a model without weights: nothing to split)."""
   mode = config.get("generate", {}).get("layer_buffers", "auto")
   dit_state = nnx.state(token2wav.code2wav_dit_model)
   leaf = next(iter(jax.tree.leaves(dit_state)), None)
