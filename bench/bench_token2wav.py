@@ -130,13 +130,15 @@ def print_aot(args, parser):
   programs = {
       "DiT sampler": lambda gd, st: sampling._flow.lower(  # noqa: SLF001 - the one compiled sampler program
           gd, st, spec((1, ref_frames, cfg.mel_dim)), spec((1, width)), spec((1, n), jnp.int32),
-          spec((1, frames, cfg.mel_dim)), None, args.num_steps, 0.5, sway, args.method),
+          spec((1, frames, cfg.mel_dim)), spec((), jnp.int32) if args.window else None, args.num_steps, 0.5, sway,
+          args.method),
       "BigVGAN": lambda gd, st: vocoding._bigvgan.lower(gd, st, spec((1, frames, cfg.mel_dim))),  # noqa: SLF001
   }
   modules = {"DiT sampler": t2w.code2wav_dit_model, "BigVGAN": t2w.code2wav_bigvgan_model}
   split = scan.splits_on(args.layer_buffers, device.platform)
-  print(f"{args.aot}: Token2Wav {args.size}, {args.dtype}, {n} codes ({frames} mel frames), {args.method} x "
-        f"{args.num_steps} points, DiT layers {'split' if split else 'stacked'}")
+  print(f"{args.aot}: Token2Wav {args.size}, {args.dtype}, {n} codes ({frames} mel frames"
+        f"{', a streaming window' if args.window else ''}), {args.method} x {args.num_steps} points, DiT layers "
+        f"{'split' if split else 'stacked'}")
   for name, lower in programs.items():
     graphdef, state = nnx.split(modules[name])
     state = jax.tree.map(lambda a: spec(a.shape, a.dtype), state)
@@ -166,6 +168,8 @@ def main():
   p.add_argument("--chunk_blocks", type=int, default=StreamingConfig.chunk_blocks)
   p.add_argument("--layer_buffers", default="auto", choices=scan.LAYER_BUFFERS,
                  help="config.generate.layer_buffers: the DiT's layers one buffer each (split; GPUs' auto) or not")
+  p.add_argument("--window", action="store_true",
+                 help="--aot: the DiT as a streaming window's program (its real frames a traced argument)")
   p.add_argument("--aot", metavar="TOPOLOGY", default=None,
                  help="compile the DiT sampler and BigVGAN for a topology (python -m omni_jax.aot's --topology, "
                       "e.g. h200:1 or v5e:1x1) instead of running them")
