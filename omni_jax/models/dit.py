@@ -174,9 +174,10 @@ class InputEmbedding(nnx.Module):
                        param_dtype=rt.param_dtype)
     self.spk_encoder = EcapaTimeDelayNet(cfg, rt, rngs=rngs)
 
-  def __call__(self, x, reference_mel, code_embed, speaker, encoded_reference=None):
+  def __call__(self, x, encoded_reference, code_embed, speaker):
+    """encoded_reference: the reference mel through spk_encoder (ECAPA), [B, enc_dim]."""
     over_time = lambda v: jnp.broadcast_to(v[:, None].astype(x.dtype), x.shape[:2] + v.shape[-1:])
-    voice = over_time(self.spk_encoder(reference_mel) if encoded_reference is None else encoded_reference)
+    voice = over_time(encoded_reference)
     return self.proj(jnp.concatenate([x, voice, code_embed.astype(x.dtype), over_time(speaker)], axis=-1))
 
 
@@ -351,7 +352,8 @@ class DiT(nnx.Module):
     frames (scalar or [B], may be traced): real frames per row; the frames after them are right padding that
     no real frame attends to, so a padded row equals the unpadded one (fixed shapes for streaming windows).
     encoded_reference: encode_reference(reference_mel, guidance=guidance), where the caller evaluates the
-    velocity many times for one voice (a sampler): ECAPA then runs once, not at every evaluation.
+    velocity many times for one voice (a sampler): ECAPA then runs once, not at every evaluation (and
+    drop_audio leaves it as given).
     """
     self.check_inputs(x, reference_mel, speaker, codes)
     b = x.shape[0]
@@ -361,7 +363,6 @@ class DiT(nnx.Module):
     if guidance:
       x, t = jnp.concatenate([x, x]), jnp.concatenate([t, t])
       frames = None if frames is None else jnp.concatenate([frames, frames])
-      reference_mel = jnp.concatenate([reference_mel, jnp.zeros_like(reference_mel)])
       speaker = jnp.concatenate([speaker, jnp.zeros_like(speaker)])
       codes = jnp.concatenate([codes, jnp.zeros_like(codes)])
     else:
@@ -369,10 +370,11 @@ class DiT(nnx.Module):
       reference_mel = jnp.where(drop_audio[:, None, None], 0, reference_mel)
       speaker = jnp.where(drop_audio[:, None], 0, speaker)
       codes = jnp.where(drop_code[:, None], 0, codes)
+    if encoded_reference is None:
+      encoded_reference = self.encode_reference(reference_mel, guidance=guidance)
     x = x.astype(self.rt.dtype)
     c = self.time_embed(t)
-    h = sharding.constrain(self.input_embed(x, reference_mel.astype(self.rt.dtype), self.text_embed(codes),
-                                            speaker, encoded_reference), ACT)
+    h = sharding.constrain(self.input_embed(x, encoded_reference, self.text_embed(codes), speaker), ACT)
     length = x.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)[None, None]  # [1 row, 1, L]: broadcast over the batch
     cos, sin = mrope_cos_sin(positions, inv_frequencies(self.cfg.head_dim, self.cfg.rope_theta),
