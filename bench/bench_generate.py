@@ -154,7 +154,7 @@ def main():
   p.add_argument("--iters", type=int, default=3)
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--no-reference", dest="reference", action="store_false")
-  p.add_argument("--layer_buffers", default="auto", choices=model_lib.LAYER_BUFFERS,
+  p.add_argument("--layer_buffers", default="auto", choices=scan.LAYER_BUFFERS,
                  help="config.generate.layer_buffers: the stacked weights as one buffer per layer (split) or not")
   p.add_argument("--cache_len", type=int, default=None, help="also decode in conversations of this many slots")
   p.add_argument("--aot", metavar="TOPOLOGY", default=None,

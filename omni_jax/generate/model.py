@@ -18,9 +18,6 @@ from omni_jax.generate import limits
 from omni_jax.generate.sampling import SamplingParams
 from omni_jax.models import scan
 
-LAYER_BUFFERS = scan.LAYER_BUFFERS
-
-
 def decoder_stacks() -> tuple[tuple[str, ...], ...]:
   """The stacks a decode step reads for every token, as key paths: the registered towers' `decoders` (the
   Thinker's and the Talker's decoder layers). The encoders run over many positions at once (compute-bound), so
