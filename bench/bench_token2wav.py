@@ -65,17 +65,23 @@ def hf_sizes(size: str) -> tuple[dict, dict]:
   return dict(tiny["dit_config"], block_size=24), tiny["bigvgan_config"]
 
 
+def abstract_token2wav(size: str, dtype):
+  """Our Token2Wav of `size` without weights (nnx.eval_shape), its parameters in `dtype` as the server holds a
+  bfloat16 voice (voice.with_dtype)."""
+  dit_kw, vocoder_kw = hf_sizes(size)
+  view = Token2WavView(DiTConfig.from_hf(dit_kw), BigVGANConfig.from_hf(vocoder_kw),
+                       Runtime(dtype=dtype, param_dtype=dtype))
+  return nnx.eval_shape(lambda: Token2Wav(view, rngs=nnx.Rngs(0)))
+
+
 def reference_and_ours(size: str, dtype, with_reference: bool):
   """(transformers Token2Wav or None, our Token2Wav with the same weights)."""
   dit_kw, vocoder_kw = hf_sizes(size)
-  rt = Runtime(dtype=dtype, param_dtype=dtype)  # as the server holds a bfloat16 voice (voice.with_dtype)
-  dit_cfg, vocoder_cfg = DiTConfig.from_hf(dit_kw), BigVGANConfig.from_hf(vocoder_kw)
   if not with_reference:
     # Random weights drawn on the host (no torch model to build): jax's initializers would compile a program
     # per parameter shape (~500: 13 s at the tiny size on a CPU). Matrices ~ N(0, 1 / fan-in), the rest
     # (biases, SnakeBeta's log-scale alpha / beta) small noise around their zero init.
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Token2Wav(Token2WavView(dit_cfg, vocoder_cfg, rt),
-                                                                 rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_token2wav(size, dtype))
     rng = np.random.default_rng(1)
 
     def draw(path, x):
@@ -95,7 +101,7 @@ def reference_and_ours(size: str, dtype, with_reference: bool):
   hf_config = Qwen2_5OmniToken2WavConfig(dit_config=dit_kw, bigvgan_config=vocoder_kw)
   hf_model = ref.perturb(Qwen2_5OmniToken2WavModel(hf_config).eval(), 1)
   state_dict = hf_model.state_dict()
-  t2w = nnx.eval_shape(lambda: Token2Wav(Token2WavView(dit_cfg, vocoder_cfg, rt), rngs=nnx.Rngs(0)))
+  t2w = abstract_token2wav(size, dtype)
   torch_weights.load_dit(t2w.code2wav_dit_model, state_dict, prefix="code2wav_dit_model.")
   torch_weights.load_bigvgan(t2w.code2wav_bigvgan_model, {k: v.numpy() for k, v in state_dict.items()},
                              disk_prefix="code2wav_bigvgan_model.")
@@ -115,11 +121,7 @@ def print_aot(args, parser):
     device = compile_lib.devices_for(hardware.parse(args.aot))[0]
   except (hardware.TopologyError, compile_lib.TpuUnavailable) as e:
     parser.error(f"--aot: {e}")
-  dit_kw, vocoder_kw = hf_sizes(args.size)
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-  rt = Runtime(dtype=dtype, param_dtype=dtype)
-  t2w = nnx.eval_shape(lambda: Token2Wav(Token2WavView(DiTConfig.from_hf(dit_kw), BigVGANConfig.from_hf(vocoder_kw),
-                                                       rt), rngs=nnx.Rngs(0)))
+  t2w = abstract_token2wav(args.size, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
   placed = jax.sharding.SingleDeviceSharding(device)
   spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)  # noqa: E731
   cfg = t2w.code2wav_dit_model.cfg
