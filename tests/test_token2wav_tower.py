@@ -41,16 +41,23 @@ def test_token2wav_converts_both_ways_bit_exact(converted):
   assert written["bigvgan_config"]["upsample_initial_channel"] == 64
 
 
-def test_codes_to_speech_equal_transformers(converted, monkeypatch):
-  model, config, ours, _, _ = converted
-  g = torch.Generator().manual_seed(0)
-  codes = torch.randint(0, 100, (1, 7), generator=g)
+def _reference_speech(model, monkeypatch, seed: int, num_codes: int):
+  """((codes, cond, ref_mel), noise, speech): inputs drawn from `seed` (numpy) and transformers' speech of them
+  from that starting noise (its torch.randn made to return it)."""
+  g = torch.Generator().manual_seed(seed)
+  codes = torch.randint(0, 100, (1, num_codes), generator=g)
   cond, ref_mel = torch.randn(1, 8, generator=g), torch.randn(1, 12, 80, generator=g)
-  noise = torch.randn(1, 14, 80, generator=g)
+  noise = torch.randn(1, 2 * num_codes, 80, generator=g)
   monkeypatch.setattr(torch, "randn", lambda *a, **k: noise.clone())
   with torch.no_grad():
     want = model.token2wav(codes, cond, ref_mel).reshape(-1).numpy()
-  got = synthesis.synthesize(ours.token2wav, codes.numpy(), cond.numpy(), ref_mel.numpy(), noise=noise.numpy()).audio
+  return (codes.numpy(), cond.numpy(), ref_mel.numpy()), noise.numpy(), want
+
+
+def test_codes_to_speech_equal_transformers(converted, monkeypatch):
+  model, config, ours, _, _ = converted
+  args, noise, want = _reference_speech(model, monkeypatch, seed=0, num_codes=7)
+  got = synthesis.synthesize(ours.token2wav, *args, noise=noise).audio
   assert got.shape == (1, 14 * 240)
   np.testing.assert_allclose(got[0], want, atol=1e-4)
 
@@ -70,18 +77,10 @@ def test_dit_layers_held_per_layer_speak_as_the_stacked_ones(converted, monkeypa
   split = voice_lib.with_layer_buffers(ours.token2wav, config)
   assert scan.is_split(nnx.state(split.code2wav_dit_model))
   assert not scan.is_split(nnx.state(ours.token2wav.code2wav_dit_model))
-  g = torch.Generator().manual_seed(1)
-  codes = torch.randint(0, 100, (1, 9), generator=g)
-  cond, ref_mel = torch.randn(1, 8, generator=g), torch.randn(1, 12, 80, generator=g)
-  noise = torch.randn(1, 18, 80, generator=g)
-  monkeypatch.setattr(torch, "randn", lambda *a, **k: noise.clone())
-  with torch.no_grad():
-    want = model.token2wav(codes, cond, ref_mel).reshape(-1).numpy()
-  args = (codes.numpy(), cond.numpy(), ref_mel.numpy())
-  got = synthesis.synthesize(split, *args, noise=noise.numpy()).audio[0]
+  args, noise, want = _reference_speech(model, monkeypatch, seed=1, num_codes=9)
+  got = synthesis.synthesize(split, *args, noise=noise).audio[0]
   np.testing.assert_allclose(got, want, atol=1e-4)
-  np.testing.assert_allclose(got, synthesis.synthesize(ours.token2wav, *args, noise=noise.numpy()).audio[0],
-                             atol=1e-5)
+  np.testing.assert_allclose(got, synthesis.synthesize(ours.token2wav, *args, noise=noise).audio[0], atol=1e-5)
   sampler = sampling.SamplerConfig(num_steps=3, method="euler")
   streamed = [np.concatenate(streaming.synthesize_chunked(t2w, args[0][0], args[1][0], args[2][0], seed=0,
                                                           sampler=sampler))
