@@ -155,3 +155,41 @@ def test_a_scanned_stack_has_the_same_gradients_under_every_remat_policy():
   for policy, g in grads.items():
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(grads["none"])):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=policy)
+
+
+def test_a_scanned_stack_casts_its_weights_once_and_keeps_no_per_layer_copies(monkeypatch):
+  """bfloat16 compute over float32 weights, scanned without remat: each layer's bfloat16 weights are not
+  residuals of the loop (stacks of their own, written by the forward loop and read back by the backward), and
+  the float32 gradients are those of the same stack casting each layer's weights inside the loop."""
+  from flax import nnx
+  from omni_jax.config import Runtime, TextConfig
+  from omni_jax.models import scan
+  from omni_jax.models.text import DecoderStack
+
+  cfg = TextConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, mrope_section=(2, 1, 1))
+  x = jax.random.normal(jax.random.key(1), (2, 12, 32))
+  positions = jnp.broadcast_to(jnp.arange(12), (3, 2, 12))
+  segments = jnp.asarray([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2], jnp.int32)
+  rt = Runtime(dtype=jnp.bfloat16, param_dtype=jnp.float32, scan_layers=True, remat_policy="none",
+               attention_impl="xla")
+  graphdef, state = nnx.split(DecoderStack(cfg, rt, rngs=nnx.Rngs(0)))
+  state = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), state)
+
+  def loss(state):
+    h, _ = nnx.merge(graphdef, state)(x, positions, segments)
+    return jnp.sum(jnp.where(segments[..., None] > 0, h, 0).astype(jnp.float32) ** 2)
+
+  def per_layer_residuals():
+    return [a.shape for a, source in saved_residuals(loss, state) if "output of scan" in source]
+
+  kernels = {leaf.shape for leaf in jax.tree.leaves(state) if leaf.ndim == 3}
+  assert (3, 32, 48) in kernels and (3, 32, 16) in kernels
+  ours, kept = jax.grad(loss)(state), per_layer_residuals()
+  monkeypatch.setattr(scan, "_cast_before_the_loop", lambda layers, state: state)  # each layer casts its own
+  inside, kept_inside = jax.grad(loss)(state), per_layer_residuals()
+  assert kept and not kernels & set(kept), kept
+  assert kernels <= set(kept_inside)  # what the test would see without the cast before the loop
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(inside)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))

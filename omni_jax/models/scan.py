@@ -15,6 +15,7 @@ from flax import nnx
 
 from omni_jax.errors import ConfigError
 from omni_jax.layers import grouped_init, lora
+from omni_jax.layers.linear import Linear
 
 _POLICIES = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -134,6 +135,27 @@ def is_split(state) -> bool:
   return any(_is_slices(leaf) for leaf in jax.tree.leaves(state, is_leaf=_is_slices))
 
 
+def _cast_before_the_loop(layers: nnx.Module, state):
+  """state with every Linear's kernel and bias already in the dtype the Linear computes in (int8 kernels, which
+  a scale multiplies, are left). Cast inside a differentiated scan without rematerialisation, each layer's
+  cast weights are residuals of the backward pass: the loop writes them into stacks of their own ([layers,
+  ...] in bfloat16 beside the float32 stack) and the backward loop reads them back. Cast before the loop, the
+  bfloat16 stack is the loop's input, which the backward pass reads as the forward did. The values are the
+  same: a cast commutes with taking a layer's slice."""
+  casts = {}
+  for path, module in nnx.iter_graph(layers):
+    if isinstance(module, Linear) and module.kernel_scale is None:
+      for name in ("kernel", "bias"):
+        if getattr(module, name) is not None:
+          casts[(*path, name)] = module.dtype
+  flat = dict(nnx.to_flat_state(state))
+  for path, dtype in casts.items():
+    variable = flat.get(path)
+    if variable is not None and jnp.issubdtype(variable.get_value().dtype, jnp.floating):
+      flat[path] = variable.replace(jnp.asarray(variable.get_value(), dtype))
+  return nnx.from_flat_state(flat)
+
+
 def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_policy: str,
                 per_layer: tuple = (), carry=None):
   """x -> layer_{L-1}(... layer_0(x, *args, *per_layer[:][0]) ..., *args, *per_layer[:][L-1]).
@@ -148,6 +170,8 @@ def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_polic
   """
   graphdef, state = nnx.split(layers)
   split = is_split(state)
+  if scan and not split and remat_policy == "none" and carry is None:  # what the backward pass would keep
+    state = _cast_before_the_loop(layers, state)
   leaves = jax.tree.leaves(state, is_leaf=_is_slices)
   num_layers = len(next(leaf for leaf in leaves if _is_slices(leaf))) if split else leaves[0].shape[0]
 
