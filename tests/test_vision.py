@@ -167,6 +167,27 @@ def test_unscanned_remat_and_bfloat16(models):
   assert np.abs(got - base).max() <= 0.05 * np.abs(base).max()
 
 
+def test_a_kernel_that_reads_windows_as_segments_attends_both_ways_in_one_call(models):
+  """flash_gpu (interpret mode here) reads windows as segments: each block's flag picks the segment ids of one
+  kernel call instead of a conditional (which a GPU runs by reading its branch index back to the host). The
+  encoder and its weights' gradients equal the dense path's, and only the dense path's program branches."""
+  _, ours, _ = models
+  visual = ours.thinker.visual
+  rows = _pixels(np.random.default_rng(4), CASES["mixed"])
+  buf = patches.pack(list(zip(rows, CASES["mixed"])), max_patches=sum(map(len, rows)) + 52, max_items=7)
+  programs, results = {}, {}
+  for impl in ("flash_gpu", "xla"):
+    graphdef, state = nnx.split(_twin(visual, rt=Runtime(attention_impl=impl)))
+    loss = lambda state: jnp.sum(nnx.merge(graphdef, state)(*buf) ** 2)  # noqa: E731
+    programs[impl] = str(jax.make_jaxpr(loss)(state))
+    results[impl] = jax.jit(jax.value_and_grad(loss))(state)
+  assert " cond[" not in programs["flash_gpu"] and " cond[" in programs["xla"]
+  (flash_loss, flash_grads), (dense_loss, dense_grads) = results["flash_gpu"], results["xla"]
+  np.testing.assert_allclose(float(flash_loss), float(dense_loss), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(flash_grads), jax.tree.leaves(dense_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
 def _prompt(segments):
   """Token ids from [("text", n) | ("image", tokens) | ("video", tokens)]; text ids are random >= 10."""
   rng = np.random.default_rng(len(segments))

@@ -141,9 +141,15 @@ def dense_or_blocked(scores: int) -> str:
   return "xla" if 4 * scores <= _AUTO_DENSE_BYTES else "blocked"
 
 
+def reads_windows_as_segments(implementation: Optional[str]) -> bool:
+  """Whether a (resolved) implementation attends to LocalSegments as to a SegmentMask of the same segments:
+  flash_gpu bounds each tile's loop by where its segments lie, so windows cost it no more than that."""
+  return implementation == "flash_gpu"
+
+
 def kernel_mask(mask, implementation: Optional[str]):
   """The mask a kernel takes: flash_gpu reads vision windows (LocalSegments, contiguous runs) as segments."""
-  if implementation == "flash_gpu" and isinstance(mask, LocalSegments):
+  if reads_windows_as_segments(implementation) and isinstance(mask, LocalSegments):
     return SegmentMask(mask.segments, causal=False)
   return mask
 

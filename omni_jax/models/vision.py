@@ -14,7 +14,8 @@ buffer); the others one window of window_size^2 pixels. The encoder reorders the
 window (as transformers does) before the blocks and restores the order after the merger, so every window is
 a contiguous run of at most (window_size / patch_size)^2 patches and windowed attention is computed block by
 block against neighbouring blocks only (layers.LocalSegments): O(P * window) instead of O(P^2). The blocks
-run as one scan; a per-layer flag picks the attention with lax.cond, so only one kind runs per block.
+run as one scan; a per-layer flag picks the attention with lax.cond, so only one kind runs per block, or, where
+the kernel reads windows as segments (flash_gpu), picks the segment ids of one kernel call.
 """
 
 import dataclasses
@@ -28,7 +29,7 @@ from flax import nnx
 from omni_jax import sharding, sizes
 from omni_jax.config import Runtime, from_config_dict, require_positive_ints
 from omni_jax.errors import ConfigError
-from omni_jax.layers.attention import Attention, LocalSegments, SegmentMask
+from omni_jax.layers.attention import Attention, LocalSegments, SegmentMask, reads_windows_as_segments, resolve
 from omni_jax.layers.linear import Linear
 from omni_jax.layers.mlp import GatedMLP, activation
 from omni_jax.layers.norms import RMSNorm
@@ -211,9 +212,16 @@ class VisionBlock(nnx.Module):
   def __call__(self, x, full_mask, window_segments, cos, sin, full_attention):
     """full_mask: SegmentMask over each image's patches; window_segments [B, P] (contiguous windows);
     full_attention: this block's flag."""
-    windows = LocalSegments(window_segments, self.window_patches)
     attend = lambda mask, h: self.attn(h, mask, rotary=(cos, sin))
-    h = jax.lax.cond(full_attention, lambda h: attend(full_mask, h), lambda h: attend(windows, h), self.norm1(x))
+    b, p, _ = x.shape
+    if reads_windows_as_segments(resolve(self.attn.implementation, b * self.attn.num_heads * p * p)):
+      # One kernel attends both ways: the flag picks the segments. No conditional, which a GPU runs by reading
+      # its branch index back to the host, and whose backward pass would keep the rotary tables per layer.
+      segments = jnp.where(full_attention, full_mask.q_segments, window_segments)
+      h = attend(SegmentMask(segments, causal=False), self.norm1(x))
+    else:
+      windows = LocalSegments(window_segments, self.window_patches)
+      h = jax.lax.cond(full_attention, lambda h: attend(full_mask, h), lambda h: attend(windows, h), self.norm1(x))
     x = sharding.constrain(x + h, ACT)
     x = x + self.mlp(self.norm2(x))
     return sharding.constrain(x, ACT)
