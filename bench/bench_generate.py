@@ -133,16 +133,19 @@ def print_aot(args, parser):
     slots = jax.eval_shape(functools.partial(engine._idle_slots, rows, SIZES[args.size]["vocab_size"]))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     slots = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), slots)
-    moved = [hlo.parse(engine.programs.generate.lower(params, slots, steps, window, window).compile().as_text(),
-                       len(devices)).bytes_by_family for steps in (1, 2)]
+    programs = [hlo.parse(engine.programs.generate.lower(params, slots, steps, window, window).compile().as_text(),
+                          len(devices)) for steps in (1, 2)]
+    moved = [program.bytes_by_family for program in programs]
     step = {k: moved[1][k] - moved[0][k] for k in moved[0]}
+    launches = {f: programs[1].launches(f) - programs[0].launches(f) for f in hlo.FAMILIES}
     outside = sum(moved[0].values()) - sum(step.values())
     k = slots.cache.k
     cache_bytes = 2 * k.size * k.dtype.itemsize * window / max_len
     print(f"batch {rows}, {max_len} cache slots, window {window}: per step "
           + ", ".join(f"{f} {mib(b)}" for f, b in step.items())
           + f" = {mib(sum(step.values()))} (weights + window {mib(weights + cache_bytes)}); "
-          f"per call outside the loop {mib(outside)}", flush=True)
+          f"per call outside the loop {mib(outside)}; kernels per step "
+          + " / ".join(f"{f} {n:,}" for f, n in launches.items()), flush=True)
 
 
 def main():

@@ -192,5 +192,8 @@ def run_stacked(layers: nnx.Module, x: jax.Array, *args, scan: bool, remat_polic
     c, _ = jax.lax.scan(body, c, xs)
   else:
     for i in range(num_layers):
-      c, _ = body(c, jax.tree.map(lambda a: a.layers[i] if _is_slices(a) else a[i], xs, is_leaf=_is_slices))
+      layer_state, extra, _ = jax.tree.map(lambda a: a.layers[i] if _is_slices(a) else a[i], xs, is_leaf=_is_slices)
+      # The index as a Python int: a layer's rows of `carry` (its KV cache) are then a static slice, which a
+      # GPU's matmul reads in place, where a traced index's dynamic slice is copied first.
+      c, _ = body(c, (layer_state, extra, i))
   return c if carry is not None else c[0]
