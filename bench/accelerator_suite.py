@@ -27,6 +27,7 @@ timeouts on an accelerator:
   decode_session  bench_generate.py --cache_len 4096: batch 32 in conversations of 4,096 cache slots (as the
                 server and OmniSession keep them) against a cache of the prompt and reply                 60 s
   mfu_unrolled  bench_mfu.py --kinds text --unrolled: the text step with the layers unrolled             90 s
+  mfu_unrolled_multimodal  the same for the multimodal step                                         150 s
 
 plus a device probe (30 s). --budget (460 s) bounds them all: a job gets min(its timeout, what is left), one
 that would get under 15 s is skipped, so the suite ends inside 8 minutes even when jobs time out (run the
@@ -650,6 +651,14 @@ def plan(args, device: dict) -> list:
                        ">= 50", (">=", 50))],
                   lambda stdout, job: {"mfu.text_unrolled": r} if (r := parse_mfu(stdout, job).get("mfu.text"))
                   else {}))
+  # The same for the whole Thinker: the encoders' 64 scanned layers are most of the multimodal step's kernels
+  # (dynamic slices in and out of their residual stacks), which unrolled layers do not run.
+  jobs.append(Job("mfu_unrolled_multimodal", bench("bench_mfu.py") + smoke + [
+      "--attention", "auto", "--no-reference", "--kinds", "multimodal", "--unrolled"], t(150),
+                  [row("mfu.multimodal_unrolled", f"train step MFU, multimodal ({size}, attention auto), layers "
+                       "unrolled", "%", ">= 45", (">=", 45))],
+                  lambda stdout, job: {"mfu.multimodal_unrolled": r}
+                  if (r := parse_mfu(stdout, job).get("mfu.multimodal")) else {}))
   return jobs
 
 
