@@ -489,7 +489,34 @@ def test_decode_on_gpus_reads_each_layers_weights_in_place():
     for rows, moved, bound in re.findall(r"batch (\d+),.*?= ([\d,.]+) \(weights \+ window ([\d,.]+)\)", out.stdout):
       ratios[layout, int(rows)] = float(moved.replace(",", "")) / float(bound.replace(",", ""))
     assert re.search(r"kernels per step gemm \d+ / attention \d+ / other \d+", out.stdout), out.stdout
+    if layout == "auto":  # batch 1: the k / v projections are GEMMs, not multiply-and-reduce loops (5% of a step)
+      other, total = re.search(r"batch 1,.*other ([\d,.]+) = ([\d,.]+)", out.stdout).groups()
+      assert float(other.replace(",", "")) < 0.03 * float(total.replace(",", "")), out.stdout
   assert ratios["auto", 1] < 1.1 and ratios["auto", 32] < 1.12 and ratios["stacked", 1] > 2.0, ratios
+
+
+def test_one_row_through_a_linear_on_a_gpu_is_the_same_product(monkeypatch):
+  """On a GPU a Linear computes a single row as two equal rows (one GEMM instead of XLA:GPU's multiply-and-reduce
+  over a narrow kernel): the same values and gradients, whatever the leading shape; several rows are unchanged."""
+  from flax import nnx
+  from omni_jax.layers import kernels
+  from omni_jax.layers.linear import Linear
+
+  layer = Linear(48, 16, use_bias=True, names=("embed", "kv_heads"), rngs=nnx.Rngs(0))
+  layer.bias.value = jax.random.normal(jax.random.key(1), (16,))
+  graphdef, state = nnx.split(layer)
+  run = lambda state, x: jnp.sum(nnx.merge(graphdef, state)(x) ** 2)  # noqa: E731
+  inputs = [jax.random.normal(jax.random.key(2), shape) for shape in ((1, 1, 48), (48,), (3, 48))]
+  plain = [(nnx.merge(graphdef, state)(x), jax.grad(run, argnums=(0, 1))(state, x)) for x in inputs]
+  monkeypatch.setattr(kernels, "platform", lambda: "gpu")
+  for x, (y, grads) in zip(inputs, plain):
+    two_rows = "f32[2,48]" in str(jax.make_jaxpr(nnx.merge(graphdef, state))(x))
+    assert two_rows == (x.size == 48), x.shape
+    got = nnx.merge(graphdef, state)(x)
+    assert got.shape == y.shape == (*x.shape[:-1], 16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(y), rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(jax.grad(run, argnums=(0, 1))(state, x)), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 @needs_cuda_plugin
