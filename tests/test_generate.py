@@ -312,6 +312,29 @@ def test_cache_is_sharded_by_the_rule_table():
   assert spec == jax.sharding.PartitionSpec(None, ("data", "fsdp"), "tensor", None, None)
 
 
+@pytest.mark.parametrize("new_slots", [1, 3, 8])
+def test_one_row_writes_its_slots_as_a_slice_and_drops_past_the_end(new_slots):
+  """A single row with its own index (one conversation in the engine) writes k / v with a slice update, not a
+  scatter (which XLA:GPU runs as a transpose of the whole cache at every step), and means the same as the
+  scatter: the new slots from the row's index, those past max_len dropped, every other slot untouched."""
+  from omni_jax.layers.attention import write_layer_slots
+
+  def scatter(cache, new, layer, index):  # the rule: one slot at a time, out-of-range ones dropped
+    return cache.at[layer, jnp.arange(1)[:, None], :, index[:, None] + jnp.arange(new.shape[1])[None]].set(
+        new, mode="drop")
+
+  rng = np.random.default_rng(new_slots)
+  cache = jnp.asarray(rng.normal(size=(3, 1, 2, 8, 4)), jnp.float32)
+  new = jnp.asarray(rng.normal(size=(1, new_slots, 2, 4)), jnp.float32)
+  for index in sorted({0, 2, 8 - new_slots, 8 - new_slots + 1, 7, 8, 11}):
+    for layer in (0, 2, jnp.int32(1)):
+      ours = write_layer_slots(cache, new, layer, jnp.array([index], jnp.int32))
+      np.testing.assert_array_equal(np.asarray(ours), np.asarray(scatter(cache, new, layer, jnp.array([index]))),
+                                    err_msg=f"index {index}, layer {layer}")
+  program = jax.jit(write_layer_slots).lower(cache, new, jnp.int32(1), jnp.array([3], jnp.int32)).as_text()
+  assert "dynamic_update_slice" in program and "scatter" not in program
+
+
 def test_a_long_prefill_attends_tile_by_tile_and_equals_the_forward_pass():
   """A 4K-token prefill into a cache never holds [B, heads, L, max_len] scores (the cache's SegmentMask goes
   the blocked way past 256 MiB of them): its compiled temporaries are a small fraction of those scores, and

@@ -245,10 +245,23 @@ def write_layer_slots(cache: jax.Array, new: jax.Array, layer: jax.Array, index:
   """cache [layers, B, kv_heads, max_len, D] with new [B, L, kv_heads, D] written at row `layer` from slot
   `index` (scalar: every row; [B]: each row its own), touching only the new slots. Writes past max_len are
   dropped."""
+  zero = jnp.zeros((), jnp.int32)
   if jnp.ndim(index) == 0:
-    zero = jnp.zeros((), jnp.int32)
     return jax.lax.dynamic_update_slice(cache, jnp.swapaxes(new, 1, 2)[None], (layer, zero, zero, index, zero))
   b, lq = new.shape[:2]
+  if b == 1 and lq <= cache.shape[3]:
+    # One row (a single conversation decoding): its index is a scalar, and a slice update writes in place,
+    # where XLA:GPU turns the one-row scatter below into a transpose of the whole cache at every step.
+    # dynamic_update_slice moves a start past max_len - lq back; the slots before the row's index keep
+    # their values, so that writes past max_len are dropped as the scatter drops them.
+    start = jnp.minimum(index[0], cache.shape[3] - lq)
+    old = jax.lax.dynamic_slice(cache, (layer, zero, zero, start, zero), (1, 1, cache.shape[2], lq, cache.shape[4]))
+    offset = start + jnp.arange(lq) - index[0]  # the new slot each written slot takes
+    moved = jnp.swapaxes(new, 1, 2)[None]
+    if lq > 1:  # a prefill chunk running past the end: its first slots shift to where the row's index lies
+      moved = jnp.take(moved, jnp.clip(offset, 0, lq - 1), axis=3)
+    update = jnp.where((offset >= 0)[:, None], moved, old)
+    return jax.lax.dynamic_update_slice(cache, update, (layer, zero, zero, start, zero))
   rows = jnp.arange(b)[:, None]
   # Advanced indices around a slice: the indexed dims [B, L] come first, then the heads and head_dim.
   return cache.at[layer, rows, :, index[:, None] + jnp.arange(lq)[None]].set(new, mode="drop")
