@@ -220,6 +220,32 @@ def test_row_sampling_equals_sampling_params(seed):
   assert tokens[0] == logits[0].argmax() and np.isfinite(got[np.arange(5), tokens]).all()
 
 
+def test_on_gpus_the_choice_is_the_same_behind_one_conditional(monkeypatch):
+  """next_tokens on a GPU runs the penalty, the filter and the draw unconditionally behind one conditional (each
+  conditional is a host round trip there): the same tokens as the chain of conditionals, for greedy rows, rows
+  with a penalty, sampled rows and a row whose top-k needs the whole vocabulary, alone and mixed."""
+  from omni_jax.generate import sampling
+  from omni_jax.layers import kernels
+
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((5, 300)).astype(np.float32) * 3
+  seen = rng.random((5, 300)) < 0.1
+  keys = jax.vmap(jax.random.key)(np.arange(5))
+  rules = [SamplingParams(), SamplingParams(repetition_penalty=1.3), SamplingParams(do_sample=True, top_k=20),
+           SamplingParams(do_sample=True, top_p=0.8, repetition_penalty=0.9),
+           SamplingParams(do_sample=True, temperature=1.5, top_k=100, top_p=0.5)]
+  mixes = [[rules[0]] * 5, [rules[0], rules[1]] * 2 + [rules[0]], [rules[2]] * 5, rules]
+  for platform, most in (("cpu", 4), ("gpu", 2)):  # conditionals in the program: CPUs skip what no row uses
+    monkeypatch.setattr(kernels, "platform", lambda platform=platform: platform)
+    choose = jax.jit(lambda *args: sampling.next_tokens(*args))  # traced anew for each platform
+    for mix in mixes:
+      per_row = RowSampling(*(np.stack(v) for v in zip(*(RowSampling.of(p) for p in mix))))
+      want = choose_rows(process_rows(logits, seen, per_row), keys, per_row)
+      np.testing.assert_array_equal(np.asarray(choose(logits, seen, keys, per_row)), np.asarray(want),
+                                    err_msg=f"{platform}: {mix}")
+    assert choose.lower(logits, seen, keys, per_row).as_text().count("stablehlo.case") == most, platform
+
+
 def test_per_layer_weight_buffers_decode_the_same_replies(model):
   """config.generate.layer_buffers="split" (GPUs' default): the Generator holds each stacked weight as one buffer
   per layer (their values the stacked ones' slices) and every program runs the layers unrolled over them; the

@@ -38,7 +38,7 @@ from flax import nnx
 from omni_jax import config as config_lib
 from omni_jax import sharding
 from omni_jax.generate import limits
-from omni_jax.generate.sampling import RowSampling, SamplingParams, choose_rows, process_rows
+from omni_jax.generate.sampling import RowSampling, SamplingParams, next_tokens
 from omni_jax.layers.attention import KVCache
 from omni_jax.models.talker import TalkerConfig, talker_config, zero_media_rows
 from omni_jax.thinker.inputs import model_inputs
@@ -188,7 +188,7 @@ class _Programs:
     if suppress:
       logits = logits.at[:, jnp.asarray(suppress, jnp.int32)].set(-jnp.inf)
     keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(key, step)
-    token = jnp.where(active, choose_rows(process_rows(logits, seen, sampling), keys, sampling), pad)
+    token = jnp.where(active, next_tokens(logits, seen, keys, sampling), pad)
     return token, seen.at[jnp.arange(token.shape[0]), token].max(active)
 
   def _thinker_feed(self, thinker, token, pos, fed, cache):

@@ -7,11 +7,13 @@ with `generate` token for token.
 """
 
 import dataclasses
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from omni_jax.layers import kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +76,18 @@ class RowSampling(NamedTuple):
 TOP_K_CANDIDATES = 64
 
 
-def process_rows(logits: jax.Array, seen: jax.Array, params: RowSampling) -> jax.Array:
+def _when(conditional: bool, pred: jax.Array, pass_: Callable, x):
+  """pass_(x), skipped (x unchanged) where pred is false when `conditional`; pass_ must leave the rows that do
+  not use it unchanged, so that running it unconditionally is the same."""
+  return jax.lax.cond(pred, pass_, lambda x: x, x) if conditional else pass_(x)
+
+
+def process_rows(logits: jax.Array, seen: jax.Array, params: RowSampling, *, conditional: bool = True) -> jax.Array:
   """process() with per-row settings: [B, V] float32 logits -> scores. The same operations in the same order,
   so a row's scores equal process() with its own SamplingParams (a penalty, temperature or top-p of 1.0 and a
-  top-k of 0 leave the row unchanged). Filtering runs only when some row samples, and sorts the whole
-  vocabulary only for a row whose top-k does not bound it to its TOP_K_CANDIDATES largest scores."""
+  top-k of 0 leave the row unchanged). Filtering runs only when some row samples (conditional=False: the
+  penalty and the filter run whatever the rows ask, with the same scores), and sorts the whole vocabulary only
+  for a row whose top-k does not bound it to its TOP_K_CANDIDATES largest scores."""
   logits = logits.astype(jnp.float32)
   penalty = params.repetition_penalty[:, None]
 
@@ -86,7 +95,7 @@ def process_rows(logits: jax.Array, seen: jax.Array, params: RowSampling) -> jax
     return jnp.where(seen & (penalty != 1.0), jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
   # Each pass over [B, V] costs as much as a small model's LM head: only when some row asks for it.
-  logits = jax.lax.cond(jnp.any(params.repetition_penalty != 1.0), penalised, lambda x: x, logits)
+  logits = _when(conditional, jnp.any(params.repetition_penalty != 1.0), penalised, logits)
 
   def filtered(logits):
     sample = params.do_sample[:, None]
@@ -133,7 +142,7 @@ def process_rows(logits: jax.Array, seen: jax.Array, params: RowSampling) -> jax
     drop = jnp.zeros_like(drop_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(drop_sorted)
     return jnp.where(top_p & drop, -jnp.inf, scaled)
 
-  return jax.lax.cond(jnp.any(params.do_sample), filtered, lambda x: x, logits)
+  return _when(conditional, jnp.any(params.do_sample), filtered, logits)
 
 
 def first_max(scores: jax.Array) -> jax.Array:
@@ -146,13 +155,32 @@ def first_max(scores: jax.Array) -> jax.Array:
   return jnp.minimum(jnp.min(jnp.where(scores == top, ids, vocab), axis=-1), vocab - 1)
 
 
-def choose_rows(scores: jax.Array, keys: jax.Array, params: RowSampling) -> jax.Array:
+def choose_rows(scores: jax.Array, keys: jax.Array, params: RowSampling, *, conditional: bool = True) -> jax.Array:
   """Next token [B] int32: argmax on greedy rows, a draw from softmax(scores) with the row's own key on the
-  others (keys [B]: typed keys), so a row's draw never depends on its neighbours."""
+  others (keys [B]: typed keys), so a row's draw never depends on its neighbours. The noise of a draw costs as
+  much as the LM head on a small model: it is drawn only when some row samples (conditional=False: always)."""
   greedy = first_max(scores)
 
-  def drawn(scores):  # the noise of a draw costs as much as the LM head on a small model: only when one samples
+  def drawn(scores):
     out = jax.vmap(lambda k, s: jax.random.categorical(k, s).astype(jnp.int32))(keys, scores)
     return jnp.where(params.do_sample, out, greedy)
 
+  if not conditional:
+    return drawn(scores)
   return jax.lax.cond(jnp.any(params.do_sample), drawn, lambda _: greedy, scores)
+
+
+def next_tokens(logits: jax.Array, seen: jax.Array, keys: jax.Array, params: RowSampling) -> jax.Array:
+  """choose_rows(process_rows(logits, seen, params), keys, params): the decode loop's choice per row. A GPU
+  runs a conditional by copying its predicate to the host and waiting for it, so there the passes that are
+  cheap on the device (the penalty, the top-k filter, the draw) run unconditionally behind one conditional:
+  rows that are all greedy without a penalty take the argmax, any other mix the whole chain. One host round
+  trip a step instead of three (greedy) or four (sampling); the tokens are the same."""
+  if kernels.platform() != "gpu":
+    return choose_rows(process_rows(logits, seen, params), keys, params)
+
+  def chain(logits):
+    return choose_rows(process_rows(logits, seen, params, conditional=False), keys, params, conditional=False)
+
+  plain = ~params.do_sample & (params.repetition_penalty == 1.0)
+  return jax.lax.cond(jnp.all(plain), first_max, chain, logits.astype(jnp.float32))
