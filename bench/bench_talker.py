@@ -15,8 +15,12 @@ transformers or torch); --size 7b is the released Talker shape and the 7B Thinke
 docs/performance.md ("Talker decode").
 
 Ours is the teacher-forced Talker of tests/decode_oracle.py (the Talker alone on a given reply, as
-transformers' talker.generate); the library speaks through the conversation engine, the Talker one text token
-behind the Thinker in the same loop: bench/bench_stream.py and bench/bench_server.py measure that.
+transformers' talker.generate). The library speaks through the conversation engine, the Talker one text token
+behind the Thinker in the same loop; with --no-reference the bench also measures that loop ("engine"): each row
+speaks a --reply-token reply, and the codes/s are the difference of 2 x --reply and --new codes, which both
+outlast the text, so the Thinker's work cancels out and what remains is the Talker's steps in the engine's
+program after the text ended (where a spoken reply spends most of its codes). bench/bench_stream.py and
+bench/bench_server.py measure the whole reply with its audio.
 """
 
 import argparse
@@ -29,9 +33,11 @@ import numpy as np
 
 import common  # puts the repository and tests/ on sys.path; left_padded_prompts
 import decode_oracle
+import reply_testlib
 from omni_jax import sharding
 from omni_jax.convert import hf
 from omni_jax.generate import Generator, SamplingParams
+from omni_jax.generate import engine as engine_lib
 from omni_jax.models import omni
 
 THINKERS = {  # Thinker text decoders that feed the Talker (its width = the Talker's embedding_size)
@@ -124,6 +130,29 @@ def speech_generator(config, directory=None) -> Generator:
   return Generator(graphdef, state, config, mesh, shardings)
 
 
+def spoken_codes(speech: Generator, prompts: dict, reply: int, sampling: SamplingParams, most: int):
+  """f(codes) -> a function speaking `reply`-token replies to `prompts` with `codes` (<= most) codes each through
+  the conversation engine (OmniChat's path: each prompt prefilled, the replies decoded together in the slots of
+  one engine, whose programs every code count shares)."""
+  chat = reply_testlib.chat(speech, eos_token_ids=())
+  samples = [reply_testlib.text_sample(ids[seg > 0]) for ids, seg in zip(prompts["input_ids"], prompts["segment_ids"])]
+  speaker = next(iter(speech.config.model.talker.speakers.values()))
+  engine = chat.engine(speech=True, max_len=prompts["input_ids"].shape[1] + reply + 32, slots=len(samples),
+                       max_new_tokens=reply, max_codes=most)
+
+  def speak(codes: int):
+    def run():
+      out = [engine_lib.Reply(chat.prefilled(engine, s), engine_lib.ReplySettings(
+          reply, speak=True, speaker=speaker, max_codes=codes, talker_sampling=sampling), keep=False)
+          for s in samples]
+      for _ in engine.run(out):
+        pass
+      assert all(len(r.codes) == codes for r in out), [len(r.codes) for r in out]
+      return [r.codes for r in out]
+    return run
+  return speak
+
+
 def our_config(size: str, dtype: str):
   """Our config of the released Talker and the 7B Thinker feeding it (tiny / 100m: THINKERS' and TALKERS' widths
   and depths over the released vocabularies and ids), for random weights: no transformers, no torch."""
@@ -193,6 +222,14 @@ def main():
       print(f"size {args.size} (Talker {n_params / 1e6:.1f} M params), {args.dtype}, {jax.devices()[0].platform}, "
             f"batch {rows}: ours {rows * (args.new - 1) / decode:.1f} codes/s "
             f"({(args.new - 1) / decode:.1f} per row; first code {np.median(t1) * 1e3:.1f} ms)", flush=True)
+      short = 2 * args.reply
+      if args.new <= short:
+        p.error(f"--new must exceed 2 x --reply ({short}) for the engine's figure")
+      engine_codes = spoken_codes(speech, prompts, args.reply, greedy, args.new)
+      t_short, t_long = timings_alternating([engine_codes(short), engine_codes(args.new)], args.iters)
+      decode = median_difference(t_long, t_short)
+      print(f"batch {rows}: engine {rows * (args.new - short) / decode:.1f} codes/s "
+            f"({(args.new - short) / decode:.1f} per row, the Talker's steps after the text)", flush=True)
       continue
 
     def theirs(n):

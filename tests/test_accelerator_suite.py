@@ -17,7 +17,7 @@ import xla_env  # noqa: E402
 
 # The rows of a CPU smoke run: measured ones, and the GPU-only ones it may skip (with a reason).
 MEASURED = ["mfu.text", "mfu.multimodal", "decode.batch1", "decode.stacked", "decode.batched", "profile.train",
-            "profile.decode", "talker.b1", "token2wav.compile", "token2wav.rtf", "stream.first_text",
+            "profile.decode", "talker.b1", "talker.engine.b1", "token2wav.compile", "token2wav.rtf", "stream.first_text",
             "stream.first_audio", "attention.error.flash_gpu", "decode.session", "mfu.text_unrolled",
             "mfu.multimodal_unrolled"]
 MEASURED += [f"attention.{n}.{impl}" for n in (256, 1024)
