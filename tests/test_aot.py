@@ -498,9 +498,11 @@ def test_decode_on_gpus_reads_each_layers_weights_in_place():
 @needs_cuda_plugin
 def test_one_conversation_decodes_without_copying_its_cache():
   """At batch 1 (one conversation: OmniSession, a server with one request) the engine's per-row cache index
-  wrote k / v with a one-row scatter, which XLA:GPU runs as a transpose of the whole cache window at every step
-  (at the 7B's 28 layers and 4,096 slots, 0.5 GiB a step). A slice update writes only the new slot: two
-  7B-wide layers over a 4,096-slot window move 1.01x the weights and window a step (1.05x with the scatter)."""
+  wrote k / v with a one-row scatter, which XLA:GPU runs as a transpose of the whole cache window at every step,
+  and the attention's [B, slots, kv_heads, D] view made it copy each layer's window before the matmuls. A slice
+  update and a view with KV heads as the batch read and write the cache in place: two 7B-wide layers over a
+  4,096-slot window move 0.96x the weights and window a step (1.05x before both, 1.01x with the slice update
+  alone)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([GPU_AOT, ROOT]))
   out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_generate.py"), "--size", "7b-2l",
                         "--dtype", "bfloat16", "--no-reference", "--batch", "1", "--prompt", "4000", "--new", "16",
@@ -508,7 +510,7 @@ def test_one_conversation_decodes_without_copying_its_cache():
   assert out.returncode == 0, out.stderr[-3000:]
   moved, bound = re.search(r"batch 1, 4096 cache slots,.*?= ([\d,.]+) \(weights \+ window ([\d,.]+)\)",
                            out.stdout).groups()
-  assert float(moved.replace(",", "")) < 1.03 * float(bound.replace(",", "")), out.stdout
+  assert float(moved.replace(",", "")) < 0.98 * float(bound.replace(",", "")), out.stdout
 
 
 def test_one_row_through_a_linear_on_a_gpu_is_the_same_product(monkeypatch):

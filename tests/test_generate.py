@@ -335,6 +335,37 @@ def test_one_row_writes_its_slots_as_a_slice_and_drops_past_the_end(new_slots):
   assert "dynamic_update_slice" in program and "scatter" not in program
 
 
+def test_one_row_attends_over_its_cache_as_it_does_among_others():
+  """A single row reads its layer's cache with KV heads as the batch (the cache's own layout: XLA:GPU copies
+  it otherwise); a row among others through [B, slots, kv_heads, D] views. The same attention: a prompt chunk
+  and two decode steps of row 0 alone equal row 0 beside another row (GQA, perturbed weights and biases)."""
+  from flax import nnx
+  from omni_jax.layers.attention import Attention, KVCache
+
+  layer = Attention(32, num_heads=6, num_kv_heads=2, head_dim=8, bias=(True, True, True, True), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+  state = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), state)
+  rng = np.random.default_rng(0)
+  chunks = [rng.normal(size=(2, n, 32)).astype(np.float32) for n in (5, 1, 1)]
+
+  @jax.jit
+  def step(state, cache, x):
+    cache, mask = cache.append(jnp.ones(x.shape[:2], bool))
+    out, (k, v) = nnx.merge(graphdef, state)(x, mask, kv_cache=(cache.k, cache.v, 0, cache.index - x.shape[1]))
+    return out, cache._replace(k=k, v=v)
+
+  outs = {}
+  for rows in (1, 2):
+    cache = KVCache.create(1, rows, 16, 2, 8)
+    cache = cache._replace(index=jnp.zeros((rows,), jnp.int32))
+    outs[rows] = []
+    for x in chunks:
+      out, cache = step(state, cache, jnp.asarray(x[:rows]))
+      outs[rows].append(np.asarray(out[0]))
+  for alone, among in zip(outs[1], outs[2]):
+    np.testing.assert_allclose(alone, among, rtol=1e-5, atol=1e-6)
+
+
 def test_a_long_prefill_attends_tile_by_tile_and_equals_the_forward_pass():
   """A 4K-token prefill into a cache never holds [B, heads, L, max_len] scores (the cache's SegmentMask goes
   the blocked way past 256 MiB of them): its compiled temporaries are a small fraction of those scores, and

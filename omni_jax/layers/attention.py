@@ -277,6 +277,25 @@ def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array
   return cache.at[rows, index[:, None] + jnp.arange(lq)[None]].set(new, mode="drop")
 
 
+def _one_row_over_cache(q, k, v, mask, implementation: Optional[str]):
+  """Dense attention of one row's queries q [1, L, heads, D] over its cache k, v [1, kv_heads, slots, D] (the
+  cache's own layout), mask [1, 1, L, slots], a dense implementation: each KV head is a batch row holding its
+  group of query heads.
+
+  Read through the [B, slots, kv_heads, D] view of every other call, a single row's cache is laid out by
+  XLA:GPU for the attention's matmuls instead: each layer's slots are copied out before them, and the whole
+  cache changes layout on its way in and out of the decode loop. This view reads the layer's slots where they
+  lie. (With more rows XLA keeps the cache's layout through the usual view, and this one would move it.)"""
+  _, l, heads, d = q.shape
+  kv_heads, slots = k.shape[1], k.shape[2]
+  group = heads // kv_heads
+  q = q.reshape(l, kv_heads, group, d).transpose(1, 0, 2, 3)  # [kv_heads, L, group, D]
+  mask = jnp.broadcast_to(mask, (kv_heads, 1, l, slots))
+  out = jax.nn.dot_product_attention(q, k.reshape(kv_heads, slots, 1, d), v.reshape(kv_heads, slots, 1, d),
+                                     mask=mask, implementation=implementation)
+  return out.transpose(1, 0, 2, 3).reshape(1, l, heads, d)
+
+
 class Attention(nnx.Module):
   """q/k/v/o projections around dot_product_attention.
 
@@ -324,13 +343,18 @@ class Attention(nnx.Module):
       k_cache, v_cache, layer, index = kv_cache
       k_cache = sharding.constrain(write_layer_slots(k_cache, k.astype(k_cache.dtype), layer, index), KVCache.NAMES)
       v_cache = sharding.constrain(write_layer_slots(v_cache, v.astype(v_cache.dtype), layer, index), KVCache.NAMES)
-      k, v = (jnp.swapaxes(jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), 1, 2).astype(q.dtype)
-              for a in (k_cache, v_cache))
-    impl = resolve(self.implementation, b * self.num_heads * l * k.shape[1])
-    if kv_cache is not None and impl not in DENSE_IMPLS:
-      # Attention over the cache (Lq != Lk, slot indices): the fused kernels do not take it. Dense while the
-      # scores are small (a decode step), else tile by tile (a long prefill never holds L x max_len scores).
-      impl = dense_or_blocked(b * self.num_heads * l * k.shape[1])
+      k, v = (jax.lax.dynamic_index_in_dim(a, layer, keepdims=False).astype(q.dtype) for a in (k_cache, v_cache))
+      impl = resolve(self.implementation, b * self.num_heads * l * k.shape[2])
+      if impl not in DENSE_IMPLS:
+        # Attention over the cache (Lq != Lk, slot indices): the fused kernels do not take it. Dense while the
+        # scores are small (a decode step), else tile by tile (a long prefill never holds L x max_len scores).
+        impl = dense_or_blocked(b * self.num_heads * l * k.shape[2])
+      if b == 1 and impl in DENSE_IMPLS and isinstance(mask, SegmentMask):
+        out = _one_row_over_cache(q, k, v, mask.dense(), impl)
+        return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim)), (k_cache, v_cache)
+      k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    else:
+      impl = resolve(self.implementation, b * self.num_heads * l * k.shape[1])
     mask = kernel_mask(mask, impl)  # before the per-shard choice below, which takes SegmentMasks
     attend = lambda q, k, v, mask: dot_product_attention(q, k, v, mask, implementation=impl)
     if kv_cache is None and isinstance(mask, SegmentMask) and context_parallel.per_shard(l, impl in KERNELS):
