@@ -189,6 +189,8 @@ def main():
   args = p.parse_args()
   if args.size == "7b" and args.reference:
     p.error("--size 7b runs our side only (add --no-reference): transformers' side runs tiny and 100m")
+  if not args.reference and args.new <= 2 * args.reply:
+    p.error(f"--new must exceed 2 x --reply ({2 * args.reply}): the engine's codes/s is the difference of the two")
   from common import median_difference, timings_alternating  # noqa: PLC0415
 
   greedy = SamplingParams(repetition_penalty=1.05)
@@ -223,8 +225,6 @@ def main():
             f"batch {rows}: ours {rows * (args.new - 1) / decode:.1f} codes/s "
             f"({(args.new - 1) / decode:.1f} per row; first code {np.median(t1) * 1e3:.1f} ms)", flush=True)
       short = 2 * args.reply
-      if args.new <= short:
-        p.error(f"--new must exceed 2 x --reply ({short}) for the engine's figure")
       engine_codes = spoken_codes(speech, prompts, args.reply, greedy, args.new)
       t_short, t_long = timings_alternating([engine_codes(short), engine_codes(args.new)], args.iters)
       decode = median_difference(t_long, t_short)
