@@ -133,6 +133,23 @@ def test_parsers_on_accelerator_output():
   assert decode["decode.batch1"]["figure"] == 90.8 and decode["decode.batched"]["figure"] == 2554.0
   assert decode["decode.batch1"]["bound_tokens_per_s"] == pytest.approx(4.8e12 / (7615.6e6 * 2))
   assert "29% of the HBM bound" in decode["decode.batch1"]["note"]
+  # Decode is bandwidth-bound: the targets (190 / 6,000 tokens/s on an H200) scale with a chip's bandwidth.
+  h100 = {j.name: j for j in suite.plan(suite.argparse.Namespace(smoke=False, trace_dir="/tmp/t"),
+                                        dict(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", device_count=1))}
+  for job, rates, bars in ((jobs["decode"], (190, 6000), (190, 6000)), (h100["decode"], (140, 4000), (133, 4188))):
+    got = suite.parse_decode(f"size 7b (7615.6 M params), bfloat16\nbatch 1: ours TTFT 16 ms, decode {rates[0]} tok/s"
+                             f"\nbatch 32: ours TTFT 99 ms, decode {rates[1]} tok/s\n", job)
+    rows = {r["key"]: r for r in suite.finish_rows(job, got, 0, "", 30.0, smoke=False)}
+    assert rows["decode.batch1"]["target"] == f">= {bars[0]} (190 at 4.8 TB/s)"
+    assert rows["decode.batched"]["target"] == f">= {bars[1]} (6000 at 4.8 TB/s)"
+    assert rows["decode.batch1"]["meets_target"] and rows["decode.batched"]["meets_target"] is (job is jobs["decode"])
+  slow = suite.parse_decode("size 7b (7615.6 M params), bfloat16\nbatch 1: ours TTFT 16 ms, decode 180 tok/s\n",
+                            jobs["decode"])
+  assert not suite.finish_rows(jobs["decode"], slow, 0, "", 30.0, smoke=False)[0]["meets_target"]
+  stacked = suite.parse_decode("size 7b (7615.6 M params), bfloat16\nbatch 1: ours TTFT 16 ms, decode 80 tok/s\n",
+                               jobs["decode_stacked"])
+  stacked = suite.finish_rows(jobs["decode_stacked"], stacked, 0, "", 30.0, smoke=False)[0]
+  assert stacked["target"] == "-" and "meets_target" not in stacked and "25% of the HBM bound" in stacked["note"]
   stack = suite.parse_decode_cache(
       "NVIDIA H200: 7b-shaped stack (28 layers, 28/4 heads x 128), bfloat16, weights 12800 MiB, one token per row "
       "per step\n| rows | cache slots | cache MiB | ms/step | bytes accessed MiB |\n| --- | --- | --- | --- | --- |\n"
