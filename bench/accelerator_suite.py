@@ -7,8 +7,9 @@ compiles included: one markdown table (what, figure, unit, target, note) printed
 
 Each job is a process of its own with its own timeout, so that a hang or an out-of-memory costs its rows only
 (they say "timeout" / "failed" with the end of its stderr) and transformers' step never shares the GPU memory
-JAX preallocates; this process never touches the accelerator. The jobs, most important first, and their
-timeouts on an accelerator:
+JAX preallocates; this process never touches the accelerator, and a job may take 90% of its memory
+(XLA_PYTHON_CLIENT_MEM_FRACTION, unless set). The jobs, most important first, and their timeouts on an
+accelerator:
 
   mfu           bench_mfu.py: 1.2B dense Thinker, bf16, seq 8192, attention "auto"; text and multimodal   150 s
   attention     bench_attention.py: fwd+bwd at 8K and 32K tokens, 28/4 heads x 128, bf16, samples <= 2048,
@@ -796,6 +797,9 @@ def suite(args):
   signal.signal(signal.SIGTERM, _stop)  # `timeout` ends the suite: its job goes too (the rows so far are saved)
   signal.signal(signal.SIGINT, _stop)
   env = dict(os.environ, PYTHONUNBUFFERED="1")
+  # One job holds the accelerator at a time, so it may take more than JAX's default 75% of it: the multimodal
+  # train step asks for ~53 GiB, close to an 80 GB card's 75% once the libraries' workspaces are out.
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
   own_cache = "JAX_COMPILATION_CACHE_DIR" not in env
   if own_cache:  # shared by the jobs: the profile processes load what the mfu and decode processes compiled
     env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="suite_xla_cache_")
