@@ -28,6 +28,8 @@ accelerator:
                 weights, through OmniSession: first text / first audio of a spoken question             120 s
   decode_session  bench_generate.py --cache_len 4096: batch 32 in conversations of 4,096 cache slots (as the
                 server and OmniSession keep them) against a cache of the prompt and reply                 60 s
+  mfu_saved_dots  bench_mfu.py --remat dots_and_attention: both steps keeping the matmuls' outputs and the
+                attention kernels' residuals, the elementwise work recomputed in the backward pass          150 s
   mfu_unrolled  bench_mfu.py --kinds text --unrolled: the text step with the layers unrolled             90 s
   mfu_unrolled_multimodal  the same for the multimodal step                                         150 s
 
@@ -659,6 +661,16 @@ def plan(args, device: dict) -> list:
 
   # The text step with the layers unrolled: XLA:GPU's own compile drops a third of the step's elementwise bytes
   # and half its kernels (the scan's stacked residuals: copies in and out, zero fills); this measures it.
+  # Scanned layers under remat "dots_and_attention": the matmuls' outputs and the attention kernels' residuals
+  # kept, the elementwise work recomputed in the backward pass (fewer per-layer stacks; XLA:GPU's compile: text
+  # 155.6 -> 143.8 GiB of other bytes, multimodal 279.5 -> 265.2, 4-9 GiB fewer temporaries).
+  jobs.append(Job("mfu_saved_dots", bench("bench_mfu.py") + smoke + ["--attention", "auto", "--no-reference",
+                                                                     "--remat", "dots_and_attention"], t(150),
+                  [row(f"mfu.{kind}_saved_dots", f"train step MFU, {what} ({size}, attention auto), remat "
+                       "dots_and_attention", "%", target, (">=", goal))
+                   for kind, what, target, goal in (("text", "text", ">= 50", 50),
+                                                    ("multimodal", "images + audio", ">= 45", 45))],
+                  lambda stdout, job: {f"{key}_saved_dots": r for key, r in parse_mfu(stdout, job).items()}))
   jobs.append(Job("mfu_unrolled", bench("bench_mfu.py") + smoke + ["--attention", "auto", "--no-reference",
                                                                    "--kinds", "text", "--unrolled"], t(90),
                   [row("mfu.text_unrolled", f"train step MFU, text ({size}, attention auto), layers unrolled", "%",

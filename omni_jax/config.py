@@ -17,7 +17,7 @@ from omni_jax.errors import ConfigError
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out", "dots_and_attention")
 
 
 def _require(cond: bool, key: str, msg: str):

@@ -19,7 +19,7 @@ import xla_env  # noqa: E402
 MEASURED = ["mfu.text", "mfu.multimodal", "decode.batch1", "decode.stacked", "decode.batched", "profile.train",
             "profile.decode", "talker.b1", "talker.engine.b1", "token2wav.compile", "token2wav.rtf", "stream.first_text",
             "stream.first_audio", "attention.error.flash_gpu", "decode.session", "mfu.text_unrolled",
-            "mfu.multimodal_unrolled"]
+            "mfu.multimodal_unrolled", "mfu.text_saved_dots", "mfu.multimodal_saved_dots"]
 MEASURED += [f"attention.{n}.{impl}" for n in (256, 1024)
              for impl in ["blocked", "flash_gpu"] + suite.FLASH_TILING_IMPLS]
 MEASURED += [f"decode_cache.b{b}.{n}" for b in (1, 2) for n in (128, 1024)]

@@ -104,6 +104,29 @@ def test_too_large_is_reported_as_not_fitting():
   assert data["fits"] is False and data["largest_arguments"][0][1] > hardware.CHIPS["v5e"].hbm_bytes / 16
 
 
+@pytest.mark.parametrize("policy, impl, platform, passes", [
+    ("none", "auto", "gpu", 3.5), ("full", "auto", "gpu", 4.5), ("dots_and_attention", "auto", "gpu", 3.5),
+    ("dots_and_attention", "auto", "tpu", 4.5), ("dots_and_attention", "blocked", "tpu", 3.5),
+    ("dots", "flash_gpu", "gpu", 4.5)])
+def test_attention_kernel_passes_follow_what_the_policy_recomputes(policy, impl, platform, passes):
+  """The roofline's estimate of the attention kernels' FLOPs: forward, backward (2.5x), and the forward again
+  where remat recomputes it; "dots_and_attention" keeps the residuals of flash_gpu and blocked (GPUs' "auto"),
+  not those of splash (TPUs')."""
+  from types import SimpleNamespace  # noqa: PLC0415
+
+  from omni_jax import sizes  # noqa: PLC0415
+
+  c = tiny.get_config()
+  del c.model.talker
+  c.model.remat_policy, c.model.attention_impl = policy, impl
+  compiled = SimpleNamespace(setup=SimpleNamespace(config=c), batch_shapes={"input_ids": jnp.zeros((2, 64))},
+                             mesh=SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)])))
+  t = config_lib.thinker_text(c)
+  forward = sizes.causal_attention_flops(2, 64, t.num_hidden_layers, t.num_attention_heads, t.head_dim)
+  assert report.attention_kernel_flops(compiled, "custom-call __gpu$xla.gpu.triton") == pytest.approx(
+      passes * forward)
+
+
 def test_cpu_compile_reports_memory_without_libtpu():
   r = aot.analyse(tiny.get_config(), "cpu:2")
   assert r.fits and r.memory["argument"] > 0 and r.memory["capacity"] is None and r.cost["flops"] > 0

@@ -193,3 +193,39 @@ def test_a_scanned_stack_casts_its_weights_once_and_keeps_no_per_layer_copies(mo
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(inside)):
     assert a.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("impl", ["flash_gpu", "blocked"])
+def test_dots_and_attention_runs_the_kernels_forward_once_with_the_same_gradients(impl):
+  """remat "dots_and_attention" over a scanned stack whose attention is a kernel with its own backward (flash_gpu
+  in Pallas interpret mode, blocked): the gradients of remat "none"; and the compiled gradient runs flash_gpu's
+  forward once (its loops are those of "none"), where "dots" runs it again in the backward pass (blocked's
+  single tile here compiles to no loop of its own to count)."""
+  from flax import nnx
+  from omni_jax.config import Runtime, TextConfig
+  from omni_jax.models.text import DecoderStack
+
+  cfg = TextConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, mrope_section=(2, 1, 1))
+  x = jax.random.normal(jax.random.key(1), (2, 12, 32))
+  positions = jnp.broadcast_to(jnp.arange(12), (3, 2, 12))
+  segments = jnp.asarray([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2], jnp.int32)
+  grads, loops = {}, {}
+  for policy in ("none", "dots", "dots_and_attention"):
+    rt = Runtime(dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=True, remat_policy=policy,
+                 attention_impl=impl)
+    graphdef, state = nnx.split(DecoderStack(cfg, rt, rngs=nnx.Rngs(0)))
+    state = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), state)
+
+    def loss(state):
+      h, _ = nnx.merge(graphdef, state)(x, positions, segments)
+      return jnp.sum(jnp.where(segments[..., None] > 0, h, 0.0) ** 2)
+
+    grads[policy] = jax.grad(loss)(state)
+    program = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+    whiles = [line for line in program.splitlines() if " while(" in line]  # the layer scans' and the kernels'
+    loops[policy] = (len(whiles), sum("flash_gpu_forward" in line for line in whiles))
+  for a, b in zip(jax.tree.leaves(grads["dots_and_attention"]), jax.tree.leaves(grads["none"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  if impl == "flash_gpu":  # the interpreted kernel's forward: a loop over its grid and one over its key tiles
+    assert loops["none"][1] == 2 and loops["dots"][1] == 4 and loops["dots_and_attention"] == loops["none"], loops

@@ -24,6 +24,7 @@ from omni_jax import config as config_lib
 from omni_jax import sizes
 from omni_jax.aot import compile as compile_lib
 from omni_jax.aot import hardware, hlo
+from omni_jax.layers import attention
 from omni_jax.models.talker import talker_config
 
 TOP = 8
@@ -81,11 +82,16 @@ _KERNEL_CALLS = ("tpu_custom_call", "__gpu$xla.gpu.triton")  # how a Pallas kern
 def attention_kernel_flops(c: compile_lib.Compiled, hlo_text: str) -> float:
   """FLOPs of one step's attention kernels, all chips (0 when the program calls none): per decoder (the
   Thinker's text, the Talker's rows) its causal attention forward (sizes.causal_attention_flops), the backward
-  2.5 times that, the forward again under remat."""
+  2.5 times that, the forward again under remat (not under "dots_and_attention" for a kernel whose residuals it
+  keeps)."""
   if not any(call in hlo_text for call in _KERNEL_CALLS):
     return 0.0
   config = c.setup.config
-  passes = 1 + 2.5 + (config.model.get("remat_policy", "none") != "none")
+  policy = config.model.get("remat_policy", "none")
+  impl = config.model.get("attention_impl", "auto")
+  impl = attention.auto_kernel(c.mesh.devices.flat[0].platform) if impl == "auto" else impl
+  again = policy != "none" and not (policy == "dots_and_attention" and impl in attention.NAMES_RESIDUALS)
+  passes = 1 + 2.5 + again
   decoders = [(config_lib.thinker_text(config), "input_ids")]
   talker = talker_config(config)
   if talker is not None and "talker_segment_ids" in c.batch_shapes:

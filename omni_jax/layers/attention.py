@@ -136,6 +136,16 @@ def resolve(implementation: Optional[str], scores: int = 0) -> Optional[str]:
   return dense_or_blocked(scores)
 
 
+def auto_kernel(platform: str) -> Optional[str]:
+  """The fused kernel "auto" picks on a platform ("tpu", "gpu"; None elsewhere: dense or blocked by size)."""
+  return _AUTO.get(platform)
+
+
+# Implementations whose backward reads residuals named flash.RESIDUALS, which the "dots_and_attention"
+# rematerialisation policy keeps: under it their forward runs once (others' run again in the backward pass).
+NAMES_RESIDUALS = ("flash_gpu", "blocked")
+
+
 def dense_or_blocked(scores: int) -> str:
   """"xla" (dense, exact) while a call's float32 scores fit _AUTO_DENSE_BYTES, else "blocked" (O(L) memory)."""
   return "xla" if 4 * scores <= _AUTO_DENSE_BYTES else "blocked"

@@ -17,6 +17,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+# The name an attention kernel's forward gives what its backward reads (its output and log-sum-exp), so that a
+# rematerialisation policy can keep them (models/scan.py, "dots_and_attention") instead of running the
+# kernel's forward again in the backward pass: a custom VJP's residuals are otherwise recomputed whole.
+RESIDUALS = "attention_kernel_residuals"
 
 _NEG = -1e30  # a finite "minus infinity": rows that see no key stay finite (out 0, never NaN)
 
@@ -138,7 +144,7 @@ def _flash(causal, bq, bk, q, k, v, q_seg, k_seg, q_idx, k_idx):
 
 
 def _flash_fwd(causal, bq, bk, q, k, v, q_seg, k_seg, q_idx, k_idx):
-  out_t, lse_t = _forward(causal, bq, bk, q, k, v, q_seg, k_seg, q_idx, k_idx)
+  out_t, lse_t = checkpoint_name(_forward(causal, bq, bk, q, k, v, q_seg, k_seg, q_idx, k_idx), RESIDUALS)
   out = _untile_q(out_t, q.shape[1]).astype(q.dtype)
   return out, (q, k, v, q_seg, k_seg, q_idx, k_idx, out_t, lse_t)
 

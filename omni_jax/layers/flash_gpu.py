@@ -23,8 +23,11 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from omni_jax.layers import flash
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
@@ -276,7 +279,7 @@ def _attention(q, k, v, segments, scale, causal, tiling, interpret):
 
 
 def _attention_fwd(q, k, v, segments, scale, causal, tiling, interpret):
-  out, lse = _forward(q, k, v, segments, scale, causal, tiling, interpret)
+  out, lse = checkpoint_name(_forward(q, k, v, segments, scale, causal, tiling, interpret), flash.RESIDUALS)
   return out, (q, k, v, segments, out, lse)
 
 

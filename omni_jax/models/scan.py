@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omni_jax.errors import ConfigError
-from omni_jax.layers import grouped_init, lora
+from omni_jax.layers import flash, grouped_init, lora
 from omni_jax.layers.linear import Linear
 
 _POLICIES = {
@@ -22,6 +22,12 @@ _POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    # Every matmul's output and the attention kernels' residuals kept, the elementwise work (norms, rotary,
+    # SwiGLU, residual adds) recomputed inside the backward pass's fusions. Scanned layers on a GPU keep
+    # fewer per-layer stacks than with "none" and run no kernel twice (flash_gpu and blocked name their
+    # residuals; a kernel that does not, such as TPU splash, runs its forward again).
+    "dots_and_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_saveable, jax.checkpoint_policies.save_only_these_names(flash.RESIDUALS)),
 }
 
 
