@@ -659,8 +659,6 @@ def plan(args, device: dict) -> list:
                        "conversation / a cache of the prompt and reply", "x", ">= 0.9", (">=", 0.9))],
                   parse_decode_session))
 
-  # The text step with the layers unrolled: XLA:GPU's own compile drops a third of the step's elementwise bytes
-  # and half its kernels (the scan's stacked residuals: copies in and out, zero fills); this measures it.
   # Scanned layers under remat "dots_and_attention": the matmuls' outputs and the attention kernels' residuals
   # kept, the elementwise work recomputed in the backward pass (fewer per-layer stacks; XLA:GPU's compile: text
   # 155.6 -> 143.8 GiB of other bytes, multimodal 279.5 -> 265.2, 4-9 GiB fewer temporaries).
@@ -671,6 +669,8 @@ def plan(args, device: dict) -> list:
                    for kind, what, target, goal in (("text", "text", ">= 50", 50),
                                                     ("multimodal", "images + audio", ">= 45", 45))],
                   lambda stdout, job: {f"{key}_saved_dots": r for key, r in parse_mfu(stdout, job).items()}))
+  # The text step with the layers unrolled: XLA:GPU's own compile drops a third of the step's elementwise bytes
+  # and half its kernels (the scan's stacked residuals: copies in and out, zero fills); this measures it.
   jobs.append(Job("mfu_unrolled", bench("bench_mfu.py") + smoke + ["--attention", "auto", "--no-reference",
                                                                    "--kinds", "text", "--unrolled"], t(90),
                   [row("mfu.text_unrolled", f"train step MFU, text ({size}, attention auto), layers unrolled", "%",
