@@ -127,12 +127,11 @@ def test_the_backward_pass_keeps_fewer_bytes():
   assert act_ours == activation and act_plain >= 3 * activation
 
 
-def test_a_scanned_stack_has_the_same_gradients_under_every_remat_policy():
-  """The hand-written gradients inside a scanned, rematerialised decoder stack (float32, perturbed norms): every
-  policy recomputes or saves their residuals and must give the gradients of remat "none"."""
+def _stack_loss(policy: str, attention_impl: str):
+  """(loss, params) of a scanned 2-layer decoder stack (float32, GQA, two packed segments and padding, perturbed
+  weights) under a remat policy and an attention implementation."""
   from flax import nnx
   from omni_jax.config import Runtime, TextConfig
-  from omni_jax.models import scan
   from omni_jax.models.text import DecoderStack
 
   cfg = TextConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -140,17 +139,26 @@ def test_a_scanned_stack_has_the_same_gradients_under_every_remat_policy():
   x = jax.random.normal(jax.random.key(1), (2, 12, 32))
   positions = jnp.broadcast_to(jnp.arange(12), (3, 2, 12))
   segments = jnp.asarray([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2], jnp.int32)
+  rt = Runtime(dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=True, remat_policy=policy,
+               attention_impl=attention_impl)
+  graphdef, state = nnx.split(DecoderStack(cfg, rt, rngs=nnx.Rngs(0)))
+  state = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), state)
+
+  def loss(state):
+    h, _ = nnx.merge(graphdef, state)(x, positions, segments)
+    return jnp.sum(jnp.where(segments[..., None] > 0, h, 0.0) ** 2)
+
+  return loss, state
+
+
+def test_a_scanned_stack_has_the_same_gradients_under_every_remat_policy():
+  """The hand-written gradients inside a scanned, rematerialised decoder stack (float32, perturbed norms): every
+  policy recomputes or saves their residuals and must give the gradients of remat "none"."""
+  from omni_jax.models import scan
+
   grads = {}
   for policy in ["none", *scan._POLICIES]:
-    rt = Runtime(dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=True, remat_policy=policy,
-                 attention_impl="xla")
-    graphdef, state = nnx.split(DecoderStack(cfg, rt, rngs=nnx.Rngs(0)))
-    state = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), state)
-
-    def loss(state):
-      h, _ = nnx.merge(graphdef, state)(x, positions, segments)
-      return jnp.sum(jnp.where(segments[..., None] > 0, h, 0.0) ** 2)
-
+    loss, state = _stack_loss(policy, "xla")
     grads[policy] = jax.grad(loss)(state)
   for policy, g in grads.items():
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(grads["none"])):
@@ -201,26 +209,9 @@ def test_dots_and_attention_runs_the_kernels_forward_once_with_the_same_gradient
   in Pallas interpret mode, blocked): the gradients of remat "none"; and the compiled gradient runs flash_gpu's
   forward once (its loops are those of "none"), where "dots" runs it again in the backward pass (blocked's
   single tile here compiles to no loop of its own to count)."""
-  from flax import nnx
-  from omni_jax.config import Runtime, TextConfig
-  from omni_jax.models.text import DecoderStack
-
-  cfg = TextConfig(vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=8, mrope_section=(2, 1, 1))
-  x = jax.random.normal(jax.random.key(1), (2, 12, 32))
-  positions = jnp.broadcast_to(jnp.arange(12), (3, 2, 12))
-  segments = jnp.asarray([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2], jnp.int32)
   grads, loops = {}, {}
   for policy in ("none", "dots", "dots_and_attention"):
-    rt = Runtime(dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=True, remat_policy=policy,
-                 attention_impl=impl)
-    graphdef, state = nnx.split(DecoderStack(cfg, rt, rngs=nnx.Rngs(0)))
-    state = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), state)
-
-    def loss(state):
-      h, _ = nnx.merge(graphdef, state)(x, positions, segments)
-      return jnp.sum(jnp.where(segments[..., None] > 0, h, 0.0) ** 2)
-
+    loss, state = _stack_loss(policy, impl)
     grads[policy] = jax.grad(loss)(state)
     program = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
     whiles = [line for line in program.splitlines() if " while(" in line]  # the layer scans' and the kernels'
