@@ -204,11 +204,14 @@ def test_a_scanned_stack_casts_its_weights_once_and_keeps_no_per_layer_copies(mo
 
 
 @pytest.mark.parametrize("impl", ["flash_gpu", "blocked"])
-def test_dots_and_attention_runs_the_kernels_forward_once_with_the_same_gradients(impl):
+def test_dots_and_attention_runs_the_kernels_forward_once_with_the_same_gradients(impl, monkeypatch):
   """remat "dots_and_attention" over a scanned stack whose attention is a kernel with its own backward (flash_gpu
   in Pallas interpret mode, blocked): the gradients of remat "none"; and the compiled gradient runs flash_gpu's
-  forward once (its loops are those of "none"), where "dots" runs it again in the backward pass (blocked's
-  single tile here compiles to no loop of its own to count)."""
+  forward once (its loops are those of "none"), where "dots" runs it again in the backward pass; blocked's too
+  (in tiles of 4 tokens here, so that its loops stay loops)."""
+  from omni_jax.layers import flash
+
+  monkeypatch.setattr(flash, "blocked_attention", functools.partial(flash.blocked_attention, block_q=4, block_k=4))
   grads, loops = {}, {}
   for policy in ("none", "dots", "dots_and_attention"):
     loss, state = _stack_loss(policy, impl)
@@ -220,3 +223,5 @@ def test_dots_and_attention_runs_the_kernels_forward_once_with_the_same_gradient
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   if impl == "flash_gpu":  # the interpreted kernel's forward: a loop over its grid and one over its key tiles
     assert loops["none"][1] == 2 and loops["dots"][1] == 4 and loops["dots_and_attention"] == loops["none"], loops
+  else:  # blocked in tiles of 4 tokens: 3 a row, whose loops stay loops in the compiled program
+    assert loops["dots_and_attention"] == loops["none"] and loops["dots"][0] > loops["none"][0], loops
