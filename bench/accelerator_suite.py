@@ -90,7 +90,7 @@ from typing import Callable, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULT = "SUITE_RESULT "
-H200_BANDWIDTH = 4.8e12  # the decode targets are the issue's H200 figures; other chips' scale with bandwidth
+TARGETS_CHIP = "NVIDIA H200"  # the decode targets are the issue's figures for it; other chips' scale with bandwidth
 
 
 def _datasheets():
@@ -429,9 +429,10 @@ def parse_decode(stdout, job):
       continue
     r = dict(figure=float(tps), note=f"TTFT {ttft} ms")
     goal = planned[int(batch)].get("goal")
-    if goal and bw:  # decode is bandwidth-bound: the targets are an H200's (4.8 TB/s), scaled for other chips
-      scaled = goal[1] * float(bw) / H200_BANDWIDTH
-      r.update(target=f"{goal[0]} {scaled:.0f} ({goal[1]:g} at 4.8 TB/s)", _goal=(goal[0], scaled))
+    if goal and bw:  # decode is bandwidth-bound: the targets are an H200's, scaled for other chips
+      reference = _datasheets().HBM_BANDWIDTH[TARGETS_CHIP]
+      scaled = goal[1] * float(bw) / reference
+      r.update(target=f"{goal[0]} {scaled:.0f} ({goal[1]:g} at {reference / 1e12:g} TB/s)", _goal=(goal[0], scaled))
     if params and int(batch) == 1:
       weights = float(params.group(1)) * 1e6 * (2 if params.group(2) == "bfloat16" else 4)
       r["weight_bytes"] = weights
