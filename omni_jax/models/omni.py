@@ -48,19 +48,30 @@ INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
 
 
 def create_sharded(config: ml_collections.ConfigDict, mesh: Mesh, seed: Optional[int] = None,
-                   reference: Sequence[str] = (), abstract: Optional[tuple[nnx.GraphDef, nnx.State]] = None):
+                   reference: Sequence[str] = (), abstract: Optional[tuple[nnx.GraphDef, nnx.State]] = None,
+                   only: Optional[Sequence[str]] = None):
   """(graphdef, state, shardings): parameters initialised directly in their sharded layout on `mesh`.
 
   The initialiser runs under jit with out_shardings, so no host or device ever holds a full copy of a
   sharded parameter. abstract: abstract_model(config, reference), where the caller has it already.
+  only: the top-level parts of the state to initialise (e.g. ["token2wav"]); `state` and `shardings` hold
+  those alone, with the values a whole initialisation gives them. XLA drops the rest of the initialiser, so a
+  tower added to a restored model costs its own initialisation, not the whole model's.
   """
   seed = config.get("seed", 0) if seed is None else seed
   graphdef, abstract_state = abstract or abstract_model(config, reference)
+  if only is not None:
+    unknown = sorted(set(only) - set(abstract_state.keys()))
+    if unknown:
+      raise ValueError(f"create_sharded(only=...): {unknown} are not parts of the model "
+                       f"({sorted(abstract_state.keys())})")
+    abstract_state = nnx.State({k: abstract_state[k] for k in only})
   shardings = sharding.state_shardings(abstract_state, mesh, config.sharding_rules)
 
   @jax.jit(out_shardings=shardings)
   def init():
-    return nnx.split(OmniModel(config, rngs=nnx.Rngs(seed), reference=reference))[1]
+    state = nnx.split(OmniModel(config, rngs=nnx.Rngs(seed), reference=reference))[1]
+    return state if only is None else nnx.State({k: state[k] for k in only})
 
   with sharding.activate(mesh, config.sharding_rules):
     options = INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform)

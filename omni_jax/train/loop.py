@@ -215,8 +215,7 @@ def _initial_state(setup: state_lib.Setup, ckpt: checkpoint.TrainCheckpointer, i
     params = checkpoint.restore_pure(path, {k: v for k, v in target.items() if k not in absent})
     if absent:
       log.warning("%s holds no %s parameters: initialised from scratch", path, ", ".join(absent))
-      fresh = setup.init().params
-      params = {**params, **{k: fresh[k] for k in absent}}
+      params = {**params, **setup.init_params(only=absent)}
     log.info("initialised parameters from %s", path)
     return setup.init(params if external is None else state_lib.combine(external, params))
   return setup.init()

@@ -135,12 +135,16 @@ class Setup:
     flat = traverse_util.flatten_dict(self.abstract_params)
     return sum(v.size for k, v in flat.items() if not (trainable_only and k in self.frozen))
 
+  def init_params(self, only: Sequence[str] | None = None) -> Params:
+    """Freshly initialised parameters on their devices: all of them, or the top-level parts `only`."""
+    _, state, _ = omni.create_sharded(self.config, self.mesh, reference=self.reference,
+                                      abstract=self._abstract_model, only=only)
+    return nnx.to_pure_dict(state)
+
   def init(self, params: Params | None = None) -> TrainState:
     """A fresh state: parameters initialised on their devices (or the given ones), zeroed optimizer state."""
     if params is None:
-      _, state, _ = omni.create_sharded(self.config, self.mesh, reference=self.reference,
-                                        abstract=self._abstract_model)
-      params = nnx.to_pure_dict(state)
+      params = self.init_params()
 
     if self._init is None:
       def make(params):
