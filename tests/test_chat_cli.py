@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import soundfile
 
+import xla_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,7 +31,8 @@ def test_piped_conversation(tiny_speech_checkpoint, tmp_path):
            "/speak on", "Say it.", "/quit", "Never read."]
   out = subprocess.run([sys.executable, "chat.py", "--checkpoint", tiny_speech_checkpoint, "--greedy",
                         "--max_new_tokens", "6", "--out_dir", str(tmp_path / "replies")],
-                       input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=ROOT, timeout=900)
+                       input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env=xla_env.env(1))  # one host device, as a user's CPU chat has
   assert out.returncode == 0, out.stderr[-3000:]
   markers = r"\[(?:image .* attached to the next message|speech (?:on|off))\]\n"
   parts = re.split(markers, out.stdout)

@@ -175,7 +175,7 @@ def test_run_saves_adapters_with_a_checked_pointer_to_the_base(tmp_path):
   checkpoint.save_params(base_dir, _perturbed(nnx.to_pure_dict(state), 4), towers.without(tl.config(), "talker"))
   c.init_from = base_dir
   workdir = str(tmp_path / "run")
-  loop.run(c, workdir)
+  loop.run(c, workdir, devices=tl.one_device())
   step_dir = checkpoint.params_dir(workdir)
   stored = checkpoint.stored_tree(os.path.join(step_dir, "params"))
   assert stored and all(".lora." in k for k in stored)  # no base leaf written
@@ -183,7 +183,7 @@ def test_run_saves_adapters_with_a_checked_pointer_to_the_base(tmp_path):
   assert saved.lora.base_path == base_dir and len(saved.lora.base_fingerprint) == 32
 
   c.train.steps = 4  # resume over the same base
-  loop.run(c, workdir)
+  loop.run(c, workdir, devices=tl.one_device())
   assert checkpoint.params_dir(workdir).endswith("/4")
 
   # Loading merges: the served model is the adapted one.
@@ -207,7 +207,7 @@ def test_run_saves_adapters_with_a_checked_pointer_to_the_base(tmp_path):
   checkpoint.save_params(base_dir, _perturbed(nnx.to_pure_dict(state), 5), towers.without(tl.config(), "talker"))
   c.train.steps = 5
   with pytest.raises(ConfigError, match="fingerprint"):
-    loop.run(c, workdir)
+    loop.run(c, workdir, devices=tl.one_device())
   with pytest.raises(ConfigError, match="fingerprint"):
     loader.restore(workdir)
 
@@ -220,7 +220,7 @@ def test_a_runtime_config_still_loads_a_lora_run_merged(tmp_path):
   _, state, _ = omni.create_sharded(plain, tl.mesh_of(dict(data=1)))
   checkpoint.save_params(str(tmp_path / "base"), _perturbed(nnx.to_pure_dict(state), 6), plain)
   c.init_from = str(tmp_path / "base")
-  loop.run(c, str(tmp_path / "run"))
+  loop.run(c, str(tmp_path / "run"), devices=tl.one_device())
   config, graphdef, params, _, _, _ = loader.restore(str(tmp_path / "run"), config=plain)
   assert config.get("lora") is None and not any(lora.is_adapter(k) for k in traverse_util.flatten_dict(
       nnx.to_pure_dict(params)))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 
+import xla_env
 from omni_jax import checkpoint
 from omni_jax.errors import ConfigError
 from omni_jax.input import sources
@@ -82,7 +83,9 @@ def test_a_new_speaker_survives_init_from_and_cannot_take_a_used_row(tmp_path):
 
 
 def _run(*args, timeout=600):
-  proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  # One host device, as a user's CPU run has (the test process's eight cost the training a fifth more time).
+  proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=xla_env.env(1), capture_output=True, text=True,
+                        timeout=timeout)
   assert proc.returncode == 0, (args, proc.stderr[-3000:])
   return proc
 

@@ -16,18 +16,21 @@ import time
 import pytest
 
 import train_testlib as lib
+import xla_env
 from omni_jax import checkpoint
 from omni_jax.train import loop
 from omni_jax.train import workdir as workdir_lib
 
 RUN = dict(steps=6, checkpoint_every=3, async_checkpointing=False)
+# The runs here train on one host device (in this process and in train.py's): what they check is what happens to
+# checkpoints and workdirs, which no mesh changes.
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
   """A workdir with checkpoints 3 and 6 (trained in this process)."""
   workdir = tmp_path_factory.mktemp("base") / "run"
-  loop.run(lib.config(**RUN), str(workdir))
+  loop.run(lib.config(**RUN), str(workdir), devices=lib.one_device())
   assert sorted(lib.jsonl_losses(workdir)) == list(range(1, 7))
   assert not os.path.exists(workdir / "lock")  # released at the end
   return workdir
@@ -74,7 +77,9 @@ def test_a_damaged_latest_step_is_skipped_and_the_run_resumes_from_the_previous_
   hurt(workdir / "checkpoints" / "6")
   assert checkpoint.params_dir(str(workdir)) == str(workdir / "checkpoints" / "3")  # eval.py / convert alike
   with caplog.at_level(logging.INFO):
-    loop.run(lib.config(**dict(RUN, steps=9)), str(workdir))
+    loop.run(lib.config(**dict(RUN, steps=9)), str(workdir), devices=lib.one_device())
+  assert any(r.getMessage().startswith("mesh {'data': 1,") and " over 1 devices " in r.getMessage()
+             for r in caplog.records)  # the devices it was given, not the process's 8
   skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped checkpoint")]
   assert len(skips) == 1 and "/checkpoints/6 (" in skips[0] and reason in skips[0], skips
   assert "resuming from step 3" in skips[0]
@@ -89,7 +94,7 @@ def test_a_damaged_latest_step_is_skipped_and_the_run_resumes_from_the_previous_
 def test_the_cli_resumes_past_a_truncated_step_with_one_log_line(base, tmp_path):
   workdir = _copy(base, tmp_path)
   _truncate_array_files(workdir / "checkpoints" / "6")
-  proc = lib.launch(workdir, **dict(RUN, steps=7))
+  proc = lib.launch(workdir, env=xla_env.env(1), **dict(RUN, steps=7))
   assert proc.wait(timeout=300) == 0, lib.log_text(workdir)
   text = lib.log_text(workdir)
   assert "Traceback" not in text
@@ -120,7 +125,8 @@ def test_a_real_shape_mismatch_names_the_parameter_and_both_shapes_and_changes_n
   before = {p: open(p).read() for p in [str(workdir / "config.json"),
                                          *glob.glob(str(workdir / "checkpoints" / "*" / "config" / "config.json"))]}
   assert len(before) == 3
-  proc = lib.launch(workdir, extra=["--config.model.thinker.text.vocab_size=320"], **dict(RUN, steps=9))
+  proc = lib.launch(workdir, env=xla_env.env(1), extra=["--config.model.thinker.text.vocab_size=320"],
+                    **dict(RUN, steps=9))
   assert proc.wait(timeout=300) == 2  # a user error
   text = lib.log_text(workdir)
   last = text.strip().splitlines()[-1]
@@ -134,13 +140,13 @@ def test_a_real_shape_mismatch_names_the_parameter_and_both_shapes_and_changes_n
 
 def test_a_second_run_on_a_locked_workdir_exits_at_once_and_the_first_is_unaffected(tmp_path):
   workdir = tmp_path / "run"
-  first = lib.launch(workdir, log_as=tmp_path / "first", steps=10_000, checkpoint_every=0)
+  first = lib.launch(workdir, env=xla_env.env(1), log_as=tmp_path / "first", steps=10_000, checkpoint_every=0)
   try:
     assert lib.wait_for_step(workdir, 2, first), lib.log_text(tmp_path / "first")
     holder = json.loads((workdir / "lock").read_text())
     assert holder == dict(pid=first.pid, host=socket.gethostname())
     started = time.time()
-    second = lib.launch(workdir, log_as=tmp_path / "second", steps=10_000, checkpoint_every=0)
+    second = lib.launch(workdir, env=xla_env.env(1), log_as=tmp_path / "second", steps=10_000, checkpoint_every=0)
     assert second.wait(timeout=120) == 2  # a user error
     text = lib.log_text(tmp_path / "second")
     last = text.strip().splitlines()[-1]
@@ -168,7 +174,7 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(base, tmp_path, caplog):
   dead.wait()
   (workdir / "lock").write_text(json.dumps(dict(pid=dead.pid, host=socket.gethostname())))
   with caplog.at_level(logging.WARNING):
-    loop.run(lib.config(**dict(RUN, steps=7)), str(workdir))
+    loop.run(lib.config(**dict(RUN, steps=7)), str(workdir), devices=lib.one_device())
   assert any("taking over the stale lock of process %d" % dead.pid in r.getMessage() for r in caplog.records)
   assert 7 in lib.jsonl_losses(workdir) and not os.path.exists(workdir / "lock")
 

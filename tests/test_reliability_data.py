@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import xla_env
 from omni_jax import config as config_lib
 from omni_jax import defaults
 from omni_jax.errors import ConfigError
@@ -162,7 +163,8 @@ def _launch(tmp_path, cfg, *extra):
   workdir = tmp_path / "run"
   log = open(tmp_path / "run.log", "w")
   cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", cfg, "--workdir", str(workdir), *extra]
-  return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), workdir
+  # One host device: these runs check how data faults are handled, not a mesh.
+  return subprocess.Popen(cmd, cwd=ROOT, env=xla_env.env(1), stdout=log, stderr=subprocess.STDOUT), workdir
 
 
 def _log(tmp_path):

@@ -21,6 +21,7 @@ import torch
 import decode_oracle as oracle
 import hf_reference as ref
 import reply_testlib
+import xla_env
 from omni_jax import sharding
 from omni_jax.generate import Generator, SamplingParams
 from omni_jax.generate.talker import TalkerSettings
@@ -189,7 +190,7 @@ def test_speak_and_generate_py_speak(tiny_ckpt, tmp_path):
   proc = subprocess.run([sys.executable, "generate.py", "--checkpoint", tiny_ckpt, "--prompt", "Say hello.",
                          "--greedy", "--max_new_tokens", "5", "--speak", "--talker_greedy", "--speaker", "Ethan",
                          "--talker_max_new_tokens", "6", "--codes_out", str(out)],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        cwd=ROOT, env=xla_env.env(1), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   written = json.loads(out.read_text())
   assert written["text"] == speech.text and written["speaker"] == "Ethan"

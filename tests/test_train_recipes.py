@@ -202,7 +202,7 @@ def test_lora_recipe_trains_adapters_over_its_base(tmp_path):
   c.train.seq_len = 64
   c.init_from = _base_checkpoint(tmp_path / "base", c)
   workdir = str(tmp_path / "run")
-  loop.run(c, workdir)
+  loop.run(c, workdir, devices=lib.one_device())
   losses = [r["train/loss"] for r in _metrics(workdir) if "train/loss" in r]
   assert len(losses) == 2 and np.all(np.isfinite(losses))
   stored = checkpoint.stored_tree(os.path.join(checkpoint.params_dir(workdir), "params"))
@@ -230,7 +230,7 @@ def test_dpo_recipe_runs_on_preference_pairs(tmp_path, tower):
   c.train.seq_len = 128
   c.init_from = _base_checkpoint(tmp_path / "base", c)
   workdir = str(tmp_path / "run")
-  loop.run(c, workdir)
+  loop.run(c, workdir, devices=lib.one_device())
   rows = [r for r in _metrics(workdir) if f"train/{tower}_dpo/loss" in r]
   assert len(rows) == 2
   first = rows[0]

@@ -61,6 +61,13 @@ def thinker_logits(thinker, batch):
   return thinker(batch["input_ids"], positions, batch["segment_ids"], **media)
 
 
+def one_device():
+  """loop.run's devices where a test checks what a run does, not how a mesh splits it: a tiny model on one host
+  device compiles and runs in about half the time it takes on eight. (The mesh tests compare meshes with one
+  device step by step; tests/test_train_loop.py and the multi-process tests run the loop on several devices.)"""
+  return jax.devices()[:1]
+
+
 def mesh_of(shape):
   """A mesh over the first prod(shape) devices (dict(data=1) = one device)."""
   n = int(np.prod([v for v in shape.values()]))

@@ -231,9 +231,10 @@ def _check_finite(step: int, m: dict, ckpt: checkpoint.TrainCheckpointer) -> Non
                       f"No checkpoint was written from this state; the latest checkpoint is {where}.")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook] = ()) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook] = (),
+        devices: Optional[Sequence[jax.Device]] = None) -> dict:
   """Train config.train.steps steps in workdir (resuming if it holds checkpoints), running `hooks` (Hook) on
-  the way. Returns the last metrics.
+  the way, on config.mesh laid over `devices` (default: every device of every process). Returns the last metrics.
 
   The workdir is locked (WORKDIR/lock) for the run: a second run on it raises train.workdir.WorkdirLocked."""
   workdir = os.path.abspath(workdir)
@@ -242,7 +243,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook] =
   if jax.process_index() == 0:
     lock.acquire()
   try:
-    return _run(config, workdir, hooks)
+    return _run(config, workdir, hooks, devices)
   finally:
     lock.release()
 
@@ -252,7 +253,8 @@ def _close(hooks: Sequence[Hook]) -> None:
     hook.close()
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook]) -> dict:
+def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook],
+         devices: Optional[Sequence[jax.Device]]) -> dict:
   if config.get("init_from"):
     config = checkpoint.adopt_model_config(config, checkpoint.params_dir(config.init_from))
   towers.validate(config)
@@ -262,7 +264,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, hooks: Sequence[Hook])
   primary = jax.process_index() == 0
 
   # Devices and the train state's layout.
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = config.sharding_rules
   setup = state_lib.Setup(config, mesh)
   log.info("mesh %s over %d devices (%d processes); %.2f M parameters, %.2f M trainable",
