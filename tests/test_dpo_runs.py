@@ -66,10 +66,10 @@ def test_dpo_run_checkpoints_no_reference_and_resumes(tmp_path, lora):
   c = _config(tmp_path, lora)
   if not lora:  # a frozen copy of the starting weights needs starting weights: refused before any data opens
     with pytest.raises(ConfigError, match="init_from"):
-      loop.run(c, str(tmp_path / "no_base"), tl.hooks(), tl.one_device())
+      loop.run(c, str(tmp_path / "no_base"), tl.hooks(), devices=tl.one_device())
   c.init_from = _base(tmp_path, c)
   workdir = str(tmp_path / "run")
-  last = loop.run(c, workdir, tl.hooks(), tl.one_device())
+  last = loop.run(c, workdir, tl.hooks(), devices=tl.one_device())
   assert np.isfinite(last["train/thinker_dpo/loss"]) and last["train/thinker_dpo/pairs"] > 0
   assert "eval/thinker_dpo/margin" in last and "eval/thinker_dpo/accuracy" in last
   stored = checkpoint.stored_tree(os.path.join(checkpoint.params_dir(workdir), "params"))
@@ -77,7 +77,7 @@ def test_dpo_run_checkpoints_no_reference_and_resumes(tmp_path, lora):
   if lora:
     assert all(".lora." in k for k in stored)
   c.train.steps = 3
-  loop.run(c, workdir, tl.hooks(), tl.one_device())  # resumes: the reference comes back from init_from
+  loop.run(c, workdir, tl.hooks(), devices=tl.one_device())  # resumes: the reference comes back from init_from
   assert checkpoint.params_dir(workdir).endswith("/3")
 
 

@@ -271,7 +271,7 @@ def test_a_checkpoint_trained_on_one_unit_set_refuses_data_of_another(tmp_path):
   from omni_jax.train import loop  # noqa: PLC0415
 
   workdir = str(tmp_path / "run")
-  loop.run(c, workdir, lib.hooks(), lib.one_device())
+  loop.run(c, workdir, lib.hooks(), devices=lib.one_device())
   # Re-encoded with another unit set: same files, other version.
   other = codes_lib.CodeIndex.load(codes_path)
   other.units_version = "unitsB"
@@ -279,7 +279,7 @@ def test_a_checkpoint_trained_on_one_unit_set_refuses_data_of_another(tmp_path):
   again = _pipeline_config(tmp_path, jsonl, tmp_path / "codes_b.json")
   again.train.update(dict(steps=2, checkpoint_every=1, async_checkpointing=False))
   with pytest.raises(codes_lib.UnitsMismatch, match="unitsA"):
-    loop.run(again, workdir, lib.hooks(), lib.one_device())
+    loop.run(again, workdir, lib.hooks(), devices=lib.one_device())
 
 
 # --------------------------------------------------------------------------------------- adoption, FLOPs
@@ -330,7 +330,7 @@ def test_init_from_a_thinker_only_checkpoint_restores_the_thinker_and_starts_the
   checkpoint.save_params(str(tmp_path / "thinker"), state, thinker_only)
   c = _talker_config(steps=1, checkpoint_every=1, async_checkpointing=False, lr=0.0, warmup_steps=0)
   c.init_from = str(tmp_path / "thinker")
-  loop.run(c, str(tmp_path / "run"), lib.hooks(), lib.one_device())
+  loop.run(c, str(tmp_path / "run"), lib.hooks(), devices=lib.one_device())
   after = traverse_util.flatten_dict(checkpoint.restore_pure(str(tmp_path / "run" / "checkpoints" / "1"), None))
   before = traverse_util.flatten_dict(nnx.to_pure_dict(state))
   for k, v in before.items():  # lr 0: the Thinker is exactly the checkpoint's

@@ -267,7 +267,7 @@ def demo_run(tmp_path_factory):
                       checkpoint_every=STEPS, async_checkpointing=False))
   c.eval.update(dict(at_start=True, samples_per_dataset=6, batch_size=4, steps=2))  # the held-out replies
   c.data.speech_codes = str(work / "codes.json")
-  loop.run(c, str(work / "run"), lib.hooks(), lib.one_device())
+  loop.run(c, str(work / "run"), lib.hooks(), devices=lib.one_device())
   with open(work / "run" / "metrics.jsonl") as f:
     metrics = [json.loads(line) for line in f]
   return work, clips, metrics
