@@ -187,7 +187,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list, media: 
   batch_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shard[k]) for k, v in shapes.items()}
   jitted = step_lib.jit_for_layout(setup, batch_in)  # what jit_train_step compiles per batch layout
   start = time.perf_counter()
-  lowered = jitted.lower(setup.abstract_with_shardings(), batch_in)
+  # The mesh's device kind (an H200's, say) for the lowering rules that ask which chip they compile for:
+  # Pallas' Triton lowering in jax >= 0.11 asks the context's abstract mesh, then the default device (a CPU here).
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    lowered = jitted.lower(setup.abstract_with_shardings(), batch_in)
   try:
     compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - only an out-of-memory error is a result; others propagate

@@ -130,8 +130,9 @@ class _Instr:
   root: bool = False
 
 
+# No kernel of their own (an async-start's called computation counts, at the top level, like a call's).
 _SKIP_BYTES = ("parameter", "tuple", "get-tuple-element", "bitcast", "constant", "while", "conditional", "call",
-               "after-all", "partition-id", "replica-id", "copy-start", "copy-done")
+               "after-all", "partition-id", "replica-id", "copy-start", "copy-done", "async-start")
 
 
 # Kernel families of a step's time: matrix products (and the fusions around them), attention kernels (custom
@@ -141,8 +142,10 @@ _ATTENTION_TARGETS = ("tpu_custom_call", "triton", "cudnn", "mosaic")
 
 
 def _fused_computation(ins: "_Instr") -> Optional[str]:
-  """The name of the computation a fusion instruction runs (None for any other instruction)."""
-  m = re.search(r"calls=%?([\w.\-]+)", ins.rest) if ins.op == "fusion" else None
+  """The name of the computation a fusion instruction runs (None for any other instruction). XLA:GPU may run a
+  fusion asynchronously: `fusion-start` (its result and the wait's `fusion-done`) in one printed form, an
+  `async-start` of a computation holding the fusion in the other."""
+  m = re.search(r"calls=%?([\w.\-]+)", ins.rest) if ins.op in ("fusion", "fusion-start") else None
   return m.group(1) if m else None
 
 
@@ -190,8 +193,41 @@ def _operands(rest: str) -> list[str]:
     elif ch in ")]}":
       depth -= 1
       if depth == 0:
-        out = re.findall(r"%([\w.\-]+)", rest[:i])
+        out = re.findall(r"%([\w.\-]+(?:#\d+)?)", rest[:i])  # `%t#2`: element 2 of tuple t
         break
+  return out
+
+
+def _tuple_elements(shape: str) -> list[str]:
+  """The element shapes of a tuple shape ('(s32[], /*index=1*/bf16[8]{0})'); [] for an array's."""
+  s = re.sub(r"/\*.*?\*/", "", shape).strip()
+  if not s.startswith("("):
+    return []
+  depth, start, out = 0, 1, []
+  for i, ch in enumerate(s):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+      if depth == 0:
+        out.append(s[start:i].strip())
+        break
+    elif ch == "," and depth == 1:
+      out.append(s[start:i].strip())
+      start = i + 1
+  return [e for e in out if e]
+
+
+def _tuple_element_reads(instrs: list) -> list:
+  """Newer XLA prints a tuple's element as an operand `%t#2` where older XLA wrote a get-tuple-element
+  instruction: one get-tuple-element per such reference, so that both print forms count the same."""
+  shapes = {i.name: i.shape for i in instrs}
+  out = []
+  for ref in sorted({o for i in instrs for o in i.operands if "#" in o}):
+    base, k = ref.rsplit("#", 1)
+    elements = _tuple_elements(shapes.get(base, ""))
+    out.append(_Instr(ref, elements[int(k)] if int(k) < len(elements) else "", "get-tuple-element", [base],
+                      f"%{base}), index={k}"))
   return out
 
 
@@ -395,6 +431,8 @@ def parse(text: str, num_devices: int) -> Program:
     if m:
       name, shape, op, rest = m.groups()
       computations[current].append(_Instr(name, shape, op, _operands(rest), rest, line.lstrip().startswith("ROOT")))
+  for instrs in computations.values():
+    instrs[:0] = _tuple_element_reads(instrs)
 
   def trip_count(ins: _Instr) -> int:
     """XLA's known_trip_count, else `i < N` in the condition with i's step read off the body (XLA unrolls
