@@ -185,37 +185,31 @@ def _family(ins: "_Instr", computations: dict, memo: dict) -> str:
   return memo[name]
 
 
-def _operands(rest: str) -> list[str]:
-  depth, out = 1, []
-  for i, ch in enumerate(rest):
+def _inside(text: str) -> tuple[str, list[str]]:
+  """`text` up to the bracket that closes one opened just before it, and that span's top-level comma-separated
+  parts (an instruction's operands, a tuple shape's elements)."""
+  depth, start, parts = 1, 0, []
+  for i, ch in enumerate(text):
     if ch in "([{":
       depth += 1
     elif ch in ")]}":
       depth -= 1
       if depth == 0:
-        out = re.findall(r"%([\w.\-]+(?:#\d+)?)", rest[:i])  # `%t#2`: element 2 of tuple t
-        break
-  return out
+        return text[:i], [p.strip() for p in parts + [text[start:i]] if p.strip()]
+    elif ch == "," and depth == 1:
+      parts.append(text[start:i])
+      start = i + 1
+  return "", []
+
+
+def _operands(rest: str) -> list[str]:
+  return re.findall(r"%([\w.\-]+(?:#\d+)?)", _inside(rest)[0])  # `%t#2`: element 2 of tuple t
 
 
 def _tuple_elements(shape: str) -> list[str]:
   """The element shapes of a tuple shape ('(s32[], /*index=1*/bf16[8]{0})'); [] for an array's."""
   s = re.sub(r"/\*.*?\*/", "", shape).strip()
-  if not s.startswith("("):
-    return []
-  depth, start, out = 0, 1, []
-  for i, ch in enumerate(s):
-    if ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth -= 1
-      if depth == 0:
-        out.append(s[start:i].strip())
-        break
-    elif ch == "," and depth == 1:
-      out.append(s[start:i].strip())
-      start = i + 1
-  return [e for e in out if e]
+  return _inside(s[1:])[1] if s.startswith("(") else []
 
 
 def _tuple_element_reads(instrs: list) -> list:
