@@ -139,8 +139,7 @@ def print_aot(args, parser):
     step = {k: moved[1][k] - moved[0][k] for k in moved[0]}
     launches = {f: programs[1].launches(f) - programs[0].launches(f) for f in hlo.FAMILIES}
     outside = sum(moved[0].values()) - sum(step.values())
-    k = slots.cache.k
-    cache_bytes = 2 * k.size * k.dtype.itemsize * window / max_len
+    cache_bytes = 2 * sum(k.size * k.dtype.itemsize for k in jax.tree.leaves(slots.cache.k)) * window / max_len
     print(f"batch {rows}, {max_len} cache slots, window {window}: per step "
           + ", ".join(f"{f} {mib(b)}" for f, b in step.items())
           + f" = {mib(sum(step.values()))} (weights + window {mib(weights + cache_bytes)}); "

@@ -246,10 +246,13 @@ def test_on_gpus_the_choice_is_the_same_behind_one_conditional(monkeypatch):
     assert choose.lower(logits, seen, keys, per_row).as_text().count("stablehlo.case") == most, platform
 
 
-def test_per_layer_weight_buffers_decode_the_same_replies(model):
+def test_per_layer_weight_buffers_decode_the_same_replies(model, monkeypatch):
   """config.generate.layer_buffers="split" (GPUs' default): the Generator holds each stacked weight as one buffer
   per layer (their values the stacked ones' slices) and every program runs the layers unrolled over them; the
-  replies, spoken ones and their caches included, are the stacked weights' own."""
+  replies, spoken ones and their caches included, are the stacked weights' own. Where a compiler would copy a
+  stacked cache's slices (jax >= 0.11), the caches are one buffer per layer too."""
+  from flax import nnx
+
   from omni_jax.generate.model import Generator, decoder_stacks
   from omni_jax.models import scan
 
@@ -279,6 +282,13 @@ def test_per_layer_weight_buffers_decode_the_same_replies(model):
   split.params = g.params
   assert scan.is_split(split.params) and split.params is not before
 
+  decoders = nnx.merge(split.graphdef, split.params)
+  for copied in (False, True):  # True last: the split run below keeps per-layer caches
+    monkeypatch.setattr(scan, "STACKED_CACHE_SLICES_COPIED", copied)
+    for decoder in (decoders.thinker.model, decoders.talker.model):
+      assert isinstance(decoder.init_cache(1, 8).k, tuple) == copied
+    assert not isinstance(nnx.merge(g.graphdef, g.params).thinker.model.init_cache(1, 8).k, tuple)
+
   expected, _ = decode(model, 2, 3, range(len(PROMPTS)))
   model.generator = split
   try:
@@ -287,8 +297,13 @@ def test_per_layer_weight_buffers_decode_the_same_replies(model):
     model.generator = g
   for i, (a, b) in enumerate(zip(got, expected)):
     assert a.tokens == b.tokens and a.codes == b.codes, i
-    np.testing.assert_allclose(np.asarray(a.conversation.cache.k), np.asarray(b.conversation.cache.k),
-                               rtol=1e-5, atol=1e-5)
+    # The caches are one buffer per layer too (each layer reads its own), holding the stacked cache's rows.
+    for ours, theirs in ((a.conversation.cache, b.conversation.cache),
+                         (a.conversation.talker_cache, b.conversation.talker_cache)):
+      assert isinstance(ours.k, tuple) and len(ours.k) == theirs.k.shape[0] and ours.k[0].shape[0] == 1
+      for x, y in ((ours.k, theirs.k), (ours.v, theirs.v)):
+        np.testing.assert_allclose(np.concatenate([np.asarray(layer) for layer in x]), np.asarray(y),
+                                   rtol=1e-5, atol=1e-5)
   config.generate.layer_buffers = "sideways"
   with pytest.raises(ValueError, match="config.generate.layer_buffers"):
     Generator(g.graphdef, g.params, config, g.mesh, g.param_shardings)

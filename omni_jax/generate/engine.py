@@ -117,7 +117,8 @@ def _window(cache: KVCache, slots: int) -> KVCache:
   """The cache's first `slots` slots: what a generate call reads and writes when no row goes past them."""
   if slots >= cache.max_len:
     return cache
-  k, v = (sharding.constrain(x[:, :, :, :slots], KVCache.NAMES) for x in (cache.k, cache.v))
+  first = lambda x: sharding.constrain(x[:, :, :, :slots], KVCache.NAMES)  # noqa: E731
+  k, v = (jax.tree.map(first, kv) for kv in (cache.k, cache.v))
   return cache._replace(k=k, v=v, valid=cache.valid[:, :slots])
 
 
@@ -126,7 +127,8 @@ def _unwindow(cache: KVCache, window: KVCache) -> KVCache:
   if window.max_len >= cache.max_len:
     return window
   n = window.max_len
-  return KVCache(cache.k.at[:, :, :, :n].set(window.k), cache.v.at[:, :, :, :n].set(window.v),
+  put = lambda x, w: x.at[:, :, :, :n].set(w)  # noqa: E731
+  return KVCache(jax.tree.map(put, cache.k, window.k), jax.tree.map(put, cache.v, window.v),
                  cache.valid.at[:, :n].set(window.valid), window.index)
 
 
@@ -720,4 +722,5 @@ def _canonical(outputs, mesh=None):
 def _sharded_cache(decoder, batch: int, length: int, dtype=None) -> KVCache:
   """An empty KV cache of a decoder stack, laid out by the rule table (rows over data/fsdp, kv heads over tensor)."""
   cache = decoder.init_cache(batch, length, dtype)
-  return cache._replace(k=sharding.constrain(cache.k, KVCache.NAMES), v=sharding.constrain(cache.v, KVCache.NAMES))
+  laid_out = lambda kv: jax.tree.map(lambda x: sharding.constrain(x, KVCache.NAMES), kv)  # noqa: E731
+  return cache._replace(k=laid_out(cache.k), v=laid_out(cache.v))

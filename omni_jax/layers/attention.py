@@ -4,7 +4,7 @@ One module serves every tower: the Thinker and Talker decoders (causal + segment
 (window / per-image block-diagonal masks) and the audio tower (per-chunk block-diagonal masks).
 """
 
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -210,9 +210,14 @@ class KVCache(NamedTuple):
   Heads come before slots in k and v: a decode step's attention is then one batched matrix-vector product
   per (row, KV head) over contiguous slots, read where the cache lies (slots before heads would make XLA
   transpose every layer's cache at every step to get there).
+
+  k and v are one [layers, ...] array each, or (per_layer: a stack that runs unrolled over weights held one
+  buffer per layer, models.scan.caches_per_layer) a tuple of one [1, ...] array per layer, so that a layer
+  reads its slots from a buffer of its own rather than from a slice of the stacked array, which a compiler
+  may copy before the attention's matmuls.
   """
-  k: jax.Array  # [layers, B, kv_heads, max_len, head_dim], cache dtype
-  v: jax.Array  # same
+  k: Any  # [layers, B, kv_heads, max_len, head_dim], cache dtype; or a tuple of [1, B, ...] per layer
+  v: Any  # same
   valid: jax.Array  # [B, max_len] bool
   index: jax.Array  # int32 scalar, or [B]: the next slot to write (of every row, or of each)
 
@@ -220,13 +225,14 @@ class KVCache(NamedTuple):
 
   @classmethod
   def create(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-             dtype=jnp.float32) -> "KVCache":
-    zeros = jnp.zeros((num_layers, batch, kv_heads, max_len, head_dim), dtype)
-    return cls(zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+             dtype=jnp.float32, per_layer: bool = False) -> "KVCache":
+    zeros = jnp.zeros((1 if per_layer else num_layers, batch, kv_heads, max_len, head_dim), dtype)
+    kv = (zeros,) * num_layers if per_layer else zeros
+    return cls(kv, kv, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[3]
+    return self.valid.shape[1]
 
   def append(self, valid: jax.Array) -> tuple["KVCache", SegmentMask]:
     """(the cache with the slots of L new tokens marked by `valid` [B, L] and its index advanced, mask).
@@ -335,9 +341,10 @@ class Attention(nnx.Module):
     """x [B, L, D] -> [B, L, D].
 
     kv_cache: None, or (k, v, layer, index): the stack's caches ([layers, B, kv_heads, max_len, head_dim]
-    each), this layer's row and the write slot. The new keys/values are written at row `layer`, slots
-    [index, index + L) (in place: only the new slots are written), attention reads the layer's cache under
-    `mask` (KVCache.append's), and the call returns (out, (k, v)) with the updated arrays.
+    each, or KVCache's per-layer tuples, indexed by `layer` as a Python int), this layer's row and the write
+    slot. The new keys/values are written at row `layer`, slots [index, index + L) (in place: only the new
+    slots are written), attention reads the layer's cache under `mask` (KVCache.append's), and the call
+    returns (out, (k, v)) with the updated arrays.
     """
     b, l, _ = x.shape
     q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
@@ -350,10 +357,14 @@ class Attention(nnx.Module):
     k = sharding.constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", None))
     v = sharding.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
     if kv_cache is not None:
-      k_cache, v_cache, layer, index = kv_cache
-      k_cache = sharding.constrain(write_layer_slots(k_cache, k.astype(k_cache.dtype), layer, index), KVCache.NAMES)
-      v_cache = sharding.constrain(write_layer_slots(v_cache, v.astype(v_cache.dtype), layer, index), KVCache.NAMES)
-      k, v = (jax.lax.dynamic_index_in_dim(a, layer, keepdims=False).astype(q.dtype) for a in (k_cache, v_cache))
+      k_stack, v_stack, layer, index = kv_cache
+      per_layer = isinstance(k_stack, tuple)  # KVCache.create(per_layer=True): this layer's own buffers
+      k_cache, v_cache, row = (k_stack[layer], v_stack[layer], 0) if per_layer else (k_stack, v_stack, layer)
+      k_cache = sharding.constrain(write_layer_slots(k_cache, k.astype(k_cache.dtype), row, index), KVCache.NAMES)
+      v_cache = sharding.constrain(write_layer_slots(v_cache, v.astype(v_cache.dtype), row, index), KVCache.NAMES)
+      k, v = (jax.lax.dynamic_index_in_dim(a, row, keepdims=False).astype(q.dtype) for a in (k_cache, v_cache))
+      if per_layer:
+        k_cache, v_cache = (s[:layer] + (c,) + s[layer + 1:] for s, c in ((k_stack, k_cache), (v_stack, v_cache)))
       impl = resolve(self.implementation, b * self.num_heads * l * k.shape[2])
       if impl not in DENSE_IMPLS:
         # Attention over the cache (Lq != Lk, slot indices): the fused kernels do not take it. Dense while the

@@ -141,6 +141,20 @@ def is_split(state) -> bool:
   return any(_is_slices(leaf) for leaf in jax.tree.leaves(state, is_leaf=_is_slices))
 
 
+# Whether the compiler copies a layer's static slice of a stacked KV cache before the attention's matmuls.
+# Compiled for an H200 (7B decode step, 256 cache slots): jax 0.11's XLA:GPU copies every layer's window
+# (batch 32: 896 MiB a step, 56 kernels); jax 0.10's reads the slice inside the matmul's fusion, and lays a
+# layer's buffer of its own out for the single-row product with a transpose at every step instead (batch 1,
+# 4,096 slots: 1.12x the bytes).
+STACKED_CACHE_SLICES_COPIED = jax.__version_info__ >= (0, 11)
+
+
+def caches_per_layer(state) -> bool:
+  """Whether a decoder stack with weights `state` keeps its KV cache as one buffer per layer (KVCache.create's
+  per_layer): where its weights are split (it runs unrolled) and a stacked cache's slices would be copied."""
+  return STACKED_CACHE_SLICES_COPIED and is_split(state)
+
+
 def _cast_before_the_loop(layers: nnx.Module, state):
   """state with every Linear's kernel and bias already in the dtype the Linear computes in (int8 kernels, which
   a scale multiplies, are left). Cast inside a differentiated scan without rematerialisation, each layer's

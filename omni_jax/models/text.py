@@ -16,7 +16,7 @@ from omni_jax.layers.linear import Embed
 from omni_jax.layers.mlp import GatedMLP
 from omni_jax.layers.norms import RMSNorm
 from omni_jax.layers.rotary import inv_frequencies, mrope_cos_sin
-from omni_jax.models.scan import create_stacked, run_stacked
+from omni_jax.models.scan import caches_per_layer, create_stacked, run_stacked
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
 
@@ -63,10 +63,11 @@ class DecoderStack(nnx.Module):
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=rt.param_dtype)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache for `batch` rows of up to `max_len` tokens (dtype: default the compute dtype)."""
+    """An empty cache for `batch` rows of up to `max_len` tokens (dtype: default the compute dtype); one buffer
+    per layer where scan.caches_per_layer says so."""
     c = self.cfg
     return KVCache.create(c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim,
-                          dtype or self.rt.dtype)
+                          dtype or self.rt.dtype, per_layer=caches_per_layer(nnx.state(self.layers)))
 
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                cache: Optional[KVCache] = None) -> tuple[jax.Array, Optional[KVCache]]:
