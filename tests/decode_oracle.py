@@ -65,7 +65,8 @@ class _Loop(NamedTuple):
 
 def _sharded_cache(decoder, batch: int, length: int, dtype=None) -> KVCache:
   cache = decoder.init_cache(batch, length, dtype)
-  return cache._replace(k=sharding.constrain(cache.k, KVCache.NAMES), v=sharding.constrain(cache.v, KVCache.NAMES))
+  laid_out = lambda kv: jax.tree.map(lambda x: sharding.constrain(x, KVCache.NAMES), kv)  # noqa: E731 - per layer too
+  return cache._replace(k=laid_out(cache.k), v=laid_out(cache.v))
 
 
 def _next_token(logits, seen, done, key, step, *, sampling: SamplingParams, eos, pad_token_id: int,
