@@ -64,9 +64,7 @@ class _Loop(NamedTuple):
 
 
 def _sharded_cache(decoder, batch: int, length: int, dtype=None) -> KVCache:
-  cache = decoder.init_cache(batch, length, dtype)
-  laid_out = lambda kv: jax.tree.map(lambda x: sharding.constrain(x, KVCache.NAMES), kv)  # noqa: E731 - per layer too
-  return cache._replace(k=laid_out(cache.k), v=laid_out(cache.v))
+  return decoder.init_cache(batch, length, dtype).map_kv()
 
 
 def _next_token(logits, seen, done, key, step, *, sampling: SamplingParams, eos, pad_token_id: int,

@@ -117,9 +117,7 @@ def _window(cache: KVCache, slots: int) -> KVCache:
   """The cache's first `slots` slots: what a generate call reads and writes when no row goes past them."""
   if slots >= cache.max_len:
     return cache
-  first = lambda x: sharding.constrain(x[:, :, :, :slots], KVCache.NAMES)  # noqa: E731
-  k, v = (jax.tree.map(first, kv) for kv in (cache.k, cache.v))
-  return cache._replace(k=k, v=v, valid=cache.valid[:, :slots])
+  return cache.map_kv(lambda x: x[:, :, :, :slots])._replace(valid=cache.valid[:, :slots])
 
 
 def _unwindow(cache: KVCache, window: KVCache) -> KVCache:
@@ -721,6 +719,4 @@ def _canonical(outputs, mesh=None):
 
 def _sharded_cache(decoder, batch: int, length: int, dtype=None) -> KVCache:
   """An empty KV cache of a decoder stack, laid out by the rule table (rows over data/fsdp, kv heads over tensor)."""
-  cache = decoder.init_cache(batch, length, dtype)
-  laid_out = lambda kv: jax.tree.map(lambda x: sharding.constrain(x, KVCache.NAMES), kv)  # noqa: E731
-  return cache._replace(k=laid_out(cache.k), v=laid_out(cache.v))
+  return decoder.init_cache(batch, length, dtype).map_kv()

@@ -234,6 +234,12 @@ class KVCache(NamedTuple):
   def max_len(self) -> int:
     return self.valid.shape[1]
 
+  def map_kv(self, fn=lambda x: x) -> "KVCache":
+    """The cache with `fn` applied to each k / v array (the stacked one, or every layer's), laid out by the rule
+    table (rows over data/fsdp, KV heads over tensor)."""
+    laid_out = lambda x: sharding.constrain(fn(x), KVCache.NAMES)  # noqa: E731
+    return self._replace(k=jax.tree.map(laid_out, self.k), v=jax.tree.map(laid_out, self.v))
+
   def append(self, valid: jax.Array) -> tuple["KVCache", SegmentMask]:
     """(the cache with the slots of L new tokens marked by `valid` [B, L] and its index advanced, mask).
 
