@@ -573,6 +573,46 @@ def test_hlo_counts_a_cudnn_convolution_as_a_gemm_with_its_flops():
   assert program.flops == 2 * 32 * 16 * (100 * 7 - 2 * (3 + 2 + 1))
 
 
+_GEMM_CONFIG = ('backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],'
+                '"lhs_contracting_dimensions":["1"],"rhs_batch_dimensions":[],"rhs_contracting_dimensions":["0"]}}}')
+_CUBLAS_HLO = f"""HloModule m
+
+%into_stack (p0: bf16[64,32], p1: bf16[32,16], p2: bf16[4,64,16], p3: s32[]) -> (bf16[4,64,16], s8[1048576]) {{
+  %p0 = bf16[64,32]{{1,0}} parameter(0)
+  %p1 = bf16[32,16]{{1,0}} parameter(1)
+  %mm = (bf16[64,16]{{1,0}}, s8[1048576]{{0}}) custom-call(%p0, %p1), custom_call_target="__cublas$lt$matmul", {_GEMM_CONFIG}
+  %row = bf16[1,64,16]{{2,1,0}} bitcast(%mm#0)
+  %p2 = bf16[4,64,16]{{2,1,0}} parameter(2)
+  %p3 = s32[] parameter(3)
+  %zero = s32[] constant(0)
+  %dus = bf16[4,64,16]{{2,1,0}} dynamic-update-slice(%p2, %row, %p3, %zero, %zero)
+  ROOT %out = (bf16[4,64,16]{{2,1,0}}, s8[1048576]{{0}}) tuple(%dus, %mm#1)
+}}
+
+ENTRY %main (arguments omitted) {{
+  %x = bf16[64,32]{{1,0}} parameter(0)
+  %w = bf16[32,16]{{1,0}} parameter(1)
+  %stack = bf16[4,64,16]{{2,1,0}} parameter(2)
+  %i = s32[] parameter(3)
+  %plain = (bf16[64,16]{{1,0}}, s8[1048576]{{0}}) custom-call(%x, %w), custom_call_target="__cublas$gemm", {_GEMM_CONFIG}
+  %written = (bf16[4,64,16]{{2,1,0}}, s8[1048576]{{0}}) fusion(%x, %w, %stack, %i), kind=kCustom, calls=%into_stack
+  ROOT %both = (bf16[64,16]{{1,0}}, bf16[4,64,16]{{2,1,0}}) tuple(%plain#0, %written#0)
+}}
+"""
+
+
+def test_hlo_counts_cublas_calls_by_their_product_and_not_their_workspace():
+  """Where XLA:GPU hands a product to cuBLAS (its autotuner's pick, or --xla_gpu_enable_triton_gemm=false), the
+  call carries its contraction in its backend config and returns a workspace beside the product; a
+  dynamic-slice fusion writes the product straight into a scan's stack. Both are GEMM kernels with the
+  product's FLOPs, moving their operands and product (the row, in the stack), never the scratch buffer."""
+  program = hlo.parse(_CUBLAS_HLO, 1)
+  operands, product = (64 * 32 + 32 * 16) * 2, 64 * 16 * 2
+  assert program.flops == 2 * (2 * 64 * 16 * 32)
+  assert program.bytes_by_family == {"gemm": 2 * (operands + product) + 4, "attention": 0, "other": 0}
+  assert [(k.name, k.family) for k in program.kernels] == [("plain", "gemm"), ("written", "gemm")]
+
+
 @needs_cuda_plugin
 def test_decode_on_gpus_reads_each_layers_weights_in_place():
   """XLA:GPU copies a slice of a stacked weight before the matmul reading it: a decode step over stacked layers

@@ -165,6 +165,27 @@ def _is_convolution(ins: "_Instr") -> bool:
   return ins.op == "convolution" or (ins.op == "custom-call" and '_call_target="__cudnn$conv' in ins.rest)
 
 
+def _is_library_gemm(ins: "_Instr") -> bool:
+  """A matrix product XLA:GPU hands to cuBLAS / cuBLASLt (its choice where it does not emit a Triton GEMM)."""
+  return ins.op == "custom-call" and '_call_target="__cublas$' in ins.rest
+
+
+def _workspace_index(ins: "_Instr") -> Optional[int]:
+  """Where a cuBLAS / cuDNN call's result tuple holds its workspace (last, an s8 / u8 scratch buffer of up to
+  tens of MiB that the library may use in part: not data the program moves), else None."""
+  elements = _tuple_elements(ins.shape)
+  if (ins.op == "custom-call" and '_call_target="__cu' in ins.rest and len(elements) > 1
+      and re.match(r"[su]8\[", elements[-1])):
+    return len(elements) - 1
+  return None
+
+
+def _result_bytes(ins: "_Instr") -> float:
+  """Bytes of an instruction's result, a library call's workspace left out."""
+  sizes = array_bytes(ins.shape)
+  return float(sum(sizes[:-1] if _workspace_index(ins) is not None else sizes))
+
+
 def _family(ins: "_Instr", computations: dict, memo: dict) -> str:
   """The family of an unfused instruction: a fusion containing a dot / convolution is a GEMM's."""
   if ins.op == "dot" or _is_convolution(ins):
@@ -238,16 +259,18 @@ def _elements(shape: str) -> float:
 
 
 def _matmul_flops(ins: _Instr, shapes: dict) -> float:
-  """2 x output elements x contraction size, for dot and (matmul-like) convolution instructions."""
+  """2 x output elements x contraction size, for dot and (matmul-like) convolution instructions and cuBLAS
+  calls (whose contraction is in their backend config)."""
   lhs = _dims(shapes.get(ins.operands[0], "")) if ins.operands else []
   if not lhs:
     return 0.0
-  out = _elements(ins.shape)
-  if ins.op == "dot":
-    m = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)
+  out = _elements(ins.shape)  # a library call's first result: its product
+  if ins.op == "dot" or _is_library_gemm(ins):
+    m = (re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest) if ins.op == "dot" else
+         re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.rest))
     k = 1
-    for d in (m.group(1).split(",") if m else []):
-      if d and int(d) < len(lhs):
+    for d in (m.group(1).replace('"', "").split(",") if m else []):
+      if d.strip() and int(d) < len(lhs):
         k *= lhs[int(d)]
     return 2.0 * out * k
   m = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.rest)
@@ -317,7 +340,7 @@ def _moved_bytes(ins: _Instr, shapes: dict, computations: dict) -> float:
   if ins.op == "scatter":
     _, indices, updates, touches = _scatter_parts(ins, computations)
     return size(indices[0]) + touches * sum(size(u) for u in updates)
-  out = float(sum(array_bytes(ins.shape)))
+  out = _result_bytes(ins)
   callee = _fused_computation(ins)
   body = computations.get(callee) if callee else None
   if not body:
@@ -340,8 +363,12 @@ def _moved_bytes(ins: _Instr, shapes: dict, computations: dict) -> float:
         operands, _, updates, touches = _scatter_parts(r, computations)
         out += (touches - 1) * sum(float(sum(array_bytes(inner[u].shape))) for u in updates)
         in_place.update(operands)
+      elif (r.op == "get-tuple-element" and r.operands and r.operands[0] in inner
+            and (k := re.search(r"index=(\d+)", r.rest))
+            and _workspace_index(inner[r.operands[0]]) == int(k.group(1))):
+        continue  # a cuBLAS call fused with its slices returns its workspace beside its product
       else:
-        out += float(sum(array_bytes(r.shape)))
+        out += _result_bytes(r)
   total = out
   params = _parameters(body)
   for k, operand in enumerate(ins.operands):
@@ -495,7 +522,7 @@ def parse(text: str, num_devices: int) -> Program:
         # Async starts return (operands..., results...): the largest array is the moved buffer.
         colls.append((Collective(base, max(sizes) if ins.op.endswith("-start") else sum(sizes),
                                  _group_size(ins.rest, num_devices), 1, op_name.group(1) if op_name else ""), 1))
-      if ins.op == "dot" or _is_convolution(ins):
+      if ins.op == "dot" or _is_convolution(ins) or _is_library_gemm(ins):
         flops += _matmul_flops(ins, shapes)
       if top_level and ins.op not in _SKIP_BYTES and not ins.op.endswith("-done"):
         family, nbytes = _family(ins, computations, families), _moved_bytes(ins, shapes, computations)
