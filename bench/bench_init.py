@@ -1,6 +1,6 @@
 """A model's init program: every parameter drawn by its own sampling loop and compiled at XLA's default level (the
 reference), against omni.create_sharded's program (like parameters drawn a group at a time, compiled with
-omni.INIT_COMPILER_OPTIONS for the platform). Both programs' values must be the same bits.
+omni_jax.xla_options' init options for the platform). Both programs' values must be the same bits.
 
   .venv/bin/python bench/bench_init.py                                        # configs/demo_token2wav.py
   .venv/bin/python bench/bench_init.py --config configs/recipes/new_voice.py:dir=VOICE_DIR
@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from omni_jax import sharding  # noqa: E402
+from omni_jax import sharding, xla_options  # noqa: E402
 from omni_jax.layers import grouped_init  # noqa: E402
 from omni_jax.models import omni  # noqa: E402
 
@@ -71,7 +71,7 @@ def main():
   _, abstract = omni.abstract_model(config)
   shardings = sharding.state_shardings(abstract, mesh, config.sharding_rules)
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
-  options = omni.INIT_COMPILER_OPTIONS.get(devices[0].platform, {})
+  options = xla_options.for_program("init", devices[0].platform) or {}
   run = not args.topology
   ref_compile, ref_run, ref = timed_init(config, mesh, shardings, False, {}, run)
   ours_compile, ours_run, ours = timed_init(config, mesh, shardings, True, options, run)

@@ -19,6 +19,7 @@ from configs.recipes import dpo as dpo_recipe
 from configs.recipes import lora as lora_recipe
 from omni_jax import aot
 from omni_jax import config as config_lib
+from omni_jax import xla_options
 from omni_jax.aot import compile as compile_lib
 from omni_jax.aot import hardware, hlo, report
 from omni_jax.layers import lora
@@ -611,6 +612,47 @@ def test_hlo_counts_cublas_calls_by_their_product_and_not_their_workspace():
   assert program.flops == 2 * (2 * 64 * 16 * 32)
   assert program.bytes_by_family == {"gemm": 2 * (operands + product) + 4, "attention": 0, "other": 0}
   assert [(k.name, k.family) for k in program.kernels] == [("plain", "gemm"), ("written", "gemm")]
+
+
+# A text-only Thinker wide enough that XLA:GPU hands its layers' products to cuBLAS in a scan that keeps them.
+_CUBLAS_STEP = """
+import json, os, sys
+sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "bench")]
+import bench_mfu
+from omni_jax.aot import compile as compile_lib, hardware, hlo
+c = bench_mfu.make_config(True, 512, 2, "none", False)
+c.model.thinker.text.update(dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8))
+c.model.dtype, c.model.attention_impl = "bfloat16", "xla"
+flops = {}
+for topology in ("h200:1", "cpu:1"):
+  compiled = compile_lib.compile_train_step(c, compile_lib.devices_for(hardware.parse(topology, 1)))
+  flops[topology] = hlo.parse(compiled.compiled.as_text(), 1).flops
+print(json.dumps(flops))
+"""
+
+
+@needs_cuda_plugin
+def test_gpu_train_step_computes_each_product_once_with_cublas_gemms(monkeypatch):
+  """XLA:GPU's dynamic-slice fusion (on by default from jax 0.11) computes a cuBLAS product that a scan both
+  keeps as a residual and uses again twice: the train step turns it off on GPUs (omni_jax.xla_options), so the step's matmul FLOPs are the CPU compile's. XLA_FLAGS naming the option wins: turned
+  on there, jax >= 0.11 shows the duplicates this guards against (jax 0.10's compiler fails on it)."""
+  def flops(xla_flags):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([GPU_AOT, ROOT]), XLA_FLAGS=xla_flags)
+    out = subprocess.run([sys.executable, "-c", _CUBLAS_STEP], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  cublas = "--xla_gpu_enable_triton_gemm=false"
+  once = flops(cublas)
+  assert once["h200:1"] == pytest.approx(once["cpu:1"], rel=1e-4)
+  assert xla_options.for_program("train", "gpu") == {"xla_gpu_enable_dynamic_slice_fusion": False}
+  assert xla_options.for_program("train", "cpu") is None
+  monkeypatch.setenv("XLA_FLAGS", cublas + " --xla_gpu_enable_dynamic_slice_fusion=true")
+  assert xla_options.for_program("train", "gpu") is None
+  if tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 11):
+    twice = flops(os.environ["XLA_FLAGS"])
+    assert twice["h200:1"] > once["h200:1"] * 1.002
 
 
 @needs_cuda_plugin

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omni_jax import sharding
+from omni_jax import sharding, xla_options
 from omni_jax.layers import grouped_init, linear
 from omni_jax.models import omni
 from omni_jax.models.omni import OmniModel
@@ -92,7 +92,7 @@ def test_a_value_is_not_there_to_read_until_the_block_ends():
 
 def test_level_1_compiles_the_draws_to_the_default_levels_bits():
   """create_sharded compiles the init program at XLA:CPU's level 1: the same sampling kernels, the same bits."""
-  options = omni.INIT_COMPILER_OPTIONS["cpu"]
+  options = xla_options.OPTIONS["init"]["cpu"]
 
   def init():
     with grouped_init.grouped():
@@ -117,7 +117,7 @@ def test_the_models_init_program_gives_the_one_by_one_values():
       return nnx.split(OmniModel(config, rngs=nnx.Rngs(3)))[1]
 
   with sharding.activate(mesh, config.sharding_rules):
-    want = one_by_one.lower().compile(compiler_options=omni.INIT_COMPILER_OPTIONS["cpu"])()
+    want = one_by_one.lower().compile(compiler_options=xla_options.OPTIONS["init"]["cpu"])()
   got, want = nnx.to_flat_state(state), nnx.to_flat_state(want)
   assert [p for p, _ in got] == [p for p, _ in want] and any(p[0] == "token2wav" for p, _ in got)
   for (path, a), (_, b) in zip(got, want):

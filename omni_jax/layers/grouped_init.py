@@ -3,7 +3,7 @@
 A tower built of many separate layers (BigVGAN's and the DiT's blocks) asks for hundreds of random
 initialisers, and a jitted initialiser compiles a key derivation and a sampling loop of its own for each one:
 hundreds of small kernels (grouped, a Token2Wav's init program compiles in 11.7 s instead of 17.7 s on a CPU at
-XLA's level 1, omni.INIT_COMPILER_OPTIONS). Inside `grouped()`, `create` takes each parameter's key from its
+XLA's level 1, omni_jax.xla_options). Inside `grouped()`, `create` takes each parameter's key from its
 module's Rngs as always, but records the draw and leaves a shape-only placeholder; leaving the block derives
 every key in one call and draws every group of the same initializer, shape and dtype in one call vmapped over
 the group's keys. A random draw vmapped over keys gives the same bits as the draws one by one, so the values are

@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from omni_jax import config as config_lib
-from omni_jax import sharding, towers
+from omni_jax import sharding, towers, xla_options
 from omni_jax.layers import grouped_init, lora
 
 
@@ -41,12 +41,6 @@ def abstract_model(config: ml_collections.ConfigDict, reference: Sequence[str] =
   return nnx.split(nnx.eval_shape(lambda: OmniModel(config, rngs=nnx.Rngs(0), reference=reference)))
 
 
-# XLA:CPU's most expensive LLVM passes (level 3, its default) take half an init program's compile time (its
-# hundreds of small sampling kernels: ~10 s for a Token2Wav) and buy nothing for a program that runs once. At
-# level 1 its values are the same bits; at level 0 they are not.
-INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}
-
-
 def create_sharded(config: ml_collections.ConfigDict, mesh: Mesh, seed: Optional[int] = None,
                    reference: Sequence[str] = (), abstract: Optional[tuple[nnx.GraphDef, nnx.State]] = None,
                    only: Optional[Sequence[str]] = None):
@@ -74,6 +68,6 @@ def create_sharded(config: ml_collections.ConfigDict, mesh: Mesh, seed: Optional
     return state if only is None else nnx.State({k: state[k] for k in only})
 
   with sharding.activate(mesh, config.sharding_rules):
-    options = INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform)
+    options = xla_options.for_program("init", mesh.devices.flat[0].platform)
     state = init.lower().compile(compiler_options=options)()
   return graphdef, state, shardings

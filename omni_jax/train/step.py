@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from omni_jax import batch as batch_lib
-from omni_jax import sharding, towers
+from omni_jax import sharding, towers, xla_options
 from omni_jax.layers import lora
 from omni_jax.thinker.inputs import label_mask, model_inputs  # noqa: F401
 from omni_jax.train import state as state_lib
@@ -143,5 +143,6 @@ def jit_for_layout(setup: state_lib.Setup, batch: Mapping[str, Any], step: Optio
   step = step or make_train_step(setup)
   replicated = NamedSharding(setup.mesh, PartitionSpec())
   b_shard = batch_shardings(batch, setup.mesh, setup.config.sharding_rules)
+  platform = next(iter(setup.mesh.devices.flat)).platform
   return jax.jit(step, in_shardings=(setup.shardings, b_shard), out_shardings=(setup.shardings, replicated),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=xla_options.for_program("train", platform))
