@@ -681,6 +681,30 @@ def test_decode_on_gpus_reads_each_layers_weights_in_place():
 
 
 @needs_cuda_plugin
+def test_decode_with_cublas_products_copies_no_weights():
+  """XLA:GPU's dot merger joins a layer's q / k / v projections (one input) into one product over their weights
+  concatenated at every step; where cuBLAS runs it (the autotuner's pick, or --xla_gpu_enable_triton_gemm=false)
+  that concatenation is a copy of the weights per step. The engine's programs compile without the merger on
+  GPUs (omni_jax.xla_options): two 7B-wide layers with cuBLAS products move about what they must read; with the
+  merger on (XLA_FLAGS naming the option wins) they move twice that."""
+  def ratios(xla_flags, batches):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([GPU_AOT, ROOT]), XLA_FLAGS=xla_flags)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_generate.py"), "--size", "7b-2l",
+                          "--dtype", "bfloat16", "--no-reference", "--batch", *batches, "--prompt", "16", "--new",
+                          "16", "--aot", "h100:1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {int(rows): float(moved.replace(",", "")) / float(bound.replace(",", "")) for rows, moved, bound in
+            re.findall(r"batch (\d+),.*?= ([\d,.]+) \(weights \+ window ([\d,.]+)\)", out.stdout)}
+
+  cublas = "--xla_gpu_enable_triton_gemm=false"
+  apart = ratios(cublas, ["1", "32"])
+  assert apart[1] < 1.0 and apart[32] < 1.1, apart
+  assert xla_options.for_program("decode", "gpu") == {"xla_gpu_dot_merger_threshold_mb": 0}
+  merged = ratios(cublas + " --xla_gpu_dot_merger_threshold_mb=1000", ["1"])
+  assert merged[1] > 1.5 * apart[1], merged
+
+
+@needs_cuda_plugin
 def test_one_conversation_decodes_without_copying_its_cache():
   """At batch 1 (one conversation: OmniSession, a server with one request) the engine's per-row cache index
   wrote k / v with a one-row scatter, which XLA:GPU runs as a transpose of the whole cache window at every step,

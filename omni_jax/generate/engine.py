@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from omni_jax import config as config_lib
-from omni_jax import sharding
+from omni_jax import sharding, xla_options
 from omni_jax.generate import limits
 from omni_jax.generate.sampling import RowSampling, SamplingParams, next_tokens
 from omni_jax.layers.attention import KVCache
@@ -165,10 +165,12 @@ class _Programs:
     self.queue_len, self.mesh, self.rules = int(queue_len), mesh, tuple(rules)
     self.eos = tuple(int(i) for i in ids.eos_token_ids)
     self.vocab_limit, self.code_limit = vocab_limit, code_limit
-    self.prefill = jax.jit(self._prefill, donate_argnums=(1, 2))
-    self.insert = jax.jit(self._insert, donate_argnums=(1,))
-    self.generate = jax.jit(self._generate, static_argnums=(2, 3, 4), donate_argnums=(1,))
-    self.release = jax.jit(self._release)
+    device = next(iter(mesh.devices.flat)) if mesh is not None else jax.devices()[0]
+    jit = functools.partial(jax.jit, compiler_options=xla_options.for_program("decode", device.platform))
+    self.prefill = jit(self._prefill, donate_argnums=(1, 2))
+    self.insert = jit(self._insert, donate_argnums=(1,))
+    self.generate = jit(self._generate, static_argnums=(2, 3, 4), donate_argnums=(1,))
+    self.release = jit(self._release)
 
   # -- helpers inside jit
 
