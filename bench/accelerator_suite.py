@@ -18,8 +18,8 @@ accelerator:
   decode_stacked  the same at batch 1 over the stacked weights (GPUs decode over one buffer per layer)      60 s
   decode_cache  bench_decode_cache.py --size 7b: the decoder stack's step alone at batch 1 / 32 and 256 / 8K
                 cache slots (weights and KV cache, without sampling, loop or host)                        75 s
-  profile_train / profile_decode: ms per step by kernel family, GEMM / attention / other (below), and the
-                slowest "other" kernels by name (where the elementwise time goes)                   40 s each
+  profile_train / profile_decode: ms and kernels per step by kernel family, GEMM / attention / other (below),
+                and the slowest "other" kernels by name (where the elementwise time goes)           40 s each
   transformers  transformers' train step on the text config where torch has CUDA: ours / theirs        45 s
   talker        bench_talker.py --size 7b --no-reference: Talker codes/s at batch 1, alone and in the
                 conversation engine's loop (what a spoken reply runs after its text)                      90 s
@@ -181,22 +181,25 @@ def _innermost(events: list) -> list:
 
 def kernel_families(trace_dir: str, steps: int = 1) -> dict:
   """ms per step of GEMM, attention and other device work in the trace under trace_dir (jax.profiler.trace(...,
-  create_perfetto_trace=True)), with the trace's event source and event count."""
+  create_perfetto_trace=True)), kernels per step of each (`launches`: against the compiled program's count,
+  omni_jax.aot's "kernels per step"), the trace's event source and event count."""
   with gzip.open(trace_file(trace_dir), "rt") as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
   picked, source = _device_events(events)
   picked = _innermost(picked)
-  total = dict.fromkeys(FAMILIES, 0.0)
+  total, launches = dict.fromkeys(FAMILIES, 0.0), dict.fromkeys(FAMILIES, 0.0)
   other = collections.Counter()  # ms of each "other" kernel: where the elementwise time goes
   for e in picked:
     name = str(e.get("name", ""))
     family = kernel_family(name)
     total[family] += float(e["dur"]) / 1e3  # trace times are microseconds
+    launches[family] += 1 / steps
     if family == "other":
       other[name] += float(e["dur"]) / 1e3 / steps
   top = {name: ms for name, ms in other.most_common(TOP_OTHER)}
-  return dict({k: v / steps for k, v in total.items()}, source=source, events=len(picked), top_other=top)
+  return dict({k: v / steps for k, v in total.items()}, source=source, events=len(picked), top_other=top,
+              launches=launches)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,10 +337,11 @@ def profile_decode(smoke: bool, trace_dir: str, new: int):
       reply(n)
     fam[n] = kernel_families(os.path.join(trace_dir, f"new{n}"), 1)
   per_step = {k: max(0.0, (fam[new][k] - fam[1][k]) / (new - 1)) for k in FAMILIES}
+  launches = {k: max(0.0, (fam[new]["launches"][k] - fam[1]["launches"][k]) / (new - 1)) for k in FAMILIES}
   top = {name: (ms - fam[1]["top_other"].get(name, 0.0)) / (new - 1) for name, ms in fam[new]["top_other"].items()}
   top = dict(sorted(((n, ms) for n, ms in top.items() if ms > 0), key=lambda kv: -kv[1]))
   _emit(dict(per_step, source=fam[new]["source"], events=fam[new]["events"], new=new, size=size, dtype=dtype,
-             top_other=top))
+             top_other=top, launches=launches))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,11 +521,14 @@ def _profile_row(key):
             f"({r['source']}, {r['events']} events)")
     if "wall_ms" in r:
       note += f"; wall {r['wall_ms']:.1f} ms/step"
+    launches = r.get("launches", {})
+    if launches:
+      note += "; kernels per step " + " / ".join(f"{k} {launches[k]:,.0f}" for k in FAMILIES)
     top = r.get("top_other", {})
     if top:
       note += "; slowest other: " + ", ".join(f"{n} {ms:.2f}" for n, ms in list(top.items())[:3])
     return {key: dict(figure=total, note=note, families={k: r[k] for k in FAMILIES}, source=r["source"],
-                      top_other=top)}
+                      top_other=top, launches=launches)}
   return make
 
 

@@ -52,6 +52,7 @@ def test_smoke_run(tmp_path):
     assert all(v >= 0 for v in families.values()) and sum(families.values()) > 0, families
     assert rows[key]["figure"] == pytest.approx(sum(families.values()))
     assert all(ms > 0 for ms in rows[key]["top_other"].values()), rows[key]["top_other"]
+    assert sorted(rows[key]["launches"]) == ["attention", "gemm", "other"] and rows[key]["launches"]["other"] > 0
   assert len(rows["profile.train"]["top_other"]) == suite.TOP_OTHER  # the slowest "other" kernels, by name
   assert rows["profile.decode"]["top_other"]  # the decode loop's own: more of them in the longer reply
   assert "meets_target" not in rows["mfu.text"]  # targets are judged at the accelerator sizes only
@@ -97,6 +98,7 @@ def test_kernel_families_gpu_trace(tmp_path):
   assert got["source"] == "device" and got["events"] == 8
   assert got["gemm"] == pytest.approx(1.75) and got["attention"] == pytest.approx(2.0)
   assert got["other"] == pytest.approx(0.45)
+  assert got["launches"] == pytest.approx({"gemm": 1.0, "attention": 1.5, "other": 1.5})  # kernels per step
   # where the elementwise time goes: each "other" kernel's ms per step, slowest first
   assert list(got["top_other"]) == ["loop_add_fusion", "loop_convert_fusion_3"]
   assert got["top_other"]["loop_add_fusion"] == pytest.approx(0.3)
