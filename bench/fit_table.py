@@ -12,7 +12,8 @@ Thinker (config.model.talker removed; --talker keeps the Talker and trains its o
 compute, scanned layers, one row of seq_len tokens per chip (train.batch_size = chips, mesh fsdp = all chips),
 text-only batch. --recipe NAME[:ARGS] compiles configs/recipes/NAME.py:model=MODEL[,ARGS] instead (e.g. lora,
 lora:quant=int8: the recipe decides the towers, so --talker does not apply). --write_docs replaces the table
-between the fit-table markers of docs/performance.md.
+between the fit-table markers of docs/performance.md: the rows of --out replace the table's rows of the same
+configuration, and the table's other rows stay (a grid recompiled in part).
 """
 
 import argparse
@@ -111,13 +112,29 @@ def render(rows) -> str:
   return "\n".join(lines)
 
 
+def _row_id(line: str) -> tuple:
+  """A table row's configuration: its model, seq, remat, attention, slice and mesh cells."""
+  return tuple(cell.strip() for cell in line.strip().strip("|").split("|")[:6])
+
+
+def merge(table: str, previous: str) -> str:
+  """table's rows, with the rows of previous whose configuration table lacks kept in their place: a grid
+  recompiled in part replaces its own rows and leaves the others' figures as they were."""
+  new = {_row_id(line): line for line in table.splitlines()[2:]}
+  lines = previous.strip().splitlines()
+  if lines[:2] != table.splitlines()[:2]:
+    return table  # another header: the old rows cannot be read by these columns
+  merged = lines[:2] + [new.pop(_row_id(line), line) for line in lines[2:]]
+  return "\n".join(merged + list(new.values()))
+
+
 def write_docs(table: str, path: str) -> None:
   text = open(path).read()
   if BEGIN not in text or END not in text:
     raise SystemExit(f"error: {path} has no fit-table markers ({BEGIN} ... {END})")
   a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
   with open(path, "w") as f:
-    f.write(text[:a] + "\n" + table + "\n" + text[b:])
+    f.write(text[:a] + "\n" + merge(table, text[a:b]) + "\n" + text[b:])
 
 
 def main():
@@ -133,7 +150,8 @@ def main():
   p.add_argument("--extra", default="", help="more overrides for every row, e.g. '--config.mesh.context=8'")
   p.add_argument("--timeout", type=int, default=1200, help="seconds per row")
   p.add_argument("--render", action="store_true", help="print the markdown table of --out (no compiling)")
-  p.add_argument("--write_docs", action="store_true", help="with --render: write it into docs/performance.md")
+  p.add_argument("--write_docs", action="store_true",
+                 help="with --render: write it into docs/performance.md (the table's other rows kept)")
   args = p.parse_args()
   done = {}
   if os.path.exists(args.out):
