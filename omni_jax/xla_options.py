@@ -17,6 +17,7 @@ docs/performance.md ("cuBLAS products") has the compiled figures.
 """
 
 import os
+import re
 from typing import Optional
 
 OPTIONS = {
@@ -30,5 +31,6 @@ def for_program(program: str, platform: str) -> Optional[dict]:
   """jax.jit's compiler_options for a `program` ("init", "train", "decode") compiled for `platform`: OPTIONS less what
   XLA_FLAGS sets; None when nothing is left."""
   flags = os.environ.get("XLA_FLAGS", "")
-  options = {k: v for k, v in OPTIONS[program].get(platform, {}).items() if f"--{k}=" not in flags}
+  options = {k: v for k, v in OPTIONS[program].get(platform, {}).items()
+             if not re.search(rf"--{k}(=|\s|$)", flags)}  # --name=value, or a bare --name (a boolean's true)
   return options or None

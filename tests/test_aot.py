@@ -631,11 +631,26 @@ print(json.dumps(flops))
 """
 
 
+def test_xla_flags_naming_an_option_win_over_the_programs_own(monkeypatch):
+  """A program's own options yield to XLA_FLAGS that name them, as --name=value or as a bare boolean --name; a
+  flag whose name only starts with an option's leaves it."""
+  want = {"xla_gpu_enable_dynamic_slice_fusion": False}
+  for flags, expected in [("", want), ("--xla_gpu_enable_dynamic_slice_fusion=true", None),
+                          ("--xla_gpu_enable_dynamic_slice_fusion --xla_dump_to=/tmp/x", None),
+                          ("--xla_dump_to=/tmp/x --xla_gpu_enable_dynamic_slice_fusion", None),
+                          ("--xla_gpu_enable_dynamic_slice_fusion_extra=1", want)]:
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert xla_options.for_program("train", "gpu") == expected, flags
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+  assert xla_options.for_program("init", "cpu") is None and xla_options.for_program("init", "gpu") is None
+
+
 @needs_cuda_plugin
 def test_gpu_train_step_computes_each_product_once_with_cublas_gemms(monkeypatch):
   """XLA:GPU's dynamic-slice fusion (on by default from jax 0.11) computes a cuBLAS product that a scan both
-  keeps as a residual and uses again twice: the train step turns it off on GPUs (omni_jax.xla_options), so the step's matmul FLOPs are the CPU compile's. XLA_FLAGS naming the option wins: turned
-  on there, jax >= 0.11 shows the duplicates this guards against (jax 0.10's compiler fails on it)."""
+  keeps as a residual and uses again twice: the train step turns it off on GPUs (omni_jax.xla_options), so the
+  step's matmul FLOPs are the CPU compile's. XLA_FLAGS naming the option wins: turned on there, jax >= 0.11 shows
+  the duplicates this guards against (jax 0.10's compiler fails on it)."""
   def flops(xla_flags):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([GPU_AOT, ROOT]), XLA_FLAGS=xla_flags)
     out = subprocess.run([sys.executable, "-c", _CUBLAS_STEP], cwd=ROOT, env=env, capture_output=True, text=True,
