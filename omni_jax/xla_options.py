@@ -28,9 +28,9 @@ OPTIONS = {
 
 
 def for_program(program: str, platform: str) -> Optional[dict]:
-  """jax.jit's compiler_options for a `program` ("init", "train", "decode") compiled for `platform`: OPTIONS less what
-  XLA_FLAGS sets; None when nothing is left."""
+  """jax.jit's compiler_options for a `program` ("init", "train", "decode") compiled for `platform`: OPTIONS less
+  what XLA_FLAGS sets (as --name=value, or a bare --name: a boolean's true); None when nothing is left."""
   flags = os.environ.get("XLA_FLAGS", "")
   options = {k: v for k, v in OPTIONS[program].get(platform, {}).items()
-             if not re.search(rf"--{k}(=|\s|$)", flags)}  # --name=value, or a bare --name (a boolean's true)
+             if not re.search(rf"--{re.escape(k)}(=|\s|$)", flags)}
   return options or None

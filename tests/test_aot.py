@@ -614,6 +614,20 @@ def test_hlo_counts_cublas_calls_by_their_product_and_not_their_workspace():
   assert [(k.name, k.family) for k in program.kernels] == [("plain", "gemm"), ("written", "gemm")]
 
 
+def test_xla_flags_naming_an_option_win_over_the_programs_own(monkeypatch):
+  """A program's own options yield to XLA_FLAGS that name them, as --name=value or as a bare boolean --name; a
+  flag whose name only starts with an option's leaves it."""
+  want = {"xla_gpu_enable_dynamic_slice_fusion": False}
+  for flags, expected in [("", want), ("--xla_gpu_enable_dynamic_slice_fusion=true", None),
+                          ("--xla_gpu_enable_dynamic_slice_fusion --xla_dump_to=/tmp/x", None),
+                          ("--xla_dump_to=/tmp/x --xla_gpu_enable_dynamic_slice_fusion", None),
+                          ("--xla_gpu_enable_dynamic_slice_fusion_extra=1", want)]:
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert xla_options.for_program("train", "gpu") == expected, flags
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
+  assert xla_options.for_program("init", "cpu") is None and xla_options.for_program("init", "gpu") is None
+
+
 # A text-only Thinker wide enough that XLA:GPU hands its layers' products to cuBLAS in a scan that keeps them.
 _CUBLAS_STEP = """
 import json, os, sys
@@ -629,20 +643,6 @@ for topology in ("h200:1", "cpu:1"):
   flops[topology] = hlo.parse(compiled.compiled.as_text(), 1).flops
 print(json.dumps(flops))
 """
-
-
-def test_xla_flags_naming_an_option_win_over_the_programs_own(monkeypatch):
-  """A program's own options yield to XLA_FLAGS that name them, as --name=value or as a bare boolean --name; a
-  flag whose name only starts with an option's leaves it."""
-  want = {"xla_gpu_enable_dynamic_slice_fusion": False}
-  for flags, expected in [("", want), ("--xla_gpu_enable_dynamic_slice_fusion=true", None),
-                          ("--xla_gpu_enable_dynamic_slice_fusion --xla_dump_to=/tmp/x", None),
-                          ("--xla_dump_to=/tmp/x --xla_gpu_enable_dynamic_slice_fusion", None),
-                          ("--xla_gpu_enable_dynamic_slice_fusion_extra=1", want)]:
-    monkeypatch.setenv("XLA_FLAGS", flags)
-    assert xla_options.for_program("train", "gpu") == expected, flags
-  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=2")
-  assert xla_options.for_program("init", "cpu") is None and xla_options.for_program("init", "gpu") is None
 
 
 @needs_cuda_plugin
